@@ -1,0 +1,63 @@
+"""riskbook: event-sourced trading risk for people who work in notebooks.
+
+Every fact about an account is an immutable event in PostgreSQL; riskbook loads that
+history into Polars, computes positions, exposure, limit breaches and point-in-time
+state, and runs the same rules live. See README.md and DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from riskbook.errors import (
+    ConcurrencyConflict,
+    EmbeddedServerError,
+    ImportFailed,
+    InvalidEvent,
+    RiskbookError,
+    StoreError,
+)
+from riskbook.events import (
+    AccountBlocked,
+    AccountFunded,
+    AccountUnblocked,
+    Envelope,
+    Event,
+    LimitSet,
+    LimitType,
+    LimitViolationDetected,
+    PositionUpdated,
+    PriceMarked,
+    RawEvent,
+    Side,
+    TradeCancelled,
+    TradeExecuted,
+)
+from riskbook.store import ImportResult, Store, connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccountBlocked",
+    "AccountFunded",
+    "AccountUnblocked",
+    "ConcurrencyConflict",
+    "EmbeddedServerError",
+    "Envelope",
+    "Event",
+    "ImportFailed",
+    "ImportResult",
+    "InvalidEvent",
+    "LimitSet",
+    "LimitType",
+    "LimitViolationDetected",
+    "PositionUpdated",
+    "PriceMarked",
+    "RawEvent",
+    "RiskbookError",
+    "Side",
+    "Store",
+    "StoreError",
+    "TradeCancelled",
+    "TradeExecuted",
+    "__version__",
+    "connect",
+]

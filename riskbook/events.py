@@ -1,0 +1,653 @@
+"""Event types, the envelope, validation and the JSON codec (DESIGN.md §2).
+
+Every fact riskbook knows is one of the event types below, wrapped in an
+:class:`Envelope`. The JSON layout is the seed article's serde layout: the envelope's
+fields plus ``payload``, an object tagged by ``"type"``. Times are RFC 3339 in UTC with
+microseconds (``2024-03-01T09:30:00.000000Z``).
+
+Two times are kept apart everywhere:
+
+* **business time** -- when it happened in the world: the payload's ``*_at`` field
+  (:attr:`Event.business_time`);
+* **recorded time** -- when the store learned it: :attr:`Envelope.timestamp`.
+
+Examples
+--------
+>>> from datetime import datetime, timezone
+>>> trade = TradeExecuted(
+...     trade_id="T-1", account_id="ACC-1", symbol="AAPL", side=Side.Buy,
+...     quantity=100.0, price=10.0, executed_at=datetime(2024, 3, 1, 9, 30, tzinfo=timezone.utc),
+... )
+>>> encode_event(trade).decode()
+'{"type":"TradeExecuted","trade_id":"T-1","account_id":"ACC-1","symbol":"AAPL","side":"Buy","quantity":100.0,"price":10.0,"executed_at":"2024-03-01T09:30:00.000000Z"}'
+>>> TradeExecuted(
+...     trade_id="T-2", account_id="ACC-1", symbol="AAPL", side=Side.Buy,
+...     quantity=-5.0, price=10.0, executed_at=datetime(2024, 3, 1, 9, 30, tzinfo=timezone.utc),
+... )
+Traceback (most recent call last):
+...
+riskbook.errors.InvalidEvent: TradeExecuted.quantity: must be > 0, got -5.0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, TypeAlias
+
+import msgspec
+
+from riskbook.errors import InvalidEvent
+
+__all__ = [
+    "ACCOUNT",
+    "INSTRUMENT",
+    "EVENT_TYPES",
+    "AccountBlocked",
+    "AccountFunded",
+    "AccountUnblocked",
+    "Envelope",
+    "Event",
+    "LimitSet",
+    "LimitType",
+    "LimitViolationDetected",
+    "PositionUpdated",
+    "PriceMarked",
+    "RawEvent",
+    "Side",
+    "TradeCancelled",
+    "TradeExecuted",
+    "decode_envelope",
+    "decode_event",
+    "encode_envelope",
+    "encode_event",
+    "event_from_dict",
+    "event_to_dict",
+    "format_time",
+    "known_limit_types",
+    "parse_time",
+    "read_payload",
+    "check_for_aggregate",
+    "register_limit_type_name",
+    "validate",
+]
+
+ACCOUNT = "Account"
+INSTRUMENT = "Instrument"
+
+
+class Side(StrEnum):
+    """The side of a fill."""
+
+    Buy = "Buy"
+    Sell = "Sell"
+
+
+class LimitType(StrEnum):
+    """The built-in limit types (DESIGN.md §5). More can be registered by name."""
+
+    MaxPositionSize = "MaxPositionSize"
+    MaxDailyVolume = "MaxDailyVolume"
+    MaxDrawdown = "MaxDrawdown"
+    MaxLeverage = "MaxLeverage"
+
+
+_limit_type_names: set[str] = {t.value for t in LimitType}
+# True while decoding what the store holds: a limit type registered by another
+# process (a notebook's) is still a valid stored fact.
+_reading_stored: ContextVar[bool] = ContextVar("_reading_stored", default=False)
+
+
+def register_limit_type_name(name: str) -> None:
+    """Make ``name`` acceptable as a ``limit_type`` in LimitSet / LimitViolationDetected.
+
+    The limits layer calls this when a limit type is registered; events name limit
+    types by string so that a type defined in a notebook can be stored.
+    """
+    if not isinstance(name, str) or not name or not name.isidentifier():
+        raise ValueError(f"a limit type name must be a non-empty identifier, got {name!r}")
+    _limit_type_names.add(name)
+
+
+def known_limit_types() -> frozenset[str]:
+    """The limit type names events may carry."""
+    return frozenset(_limit_type_names)
+
+
+# --------------------------------------------------------------------------- times
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339, UTC, always six fractional digits: ``2024-03-01T09:30:00.000000Z``."""
+    if t.tzinfo is None:
+        raise ValueError("a time without a time zone is ambiguous")
+    t = t.astimezone(UTC)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
+        f"{t.second:02d}.{t.microsecond:06d}Z"
+    )
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time that carries a zone; the result is in UTC."""
+    try:
+        t = msgspec.json.decode(msgspec.json.encode(text), type=_AwareTime)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{text!r} is not an RFC 3339 time with a zone") from exc
+    return t.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- types
+
+_AwareTime: TypeAlias = Annotated[datetime, msgspec.Meta(tz=True)]
+_Id: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_Positive: TypeAlias = Annotated[float, msgspec.Meta(gt=0)]
+_NonNegative: TypeAlias = Annotated[float, msgspec.Meta(ge=0)]
+
+_ID_FIELDS = frozenset(
+    {"trade_id", "account_id", "symbol", "set_by", "blocked_by", "unblocked_by"}
+)
+_POSITIVE_FIELDS = frozenset({"quantity", "price"})
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of every event payload. Subclasses are immutable and validated on creation.
+
+    ``aggregate_type`` says which kind of aggregate the event belongs to
+    (``"Account"`` or ``"Instrument"``); :attr:`aggregate_id` is the id of that
+    aggregate, taken from the payload; :attr:`business_time` is its ``*_at`` field.
+    """
+
+    aggregate_type: ClassVar[str] = ACCOUNT
+    time_field: ClassVar[str] = ""
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+    @property
+    def aggregate_id(self) -> str:
+        return str(self.account_id)  # type: ignore[attr-defined]
+
+    @property
+    def business_time(self) -> datetime:
+        return getattr(self, self.time_field)  # type: ignore[no-any-return]
+
+    def __post_init__(self) -> None:
+        # Runs both on construction and on decoding. Types of values built in Python
+        # are checked by validate(); here: the rules msgspec cannot express.
+        name = type(self).__name__
+        for f in self.__struct_fields__:
+            v = getattr(self, f)
+            if isinstance(v, float):
+                if not math.isfinite(v):
+                    raise InvalidEvent(name, f, f"must be a finite number, got {v!r}")
+                if f in _POSITIVE_FIELDS and not v > 0:
+                    raise InvalidEvent(name, f, f"must be > 0, got {v!r}")
+            elif isinstance(v, str):
+                if "\x00" in v:
+                    raise InvalidEvent(name, f, "contains a NUL character")
+                if f in _ID_FIELDS and not v:
+                    raise InvalidEvent(name, f, "must not be empty")
+            elif isinstance(v, datetime):
+                if v.tzinfo is None:
+                    raise InvalidEvent(name, f, "has no time zone (use UTC)")
+                if v.utcoffset():
+                    msgspec.structs.force_setattr(self, f, v.astimezone(UTC))
+                elif v.tzinfo is not UTC:
+                    msgspec.structs.force_setattr(self, f, v.replace(tzinfo=UTC))
+        limit_type = getattr(self, "limit_type", None)
+        if (
+            limit_type is not None
+            and limit_type not in _limit_type_names
+            and not _reading_stored.get()
+        ):
+            raise InvalidEvent(
+                name,
+                "limit_type",
+                f"unknown limit type {limit_type!r} (known: {', '.join(sorted(_limit_type_names))})",
+            )
+
+
+class TradeExecuted(Event, frozen=True, kw_only=True):
+    """A fill."""
+
+    time_field: ClassVar[str] = "executed_at"
+    trade_id: _Id
+    account_id: _Id
+    symbol: _Id
+    side: Side
+    quantity: _Positive
+    price: _Positive
+    executed_at: _AwareTime
+
+
+class TradeCancelled(Event, frozen=True, kw_only=True):
+    """A bust: the trade is treated as never having happened."""
+
+    time_field: ClassVar[str] = "cancelled_at"
+    trade_id: _Id
+    account_id: _Id
+    reason: str
+    cancelled_at: _AwareTime
+
+
+class PositionUpdated(Event, frozen=True, kw_only=True):
+    """An adjustment (split, reconciliation): sets the quantity, keeps the cost basis."""
+
+    time_field: ClassVar[str] = "updated_at"
+    account_id: _Id
+    symbol: _Id
+    previous_quantity: float
+    new_quantity: float
+    reason: str
+    updated_at: _AwareTime
+
+
+class PriceMarked(Event, frozen=True, kw_only=True):
+    """A mark price from a pricing source; belongs to the Instrument aggregate."""
+
+    aggregate_type: ClassVar[str] = INSTRUMENT
+    time_field: ClassVar[str] = "marked_at"
+    symbol: _Id
+    price: _Positive
+    marked_at: _AwareTime
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.symbol
+
+
+class AccountFunded(Event, frozen=True, kw_only=True):
+    """Cash in (amount > 0) or out (amount < 0)."""
+
+    time_field: ClassVar[str] = "funded_at"
+    account_id: _Id
+    amount: float
+    funded_at: _AwareTime
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.amount == 0:
+            raise InvalidEvent("AccountFunded", "amount", "must not be 0")
+
+
+class LimitSet(Event, frozen=True, kw_only=True):
+    """A limit takes effect from ``set_at`` until the next LimitSet of its scope."""
+
+    time_field: ClassVar[str] = "set_at"
+    account_id: _Id
+    limit_type: str
+    value: _NonNegative
+    set_by: _Id
+    set_at: _AwareTime
+    symbol: _Id | None = None
+
+
+class LimitViolationDetected(Event, frozen=True, kw_only=True):
+    """Emitted by the live processor when a breach starts."""
+
+    time_field: ClassVar[str] = "detected_at"
+    account_id: _Id
+    limit_type: str
+    current_value: float
+    limit_value: float
+    detected_at: _AwareTime
+    symbol: _Id | None = None
+
+
+class AccountBlocked(Event, frozen=True, kw_only=True):
+    """Trading stopped for the account."""
+
+    time_field: ClassVar[str] = "blocked_at"
+    account_id: _Id
+    reason: str
+    blocked_by: _Id
+    blocked_at: _AwareTime
+
+
+class AccountUnblocked(Event, frozen=True, kw_only=True):
+    """Trading allowed again."""
+
+    time_field: ClassVar[str] = "unblocked_at"
+    account_id: _Id
+    reason: str
+    unblocked_by: _Id
+    unblocked_at: _AwareTime
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        TradeExecuted,
+        TradeCancelled,
+        PositionUpdated,
+        PriceMarked,
+        AccountFunded,
+        LimitSet,
+        LimitViolationDetected,
+        AccountBlocked,
+        AccountUnblocked,
+    )
+}
+
+AnyEvent: TypeAlias = (
+    TradeExecuted
+    | TradeCancelled
+    | PositionUpdated
+    | PriceMarked
+    | AccountFunded
+    | LimitSet
+    | LimitViolationDetected
+    | AccountBlocked
+    | AccountUnblocked
+)
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """A payload riskbook cannot interpret (a type written by a newer version, say).
+
+    Kept as it was stored so readers never crash on it; projections pass it over.
+    """
+
+    type: str
+    data: Mapping[str, Any]
+    error: str | None = None
+
+    aggregate_type: ClassVar[str] = "?"
+
+    def type_name(self) -> str:
+        return self.type
+
+
+# --------------------------------------------------------------------------- codec
+
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()
+}
+_any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
+_encoder = msgspec.json.Encoder()
+
+
+def _field_of(path: str) -> str:
+    # msgspec reports "... - at `$.payload.quantity`"; keep the part after "$." .
+    return path.split("$.", 1)[1].rstrip("`") if "$." in path else "?"
+
+
+def _invalid(event_type: str, exc: Exception, *, prefix: str = "") -> InvalidEvent:
+    if isinstance(exc, InvalidEvent):
+        if prefix:
+            return InvalidEvent(exc.event_type, prefix + exc.field, exc.reason)
+        return exc
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, InvalidEvent):  # raised from __post_init__ while decoding
+        return _invalid(event_type, cause, prefix=prefix)
+    text = str(exc)
+    reason, _, where = text.partition(" - at ")
+    field_name = _field_of(where) if where else "?"
+    if "Object missing required field" in reason:
+        missing = reason.split("`")[1] if "`" in reason else "?"
+        field_name = f"{field_name}.{missing}" if field_name != "?" else missing
+        reason = "is missing"
+    return InvalidEvent(event_type, prefix + field_name, reason[:1].lower() + reason[1:])
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The payload as a JSON-ready dict: ``{"type": ..., field: value, ...}``."""
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for f in event.__struct_fields__:
+        v = getattr(event, f)
+        if isinstance(v, datetime):
+            v = format_time(v)
+        elif isinstance(v, StrEnum):
+            v = v.value
+        out[f] = v
+    return out
+
+
+def encode_event(event: Event) -> bytes:
+    """The payload as JSON bytes (the serde layout, tagged by ``"type"``)."""
+    return _encoder.encode(event_to_dict(event))
+
+
+def decode_event(data: bytes | str, *, event_type: str | None = None) -> Event:
+    """Decode and validate a payload. Raises :class:`InvalidEvent` naming the field."""
+    try:
+        if event_type is None:
+            return _any_decoder.decode(data)  # type: ignore[no-any-return]
+        decoder = _decoders.get(event_type)
+        if decoder is None:
+            raise InvalidEvent(event_type, "type", f"unknown event type {event_type!r}")
+        return decoder.decode(data)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
+        kind = event_type or _peek_type(data)
+        if isinstance(exc, msgspec.ValidationError) and "`$.type`" in str(exc):
+            raise InvalidEvent(kind, "type", f"unknown event type {kind!r}") from None
+        raise _invalid(kind, exc) from None
+
+
+def _peek_type(data: bytes | str | Mapping[str, Any]) -> str:
+    # Best effort, for error messages: the standard library reads what msgspec refuses
+    # (numbers out of range, say).
+    try:
+        obj = json.loads(data) if isinstance(data, bytes | str) else data
+    except ValueError:
+        return "?"
+    t = obj.get("type") if isinstance(obj, Mapping) else None
+    return t if isinstance(t, str) else "?"
+
+
+def event_from_dict(data: Mapping[str, Any]) -> Event:
+    """Build and validate an event from a dict with a ``"type"`` key."""
+    if not isinstance(data, Mapping):
+        raise InvalidEvent("?", "payload", f"must be an object, got {type(data).__name__}")
+    event_type = data.get("type")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        raise InvalidEvent(str(event_type or "?"), "type", f"unknown event type {event_type!r}")
+    try:
+        return msgspec.convert(data, EVENT_TYPES[event_type], strict=True)
+    except (msgspec.ValidationError, InvalidEvent) as exc:
+        raise _invalid(event_type, exc) from None
+
+
+def validate(event: Event) -> Event:
+    """Check every field of an event built in Python (types included); return it.
+
+    ``TradeExecuted(quantity="10", ...)`` constructs (Python does not check types on
+    construction), but cannot be written: :func:`validate` refuses it.
+    """
+    if isinstance(event, RawEvent) or not isinstance(event, Event):
+        kind = event.type if isinstance(event, RawEvent) else type(event).__name__
+        raise InvalidEvent(kind, "type", "not a riskbook event; cannot be written")
+    data = {"type": type(event).__name__}
+    for f in event.__struct_fields__:
+        data[f] = getattr(event, f)
+    try:
+        return msgspec.convert(data, type(event), strict=True)
+    except (msgspec.ValidationError, InvalidEvent) as exc:
+        raise _invalid(type(event).__name__, exc) from None
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An event with everything the store knows about it.
+
+    ``sequence`` is the aggregate's version after this event (1, 2, 3, ... no gaps);
+    ``position`` the global reading order (``None`` until stored); ``timestamp`` the
+    recorded time.
+    """
+
+    event_id: uuid.UUID
+    aggregate_id: str
+    aggregate_type: str
+    sequence: int
+    timestamp: datetime
+    payload: Event | RawEvent
+    correlation_id: Annotated[str, msgspec.Meta(max_length=256)]
+    causation_id: uuid.UUID | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    position: int | None = None
+
+    @property
+    def event_type(self) -> str:
+        return self.payload.type_name()
+
+    @property
+    def business_time(self) -> datetime | None:
+        return None if isinstance(self.payload, RawEvent) else self.payload.business_time
+
+    def to_dict(self) -> dict[str, Any]:
+        """The article's ``EventEnvelope`` layout as a JSON-ready dict."""
+        payload = (
+            {"type": self.payload.type, **self.payload.data}
+            if isinstance(self.payload, RawEvent)
+            else event_to_dict(self.payload)
+        )
+        return {
+            "event_id": str(self.event_id),
+            "event_type": self.event_type,
+            "aggregate_id": self.aggregate_id,
+            "aggregate_type": self.aggregate_type,
+            "sequence": self.sequence,
+            "timestamp": format_time(self.timestamp),
+            "causation_id": None if self.causation_id is None else str(self.causation_id),
+            "correlation_id": self.correlation_id,
+            "metadata": dict(self.metadata),
+            "payload": payload,
+        }
+
+
+class _EnvelopeIn(msgspec.Struct, kw_only=True):
+    # The import layout: event_type and sequence may be absent.
+    event_id: uuid.UUID
+    aggregate_id: _Id
+    aggregate_type: _Id
+    timestamp: _AwareTime
+    correlation_id: Annotated[str, msgspec.Meta(max_length=256)]
+    payload: AnyEvent
+    event_type: str | None = None
+    sequence: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    causation_id: uuid.UUID | None = None
+    metadata: dict[str, Any] = {}
+
+
+_envelope_decoder = msgspec.json.Decoder(_EnvelopeIn)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """One envelope as a JSON line (without the newline)."""
+    return _encoder.encode(envelope.to_dict())
+
+
+def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
+    """Decode and validate one envelope line of the import format.
+
+    Returns the envelope and whether its ``sequence`` was given (an absent sequence is
+    returned as 0, to be assigned by the store). Raises :class:`InvalidEvent`.
+    """
+    try:
+        raw = _envelope_decoder.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
+        raise _envelope_error(line, exc) from None
+    return check_envelope(raw), raw.sequence is not None
+
+
+def _envelope_error(line: bytes | str, exc: Exception) -> InvalidEvent:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return InvalidEvent("?", "line", f"not valid JSON ({exc})")
+    if not isinstance(obj, dict):
+        return InvalidEvent("?", "line", f"must be a JSON object, got {type(obj).__name__}")
+    payload = obj.get("payload")
+    kind = _peek_type(payload) if isinstance(payload, Mapping) else "?"
+    if kind == "?" and isinstance(obj.get("event_type"), str):
+        kind = obj["event_type"]
+    cause = exc.__cause__ or exc.__context__
+    err = _invalid(kind, exc, prefix="payload." if isinstance(cause, InvalidEvent) else "")
+    if err.field == "payload.type" or (err.field == "payload" and kind not in EVENT_TYPES):
+        return InvalidEvent(kind, "payload.type", f"unknown event type {kind!r}")
+    return err
+
+
+def check_envelope(raw: _EnvelopeIn) -> Envelope:
+    payload: Event = raw.payload
+    kind = type(payload).__name__
+    if raw.event_type is not None and raw.event_type != kind:
+        raise InvalidEvent(
+            kind, "event_type", f"{raw.event_type!r} does not match the payload type {kind!r}"
+        )
+    _check_aggregate(payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
+    if "\x00" in raw.correlation_id or "\x00" in str(raw.metadata):
+        raise InvalidEvent(kind, "correlation_id", "contains a NUL character")
+    return Envelope(
+        event_id=raw.event_id,
+        aggregate_id=raw.aggregate_id,
+        aggregate_type=raw.aggregate_type,
+        sequence=raw.sequence or 0,
+        timestamp=raw.timestamp.astimezone(UTC),
+        payload=payload,
+        correlation_id=raw.correlation_id,
+        causation_id=raw.causation_id,
+        metadata=raw.metadata,
+    )
+
+
+def _check_aggregate(
+    event: Event, aggregate_id: str, aggregate_type: str | None, *, prefix: str = ""
+) -> None:
+    kind = type(event).__name__
+    if aggregate_type is not None and aggregate_type != event.aggregate_type:
+        raise InvalidEvent(
+            kind,
+            "aggregate_type",
+            f"{kind} belongs to an {event.aggregate_type} aggregate, not {aggregate_type!r}",
+        )
+    if event.aggregate_id != aggregate_id:
+        key = "symbol" if event.aggregate_type == INSTRUMENT else "account_id"
+        raise InvalidEvent(
+            kind,
+            prefix + key,
+            f"{event.aggregate_id!r} does not match the aggregate id {aggregate_id!r}",
+        )
+
+
+def check_for_aggregate(events: Iterable[Event], aggregate_id: str) -> list[Event]:
+    """Validate a batch for one aggregate: every event valid and belonging to it."""
+    out = []
+    types = set()
+    for event in events:
+        event = validate(event)
+        _check_aggregate(event, aggregate_id, None)
+        types.add(event.aggregate_type)
+        out.append(event)
+    if len(types) > 1:
+        raise InvalidEvent(
+            type(out[-1]).__name__, "aggregate_type", "a batch mixes Account and Instrument events"
+        )
+    return out
+
+
+def read_payload(event_type: str, payload: bytes | str | Mapping[str, Any]) -> Event | RawEvent:
+    """Decode a stored payload; anything riskbook cannot interpret comes back raw."""
+    cls = EVENT_TYPES.get(event_type)
+    data = msgspec.json.decode(payload) if isinstance(payload, bytes | str) else payload
+    if cls is None:
+        return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"})
+    token = _reading_stored.set(True)
+    try:
+        return msgspec.convert(data, cls, strict=False)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, InvalidEvent) as exc:
+        return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"}, str(exc))
+    finally:
+        _reading_stored.reset(token)

@@ -1,0 +1,693 @@
+"""The event store on PostgreSQL (DESIGN.md §3).
+
+One place owns the database: this module wraps the driver (SQLAlchemy's pool over
+psycopg 3) and turns its errors into riskbook's own; nothing above it sees a psycopg
+exception.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+from psycopg.adapt import Loader
+from psycopg.types.json import Jsonb
+
+from riskbook.errors import ConcurrencyConflict, ImportFailed, InvalidEvent, StoreError
+from riskbook.events import (
+    Envelope,
+    Event,
+    check_for_aggregate,
+    decode_envelope,
+    encode_event,
+    format_time,
+    read_payload,
+)
+from riskbook.store import migrations
+
+__all__ = ["ImportResult", "Store", "connect", "redact"]
+
+NOTIFY_CHANNEL = "riskbook_events"
+_COLUMNS = (
+    'position, event_id, event_type, aggregate_id, aggregate_type, sequence, "timestamp", '
+    "causation_id, correlation_id, metadata, payload"
+)
+Progress = Callable[[str, int], None]
+
+
+class _JsonBytesLoader(Loader):
+    # jsonb arrives as its text; keep the bytes and decode with msgspec (much faster
+    # than json.loads followed by a conversion).
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
+def redact(dsn: str) -> str:
+    """A DSN with its password replaced by ``***`` (safe to print or log)."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    if parts.get("password"):
+        parts["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
+
+
+def _libpq_dsn(dsn: str) -> str:
+    # Accept SQLAlchemy-style URLs too: postgresql+psycopg://... -> postgresql://...
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres+psycopg://"):
+        if dsn.startswith(prefix):
+            return "postgresql://" + dsn[len(prefix) :]
+    return dsn
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did: lines read, events added, events already present (skipped)."""
+
+    read: int
+    added: int
+    skipped: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.read / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"read {self.read:,} events, added {self.added:,}, already present {self.skipped:,} "
+            f"in {self.seconds:.2f} s ({rate:,.0f} events/s)"
+        )
+
+
+class Store:
+    """An event store in one PostgreSQL database.
+
+    Parameters
+    ----------
+    dsn : a libpq connection string or URL. ``None`` uses ``RISKBOOK_DSN`` if set, and
+        otherwise the embedded server (started, or attached to, on demand).
+    migrate : bring the schema up to date on connect (default).
+
+    The schema is migrated on connect; the store is safe to share between threads.
+    """
+
+    def __init__(self, dsn: str | None = None, *, migrate: bool = True) -> None:
+        if dsn is None:
+            dsn = os.environ.get("RISKBOOK_DSN") or None
+        if dsn is None:
+            from riskbook.store.embedded import default_server
+
+            dsn = default_server().attach()
+        self._dsn = _libpq_dsn(dsn)
+        self._engine = sa.create_engine(
+            "postgresql+psycopg://",
+            creator=self._new_connection,
+            pool_size=4,
+            max_overflow=16,
+            pool_pre_ping=True,
+        )
+        if migrate:
+            self.migrate()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _new_connection(self) -> psycopg.Connection:
+        try:
+            conn = psycopg.connect(self._dsn)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {redact(self._dsn)}: {self._clean(exc)}") from None
+        conn.adapters.register_loader("jsonb", _JsonBytesLoader)
+        return conn
+
+    def _clean(self, exc: BaseException) -> str:
+        text = str(exc).strip()
+        password = psycopg.conninfo.conninfo_to_dict(self._dsn).get("password")
+        return text.replace(str(password), "***") if password else text
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled psycopg connection (not autocommit); rolled back when returned.
+
+        For riskbook's own layers (frames, live): errors are translated to StoreError.
+        """
+        try:
+            fairy = self._engine.raw_connection()
+        except sa.exc.DBAPIError as exc:
+            raise StoreError(
+                f"cannot connect to {redact(self._dsn)}: {self._clean(exc.orig)}"
+            ) from None
+        try:
+            conn = fairy.driver_connection
+            assert isinstance(conn, psycopg.Connection)
+            yield conn
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+        finally:
+            fairy.close()
+
+    def _translate(self, exc: psycopg.Error) -> StoreError:
+        if isinstance(exc, psycopg.OperationalError):
+            return StoreError(f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}")
+        diag = exc.diag
+        msg = diag.message_primary or self._clean(exc)
+        if diag.message_hint:
+            msg += f" (hint: {diag.message_hint})"
+        return StoreError(msg)
+
+    @property
+    def dsn(self) -> str:
+        """The connection string, password included: do not print it (see :func:`redact`)."""
+        return self._dsn
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (for pandas, SQL tools, ...)."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"Store({redact(self._dsn)!r})"
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def migrate(self, *, target: int | None = None) -> list[int]:
+        """Bring the schema to ``target`` (default: newest); return the versions applied."""
+        try:
+            with psycopg.connect(self._dsn, autocommit=True) as conn:
+                return migrations.migrate(conn, target=target)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+
+    def schema_version(self) -> int:
+        with self.connection() as conn:
+            versions = migrations.applied_versions(conn)
+        return max(versions, default=0)
+
+    # ------------------------------------------------------------------ append
+
+    def append(
+        self,
+        aggregate_id: str,
+        events: Sequence[Event],
+        expected_version: int | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: uuid.UUID | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Envelope]:
+        """Append ``events`` to one aggregate, atomically.
+
+        ``expected_version`` is the aggregate's current version as the caller last saw it
+        (0 for a new aggregate); if another writer got there first, raises
+        :class:`~riskbook.ConcurrencyConflict` and writes nothing. ``None`` appends
+        after whatever is there. The batch shares ``correlation_id`` (new if not given),
+        ``causation_id`` and ``metadata``. Returns the stored envelopes.
+        """
+        with self.connection() as conn:
+            envelopes = self.append_in(
+                conn,
+                aggregate_id,
+                events,
+                expected_version,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                metadata=metadata,
+            )
+            conn.commit()
+        return envelopes
+
+    def append_in(
+        self,
+        conn: psycopg.Connection,
+        aggregate_id: str,
+        events: Sequence[Event],
+        expected_version: int | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: uuid.UUID | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Envelope]:
+        """:meth:`append` inside the caller's transaction on ``conn`` (not committed).
+
+        Used by the live processor to commit effects and its checkpoint together.
+        """
+        batch = check_for_aggregate(events, aggregate_id)
+        if not batch:
+            return []
+        if expected_version is not None and (
+            not isinstance(expected_version, int) or expected_version < 0
+        ):
+            raise ValueError(f"expected_version must be an int >= 0, got {expected_version!r}")
+        causation = None if causation_id is None else uuid.UUID(str(causation_id))
+        correlation = correlation_id if correlation_id is not None else str(uuid.uuid4())
+        meta = dict(metadata or {})
+        ids = [uuid.uuid4() for _ in batch]
+        params = {
+            "agg": aggregate_id,
+            "agg_type": batch[0].aggregate_type,
+            "expected": expected_version,
+            "n": len(batch),
+            "ids": ids,
+            "types": [type(e).__name__ for e in batch],
+            "payloads": [encode_event(e).decode() for e in batch],
+            "causation": causation,
+            "correlation": correlation,
+            "metadata": Jsonb(meta),
+        }
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("SELECT 1")  # open the caller's transaction: the block below is a savepoint
+        retries = 0
+        while True:
+            try:
+                with conn.transaction():
+                    rows = conn.execute(_APPEND_SQL, params).fetchall()
+            except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != "events_aggregate_sequence_key":
+                    raise self._translate(exc) from None
+                actual = self._version_in(conn, aggregate_id)
+                if expected_version is not None:
+                    raise ConcurrencyConflict(aggregate_id, expected_version, actual) from None
+                retries += 1
+                if retries > 50:
+                    raise StoreError(f"aggregate {aggregate_id!r}: too much contention") from None
+                continue
+            except psycopg.Error as exc:
+                raise self._translate(exc) from None
+            if not rows:
+                actual = self._version_in(conn, aggregate_id)
+                raise ConcurrencyConflict(aggregate_id, expected_version or 0, actual)
+            break
+        rows.sort()
+        return [
+            Envelope(
+                event_id=event_id,
+                aggregate_id=aggregate_id,
+                aggregate_type=batch[0].aggregate_type,
+                sequence=seq,
+                timestamp=ts.astimezone(UTC),
+                payload=event,
+                correlation_id=correlation,
+                causation_id=causation,
+                metadata=meta,
+                position=pos,
+            )
+            for (pos, seq, ts), event, event_id in zip(rows, batch, ids, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ read
+
+    def version(self, aggregate_id: str) -> int:
+        """The aggregate's current version (0 if it has no events)."""
+        with self.connection() as conn:
+            return self._version_in(conn, aggregate_id)
+
+    @staticmethod
+    def _version_in(conn: psycopg.Connection, aggregate_id: str) -> int:
+        row = conn.execute(
+            "SELECT coalesce(max(sequence), 0) FROM events WHERE aggregate_id = %s",
+            (aggregate_id,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def read(
+        self, aggregate_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[Envelope]:
+        """One aggregate's events with ``from_version <= sequence <= to_version``."""
+        with self.connection() as conn:
+            cur = conn.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE aggregate_id = %s AND sequence >= %s"
+                " AND (%s::bigint IS NULL OR sequence <= %s::bigint) ORDER BY sequence",
+                (aggregate_id, from_version, to_version, to_version),
+            )
+            return [_envelope(r) for r in cur]
+
+    def read_all(self, after: int = 0, limit: int | None = None) -> list[Envelope]:
+        """Events after global position ``after``, in global order.
+
+        Gap-safe: reads only below the visibility fence, so an event committed later by
+        a slower transaction can never land behind a position already returned. Pass the
+        last envelope's position as ``after`` to continue.
+        """
+        with self.connection() as conn:
+            return _read_after(conn, after, limit)
+
+    def iter_all(self, after: int = 0, *, batch_size: int = 10_000) -> Iterator[Envelope]:
+        """Every readable event after ``after``, in global order, fetched in batches."""
+        while True:
+            batch = self.read_all(after, limit=batch_size)
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            after = batch[-1].position or after
+
+    def head(self) -> int:
+        """The highest position a reader can see now (0 if none)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT coalesce(max(position), 0) FROM events"
+                " WHERE position < riskbook_position_fence()"
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    def count(self) -> int:
+        """How many events the store holds (committed and visible now)."""
+        with self.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM events").fetchone()
+            return int(row[0]) if row else 0
+
+    def follow(
+        self,
+        after: int = 0,
+        *,
+        batch_size: int = 10_000,
+        idle_timeout: float | None = None,
+        max_wait: float = 1.0,
+    ) -> Iterator[list[Envelope]]:
+        """Yield batches of new events in global order, forever (or until idle).
+
+        Woken by NOTIFY on every append, with a catch-up read on start and after every
+        wake; no polling while idle, except a safety re-check every ``max_wait`` seconds
+        (an old open transaction can hold the fence back after its notification).
+        Stops when nothing arrives for ``idle_timeout`` seconds (``None``: never).
+        """
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+        conn.adapters.register_loader("jsonb", _JsonBytesLoader)
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+            idle_since = time.monotonic()
+            wait = max_wait
+            while True:
+                batch = _read_after(conn, after, batch_size)
+                if batch:
+                    after = batch[-1].position or after
+                    idle_since = time.monotonic()
+                    wait = max_wait
+                    yield batch
+                    if len(batch) == batch_size:
+                        continue
+                if idle_timeout is not None:
+                    left = idle_timeout - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        return
+                    wait = min(wait, left)
+                notified = max((int(n.payload) for n in conn.notifies(timeout=wait, stop_after=1)), default=0)
+                # Notified of a position we cannot read yet: an older transaction is still
+                # open below it. Re-check soon, backing off, instead of waiting a full period.
+                wait = 0.005 if notified > after else max_wait
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ import
+
+    def import_jsonl(
+        self, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> ImportResult:
+        """Import a JSON Lines file of envelopes (plain, or gzip if it ends in ``.gz``).
+
+        Keeps each envelope's ``event_id`` and ``timestamp``; assigns ``sequence`` per
+        aggregate in file order where absent; events already in the store (same
+        event_id, same content) are skipped, so importing a file twice adds nothing.
+        A bad line refuses the whole file with its line number and what is wrong:
+        nothing of it is written.
+        """
+        path = Path(path)
+        opener: Callable[..., IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
+        try:
+            with opener(path, "rb") as fh:
+                return self.import_lines(fh, progress=progress, source=str(path))
+        except (OSError, EOFError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise ImportFailed(f"{path}: no such file") from None
+            raise ImportFailed(f"{path}: cannot read: {exc}") from None
+
+    def import_lines(
+        self, lines: Iterable[bytes], *, progress: Progress | None = None, source: str = "input"
+    ) -> ImportResult:
+        """Import envelope lines (see :meth:`import_jsonl`)."""
+        started = time.perf_counter()
+        envelopes: list[tuple[int, Envelope, bool]] = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                env, has_seq = decode_envelope(line)
+            except InvalidEvent as exc:
+                raise ImportFailed(f"{source}: {exc.at_line(lineno)}") from None
+            envelopes.append((lineno, env, has_seq))
+            if progress is not None and lineno % 100_000 == 0:
+                progress("validated", lineno)
+        added, skipped = self._bulk_write(envelopes, progress=progress, source=source)
+        return ImportResult(len(envelopes), added, skipped, time.perf_counter() - started)
+
+    def import_envelopes(
+        self, envelopes: Iterable[Envelope], *, progress: Progress | None = None
+    ) -> ImportResult:
+        """Bulk-write envelopes made in Python (a simulator, a migration from elsewhere).
+
+        Same rules as :meth:`import_jsonl`: ids and recorded times are kept; a
+        ``sequence`` of 0 is assigned per aggregate in order; already-present events are
+        skipped; all or nothing.
+        """
+        started = time.perf_counter()
+        rows = []
+        for n, env in enumerate(envelopes, 1):
+            try:
+                check_for_aggregate([env.payload], env.aggregate_id)  # type: ignore[list-item]
+            except InvalidEvent as exc:
+                raise ImportFailed(f"envelope {n}: {exc}") from None
+            rows.append((n, env, env.sequence > 0))
+        added, skipped = self._bulk_write(rows, progress=progress, source="envelopes")
+        return ImportResult(len(rows), added, skipped, time.perf_counter() - started)
+
+    def _bulk_write(
+        self,
+        rows: list[tuple[int, Envelope, bool]],
+        *,
+        progress: Progress | None,
+        source: str,
+    ) -> tuple[int, int]:
+        if not rows:
+            return 0, 0
+        # Within the input: the same event id twice must be the same event; per
+        # aggregate, sequences are either all given or all assigned.
+        seen: dict[uuid.UUID, tuple[int, bytes]] = {}
+        seq_given: dict[str, bool] = {}
+        buf = io.StringIO()
+        write = buf.write
+        for lineno, env, has_seq in rows:
+            payload = encode_event(env.payload).decode()  # type: ignore[arg-type]
+            meta = msgspec.json.encode(env.metadata).decode()
+            content = f"{env.aggregate_id}\x00{env.aggregate_type}\x00{payload}".encode()
+            previous = seen.get(env.event_id)
+            if previous is not None:
+                if previous[1] != content:
+                    raise ImportFailed(
+                        f"{source}: line {lineno}: event_id {env.event_id} appears on line "
+                        f"{previous[0]} with different content"
+                    )
+                continue
+            seen[env.event_id] = (lineno, content)
+            mode = seq_given.setdefault(env.aggregate_id, has_seq)
+            if mode != has_seq:
+                raise ImportFailed(
+                    f"{source}: line {lineno}: aggregate {env.aggregate_id!r} mixes envelopes "
+                    "with and without a sequence; give all or none"
+                )
+            write(
+                "\t".join(
+                    (
+                        str(lineno),
+                        str(env.event_id),
+                        env.event_type,
+                        _copy_text(env.aggregate_id),
+                        _copy_text(env.aggregate_type),
+                        str(env.sequence) if has_seq else r"\N",
+                        format_time(env.timestamp),
+                        r"\N" if env.causation_id is None else str(env.causation_id),
+                        _copy_text(env.correlation_id),
+                        _copy_text(meta),
+                        _copy_text(payload),
+                    )
+                )
+            )
+            write("\n")
+        data = buf.getvalue()
+        del buf
+        if progress is not None:
+            progress("copying", len(seen))
+        try:
+            with self.connection() as conn:
+                conn.execute(_STAGE_SQL)
+                with conn.cursor().copy(
+                    "COPY riskbook_import (line_no, event_id, event_type, aggregate_id,"
+                    " aggregate_type, sequence, ts, causation_id, correlation_id, metadata,"
+                    " payload) FROM STDIN"
+                ) as copy:
+                    view = memoryview(data.encode())
+                    for i in range(0, len(view), 1 << 20):
+                        copy.write(view[i : i + (1 << 20)])
+                clash = conn.execute(_CLASH_SQL).fetchone()
+                if clash:
+                    raise ImportFailed(
+                        f"{source}: line {clash[0]}: event_id {clash[1]} is already stored "
+                        "with different content"
+                    )
+                cur = conn.execute(_BULK_INSERT_SQL)
+                added = cur.rowcount
+                if any(seq_given.values()):
+                    given = [a for a, g in seq_given.items() if g]
+                    bad = conn.execute(_GAP_SQL, (given,)).fetchone()
+                    if bad:
+                        raise ImportFailed(
+                            f"{source}: aggregate {bad[0]!r} would have versions with gaps or "
+                            f"duplicates (highest {bad[1]}, count {bad[2]}): sequences must "
+                            "continue the stored ones as 1, 2, 3, ..."
+                        )
+                conn.commit()
+        except psycopg.errors.UniqueViolation as exc:
+            raise ImportFailed(
+                f"{source}: a sequence collides with a stored event "
+                f"({exc.diag.message_detail or exc.diag.message_primary}); nothing was written"
+            ) from None
+        except StoreError as exc:
+            if isinstance(exc, ImportFailed):
+                raise
+            raise ImportFailed(f"{source}: {exc}; nothing was written") from None
+        if progress is not None:
+            progress("written", added)
+        return added, len(rows) - added
+
+
+def connect(dsn: str | None = None, *, migrate: bool = True) -> Store:
+    """Open the event store: ``dsn``, else ``RISKBOOK_DSN``, else the embedded server."""
+    return Store(dsn, migrate=migrate)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _copy_text(s: str) -> str:
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return s
+
+
+def _envelope(row: tuple[Any, ...]) -> Envelope:
+    pos, event_id, event_type, agg, agg_type, seq, ts, causation, correlation, meta, payload = row
+    return Envelope(
+        event_id=event_id,
+        aggregate_id=agg,
+        aggregate_type=agg_type,
+        sequence=seq,
+        timestamp=ts.astimezone(UTC),
+        payload=read_payload(event_type, payload),
+        correlation_id=correlation,
+        causation_id=causation,
+        metadata=msgspec.json.decode(meta) if isinstance(meta, bytes) else meta,
+        position=pos,
+    )
+
+
+def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list[Envelope]:
+    cur = conn.execute(
+        f"SELECT {_COLUMNS} FROM events WHERE position > %s"
+        " AND position < riskbook_position_fence() ORDER BY position LIMIT %s",
+        (after, limit),
+    )
+    return [_envelope(r) for r in cur]
+
+
+# The whole append is one statement: check the expected version, reserve positions,
+# insert. A stale expected version inserts nothing (and returns no row); a race between
+# two writers with the same expected version is settled by UNIQUE (aggregate_id, sequence).
+_APPEND_SQL = """
+WITH cur AS (
+    SELECT coalesce(max(sequence), 0) AS v FROM events WHERE aggregate_id = %(agg)s
+), ok AS (
+    SELECT v FROM cur WHERE %(expected)s::bigint IS NULL OR v = %(expected)s::bigint
+), base AS (
+    SELECT riskbook_reserve_positions(%(n)s) AS b FROM ok
+)
+INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
+                    causation_id, correlation_id, metadata, payload)
+SELECT base.b + t.ord - 1, t.event_id, t.event_type, %(agg)s, %(agg_type)s, ok.v + t.ord,
+       %(causation)s, %(correlation)s, %(metadata)s, t.payload
+  FROM ok, base,
+       unnest(%(ids)s::uuid[], %(types)s::text[], %(payloads)s::jsonb[])
+         WITH ORDINALITY AS t(event_id, event_type, payload, ord)
+ ORDER BY t.ord
+RETURNING position, sequence, "timestamp"
+"""
+
+_STAGE_SQL = """
+CREATE TEMP TABLE riskbook_import (
+    line_no bigint NOT NULL, event_id uuid NOT NULL, event_type text NOT NULL,
+    aggregate_id text NOT NULL, aggregate_type text NOT NULL, sequence bigint,
+    ts timestamptz NOT NULL, causation_id uuid, correlation_id text NOT NULL,
+    metadata jsonb NOT NULL, payload jsonb NOT NULL
+) ON COMMIT DROP
+"""
+
+_CLASH_SQL = """
+SELECT s.line_no, s.event_id
+  FROM riskbook_import s JOIN events e USING (event_id)
+ WHERE (e.event_type, e.aggregate_id, e.aggregate_type, e.payload)
+       IS DISTINCT FROM (s.event_type, s.aggregate_id, s.aggregate_type, s.payload)
+ ORDER BY s.line_no
+ LIMIT 1
+"""
+
+_BULK_INSERT_SQL = """
+WITH new AS (
+    SELECT s.*,
+           row_number() OVER (ORDER BY s.line_no) AS ord,
+           row_number() OVER (PARTITION BY s.aggregate_id ORDER BY s.line_no) AS agg_ord
+      FROM riskbook_import s
+     WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
+), base AS (
+    SELECT riskbook_reserve_positions((SELECT count(*) FROM new)) AS b
+), cur AS (
+    SELECT e.aggregate_id, max(e.sequence) AS v
+      FROM events e
+     WHERE e.aggregate_id IN (SELECT DISTINCT aggregate_id FROM new)
+     GROUP BY e.aggregate_id
+)
+INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
+                    "timestamp", causation_id, correlation_id, metadata, payload)
+SELECT base.b + new.ord - 1, new.event_id, new.event_type, new.aggregate_id,
+       new.aggregate_type, coalesce(new.sequence, coalesce(cur.v, 0) + new.agg_ord),
+       new.ts, new.causation_id, new.correlation_id, new.metadata, new.payload
+  FROM new CROSS JOIN base LEFT JOIN cur USING (aggregate_id)
+ ORDER BY new.ord
+"""
+
+_GAP_SQL = """
+SELECT aggregate_id, max(sequence), count(*)
+  FROM events WHERE aggregate_id = ANY(%s)
+ GROUP BY aggregate_id HAVING max(sequence) <> count(*)
+ LIMIT 1
+"""
+

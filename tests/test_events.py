@@ -1,0 +1,303 @@
+"""Events: types, validation, the JSON codec (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import riskbook
+from riskbook import events as ev
+from riskbook.errors import InvalidEvent
+
+T0 = "2024-03-01T09:30:00.000000Z"
+
+VALID: dict[str, dict[str, Any]] = {
+    "TradeExecuted": dict(
+        trade_id="T-1", account_id="ACC-1", symbol="AAPL", side="Buy",
+        quantity=100.0, price=10.5, executed_at=T0,
+    ),
+    "TradeCancelled": dict(trade_id="T-1", account_id="ACC-1", reason="bust", cancelled_at=T0),
+    "PositionUpdated": dict(
+        account_id="ACC-1", symbol="AAPL", previous_quantity=100.0, new_quantity=200.0,
+        reason="split 2:1", updated_at=T0,
+    ),
+    "PriceMarked": dict(symbol="AAPL", price=11.25, marked_at=T0),
+    "AccountFunded": dict(account_id="ACC-1", amount=-5000.0, funded_at=T0),
+    "LimitSet": dict(
+        account_id="ACC-1", limit_type="MaxPositionSize", value=1000.0, set_by="alice",
+        set_at=T0, symbol="AAPL",
+    ),
+    "LimitViolationDetected": dict(
+        account_id="ACC-1", limit_type="MaxLeverage", current_value=5.5, limit_value=4.0,
+        detected_at=T0, symbol=None,
+    ),
+    "AccountBlocked": dict(account_id="ACC-1", reason="limit", blocked_by="engine", blocked_at=T0),
+    "AccountUnblocked": dict(
+        account_id="ACC-1", reason="reviewed", unblocked_by="bob", unblocked_at=T0
+    ),
+}
+
+
+def payload(kind: str, **changes: Any) -> dict[str, Any]:
+    data = {"type": kind, **VALID[kind]}
+    for k, v in changes.items():
+        if v is _MISSING:
+            data.pop(k)
+        else:
+            data[k] = v
+    return data
+
+
+_MISSING = object()
+
+
+def test_every_event_type_of_the_design_is_defined() -> None:
+    assert set(ev.EVENT_TYPES) == set(VALID)
+    for name, cls in ev.EVENT_TYPES.items():
+        assert set(cls.__struct_fields__) == set(VALID[name]), name
+
+
+@pytest.mark.parametrize("kind", sorted(VALID))
+def test_payload_round_trips_through_json(kind: str) -> None:
+    event = ev.event_from_dict(payload(kind))
+    encoded = ev.encode_event(event)
+    assert msgspec.json.decode(encoded)["type"] == kind
+    assert ev.decode_event(encoded) == event
+    assert ev.decode_event(encoded, event_type=kind) == event
+    assert ev.event_to_dict(event) == payload(kind)
+
+
+def test_times_are_rfc3339_utc_with_microseconds() -> None:
+    e = ev.event_from_dict(payload("PriceMarked", marked_at="2024-03-01T11:30:00.5+02:00"))
+    assert e.marked_at == datetime(2024, 3, 1, 9, 30, 0, 500000, tzinfo=UTC)
+    assert ev.event_to_dict(e)["marked_at"] == "2024-03-01T09:30:00.500000Z"
+    assert ev.format_time(datetime(2024, 1, 1, tzinfo=UTC)) == "2024-01-01T00:00:00.000000Z"
+    east = timezone(timedelta(hours=5, minutes=30))
+    assert ev.format_time(datetime(2024, 1, 1, 5, 30, tzinfo=east)) == "2024-01-01T00:00:00.000000Z"
+    assert ev.parse_time("2024-01-01T00:00:00Z") == datetime(2024, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="zone"):
+        ev.parse_time("2024-01-01T00:00:00")
+
+
+def test_python_construction_validates_and_normalizes() -> None:
+    t = datetime(2024, 3, 1, 10, 30, tzinfo=timezone(timedelta(hours=1)))
+    trade = riskbook.TradeExecuted(
+        trade_id="T", account_id="A", symbol="S", side=riskbook.Side.Sell,
+        quantity=1.0, price=2.0, executed_at=t,
+    )
+    assert trade.executed_at == datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+    assert trade.business_time == trade.executed_at
+    assert trade.aggregate_id == "A" and trade.aggregate_type == "Account"
+    mark = riskbook.PriceMarked(symbol="S", price=3.0, marked_at=t)
+    assert mark.aggregate_id == "S" and mark.aggregate_type == "Instrument"
+    assert ev.validate(trade) is not None
+
+
+# (event type, field, bad value, words the message must contain)
+BAD: list[tuple[str, str, Any, str]] = [
+    ("TradeExecuted", "quantity", 0.0, "> 0"),
+    ("TradeExecuted", "quantity", -1.0, "> 0"),
+    ("TradeExecuted", "price", 0.0, "> 0"),
+    ("TradeExecuted", "price", -3.5, "> 0"),
+    ("TradeExecuted", "quantity", "10", "float"),
+    ("TradeExecuted", "quantity", True, "float"),
+    ("TradeExecuted", "price", None, "float"),
+    ("TradeExecuted", "quantity", _MISSING, "missing"),
+    ("TradeExecuted", "side", "Hold", "Hold"),
+    ("TradeExecuted", "side", "buy", "buy"),
+    ("TradeExecuted", "executed_at", "2024-03-01T09:30:00", "timezone"),
+    ("TradeExecuted", "executed_at", "yesterday", "datetime"),
+    ("TradeExecuted", "trade_id", "", "length >= 1"),
+    ("TradeExecuted", "account_id", 17, "str"),
+    ("TradeExecuted", "symbol", "A" * 300, "length"),
+    ("TradeExecuted", "symbol", "AA\x00PL", "NUL"),
+    ("TradeCancelled", "reason", _MISSING, "missing"),
+    ("PositionUpdated", "new_quantity", "lots", "float"),
+    ("PriceMarked", "price", 0.0, "> 0"),
+    ("AccountFunded", "amount", 0.0, "not be 0"),
+    ("AccountFunded", "amount", 10**400, "out of range"),
+    ("LimitSet", "limit_type", "MaxCoffee", "unknown limit type"),
+    ("LimitSet", "value", -1.0, ">= 0"),
+    ("LimitSet", "set_by", _MISSING, "missing"),
+    ("LimitViolationDetected", "limit_type", "Nope", "unknown limit type"),
+    ("AccountBlocked", "blocked_at", 1709285400, "datetime"),
+    ("AccountUnblocked", "unblocked_by", "", "length >= 1"),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "value", "words"), BAD)
+def test_bad_payloads_are_refused_naming_type_and_field(
+    kind: str, field: str, value: Any, words: str
+) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        ev.event_from_dict(payload(kind, **{field: value}))
+    assert info.value.event_type == kind
+    assert info.value.field == field
+    assert words.lower() in str(info.value).lower()
+    # The same refusal when the payload arrives as JSON text (the import path)...
+    if isinstance(value, float) and not math.isfinite(value):
+        return
+    with pytest.raises(InvalidEvent) as info2:
+        ev.decode_event(msgspec.json.encode(payload(kind, **{field: value})))
+    assert (info2.value.event_type, info2.value.field) == (kind, field)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        ("TradeExecuted", "quantity"),
+        ("TradeExecuted", "price"),
+        ("PriceMarked", "price"),
+        ("AccountFunded", "amount"),
+        ("PositionUpdated", "previous_quantity"),
+        ("LimitSet", "value"),
+        ("LimitViolationDetected", "current_value"),
+    ],
+)
+def test_nan_and_infinity_are_refused(kind: str, field: str, bad: float) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        ev.event_from_dict(payload(kind, **{field: bad}))
+    assert (info.value.event_type, info.value.field) == (kind, field)
+    cls = ev.EVENT_TYPES[kind]
+    good = ev.event_from_dict(payload(kind))
+    fields = {f: getattr(good, f) for f in cls.__struct_fields__}
+    with pytest.raises(InvalidEvent) as info2:
+        cls(**{**fields, field: bad})
+    assert (info2.value.event_type, info2.value.field) == (kind, field)
+
+
+def test_validate_catches_wrong_types_built_in_python() -> None:
+    good = ev.event_from_dict(payload("TradeExecuted"))
+    fields = {f: getattr(good, f) for f in good.__struct_fields__}
+    wrong = riskbook.TradeExecuted(**{**fields, "quantity": "10"})  # Python does not check
+    with pytest.raises(InvalidEvent) as info:
+        ev.validate(wrong)
+    assert (info.value.event_type, info.value.field) == ("TradeExecuted", "quantity")
+    naive = dict(fields, executed_at=datetime(2024, 1, 1))
+    with pytest.raises(InvalidEvent, match="executed_at"):
+        riskbook.TradeExecuted(**naive)
+
+
+def test_unknown_event_type_is_refused_on_write_and_kept_raw_on_read() -> None:
+    with pytest.raises(InvalidEvent) as info:
+        ev.event_from_dict({"type": "MarginCall", "account_id": "A"})
+    assert info.value.event_type == "MarginCall" and info.value.field == "type"
+    raw = ev.read_payload("MarginCall", b'{"type":"MarginCall","account_id":"A","x":[1,2]}')
+    assert isinstance(raw, ev.RawEvent)
+    assert raw.type == "MarginCall" and raw.data == {"account_id": "A", "x": [1, 2]}
+    # A known type whose stored payload no longer fits is kept raw too, with the reason.
+    odd = ev.read_payload("TradeCancelled", {"type": "TradeCancelled", "trade_id": "T"})
+    assert isinstance(odd, ev.RawEvent) and odd.error and "account_id" in odd.error
+
+
+def test_registered_limit_types_are_accepted_and_stored_ones_always_read() -> None:
+    with pytest.raises(InvalidEvent):
+        ev.event_from_dict(payload("LimitSet", limit_type="MaxConcentration"))
+    stored = ev.read_payload("LimitSet", payload("LimitSet", limit_type="MaxGrossNotional"))
+    assert isinstance(stored, riskbook.LimitSet) and stored.limit_type == "MaxGrossNotional"
+    ev.register_limit_type_name("MaxConcentration")
+    assert "MaxConcentration" in ev.known_limit_types()
+    assert ev.event_from_dict(payload("LimitSet", limit_type="MaxConcentration")).value == 1000.0
+
+
+def envelope_line(**changes: Any) -> bytes:
+    env: dict[str, Any] = {
+        "event_id": str(uuid.UUID(int=7)),
+        "event_type": "TradeExecuted",
+        "aggregate_id": "ACC-1",
+        "aggregate_type": "Account",
+        "sequence": 3,
+        "timestamp": "2024-03-01T09:30:01.250000Z",
+        "causation_id": None,
+        "correlation_id": "req-9",
+        "metadata": {"source": "fix"},
+        "payload": payload("TradeExecuted"),
+    }
+    for k, v in changes.items():
+        if v is _MISSING:
+            env.pop(k)
+        else:
+            env[k] = v
+    return msgspec.json.encode(env)
+
+
+def test_envelope_round_trips_in_the_article_layout() -> None:
+    line = envelope_line(causation_id=str(uuid.UUID(int=9)))
+    env, has_seq = ev.decode_envelope(line)
+    assert has_seq and env.sequence == 3 and env.event_type == "TradeExecuted"
+    assert env.causation_id == uuid.UUID(int=9)
+    assert env.timestamp == datetime(2024, 3, 1, 9, 30, 1, 250000, tzinfo=UTC)
+    out = env.to_dict()
+    assert list(out) == [
+        "event_id", "event_type", "aggregate_id", "aggregate_type", "sequence", "timestamp",
+        "causation_id", "correlation_id", "metadata", "payload",
+    ]
+    assert msgspec.json.decode(ev.encode_envelope(env)) == msgspec.json.decode(line)
+
+
+def test_envelope_event_type_and_sequence_may_be_absent() -> None:
+    env, has_seq = ev.decode_envelope(envelope_line(event_type=_MISSING, sequence=_MISSING))
+    assert not has_seq and env.sequence == 0 and env.event_type == "TradeExecuted"
+
+
+@pytest.mark.parametrize(
+    ("changes", "kind", "field"),
+    [
+        ({"event_type": "TradeCancelled"}, "TradeExecuted", "event_type"),
+        ({"aggregate_id": "ACC-2"}, "TradeExecuted", "payload.account_id"),
+        ({"aggregate_type": "Instrument"}, "TradeExecuted", "aggregate_type"),
+        ({"event_id": "not-a-uuid"}, "TradeExecuted", "event_id"),
+        ({"timestamp": "2024-03-01 09:30:01"}, "TradeExecuted", "timestamp"),
+        ({"sequence": 0}, "TradeExecuted", "sequence"),
+        ({"correlation_id": _MISSING}, "TradeExecuted", "correlation_id"),
+        ({"payload": payload("TradeExecuted", quantity=-1.0)}, "TradeExecuted", "payload.quantity"),
+        ({"payload": payload("TradeExecuted", price="x")}, "TradeExecuted", "payload.price"),
+        ({"payload": {"type": "Teleported"}}, "Teleported", "payload.type"),
+    ],
+)
+def test_bad_envelopes_are_refused_naming_the_field(
+    changes: dict[str, Any], kind: str, field: str
+) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(envelope_line(**changes))
+    assert (info.value.event_type, info.value.field) == (kind, field)
+
+
+@pytest.mark.parametrize("line", [b"{", b"[1,2]", b'"text"', b"\xff\xfe", b'{"payload": 1}'])
+def test_broken_json_lines_are_refused(line: bytes) -> None:
+    with pytest.raises(InvalidEvent):
+        ev.decode_envelope(line)
+
+
+_ids = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=40,
+)
+_times = st.datetimes(
+    min_value=datetime(1990, 1, 1), max_value=datetime(2090, 1, 1), timezones=st.just(UTC)
+)
+_pos = st.floats(min_value=1e-9, max_value=1e12, allow_nan=False, allow_infinity=False)
+
+
+@given(
+    trade_id=_ids, account_id=_ids, symbol=_ids, side=st.sampled_from(list(riskbook.Side)),
+    quantity=_pos, price=_pos, executed_at=_times,
+)
+def test_any_valid_trade_round_trips(**fields: Any) -> None:
+    trade = riskbook.TradeExecuted(**fields)
+    assert ev.decode_event(ev.encode_event(trade)) == trade
+    env = riskbook.Envelope(
+        event_id=uuid.uuid4(), aggregate_id=trade.account_id, aggregate_type="Account",
+        sequence=1, timestamp=fields["executed_at"], payload=trade, correlation_id="c",
+    )
+    back, _ = ev.decode_envelope(ev.encode_envelope(env))
+    assert back == env

@@ -1,0 +1,534 @@
+"""The event store against a real PostgreSQL (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import gzip
+import multiprocessing
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import psycopg
+import pytest
+
+import riskbook
+from riskbook.events import encode_envelope
+from riskbook.store import Store, migrations
+
+T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+
+
+def funded(account: str, amount: float = 1000.0, minutes: int = 0) -> riskbook.AccountFunded:
+    return riskbook.AccountFunded(
+        account_id=account, amount=amount, funded_at=T0 + timedelta(minutes=minutes)
+    )
+
+
+def trade(account: str, n: int = 1, side: str = "Buy") -> riskbook.TradeExecuted:
+    return riskbook.TradeExecuted(
+        trade_id=f"T-{n}", account_id=account, symbol="AAPL", side=riskbook.Side(side),
+        quantity=10.0, price=100.0 + n, executed_at=T0 + timedelta(seconds=n),
+    )
+
+
+# ----------------------------------------------------------------------- append / read
+
+
+def test_append_assigns_versions_positions_and_recorded_times(shared_store: Store, agg: str) -> None:
+    before = datetime.now(UTC)
+    envs = shared_store.append(agg, [funded(agg), trade(agg, 1), trade(agg, 2)], expected_version=0)
+    assert [e.sequence for e in envs] == [1, 2, 3]
+    positions = [e.position for e in envs]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    assert all(e.timestamp >= before - timedelta(seconds=5) for e in envs)
+    assert len({e.correlation_id for e in envs}) == 1
+    assert shared_store.version(agg) == 3
+    back = shared_store.read(agg)
+    assert back == envs
+    assert shared_store.read(agg, from_version=2) == envs[1:]
+    assert shared_store.read(agg, from_version=2, to_version=2) == envs[1:2]
+
+
+def test_causation_correlation_and_metadata_are_kept(shared_store: Store, agg: str) -> None:
+    cause = shared_store.append(agg, [funded(agg)])[0]
+    effect = shared_store.append(
+        agg,
+        [riskbook.AccountBlocked(account_id=agg, reason="test", blocked_by="engine", blocked_at=T0)],
+        causation_id=cause.event_id,
+        correlation_id=cause.correlation_id,
+        metadata={"rule": "MaxLeverage", "n": 1},
+    )[0]
+    stored = shared_store.read(agg, from_version=2)[0]
+    assert stored.causation_id == cause.event_id
+    assert stored.correlation_id == cause.correlation_id
+    assert stored.metadata == {"rule": "MaxLeverage", "n": 1}
+    assert stored == effect
+
+
+def test_stale_expected_version_raises_and_writes_nothing(shared_store: Store, agg: str) -> None:
+    shared_store.append(agg, [funded(agg), trade(agg)], expected_version=0)
+    for stale in (0, 1, 3, 10):
+        with pytest.raises(riskbook.ConcurrencyConflict) as info:
+            shared_store.append(agg, [trade(agg, 5), trade(agg, 6)], expected_version=stale)
+        assert (info.value.expected, info.value.actual) == (stale, 2)
+    assert shared_store.version(agg) == 2
+    assert len(shared_store.read(agg)) == 2
+    assert shared_store.append(agg, [trade(agg, 7)], expected_version=2)[0].sequence == 3
+
+
+def test_a_batch_must_belong_to_its_aggregate(shared_store: Store, agg: str) -> None:
+    with pytest.raises(riskbook.InvalidEvent) as info:
+        shared_store.append(agg, [funded(agg), funded("someone-else")])
+    assert info.value.field == "account_id"
+    mark = riskbook.PriceMarked(symbol="AAPL", price=1.0, marked_at=T0)
+    with pytest.raises(riskbook.InvalidEvent):
+        shared_store.append(agg, [mark])
+    assert shared_store.version(agg) == 0
+    sym = f"SYM-{uuid.uuid4().hex[:6]}"
+    env = shared_store.append(sym, [riskbook.PriceMarked(symbol=sym, price=1.0, marked_at=T0)])[0]
+    assert env.aggregate_type == "Instrument"
+
+
+def test_an_invalid_event_in_a_batch_writes_nothing(shared_store: Store, agg: str) -> None:
+    bad = riskbook.TradeExecuted(
+        trade_id="T", account_id=agg, symbol="X", side=riskbook.Side.Buy,
+        quantity="7",  # type: ignore[arg-type]
+        price=1.0, executed_at=T0,
+    )
+    with pytest.raises(riskbook.InvalidEvent) as info:
+        shared_store.append(agg, [funded(agg), bad])
+    assert (info.value.event_type, info.value.field) == ("TradeExecuted", "quantity")
+    assert shared_store.version(agg) == 0
+
+
+def _race(store: Store, agg: str, writer: int, rounds: int, out: list[tuple[int, int, str]]) -> None:
+    for _ in range(rounds):
+        while True:
+            v = store.version(agg)
+            try:
+                store.append(agg, [funded(agg, amount=writer + 1)], expected_version=v)
+                out.append((writer, v + 1, "won"))
+                break
+            except riskbook.ConcurrencyConflict as exc:
+                assert exc.expected == v and exc.actual > v
+                out.append((writer, v + 1, "lost"))
+
+
+def test_threads_racing_on_one_aggregate(shared_store: Store, agg: str) -> None:
+    writers, rounds = 8, 15
+    log: list[tuple[int, int, str]] = []
+    threads = [
+        threading.Thread(target=_race, args=(shared_store, agg, w, rounds, log))
+        for w in range(writers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = shared_store.read(agg)
+    assert [e.sequence for e in stored] == list(range(1, writers * rounds + 1))
+    wins = Counter(version for _, version, result in log if result == "won")
+    assert sorted(wins) == list(range(1, writers * rounds + 1))
+    assert set(wins.values()) == {1}, "each version is won by exactly one writer"
+    # The winner of each version is the writer whose amount is stored there.
+    winner = {version: w for w, version, result in log if result == "won"}
+    assert all(e.payload.amount == winner[e.sequence] + 1 for e in stored)  # type: ignore[union-attr]
+    assert any(result == "lost" for _, _, result in log), "no contention happened"
+
+
+def _process_writer(dsn: str, agg: str, writer: int, rounds: int, queue: multiprocessing.Queue) -> None:
+    store = Store(dsn)
+    log: list[tuple[int, int, str]] = []
+    _race(store, agg, writer, rounds, log)
+    store.close()
+    queue.put(log)
+
+
+def test_processes_racing_on_one_aggregate(make_database: Callable[[], str], agg: str) -> None:
+    dsn = make_database()
+    Store(dsn).close()  # migrate once up front
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = ctx.Queue()
+    writers, rounds = 4, 10
+    procs = [
+        ctx.Process(target=_process_writer, args=(dsn, agg, w, rounds, queue)) for w in range(writers)
+    ]
+    for p in procs:
+        p.start()
+    logs = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    store = Store(dsn)
+    stored = store.read(agg)
+    store.close()
+    assert [e.sequence for e in stored] == list(range(1, writers * rounds + 1))
+    wins = Counter(v for log in logs for _, v, r in log if r == "won")
+    assert set(wins.values()) == {1} and len(wins) == writers * rounds
+
+
+# ----------------------------------------------------------------------- global order
+
+
+def test_reader_never_skips_an_event_committed_late(fresh_store: Store) -> None:
+    """The BIGSERIAL commit-order gap, solved by the visibility fence."""
+    store = fresh_store
+    store.append("ACC-0", [funded("ACC-0")])
+    start = store.head()
+    # A slow transaction reserves its position first and stays open...
+    with store.connection() as slow:
+        slow_env = store.append_in(slow, "ACC-slow", [funded("ACC-slow")])[0]
+        # ...while a fast one commits after it.
+        fast_env = store.append("ACC-fast", [funded("ACC-fast")])[0]
+        assert slow_env.position < fast_env.position  # type: ignore[operator]
+        # A naive reader (position > last) would now see the fast event and move past
+        # the slow one for ever:
+        with store.connection() as naive:
+            seen = [r[0] for r in naive.execute("SELECT position FROM events WHERE position > %s ORDER BY position", (start,))]
+        assert seen == [fast_env.position]
+        # riskbook's reader holds back at the fence instead:
+        assert store.read_all(after=start) == []
+        assert store.head() == start
+        slow.commit()
+    got = store.read_all(after=start)
+    assert [e.event_id for e in got] == [slow_env.event_id, fast_env.event_id]
+    assert store.read_all(after=got[-1].position or 0) == []
+
+
+def test_follower_sees_every_event_exactly_once_under_concurrent_writers(fresh_store: Store) -> None:
+    store = fresh_store
+    writers, per_writer = 4, 60
+    done = threading.Event()
+    seen: list[int] = []
+    ids: list[uuid.UUID] = []
+
+    def follow() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            batch = store.read_all(after=after, limit=50)
+            for e in batch:
+                assert e.position is not None and e.position > after
+                after = e.position
+                seen.append(e.position)
+                ids.append(e.event_id)
+            if finished and not batch:
+                return
+
+    def write(w: int) -> None:
+        for i in range(per_writer):
+            acc = f"ACC-{w}-{i % 3}"
+            # a mix of tiny and longer transactions, so commits overtake each other
+            events = [funded(acc, amount=1 + j) for j in range(1 + (i % 4))]
+            store.append(acc, events)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join(timeout=60)
+    stored = store.read_all()
+    assert len(ids) == len(set(ids)) == len(stored) == store.count()
+    assert seen == sorted(seen)
+    assert ids == [e.event_id for e in stored]
+
+
+def test_follow_wakes_on_notify(fresh_store: Store) -> None:
+    store = fresh_store
+    store.append("ACC-1", [funded("ACC-1")])
+    got: list[list[riskbook.Envelope]] = []
+    stamps: list[float] = []
+    ready = threading.Event()
+
+    def consume() -> None:
+        for batch in store.follow(after=0, idle_timeout=5.0, max_wait=30.0):
+            got.append(batch)
+            stamps.append(time.monotonic())
+            ready.set()
+            if sum(len(b) for b in got) >= 3:
+                return
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert ready.wait(10), "catch-up read on start did not deliver the existing event"
+    time.sleep(0.3)  # the follower is now waiting on LISTEN, not polling (max_wait=30 s)
+    sent = time.monotonic()
+    store.append("ACC-2", [funded("ACC-2"), funded("ACC-2", 5.0)])
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert [len(b) for b in got] == [1, 2]
+    assert stamps[-1] - sent < 2.0, "the follower was not woken by NOTIFY"
+
+
+# ----------------------------------------------------------------------- immutability
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET aggregate_id = 'X'",
+        "UPDATE events SET payload = payload || '{\"quantity\": 1}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ],
+)
+def test_events_are_append_only_in_the_database(fresh_store: Store, statement: str) -> None:
+    fresh_store.append("ACC-1", [funded("ACC-1")])
+    with psycopg.connect(fresh_store.dsn) as conn, pytest.raises(psycopg.Error) as info:
+        conn.execute(statement)
+    assert info.value.sqlstate == "RK001"
+    assert "append-only" in str(info.value)
+    assert fresh_store.count() == 1
+
+
+def test_raw_sql_inserts_get_fenced_positions_too(fresh_store: Store) -> None:
+    with psycopg.connect(fresh_store.dsn) as conn:
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded', 'A', 'Account', 1,"
+            " 'c', '{\"type\":\"AccountFunded\",\"account_id\":\"A\",\"amount\":1.0,"
+            "\"funded_at\":\"2024-01-01T00:00:00.000000Z\"}')"
+        )
+        conn.commit()
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(
+                "INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type,"
+                " sequence, correlation_id, payload) VALUES (1, gen_random_uuid(), 'X', 'A', 'Account',"
+                " 2, 'c', '{\"type\":\"X\"}')"
+            )
+        assert info.value.sqlstate == "RK002"
+    [env] = fresh_store.read_all()
+    assert env.sequence == 1 and isinstance(env.payload, riskbook.AccountFunded)
+
+
+def test_unknown_event_type_in_the_database_is_read_raw(fresh_store: Store) -> None:
+    fresh_store.append("ACC-1", [funded("ACC-1")])
+    with psycopg.connect(fresh_store.dsn) as conn:
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'MarginCalled', 'ACC-1', 'Account',"
+            " 2, 'c', '{\"type\":\"MarginCalled\",\"amount\":\"lots\",\"nested\":{\"a\":[1]}}')"
+        )
+        conn.commit()
+    fresh_store.append("ACC-1", [funded("ACC-1", 2.0)])
+    envs = fresh_store.read("ACC-1")
+    assert [e.event_type for e in envs] == ["AccountFunded", "MarginCalled", "AccountFunded"]
+    raw = envs[1].payload
+    assert isinstance(raw, riskbook.RawEvent)
+    assert raw.data == {"amount": "lots", "nested": {"a": [1]}}
+    assert [e.event_type for e in fresh_store.read_all()] == [e.event_type for e in envs]
+    line = encode_envelope(envs[1])  # and it can be exported again as it was
+    assert msgspec.json.decode(line)["payload"]["nested"] == {"a": [1]}
+
+
+# ----------------------------------------------------------------------- import
+
+
+def _envelope_lines(n_accounts: int = 3, per_account: int = 5, with_seq: bool = False) -> list[bytes]:
+    lines = []
+    for i in range(per_account):
+        for a in range(n_accounts):
+            acc = f"ACC-{a}"
+            e = riskbook.Envelope(
+                event_id=uuid.uuid5(uuid.NAMESPACE_OID, f"{acc}/{i}"),
+                aggregate_id=acc,
+                aggregate_type="Account",
+                sequence=i + 1 if with_seq else 0,
+                timestamp=T0 + timedelta(seconds=10 * i + a),
+                payload=funded(acc, amount=100.0 + i, minutes=i),
+                correlation_id=f"import-{a}",
+            )
+            d = e.to_dict()
+            if not with_seq:
+                del d["sequence"]
+            lines.append(msgspec.json.encode(d))
+    return lines
+
+
+def _write(path: Path, lines: list[bytes]) -> Path:
+    data = b"\n".join(lines) + b"\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["history.jsonl", "history.jsonl.gz"])
+def test_import_keeps_ids_and_times_assigns_sequences_and_is_idempotent(
+    fresh_store: Store, tmp_path: Path, name: str
+) -> None:
+    lines = _envelope_lines()
+    path = _write(tmp_path / name, lines)
+    result = fresh_store.import_jsonl(path)
+    assert (result.read, result.added, result.skipped) == (15, 15, 0)
+    for a in range(3):
+        envs = fresh_store.read(f"ACC-{a}")
+        assert [e.sequence for e in envs] == [1, 2, 3, 4, 5]
+        assert [e.payload.amount for e in envs] == [100.0, 101.0, 102.0, 103.0, 104.0]  # type: ignore[union-attr]
+        assert envs[0].event_id == uuid.uuid5(uuid.NAMESPACE_OID, f"ACC-{a}/0")
+        assert envs[2].timestamp == T0 + timedelta(seconds=20 + a)
+    # global order is file order
+    assert [e.event_id for e in fresh_store.read_all()] == [
+        uuid.UUID(msgspec.json.decode(line)["event_id"]) for line in lines
+    ]
+    again = fresh_store.import_jsonl(path)
+    assert (again.added, again.skipped) == (0, 15)
+    assert fresh_store.count() == 15
+
+
+def test_import_continues_existing_aggregates(fresh_store: Store, tmp_path: Path) -> None:
+    fresh_store.append("ACC-1", [funded("ACC-1"), funded("ACC-1")])
+    fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", _envelope_lines()))
+    assert [e.sequence for e in fresh_store.read("ACC-1")] == list(range(1, 8))
+
+
+def test_import_with_explicit_sequences(fresh_store: Store, tmp_path: Path) -> None:
+    fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", _envelope_lines(with_seq=True)))
+    assert [e.sequence for e in fresh_store.read("ACC-2")] == [1, 2, 3, 4, 5]
+    gappy = [
+        line
+        for line in _envelope_lines(n_accounts=1, per_account=4, with_seq=True)
+        if msgspec.json.decode(line)["sequence"] != 2
+    ]
+    # ACC-9 with versions 1, 3, 4: refused, nothing written
+    new_lines = [
+        msgspec.json.encode(
+            {**msgspec.json.decode(line.replace(b"ACC-0", b"ACC-9")), "event_id": str(uuid.uuid4())}
+        )
+        for line in gappy
+    ]
+    other = tmp_path / "gap.jsonl"
+    with pytest.raises(riskbook.ImportFailed, match="gaps"):
+        fresh_store.import_jsonl(_write(other, new_lines))
+    assert fresh_store.version("ACC-9") == 0
+
+
+def _bad_line_cases() -> list[tuple[str, Callable[[list[bytes]], list[bytes]], str]]:
+    def replace(i: int, line: bytes) -> Callable[[list[bytes]], list[bytes]]:
+        return lambda ls: [*ls[:i], line, *ls[i + 1 :]]
+
+    def tweak(i: int, **changes: object) -> Callable[[list[bytes]], list[bytes]]:
+        def f(ls: list[bytes]) -> list[bytes]:
+            d = msgspec.json.decode(ls[i])
+            for k, v in changes.items():
+                if k.startswith("payload."):
+                    d["payload"][k.split(".", 1)[1]] = v
+                else:
+                    d[k] = v
+            return [*ls[:i], msgspec.json.encode(d), *ls[i + 1 :]]
+
+        return f
+
+    return [
+        ("broken json", replace(7, b'{"event_id": '), "line 8"),
+        ("not an object", replace(3, b"[1, 2, 3]"), "line 4"),
+        ("negative amount", tweak(9, **{"payload.amount": 0}), "line 10: AccountFunded.payload.amount"),
+        ("wrong type", tweak(11, **{"payload.amount": "many"}), "line 12: AccountFunded.payload.amount"),
+        ("no zone", tweak(5, timestamp="2024-03-01T09:30:00"), "line 6: AccountFunded.timestamp"),
+        ("unknown type", tweak(2, **{"payload.type": "Gift"}), "line 3: Gift.payload.type"),
+        ("mismatched aggregate", tweak(13, aggregate_id="ACC-x"), "line 14: AccountFunded.payload.account_id"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "mutate", "message"), _bad_line_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_a_bad_line_fails_the_import_and_writes_nothing(
+    fresh_store: Store, tmp_path: Path, case: str, mutate: Callable[[list[bytes]], list[bytes]], message: str
+) -> None:
+    path = _write(tmp_path / "bad.jsonl", mutate(_envelope_lines()))
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(path)
+    assert message in str(info.value), str(info.value)
+    assert fresh_store.count() == 0
+
+
+def test_duplicate_event_ids_with_different_content_are_refused(fresh_store: Store, tmp_path: Path) -> None:
+    lines = _envelope_lines()
+    twin = msgspec.json.decode(lines[4])
+    twin["payload"]["amount"] = 999.0
+    path = _write(tmp_path / "dup.jsonl", [*lines, msgspec.json.encode(twin)])
+    with pytest.raises(riskbook.ImportFailed, match="line 16: event_id .* line 5 with different content"):
+        fresh_store.import_jsonl(path)
+    assert fresh_store.count() == 0
+    # an exact repeat inside one file is harmless
+    fresh_store.import_jsonl(_write(tmp_path / "rep.jsonl", [*lines, lines[4]]))
+    assert fresh_store.count() == 15
+    # and a stored id arriving again with other content is refused
+    path2 = _write(tmp_path / "dup2.jsonl", [msgspec.json.encode(twin)])
+    with pytest.raises(riskbook.ImportFailed, match="already stored with different content"):
+        fresh_store.import_jsonl(path2)
+    assert fresh_store.count() == 15
+
+
+def test_import_of_a_missing_file_is_a_clear_error(fresh_store: Store, tmp_path: Path) -> None:
+    with pytest.raises(riskbook.ImportFailed, match="no such file"):
+        fresh_store.import_jsonl(tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------- migrations
+
+
+def test_migrations_create_and_upgrade_in_place(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    assert migrations.head() >= 2
+    old = Store(dsn, migrate=False)
+    assert old.migrate(target=1) == [1]
+    assert old.schema_version() == 1
+    with psycopg.connect(dsn) as conn:  # data written under schema version 1
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded', 'ACC-1',"
+            " 'Account', 1, 'c', '{\"type\":\"AccountFunded\",\"account_id\":\"ACC-1\","
+            "\"amount\":5.0,\"funded_at\":\"2024-01-01T00:00:00.000000Z\"}')"
+        )
+        conn.commit()
+    old.close()
+    store = Store(dsn)  # migrates on connect
+    assert store.schema_version() == migrations.head()
+    [env] = store.read("ACC-1")
+    assert env.payload == riskbook.AccountFunded(
+        account_id="ACC-1", amount=5.0, funded_at=datetime(2024, 1, 1, tzinfo=UTC)
+    )
+    with psycopg.connect(dsn) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"events", "position_snapshots", "processor_checkpoints"} <= tables
+    assert store.migrate() == []
+    store.close()
+
+
+def test_concurrent_first_connections_migrate_once(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            Store(dsn).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with psycopg.connect(dsn) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM riskbook_migrations ORDER BY 1")]
+    assert versions == list(range(1, migrations.head() + 1))
+
+
+def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path: Path) -> None:
+    dsn = f"postgresql://someone:s3cret-pw@/nodb?host={tmp_path}&connect_timeout=2"
+    with pytest.raises(riskbook.StoreError) as info:
+        Store(dsn)
+    assert "s3cret-pw" not in str(info.value)
+    assert "***" in str(info.value) or "someone" in str(info.value)
