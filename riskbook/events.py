@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
@@ -47,8 +48,8 @@ from riskbook.errors import InvalidEvent
 
 __all__ = [
     "ACCOUNT",
-    "INSTRUMENT",
     "EVENT_TYPES",
+    "INSTRUMENT",
     "AccountBlocked",
     "AccountFunded",
     "AccountUnblocked",
@@ -63,6 +64,8 @@ __all__ = [
     "Side",
     "TradeCancelled",
     "TradeExecuted",
+    "check_for_aggregate",
+    "check_metadata",
     "decode_envelope",
     "decode_event",
     "encode_envelope",
@@ -73,7 +76,6 @@ __all__ = [
     "known_limit_types",
     "parse_time",
     "read_payload",
-    "check_for_aggregate",
     "register_limit_type_name",
     "validate",
 ]
@@ -150,9 +152,7 @@ _Id: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Positive: TypeAlias = Annotated[float, msgspec.Meta(gt=0)]
 _NonNegative: TypeAlias = Annotated[float, msgspec.Meta(ge=0)]
 
-_ID_FIELDS = frozenset(
-    {"trade_id", "account_id", "symbol", "set_by", "blocked_by", "unblocked_by"}
-)
+_ID_FIELDS = frozenset({"trade_id", "account_id", "symbol", "set_by", "blocked_by", "unblocked_by"})
 _POSITIVE_FIELDS = frozenset({"quantity", "price"})
 
 
@@ -177,7 +177,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 
     @property
     def business_time(self) -> datetime:
-        return getattr(self, self.time_field)  # type: ignore[no-any-return]
+        return getattr(self, self.time_field)
 
     def __post_init__(self) -> None:
         # Runs both on construction and on decoding. Types of values built in Python
@@ -414,18 +414,31 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 def encode_event(event: Event) -> bytes:
     """The payload as JSON bytes (the serde layout, tagged by ``"type"``)."""
-    return _encoder.encode(event_to_dict(event))
+    return _six_digits(_encoder.encode(event))
+
+
+# msgspec writes a UTC time with no fraction when its microseconds are 0; riskbook always
+# writes six digits. Only values of the known time keys are touched: inside a JSON string,
+# quotes are escaped, so '"executed_at":"' can only be a key followed by its value.
+_WHOLE_SECOND = re.compile(
+    rb'("(?:executed_at|cancelled_at|updated_at|marked_at|funded_at|set_at|detected_at'
+    rb'|blocked_at|unblocked_at|timestamp)":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)Z"'
+)
+
+
+def _six_digits(data: bytes) -> bytes:
+    return _WHOLE_SECOND.sub(rb'\1.000000Z"', data)
 
 
 def decode_event(data: bytes | str, *, event_type: str | None = None) -> Event:
     """Decode and validate a payload. Raises :class:`InvalidEvent` naming the field."""
     try:
         if event_type is None:
-            return _any_decoder.decode(data)  # type: ignore[no-any-return]
+            return _any_decoder.decode(data)
         decoder = _decoders.get(event_type)
         if decoder is None:
             raise InvalidEvent(event_type, "type", f"unknown event type {event_type!r}")
-        return decoder.decode(data)  # type: ignore[no-any-return]
+        return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
         kind = event_type or _peek_type(data)
         if isinstance(exc, msgspec.ValidationError) and "`$.type`" in str(exc):
@@ -544,9 +557,41 @@ class _EnvelopeIn(msgspec.Struct, kw_only=True):
 _envelope_decoder = msgspec.json.Decoder(_EnvelopeIn)
 
 
+class _EnvelopeOut(msgspec.Struct):
+    # The article's field order.
+    event_id: uuid.UUID
+    event_type: str
+    aggregate_id: str
+    aggregate_type: str
+    sequence: int
+    timestamp: datetime
+    causation_id: uuid.UUID | None
+    correlation_id: str
+    metadata: Mapping[str, Any]
+    payload: Any
+
+
 def encode_envelope(envelope: Envelope) -> bytes:
     """One envelope as a JSON line (without the newline)."""
-    return _encoder.encode(envelope.to_dict())
+    payload = envelope.payload
+    if isinstance(payload, RawEvent):
+        return _encoder.encode(envelope.to_dict())
+    return _six_digits(
+        _encoder.encode(
+            _EnvelopeOut(
+                envelope.event_id,
+                type(payload).__name__,
+                envelope.aggregate_id,
+                envelope.aggregate_type,
+                envelope.sequence,
+                envelope.timestamp.astimezone(UTC),
+                envelope.causation_id,
+                envelope.correlation_id,
+                envelope.metadata,
+                payload,
+            )
+        )
+    )
 
 
 def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
@@ -588,8 +633,9 @@ def check_envelope(raw: _EnvelopeIn) -> Envelope:
             kind, "event_type", f"{raw.event_type!r} does not match the payload type {kind!r}"
         )
     _check_aggregate(payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
-    if "\x00" in raw.correlation_id or "\x00" in str(raw.metadata):
+    if "\x00" in raw.correlation_id:
         raise InvalidEvent(kind, "correlation_id", "contains a NUL character")
+    check_metadata(raw.metadata, kind)
     return Envelope(
         event_id=raw.event_id,
         aggregate_id=raw.aggregate_id,
@@ -601,6 +647,22 @@ def check_envelope(raw: _EnvelopeIn) -> Envelope:
         causation_id=raw.causation_id,
         metadata=raw.metadata,
     )
+
+
+def check_metadata(metadata: Mapping[str, Any], event_type: str) -> None:
+    """Envelope metadata must be a JSON object PostgreSQL can store (no NUL characters)."""
+    if not isinstance(metadata, Mapping):
+        raise InvalidEvent(
+            event_type, "metadata", f"must be an object, got {type(metadata).__name__}"
+        )
+    if not metadata:
+        return
+    try:
+        encoded = _encoder.encode(metadata)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(event_type, "metadata", f"is not JSON: {exc}") from None
+    if b"\\u0000" in encoded:
+        raise InvalidEvent(event_type, "metadata", "contains a NUL character")
 
 
 def _check_aggregate(
@@ -646,7 +708,7 @@ def read_payload(event_type: str, payload: bytes | str | Mapping[str, Any]) -> E
         return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"})
     token = _reading_stored.set(True)
     try:
-        return msgspec.convert(data, cls, strict=False)  # type: ignore[no-any-return]
+        return msgspec.convert(data, cls, strict=False)
     except (msgspec.ValidationError, InvalidEvent) as exc:
         return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"}, str(exc))
     finally:

@@ -20,23 +20,40 @@ T0 = "2024-03-01T09:30:00.000000Z"
 
 VALID: dict[str, dict[str, Any]] = {
     "TradeExecuted": dict(
-        trade_id="T-1", account_id="ACC-1", symbol="AAPL", side="Buy",
-        quantity=100.0, price=10.5, executed_at=T0,
+        trade_id="T-1",
+        account_id="ACC-1",
+        symbol="AAPL",
+        side="Buy",
+        quantity=100.0,
+        price=10.5,
+        executed_at=T0,
     ),
     "TradeCancelled": dict(trade_id="T-1", account_id="ACC-1", reason="bust", cancelled_at=T0),
     "PositionUpdated": dict(
-        account_id="ACC-1", symbol="AAPL", previous_quantity=100.0, new_quantity=200.0,
-        reason="split 2:1", updated_at=T0,
+        account_id="ACC-1",
+        symbol="AAPL",
+        previous_quantity=100.0,
+        new_quantity=200.0,
+        reason="split 2:1",
+        updated_at=T0,
     ),
     "PriceMarked": dict(symbol="AAPL", price=11.25, marked_at=T0),
     "AccountFunded": dict(account_id="ACC-1", amount=-5000.0, funded_at=T0),
     "LimitSet": dict(
-        account_id="ACC-1", limit_type="MaxPositionSize", value=1000.0, set_by="alice",
-        set_at=T0, symbol="AAPL",
+        account_id="ACC-1",
+        limit_type="MaxPositionSize",
+        value=1000.0,
+        set_by="alice",
+        set_at=T0,
+        symbol="AAPL",
     ),
     "LimitViolationDetected": dict(
-        account_id="ACC-1", limit_type="MaxLeverage", current_value=5.5, limit_value=4.0,
-        detected_at=T0, symbol=None,
+        account_id="ACC-1",
+        limit_type="MaxLeverage",
+        current_value=5.5,
+        limit_value=4.0,
+        detected_at=T0,
+        symbol=None,
     ),
     "AccountBlocked": dict(account_id="ACC-1", reason="limit", blocked_by="engine", blocked_at=T0),
     "AccountUnblocked": dict(
@@ -89,8 +106,13 @@ def test_times_are_rfc3339_utc_with_microseconds() -> None:
 def test_python_construction_validates_and_normalizes() -> None:
     t = datetime(2024, 3, 1, 10, 30, tzinfo=timezone(timedelta(hours=1)))
     trade = riskbook.TradeExecuted(
-        trade_id="T", account_id="A", symbol="S", side=riskbook.Side.Sell,
-        quantity=1.0, price=2.0, executed_at=t,
+        trade_id="T",
+        account_id="A",
+        symbol="S",
+        side=riskbook.Side.Sell,
+        quantity=1.0,
+        price=2.0,
+        executed_at=t,
     )
     assert trade.executed_at == datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
     assert trade.business_time == trade.executed_at
@@ -237,8 +259,16 @@ def test_envelope_round_trips_in_the_article_layout() -> None:
     assert env.timestamp == datetime(2024, 3, 1, 9, 30, 1, 250000, tzinfo=UTC)
     out = env.to_dict()
     assert list(out) == [
-        "event_id", "event_type", "aggregate_id", "aggregate_type", "sequence", "timestamp",
-        "causation_id", "correlation_id", "metadata", "payload",
+        "event_id",
+        "event_type",
+        "aggregate_id",
+        "aggregate_type",
+        "sequence",
+        "timestamp",
+        "causation_id",
+        "correlation_id",
+        "metadata",
+        "payload",
     ]
     assert msgspec.json.decode(ev.encode_envelope(env)) == msgspec.json.decode(line)
 
@@ -289,15 +319,49 @@ _pos = st.floats(min_value=1e-9, max_value=1e12, allow_nan=False, allow_infinity
 
 
 @given(
-    trade_id=_ids, account_id=_ids, symbol=_ids, side=st.sampled_from(list(riskbook.Side)),
-    quantity=_pos, price=_pos, executed_at=_times,
+    trade_id=_ids,
+    account_id=_ids,
+    symbol=_ids,
+    side=st.sampled_from(list(riskbook.Side)),
+    quantity=_pos,
+    price=_pos,
+    executed_at=_times,
 )
 def test_any_valid_trade_round_trips(**fields: Any) -> None:
     trade = riskbook.TradeExecuted(**fields)
     assert ev.decode_event(ev.encode_event(trade)) == trade
     env = riskbook.Envelope(
-        event_id=uuid.uuid4(), aggregate_id=trade.account_id, aggregate_type="Account",
-        sequence=1, timestamp=fields["executed_at"], payload=trade, correlation_id="c",
+        event_id=uuid.uuid4(),
+        aggregate_id=trade.account_id,
+        aggregate_type="Account",
+        sequence=1,
+        timestamp=fields["executed_at"],
+        payload=trade,
+        correlation_id="c",
     )
     back, _ = ev.decode_envelope(ev.encode_envelope(env))
     assert back == env
+
+
+@given(
+    trade_id=_ids | st.just('x","executed_at":"2024-01-01T00:00:00Z'),
+    account_id=_ids | st.just("2024-01-01T00:00:00Z"),
+    symbol=_ids,
+    side=st.sampled_from(list(riskbook.Side)),
+    quantity=_pos,
+    price=_pos,
+    executed_at=_times | st.just(datetime(2024, 1, 1, tzinfo=UTC)),
+)
+def test_fast_encoding_equals_the_plain_one(**fields: Any) -> None:
+    trade = riskbook.TradeExecuted(**fields)
+    assert ev.encode_event(trade) == msgspec.json.encode(ev.event_to_dict(trade))
+    env = riskbook.Envelope(
+        event_id=uuid.uuid4(),
+        aggregate_id=trade.account_id,
+        aggregate_type="Account",
+        sequence=1,
+        timestamp=fields["executed_at"],
+        payload=trade,
+        correlation_id="c",
+    )
+    assert ev.encode_envelope(env) == msgspec.json.encode(env.to_dict())

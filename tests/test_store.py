@@ -31,15 +31,22 @@ def funded(account: str, amount: float = 1000.0, minutes: int = 0) -> riskbook.A
 
 def trade(account: str, n: int = 1, side: str = "Buy") -> riskbook.TradeExecuted:
     return riskbook.TradeExecuted(
-        trade_id=f"T-{n}", account_id=account, symbol="AAPL", side=riskbook.Side(side),
-        quantity=10.0, price=100.0 + n, executed_at=T0 + timedelta(seconds=n),
+        trade_id=f"T-{n}",
+        account_id=account,
+        symbol="AAPL",
+        side=riskbook.Side(side),
+        quantity=10.0,
+        price=100.0 + n,
+        executed_at=T0 + timedelta(seconds=n),
     )
 
 
 # ----------------------------------------------------------------------- append / read
 
 
-def test_append_assigns_versions_positions_and_recorded_times(shared_store: Store, agg: str) -> None:
+def test_append_assigns_versions_positions_and_recorded_times(
+    shared_store: Store, agg: str
+) -> None:
     before = datetime.now(UTC)
     envs = shared_store.append(agg, [funded(agg), trade(agg, 1), trade(agg, 2)], expected_version=0)
     assert [e.sequence for e in envs] == [1, 2, 3]
@@ -58,7 +65,11 @@ def test_causation_correlation_and_metadata_are_kept(shared_store: Store, agg: s
     cause = shared_store.append(agg, [funded(agg)])[0]
     effect = shared_store.append(
         agg,
-        [riskbook.AccountBlocked(account_id=agg, reason="test", blocked_by="engine", blocked_at=T0)],
+        [
+            riskbook.AccountBlocked(
+                account_id=agg, reason="test", blocked_by="engine", blocked_at=T0
+            )
+        ],
         causation_id=cause.event_id,
         correlation_id=cause.correlation_id,
         metadata={"rule": "MaxLeverage", "n": 1},
@@ -96,9 +107,13 @@ def test_a_batch_must_belong_to_its_aggregate(shared_store: Store, agg: str) -> 
 
 def test_an_invalid_event_in_a_batch_writes_nothing(shared_store: Store, agg: str) -> None:
     bad = riskbook.TradeExecuted(
-        trade_id="T", account_id=agg, symbol="X", side=riskbook.Side.Buy,
+        trade_id="T",
+        account_id=agg,
+        symbol="X",
+        side=riskbook.Side.Buy,
         quantity="7",  # type: ignore[arg-type]
-        price=1.0, executed_at=T0,
+        price=1.0,
+        executed_at=T0,
     )
     with pytest.raises(riskbook.InvalidEvent) as info:
         shared_store.append(agg, [funded(agg), bad])
@@ -106,7 +121,9 @@ def test_an_invalid_event_in_a_batch_writes_nothing(shared_store: Store, agg: st
     assert shared_store.version(agg) == 0
 
 
-def _race(store: Store, agg: str, writer: int, rounds: int, out: list[tuple[int, int, str]]) -> None:
+def _race(
+    store: Store, agg: str, writer: int, rounds: int, out: list[tuple[int, int, str]]
+) -> None:
     for _ in range(rounds):
         while True:
             v = store.version(agg)
@@ -141,7 +158,9 @@ def test_threads_racing_on_one_aggregate(shared_store: Store, agg: str) -> None:
     assert any(result == "lost" for _, _, result in log), "no contention happened"
 
 
-def _process_writer(dsn: str, agg: str, writer: int, rounds: int, queue: multiprocessing.Queue) -> None:
+def _process_writer(
+    dsn: str, agg: str, writer: int, rounds: int, queue: multiprocessing.Queue
+) -> None:
     store = Store(dsn)
     log: list[tuple[int, int, str]] = []
     _race(store, agg, writer, rounds, log)
@@ -156,7 +175,8 @@ def test_processes_racing_on_one_aggregate(make_database: Callable[[], str], agg
     queue: multiprocessing.Queue = ctx.Queue()
     writers, rounds = 4, 10
     procs = [
-        ctx.Process(target=_process_writer, args=(dsn, agg, w, rounds, queue)) for w in range(writers)
+        ctx.Process(target=_process_writer, args=(dsn, agg, w, rounds, queue))
+        for w in range(writers)
     ]
     for p in procs:
         p.start()
@@ -189,7 +209,12 @@ def test_reader_never_skips_an_event_committed_late(fresh_store: Store) -> None:
         # A naive reader (position > last) would now see the fast event and move past
         # the slow one for ever:
         with store.connection() as naive:
-            seen = [r[0] for r in naive.execute("SELECT position FROM events WHERE position > %s ORDER BY position", (start,))]
+            seen = [
+                r[0]
+                for r in naive.execute(
+                    "SELECT position FROM events WHERE position > %s ORDER BY position", (start,)
+                )
+            ]
         assert seen == [fast_env.position]
         # riskbook's reader holds back at the fence instead:
         assert store.read_all(after=start) == []
@@ -200,7 +225,9 @@ def test_reader_never_skips_an_event_committed_late(fresh_store: Store) -> None:
     assert store.read_all(after=got[-1].position or 0) == []
 
 
-def test_follower_sees_every_event_exactly_once_under_concurrent_writers(fresh_store: Store) -> None:
+def test_follower_sees_every_event_exactly_once_under_concurrent_writers(
+    fresh_store: Store,
+) -> None:
     store = fresh_store
     writers, per_writer = 4, 60
     done = threading.Event()
@@ -295,8 +322,8 @@ def test_raw_sql_inserts_get_fenced_positions_too(fresh_store: Store) -> None:
         conn.execute(
             "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
             " correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded', 'A', 'Account', 1,"
-            " 'c', '{\"type\":\"AccountFunded\",\"account_id\":\"A\",\"amount\":1.0,"
-            "\"funded_at\":\"2024-01-01T00:00:00.000000Z\"}')"
+            ' \'c\', \'{"type":"AccountFunded","account_id":"A","amount":1.0,'
+            '"funded_at":"2024-01-01T00:00:00.000000Z"}\')'
         )
         conn.commit()
         with pytest.raises(psycopg.Error) as info:
@@ -316,7 +343,7 @@ def test_unknown_event_type_in_the_database_is_read_raw(fresh_store: Store) -> N
         conn.execute(
             "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
             " correlation_id, payload) VALUES (gen_random_uuid(), 'MarginCalled', 'ACC-1', 'Account',"
-            " 2, 'c', '{\"type\":\"MarginCalled\",\"amount\":\"lots\",\"nested\":{\"a\":[1]}}')"
+            ' 2, \'c\', \'{"type":"MarginCalled","amount":"lots","nested":{"a":[1]}}\')'
         )
         conn.commit()
     fresh_store.append("ACC-1", [funded("ACC-1", 2.0)])
@@ -333,7 +360,9 @@ def test_unknown_event_type_in_the_database_is_read_raw(fresh_store: Store) -> N
 # ----------------------------------------------------------------------- import
 
 
-def _envelope_lines(n_accounts: int = 3, per_account: int = 5, with_seq: bool = False) -> list[bytes]:
+def _envelope_lines(
+    n_accounts: int = 3, per_account: int = 5, with_seq: bool = False
+) -> list[bytes]:
     lines = []
     for i in range(per_account):
         for a in range(n_accounts):
@@ -432,17 +461,35 @@ def _bad_line_cases() -> list[tuple[str, Callable[[list[bytes]], list[bytes]], s
     return [
         ("broken json", replace(7, b'{"event_id": '), "line 8"),
         ("not an object", replace(3, b"[1, 2, 3]"), "line 4"),
-        ("negative amount", tweak(9, **{"payload.amount": 0}), "line 10: AccountFunded.payload.amount"),
-        ("wrong type", tweak(11, **{"payload.amount": "many"}), "line 12: AccountFunded.payload.amount"),
+        (
+            "negative amount",
+            tweak(9, **{"payload.amount": 0}),
+            "line 10: AccountFunded.payload.amount",
+        ),
+        (
+            "wrong type",
+            tweak(11, **{"payload.amount": "many"}),
+            "line 12: AccountFunded.payload.amount",
+        ),
         ("no zone", tweak(5, timestamp="2024-03-01T09:30:00"), "line 6: AccountFunded.timestamp"),
         ("unknown type", tweak(2, **{"payload.type": "Gift"}), "line 3: Gift.payload.type"),
-        ("mismatched aggregate", tweak(13, aggregate_id="ACC-x"), "line 14: AccountFunded.payload.account_id"),
+        (
+            "mismatched aggregate",
+            tweak(13, aggregate_id="ACC-x"),
+            "line 14: AccountFunded.payload.account_id",
+        ),
     ]
 
 
-@pytest.mark.parametrize(("case", "mutate", "message"), _bad_line_cases(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    ("case", "mutate", "message"), _bad_line_cases(), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_a_bad_line_fails_the_import_and_writes_nothing(
-    fresh_store: Store, tmp_path: Path, case: str, mutate: Callable[[list[bytes]], list[bytes]], message: str
+    fresh_store: Store,
+    tmp_path: Path,
+    case: str,
+    mutate: Callable[[list[bytes]], list[bytes]],
+    message: str,
 ) -> None:
     path = _write(tmp_path / "bad.jsonl", mutate(_envelope_lines()))
     with pytest.raises(riskbook.ImportFailed) as info:
@@ -451,12 +498,16 @@ def test_a_bad_line_fails_the_import_and_writes_nothing(
     assert fresh_store.count() == 0
 
 
-def test_duplicate_event_ids_with_different_content_are_refused(fresh_store: Store, tmp_path: Path) -> None:
+def test_duplicate_event_ids_with_different_content_are_refused(
+    fresh_store: Store, tmp_path: Path
+) -> None:
     lines = _envelope_lines()
     twin = msgspec.json.decode(lines[4])
     twin["payload"]["amount"] = 999.0
     path = _write(tmp_path / "dup.jsonl", [*lines, msgspec.json.encode(twin)])
-    with pytest.raises(riskbook.ImportFailed, match="line 16: event_id .* line 5 with different content"):
+    with pytest.raises(
+        riskbook.ImportFailed, match=r"line 16: event_id .* line 5 with different content"
+    ):
         fresh_store.import_jsonl(path)
     assert fresh_store.count() == 0
     # an exact repeat inside one file is harmless
@@ -487,8 +538,8 @@ def test_migrations_create_and_upgrade_in_place(make_database: Callable[[], str]
         conn.execute(
             "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
             " correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded', 'ACC-1',"
-            " 'Account', 1, 'c', '{\"type\":\"AccountFunded\",\"account_id\":\"ACC-1\","
-            "\"amount\":5.0,\"funded_at\":\"2024-01-01T00:00:00.000000Z\"}')"
+            ' \'Account\', 1, \'c\', \'{"type":"AccountFunded","account_id":"ACC-1",'
+            '"amount":5.0,"funded_at":"2024-01-01T00:00:00.000000Z"}\')'
         )
         conn.commit()
     old.close()
@@ -499,7 +550,10 @@ def test_migrations_create_and_upgrade_in_place(make_database: Callable[[], str]
         account_id="ACC-1", amount=5.0, funded_at=datetime(2024, 1, 1, tzinfo=UTC)
     )
     with psycopg.connect(dsn) as conn:
-        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
     assert {"events", "position_snapshots", "processor_checkpoints"} <= tables
     assert store.migrate() == []
     store.close()
@@ -522,7 +576,9 @@ def test_concurrent_first_connections_migrate_once(make_database: Callable[[], s
         t.join()
     assert errors == []
     with psycopg.connect(dsn) as conn:
-        versions = [r[0] for r in conn.execute("SELECT version FROM riskbook_migrations ORDER BY 1")]
+        versions = [
+            r[0] for r in conn.execute("SELECT version FROM riskbook_migrations ORDER BY 1")
+        ]
     assert versions == list(range(1, migrations.head() + 1))
 
 

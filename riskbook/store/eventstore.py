@@ -7,8 +7,8 @@ exception.
 
 from __future__ import annotations
 
+import gc
 import gzip
-import io
 import os
 import time
 import uuid
@@ -31,9 +31,9 @@ from riskbook.events import (
     Envelope,
     Event,
     check_for_aggregate,
+    check_metadata,
     decode_envelope,
     encode_event,
-    format_time,
     read_payload,
 )
 from riskbook.store import migrations
@@ -116,7 +116,6 @@ class Store:
             creator=self._new_connection,
             pool_size=4,
             max_overflow=16,
-            pool_pre_ping=True,
         )
         if migrate:
             self.migrate()
@@ -146,20 +145,24 @@ class Store:
             fairy = self._engine.raw_connection()
         except sa.exc.DBAPIError as exc:
             raise StoreError(
-                f"cannot connect to {redact(self._dsn)}: {self._clean(exc.orig)}"
+                f"cannot connect to {redact(self._dsn)}: {self._clean(exc.orig or exc)}"
             ) from None
+        conn = fairy.driver_connection
+        assert isinstance(conn, psycopg.Connection)
         try:
-            conn = fairy.driver_connection
-            assert isinstance(conn, psycopg.Connection)
             yield conn
         except psycopg.Error as exc:
             raise self._translate(exc) from None
         finally:
+            if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
+                fairy.invalidate()  # lost (server restarted, say): do not pool it again
             fairy.close()
 
     def _translate(self, exc: psycopg.Error) -> StoreError:
         if isinstance(exc, psycopg.OperationalError):
-            return StoreError(f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}")
+            return StoreError(
+                f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}"
+            )
         diag = exc.diag
         msg = diag.message_primary or self._clean(exc)
         if diag.message_hint:
@@ -221,18 +224,18 @@ class Store:
         after whatever is there. The batch shares ``correlation_id`` (new if not given),
         ``causation_id`` and ``metadata``. Returns the stored envelopes.
         """
+        batch = _AppendBatch(
+            aggregate_id, events, expected_version, correlation_id, causation_id, metadata
+        )
+        if not batch.events:
+            return []
         with self.connection() as conn:
-            envelopes = self.append_in(
-                conn,
-                aggregate_id,
-                events,
-                expected_version,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-                metadata=metadata,
-            )
-            conn.commit()
-        return envelopes
+            # One statement, so autocommit makes it one atomic round trip.
+            conn.autocommit = True
+            try:
+                return self._append_retrying(conn, batch, savepoint=False)
+            finally:
+                conn.autocommit = False
 
     def append_in(
         self,
@@ -249,68 +252,39 @@ class Store:
 
         Used by the live processor to commit effects and its checkpoint together.
         """
-        batch = check_for_aggregate(events, aggregate_id)
-        if not batch:
+        batch = _AppendBatch(
+            aggregate_id, events, expected_version, correlation_id, causation_id, metadata
+        )
+        if not batch.events:
             return []
-        if expected_version is not None and (
-            not isinstance(expected_version, int) or expected_version < 0
-        ):
-            raise ValueError(f"expected_version must be an int >= 0, got {expected_version!r}")
-        causation = None if causation_id is None else uuid.UUID(str(causation_id))
-        correlation = correlation_id if correlation_id is not None else str(uuid.uuid4())
-        meta = dict(metadata or {})
-        ids = [uuid.uuid4() for _ in batch]
-        params = {
-            "agg": aggregate_id,
-            "agg_type": batch[0].aggregate_type,
-            "expected": expected_version,
-            "n": len(batch),
-            "ids": ids,
-            "types": [type(e).__name__ for e in batch],
-            "payloads": [encode_event(e).decode() for e in batch],
-            "causation": causation,
-            "correlation": correlation,
-            "metadata": Jsonb(meta),
-        }
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("SELECT 1")  # open the caller's transaction: the block below is a savepoint
-        retries = 0
-        while True:
+            conn.execute("SELECT 1")  # open the caller's transaction: attempts are savepoints
+        return self._append_retrying(conn, batch, savepoint=True)
+
+    def _append_retrying(
+        self, conn: psycopg.Connection, batch: _AppendBatch, *, savepoint: bool
+    ) -> list[Envelope]:
+        for _ in range(50):
             try:
-                with conn.transaction():
-                    rows = conn.execute(_APPEND_SQL, params).fetchall()
+                if savepoint:
+                    with conn.transaction():
+                        rows = conn.execute(_APPEND_SQL, batch.params).fetchall()
+                else:
+                    rows = conn.execute(_APPEND_SQL, batch.params).fetchall()
             except psycopg.errors.UniqueViolation as exc:
                 if exc.diag.constraint_name != "events_aggregate_sequence_key":
                     raise self._translate(exc) from None
-                actual = self._version_in(conn, aggregate_id)
-                if expected_version is not None:
-                    raise ConcurrencyConflict(aggregate_id, expected_version, actual) from None
-                retries += 1
-                if retries > 50:
-                    raise StoreError(f"aggregate {aggregate_id!r}: too much contention") from None
-                continue
+                if batch.expected is not None:
+                    actual = self._version_in(conn, batch.aggregate_id)
+                    raise ConcurrencyConflict(batch.aggregate_id, batch.expected, actual) from None
+                continue  # no expected version: someone appended first, go after them
             except psycopg.Error as exc:
                 raise self._translate(exc) from None
             if not rows:
-                actual = self._version_in(conn, aggregate_id)
-                raise ConcurrencyConflict(aggregate_id, expected_version or 0, actual)
-            break
-        rows.sort()
-        return [
-            Envelope(
-                event_id=event_id,
-                aggregate_id=aggregate_id,
-                aggregate_type=batch[0].aggregate_type,
-                sequence=seq,
-                timestamp=ts.astimezone(UTC),
-                payload=event,
-                correlation_id=correlation,
-                causation_id=causation,
-                metadata=meta,
-                position=pos,
-            )
-            for (pos, seq, ts), event, event_id in zip(rows, batch, ids, strict=True)
-        ]
+                actual = self._version_in(conn, batch.aggregate_id)
+                raise ConcurrencyConflict(batch.aggregate_id, batch.expected or 0, actual)
+            return batch.envelopes(rows)
+        raise StoreError(f"aggregate {batch.aggregate_id!r}: too much contention, gave up")
 
     # ------------------------------------------------------------------ read
 
@@ -411,7 +385,9 @@ class Store:
                     if left <= 0:
                         return
                     wait = min(wait, left)
-                notified = max((int(n.payload) for n in conn.notifies(timeout=wait, stop_after=1)), default=0)
+                notified = max(
+                    (int(n.payload) for n in conn.notifies(timeout=wait, stop_after=1)), default=0
+                )
                 # Notified of a position we cannot read yet: an older transaction is still
                 # open below it. Re-check soon, backing off, instead of waiting a full period.
                 wait = 0.005 if notified > after else max_wait
@@ -432,35 +408,34 @@ class Store:
         event_id, same content) are skipped, so importing a file twice adds nothing.
         A bad line refuses the whole file with its line number and what is wrong:
         nothing of it is written.
+
+        Lines are validated and streamed to PostgreSQL while the file is read, so the
+        client and the server work at the same time. Into an empty store the import
+        takes the ``events`` table for itself and builds its indexes once at the end
+        (like ``pg_restore``): readers wait until it commits.
         """
         path = Path(path)
-        opener: Callable[..., IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
-        try:
-            with opener(path, "rb") as fh:
-                return self.import_lines(fh, progress=progress, source=str(path))
-        except (OSError, EOFError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise ImportFailed(f"{path}: no such file") from None
-            raise ImportFailed(f"{path}: cannot read: {exc}") from None
+        if not path.is_file():
+            raise ImportFailed(f"{path}: no such file")
+
+        def open_lines() -> Iterator[_Record]:
+            opener: Callable[..., IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
+            try:
+                with opener(path, "rb") as fh:
+                    yield from _records_from_lines(fh, str(path), progress)
+            except (OSError, EOFError) as exc:
+                raise ImportFailed(f"{path}: cannot read: {exc}") from None
+
+        return self._bulk_write(open_lines, source=str(path), progress=progress)
 
     def import_lines(
         self, lines: Iterable[bytes], *, progress: Progress | None = None, source: str = "input"
     ) -> ImportResult:
         """Import envelope lines (see :meth:`import_jsonl`)."""
-        started = time.perf_counter()
-        envelopes: list[tuple[int, Envelope, bool]] = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                env, has_seq = decode_envelope(line)
-            except InvalidEvent as exc:
-                raise ImportFailed(f"{source}: {exc.at_line(lineno)}") from None
-            envelopes.append((lineno, env, has_seq))
-            if progress is not None and lineno % 100_000 == 0:
-                progress("validated", lineno)
-        added, skipped = self._bulk_write(envelopes, progress=progress, source=source)
-        return ImportResult(len(envelopes), added, skipped, time.perf_counter() - started)
+        kept = list(lines)
+        return self._bulk_write(
+            lambda: _records_from_lines(kept, source, progress), source=source, progress=progress
+        )
 
     def import_envelopes(
         self, envelopes: Iterable[Envelope], *, progress: Progress | None = None
@@ -471,101 +446,41 @@ class Store:
         ``sequence`` of 0 is assigned per aggregate in order; already-present events are
         skipped; all or nothing.
         """
-        started = time.perf_counter()
-        rows = []
-        for n, env in enumerate(envelopes, 1):
-            try:
-                check_for_aggregate([env.payload], env.aggregate_id)  # type: ignore[list-item]
-            except InvalidEvent as exc:
-                raise ImportFailed(f"envelope {n}: {exc}") from None
-            rows.append((n, env, env.sequence > 0))
-        added, skipped = self._bulk_write(rows, progress=progress, source="envelopes")
-        return ImportResult(len(rows), added, skipped, time.perf_counter() - started)
+        kept = envelopes if isinstance(envelopes, list) else list(envelopes)
+
+        def records() -> Iterator[_Record]:
+            for n, env in enumerate(kept, 1):
+                try:
+                    check_for_aggregate([env.payload], env.aggregate_id)
+                    check_metadata(env.metadata, env.event_type)
+                except InvalidEvent as exc:
+                    raise ImportFailed(f"envelope {n}: {exc}") from None
+                yield _record(n, env, env.sequence > 0)
+                if progress is not None and n % 100_000 == 0:
+                    progress("validated", n)
+
+        return self._bulk_write(records, source="envelopes", progress=progress)
 
     def _bulk_write(
         self,
-        rows: list[tuple[int, Envelope, bool]],
+        records: Callable[[], Iterator[_Record]],
         *,
-        progress: Progress | None,
         source: str,
-    ) -> tuple[int, int]:
-        if not rows:
-            return 0, 0
-        # Within the input: the same event id twice must be the same event; per
-        # aggregate, sequences are either all given or all assigned.
-        seen: dict[uuid.UUID, tuple[int, bytes]] = {}
-        seq_given: dict[str, bool] = {}
-        buf = io.StringIO()
-        write = buf.write
-        for lineno, env, has_seq in rows:
-            payload = encode_event(env.payload).decode()  # type: ignore[arg-type]
-            meta = msgspec.json.encode(env.metadata).decode()
-            content = f"{env.aggregate_id}\x00{env.aggregate_type}\x00{payload}".encode()
-            previous = seen.get(env.event_id)
-            if previous is not None:
-                if previous[1] != content:
-                    raise ImportFailed(
-                        f"{source}: line {lineno}: event_id {env.event_id} appears on line "
-                        f"{previous[0]} with different content"
-                    )
-                continue
-            seen[env.event_id] = (lineno, content)
-            mode = seq_given.setdefault(env.aggregate_id, has_seq)
-            if mode != has_seq:
-                raise ImportFailed(
-                    f"{source}: line {lineno}: aggregate {env.aggregate_id!r} mixes envelopes "
-                    "with and without a sequence; give all or none"
-                )
-            write(
-                "\t".join(
-                    (
-                        str(lineno),
-                        str(env.event_id),
-                        env.event_type,
-                        _copy_text(env.aggregate_id),
-                        _copy_text(env.aggregate_type),
-                        str(env.sequence) if has_seq else r"\N",
-                        format_time(env.timestamp),
-                        r"\N" if env.causation_id is None else str(env.causation_id),
-                        _copy_text(env.correlation_id),
-                        _copy_text(meta),
-                        _copy_text(payload),
-                    )
-                )
-            )
-            write("\n")
-        data = buf.getvalue()
-        del buf
-        if progress is not None:
-            progress("copying", len(seen))
+        progress: Progress | None,
+    ) -> ImportResult:
+        started = time.perf_counter()
         try:
-            with self.connection() as conn:
-                conn.execute(_STAGE_SQL)
-                with conn.cursor().copy(
-                    "COPY riskbook_import (line_no, event_id, event_type, aggregate_id,"
-                    " aggregate_type, sequence, ts, causation_id, correlation_id, metadata,"
-                    " payload) FROM STDIN"
-                ) as copy:
-                    view = memoryview(data.encode())
-                    for i in range(0, len(view), 1 << 20):
-                        copy.write(view[i : i + (1 << 20)])
-                clash = conn.execute(_CLASH_SQL).fetchone()
-                if clash:
-                    raise ImportFailed(
-                        f"{source}: line {clash[0]}: event_id {clash[1]} is already stored "
-                        "with different content"
-                    )
-                cur = conn.execute(_BULK_INSERT_SQL)
-                added = cur.rowcount
-                if any(seq_given.values()):
-                    given = [a for a, g in seq_given.items() if g]
-                    bad = conn.execute(_GAP_SQL, (given,)).fetchone()
-                    if bad:
-                        raise ImportFailed(
-                            f"{source}: aggregate {bad[0]!r} would have versions with gaps or "
-                            f"duplicates (highest {bad[1]}, count {bad[2]}): sequences must "
-                            "continue the stored ones as 1, 2, 3, ..."
-                        )
+            with self.connection() as conn, _gc_paused():
+                empty = _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)")
+                if empty:
+                    conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+                    empty = _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)")
+                if empty:
+                    outcome = _load_into_empty(conn, records(), source, progress)
+                    if outcome is None:  # the input repeats event ids: take the general road
+                        conn.rollback()
+                if not empty or outcome is None:
+                    outcome = _load_general(conn, records(), source, progress)
                 conn.commit()
         except psycopg.errors.UniqueViolation as exc:
             raise ImportFailed(
@@ -576,9 +491,10 @@ class Store:
             if isinstance(exc, ImportFailed):
                 raise
             raise ImportFailed(f"{source}: {exc}; nothing was written") from None
+        read, added = outcome
         if progress is not None:
             progress("written", added)
-        return added, len(rows) - added
+        return ImportResult(read, added, read - added, time.perf_counter() - started)
 
 
 def connect(dsn: str | None = None, *, migrate: bool = True) -> Store:
@@ -587,12 +503,6 @@ def connect(dsn: str | None = None, *, migrate: bool = True) -> Store:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _copy_text(s: str) -> str:
-    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
-        return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return s
 
 
 def _envelope(row: tuple[Any, ...]) -> Envelope:
@@ -642,13 +552,305 @@ SELECT base.b + t.ord - 1, t.event_id, t.event_type, %(agg)s, %(agg_type)s, ok.v
 RETURNING position, sequence, "timestamp"
 """
 
+
+class _AppendBatch:
+    """A validated batch for one aggregate and the parameters of its INSERT."""
+
+    def __init__(
+        self,
+        aggregate_id: str,
+        events: Sequence[Event],
+        expected_version: int | None,
+        correlation_id: str | None,
+        causation_id: uuid.UUID | str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        self.aggregate_id = aggregate_id
+        self.events = check_for_aggregate(events, aggregate_id)
+        if expected_version is not None and (
+            isinstance(expected_version, bool)
+            or not isinstance(expected_version, int)
+            or expected_version < 0
+        ):
+            raise ValueError(f"expected_version must be an int >= 0, got {expected_version!r}")
+        self.expected = expected_version
+        if not self.events:
+            return
+        kind = type(self.events[0]).__name__
+        try:
+            self.causation = None if causation_id is None else uuid.UUID(str(causation_id))
+        except ValueError:
+            raise InvalidEvent(kind, "causation_id", f"{causation_id!r} is not a UUID") from None
+        if correlation_id is not None and (
+            not isinstance(correlation_id, str)
+            or "\x00" in correlation_id
+            or len(correlation_id) > 256
+        ):
+            raise InvalidEvent(
+                kind, "correlation_id", "must be a string of at most 256 characters without NUL"
+            )
+        self.correlation = correlation_id if correlation_id is not None else str(uuid.uuid4())
+        self.metadata = dict(metadata or {})
+        check_metadata(self.metadata, kind)
+        self.ids = [uuid.uuid4() for _ in self.events]
+        self.aggregate_type = self.events[0].aggregate_type
+        self.params = {
+            "agg": aggregate_id,
+            "agg_type": self.aggregate_type,
+            "expected": expected_version,
+            "n": len(self.events),
+            "ids": self.ids,
+            "types": [type(e).__name__ for e in self.events],
+            "payloads": [encode_event(e).decode() for e in self.events],
+            "causation": self.causation,
+            "correlation": self.correlation,
+            "metadata": Jsonb(self.metadata),
+        }
+
+    def envelopes(self, rows: list[tuple[Any, ...]]) -> list[Envelope]:
+        rows.sort()
+        return [
+            Envelope(
+                event_id=event_id,
+                aggregate_id=self.aggregate_id,
+                aggregate_type=self.aggregate_type,
+                sequence=seq,
+                timestamp=ts.astimezone(UTC),
+                payload=event,
+                correlation_id=self.correlation,
+                causation_id=self.causation,
+                metadata=self.metadata,
+                position=pos,
+            )
+            for (pos, seq, ts), event, event_id in zip(rows, self.events, self.ids, strict=True)
+        ]
+
+
+# ---------------------------------------------------------------------- bulk import
+
+# One envelope on its way to COPY: line number, aggregate, given sequence, column values.
+_Record = tuple[int, str, int | None, tuple[Any, ...]]
+
+
+def _record(lineno: int, env: Envelope, has_seq: bool) -> _Record:
+    values = (
+        str(env.event_id),
+        env.event_type,
+        env.aggregate_id,
+        env.aggregate_type,
+        env.timestamp.isoformat(),
+        None if env.causation_id is None else str(env.causation_id),
+        env.correlation_id,
+        _encode_json(env.metadata).decode() if env.metadata else "{}",
+        encode_event(env.payload).decode(),  # type: ignore[arg-type]
+    )
+    return lineno, env.aggregate_id, env.sequence if has_seq else None, values
+
+
+def _records_from_lines(
+    lines: Iterable[bytes], source: str, progress: Progress | None
+) -> Iterator[_Record]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            env, has_seq = decode_envelope(line)
+        except InvalidEvent as exc:
+            raise ImportFailed(f"{source}: {exc.at_line(lineno)}") from None
+        yield _record(lineno, env, has_seq)
+        if progress is not None and lineno % 100_000 == 0:
+            progress("validated", lineno)
+
+
+_encode_json = msgspec.json.Encoder().encode
+
+_IMPORT_COLUMNS = (
+    'event_id, event_type, aggregate_id, aggregate_type, "timestamp", causation_id,'
+    " correlation_id, metadata, payload"
+)
+
+
+def _copy_rows(conn: psycopg.Connection, statement: str, rows: Iterator[tuple[Any, ...]]) -> None:
+    # psycopg's write_row escapes in C: faster than building the text here.
+    with conn.cursor().copy(statement) as copy:
+        write = copy.write_row
+        for row in rows:
+            write(row)
+
+
+def _load_into_empty(
+    conn: psycopg.Connection,
+    records: Iterator[_Record],
+    source: str,
+    progress: Progress | None,
+) -> tuple[int, int] | None:
+    """COPY straight into the (locked, empty) events table, indexes built at the end.
+
+    Returns (read, added), or None when the input repeats an event id (the general
+    road knows how to tell harmless repeats from conflicting ones).
+    """
+    indexes = _index_definitions(conn)
+    for name, constraint, _ in indexes:
+        if constraint:
+            conn.execute(
+                sql.SQL("ALTER TABLE events DROP CONSTRAINT {}").format(sql.Identifier(name))
+            )
+        else:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+    conn.execute("ALTER TABLE events DISABLE TRIGGER events_inserted")
+    base = _scalar(conn, "SELECT riskbook_reserve_positions(0)")
+    versions: dict[str, int] = {}
+    given: dict[str, bool] = {}
+    count = 0
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        nonlocal count
+        for lineno, agg, seq, values in records:
+            mode = given.setdefault(agg, seq is not None)
+            if mode != (seq is not None):
+                raise _mixed(source, lineno, agg)
+            v = versions.get(agg, 0) + 1
+            versions[agg] = v
+            if seq is not None and seq != v:
+                raise _TakeGeneralRoad  # out of order: the general road sorts it out
+            count += 1
+            yield (base + count - 1, v, *values)
+            if progress is not None and count % 100_000 == 0:
+                progress("copied", count)
+
+    try:
+        _copy_rows(conn, f"COPY events (position, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows())
+    except _TakeGeneralRoad:
+        return None
+    _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (count,))
+    if progress is not None:
+        progress("indexing", count)
+    try:
+        with conn.transaction():
+            for _, _, definition in indexes:
+                conn.execute(definition.encode())
+    except psycopg.errors.UniqueViolation:
+        return None
+    conn.execute("ALTER TABLE events ENABLE TRIGGER events_inserted")
+    if count:
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
+    return count, count
+
+
+def _load_general(
+    conn: psycopg.Connection,
+    records: Iterator[_Record],
+    source: str,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    """COPY into a staging table, then insert what is new, in input order."""
+    conn.execute(_STAGE_SQL)
+    given: dict[str, bool] = {}
+    count = 0
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        nonlocal count
+        for lineno, agg, seq, values in records:
+            mode = given.setdefault(agg, seq is not None)
+            if mode != (seq is not None):
+                raise _mixed(source, lineno, agg)
+            count += 1
+            yield (lineno, seq, *values)
+            if progress is not None and count % 100_000 == 0:
+                progress("copied", count)
+
+    _copy_rows(
+        conn, f"COPY riskbook_import (line_no, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows()
+    )
+    twin = conn.execute(_TWIN_SQL).fetchone()
+    if twin:
+        raise ImportFailed(
+            f"{source}: line {twin[2]}: event_id {twin[0]} appears on line {twin[1]} with "
+            "different content"
+        )
+    clash = conn.execute(_CLASH_SQL).fetchone()
+    if clash:
+        raise ImportFailed(
+            f"{source}: line {clash[0]}: event_id {clash[1]} is already stored with different content"
+        )
+    added = conn.execute(_BULK_INSERT_SQL).rowcount
+    with_seq = [a for a, g in given.items() if g]
+    if with_seq:
+        bad = conn.execute(_GAP_SQL, (with_seq,)).fetchone()
+        if bad:
+            raise ImportFailed(
+                f"{source}: aggregate {bad[0]!r} would have versions with gaps or duplicates "
+                f"(highest {bad[1]}, count {bad[2]}): sequences must continue the stored ones "
+                "as 1, 2, 3, ..."
+            )
+    return count, added
+
+
+class _TakeGeneralRoad(Exception):
+    pass
+
+
+def _mixed(source: str, lineno: int, agg: str) -> ImportFailed:
+    return ImportFailed(
+        f"{source}: line {lineno}: aggregate {agg!r} mixes envelopes with and without a "
+        "sequence; give all or none"
+    )
+
+
+def _index_definitions(conn: psycopg.Connection) -> list[tuple[str, bool, str]]:
+    """(name, is a constraint, statement that recreates it) for every index on events."""
+    out = []
+    for name, conname, indexdef, condef in conn.execute(_INDEXES_SQL):
+        if conname:
+            stmt = f"ALTER TABLE events ADD CONSTRAINT {sql.Identifier(conname).as_string(conn)} {condef}"
+            out.append((conname, True, stmt))
+        else:
+            out.append((name, False, indexdef))
+    return out
+
+
+def _scalar(conn: psycopg.Connection, query: str, params: tuple[Any, ...] | None = None) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Millions of small objects are made and dropped during an import; the cyclic
+    # collector would scan them again and again for nothing (there are no cycles).
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+_INDEXES_SQL = """
+SELECT i.indexrelid::regclass::text, c.conname, pg_get_indexdef(i.indexrelid),
+       pg_get_constraintdef(c.oid)
+  FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+ WHERE i.indrelid = 'events'::regclass
+ ORDER BY c.conname IS NULL, 1
+"""
+
 _STAGE_SQL = """
 CREATE TEMP TABLE riskbook_import (
-    line_no bigint NOT NULL, event_id uuid NOT NULL, event_type text NOT NULL,
-    aggregate_id text NOT NULL, aggregate_type text NOT NULL, sequence bigint,
-    ts timestamptz NOT NULL, causation_id uuid, correlation_id text NOT NULL,
-    metadata jsonb NOT NULL, payload jsonb NOT NULL
+    line_no bigint NOT NULL, sequence bigint, event_id uuid NOT NULL, event_type text NOT NULL,
+    aggregate_id text NOT NULL, aggregate_type text NOT NULL, "timestamp" timestamptz NOT NULL,
+    causation_id uuid, correlation_id text NOT NULL, metadata jsonb NOT NULL,
+    payload jsonb NOT NULL
 ) ON COMMIT DROP
+"""
+
+_TWIN_SQL = """
+SELECT event_id, min(line_no), max(line_no)
+  FROM riskbook_import
+ GROUP BY event_id
+HAVING count(DISTINCT (event_type, aggregate_id, aggregate_type, payload)) > 1
+ ORDER BY 3
+ LIMIT 1
 """
 
 _CLASH_SQL = """
@@ -661,12 +863,16 @@ SELECT s.line_no, s.event_id
 """
 
 _BULK_INSERT_SQL = """
-WITH new AS (
-    SELECT s.*,
-           row_number() OVER (ORDER BY s.line_no) AS ord,
-           row_number() OVER (PARTITION BY s.aggregate_id ORDER BY s.line_no) AS agg_ord
+WITH firsts AS (
+    SELECT DISTINCT ON (s.event_id) s.*
       FROM riskbook_import s
      WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
+     ORDER BY s.event_id, s.line_no
+), new AS (
+    SELECT f.*,
+           row_number() OVER (ORDER BY f.line_no) AS ord,
+           row_number() OVER (PARTITION BY f.aggregate_id ORDER BY f.line_no) AS agg_ord
+      FROM firsts f
 ), base AS (
     SELECT riskbook_reserve_positions((SELECT count(*) FROM new)) AS b
 ), cur AS (
@@ -679,7 +885,7 @@ INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type
                     "timestamp", causation_id, correlation_id, metadata, payload)
 SELECT base.b + new.ord - 1, new.event_id, new.event_type, new.aggregate_id,
        new.aggregate_type, coalesce(new.sequence, coalesce(cur.v, 0) + new.agg_ord),
-       new.ts, new.causation_id, new.correlation_id, new.metadata, new.payload
+       new."timestamp", new.causation_id, new.correlation_id, new.metadata, new.payload
   FROM new CROSS JOIN base LEFT JOIN cur USING (aggregate_id)
  ORDER BY new.ord
 """
@@ -690,4 +896,3 @@ SELECT aggregate_id, max(sequence), count(*)
  GROUP BY aggregate_id HAVING max(sequence) <> count(*)
  LIMIT 1
 """
-

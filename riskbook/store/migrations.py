@@ -31,15 +31,15 @@ class Migration:
 
 def available() -> list[Migration]:
     """Every migration shipped with this version of riskbook, in order."""
-    found = []
+    found: list[Migration] = []
     for entry in resources.files("riskbook.store").joinpath("migrations").iterdir():
         m = _NAME.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    for i, m in enumerate(found, 1):
-        if m.version != i:
-            raise RuntimeError(f"migrations must be numbered 1, 2, 3, ...: found {m.version} at {i}")
+    found.sort(key=lambda mig: mig.version)
+    for i, mig in enumerate(found, 1):
+        if mig.version != i:
+            raise RuntimeError(f"migrations must be numbered 1, 2, 3, ...: found {mig.version} at {i}")
     return found
 
 

@@ -1,0 +1,61 @@
+"""Shared helpers for the benchmarks: a scratch database, timing, peak memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+
+def server_dsn(dsn: str | None = None) -> str:
+    """``dsn``, else RISKBOOK_DSN, else the embedded server (started if needed)."""
+    dsn = dsn or os.environ.get("RISKBOOK_DSN")
+    if dsn:
+        return dsn
+    from riskbook.store.embedded import default_server
+
+    return default_server().attach()
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    parts["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
+
+
+@contextmanager
+def scratch_database(dsn: str | None = None) -> Iterator[str]:
+    """A new empty database for one benchmark run, dropped afterwards."""
+    admin = with_dbname(server_dsn(dsn), "postgres")
+    name = f"riskbook_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_dbname(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``repeat`` runs, and all the times."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, as the OS counts it (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,223 @@
+"""The ``riskbook`` command.
+
+Exit codes: 0 success, 1 a refused operation (bad input, conflict, unreachable
+database), 2 bad usage. Errors go to stderr as one line naming what was wrong;
+progress of long work goes to stderr too, so stdout stays clean for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from riskbook.errors import RiskbookError
+
+__all__ = ["main"]
+
+
+def _err(msg: str) -> None:
+    print(f"riskbook: {msg}", file=sys.stderr)
+
+
+class _Progress:
+    """Progress of long work on stderr: a line at most every half second."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, stage: str, count: int) -> None:
+        now = time.perf_counter()
+        if self.quiet or (now - self.last < 0.5 and stage not in ("written",)):
+            return
+        self.last = now
+        elapsed = now - self.started
+        print(f"  {stage} {count:,} events ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _store(dsn: str | None):  # type: ignore[no-untyped-def]
+    from riskbook.store import connect
+
+    return connect(dsn)
+
+
+# ----------------------------------------------------------------------- db
+
+
+def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from riskbook.store.embedded import EmbeddedServer
+
+    return EmbeddedServer(args.home)
+
+
+def cmd_db_start(args: argparse.Namespace) -> int:
+    dsn = _server(args).start()
+    print(dsn)
+    return 0
+
+
+def cmd_db_stop(args: argparse.Namespace) -> int:
+    was_running = _server(args).stop()
+    print("stopped" if was_running else "not running")
+    return 0
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    if os.environ.get("RISKBOOK_DSN") and args.home is None:
+        from riskbook.store import redact
+
+        print(f"using RISKBOOK_DSN: {redact(os.environ['RISKBOOK_DSN'])}")
+    st = _server(args).status()
+    print(f"embedded server: {'running' if st.running else 'stopped'} (PostgreSQL {st.version})")
+    if st.running:
+        print(f"  pid:        {st.pid}")
+        print(f"  url:        {st.dsn}")
+        holders = ", ".join(str(p) for p in st.attached_pids) or "none"
+        print(f"  held by:    {holders}{' (pinned by riskbook db start)' if st.pinned else ''}")
+    print(f"  data dir:   {st.data_dir}")
+    print(f"  socket dir: {st.socket_dir}")
+    return 0 if st.running else 3
+
+
+def cmd_db_url(args: argparse.Namespace) -> int:
+    if os.environ.get("RISKBOOK_DSN") and args.home is None:
+        from riskbook.store import redact
+
+        print(redact(os.environ["RISKBOOK_DSN"]))
+        return 0
+    server = _server(args)
+    if not server.status().running:
+        _err("the embedded server is not running; start it with `riskbook db start`")
+        return 1
+    print(server.url())
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from riskbook.store import connect
+
+    store = connect(args.dsn, migrate=False)
+    ran = store.migrate()
+    print(
+        f"schema version {store.schema_version()}"
+        + (f" (applied {ran})" if ran else " (up to date)")
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------- import
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    store = _store(args.dsn)
+    progress = _Progress(args.quiet)
+    for path in args.files:
+        if not args.quiet:
+            print(f"importing {path}", file=sys.stderr)
+        result = store.import_jsonl(path, progress=progress)
+        print(f"{path}: {result}")
+    return 0
+
+
+# ----------------------------------------------------------------------- simulate / demo
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from riskbook import simulate
+
+    return simulate.cli(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from riskbook import demo
+
+    return demo.run(dsn=args.dsn, sample=Path(args.sample) if args.sample else None)
+
+
+# ----------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="riskbook",
+        description="Event-sourced trading risk: PostgreSQL history, Polars projections, live limits.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def dsn_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--dsn",
+            default=None,
+            help="PostgreSQL to use (default: $RISKBOOK_DSN, else the embedded server)",
+        )
+
+    db = sub.add_parser("db", help="the database: embedded server and schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, func, text in [
+        ("start", cmd_db_start, "start the embedded server and keep it running until `db stop`"),
+        ("stop", cmd_db_stop, "stop the embedded server"),
+        ("status", cmd_db_status, "is the embedded server running, where, for whom"),
+        ("url", cmd_db_url, "print the connection URL (a password is shown as ***)"),
+    ]:
+        sp = dbsub.add_parser(name, help=text, description=text)
+        sp.add_argument(
+            "--home", default=None, help="riskbook home (default: $RISKBOOK_HOME or ~/.riskbook)"
+        )
+        sp.set_defaults(func=func)
+    up = dbsub.add_parser("upgrade", help="apply schema migrations (also done on every connect)")
+    dsn_option(up)
+    up.set_defaults(func=cmd_db_upgrade)
+
+    imp = add("import", cmd_import, "import JSON Lines files of event envelopes (plain or .gz)")
+    imp.add_argument("files", nargs="+", metavar="FILE")
+    imp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    dsn_option(imp)
+
+    sim = add("simulate", cmd_simulate, "generate a synthetic history with planted incidents")
+    sim.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook simulate --help`")
+
+    demo = add("demo", cmd_demo, "load the sample history and show what riskbook computes")
+    demo.add_argument(
+        "--sample", default=None, help="a JSON Lines history (default: the bundled sample)"
+    )
+    dsn_option(demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":  # forwarded whole, --help included
+        from riskbook import simulate
+
+        return _run(lambda: simulate.cli(argv[1:]))
+    args = build_parser().parse_args(argv)
+    return _run(lambda: args.func(args))
+
+
+def _run(call: Callable[[], int]) -> int:
+    try:
+        return call()
+    except RiskbookError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
