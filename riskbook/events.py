@@ -40,7 +40,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, TypeAlias
+from types import UnionType
+from typing import Annotated, Any, ClassVar, TypeAlias, Union, get_args, get_origin
 
 import msgspec
 
@@ -156,6 +157,31 @@ _ID_FIELDS = frozenset({"trade_id", "account_id", "symbol", "set_by", "blocked_b
 _POSITIVE_FIELDS = frozenset({"quantity", "price"})
 
 
+_FIELD_KINDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
+
+
+def _field_kinds(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """(float fields, str fields, time field) of an event class, from its annotations."""
+
+    def bases(t: Any) -> set[Any]:
+        if get_origin(t) is Annotated:
+            return bases(get_args(t)[0])
+        if get_origin(t) in (Union, UnionType):
+            return set().union(*(bases(a) for a in get_args(t)))
+        return {t}
+
+    floats, strs = [], []
+    for f in msgspec.structs.fields(cls):
+        kinds = bases(f.type)
+        if float in kinds:
+            floats.append(f.name)
+        elif any(isinstance(k, type) and issubclass(k, str) for k in kinds):
+            strs.append(f.name)
+    result = (tuple(floats), tuple(strs), cls.time_field)  # type: ignore[attr-defined]
+    _FIELD_KINDS[cls] = result
+    return result
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     """Base of every event payload. Subclasses are immutable and validated on creation.
 
@@ -180,28 +206,31 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
         return getattr(self, self.time_field)
 
     def __post_init__(self) -> None:
-        # Runs both on construction and on decoding. Types of values built in Python
-        # are checked by validate(); here: the rules msgspec cannot express.
-        name = type(self).__name__
-        for f in self.__struct_fields__:
+        # Runs both on construction and on decoding (millions of times in an import, so
+        # it looks only at the fields that need it). Types of values built in Python are
+        # checked by validate(); here: the rules msgspec cannot express.
+        cls = type(self)
+        spec = _FIELD_KINDS.get(cls) or _field_kinds(cls)
+        name = cls.__name__
+        for f in spec[0]:
             v = getattr(self, f)
-            if isinstance(v, float):
+            if v.__class__ is float:
                 if not math.isfinite(v):
                     raise InvalidEvent(name, f, f"must be a finite number, got {v!r}")
                 if f in _POSITIVE_FIELDS and not v > 0:
                     raise InvalidEvent(name, f, f"must be > 0, got {v!r}")
-            elif isinstance(v, str):
+        for f in spec[1]:
+            v = getattr(self, f)
+            if v.__class__ is str:
                 if "\x00" in v:
                     raise InvalidEvent(name, f, "contains a NUL character")
-                if f in _ID_FIELDS and not v:
+                if not v and f in _ID_FIELDS:
                     raise InvalidEvent(name, f, "must not be empty")
-            elif isinstance(v, datetime):
-                if v.tzinfo is None:
-                    raise InvalidEvent(name, f, "has no time zone (use UTC)")
-                if v.utcoffset():
-                    msgspec.structs.force_setattr(self, f, v.astimezone(UTC))
-                elif v.tzinfo is not UTC:
-                    msgspec.structs.force_setattr(self, f, v.replace(tzinfo=UTC))
+        t = getattr(self, spec[2])
+        if t.__class__ is datetime and t.tzinfo is not UTC:
+            if t.tzinfo is None:
+                raise InvalidEvent(name, spec[2], "has no time zone (use UTC)")
+            msgspec.structs.force_setattr(self, spec[2], t.astimezone(UTC))
         limit_type = getattr(self, "limit_type", None)
         if (
             limit_type is not None
@@ -414,7 +443,12 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 def encode_event(event: Event) -> bytes:
     """The payload as JSON bytes (the serde layout, tagged by ``"type"``)."""
-    return _six_digits(_encoder.encode(event))
+    data = _encoder.encode(event)
+    return _six_digits(data) if _whole_second(event) else data
+
+
+def _whole_second(event: Event) -> bool:
+    return getattr(getattr(event, event.time_field, None), "microsecond", 0) == 0
 
 
 # msgspec writes a UTC time with no fraction when its microseconds are 0; riskbook always
@@ -576,22 +610,23 @@ def encode_envelope(envelope: Envelope) -> bytes:
     payload = envelope.payload
     if isinstance(payload, RawEvent):
         return _encoder.encode(envelope.to_dict())
-    return _six_digits(
-        _encoder.encode(
-            _EnvelopeOut(
-                envelope.event_id,
-                type(payload).__name__,
-                envelope.aggregate_id,
-                envelope.aggregate_type,
-                envelope.sequence,
-                envelope.timestamp.astimezone(UTC),
-                envelope.causation_id,
-                envelope.correlation_id,
-                envelope.metadata,
-                payload,
-            )
+    data = _encoder.encode(
+        _EnvelopeOut(
+            envelope.event_id,
+            type(payload).__name__,
+            envelope.aggregate_id,
+            envelope.aggregate_type,
+            envelope.sequence,
+            envelope.timestamp.astimezone(UTC),
+            envelope.causation_id,
+            envelope.correlation_id,
+            envelope.metadata,
+            payload,
         )
     )
+    if envelope.timestamp.microsecond == 0 or _whole_second(payload):
+        return _six_digits(data)
+    return data
 
 
 def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
