@@ -39,7 +39,9 @@ def available() -> list[Migration]:
     found.sort(key=lambda mig: mig.version)
     for i, mig in enumerate(found, 1):
         if mig.version != i:
-            raise RuntimeError(f"migrations must be numbered 1, 2, 3, ...: found {mig.version} at {i}")
+            raise RuntimeError(
+                f"migrations must be numbered 1, 2, 3, ...: found {mig.version} at {i}"
+            )
     return found
 
 
