@@ -704,28 +704,21 @@ def _load_into_empty(
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_inserted")
     base = _scalar(conn, "SELECT riskbook_reserve_positions(0)")
     versions: dict[str, int] = {}
-    given: dict[str, bool] = {}
-    count = 0
+    stream = _Checked(records, source, progress)
 
     def rows() -> Iterator[tuple[Any, ...]]:
-        nonlocal count
-        for lineno, agg, seq, values in records:
-            mode = given.setdefault(agg, seq is not None)
-            if mode != (seq is not None):
-                raise _mixed(source, lineno, agg)
+        for _, agg, seq, values in stream:
             v = versions.get(agg, 0) + 1
             versions[agg] = v
             if seq is not None and seq != v:
                 raise _TakeGeneralRoad  # out of order: the general road sorts it out
-            count += 1
-            yield (base + count - 1, v, *values)
-            if progress is not None and count % 100_000 == 0:
-                progress("copied", count)
+            yield (base + stream.count - 1, v, *values)
 
     try:
         _copy_rows(conn, f"COPY events (position, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows())
     except _TakeGeneralRoad:
         return None
+    count = stream.count
     _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (count,))
     if progress is not None:
         progress("indexing", count)
@@ -749,22 +742,10 @@ def _load_general(
 ) -> tuple[int, int]:
     """COPY into a staging table, then insert what is new, in input order."""
     conn.execute(_STAGE_SQL)
-    given: dict[str, bool] = {}
-    count = 0
-
-    def rows() -> Iterator[tuple[Any, ...]]:
-        nonlocal count
-        for lineno, agg, seq, values in records:
-            mode = given.setdefault(agg, seq is not None)
-            if mode != (seq is not None):
-                raise _mixed(source, lineno, agg)
-            count += 1
-            yield (lineno, seq, *values)
-            if progress is not None and count % 100_000 == 0:
-                progress("copied", count)
-
+    stream = _Checked(records, source, progress)
+    rows = ((lineno, seq, *values) for lineno, _, seq, values in stream)
     _copy_rows(
-        conn, f"COPY riskbook_import (line_no, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows()
+        conn, f"COPY riskbook_import (line_no, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows
     )
     twin = conn.execute(_TWIN_SQL).fetchone()
     if twin:
@@ -778,7 +759,7 @@ def _load_general(
             f"{source}: line {clash[0]}: event_id {clash[1]} is already stored with different content"
         )
     added = conn.execute(_BULK_INSERT_SQL).rowcount
-    with_seq = [a for a, g in given.items() if g]
+    with_seq = [a for a, g in stream.given.items() if g]
     if with_seq:
         bad = conn.execute(_GAP_SQL, (with_seq,)).fetchone()
         if bad:
@@ -787,7 +768,29 @@ def _load_general(
                 f"(highest {bad[1]}, count {bad[2]}): sequences must continue the stored ones "
                 "as 1, 2, 3, ..."
             )
-    return count, added
+    return stream.count, added
+
+
+class _Checked:
+    """Records on their way to COPY: counted, progress reported, and per aggregate
+    either all with a sequence or all without."""
+
+    def __init__(self, records: Iterator[_Record], source: str, progress: Progress | None):
+        self.records = records
+        self.source = source
+        self.progress = progress
+        self.given: dict[str, bool] = {}
+        self.count = 0
+
+    def __iter__(self) -> Iterator[_Record]:
+        for record in self.records:
+            lineno, agg, seq, _ = record
+            if self.given.setdefault(agg, seq is not None) != (seq is not None):
+                raise _mixed(self.source, lineno, agg)
+            self.count += 1
+            yield record
+            if self.progress is not None and self.count % 100_000 == 0:
+                self.progress("copied", self.count)
 
 
 class _TakeGeneralRoad(Exception):
