@@ -534,7 +534,8 @@ def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list
     return [_envelope(r) for r in cur]
 
 
-# The whole append is one statement: check the expected version, reserve positions,
+# The whole append is one statement (arrays are sent in binary: as text, quoting a
+# thousand JSON payloads costs more than the insert itself): check the expected version, reserve positions,
 # insert. A stale expected version inserts nothing (and returns no row); a race between
 # two writers with the same expected version is settled by UNIQUE (aggregate_id, sequence).
 _APPEND_SQL = """
@@ -550,7 +551,7 @@ INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type
 SELECT base.b + t.ord - 1, t.event_id, t.event_type, %(agg)s, %(agg_type)s, ok.v + t.ord,
        %(causation)s, %(correlation)s, %(metadata)s, t.payload
   FROM ok, base,
-       unnest(%(ids)s::uuid[], %(types)s::text[], %(payloads)s::jsonb[])
+       unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::text[]::jsonb[])
          WITH ORDINALITY AS t(event_id, event_type, payload, ord)
  ORDER BY t.ord
 RETURNING position, sequence, "timestamp"
@@ -852,10 +853,13 @@ CREATE TEMP TABLE riskbook_import (
 """
 
 _TWIN_SQL = """
-SELECT event_id, min(line_no), max(line_no)
-  FROM riskbook_import
- GROUP BY event_id
-HAVING count(DISTINCT (event_type, aggregate_id, aggregate_type, payload)) > 1
+WITH repeated AS (
+    SELECT event_id FROM riskbook_import GROUP BY event_id HAVING count(*) > 1
+)
+SELECT s.event_id, min(s.line_no), max(s.line_no)
+  FROM riskbook_import s JOIN repeated USING (event_id)
+ GROUP BY s.event_id
+HAVING count(DISTINCT (s.event_type, s.aggregate_id, s.aggregate_type, s.payload)) > 1
  ORDER BY 3
  LIMIT 1
 """
