@@ -554,7 +554,9 @@ def test_migrations_create_and_upgrade_in_place(make_database: Callable[[], str]
             r[0]
             for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
         }
-    assert {"events", "position_snapshots", "processor_checkpoints"} <= tables
+    assert {"events", "position_snapshots", "processor_checkpoints", "event_fields"} <= tables
+    # the typed copy of events stored before the upgrade was filled in place
+    assert _fields(store)[0][1:4] == ("AccountFunded", datetime(2024, 1, 1, tzinfo=UTC), "ACC-1")
     assert store.migrate() == []
     store.close()
 
@@ -588,3 +590,39 @@ def test_unreachable_database_is_a_clear_error_without_the_password(tmp_path: Pa
         Store(dsn)
     assert "s3cret-pw" not in str(info.value)
     assert "***" in str(info.value) or "someone" in str(info.value)
+
+
+# ----------------------------------------------------------------------- typed fields
+
+
+def _fields(store: Store) -> list[tuple[object, ...]]:
+    with store.connection() as conn:
+        return conn.execute(
+            "SELECT f.position, f.event_type, f.occurred_at, f.account_id, f.symbol, f.side,"
+            " f.quantity, f.price, f.amount, f.actor FROM event_fields f ORDER BY position"
+        ).fetchall()
+
+
+def test_every_road_in_fills_the_typed_fields(fresh_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "h.jsonl", _envelope_lines())
+    fresh_store.import_jsonl(path)  # into an empty store: the bulk road
+    fresh_store.append("ACC-7", [trade("ACC-7", 3, "Sell")])  # an append
+    more = [
+        msgspec.json.encode({**msgspec.json.decode(line), "event_id": str(uuid.uuid4())})
+        for line in _envelope_lines(n_accounts=1, per_account=2)
+    ]
+    fresh_store.import_jsonl(_write(tmp_path / "more.jsonl", more))  # the general road
+    envs = fresh_store.read_all()
+    rows = _fields(fresh_store)
+    assert [r[0] for r in rows] == [e.position for e in envs]
+    for env, row in zip(envs, rows, strict=True):
+        p = env.payload
+        assert row[1] == env.event_type and row[2] == p.business_time  # type: ignore[union-attr]
+        assert row[3] == p.account_id  # type: ignore[union-attr]
+        if isinstance(p, riskbook.TradeExecuted):
+            assert row[4:8] == (p.symbol, p.side.value, p.quantity, p.price)
+        if isinstance(p, riskbook.AccountFunded):
+            assert row[8] == p.amount
+    with psycopg.connect(fresh_store.dsn) as conn, pytest.raises(psycopg.Error) as info:
+        conn.execute("UPDATE event_fields SET quantity = 0")
+    assert info.value.sqlstate == "RK001"

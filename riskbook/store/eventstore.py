@@ -723,6 +723,8 @@ def _load_into_empty(
     _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (count,))
     if progress is not None:
         progress("indexing", count)
+    if count:  # what the disabled insert trigger would have done
+        conn.execute("SELECT riskbook_fill_event_fields(%s, %s)", (base, base + count - 1))
     try:
         with conn.transaction():
             for _, _, definition in indexes:
