@@ -31,6 +31,7 @@ from riskbook.events import (
     TradeCancelled,
     TradeExecuted,
 )
+from riskbook.frames import Filters, History, load
 from riskbook.store import ImportResult, Store, connect
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "EmbeddedServerError",
     "Envelope",
     "Event",
+    "Filters",
+    "History",
     "ImportFailed",
     "ImportResult",
     "InvalidEvent",
@@ -60,4 +63,5 @@ __all__ = [
     "TradeExecuted",
     "__version__",
     "connect",
+    "load",
 ]

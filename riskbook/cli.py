@@ -124,6 +124,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from riskbook.frames import load
+
+    history = load(
+        _store(args.dsn),
+        accounts=args.account,
+        symbols=args.symbol,
+        since=args.since,
+        until=args.until,
+        known_at=args.known_at,
+        cache=False,
+        progress=None if not args.quiet else False,
+    )
+    out = history.to_parquet(args.directory)
+    counts = ", ".join(f"{n} {f.height:,}" for n, f in history.frames().items())
+    print(f"{out}: {counts}")
+    return 0
+
+
 # ----------------------------------------------------------------------- simulate / demo
 
 
@@ -185,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     dsn_option(imp)
 
+    exp = add("export", cmd_export, "write the history as Parquet files an auditor can reload")
+    exp.add_argument("directory", metavar="DIR")
+    exp.add_argument(
+        "--account", action="append", default=None, help="only this account (repeatable)"
+    )
+    exp.add_argument(
+        "--symbol", action="append", default=None, help="only this symbol (repeatable)"
+    )
+    exp.add_argument("--since", default=None, help="business time from (RFC 3339)")
+    exp.add_argument("--until", default=None, help="business time to (RFC 3339)")
+    exp.add_argument("--known-at", default=None, help="only what was recorded by then (RFC 3339)")
+    exp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    dsn_option(exp)
+
     sim = add("simulate", cmd_simulate, "generate a synthetic history with planted incidents")
     sim.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook simulate --help`")
 
@@ -209,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(call: Callable[[], int]) -> int:
     try:
         return call()
-    except RiskbookError as exc:
+    except (RiskbookError, ValueError) as exc:  # ValueError: a bad time or id given
         _err(str(exc))
         return 1
     except KeyboardInterrupt:

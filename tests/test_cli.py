@@ -88,3 +88,19 @@ def test_usage_errors_exit_2() -> None:
     result = run("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
     assert run("--help").returncode == 0
+
+
+def test_export_writes_a_reloadable_copy(make_database: Callable[[], str], tmp_path: Path) -> None:
+    from riskbook.frames import History
+
+    dsn = make_database()
+    run("import", str(history(tmp_path / "h.jsonl.gz")), "--dsn", dsn, "--quiet")
+    out = run(
+        "export", str(tmp_path / "audit"), "--dsn", dsn, "--known-at", "2030-01-01T00:00:00Z", "-q"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "funding 20" in out.stdout
+    copy = History.from_parquet(tmp_path / "audit")
+    assert copy.funding["amount"].sum() == sum(10.0 + i for i in range(20))
+    bad = run("export", str(tmp_path / "x"), "--dsn", dsn, "--known-at", "yesterday")
+    assert bad.returncode == 1 and "known_at" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,845 @@
+"""History into Polars: one typed frame per event kind (DESIGN.md §1 layer 3).
+
+:func:`load` reads the typed copy of the log (``event_fields``, kept by the store's
+insert trigger) through ADBC's PostgreSQL driver, which turns the server's binary COPY
+stream into Arrow in C; no JSON is parsed on either side. A :class:`History` holds
+
+===============  ==========================================================
+``trades``       TradeExecuted
+``cancels``      TradeCancelled (busts)
+``adjustments``  PositionUpdated
+``marks``        PriceMarked
+``funding``      AccountFunded
+``limits``       LimitSet
+``violations``   LimitViolationDetected
+``blocks``       AccountBlocked (``blocked`` true) and AccountUnblocked (false)
+``events``       the envelope of every event, unknown types included
+===============  ==========================================================
+
+Every frame has the envelope columns ``position``, ``event_id``, ``aggregate_id``,
+``sequence``, ``timestamp`` (recorded time), ``causation_id``, ``correlation_id``,
+then the payload's fields, business time last. Frames are in global order
+(``position``); times are UTC with microseconds; ids are Categorical, ``side`` an Enum.
+
+A History knows its *horizon*: every event with a position below it that matches its
+filters is in it, and nothing else. :meth:`History.refresh` reads from the horizon to
+the store's current visibility fence, so it costs what is new, never what is old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from riskbook.errors import RiskbookError, StoreError
+from riskbook.events import Envelope, RawEvent, format_time, parse_time
+from riskbook.store import Store, connect, redact
+
+__all__ = [
+    "ENVELOPE",
+    "KINDS",
+    "Filters",
+    "History",
+    "Kind",
+    "load",
+]
+
+_TIME = pl.Datetime("us", "UTC")
+_CAT = pl.Categorical()
+SIDE = pl.Enum(["Buy", "Sell"])
+
+ENVELOPE: dict[str, pl.DataType] = {
+    "position": pl.Int64(),
+    "event_id": pl.String(),
+    "aggregate_id": _CAT,
+    "sequence": pl.Int64(),
+    "timestamp": _TIME,
+    "causation_id": pl.String(),
+    "correlation_id": pl.String(),
+}
+"""The envelope columns every frame starts with."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One frame of a History: which event types fill it and its payload columns.
+
+    ``columns`` maps each payload column to its dtype and to the ``event_fields``
+    expression it is read from (the business time is always ``occurred_at``).
+    """
+
+    name: str
+    event_types: tuple[str, ...]
+    columns: dict[str, tuple[pl.DataType, str]]
+
+    @property
+    def time(self) -> str:
+        """The name of the business-time column."""
+        return next(c for c, (_, src) in self.columns.items() if src == "occurred_at")
+
+    @property
+    def schema(self) -> dict[str, pl.DataType]:
+        return {**ENVELOPE, **{c: t for c, (t, _) in self.columns.items()}}
+
+
+def _kind(name: str, types: Sequence[str], *cols: tuple[str, pl.DataType, str]) -> Kind:
+    return Kind(name, tuple(types), {c: (t, src) for c, t, src in cols})
+
+
+_F = pl.Float64()
+_S = pl.String()
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        _kind(
+            "trades",
+            ["TradeExecuted"],
+            ("trade_id", _S, "trade_id"),
+            ("account_id", _CAT, "account_id"),
+            ("symbol", _CAT, "symbol"),
+            ("side", SIDE, "side"),
+            ("quantity", _F, "quantity"),
+            ("price", _F, "price"),
+            ("executed_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "cancels",
+            ["TradeCancelled"],
+            ("trade_id", _S, "trade_id"),
+            ("account_id", _CAT, "account_id"),
+            ("reason", _S, "reason"),
+            ("cancelled_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "adjustments",
+            ["PositionUpdated"],
+            ("account_id", _CAT, "account_id"),
+            ("symbol", _CAT, "symbol"),
+            ("previous_quantity", _F, "previous_quantity"),
+            ("new_quantity", _F, "new_quantity"),
+            ("reason", _S, "reason"),
+            ("updated_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "marks",
+            ["PriceMarked"],
+            ("symbol", _CAT, "symbol"),
+            ("price", _F, "price"),
+            ("marked_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "funding",
+            ["AccountFunded"],
+            ("account_id", _CAT, "account_id"),
+            ("amount", _F, "amount"),
+            ("funded_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "limits",
+            ["LimitSet"],
+            ("account_id", _CAT, "account_id"),
+            ("limit_type", _CAT, "limit_type"),
+            ("value", _F, "value"),
+            ("set_by", _CAT, "actor"),
+            ("symbol", _CAT, "symbol"),
+            ("set_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "violations",
+            ["LimitViolationDetected"],
+            ("account_id", _CAT, "account_id"),
+            ("limit_type", _CAT, "limit_type"),
+            ("symbol", _CAT, "symbol"),
+            ("current_value", _F, "current_value"),
+            ("limit_value", _F, "limit_value"),
+            ("detected_at", _TIME, "occurred_at"),
+        ),
+        _kind(
+            "blocks",
+            ["AccountBlocked", "AccountUnblocked"],
+            ("account_id", _CAT, "account_id"),
+            ("blocked", pl.Boolean(), "event_type = 'AccountBlocked'"),
+            ("reason", _S, "reason"),
+            ("by", _CAT, "actor"),
+            ("at", _TIME, "occurred_at"),
+        ),
+    )
+}
+"""The frames of a History, in order."""
+
+EVENTS_SCHEMA: dict[str, pl.DataType] = {
+    **ENVELOPE,
+    "event_type": _CAT,
+    "aggregate_type": _CAT,
+    "occurred_at": _TIME,
+}
+_KIND_OF_TYPE = {t: k for k in KINDS.values() for t in k.event_types}
+_FORMAT = 1  # version of the on-disk layout (export and cache)
+
+
+# --------------------------------------------------------------------------- filters
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a History was loaded with; applied in SQL.
+
+    * ``accounts``: events of these accounts (marks belong to no account and are kept);
+    * ``symbols``: events about these symbols, the busts of their trades, and the
+      account-level events that apply to every symbol (funding, blocks, account-wide
+      limits and violations);
+    * ``since`` / ``until``: business time in ``[since, until]``;
+    * ``known_at``: recorded time ``<= known_at`` -- what the engine knew then.
+    """
+
+    accounts: tuple[str, ...] | None = None
+    symbols: tuple[str, ...] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    known_at: datetime | None = None
+
+    def key(self) -> str:
+        """A stable hash of the filters (names a cache entry)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            out[k] = (
+                format_time(v) if isinstance(v, datetime) else (list(v) if v is not None else None)
+            )
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Filters:
+        def t(v: str | None) -> datetime | None:
+            return None if v is None else parse_time(v)
+
+        def ids(v: list[str] | None) -> tuple[str, ...] | None:
+            return None if v is None else tuple(v)
+
+        return cls(
+            ids(data.get("accounts")),
+            ids(data.get("symbols")),
+            t(data.get("since")),
+            t(data.get("until")),
+            t(data.get("known_at")),
+        )
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition on ``event_fields f`` and its parameters."""
+        parts: list[str] = []
+        params: list[Any] = []
+        if self.accounts is not None:
+            parts.append("(f.account_id = ANY(%s) OR f.event_type = 'PriceMarked')")
+            params.append(list(self.accounts))
+        if self.symbols is not None:
+            parts.append(
+                "(f.symbol = ANY(%s) OR (f.symbol IS NULL AND f.event_type IN ('AccountFunded',"
+                " 'AccountBlocked', 'AccountUnblocked', 'LimitSet', 'LimitViolationDetected'))"
+                " OR (f.event_type = 'TradeCancelled' AND f.trade_id IN (SELECT t.trade_id FROM"
+                " event_fields t WHERE t.event_type = 'TradeExecuted' AND t.symbol = ANY(%s)"
+                " AND t.account_id = f.account_id)))"
+            )
+            params += [list(self.symbols), list(self.symbols)]
+        if self.since is not None:
+            parts.append("f.occurred_at >= %s")
+            params.append(self.since)
+        if self.until is not None:
+            parts.append("f.occurred_at <= %s")
+            params.append(self.until)
+        if self.known_at is not None:
+            parts.append('f."timestamp" <= %s')
+            params.append(self.known_at)
+        return (" AND ".join(parts) or "TRUE"), params
+
+    def matches(self, env: Envelope, trade_symbols: dict[tuple[str, str], str]) -> bool:
+        """The same rule in Python, for histories built from envelopes."""
+        p = env.payload
+        account = getattr(p, "account_id", None)
+        symbol = getattr(p, "symbol", None)
+        kind = env.event_type
+        if self.accounts is not None and kind != "PriceMarked" and account not in self.accounts:
+            return False
+        if self.symbols is not None:
+            if kind == "TradeCancelled":
+                s = trade_symbols.get((account, getattr(p, "trade_id", None)))  # type: ignore[arg-type]
+                if s not in self.symbols:
+                    return False
+            elif symbol is None:
+                if kind not in (
+                    "AccountFunded",
+                    "AccountBlocked",
+                    "AccountUnblocked",
+                    "LimitSet",
+                    "LimitViolationDetected",
+                ):
+                    return False
+            elif symbol not in self.symbols:
+                return False
+        t = env.business_time
+        if self.since is not None and (t is None or t < self.since):
+            return False
+        if self.until is not None and (t is None or t > self.until):
+            return False
+        return not (self.known_at is not None and env.timestamp > self.known_at)
+
+
+def _ids(v: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return (v,)
+    out = tuple(v)
+    if not all(isinstance(x, str) for x in out):
+        raise TypeError("accounts and symbols must be strings")
+    return out
+
+
+def _time(v: datetime | str | None, name: str) -> datetime | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            return parse_time(v)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if not isinstance(v, datetime):
+        raise TypeError(f"{name} must be a datetime or an RFC 3339 string, got {type(v).__name__}")
+    if v.tzinfo is None:
+        raise ValueError(f"{name} has no time zone: give UTC explicitly")
+    return v.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- History
+
+
+@dataclass
+class History:
+    """Typed frames of a store's history (see the module docstring).
+
+    Build one with :func:`load`, :meth:`from_envelopes` or :meth:`from_parquet`.
+    """
+
+    trades: pl.DataFrame
+    cancels: pl.DataFrame
+    adjustments: pl.DataFrame
+    marks: pl.DataFrame
+    funding: pl.DataFrame
+    limits: pl.DataFrame
+    violations: pl.DataFrame
+    blocks: pl.DataFrame
+    events: pl.DataFrame
+    horizon: int = 0
+    """Every matching event with a position below this is here; none at or above it."""
+    filters: Filters = field(default_factory=Filters)
+    store_id: str | None = None
+    """Identity of the store it came from (None if built in memory)."""
+    _store: Store | None = field(default=None, repr=False, compare=False)
+    _cache_dir: Path | None = field(default=None, repr=False, compare=False)
+
+    # ---------------------------------------------------------------- access
+
+    def frame(self, name: str) -> pl.DataFrame:
+        """A frame by name (``"trades"``, ..., ``"events"``)."""
+        if name != "events" and name not in KINDS:
+            raise KeyError(f"no frame {name!r}; frames: {', '.join([*KINDS, 'events'])}")
+        return getattr(self, name)
+
+    def frames(self) -> dict[str, pl.DataFrame]:
+        return {name: self.frame(name) for name in [*KINDS, "events"]}
+
+    def __len__(self) -> int:
+        return self.events.height
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n}={f.height:,}" for n, f in self.frames().items())
+        return f"History({counts}, horizon={self.horizon})"
+
+    def _repr_markdown_(self) -> str:
+        rows = "\n".join(f"| {n} | {f.height:,} |" for n, f in self.frames().items())
+        return f"**History** (horizon {self.horizon})\n\n| frame | rows |\n|---|---:|\n{rows}"
+
+    # ---------------------------------------------------------------- building
+
+    @classmethod
+    def empty(cls, filters: Filters | None = None) -> History:
+        return cls(
+            **{n: pl.DataFrame(schema=k.schema) for n, k in KINDS.items()},  # type: ignore[arg-type]
+            events=pl.DataFrame(schema=EVENTS_SCHEMA),
+            filters=filters or Filters(),
+        )
+
+    @classmethod
+    def from_envelopes(
+        cls, envelopes: Iterable[Envelope], *, filters: Filters | None = None
+    ) -> History:
+        """A History from envelopes in memory (tests, notebooks, simulations).
+
+        Envelopes without a position are numbered 1, 2, 3, ... in the given order.
+        The result equals what :func:`load` gives for the same events.
+        """
+        filters = filters or Filters()
+        envs = list(envelopes)
+        trade_symbols = {
+            (e.payload.account_id, e.payload.trade_id): e.payload.symbol  # type: ignore[attr-defined]
+            for e in envs
+            if e.event_type == "TradeExecuted" and not isinstance(e.payload, RawEvent)
+        }
+        rows: dict[str, list[dict[str, Any]]] = {n: [] for n in [*KINDS, "events"]}
+        top = 0
+        for n, env in enumerate(envs, 1):
+            pos = env.position if env.position is not None else n
+            top = max(top, pos)
+            if not filters.matches(env, trade_symbols):
+                continue
+            head = {
+                "position": pos,
+                "event_id": str(env.event_id),
+                "aggregate_id": env.aggregate_id,
+                "sequence": env.sequence,
+                "timestamp": env.timestamp,
+                "causation_id": None if env.causation_id is None else str(env.causation_id),
+                "correlation_id": env.correlation_id,
+            }
+            rows["events"].append(
+                {
+                    **head,
+                    "event_type": env.event_type,
+                    "aggregate_type": env.aggregate_type,
+                    "occurred_at": env.business_time,
+                }
+            )
+            kind = _KIND_OF_TYPE.get(env.event_type)
+            if kind is None or isinstance(env.payload, RawEvent):
+                continue
+            p = env.payload
+            row = dict(head)
+            for col, (_, src) in kind.columns.items():
+                if src == "occurred_at":
+                    row[col] = p.business_time
+                elif src == "actor":
+                    row[col] = (
+                        getattr(p, "set_by", None)
+                        or getattr(p, "blocked_by", None)
+                        or getattr(p, "unblocked_by", None)
+                    )
+                elif col == "blocked":
+                    row[col] = env.event_type == "AccountBlocked"
+                else:
+                    v = getattr(p, src, None)
+                    row[col] = v.value if hasattr(v, "value") and not isinstance(v, float) else v  # type: ignore[union-attr]
+            rows[kind.name].append(row)
+        frames = {
+            n: pl.DataFrame(rows[n], schema=k.schema, orient="row")
+            if rows[n]
+            else pl.DataFrame(schema=k.schema)
+            for n, k in KINDS.items()
+        }
+        events = (
+            pl.DataFrame(rows["events"], schema=EVENTS_SCHEMA)
+            if rows["events"]
+            else pl.DataFrame(schema=EVENTS_SCHEMA)
+        )
+        return cls(**frames, events=events, horizon=top + 1, filters=filters)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- refresh
+
+    def refresh(self, *, progress: bool | None = None) -> int:
+        """Read the events committed since the horizon; extend the frames in place.
+
+        Returns how many events were added. Gap-safe: reads up to the store's
+        visibility fence, so nothing committed later can land below the new horizon.
+        """
+        if self._store is None:
+            raise RiskbookError(
+                "this History is not attached to a store (built in memory or from files)"
+            )
+        delta = _read(self._store, self.filters, after=self.horizon, progress=progress)
+        self._extend(delta)
+        if self._cache_dir is not None and delta.events.height:
+            delta.store_id = self.store_id
+            _cache_segment(self, delta, self._cache_dir)
+        return delta.events.height
+
+    def _extend(self, delta: History) -> None:
+        for name in [*KINDS, "events"]:
+            new = delta.frame(name)
+            if new.height:
+                setattr(self, name, pl.concat([self.frame(name), new], rechunk=False))
+        self.horizon = max(self.horizon, delta.horizon)
+
+    # ---------------------------------------------------------------- files
+
+    def to_parquet(self, directory: str | os.PathLike[str]) -> Path:
+        """Write a self-contained copy: one Parquet file per frame plus ``history.json``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_suffix = f".tmp-{uuid.uuid4().hex[:8]}"
+        for name, frame in self.frames().items():
+            tmp = out / f"{name}.parquet{tmp_suffix}"
+            frame.write_parquet(tmp, compression="zstd", statistics=True)
+            tmp.replace(out / f"{name}.parquet")
+        meta = {
+            "format": _FORMAT,
+            "horizon": self.horizon,
+            "filters": self.filters.to_json(),
+            "store_id": self.store_id,
+            "rows": {n: f.height for n, f in self.frames().items()},
+            "written_at": format_time(datetime.now(UTC)),
+        }
+        (out / f"history.json{tmp_suffix}").write_text(json.dumps(meta, indent=2))
+        (out / f"history.json{tmp_suffix}").replace(out / "history.json")
+        return out
+
+    @classmethod
+    def from_parquet(cls, directory: str | os.PathLike[str]) -> History:
+        """Read a copy written by :meth:`to_parquet`; checks it is whole."""
+        src = Path(directory)
+        try:
+            meta = json.loads((src / "history.json").read_text())
+        except FileNotFoundError:
+            raise RiskbookError(f"{src}: not a riskbook History (no history.json)") from None
+        if meta.get("format") != _FORMAT:
+            raise RiskbookError(f"{src}: format {meta.get('format')} is not {_FORMAT}")
+        frames = {}
+        for name in [*KINDS, "events"]:
+            schema = EVENTS_SCHEMA if name == "events" else KINDS[name].schema
+            try:
+                frame = pl.read_parquet(src / f"{name}.parquet")
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                raise RiskbookError(f"{src}: cannot read {name}.parquet: {exc}") from None
+            if frame.height != meta["rows"][name] or frame.schema != pl.Schema(schema):
+                raise RiskbookError(f"{src}: {name}.parquet does not match history.json")
+            frames[name] = frame
+        return cls(
+            **frames,
+            horizon=int(meta["horizon"]),
+            filters=Filters.from_json(meta["filters"]),  # type: ignore[arg-type]
+            store_id=meta.get("store_id"),
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(
+    store_or_dsn: Store | str | None = None,
+    *,
+    accounts: str | Iterable[str] | None = None,
+    symbols: str | Iterable[str] | None = None,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    known_at: datetime | str | None = None,
+    cache: bool = True,
+    progress: bool | None = None,
+) -> History:
+    """Load history from the store into typed Polars frames.
+
+    Parameters
+    ----------
+    store_or_dsn : a :class:`~riskbook.Store`, a DSN, or None (``RISKBOOK_DSN``, else the
+        embedded server).
+    accounts, symbols, since, until, known_at : filters, applied in SQL (see
+        :class:`Filters`). Times are datetimes with a zone or RFC 3339 strings.
+    cache : keep a Parquet copy under ``$RISKBOOK_HOME/cache`` and, next time, read it
+        from disk and only what is new from PostgreSQL.
+    progress : show a progress bar (default: only when interactive).
+    """
+    store = store_or_dsn if isinstance(store_or_dsn, Store) else connect(store_or_dsn)
+    filters = Filters(
+        _ids(accounts),
+        _ids(symbols),
+        _time(since, "since"),
+        _time(until, "until"),
+        _time(known_at, "known_at"),
+    )
+    store_id = _store_id(store)
+    cache_dir = _cache_root() / store_id / filters.key() if cache else None
+    history: History | None = None
+    if cache_dir is not None:
+        history = _read_cache(cache_dir, store, store_id, filters)
+    if history is None:
+        history = _read(store, filters, after=0, progress=progress)
+        history.store_id = store_id
+        history._store = store
+        history._cache_dir = cache_dir
+        if cache_dir is not None:
+            _write_cache(history, cache_dir)
+        return history
+    history._store = store
+    history._cache_dir = cache_dir
+    history.refresh(progress=progress)
+    return history
+
+
+def _store_id(store: Store) -> str:
+    with store.connection() as conn:
+        row = conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
+    if row is None:
+        raise StoreError(
+            "the store has no identity row (riskbook_store): run `riskbook db upgrade`"
+        )
+    return str(row[0])
+
+
+def _select(filters: Filters) -> tuple[str, list[Any]]:
+    where, params = filters.where()
+    cols = ", ".join(
+        [
+            "f.position",
+            "f.event_id::text",
+            "f.aggregate_id",
+            "f.sequence",
+            'f."timestamp"',
+            "f.causation_id::text",
+            "f.correlation_id",
+            "f.event_type",
+            "f.aggregate_type",
+            "f.occurred_at",
+            "f.account_id",
+            "f.symbol",
+            "f.trade_id",
+            "f.side",
+            "f.quantity",
+            "f.price",
+            "f.amount",
+            "f.previous_quantity",
+            "f.new_quantity",
+            "f.limit_type",
+            "f.value",
+            "f.current_value",
+            "f.limit_value",
+            "f.actor",
+            "f.reason",
+        ]
+    )
+    query = (
+        f"SELECT {cols} FROM event_fields f"
+        " WHERE f.position >= %s AND f.position < %s AND " + where + " ORDER BY f.position"
+    )
+    return query, params
+
+
+_WIDE_NAMES = [
+    "position",
+    "event_id",
+    "aggregate_id",
+    "sequence",
+    "timestamp",
+    "causation_id",
+    "correlation_id",
+    "event_type",
+    "aggregate_type",
+    "occurred_at",
+    "account_id",
+    "symbol",
+    "trade_id",
+    "side",
+    "quantity",
+    "price",
+    "amount",
+    "previous_quantity",
+    "new_quantity",
+    "limit_type",
+    "value",
+    "current_value",
+    "limit_value",
+    "actor",
+    "reason",
+]
+
+
+def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) -> History:
+    """Events with ``after <= position < fence`` matching ``filters``, as frames."""
+    query, params = _select(filters)
+    with store.connection() as conn:
+        fence = conn.execute("SELECT riskbook_position_fence()").fetchone()[0]  # type: ignore[index]
+        if fence <= after:
+            out = History.empty(filters)
+            out.horizon = after
+            return out
+        literal = psycopg_literal(conn, query, [after, fence, *params])
+    parts: dict[str, list[pl.DataFrame]] = {n: [] for n in [*KINDS, "events"]}
+    bar = _Progress(progress)
+    for wide in _fetch(store, literal):
+        _split(wide, parts)
+        bar.update(wide.height)
+    bar.close()
+    frames = {
+        n: (
+            pl.concat(parts[n])
+            if parts[n]
+            else pl.DataFrame(schema=KINDS[n].schema if n != "events" else EVENTS_SCHEMA)
+        )
+        for n in parts
+    }
+    return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
+
+
+def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
+    """The query with its parameters inlined, quoted by psycopg (ADBC takes no params here)."""
+    from psycopg import ClientCursor
+
+    with ClientCursor(conn) as cur:
+        return cur.mogrify(query, params)
+
+
+def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
+    """Stream the query's rows as Polars frames, through ADBC (binary COPY into Arrow)."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    try:
+        conn = adbc.connect(store.dsn)
+    except Exception as exc:
+        raise StoreError(f"cannot connect to {redact(store.dsn)} with ADBC: {exc}") from None
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            reader = cur.fetch_record_batch()
+            for batch in reader:
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
+    finally:
+        conn.close()
+
+
+def _split(wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]]) -> None:
+    """Cut a batch of wide rows into the frames of its kinds."""
+    head = [pl.col(c).cast(t) for c, t in ENVELOPE.items()]
+    parts["events"].append(
+        wide.select(
+            *head,
+            pl.col("event_type").cast(_CAT),
+            pl.col("aggregate_type").cast(_CAT),
+            pl.col("occurred_at").cast(_TIME),
+        )
+    )
+    for kind in KINDS.values():
+        rows = wide.filter(pl.col("event_type").is_in(list(kind.event_types)))
+        if rows.height == 0:
+            continue
+        cols = []
+        for col, (dtype, src) in kind.columns.items():
+            expr = (pl.col("event_type") == "AccountBlocked") if col == "blocked" else pl.col(src)
+            cols.append(expr.cast(dtype).alias(col))
+        parts[kind.name].append(rows.select(*head, *cols))
+
+
+class _Progress:
+    """A progress bar for long loads: in a notebook or a terminal, silent otherwise."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        if enabled is None:
+            enabled = _interactive()
+        self.bar: Any = None
+        self.started = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="loading events", unit=" events", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive() -> bool:
+    if "ipykernel" in sys.modules:
+        return True
+    return sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_root() -> Path:
+    from riskbook.store.embedded import riskbook_home
+
+    return Path(os.environ.get("RISKBOOK_CACHE") or riskbook_home() / "cache")
+
+
+# A cache entry is a folder of segments, each a History written by to_parquet: the
+# first load, then one per refresh that found something new. Reading concatenates them;
+# past _MAX_SEGMENTS they are merged into one.
+_MAX_SEGMENTS = 8
+
+
+def _segments(directory: Path) -> list[Path]:
+    try:
+        names = json.loads((directory / "segments.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [directory / n for n in names]
+
+
+def _set_segments(directory: Path, names: list[str]) -> None:
+    tmp = directory / f"segments.json.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(names))
+    tmp.replace(directory / "segments.json")
+
+
+def _write_cache(history: History, directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"seg-{history.horizon}"
+        history.to_parquet(directory / name)
+        _set_segments(directory, [name])
+    except OSError:
+        pass  # a cache that cannot be written is only a slower next load
+
+
+def _cache_segment(history: History, delta: History, directory: Path) -> None:
+    try:
+        names = [p.name for p in _segments(directory)]
+        if len(names) + 1 > _MAX_SEGMENTS:
+            _write_cache(history, directory)
+            return
+        name = f"seg-{delta.horizon}"
+        delta.to_parquet(directory / name)
+        _set_segments(directory, [*names, name])
+    except OSError:
+        pass
+
+
+def _read_cache(directory: Path, store: Store, store_id: str, filters: Filters) -> History | None:
+    """The cached History, if it is whole and still a prefix of this store's history."""
+    segments = _segments(directory)
+    if not segments:
+        return None
+    try:
+        parts = [History.from_parquet(p) for p in segments]
+    except (RiskbookError, OSError, pl.exceptions.PolarsError):
+        return None
+    if any(p.store_id != store_id or p.filters != filters for p in parts):
+        return None
+    cached = parts[0]
+    for part in parts[1:]:
+        cached._extend(part)
+    # The store is append-only, so a cache is a prefix of it -- unless the history was
+    # rewritten (a restored older backup, a superuser). Check the last cached event.
+    if cached.events.height:
+        last = cached.events.row(-1, named=True)
+        with store.connection() as conn:
+            row = conn.execute(
+                "SELECT event_id::text FROM events WHERE position = %s", (last["position"],)
+            ).fetchone()
+        if row is None or row[0] != last["event_id"]:
+            return None
+    return cached

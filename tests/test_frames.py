@@ -1,0 +1,346 @@
+"""History into Polars frames: dtypes, filters, refresh, cache, export."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import psycopg
+import pytest
+from polars.testing import assert_frame_equal
+
+import riskbook
+from riskbook.frames import EVENTS_SCHEMA, KINDS, Filters, History, load
+from riskbook.store import Store
+
+T0 = datetime(2024, 3, 4, 14, 30, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RISKBOOK_CACHE", str(tmp_path / "cache"))
+
+
+def one_of_each(account: str = "ACC-1", symbol: str = "AAPL") -> list[riskbook.Event]:
+    t = T0
+    return [
+        riskbook.AccountFunded(account_id=account, amount=1e6, funded_at=t),
+        riskbook.LimitSet(
+            account_id=account,
+            limit_type="MaxPositionSize",
+            value=500.0,
+            set_by="alice",
+            set_at=t,
+            symbol=symbol,
+        ),
+        riskbook.TradeExecuted(
+            trade_id="T-1",
+            account_id=account,
+            symbol=symbol,
+            side=riskbook.Side.Buy,
+            quantity=100.0,
+            price=10.5,
+            executed_at=t + timedelta(seconds=1),
+        ),
+        riskbook.TradeExecuted(
+            trade_id="T-2",
+            account_id=account,
+            symbol=symbol,
+            side=riskbook.Side.Sell,
+            quantity=40.0,
+            price=11.0,
+            executed_at=t + timedelta(seconds=2),
+        ),
+        riskbook.TradeCancelled(
+            trade_id="T-2", account_id=account, reason="bust", cancelled_at=t + timedelta(seconds=3)
+        ),
+        riskbook.PositionUpdated(
+            account_id=account,
+            symbol=symbol,
+            previous_quantity=100.0,
+            new_quantity=200.0,
+            reason="split",
+            updated_at=t + timedelta(seconds=4),
+        ),
+        riskbook.LimitViolationDetected(
+            account_id=account,
+            limit_type="MaxLeverage",
+            current_value=5.0,
+            limit_value=4.0,
+            detected_at=t + timedelta(seconds=5),
+        ),
+        riskbook.AccountBlocked(
+            account_id=account,
+            reason="leverage",
+            blocked_by="engine",
+            blocked_at=t + timedelta(seconds=6),
+        ),
+        riskbook.AccountUnblocked(
+            account_id=account,
+            reason="reviewed",
+            unblocked_by="bob",
+            unblocked_at=t + timedelta(seconds=7),
+        ),
+    ]
+
+
+def assert_same(a: History, b: History) -> None:
+    for name in [*KINDS, "events"]:
+        assert_frame_equal(a.frame(name), b.frame(name), check_row_order=True)
+
+
+def test_every_kind_round_trips_with_typed_columns(fresh_store: Store) -> None:
+    fresh_store.append("ACC-1", one_of_each())
+    fresh_store.append(
+        "AAPL",
+        [
+            riskbook.PriceMarked(
+                symbol="AAPL", price=10.75, marked_at=T0 + timedelta(seconds=1, microseconds=250)
+            )
+        ],
+    )
+    with psycopg.connect(fresh_store.dsn) as conn:  # a type written by a newer riskbook
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'MarginCalled', 'ACC-1',"
+            ' \'Account\', 10, \'c\', \'{"type":"MarginCalled","amount":"lots"}\')'
+        )
+        conn.commit()
+    h = load(fresh_store, cache=False)
+    for name, kind in KINDS.items():
+        assert dict(h.frame(name).schema) == kind.schema, name
+    assert dict(h.events.schema) == EVENTS_SCHEMA
+    assert [h.frame(n).height for n in KINDS] == [2, 1, 1, 1, 1, 1, 1, 2]
+    assert h.events.height == 11
+    assert h.events["event_type"].cast(pl.String).to_list()[-1] == "MarginCalled"
+    trades = h.trades.to_dicts()
+    assert trades[0]["side"] == "Buy" and trades[1]["side"] == "Sell"
+    assert trades[0]["executed_at"] == T0 + timedelta(seconds=1)
+    assert h.marks["marked_at"][0] == T0 + timedelta(seconds=1, microseconds=250)
+    assert h.limits.row(0, named=True) | {} == h.limits.row(0, named=True)
+    assert h.limits["set_by"][0] == "alice" and h.limits["symbol"][0] == "AAPL"
+    assert h.blocks["blocked"].to_list() == [True, False]
+    assert h.blocks["by"].cast(pl.String).to_list() == ["engine", "bob"]
+    # the same frames as building them from the envelopes in memory
+    assert_same(h, History.from_envelopes(fresh_store.read_all()))
+    assert h.horizon > h.events["position"].max()  # type: ignore[operator]
+
+
+def random_history(store: Store, n: int = 400, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    accounts = [f"ACC-{i}" for i in range(5)]
+    symbols = ["AAPL", "MSFT", "TSLA"]
+    trades: dict[str, list[str]] = {a: [] for a in accounts}
+    for i in range(n):
+        t = T0 + timedelta(minutes=rng.randrange(0, 60 * 24 * 5))
+        r = rng.random()
+        if r < 0.15:
+            s = rng.choice(symbols)
+            store.append(s, [riskbook.PriceMarked(symbol=s, price=rng.uniform(5, 50), marked_at=t)])
+            continue
+        a = rng.choice(accounts)
+        if r < 0.65:
+            tid = f"T{i}"
+            trades[a].append(tid)
+            e: riskbook.Event = riskbook.TradeExecuted(
+                trade_id=tid,
+                account_id=a,
+                symbol=rng.choice(symbols),
+                side=rng.choice(list(riskbook.Side)),
+                quantity=float(rng.randrange(1, 100)),
+                price=rng.uniform(5, 50),
+                executed_at=t,
+            )
+        elif r < 0.72 and trades[a]:
+            e = riskbook.TradeCancelled(
+                trade_id=rng.choice(trades[a]), account_id=a, reason="bust", cancelled_at=t
+            )
+        elif r < 0.8:
+            e = riskbook.AccountFunded(
+                account_id=a, amount=rng.choice([1, -1]) * rng.uniform(1e3, 1e5), funded_at=t
+            )
+        elif r < 0.9:
+            e = riskbook.LimitSet(
+                account_id=a,
+                limit_type=rng.choice(list(riskbook.LimitType)).value,
+                value=rng.uniform(1, 1000),
+                set_by=rng.choice(["alice", "bob"]),
+                set_at=t,
+                symbol=rng.choice([None, *symbols]),
+            )
+        else:
+            e = riskbook.PositionUpdated(
+                account_id=a,
+                symbol=rng.choice(symbols),
+                previous_quantity=0.0,
+                new_quantity=10.0,
+                reason="recon",
+                updated_at=t,
+            )
+        store.append(a, [e])
+
+
+@pytest.fixture(scope="module")
+def populated(make_database: Callable[[], str]) -> Iterator[Store]:
+    store = Store(make_database())
+    random_history(store)
+    yield store
+    store.close()
+
+
+FILTERS = [
+    Filters(),
+    Filters(accounts=("ACC-1",)),
+    Filters(accounts=("ACC-1", "ACC-3")),
+    Filters(symbols=("MSFT",)),
+    Filters(accounts=("ACC-2",), symbols=("AAPL", "TSLA")),
+    Filters(since=T0 + timedelta(days=1), until=T0 + timedelta(days=3)),
+    Filters(accounts=("nobody",)),
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: f.key())
+def test_filters_give_exactly_the_matching_events(populated: Store, filters: Filters) -> None:
+    h = load(
+        populated,
+        accounts=filters.accounts,
+        symbols=filters.symbols,
+        since=filters.since,
+        until=filters.until,
+        cache=False,
+    )
+    envs = populated.read_all()
+    assert_same(h, History.from_envelopes(envs, filters=filters))
+    # and, independently of both implementations, by hand:
+    bust_symbol = {
+        (e.payload.account_id, e.payload.trade_id): e.payload.symbol
+        for e in envs
+        if e.event_type == "TradeExecuted"
+    }  # type: ignore[union-attr]
+    expected = set()
+    for e in envs:
+        p = e.payload
+        acc, sym = getattr(p, "account_id", None), getattr(p, "symbol", None)
+        if e.event_type == "TradeCancelled":
+            sym = bust_symbol[(acc, p.trade_id)]  # type: ignore[union-attr]
+        if filters.accounts and e.event_type != "PriceMarked" and acc not in filters.accounts:
+            continue
+        if filters.symbols and sym is not None and sym not in filters.symbols:
+            continue
+        if filters.symbols and sym is None and e.event_type in ("PositionUpdated",):
+            continue
+        if filters.since and p.business_time < filters.since:  # type: ignore[union-attr]
+            continue
+        if filters.until and p.business_time > filters.until:  # type: ignore[union-attr]
+            continue
+        expected.add(str(e.event_id))
+    assert set(h.events["event_id"].to_list()) == expected
+
+
+def test_known_at_keeps_what_was_recorded_by_then(populated: Store) -> None:
+    envs = populated.read_all()
+    cut = envs[len(envs) // 2].timestamp
+    h = load(populated, known_at=cut, cache=False)
+    assert set(h.events["event_id"].to_list()) == {
+        str(e.event_id) for e in envs if e.timestamp <= cut
+    }
+    assert h.events["timestamp"].max() <= cut  # type: ignore[operator]
+
+
+def test_bad_filters_are_clear_errors(populated: Store) -> None:
+    with pytest.raises(ValueError, match="known_at has no time zone"):
+        load(populated, known_at=datetime(2024, 1, 1), cache=False)
+    with pytest.raises(ValueError, match="since"):
+        load(populated, since="last tuesday", cache=False)
+
+
+def test_refresh_after_concurrent_appends_equals_a_fresh_load(fresh_store: Store) -> None:
+    random_history(fresh_store, n=100, seed=1)
+    h = load(fresh_store, cache=False)
+    before = h.horizon
+
+    def writer(w: int) -> None:
+        for i in range(30):
+            fresh_store.append(
+                f"W-{w}",
+                [riskbook.AccountFunded(account_id=f"W-{w}", amount=1.0 + i, funded_at=T0)],
+            )
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(5):  # refresh while they write
+        h.refresh()
+    for t in threads:
+        t.join()
+    added = h.refresh()
+    assert h.horizon > before and added >= 0
+    assert_same(h, load(fresh_store, cache=False))
+    assert h.refresh() == 0
+
+
+def test_cache_hit_equals_a_fresh_load_and_reads_only_the_delta(fresh_store: Store) -> None:
+    random_history(fresh_store, n=120, seed=2)
+    first = load(fresh_store)
+    fresh_store.append("ACC-9", one_of_each("ACC-9"))
+    again = load(fresh_store)  # from the cache, plus the 9 new events
+    assert again.events.height == first.events.height + 9
+    assert_same(again, load(fresh_store, cache=False))
+    third = load(fresh_store)  # cache now has two segments
+    assert_same(third, again)
+
+
+def test_a_cache_of_another_or_rewritten_database_is_not_used(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    dsn = make_database()
+    store = Store(dsn)
+    store.append("ACC-1", one_of_each())
+    cached = load(store)
+    assert cached.events.height == 9
+    # another database gets a cache of its own
+    other = Store(make_database())
+    other.append("ACC-2", one_of_each("ACC-2")[:3])
+    assert load(other).events.height == 3
+    # the same store id with a different history (a restored older copy, say): the
+    # cached last event is not where the cache says, so the cache is not used
+    with psycopg.connect(dsn) as conn:
+        store_id = conn.execute("SELECT store_id FROM riskbook_store").fetchone()[0]  # type: ignore[index]
+    with psycopg.connect(other.dsn) as conn:
+        conn.execute("ALTER TABLE riskbook_store DISABLE TRIGGER ALL")
+        conn.execute("UPDATE riskbook_store SET store_id = %s", (store_id,))
+        conn.commit()
+    h = load(other)
+    assert h.events.height == 3
+    assert set(h.events["aggregate_id"].cast(pl.String)) == {"ACC-2"}
+    store.close()
+    other.close()
+
+
+def test_export_round_trips(populated: Store, tmp_path: Path) -> None:
+    h = load(populated, accounts=["ACC-1", "ACC-4"], cache=False)
+    h.to_parquet(tmp_path / "copy")
+    back = History.from_parquet(tmp_path / "copy")
+    assert_same(back, h)
+    assert back.filters == h.filters and back.horizon == h.horizon and back.store_id == h.store_id
+    (tmp_path / "copy" / "trades.parquet").unlink()
+    with pytest.raises(riskbook.RiskbookError):
+        History.from_parquet(tmp_path / "copy")
+
+
+def test_load_of_an_empty_store(fresh_store: Store) -> None:
+    h = load(fresh_store, cache=False)
+    assert len(h) == 0 and h.trades.schema == pl.Schema(KINDS["trades"].schema)
+    fresh_store.append("ACC-1", one_of_each()[:2])
+    assert h.refresh() == 2 and h.limits.height == 1
+
+
+def test_unique_event_ids(populated: Store) -> None:
+    h = load(populated, cache=False)
+    assert h.events["event_id"].n_unique() == h.events.height
+    assert all(uuid.UUID(x) for x in h.trades["event_id"].head(5))
