@@ -524,9 +524,9 @@ class History:
                 raise RiskbookError(f"{src}: {name}.parquet does not match history.json")
             frames[name] = frame
         return cls(
-            **frames,
+            **frames,  # type: ignore[arg-type]
             horizon=int(meta["horizon"]),
-            filters=Filters.from_json(meta["filters"]),  # type: ignore[arg-type]
+            filters=Filters.from_json(meta["filters"]),
             store_id=meta.get("store_id"),
         )
 

@@ -732,6 +732,7 @@ def _load_into_empty(
     except psycopg.errors.UniqueViolation:
         return None
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_inserted")
+    conn.execute("ANALYZE events, event_fields")  # the planner's view of a table that grew from 0
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
     return count, count

@@ -1,0 +1,220 @@
+"""Loading history into Polars: riskbook against the usual routes, in one run.
+
+Makes a synthetic history (``riskbook.simulate``) in a scratch database, then times,
+each in a fresh process so that its peak memory (as the OS counts it) is its own:
+
+* riskbook cold load (``riskbook.load``, no cache), and the same writing its cache;
+* warm load (cache on disk + the empty delta from PostgreSQL);
+* ``History.refresh()`` after 10,000 new events;
+* the same typed columns read by pandas ``read_sql``, ``pl.read_database`` over
+  psycopg, connectorx, and ADBC straight into Arrow;
+* the floor: the server's own ``COPY (same query) TO '/dev/null'``.
+
+    uv run --group bench python benchmarks/load.py                  # 5M events, ~15 min
+    uv run --group bench python benchmarks/load.py --events 200000  # a quick look
+
+Times are medians of ``--repeat`` runs (the machine is shared and noisy); read the
+ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mb, scratch_database  # noqa: E402
+
+HERE = Path(__file__).resolve()
+
+
+# ----------------------------------------------------------------------- child side
+
+
+def _typed_query() -> str:
+    from riskbook.frames import Filters, _select
+
+    query, _ = _select(Filters())
+    return query.replace("%s", "0", 1).replace("%s", "9223372036854775807", 1)
+
+
+def child(route: str, dsn: str, cache: str) -> dict[str, float]:
+    """Run one route in this (fresh) process; return its time, rows and peak RSS."""
+    os.environ["RISKBOOK_CACHE"] = cache
+    import polars as pl
+
+    import riskbook
+    from riskbook.store import Store
+
+    store = Store(dsn)
+    t = time.perf_counter()
+    rows = 0
+    size = 0.0
+    if route in ("cold", "cold+cache", "warm"):
+        h = riskbook.load(store, cache=route != "cold", progress=False)
+        rows = len(h)
+        size = sum(f.estimated_size() for f in h.frames().values()) / 2**20
+    elif route == "refresh":
+        h = riskbook.load(store, progress=False)  # warm, from the cache
+        _append_new(store, 10_000)
+        t = time.perf_counter()
+        rows = h.refresh(progress=False)
+    elif route == "pandas":
+        import pandas as pd
+
+        df = pd.read_sql(_typed_query(), store.engine)
+        rows = len(df)
+    elif route == "read_database":
+        with store.connection() as conn:
+            df2 = pl.read_database(_typed_query(), conn, infer_schema_length=None)
+        rows = df2.height
+    elif route == "connectorx":
+        import connectorx as cx
+
+        df3 = cx.read_sql(_cx_uri(dsn), _typed_query(), return_type="polars")
+        rows = df3.height
+    elif route == "adbc":
+        import adbc_driver_postgresql.dbapi as adbc
+
+        with adbc.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(_typed_query())
+            df4 = pl.from_arrow(cur.fetch_arrow_table())
+        rows = df4.height  # type: ignore[union-attr]
+    elif route == "floor":
+        with store.connection() as conn:
+            conn.execute(f"COPY ({_typed_query()}) TO '/dev/null' (FORMAT binary)")
+        rows = -1
+    else:
+        raise SystemExit(f"unknown route {route}")
+    seconds = time.perf_counter() - t
+    store.close()
+    return {"seconds": seconds, "rows": rows, "peak_rss_mb": peak_rss_mb(), "frames_mb": size}
+
+
+def _cx_uri(dsn: str) -> str:
+    # connectorx wants a URL; a Unix socket folder goes percent-encoded in the host part
+    from urllib.parse import quote
+
+    import psycopg
+
+    p = psycopg.conninfo.conninfo_to_dict(dsn)
+    auth = quote(str(p.get("user", "postgres")))
+    if p.get("password"):
+        auth += ":" + quote(str(p["password"]))
+    host = quote(str(p.get("host", "localhost")), safe="")
+    return f"postgresql://{auth}@{host}:{p.get('port', 5432)}/{p['dbname']}"
+
+
+def _append_new(store: object, n: int) -> None:
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    import riskbook
+    from riskbook.events import Envelope
+
+    t0 = datetime(2030, 1, 2, tzinfo=UTC)
+    envs = [
+        Envelope(
+            event_id=uuid.uuid4(), aggregate_id=f"NEW-{i % 100}", aggregate_type="Account",
+            sequence=0, timestamp=t0 + timedelta(milliseconds=i), correlation_id="bench",
+            payload=riskbook.AccountFunded(account_id=f"NEW-{i % 100}", amount=1.0 + i, funded_at=t0),
+        )
+        for i in range(n)
+    ]
+    store.import_envelopes(envs)  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------- parent side
+
+
+def run_child(route: str, dsn: str, cache: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--child", route, "--dsn", dsn, "--cache", cache],
+        capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{route} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=5_000_000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each route (median)")
+    ap.add_argument("--skip", default="", help="comma-separated routes to skip (e.g. pandas)")
+    ap.add_argument("--dsn", default=None, help="server to use (default: RISKBOOK_DSN or embedded)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.dsn, args.cache)))
+        return
+
+    from riskbook import simulate
+    from riskbook.store import Store
+
+    skip = set(filter(None, args.skip.split(",")))
+    with scratch_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as cache:
+        store = Store(dsn)
+        t = time.perf_counter()
+        result, _ = simulate.stream_to_store(store, seed=11, accounts=60, symbols=40, events=args.events)
+        made = time.perf_counter() - t
+        with store.connection() as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        store.close()
+        print(f"PostgreSQL {version}; history: {result.added:,} events made in {made:.1f} s; "
+              f"median of {args.repeat} runs, each route in a fresh process\n")
+
+        def measure(route: str, repeat: int | None = None) -> dict[str, float]:
+            runs = [run_child(route, dsn, cache) for _ in range(repeat or args.repeat)]
+            med = statistics.median(r["seconds"] for r in runs)
+            best = min(runs, key=lambda r: abs(r["seconds"] - med))
+            return {**best, "seconds": med}
+
+        res: dict[str, dict[str, float]] = {}
+        res["floor"] = measure("floor")
+        res["cold"] = measure("cold")
+        res["cold+cache"] = measure("cold+cache", 1)
+        res["warm"] = measure("warm")
+        res["refresh"] = measure("refresh", 1)
+        for route in ("adbc", "connectorx", "read_database", "pandas"):
+            if route not in skip:
+                res[route] = measure(route, 1 if route in ("pandas", "read_database") else None)
+
+        cold = res["cold"]["seconds"]
+        print("| route | seconds | peak RSS MiB | vs riskbook cold |")
+        print("|---|---:|---:|---:|")
+        names = {
+            "cold": "riskbook cold load (no cache)",
+            "cold+cache": "riskbook cold load, writing its cache",
+            "warm": "riskbook warm load (cache + empty delta)",
+            "refresh": "riskbook refresh, 10,000 new events",
+            "adbc": "ADBC into Arrow -> Polars (same columns)",
+            "connectorx": "connectorx -> Polars (same columns)",
+            "read_database": "pl.read_database over psycopg",
+            "pandas": "pandas read_sql (same columns)",
+            "floor": "server's own COPY ... TO '/dev/null'",
+        }
+        for route, r in res.items():
+            rss = "" if route == "floor" else f"{r['peak_rss_mb']:,.0f}"
+            print(f"| {names[route]} | {r['seconds']:.2f} | {rss} | {r['seconds'] / cold:.2f}x |")
+        frames = res["cold"]["frames_mb"]
+        print()
+        print(f"frames in memory: {frames:,.0f} MiB; cold-load peak RSS / frames = "
+              f"{res['cold']['peak_rss_mb'] / frames:.2f} (goal < 2)")
+        if "pandas" in res:
+            print(f"cold load vs pandas read_sql: {res['pandas']['seconds'] / cold:.1f}x faster (goal >= 8x)")
+        print(f"cold load vs the server's COPY floor: {cold / res['floor']['seconds']:.2f}x (goal <= 1.5x)")
+        print(f"warm load vs cold: {cold / res['warm']['seconds']:.1f}x faster (goal >= 20x)")
+        print(f"refresh of 10k events: {100 * res['refresh']['seconds'] / cold:.2f}% of a cold load (goal < 2%)")
+
+
+if __name__ == "__main__":
+    main()
