@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, scratch_database  # noqa: E402
+from _common import peak_rss_mb, scratch_database
 
 HERE = Path(__file__).resolve()
 
