@@ -679,7 +679,7 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
     bar.close()
     frames = {
         n: (
-            pl.concat(parts[n])
+            pl.concat(parts[n], rechunk=False)
             if parts[n]
             else pl.DataFrame(schema=KINDS[n].schema if n != "events" else EVENTS_SCHEMA)
         )
