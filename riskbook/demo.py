@@ -63,7 +63,7 @@ def _answer_key(sample: Path) -> dict[str, Any] | None:
         if name.endswith(suffix):
             key = sample.with_name(name[: -len(suffix)] + ".key.json")
             if key.exists():
-                return json.loads(key.read_text())  # type: ignore[no-any-return]
+                return json.loads(key.read_text())
     return None
 
 
