@@ -2105,12 +2105,6 @@ def to_store(sim: Simulation, store: Store, *, progress: Progress | None = None)
     return store.import_envelopes(sim.envelopes, progress=progress)
 
 
-_COPY_SQL = (
-    'COPY events (position, event_id, event_type, aggregate_id, aggregate_type, sequence, "timestamp",'
-    " causation_id, correlation_id, metadata, payload) FROM STDIN"
-)
-
-
 def _copy_text_producer() -> None:
     """Child process of :func:`stream_to_store` (``python -c``, parameters as JSON in
     argv[1]): generate, write framed ``COPY`` text (rows without their position) to
@@ -2197,7 +2191,7 @@ def stream_to_store(
     n = 0
     key: dict[str, Any] | None = None
     try:
-        with store.connection() as conn:
+        with store.trusted_copy() as write:
             while key is None:
                 header = child.stdout.readline().split()
                 if len(header) != 3:
@@ -2212,23 +2206,13 @@ def stream_to_store(
                 if kind == b"key":
                     key = json.loads(data)
                     break
-                row = conn.execute("SELECT riskbook_reserve_positions(%s)", (count,)).fetchone()
-                assert row is not None
-                base = int(row[0])
                 lines = data.split(b"\n")
                 lines.pop()  # after the last newline
-                with conn.cursor().copy(_COPY_SQL) as copy:
-                    for i in range(0, len(lines), 20_000):
-                        part = lines[i : i + 20_000]
-                        copy.write(
-                            b"".join(
-                                [b"%d\t%s\n" % (base + i + j, ln) for j, ln in enumerate(part)]
-                            )
-                        )
+                assert len(lines) == count
+                write([ln + b"\n" for ln in lines])
                 n += count
                 if progress is not None:
                     progress("written", n)
-            conn.commit()
     finally:
         if child.poll() is None:
             child.kill()
