@@ -225,6 +225,21 @@ def test_reader_never_skips_an_event_committed_late(fresh_store: Store) -> None:
     assert store.read_all(after=got[-1].position or 0) == []
 
 
+def test_an_open_transaction_in_another_database_does_not_hold_readers_back(
+    fresh_store: Store, make_database: Callable[[], str]
+) -> None:
+    with psycopg.connect(make_database()) as elsewhere:
+        elsewhere.execute("SELECT pg_current_xact_id()")  # a writing transaction, left open
+        env = fresh_store.append("ACC-1", [funded("ACC-1")])[0]
+        assert [e.event_id for e in fresh_store.read_all()] == [env.event_id]
+        # ...while one in this database does (it could still commit events below)
+        with fresh_store.connection() as here:
+            here.execute("SELECT pg_current_xact_id()")
+            later = fresh_store.append("ACC-2", [funded("ACC-2")])[0]
+            assert [e.event_id for e in fresh_store.read_all()] == [env.event_id]
+        assert [e.event_id for e in fresh_store.read_all()] == [env.event_id, later.event_id]
+
+
 def test_follower_sees_every_event_exactly_once_under_concurrent_writers(
     fresh_store: Store,
 ) -> None:
