@@ -32,6 +32,15 @@ from riskbook.events import (
     TradeExecuted,
 )
 from riskbook.frames import Filters, History, load
+from riskbook.projections import (
+    account_timeline,
+    accounts,
+    adjustment_mismatches,
+    marks,
+    position_timeline,
+    positions,
+    state_at,
+)
 from riskbook.store import ImportResult, Store, connect
 
 __version__ = "0.1.0"
@@ -62,6 +71,13 @@ __all__ = [
     "TradeCancelled",
     "TradeExecuted",
     "__version__",
+    "account_timeline",
+    "accounts",
+    "adjustment_mismatches",
     "connect",
     "load",
+    "marks",
+    "position_timeline",
+    "positions",
+    "state_at",
 ]

@@ -146,6 +146,74 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- positions / exposure
+
+_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _state(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from riskbook.projections import state_at
+
+    return state_at(_store(args.dsn), args.at, accounts=args.account, known_at=args.known_at)
+
+
+def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """Write a frame to --output or stdout in --format (one row per position or account)."""
+    import polars as pl
+
+    frame = frame.with_columns(pl.col(pl.Categorical).cast(pl.String))
+    if args.format == "parquet":
+        if args.output is None:
+            raise ValueError("--format parquet needs --output FILE")
+        frame.write_parquet(args.output)
+        return 0
+    if args.format == "csv":
+        text = frame.write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
+    elif args.format == "json":
+        # JSON has no infinity: an infinite leverage (equity <= 0 with exposure) is null.
+        floats = pl.col(pl.Float64)
+        text = (
+            frame.with_columns(pl.when(floats.is_finite()).then(floats).otherwise(None))
+            .with_columns(pl.col(pl.Datetime).dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))
+            .write_json()
+            + "\n"
+        )
+    else:
+        with pl.Config(
+            tbl_rows=-1,
+            tbl_cols=-1,
+            tbl_width_chars=400,
+            tbl_hide_dataframe_shape=True,
+            tbl_hide_column_data_types=True,
+            float_precision=6,
+        ):
+            text = f"{frame}\n" if frame.height else "(nothing at that time)\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def cmd_positions(args: argparse.Namespace) -> int:
+    positions, _ = _state(args)
+    return _emit(positions, args)
+
+
+def cmd_exposure(args: argparse.Namespace) -> int:
+    _, accounts = _state(args)
+    return _emit(accounts, args)
+
+
+def cmd_db_refresh(args: argparse.Namespace) -> int:
+    from riskbook.projections import refresh_account_positions
+
+    started = time.perf_counter()
+    rows = refresh_account_positions(_store(args.dsn))
+    print(f"account_positions: {rows:,} rows ({time.perf_counter() - started:.2f} s)")
+    return 0
+
+
 # ----------------------------------------------------------------------- simulate / demo
 
 
@@ -201,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = dbsub.add_parser("upgrade", help="apply schema migrations (also done on every connect)")
     dsn_option(up)
     up.set_defaults(func=cmd_db_upgrade)
+    ref = dbsub.add_parser(
+        "refresh",
+        help="refresh the account_positions view (concurrently: readers are not blocked)",
+        description="refresh the account_positions view (concurrently: readers are not blocked)",
+    )
+    dsn_option(ref)
+    ref.set_defaults(func=cmd_db_refresh)
 
     imp = add("import", cmd_import, "import JSON Lines files of event envelopes (plain or .gz)")
     imp.add_argument("files", nargs="+", metavar="FILE")
@@ -220,6 +295,32 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--known-at", default=None, help="only what was recorded by then (RFC 3339)")
     exp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     dsn_option(exp)
+
+    for name, func, text in [
+        (
+            "positions",
+            cmd_positions,
+            "positions per (account, symbol): quantity, average cost, realized and unrealized PnL",
+        ),
+        (
+            "exposure",
+            cmd_exposure,
+            "per account: cash, equity, gross and net exposure, leverage, drawdown",
+        ),
+    ]:
+        sp = add(name, func, text)
+        sp.add_argument(
+            "--at", default=None, help="business time T (RFC 3339; default: everything recorded)"
+        )
+        sp.add_argument(
+            "--known-at", default=None, help="only what was recorded by then (RFC 3339)"
+        )
+        sp.add_argument(
+            "--account", action="append", default=None, help="only this account (repeatable)"
+        )
+        sp.add_argument("--format", choices=_FORMATS, default="table", help="default: table")
+        sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
+        dsn_option(sp)
 
     sim = add("simulate", cmd_simulate, "generate a synthetic history with planted incidents")
     sim.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook simulate --help`")

@@ -1,0 +1,232 @@
+"""The compiled folds behind :mod:`riskbook.projections` (numba, imported on first use).
+
+Plain loops over the arrays of a book sorted by (business time, recorded time,
+position): the same floating-point operations, in the same order, as a per-event fold
+of DESIGN.md §4.
+
+Each account keeps a segment tree over the market values of its positions (leaves
+``q * mark``, or ``q * a`` before the symbol's first mark), one for net and one for
+gross exposure. A node is always recomputed from its two children, so an account's
+net and gross exposure are a function of its current positions only: exact sums, with
+no drift however many updates, at a cost of log2(positions) additions per update.
+(Numba helpers that take arrays cost reference counting on every call, so the hot
+loop below is written out in one function.)
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["fold", "group", "last_before", "last_before_each", "tree_init"]
+
+
+@numba.njit(cache=True, nogil=True)
+def tree_init(q, a, pair_sym, mark, has_mark, acct_ptr, tree_off, tree_size, tree_net, tree_gross):  # type: ignore[no-untyped-def]
+    """Build every account's trees from the state (a snapshot's) in place."""
+    tree_net[:] = 0.0
+    tree_gross[:] = 0.0
+    for ac in range(acct_ptr.shape[0] - 1):
+        off = tree_off[ac]
+        size = tree_size[ac]
+        for p in range(acct_ptr[ac], acct_ptr[ac + 1]):
+            v = 0.0
+            if q[p] != 0.0:
+                s = pair_sym[p]
+                v = q[p] * (mark[s] if has_mark[s] else a[p])
+            tree_net[off + size + p - acct_ptr[ac]] = v
+            tree_gross[off + size + p - acct_ptr[ac]] = abs(v)
+        for node in range(size - 1, 0, -1):
+            tree_net[off + node] = tree_net[off + 2 * node] + tree_net[off + 2 * node + 1]
+            tree_gross[off + node] = tree_gross[off + 2 * node] + tree_gross[off + 2 * node + 1]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def fold(  # type: ignore[no-untyped-def]
+    start, stop, kind, bt, acct, sym, pair, x, y, live,
+    pair_acct, pair_sym, acct_ptr, sym_ptr, sym_pairs, tree_off, tree_size, since,
+    q, a, r, ntr, pseen, plast,
+    cash, peak, equity, gross, net, aseen, alast,
+    mark, has_mark, tree_net, tree_gross,
+    emit, pi, ai, p_ev, p_q, p_a, p_r, p_n, p_before,
+    a_ev, a_acct, a_cash, a_gross, a_net, a_peak,
+):  # fmt: skip
+    """Fold book rows [start, stop) that are ``live``, in order, into the state arrays.
+
+    Per event: a trade or an adjustment moves its (account, symbol) and then its
+    account; a funding moves its account; a mark moves the mark of its symbol and then
+    every account holding the symbol. State arrays are updated in place. With ``emit``,
+    writes a row per position move (book index, q, a, R, trades, q before) from ``pi``
+    and one per account move (book index, account, cash, gross, net, peak; equity is
+    cash + net) from ``ai``. Account moves at or before ``since[account]`` are skipped
+    (a snapshot has them). Returns (next row, pi, ai): the next row is < ``stop`` when
+    the account outputs are full (grow them and call again from there).
+    """
+    cap = a_ev.shape[0]
+    p = 0
+    ac = 0
+    for i in range(start, stop):
+        if not live[i]:
+            continue
+        k = kind[i]
+        t = bt[i]
+        if k == 2:  # PriceMarked: revalue every holder
+            s = sym[i]
+            lo = sym_ptr[s]
+            hi = sym_ptr[s + 1]
+            if emit and ai + (hi - lo) > cap:
+                return i, pi, ai
+            mark[s] = x[i]
+            has_mark[s] = True
+        else:
+            ac = acct[i]
+            if t <= since[ac]:
+                continue
+            if emit and ai + 1 > cap:
+                return i, pi, ai
+            lo = -1  # one pass of the loop below, for this account
+            hi = 0
+            if k == 3:  # AccountFunded: flows move the peak too
+                cash[ac] += x[i]
+                peak[ac] += x[i]
+            else:
+                p = pair[i]
+                before = q[p]
+                if k == 0:  # TradeExecuted
+                    s_qty = x[i]
+                    price = y[i]
+                    qq = q[p]
+                    if qq == 0.0 or (s_qty > 0.0) == (qq > 0.0):  # opening or adding
+                        a[p] = (qq * a[p] + s_qty * price) / (qq + s_qty)
+                        q[p] = qq + s_qty
+                    else:  # reducing, closing or flipping
+                        closed = min(abs(s_qty), abs(qq))
+                        sign = 1.0 if qq > 0.0 else -1.0
+                        r[p] += closed * (price - a[p]) * sign
+                        if abs(s_qty) <= abs(qq):
+                            q[p] = qq + s_qty
+                            if q[p] == 0.0:
+                                a[p] = 0.0
+                        else:
+                            q[p] = qq + s_qty
+                            a[p] = price
+                    cash[ac] -= s_qty * price
+                    ntr[p] += 1
+                else:  # PositionUpdated: keep the cost basis q*a
+                    new = x[i]
+                    if new == 0.0:
+                        a[p] = 0.0
+                    else:
+                        a[p] = (q[p] * a[p]) / new
+                    q[p] = new
+                pseen[p] = True
+                plast[p] = t
+                if emit:
+                    p_ev[pi] = i
+                    p_q[pi] = q[p]
+                    p_a[pi] = a[p]
+                    p_r[pi] = r[p]
+                    p_n[pi] = ntr[p]
+                    p_before[pi] = before
+                    pi += 1
+        for j in range(lo, hi):
+            moved = k != 3  # a position's value changed: update the account's trees
+            if j >= 0:  # a mark: each account holding the symbol
+                p = sym_pairs[j]
+                if q[p] == 0.0:
+                    continue
+                ac = pair_acct[p]
+            if moved:
+                v = 0.0
+                if q[p] != 0.0:
+                    ps = pair_sym[p]
+                    v = q[p] * (mark[ps] if has_mark[ps] else a[p])
+                off = tree_off[ac]
+                node = tree_size[ac] + p - acct_ptr[ac]
+                tree_net[off + node] = v
+                tree_gross[off + node] = abs(v)
+                node >>= 1
+                while node >= 1:
+                    tree_net[off + node] = tree_net[off + 2 * node] + tree_net[off + 2 * node + 1]
+                    tree_gross[off + node] = (
+                        tree_gross[off + 2 * node] + tree_gross[off + 2 * node + 1]
+                    )
+                    node >>= 1
+            if t <= since[ac]:
+                continue
+            net_ = tree_net[tree_off[ac] + 1]
+            gross_ = tree_gross[tree_off[ac] + 1]
+            eq = cash[ac] + net_
+            if eq > peak[ac]:
+                peak[ac] = eq
+            equity[ac] = eq
+            gross[ac] = gross_
+            net[ac] = net_
+            aseen[ac] = True
+            alast[ac] = t
+            if emit:
+                a_ev[ai] = i
+                a_acct[ai] = ac
+                a_cash[ai] = cash[ac]
+                a_gross[ai] = gross_
+                a_net[ai] = net_
+                a_peak[ai] = peak[ac]
+                ai += 1
+    return stop, pi, ai
+
+
+@numba.njit(cache=True, nogil=True)
+def group(keys, n_groups):  # type: ignore[no-untyped-def]
+    """Counting sort: ``order`` lists the row indices of group g in ptr[g]:ptr[g+1],
+    in their original (ascending) order."""
+    ptr = np.zeros(n_groups + 1, np.int64)
+    for k in keys:
+        ptr[k + 1] += 1
+    for g in range(n_groups):
+        ptr[g + 1] += ptr[g]
+    fill = ptr[:-1].copy()
+    order = np.empty(keys.shape[0], np.int64)
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        order[fill[k]] = i
+        fill[k] += 1
+    return ptr, order
+
+
+@numba.njit(cache=True, nogil=True)
+def last_before(ptr, order, ev, cut):  # type: ignore[no-untyped-def]
+    """Per group: the row (index into ``ev``) of its last entry with ``ev < cut``; -1 if none."""
+    n = ptr.shape[0] - 1
+    out = np.full(n, -1, np.int64)
+    for g in range(n):
+        lo = ptr[g]
+        hi = ptr[g + 1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ev[order[mid]] < cut:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > ptr[g]:
+            out[g] = order[lo - 1]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def last_before_each(ptr, order, ev, groups, cuts):  # type: ignore[no-untyped-def]
+    """Like :func:`last_before`, for one (group, cut) per query."""
+    out = np.full(groups.shape[0], -1, np.int64)
+    for k in range(groups.shape[0]):
+        g = groups[k]
+        lo = ptr[g]
+        hi = ptr[g + 1]
+        first = lo
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ev[order[mid]] < cuts[k]:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > first:
+            out[k] = order[lo - 1]
+    return out
