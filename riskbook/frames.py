@@ -49,10 +49,13 @@ from riskbook.store import Store, connect, redact
 __all__ = [
     "ENVELOPE",
     "KINDS",
+    "WIDE_COLUMNS",
     "Filters",
     "History",
     "Kind",
     "load",
+    "psycopg_literal",
+    "read_frames",
 ]
 
 _TIME = pl.Datetime("us", "UTC")
@@ -594,39 +597,20 @@ def _store_id(store: Store) -> str:
     return str(row[0])
 
 
+WIDE_COLUMNS = (
+    'f.position, f.event_id::text, f.aggregate_id, f.sequence, f."timestamp",'
+    " f.causation_id::text, f.correlation_id, f.event_type, f.aggregate_type, f.occurred_at,"
+    " f.account_id, f.symbol, f.trade_id, f.side, f.quantity, f.price, f.amount,"
+    " f.previous_quantity, f.new_quantity, f.limit_type, f.value, f.current_value,"
+    " f.limit_value, f.actor, f.reason"
+)
+"""The select list (over ``event_fields f``) that :func:`read_frames` splits into frames."""
+
+
 def _select(filters: Filters) -> tuple[str, list[Any]]:
     where, params = filters.where()
-    cols = ", ".join(
-        [
-            "f.position",
-            "f.event_id::text",
-            "f.aggregate_id",
-            "f.sequence",
-            'f."timestamp"',
-            "f.causation_id::text",
-            "f.correlation_id",
-            "f.event_type",
-            "f.aggregate_type",
-            "f.occurred_at",
-            "f.account_id",
-            "f.symbol",
-            "f.trade_id",
-            "f.side",
-            "f.quantity",
-            "f.price",
-            "f.amount",
-            "f.previous_quantity",
-            "f.new_quantity",
-            "f.limit_type",
-            "f.value",
-            "f.current_value",
-            "f.limit_value",
-            "f.actor",
-            "f.reason",
-        ]
-    )
     query = (
-        f"SELECT {cols} FROM event_fields f"
+        f"SELECT {WIDE_COLUMNS} FROM event_fields f"
         " WHERE f.position >= %s AND f.position < %s AND " + where + " ORDER BY f.position"
     )
     return query, params
@@ -671,13 +655,23 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
             out.horizon = after
             return out
         literal = psycopg_literal(conn, query, [after, fence, *params])
+    frames = read_frames(store, literal, progress=progress)
+    return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
+
+
+def read_frames(
+    store: Store, query: str, *, progress: bool | None = False
+) -> dict[str, pl.DataFrame]:
+    """Run a query selecting :data:`WIDE_COLUMNS` from ``event_fields f``; split its rows
+    into History frames (through ADBC; parameters must already be inlined, see
+    :func:`psycopg_literal`)."""
     parts: dict[str, list[pl.DataFrame]] = {n: [] for n in [*KINDS, "events"]}
     bar = _Progress(progress)
-    for wide in _fetch(store, literal):
+    for wide in _fetch(store, query):
         _split(wide, parts)
         bar.update(wide.height)
     bar.close()
-    frames = {
+    return {
         n: (
             pl.concat(parts[n], rechunk=False)
             if parts[n]
@@ -685,7 +679,6 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
         )
         for n in parts
     }
-    return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
 
 
 def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:

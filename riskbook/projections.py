@@ -112,7 +112,7 @@ import polars as pl
 
 from riskbook.errors import RiskbookError
 from riskbook.events import parse_time
-from riskbook.frames import KINDS, History, Kind
+from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
 
 if TYPE_CHECKING:
     from riskbook.store import Store
@@ -1446,13 +1446,7 @@ def _account_sequences(history: History) -> dict[str, int]:
 _FAR_PAST = datetime(1, 1, 2, tzinfo=UTC)
 _FAR_FUTURE = datetime(9999, 12, 30, tzinfo=UTC)
 _OWN = "('TradeExecuted', 'PositionUpdated', 'AccountFunded')"
-_WIDE = (
-    'f.position, f.event_id::text, f.aggregate_id, f.sequence, f."timestamp",'
-    " f.causation_id::text, f.correlation_id, f.event_type, f.aggregate_type, f.occurred_at,"
-    " f.account_id, f.symbol, f.trade_id, f.side, f.quantity, f.price, f.amount,"
-    " f.previous_quantity, f.new_quantity, f.limit_type, f.value, f.current_value,"
-    " f.limit_value, f.actor, f.reason"
-)
+_WIDE = WIDE_COLUMNS
 # Distinct accounts by a loose scan of event_fields_account_time_idx.
 _ACCOUNTS_SQL = """
 WITH RECURSIVE a(id) AS (
@@ -1643,19 +1637,11 @@ def _fresh(
 
 def _read_wide(store: Store, query: str, params: dict[str, Any]) -> dict[str, pl.DataFrame]:
     """Rows of ``event_fields`` (the columns :mod:`riskbook.frames` reads) as History frames."""
-    from riskbook.frames import EVENTS_SCHEMA, _fetch, _split, psycopg_literal
+    from riskbook.frames import psycopg_literal, read_frames
 
     with store.connection() as conn:
         literal = psycopg_literal(conn, query, params)  # type: ignore[arg-type]
-    parts: dict[str, list[pl.DataFrame]] = {n: [] for n in [*KINDS, "events"]}
-    for wide in _fetch(store, literal):
-        _split(wide, parts)
-    return {
-        n: pl.concat(parts[n])
-        if parts[n]
-        else pl.DataFrame(schema=KINDS[n].schema if n != "events" else EVENTS_SCHEMA)
-        for n in parts
-    }
+    return read_frames(store, literal)
 
 
 def _fold_from_snapshots(
