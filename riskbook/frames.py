@@ -646,17 +646,123 @@ _WIDE_NAMES = [
 
 
 def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) -> History:
-    """Events with ``after <= position < fence`` matching ``filters``, as frames."""
-    query, params = _select(filters)
+    """Events with ``after <= position < fence`` matching ``filters``, as frames.
+
+    Each kind is read with its own narrow query (only its columns, found through the
+    ``(event_type, position)`` index), and the ``events`` frame is assembled from the
+    kinds' envelopes, plus the envelopes of any event type riskbook does not know.
+    """
+    where, params = filters.where()
     with store.connection() as conn:
         fence = conn.execute("SELECT riskbook_position_fence()").fetchone()[0]  # type: ignore[index]
         if fence <= after:
             out = History.empty(filters)
             out.horizon = after
             return out
-        literal = psycopg_literal(conn, query, [after, fence, *params])
-    frames = read_frames(store, literal, progress=progress)
+        bounds = "f.position >= %s AND f.position < %s AND " + where
+        args = [after, fence, *params]
+        present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL)}
+        queries = {
+            name: psycopg_literal(conn, _kind_query(kind) + bounds, args)
+            for name, kind in KINDS.items()
+            if present & set(kind.event_types)
+        }
+        unknown = sorted(present - set(_KIND_OF_TYPE))
+        if unknown:
+            queries["events"] = psycopg_literal(
+                conn,
+                f"SELECT {_ENVELOPE_SQL}, f.event_type, f.aggregate_type, f.occurred_at"
+                " FROM event_fields f WHERE f.event_type = ANY(%s) AND " + bounds,
+                [unknown, *args],
+            )
+    bar = _Progress(progress)
+    frames: dict[str, pl.DataFrame] = {}
+    envelopes = []
+    for name, kind in KINDS.items():
+        frame = (
+            _read_kind(store, queries[name], kind, bar)
+            if name in queries
+            else pl.DataFrame(schema=kind.schema)
+        )
+        frames[name] = frame
+        envelopes.append(_envelope_of(frame, kind))
+    if "events" in queries:
+        raw = _collect(store, queries["events"], bar)
+        envelopes.append(raw.select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()]))
+    bar.close()
+    events = pl.concat(envelopes, rechunk=False)
+    frames["events"] = _in_order(events)
     return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
+
+
+_ENVELOPE_SQL = (
+    'f.position, f.event_id::text, f.aggregate_id, f.sequence, f."timestamp",'
+    " f.causation_id::text, f.correlation_id"
+)
+
+# The event types present, by a loose scan of event_fields_type_idx (a few index probes).
+_TYPES_PRESENT_SQL = """
+WITH RECURSIVE t(event_type) AS (
+    (SELECT event_type FROM event_fields ORDER BY event_type LIMIT 1)
+    UNION ALL
+    SELECT (SELECT f.event_type FROM event_fields f WHERE f.event_type > t.event_type
+             ORDER BY f.event_type LIMIT 1)
+      FROM t WHERE t.event_type IS NOT NULL
+)
+SELECT event_type FROM t WHERE event_type IS NOT NULL
+"""
+
+
+def _kind_query(kind: Kind) -> str:
+    cols = ", ".join(
+        "(f.event_type = 'AccountBlocked')" if col == "blocked" else f"f.{src}"
+        for col, (_, src) in kind.columns.items()
+    )
+    types = ", ".join(f"'{t}'" for t in kind.event_types)
+    return (
+        f"SELECT {_ENVELOPE_SQL}, {cols} FROM event_fields f WHERE f.event_type IN ({types}) AND "
+    )
+
+
+def _collect(store: Store, query: str, bar: _Progress) -> pl.DataFrame:
+    batches = []
+    for batch in _fetch_batches(store, query):
+        batches.append(batch)
+        bar.update(batch.height)
+    return pl.concat(batches, rechunk=False) if len(batches) > 1 else batches[0]
+
+
+def _read_kind(store: Store, query: str, kind: Kind, bar: _Progress) -> pl.DataFrame:
+    raw = _collect(store, query, bar)
+    names = [*ENVELOPE, *kind.columns]
+    raw = raw.rename(dict(zip(raw.columns, names, strict=True)))
+    return _in_order(raw.select([pl.col(c).cast(t) for c, t in kind.schema.items()]))
+
+
+def _in_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """In global order: the rows of a seq scan nearly always are already."""
+    if frame.height and not frame["position"].is_sorted():
+        return frame.sort("position")
+    return frame
+
+
+def _envelope_of(frame: pl.DataFrame, kind: Kind) -> pl.DataFrame:
+    """The ``events`` rows of a kind's frame: its envelope, type and business time."""
+    if kind.name == "blocks":
+        event_type = (
+            pl.when(pl.col("blocked"))
+            .then(pl.lit("AccountBlocked"))
+            .otherwise(pl.lit("AccountUnblocked"))
+        )
+    else:
+        event_type = pl.lit(kind.event_types[0])
+    aggregate_type = "Instrument" if kind.name == "marks" else "Account"
+    return frame.select(
+        *ENVELOPE,
+        event_type.cast(_CAT).alias("event_type"),
+        pl.lit(aggregate_type).cast(_CAT).alias("aggregate_type"),
+        pl.col(kind.time).alias("occurred_at"),
+    )
 
 
 def read_frames(
@@ -689,8 +795,8 @@ def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
         return cur.mogrify(query, params)
 
 
-def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
-    """Stream the query's rows as Polars frames, through ADBC (binary COPY into Arrow)."""
+def _fetch_batches(store: Store, query: str) -> Iterator[pl.DataFrame]:
+    """Stream a query's rows as Polars frames, through ADBC (binary COPY into Arrow)."""
     import adbc_driver_postgresql.dbapi as adbc
 
     try:
@@ -701,12 +807,24 @@ def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
         with conn.cursor() as cur:
             cur.execute(query)
             reader = cur.fetch_record_batch()
+            empty = True
             for batch in reader:
                 frame = pl.from_arrow(batch)
                 assert isinstance(frame, pl.DataFrame)
-                yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
+                empty = False
+                yield frame
+            if empty:  # no rows: still the columns, with their types
+                frame = pl.from_arrow(reader.schema.empty_table())
+                assert isinstance(frame, pl.DataFrame)
+                yield frame
     finally:
         conn.close()
+
+
+def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
+    """Rows of a :data:`WIDE_COLUMNS` query, with the wide column names."""
+    for frame in _fetch_batches(store, query):
+        yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
 
 
 def _split(wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]]) -> None:
