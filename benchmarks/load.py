@@ -6,9 +6,10 @@ each in a fresh process so that its peak memory (as the OS counts it) is its own
 * riskbook cold load (``riskbook.load``, no cache), and the same writing its cache;
 * warm load (cache on disk + the empty delta from PostgreSQL);
 * ``History.refresh()`` after 10,000 new events;
-* the same typed columns read by pandas ``read_sql``, ``pl.read_database`` over
+* the same rows and columns (riskbook's queries: one narrow query per event kind over
+  the typed ``event_fields``) read by pandas ``read_sql``, ``pl.read_database`` over
   psycopg, connectorx, and ADBC straight into Arrow;
-* the floor: the server's own ``COPY (same query) TO '/dev/null'``.
+* the floor: the server's own ``COPY (same queries) TO '/dev/null'``.
 
     uv run --group bench python benchmarks/load.py                  # 5M events, ~15 min
     uv run --group bench python benchmarks/load.py --events 200000  # a quick look
@@ -38,11 +39,11 @@ HERE = Path(__file__).resolve()
 # ----------------------------------------------------------------------- child side
 
 
-def _typed_query() -> str:
-    from riskbook.frames import Filters, _select
+def _kind_queries() -> list[str]:
+    """The queries riskbook.load runs (one narrow query per event kind), unfiltered."""
+    from riskbook.frames import KINDS, _kind_query
 
-    query, _ = _select(Filters())
-    return query.replace("%s", "0", 1).replace("%s", "9223372036854775807", 1)
+    return [_kind_query(k) + "TRUE" for k in KINDS.values()]
 
 
 def child(route: str, dsn: str, cache: str) -> dict[str, float]:
@@ -69,27 +70,29 @@ def child(route: str, dsn: str, cache: str) -> dict[str, float]:
     elif route == "pandas":
         import pandas as pd
 
-        df = pd.read_sql(_typed_query(), store.engine)
-        rows = len(df)
+        rows = sum(len(pd.read_sql(q, store.engine)) for q in _kind_queries())
     elif route == "read_database":
         with store.connection() as conn:
-            df2 = pl.read_database(_typed_query(), conn, infer_schema_length=None)
-        rows = df2.height
+            rows = sum(
+                pl.read_database(q, conn, infer_schema_length=None).height for q in _kind_queries()
+            )
     elif route == "connectorx":
         import connectorx as cx
 
-        df3 = cx.read_sql(_cx_uri(dsn), _typed_query(), return_type="polars")
-        rows = df3.height
+        rows = sum(
+            cx.read_sql(_cx_uri(dsn), q, return_type="polars").height for q in _kind_queries()
+        )
     elif route == "adbc":
         import adbc_driver_postgresql.dbapi as adbc
 
         with adbc.connect(dsn) as conn, conn.cursor() as cur:
-            cur.execute(_typed_query())
-            df4 = pl.from_arrow(cur.fetch_arrow_table())
-        rows = df4.height  # type: ignore[union-attr]
+            for q in _kind_queries():
+                cur.execute(q)
+                rows += pl.from_arrow(cur.fetch_arrow_table()).height  # type: ignore[union-attr]
     elif route == "floor":
         with store.connection() as conn:
-            conn.execute(f"COPY ({_typed_query()}) TO '/dev/null' (FORMAT binary)")
+            for q in _kind_queries():
+                conn.execute(f"COPY ({q}) TO '/dev/null' (FORMAT binary)")
         rows = -1
     else:
         raise SystemExit(f"unknown route {route}")
@@ -122,9 +125,15 @@ def _append_new(store: object, n: int) -> None:
     t0 = datetime(2030, 1, 2, tzinfo=UTC)
     envs = [
         Envelope(
-            event_id=uuid.uuid4(), aggregate_id=f"NEW-{i % 100}", aggregate_type="Account",
-            sequence=0, timestamp=t0 + timedelta(milliseconds=i), correlation_id="bench",
-            payload=riskbook.AccountFunded(account_id=f"NEW-{i % 100}", amount=1.0 + i, funded_at=t0),
+            event_id=uuid.uuid4(),
+            aggregate_id=f"NEW-{i % 100}",
+            aggregate_type="Account",
+            sequence=0,
+            timestamp=t0 + timedelta(milliseconds=i),
+            correlation_id="bench",
+            payload=riskbook.AccountFunded(
+                account_id=f"NEW-{i % 100}", amount=1.0 + i, funded_at=t0
+            ),
         )
         for i in range(n)
     ]
@@ -137,7 +146,9 @@ def _append_new(store: object, n: int) -> None:
 def run_child(route: str, dsn: str, cache: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, str(HERE), "--child", route, "--dsn", dsn, "--cache", cache],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise SystemExit(f"{route} failed:\n{out.stderr[-3000:]}")
@@ -145,7 +156,9 @@ def run_child(route: str, dsn: str, cache: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=5_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each route (median)")
     ap.add_argument("--skip", default="", help="comma-separated routes to skip (e.g. pandas)")
@@ -164,13 +177,17 @@ def main() -> None:
     with scratch_database(args.dsn) as dsn, tempfile.TemporaryDirectory() as cache:
         store = Store(dsn)
         t = time.perf_counter()
-        result, _ = simulate.stream_to_store(store, seed=11, accounts=60, symbols=40, events=args.events)
+        result, _ = simulate.stream_to_store(
+            store, seed=11, accounts=60, symbols=40, events=args.events
+        )
         made = time.perf_counter() - t
         with store.connection() as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         store.close()
-        print(f"PostgreSQL {version}; history: {result.added:,} events made in {made:.1f} s; "
-              f"median of {args.repeat} runs, each route in a fresh process\n")
+        print(
+            f"PostgreSQL {version}; history: {result.added:,} events made in {made:.1f} s; "
+            f"median of {args.repeat} runs, each route in a fresh process\n"
+        )
 
         def measure(route: str, repeat: int | None = None) -> dict[str, float]:
             runs = [run_child(route, dsn, cache) for _ in range(repeat or args.repeat)]
@@ -207,13 +224,21 @@ def main() -> None:
             print(f"| {names[route]} | {r['seconds']:.2f} | {rss} | {r['seconds'] / cold:.2f}x |")
         frames = res["cold"]["frames_mb"]
         print()
-        print(f"frames in memory: {frames:,.0f} MiB; cold-load peak RSS / frames = "
-              f"{res['cold']['peak_rss_mb'] / frames:.2f} (goal < 2)")
+        print(
+            f"frames in memory: {frames:,.0f} MiB; cold-load peak RSS / frames = "
+            f"{res['cold']['peak_rss_mb'] / frames:.2f} (goal < 2)"
+        )
         if "pandas" in res:
-            print(f"cold load vs pandas read_sql: {res['pandas']['seconds'] / cold:.1f}x faster (goal >= 8x)")
-        print(f"cold load vs the server's COPY floor: {cold / res['floor']['seconds']:.2f}x (goal <= 1.5x)")
+            print(
+                f"cold load vs pandas read_sql: {res['pandas']['seconds'] / cold:.1f}x faster (goal >= 8x)"
+            )
+        print(
+            f"cold load vs the server's COPY floor: {cold / res['floor']['seconds']:.2f}x (goal <= 1.5x)"
+        )
         print(f"warm load vs cold: {cold / res['warm']['seconds']:.1f}x faster (goal >= 20x)")
-        print(f"refresh of 10k events: {100 * res['refresh']['seconds'] / cold:.2f}% of a cold load (goal < 2%)")
+        print(
+            f"refresh of 10k events: {100 * res['refresh']['seconds'] / cold:.2f}% of a cold load (goal < 2%)"
+        )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -661,6 +662,14 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
             return out
         bounds = "f.position >= %s AND f.position < %s AND " + where
         args = [after, fence, *params]
+        anything = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM event_fields WHERE position >= %s AND position < %s)",
+            (after, fence),
+        ).fetchone()
+        if not anything or not anything[0]:  # nothing new: no need to ask kind by kind
+            out = History.empty(filters)
+            out.horizon = fence
+            return out
         present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL)}
         queries = {
             name: psycopg_literal(conn, _kind_query(kind) + bounds, args)
@@ -678,17 +687,17 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
     bar = _Progress(progress)
     frames: dict[str, pl.DataFrame] = {}
     envelopes = []
-    for name, kind in KINDS.items():
-        frame = (
-            _read_kind(store, queries[name], kind, bar)
-            if name in queries
-            else pl.DataFrame(schema=kind.schema)
-        )
-        frames[name] = frame
-        envelopes.append(_envelope_of(frame, kind))
-    if "events" in queries:
-        raw = _collect(store, queries["events"], bar)
-        envelopes.append(raw.select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()]))
+    with _adbc(store) as adbc_conn:
+        for name, kind in KINDS.items():
+            if name in queries:
+                frame = _read_kind(adbc_conn, queries[name], kind, bar)
+            else:
+                frame = pl.DataFrame(schema=kind.schema)
+            frames[name] = frame
+            envelopes.append(_envelope_of(frame, kind))
+        if "events" in queries:
+            raw = _collect(adbc_conn, queries["events"], bar)
+            envelopes.append(raw.select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()]))
     bar.close()
     events = pl.concat(envelopes, rechunk=False)
     frames["events"] = _in_order(events)
@@ -724,16 +733,16 @@ def _kind_query(kind: Kind) -> str:
     )
 
 
-def _collect(store: Store, query: str, bar: _Progress) -> pl.DataFrame:
+def _collect(conn: Any, query: str, bar: _Progress) -> pl.DataFrame:
     batches = []
-    for batch in _fetch_batches(store, query):
+    for batch in _batches(conn, query):
         batches.append(batch)
         bar.update(batch.height)
     return pl.concat(batches, rechunk=False) if len(batches) > 1 else batches[0]
 
 
-def _read_kind(store: Store, query: str, kind: Kind, bar: _Progress) -> pl.DataFrame:
-    raw = _collect(store, query, bar)
+def _read_kind(conn: Any, query: str, kind: Kind, bar: _Progress) -> pl.DataFrame:
+    raw = _collect(conn, query, bar)
     names = [*ENVELOPE, *kind.columns]
     raw = raw.rename(dict(zip(raw.columns, names, strict=True)))
     return _in_order(raw.select([pl.col(c).cast(t) for c, t in kind.schema.items()]))
@@ -795,8 +804,9 @@ def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
         return cur.mogrify(query, params)
 
 
-def _fetch_batches(store: Store, query: str) -> Iterator[pl.DataFrame]:
-    """Stream a query's rows as Polars frames, through ADBC (binary COPY into Arrow)."""
+@contextmanager
+def _adbc(store: Store) -> Iterator[Any]:
+    """An ADBC connection to the store (binary COPY straight into Arrow, in C)."""
     import adbc_driver_postgresql.dbapi as adbc
 
     try:
@@ -804,27 +814,33 @@ def _fetch_batches(store: Store, query: str) -> Iterator[pl.DataFrame]:
     except Exception as exc:
         raise StoreError(f"cannot connect to {redact(store.dsn)} with ADBC: {exc}") from None
     try:
-        with conn.cursor() as cur:
-            cur.execute(query)
-            reader = cur.fetch_record_batch()
-            empty = True
-            for batch in reader:
-                frame = pl.from_arrow(batch)
-                assert isinstance(frame, pl.DataFrame)
-                empty = False
-                yield frame
-            if empty:  # no rows: still the columns, with their types
-                frame = pl.from_arrow(reader.schema.empty_table())
-                assert isinstance(frame, pl.DataFrame)
-                yield frame
+        yield conn
     finally:
         conn.close()
 
 
+def _batches(conn: Any, query: str) -> Iterator[pl.DataFrame]:
+    """A query's rows as Polars frames, batch by batch (at least one, maybe empty)."""
+    with conn.cursor() as cur:
+        cur.execute(query)
+        reader = cur.fetch_record_batch()
+        empty = True
+        for batch in reader:
+            frame = pl.from_arrow(batch)
+            assert isinstance(frame, pl.DataFrame)
+            empty = False
+            yield frame
+        if empty:  # no rows: still the columns, with their types
+            frame = pl.from_arrow(reader.schema.empty_table())
+            assert isinstance(frame, pl.DataFrame)
+            yield frame
+
+
 def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
     """Rows of a :data:`WIDE_COLUMNS` query, with the wide column names."""
-    for frame in _fetch_batches(store, query):
-        yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
+    with _adbc(store) as conn:
+        for frame in _batches(conn, query):
+            yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
 
 
 def _split(wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]]) -> None:
