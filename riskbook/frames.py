@@ -806,34 +806,39 @@ def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
 
 @contextmanager
 def _adbc(store: Store) -> Iterator[Any]:
-    """An ADBC connection to the store (binary COPY straight into Arrow, in C)."""
-    import adbc_driver_postgresql.dbapi as adbc
+    """An ADBC connection to the store: the server's binary COPY straight into Arrow, in C.
+
+    The driver manager's own API hands Polars an Arrow C stream, so pyarrow (a second
+    or more to import) is never loaded.
+    """
+    import adbc_driver_manager
+    import adbc_driver_postgresql
 
     try:
-        conn = adbc.connect(store.dsn)
+        db = adbc_driver_postgresql.connect(store.dsn)
+        conn = adbc_driver_manager.AdbcConnection(db)
     except Exception as exc:
         raise StoreError(f"cannot connect to {redact(store.dsn)} with ADBC: {exc}") from None
     try:
         yield conn
     finally:
         conn.close()
+        db.close()
 
 
 def _batches(conn: Any, query: str) -> Iterator[pl.DataFrame]:
-    """A query's rows as Polars frames, batch by batch (at least one, maybe empty)."""
-    with conn.cursor() as cur:
-        cur.execute(query)
-        reader = cur.fetch_record_batch()
-        empty = True
-        for batch in reader:
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            empty = False
-            yield frame
-        if empty:  # no rows: still the columns, with their types
-            frame = pl.from_arrow(reader.schema.empty_table())
-            assert isinstance(frame, pl.DataFrame)
-            yield frame
+    """A query's rows as one Polars frame (possibly empty, with its columns' types)."""
+    import adbc_driver_manager
+
+    stmt = adbc_driver_manager.AdbcStatement(conn)
+    try:
+        stmt.set_sql_query(query)
+        handle, _ = stmt.execute_query()
+        yield pl.DataFrame(handle)
+    except adbc_driver_manager.Error as exc:
+        raise StoreError(f"query failed: {exc}") from None
+    finally:
+        stmt.close()
 
 
 def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
