@@ -214,6 +214,29 @@ def cmd_db_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- limits
+
+
+def _history(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from riskbook.frames import load
+
+    return load(_store(args.dsn), accounts=args.account, cache=False, progress=False)
+
+
+def cmd_breaches(args: argparse.Namespace) -> int:
+    from riskbook.limits import breaches
+
+    levels = tuple(args.level) if args.level else (0.8, 0.9, 1.0)
+    found = breaches(_history(args), at=args.at, known_at=args.known_at, levels=levels)
+    return _emit(found, args)
+
+
+def cmd_limits_history(args: argparse.Namespace) -> int:
+    from riskbook.limits import limit_history
+
+    return _emit(limit_history(_history(args), known_at=args.known_at), args)
+
+
 # ----------------------------------------------------------------------- simulate / demo
 
 
@@ -226,7 +249,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from riskbook import demo
 
-    return demo.run(dsn=args.dsn, sample=Path(args.sample) if args.sample else None)
+    return demo.run(
+        dsn=args.dsn,
+        sample=Path(args.sample) if args.sample else None,
+        lab=not args.summary_only,
+        browser=not args.no_browser,
+        port=args.port,
+    )
 
 
 # ----------------------------------------------------------------------- parser
@@ -322,12 +351,66 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
         dsn_option(sp)
 
+    def output_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--known-at", default=None, help="only what was recorded by then (RFC 3339)"
+        )
+        sp.add_argument(
+            "--account", action="append", default=None, help="only this account (repeatable)"
+        )
+        sp.add_argument("--format", choices=_FORMATS, default="table", help="default: table")
+        sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
+        dsn_option(sp)
+
+    br = add(
+        "breaches",
+        cmd_breaches,
+        "limit breach intervals: when each limit was exceeded, by how much, what triggered it",
+    )
+    br.add_argument(
+        "--at", default=None, help="business time T (RFC 3339; default: everything recorded)"
+    )
+    br.add_argument(
+        "--level",
+        action="append",
+        type=float,
+        default=None,
+        help="a fraction of the limit to report (repeatable; default 0.8, 0.9 and 1.0)",
+    )
+    output_options(br)
+    lim = sub.add_parser("limits", help="limits: their audit trail")
+    limsub = lim.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
+    text = "every limit change: old and new value, who set it, business and recorded time"
+    lh = limsub.add_parser("history", help=text, description=text)
+    lh.set_defaults(func=cmd_limits_history)
+    output_options(lh)
+
     sim = add("simulate", cmd_simulate, "generate a synthetic history with planted incidents")
     sim.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook simulate --help`")
 
-    demo = add("demo", cmd_demo, "load the sample history and show what riskbook computes")
+    demo = add(
+        "demo",
+        cmd_demo,
+        "load the sample history (into an empty store), show what riskbook computes,"
+        " and open the notebooks in JupyterLab",
+    )
     demo.add_argument(
-        "--sample", default=None, help="a JSON Lines history (default: the bundled sample)"
+        "--sample",
+        default=None,
+        help="import this JSON Lines history (default: the bundled sample, into an empty store)",
+    )
+    demo.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="print the summary and stop (no JupyterLab): for scripts and CI",
+    )
+    demo.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="print JupyterLab's URL instead of opening a browser",
+    )
+    demo.add_argument(
+        "--port", type=int, default=None, help="JupyterLab's port (default: 8888 or the next free)"
     )
     dsn_option(demo)
     return p

@@ -1,24 +1,34 @@
-"""``riskbook demo``: load the sample history and show what riskbook knows about it.
+"""``riskbook demo``: load the sample history, show what riskbook knows, open the notebooks.
 
 The main job on the embedded default: start (or attach to) the private PostgreSQL,
-import the bundled sample (idempotent: a second run adds nothing), then tell the story
-an auditor would ask for first -- what is in the store, and for every block the engine
-recorded, which event caused it.
+import the bundled sample when the store is empty, tell the story an auditor would ask
+for first -- what is in the store, and for every block the engine recorded, which event
+caused it -- then open JupyterLab on the notebooks (``--summary-only`` stops after the
+summary; ``--no-browser`` prints the notebooks' URL instead of opening a browser).
+
+The notebooks open on the same store with :func:`open_sample`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from riskbook.store import Store, connect, redact
+from riskbook.store import ImportResult, Store, connect, redact
 
-__all__ = ["SAMPLE", "run"]
+__all__ = ["NOTEBOOKS", "SAMPLE", "lab_command", "open_sample", "run"]
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.jsonl.gz"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+FIRST_NOTEBOOK = "exposure_explorer.ipynb"
 
 
 def _say(text: str = "") -> None:
@@ -67,18 +77,60 @@ def _answer_key(sample: Path) -> dict[str, Any] | None:
     return None
 
 
-def run(*, dsn: str | None = None, sample: Path | None = None) -> int:
+def open_sample(
+    dsn: str | None = None, *, sample: Path | None = None
+) -> tuple[Store, ImportResult | None]:
+    """The store (``dsn``, ``RISKBOOK_DSN`` or the embedded server), with the sample in it.
+
+    The sample history is imported only when the store holds no event at all, so a
+    store with a history of its own is shown as it is. Returns the store and the
+    import's result (None when nothing was imported).
+    """
+    store = connect(dsn)
+    if store.head() > 0:
+        return store, None
+    return store, store.import_jsonl(_sample_file(sample))
+
+
+def run(
+    *,
+    dsn: str | None = None,
+    sample: Path | None = None,
+    lab: bool = False,
+    browser: bool = True,
+    port: int | None = None,
+) -> int:
+    """The demo: summary of the store (the sample imported if empty), then JupyterLab.
+
+    Parameters
+    ----------
+    dsn : the store (default ``RISKBOOK_DSN``, else the embedded server).
+    sample : a history to import (idempotent) instead of the bundled sample, which is
+        only imported into an empty store.
+    lab : open JupyterLab on the notebooks after the summary (blocks until it stops).
+    browser : let JupyterLab open a browser; else print the URL only.
+    port : JupyterLab's port (default: the first free one from 8888).
+    """
     started = time.perf_counter()
     store = connect(dsn)
     _say(f"riskbook store: {redact(store.dsn)}")
-    path = _sample_file(sample)
-    _say(f"importing {path} ...")
-    result = store.import_jsonl(path)
-    _say(f"  {result}")
+    if sample is not None:
+        path: Path | None = sample
+        _say(f"importing {sample} ...")
+        _say(f"  {store.import_jsonl(sample)}")
+    elif store.head() == 0:
+        path = _sample_file(None)
+        _say(f"the store is empty: importing the sample {path} ...")
+        _say(f"  {store.import_jsonl(path)}")
+    else:
+        path = _sample_file(None)
+        _say(
+            f"the store holds {store.count():,} events (the sample is imported only into an empty store)"
+        )
     _overview(store)
     _blocks(store)
-    key = _answer_key(path)
-    if key:
+    key = _answer_key(path) if path is not None else None
+    if key and _holds(store, key):
         _say("\nIncidents planted in the sample (its answer key):")
         rows = [
             (
@@ -95,11 +147,91 @@ def run(*, dsn: str | None = None, sample: Path | None = None) -> int:
                 rows, ("incident", "account", "limit", "symbol", "breach starts (business time)")
             )
         )
-    _say(
-        f"\ndone in {time.perf_counter() - started:.1f} s. Next: `riskbook db url` for psql, or the notebooks in notebooks/."
-    )
+    _say(f"\ndone in {time.perf_counter() - started:.1f} s.")
+    if not lab:
+        _say("Next: `riskbook demo` opens the notebooks in JupyterLab; `riskbook db url` for psql.")
+        store.close()
+        return 0
+    store_dsn = store.dsn
     store.close()
-    return 0
+    return _lab(store_dsn if dsn else None, browser=browser, port=port)
+
+
+def _holds(store: Store, key: dict[str, Any]) -> bool:
+    """Does the store hold the answer key's history (its first trigger event)?"""
+    ids = [i["trigger_event_id"] for i in key.get("incidents", []) if i.get("trigger_event_id")]
+    if not ids:
+        return False
+    with store.connection() as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE event_id = %s", (ids[0],)).fetchone()
+    return bool(row and row[0])
+
+
+def _free_port(first: int = 8888, tries: int = 50) -> int:
+    for port in range(first, first + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {first}..{first + tries - 1}")
+
+
+def lab_command(*, port: int, token: str, browser: bool, notebooks: Path = NOTEBOOKS) -> list[str]:
+    """The ``jupyter lab`` command line the demo runs (served on 127.0.0.1 only).
+
+    As root, JupyterLab refuses to start without ``--allow-root``; it is added then.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--ServerApp.root_dir={notebooks}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.log_level=WARN",
+        f"--LabApp.default_url=/lab/tree/{FIRST_NOTEBOOK}",
+    ]
+    if not browser:
+        cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    return cmd
+
+
+def _lab(dsn: str | None, *, browser: bool, port: int | None) -> int:
+    if not (NOTEBOOKS / FIRST_NOTEBOOK).exists():
+        _say(f"no notebooks at {NOTEBOOKS} (riskbook was installed without them)")
+        return 1
+    port = port or _free_port()
+    token = secrets.token_hex(16)
+    env = dict(os.environ)
+    if dsn:  # the notebooks' kernels use the store the demo used
+        env["RISKBOOK_DSN"] = dsn
+    url = f"http://127.0.0.1:{port}/lab/tree/{FIRST_NOTEBOOK}?token={token}"
+    _say(
+        f"\nJupyterLab on the notebooks in {NOTEBOOKS}:\n  {url}\n"
+        "Run each notebook with Run > Run All Cells. Stop with Ctrl-C."
+    )
+    proc = subprocess.Popen(lab_command(port=port, token=token, browser=browser), env=env)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop ends JupyterLab too
+    signal.signal(signal.SIGINT, stop)  # even where SIGINT was inherited as ignored
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 0
 
 
 def _overview(store: Store) -> None:

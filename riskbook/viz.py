@@ -1,0 +1,1273 @@
+"""Altair charts over riskbook's Polars frames (DESIGN.md §1 layer 7).
+
+Every builder takes the frames the projections return and gives an Altair chart:
+
+=========================  ==============================================================
+:func:`exposure_chart`     a measure (gross exposure, equity, leverage ...) of every
+                           account over time, with a rule at the time being looked at
+:func:`exposure_at_chart`  exposure by account and symbol at one moment (bars)
+:func:`position_chart`     an account's position per symbol over time, with its
+                           MaxPositionSize limits as step lines
+:func:`equity_chart`       equity and its running peak (the drawdown shaded), drawdown
+                           below against MaxDrawdown
+:func:`leverage_chart`     leverage against MaxLeverage as a step line from LimitSet,
+                           rows over the limit marked
+:func:`breach_chart`       breach intervals as a Gantt chart, one lane per account and
+                           limit type, warning levels beneath the breaches
+:func:`event_chart`        the events around an incident, one lane per kind, with
+                           causation links and the late recordings drawn
+=========================  ==============================================================
+
+Charts stay small whatever the history: a timeline is cut down by :func:`downsample`
+(per series, equal-count buckets; in each bucket the rows holding the minimum and the
+maximum of every plotted column and the bucket's last row are kept, so spikes and the
+final state survive) to at most ``max_rows`` rows before it reaches Altair. Times are
+handed to Vega as epoch milliseconds and shown in UTC.
+
+Rendering is offline: :func:`setup` switches Altair to its Jupyter widget renderer with
+the JavaScript bundled by vl-convert (no CDN), and :func:`save_png` / :func:`save_svg`
+export through vl-convert.
+
+Examples
+--------
+>>> from datetime import datetime, timedelta, timezone
+>>> t0 = datetime(2024, 1, 9, 14, 30, tzinfo=timezone.utc)
+>>> frame = pl.DataFrame({"account_id": ["A"] * 1000,
+...     "occurred_at": [t0 + timedelta(seconds=i) for i in range(1000)],
+...     "equity": [float(i % 97) for i in range(1000)]})
+>>> small = downsample(frame, x="occurred_at", y="equity", by="account_id", max_rows=60)
+>>> small.height <= 60, small["equity"].max(), small["occurred_at"].max() == frame["occurred_at"].max()
+(True, 96.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+__all__ = [
+    "LEVEL_NAMES",
+    "MAX_ROWS",
+    "breach_chart",
+    "downsample",
+    "equity_chart",
+    "event_chart",
+    "event_lanes",
+    "exposure_at_chart",
+    "exposure_chart",
+    "leverage_chart",
+    "limit_steps",
+    "plot_frame",
+    "position_chart",
+    "save_png",
+    "save_svg",
+    "setup",
+]
+
+MAX_ROWS = 4_000
+"""Default cap on the rows a chart carries (Altair refuses more than 5,000 per dataset)."""
+
+MEASURES: dict[str, str] = {
+    "gross_exposure": "Gross exposure",
+    "net_exposure": "Net exposure",
+    "equity": "Equity",
+    "cash": "Cash",
+    "leverage": "Leverage",
+    "drawdown": "Drawdown",
+}
+"""Account measures :func:`exposure_chart` can draw, with their axis titles."""
+
+LEVEL_NAMES: dict[float, str] = {0.8: "warning 80%", 0.9: "warning 90%", 1.0: "breach"}
+"""How :func:`breach_chart` names the default levels (others read "level 75%")."""
+
+_LEVEL_COLORS = ["#f2c94c", "#f2994a", "#d62728"]
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%L"
+_WIDTH = 720
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+TimeLike = datetime | str | None
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(*, svg: bool = True, max_rows: int = 5_000) -> None:
+    """Render charts offline in Jupyter: the widget renderer with bundled JavaScript.
+
+    Altair's default renderer loads Vega from a CDN, which a closed network cannot
+    reach. This enables ``alt.renderers.enable("jupyter", offline=True)`` (Vega bundled
+    by vl-convert, served by the kernel) and keeps Altair's row limit as a last guard.
+
+    Parameters
+    ----------
+    svg : draw charts as SVG (text stays selectable; browser tests can read it) rather
+        than on a canvas.
+    max_rows : Altair's own limit on rows per dataset (the builders cap below it).
+    """
+    embed = {"renderer": "svg", "actions": False} if svg else {"actions": False}
+    alt.renderers.enable("jupyter", offline=True, embed_options=embed)
+    alt.JupyterChart.enable_offline(offline=True)
+    alt.data_transformers.enable("default", max_rows=max_rows)
+
+
+def save_png(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0) -> Path:
+    """Write ``chart`` as a PNG through vl-convert (offline; ``scale`` 2 for sharp text)."""
+    import vl_convert as vlc
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(vlc.vegalite_to_png(chart.to_dict(), scale=scale))
+    return out
+
+
+def save_svg(chart: alt.TopLevelMixin, path: str | Path) -> Path:
+    """Write ``chart`` as an SVG through vl-convert (offline)."""
+    import vl_convert as vlc
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(vlc.vegalite_to_svg(chart.to_dict()))
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _time(value: TimeLike) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from riskbook.events import parse_time
+
+        return parse_time(value)
+    if value.tzinfo is None:
+        raise ValueError("a time without a time zone is ambiguous: give UTC explicitly")
+    return value.astimezone(UTC)
+
+
+def _ms(value: TimeLike) -> int | None:
+    t = _time(value)
+    return None if t is None else (t - _EPOCH) // timedelta(milliseconds=1)
+
+
+def plot_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """A frame as Vega reads it best: times as epoch ms, ids as text, no inf or NaN.
+
+    Datetimes become integer epoch milliseconds (Vega's native time, and shorter than
+    ISO text); Categorical and Enum columns become strings; infinite and NaN floats
+    become null (JSON has no infinity; an infinite leverage draws as a gap).
+
+    Examples
+    --------
+    >>> plot_frame(pl.DataFrame({"t": [datetime(2024, 1, 1, tzinfo=UTC)],
+    ...     "leverage": [math.inf]})).row(0)
+    (1704067200000, None)
+    """
+    exprs: list[pl.Expr] = []
+    for name, dtype in frame.schema.items():
+        col = pl.col(name)
+        if isinstance(dtype, pl.Datetime):
+            exprs.append(col.dt.epoch("ms"))
+        elif isinstance(dtype, pl.Categorical | pl.Enum):
+            exprs.append(col.cast(pl.String))
+        elif dtype.is_float():
+            exprs.append(pl.when(col.is_finite()).then(col).otherwise(None).alias(name))
+    return frame.with_columns(exprs) if exprs else frame
+
+
+def downsample(
+    frame: pl.DataFrame,
+    *,
+    x: str,
+    y: str | Sequence[str],
+    by: str | Sequence[str] | None = None,
+    max_rows: int = MAX_ROWS,
+) -> pl.DataFrame:
+    """Cut a timeline down to at most ``max_rows`` rows, keeping its shape.
+
+    Each series (a group of ``by``) is split into equal-count buckets in ``x`` order;
+    from each bucket the rows with the minimum and the maximum of every ``y`` column
+    and the bucket's last row are kept. A step chart of the result has the same peaks,
+    troughs and final value as one of the whole timeline. A frame already small
+    enough is returned unchanged (sorted by ``x``).
+
+    Parameters
+    ----------
+    frame : the timeline, one row per event.
+    x : its time (or order) column.
+    y : the plotted column(s).
+    by : the series columns (e.g. ``"account_id"``); None: one series.
+    max_rows : the cap. At least 3 rows per series (per plotted column pair) are kept.
+
+    Returns
+    -------
+    pl.DataFrame
+        The kept rows, whole (all columns), sorted by ``by`` then ``x``.
+    """
+    ys = [y] if isinstance(y, str) else list(y)
+    keys = [] if by is None else [by] if isinstance(by, str) else list(by)
+    if frame.height <= max_rows:
+        return frame.sort([*keys, x])
+    n_series = frame.select(keys).n_unique() if keys else 1
+    per_bucket = 2 * len(ys) + 1
+    buckets = max(1, max_rows // (n_series * per_bucket))
+    # timelines come in time order: rank within each series without sorting the whole
+    data = (frame if frame[x].is_sorted() else frame.sort(x)).with_row_index("__row")
+    within = pl.int_range(pl.len()).over(keys) if keys else pl.int_range(pl.len())
+    size = pl.len().over(keys) if keys else pl.len()
+    picks: list[pl.Expr] = [pl.col("__row").last().alias("__last")]
+    for i, name in enumerate(ys):
+        finite = pl.when(pl.col(name).is_finite()).then(pl.col(name))
+        picks.append(pl.col("__row").get(finite.arg_min()).alias(f"__min{i}"))
+        picks.append(pl.col("__row").get(finite.arg_max()).alias(f"__max{i}"))
+    rows = (
+        data.select(*keys, *ys, "__row", ((within * buckets) // size).alias("__bucket"))
+        .group_by([*keys, "__bucket"])
+        .agg(picks)
+        .select(pl.concat_list(pl.exclude(*keys, "__bucket")).alias("__rows"))
+        .explode("__rows")
+        .drop_nulls()
+        .unique()
+        .sort("__rows")
+        .get_column("__rows")
+    )
+    kept = data.drop("__row").gather(rows).sort([*keys, x], maintain_order=True)
+    if kept.height > max_rows:  # many tiny series: keep each one's envelope, then thin
+        kept = kept.gather_every(math.ceil(kept.height / max_rows))
+    return kept
+
+
+def limit_steps(
+    limits: pl.DataFrame,
+    *,
+    account: str,
+    limit_type: str,
+    symbol: str | None = None,
+    known_at: TimeLike = None,
+    end: TimeLike = None,
+    account_wide: bool = True,
+) -> pl.DataFrame:
+    """A limit's value over time, from the LimitSet frame, ready for a step line.
+
+    One row per LimitSet of (account, limit_type, symbol) with ``set_at`` (business
+    time), ``value``, ``set_by``, ``timestamp`` (recorded), in order; as known at
+    ``known_at`` (LimitSets recorded later are left out). ``end`` appends a last row
+    repeating the final value so the step line runs to the chart's right edge.
+
+    A symbol-specific MaxPositionSize overrides the account-wide one for its symbol
+    (DESIGN.md §5): with ``symbol`` given and ``account_wide`` true, the result is the
+    limit that applies to that symbol -- the account-wide values until the first
+    symbol-specific LimitSet, the symbol's own after it.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``set_at, value, set_by, timestamp, scope`` (``"account"`` or the symbol).
+    """
+    k = _time(known_at)
+    rows = limits.filter(
+        (pl.col("account_id").cast(pl.String) == account)
+        & (pl.col("limit_type").cast(pl.String) == limit_type)
+    )
+    if k is not None:
+        rows = rows.filter(pl.col("timestamp") <= k)
+    rows = rows.select(
+        "set_at",
+        "value",
+        pl.col("set_by").cast(pl.String),
+        "timestamp",
+        "position",
+        pl.col("symbol").cast(pl.String),
+    )
+    own = rows.filter(pl.col("symbol") == symbol) if symbol is not None else rows.clear()
+    wide = rows.filter(pl.col("symbol").is_null())
+    if symbol is not None and own.height:
+        first = own["set_at"].min()
+        wide = wide.filter(pl.col("set_at") < first) if account_wide else wide.clear()
+        steps = pl.concat([wide, own])
+    elif symbol is not None and not account_wide:
+        steps = own
+    else:
+        steps = wide
+    steps = (
+        steps.sort("set_at", "timestamp", "position")
+        .with_columns(pl.col("symbol").fill_null("account").alias("scope"))
+        .select("set_at", "value", "set_by", "timestamp", "scope")
+    )
+    stop = _time(end)
+    if stop is not None and steps.height and steps["set_at"].max() < stop:  # type: ignore[operator]
+        last = steps.tail(1).with_columns(pl.lit(stop).cast(steps.schema["set_at"]).alias("set_at"))
+        steps = pl.concat([steps, last])
+    return steps
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+_AXIS_TIME = {
+    "year": "%Y",
+    "quarter": "%b %Y",
+    "month": "%b %Y",
+    "week": "%a %d %b",
+    "date": "%a %d %b",
+    "hours": "%H:%M",
+    "minutes": "%H:%M",
+    "seconds": "%H:%M:%S",
+    "milliseconds": "%S.%L",
+}
+"""24-hour clock labels at every zoom level (Vega's default is a 12-hour clock)."""
+
+
+def _x(
+    field: str = "t", title: str | None = "business time (UTC)", domain: Any = alt.Undefined
+) -> alt.X:
+    return alt.X(
+        f"{field}:T",
+        title=title,
+        scale=alt.Scale(type="utc", domain=domain, nice=domain is not alt.Undefined),
+        axis=alt.Axis(format=_AXIS_TIME, labelOverlap=True),
+    )
+
+
+def _tip_time(field: str, title: str) -> alt.Tooltip:
+    return alt.Tooltip(f"{field}:T", title=title, format=_TIME_FORMAT, formatType="utc")
+
+
+def _cursor(at: TimeLike, name: str = "at") -> tuple[alt.Parameter, alt.Chart]:
+    """A variable parameter holding a time (epoch ms) and a rule drawn at it.
+
+    Widgets move the rule by setting ``JupyterChart.params.<name>``: no data is resent.
+    """
+    param = alt.param(name=name, value=_ms(at))
+    rule = (
+        alt.Chart(pl.DataFrame({"one": [1]}))
+        .transform_filter(f"{name} != null")
+        .transform_calculate(t=name)
+        .mark_rule(color="#444", strokeDash=[4, 3], strokeWidth=1.5)
+        .encode(x=alt.X("t:T", scale=alt.Scale(type="utc")))
+    )
+    return param, rule
+
+
+def _last_time(frame: pl.DataFrame, column: str = "occurred_at") -> datetime | None:
+    last = frame[column].max() if frame.height else None
+    return last if isinstance(last, datetime) else None
+
+
+def _title(text: str, subtitle: str | None = None) -> alt.TitleParams:
+    return alt.TitleParams(text, subtitle=subtitle or "", anchor="start", fontSize=14)
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def exposure_chart(
+    timeline: pl.DataFrame,
+    *,
+    measure: str = "gross_exposure",
+    accounts: Sequence[str] | None = None,
+    at: TimeLike = None,
+    max_rows: int = MAX_ROWS,
+    height: int = 280,
+) -> alt.TopLevelMixin:
+    """A measure of every account over time (from :func:`riskbook.account_timeline`).
+
+    Step lines (figures hold between events), one colour per account, downsampled to
+    ``max_rows``; a dashed rule at ``at`` (the parameter ``at``, epoch ms, which a
+    widget moves without resending data). Click a legend entry to bring one account
+    forward; drag to zoom the time axis.
+
+    Parameters
+    ----------
+    timeline : rows of :func:`riskbook.account_timeline` (``account_id, occurred_at``
+        and the measure).
+    measure : one of :data:`MEASURES`.
+    accounts : only these accounts (None: all).
+    at : where to draw the time rule (None: no rule).
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}; got {measure!r}")
+    frame = timeline.select("account_id", "occurred_at", measure)  # ids cast after the cut
+    if accounts is not None:
+        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    frame = downsample(frame, x="occurred_at", y=measure, by="account_id", max_rows=max_rows)
+    data = plot_frame(frame.rename({"occurred_at": "t"}))
+    pick = alt.selection_point(fields=["account_id"], bind="legend")
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    y_axis = alt.Axis(format={"drawdown": "%", "leverage": ".2~f"}.get(measure, "~s"))
+    lines = (
+        alt.Chart(data)
+        .mark_line(interpolate="step-after", strokeWidth=1.4)
+        .encode(
+            x=_x(),
+            y=alt.Y(f"{measure}:Q", title=MEASURES[measure], axis=y_axis),
+            color=alt.Color("account_id:N", title="account", scale=alt.Scale(scheme="tableau20")),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+            tooltip=[
+                "account_id:N",
+                _tip_time("t", "at"),
+                alt.Tooltip(f"{measure}:Q", format=",.4~f"),
+            ],
+        )
+        .add_params(pick, zoom)
+    )
+    param, rule = _cursor(at)
+    n = data["account_id"].n_unique()
+    return (
+        alt.layer(lines, rule)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=height,
+            title=_title(
+                f"{MEASURES[measure]} by account",
+                f"{n} account{'s' if n != 1 else ''}, {timeline.height:,} timeline rows"
+                f" drawn as {data.height:,}",
+            ),
+        )
+    )
+
+
+def exposure_at_chart(
+    positions: pl.DataFrame, *, at: TimeLike = None, value: str = "market_value"
+) -> alt.TopLevelMixin:
+    """Exposure by account at one moment, stacked by symbol (from :func:`riskbook.positions`).
+
+    Longs to the right of zero and shorts to the left, so gross exposure is the bar's
+    whole length and net exposure its balance.
+    """
+    frame = plot_frame(
+        positions.filter(pl.col("quantity") != 0).select(
+            "account_id", "symbol", "quantity", "avg_price", "mark_price", value
+        )
+    )
+    when = _time(at)
+    sub = f"at {when:%Y-%m-%d %H:%M:%S} UTC" if when else "latest"
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            y=alt.Y("account_id:N", title=None, sort="ascending"),
+            x=alt.X(
+                f"sum({value}):Q",
+                title="market value (long + / short -)",
+                axis=alt.Axis(format="~s"),
+            ),
+            color=alt.Color("symbol:N", scale=alt.Scale(scheme="tableau10")),
+            tooltip=[
+                "account_id:N",
+                "symbol:N",
+                alt.Tooltip("quantity:Q", format=",.0f"),
+                alt.Tooltip("avg_price:Q", format=",.2f"),
+                alt.Tooltip("mark_price:Q", format=",.2f"),
+                alt.Tooltip(f"{value}:Q", format=",.0f"),
+            ],
+        )
+        .properties(
+            width=_WIDTH - 120,
+            height=alt.Step(16),
+            title=_title("Positions by account and symbol", sub),
+        )
+    )
+
+
+def position_chart(
+    position_timeline: pl.DataFrame,
+    *,
+    account: str,
+    limits: pl.DataFrame | None = None,
+    symbols: Sequence[str] | None = None,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    max_rows: int = MAX_ROWS,
+    height: int = 260,
+) -> alt.TopLevelMixin:
+    """An account's position per symbol over time, with its MaxPositionSize limits.
+
+    Parameters
+    ----------
+    position_timeline : rows of :func:`riskbook.position_timeline`.
+    account : the account.
+    limits : the History's ``limits`` frame: MaxPositionSize drawn as ± step lines
+        (dashed; per symbol where a symbol-specific limit overrides the account's).
+    symbols : only these symbols (None: all the account traded).
+    at : where to draw the time rule. known_at : limits as known then.
+    """
+    frame = position_timeline.filter(pl.col("account_id").cast(pl.String) == account).select(
+        pl.col("symbol").cast(pl.String), "occurred_at", "quantity", "avg_price", "trade_id"
+    )
+    if symbols is not None:
+        frame = frame.filter(pl.col("symbol").is_in(list(symbols)))
+    end = _last_time(frame)
+    small = downsample(frame, x="occurred_at", y="quantity", by="symbol", max_rows=max_rows)
+    data = plot_frame(small.rename({"occurred_at": "t"}))
+    color = alt.Color("symbol:N", scale=alt.Scale(scheme="tableau10"))
+    layers: list[alt.Chart] = [
+        alt.Chart(data)
+        .mark_line(interpolate="step-after", strokeWidth=1.4)
+        .encode(
+            x=_x(),
+            y=alt.Y("quantity:Q", title="position (quantity)", axis=alt.Axis(format="~s")),
+            color=color,
+            tooltip=[
+                "symbol:N",
+                _tip_time("t", "at"),
+                alt.Tooltip("quantity:Q", format=",.0f"),
+                alt.Tooltip("avg_price:Q", format=",.2f"),
+                "trade_id:N",
+            ],
+        )
+    ]
+    if limits is not None and frame.height:
+        steps = _position_limit_steps(
+            limits, account, frame["symbol"].unique().to_list(), known_at, end
+        )
+        if steps.height:
+            limit_data = plot_frame(
+                steps.rename({"set_at": "t"}).with_columns(pl.col("scope").alias("symbol"))
+            )
+            base = alt.Chart(limit_data).encode(
+                x=_x(),
+                detail="series:N",
+                tooltip=[
+                    alt.Tooltip("scope:N", title="limit on"),
+                    alt.Tooltip("value:Q", title="MaxPositionSize", format=",.0f"),
+                    "set_by:N",
+                    _tip_time("t", "set at"),
+                ],
+            )
+            wide = alt.datum.scope == "account"
+            if (steps["scope"] == "account").any():
+                layers.append(
+                    base.transform_filter(wide)
+                    .mark_line(
+                        strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
+                    )
+                    .encode(y="value:Q")
+                )
+                layers.append(
+                    base.transform_filter(wide)
+                    .transform_calculate(neg="-datum.value")
+                    .mark_line(
+                        strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
+                    )
+                    .encode(y="neg:Q")
+                )
+            if (steps["scope"] != "account").any():
+                own = ~wide
+                layers.append(
+                    base.transform_filter(own)
+                    .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
+                    .encode(y="value:Q", color=color)
+                )
+                layers.append(
+                    base.transform_filter(own)
+                    .transform_calculate(neg="-datum.value")
+                    .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
+                    .encode(y="neg:Q", color=color)
+                )
+    param, rule = _cursor(at)
+    return (
+        alt.layer(*layers, rule)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=height,
+            title=_title(
+                f"{account}: position per symbol",
+                "dashed: MaxPositionSize (grey: account-wide, coloured: that symbol's own)",
+            ),
+        )
+    )
+
+
+def _position_limit_steps(
+    limits: pl.DataFrame,
+    account: str,
+    symbols: Sequence[str],
+    known_at: TimeLike,
+    end: datetime | None,
+) -> pl.DataFrame:
+    """MaxPositionSize step rows: the account-wide series and each symbol's own."""
+    parts = [
+        limit_steps(
+            limits, account=account, limit_type="MaxPositionSize", known_at=known_at, end=end
+        ).with_columns(pl.lit("account").alias("series"))
+    ]
+    for sym in symbols:
+        own = limit_steps(
+            limits,
+            account=account,
+            limit_type="MaxPositionSize",
+            symbol=sym,
+            known_at=known_at,
+            end=end,
+            account_wide=False,
+        )
+        parts.append(own.with_columns(pl.lit(sym).alias("series"), pl.lit(sym).alias("scope")))
+    frames = [p for p in parts if p.height]
+    return pl.concat(frames) if frames else parts[0]
+
+
+def equity_chart(
+    timeline: pl.DataFrame,
+    *,
+    account: str,
+    limits: pl.DataFrame | None = None,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    max_rows: int = MAX_ROWS,
+) -> alt.TopLevelMixin:
+    """Equity with its running peak, the drawdown shaded; drawdown below with MaxDrawdown.
+
+    Parameters
+    ----------
+    timeline : rows of :func:`riskbook.account_timeline` (one account is picked).
+    account : the account.
+    limits : the History's ``limits`` frame; its MaxDrawdown is drawn as a step line.
+    at : where to draw the time rule. known_at : limits as known then.
+    """
+    frame = timeline.filter(pl.col("account_id").cast(pl.String) == account).select(
+        "occurred_at", "equity", "peak_equity", "drawdown", pl.col("event_type").cast(pl.String)
+    )
+    small = downsample(frame, x="occurred_at", y=["equity", "drawdown"], max_rows=max_rows)
+    data = plot_frame(small.rename({"occurred_at": "t"}))
+    tips = [
+        _tip_time("t", "at"),
+        alt.Tooltip("equity:Q", format=",.0f"),
+        alt.Tooltip("peak_equity:Q", title="peak", format=",.0f"),
+        alt.Tooltip("drawdown:Q", format=".2%"),
+        alt.Tooltip("event_type:N", title="event"),
+    ]
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    base = alt.Chart(data).encode(x=_x(title=None))
+    gap = base.mark_area(interpolate="step-after", color="#d62728", opacity=0.25).encode(
+        y=alt.Y(
+            "equity:Q", title="equity", scale=alt.Scale(zero=False), axis=alt.Axis(format="~s")
+        ),
+        y2="peak_equity:Q",
+    )
+    peak = base.mark_line(interpolate="step-after", color="#999", strokeDash=[3, 3]).encode(
+        y="peak_equity:Q"
+    )
+    equity = (
+        base.mark_line(interpolate="step-after", color="#1f77b4", strokeWidth=1.5)
+        .encode(y="equity:Q", tooltip=tips)
+        .add_params(zoom)
+    )
+    param, rule = _cursor(at)
+    top = alt.layer(gap, peak, equity, rule).properties(
+        width=_WIDTH,
+        height=220,
+        title=_title(f"{account}: equity and running peak", "shaded: drawdown from the peak"),
+    )
+    dd_layers: list[alt.Chart] = [
+        base.mark_area(interpolate="step-after", color="#d62728", opacity=0.55).encode(
+            x=_x(),
+            y=alt.Y("drawdown:Q", title="drawdown", axis=alt.Axis(format="%")),
+            tooltip=tips,
+        )
+    ]
+    if limits is not None and frame.height:
+        steps = limit_steps(
+            limits,
+            account=account,
+            limit_type="MaxDrawdown",
+            known_at=known_at,
+            end=_last_time(frame),
+        )
+        if steps.height:
+            dd_layers.append(_limit_line(steps, "MaxDrawdown", ".0%"))
+    _, rule2 = _cursor(at)
+    bottom = alt.layer(*dd_layers, rule2).properties(width=_WIDTH, height=110)
+    return alt.vconcat(top, bottom, spacing=6).add_params(param)
+
+
+def _limit_line(steps: pl.DataFrame, name: str, fmt: str) -> alt.Chart:
+    data = plot_frame(steps.rename({"set_at": "t"}))
+    return (
+        alt.Chart(data)
+        .mark_line(interpolate="step-after", color="black", strokeDash=[6, 4], strokeWidth=1.3)
+        .encode(
+            x=_x(),
+            y=alt.Y("value:Q"),
+            tooltip=[
+                alt.Tooltip("value:Q", title=name, format=fmt),
+                alt.Tooltip("set_by:N", title="set by"),
+                _tip_time("t", "set at"),
+            ],
+        )
+    )
+
+
+def leverage_chart(
+    timeline: pl.DataFrame,
+    limits: pl.DataFrame,
+    *,
+    account: str,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    max_rows: int = MAX_ROWS,
+) -> alt.TopLevelMixin:
+    """Leverage over time against MaxLeverage (a step line from the LimitSet events).
+
+    Timeline rows where leverage is over the limit in force (as known at ``known_at``)
+    are marked red; an infinite leverage (equity <= 0) is drawn as a gap.
+    """
+    frame = (
+        timeline.filter(pl.col("account_id").cast(pl.String) == account)
+        .select(
+            "occurred_at",
+            "leverage",
+            "gross_exposure",
+            "equity",
+            pl.col("event_type").cast(pl.String),
+        )
+        .sort("occurred_at")
+    )
+    end = _last_time(frame)
+    steps = limit_steps(
+        limits, account=account, limit_type="MaxLeverage", known_at=known_at, end=end
+    )
+    if steps.height:
+        frame = frame.join_asof(
+            steps.select(pl.col("set_at").alias("occurred_at"), pl.col("value").alias("limit")),
+            on="occurred_at",
+            strategy="backward",
+        )
+    else:
+        frame = frame.with_columns(pl.lit(None, pl.Float64).alias("limit"))
+    frame = frame.with_columns(
+        (pl.col("leverage") > pl.col("limit")).fill_null(False).alias("over")
+    )
+    small = downsample(frame, x="occurred_at", y="leverage", max_rows=max_rows)
+    data = plot_frame(small.rename({"occurred_at": "t"}))
+    tips = [
+        _tip_time("t", "at"),
+        alt.Tooltip("leverage:Q", format=".3f"),
+        alt.Tooltip("limit:Q", title="MaxLeverage", format=".2f"),
+        alt.Tooltip("gross_exposure:Q", title="gross", format=",.0f"),
+        alt.Tooltip("equity:Q", format=",.0f"),
+        alt.Tooltip("event_type:N", title="event"),
+    ]
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    line = (
+        alt.Chart(data)
+        .mark_line(interpolate="step-after", color="#1f77b4", strokeWidth=1.4)
+        .encode(x=_x(), y=alt.Y("leverage:Q", title="leverage (gross / equity)"), tooltip=tips)
+        .add_params(zoom)
+    )
+    over = (
+        alt.Chart(data)
+        .transform_filter(alt.datum.over)
+        .mark_circle(color="#d62728", size=28)
+        .encode(x=_x(), y="leverage:Q", tooltip=tips)
+    )
+    n_over = int(frame["over"].sum())
+    layers: list[alt.Chart] = [line, over] if data["over"].any() else [line]
+    if steps.height:
+        layers.append(_limit_line(steps, "MaxLeverage", ".2f"))
+    param, rule = _cursor(at)
+    return (
+        alt.layer(*layers, rule)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=220,
+            title=_title(
+                f"{account}: leverage against MaxLeverage",
+                f"dashed: the limit in force; red: {n_over:,} timeline rows over it",
+            ),
+        )
+    )
+
+
+def breach_chart(
+    breaches: pl.DataFrame,
+    *,
+    start: TimeLike = None,
+    end: TimeLike = None,
+    at: TimeLike = None,
+) -> alt.TopLevelMixin:
+    """Breach intervals as a Gantt chart: one lane per account and limit type.
+
+    ``breaches`` has the columns of :func:`riskbook.breaches` (``account_id,
+    limit_type, symbol, level, started_at, ended_at, peak_value, limit_value,
+    trigger_event_id``). Bars run from ``started_at`` to ``ended_at`` (an open breach
+    to ``end``, or to the latest time in the frame); warning levels are drawn beneath
+    the breaches in yellow and orange, breaches in red; a tick marks each start, so a
+    breach of a few seconds on a chart of weeks is still seen.
+
+    Parameters
+    ----------
+    breaches : the breach rows.
+    start, end : the time axis (None: from the data).
+    at : where to draw the time rule.
+    """
+    frame = breaches.with_columns(
+        pl.col("account_id").cast(pl.String),
+        pl.col("limit_type").cast(pl.String),
+        pl.col("symbol").cast(pl.String),
+        pl.col("level").cast(pl.Float64),
+    )
+    stop = _time(end)
+    if stop is None and frame.height:
+        latest = frame.select(
+            pl.max_horizontal(pl.col("started_at").max(), pl.col("ended_at").max())
+        ).item()
+        stop = latest
+    open_ = pl.col("ended_at").is_null()
+    frame = frame.with_columns(
+        open_.alias("open"),
+        (
+            pl.col("ended_at").fill_null(pl.lit(stop).cast(frame.schema["started_at"]))
+            if stop is not None
+            else pl.col("ended_at")
+        ).alias("until"),
+        (pl.col("account_id") + " · " + pl.col("limit_type")).alias("lane"),
+        pl.col("level")
+        .map_elements(lambda v: LEVEL_NAMES.get(v, f"level {v:.0%}"), return_dtype=pl.String)
+        .alias("severity"),
+        ((pl.col("ended_at") - pl.col("started_at")).dt.total_seconds() / 60).alias("minutes"),
+    ).sort("level")
+    data = plot_frame(frame.rename({"started_at": "t", "until": "t2"}))
+    levels = sorted(frame["level"].unique().to_list()) if frame.height else [0.8, 0.9, 1.0]
+    names = [LEVEL_NAMES.get(v, f"level {v:.0%}") for v in levels]
+    colors = (_LEVEL_COLORS * len(names))[-len(names) :] if len(names) <= 3 else None
+    color = alt.Color(
+        "severity:N",
+        title="level",
+        sort=names,
+        scale=alt.Scale(domain=names, range=colors) if colors else alt.Scale(scheme="orangered"),
+    )
+    lo_t = _time(start) or (frame["started_at"].min() if frame.height else None)
+    hi_t = stop
+    domain: Any = alt.Undefined
+    if isinstance(lo_t, datetime) and isinstance(hi_t, datetime) and hi_t > lo_t:
+        pad = (hi_t - lo_t) * 0.03 if start is None or end is None else timedelta(0)
+        domain = [_ms(lo_t - pad), _ms(hi_t + pad)]
+    x = _x(domain=domain)
+    tips = [
+        "lane:N",
+        "symbol:N",
+        "severity:N",
+        _tip_time("t", "started"),
+        _tip_time("t2", "ended (or still open)"),
+        alt.Tooltip("minutes:Q", format=",.1f"),
+        alt.Tooltip("peak_value:Q", title="peak", format=",.4~f"),
+        alt.Tooltip("limit_value:Q", title="limit", format=",.4~f"),
+        alt.Tooltip("trigger_event_id:N", title="trigger event"),
+    ]
+    y = alt.Y("lane:N", title=None, sort="ascending")
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    bars = (
+        alt.Chart(data)
+        .mark_bar(height=12, cornerRadius=2)
+        .encode(x=x, x2="t2:T", y=y, color=color, tooltip=tips)
+        .add_params(zoom)
+    )
+    ticks = (
+        alt.Chart(data).mark_tick(thickness=2, size=16).encode(x=x, y=y, color=color, tooltip=tips)
+    )
+    param, rule = _cursor(at)
+    n = frame.filter(pl.col("level") >= 1.0).height
+    return (
+        alt.layer(bars, ticks, rule)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=alt.Step(22),
+            title=_title(
+                "Limit breaches",
+                f"{n} breach intervals at 100%, warnings beneath; a tick marks each start",
+            ),
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- events
+
+_LANES = [
+    "limit",
+    "trade",
+    "cancel",
+    "adjustment",
+    "funding",
+    "mark",
+    "violation",
+    "block",
+    "other",
+]
+_LANE_OF = {
+    "LimitSet": "limit",
+    "TradeExecuted": "trade",
+    "TradeCancelled": "cancel",
+    "PositionUpdated": "adjustment",
+    "AccountFunded": "funding",
+    "PriceMarked": "mark",
+    "LimitViolationDetected": "violation",
+    "AccountBlocked": "block",
+    "AccountUnblocked": "block",
+}
+
+
+_EVENT_COLORS = {
+    "LimitSet": "#7f7f7f",
+    "TradeExecuted": "#1f77b4",
+    "TradeCancelled": "#9467bd",
+    "PositionUpdated": "#8c564b",
+    "AccountFunded": "#2ca02c",
+    "PriceMarked": "#bcbd22",
+    "LimitViolationDetected": "#ff7f0e",
+    "AccountBlocked": "#d62728",
+    "AccountUnblocked": "#17becf",
+}
+
+
+def _fmt(x: float) -> str:
+    return (
+        f"{x:,.4f}".rstrip("0").rstrip(".") if abs(x) < 100 else f"{x:,.2f}".rstrip("0").rstrip(".")
+    )
+
+
+def event_lanes(
+    history: Any,
+    *,
+    start: TimeLike,
+    end: TimeLike,
+    accounts: Sequence[str] | None = None,
+    symbols: Sequence[str] | None = None,
+    max_rows: int = MAX_ROWS,
+) -> pl.DataFrame:
+    """The events between two business times, each with a lane and a one-line summary.
+
+    Parameters
+    ----------
+    history : a :class:`riskbook.History`.
+    start, end : the business-time window (inclusive).
+    accounts : only events of these accounts (marks are kept for ``symbols``).
+    symbols : the symbols whose marks and trades to show (None: all).
+    max_rows : the cap; beyond it the marks are thinned first, then everything.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``event_id, event_type, lane, account_id, symbol, occurred_at, timestamp,
+        position, causation_id, correlation_id, summary``, in global order.
+    """
+    lo, hi = _time(start), _time(end)
+    if lo is None or hi is None:
+        raise ValueError("event_lanes needs both start and end")
+    accs = None if accounts is None else [str(a) for a in accounts]
+    syms = None if symbols is None else [str(s) for s in symbols]
+    head = ["event_id", "timestamp", "position", "causation_id", "correlation_id"]
+    f = _fmt
+
+    def window(frame: pl.DataFrame, time: str) -> pl.DataFrame:
+        out = frame.filter(pl.col(time).is_between(lo, hi))
+        if accs is not None and "account_id" in out.columns:
+            out = out.filter(pl.col("account_id").cast(pl.String).is_in(accs))
+        return out
+
+    parts: list[pl.DataFrame] = []
+
+    def add(
+        frame: pl.DataFrame, kind: str, time: str, summary: pl.Expr, sym: pl.Expr | None = None
+    ) -> None:
+        if frame.height == 0:
+            return
+        parts.append(
+            frame.select(
+                *head,
+                pl.lit(kind).alias("event_type"),
+                (
+                    pl.col("account_id").cast(pl.String)
+                    if "account_id" in frame.columns
+                    else pl.lit(None, pl.String)
+                ).alias("account_id"),
+                (sym if sym is not None else pl.lit(None, pl.String)).alias("symbol"),
+                pl.col(time).alias("occurred_at"),
+                summary.alias("summary"),
+            )
+        )
+
+    def text(*pieces: pl.Expr | str) -> pl.Expr:
+        return pl.concat_str(
+            [p if isinstance(p, pl.Expr) else pl.lit(p) for p in pieces], ignore_nulls=True
+        )
+
+    def num(col: str) -> pl.Expr:
+        return pl.col(col).map_elements(f, return_dtype=pl.String)
+
+    trades = window(history.trades, "executed_at")
+    if syms is not None:
+        trades = trades.filter(pl.col("symbol").cast(pl.String).is_in(syms))
+    add(
+        trades,
+        "TradeExecuted",
+        "executed_at",
+        text(
+            pl.col("side").cast(pl.String),
+            " ",
+            num("quantity"),
+            " ",
+            pl.col("symbol").cast(pl.String),
+            " @ ",
+            num("price"),
+            " (",
+            pl.col("trade_id"),
+            ")",
+        ),
+        pl.col("symbol").cast(pl.String),
+    )
+    add(
+        window(history.cancels, "cancelled_at"),
+        "TradeCancelled",
+        "cancelled_at",
+        text("bust of ", pl.col("trade_id"), ": ", pl.col("reason")),
+    )
+    add(
+        window(history.adjustments, "updated_at"),
+        "PositionUpdated",
+        "updated_at",
+        text(
+            pl.col("symbol").cast(pl.String),
+            " ",
+            num("previous_quantity"),
+            " → ",
+            num("new_quantity"),
+            " (",
+            pl.col("reason"),
+            ")",
+        ),
+        pl.col("symbol").cast(pl.String),
+    )
+    add(
+        window(history.funding, "funded_at"),
+        "AccountFunded",
+        "funded_at",
+        text("funding ", num("amount")),
+    )
+    add(
+        window(history.limits, "set_at"),
+        "LimitSet",
+        "set_at",
+        text(
+            pl.col("limit_type").cast(pl.String),
+            " ",
+            pl.col("symbol").cast(pl.String).fill_null("(account)"),
+            " = ",
+            num("value"),
+            " by ",
+            pl.col("set_by").cast(pl.String),
+        ),
+        pl.col("symbol").cast(pl.String),
+    )
+    add(
+        window(history.violations, "detected_at"),
+        "LimitViolationDetected",
+        "detected_at",
+        text(
+            pl.col("limit_type").cast(pl.String),
+            " ",
+            pl.col("symbol").cast(pl.String).fill_null(""),
+            " ",
+            num("current_value"),
+            " > ",
+            num("limit_value"),
+        ),
+        pl.col("symbol").cast(pl.String),
+    )
+    blocks = window(history.blocks, "at")
+    if blocks.height:
+        for flag, kind, word in (
+            (True, "AccountBlocked", "blocked"),
+            (False, "AccountUnblocked", "unblocked"),
+        ):
+            add(
+                blocks.filter(pl.col("blocked") == flag),
+                kind,
+                "at",
+                text(word, " by ", pl.col("by").cast(pl.String), ": ", pl.col("reason")),
+            )
+    marks = history.marks.filter(pl.col("marked_at").is_between(lo, hi))
+    if syms is not None:
+        marks = marks.filter(pl.col("symbol").cast(pl.String).is_in(syms))
+    others = sum(p.height for p in parts)
+    budget = max(0, max_rows - others)
+    if marks.height > budget:
+        marks = marks.gather_every(math.ceil(marks.height / budget)) if budget else marks.clear()
+    add(
+        marks,
+        "PriceMarked",
+        "marked_at",
+        text(pl.col("symbol").cast(pl.String), " marked ", num("price")),
+        pl.col("symbol").cast(pl.String),
+    )
+    schema: dict[str, pl.DataType] = {
+        "event_id": pl.String(),
+        "timestamp": pl.Datetime("us", "UTC"),
+        "position": pl.Int64(),
+        "causation_id": pl.String(),
+        "correlation_id": pl.String(),
+        "event_type": pl.String(),
+        "account_id": pl.String(),
+        "symbol": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "summary": pl.String(),
+    }
+    if not parts:
+        return pl.DataFrame(schema=schema).with_columns(pl.lit(None, pl.String).alias("lane"))
+    out = (
+        pl.concat([p.cast(schema) for p in parts])  # type: ignore[arg-type]
+        .sort("position")
+        .with_columns(pl.col("event_type").replace_strict(_LANE_OF, default="other").alias("lane"))
+    )
+    if out.height > max_rows:
+        out = out.gather_every(math.ceil(out.height / max_rows))
+    return out.select(
+        "event_id",
+        "event_type",
+        "lane",
+        "account_id",
+        "symbol",
+        "occurred_at",
+        "timestamp",
+        "position",
+        "causation_id",
+        "correlation_id",
+        "summary",
+    )
+
+
+def _span(times: pl.Series) -> str:
+    if times.len() == 0:
+        return "no events"
+    lo, hi = times.min(), times.max()
+    assert isinstance(lo, datetime) and isinstance(hi, datetime)
+    if lo.date() == hi.date():
+        return f"{lo:%a %Y-%m-%d %H:%M} to {hi:%H:%M} UTC"
+    return f"{lo:%Y-%m-%d %H:%M} to {hi:%Y-%m-%d %H:%M} UTC"
+
+
+def event_chart(
+    events: pl.DataFrame,
+    *,
+    focus: str | None = None,
+    cursor: TimeLike = None,
+    title: str | None = None,
+) -> alt.TopLevelMixin:
+    """The events around an incident: one lane per kind, causation links, late recordings.
+
+    Parameters
+    ----------
+    events : rows of :func:`event_lanes`.
+    focus : the event_id to ring (the violation or block being looked at).
+    cursor : where to draw the time rule (the step being looked at).
+    title : the chart's title.
+
+    Each event is a point at its business time in its lane; a grey line joins an
+    event to its cause (``causation_id``) when both are in the frame; an event the
+    store recorded more than a second after it happened gets an orange line from its
+    business time to its recorded time (late trades, busts learnt later).
+    """
+    frame = events.with_columns(
+        ((pl.col("timestamp") - pl.col("occurred_at")).dt.total_milliseconds() / 1000).alias(
+            "latency_s"
+        ),
+        (pl.col("event_id") == (focus or "")).alias("focus"),
+    )
+    data = plot_frame(frame.rename({"occurred_at": "t", "timestamp": "recorded"}))
+    lanes = [lane for lane in _LANES if lane in set(frame["lane"].to_list())] or _LANES
+    y = alt.Y("lane:N", title=None, sort=lanes, scale=alt.Scale(domain=lanes))
+    tips = [
+        "event_type:N",
+        "summary:N",
+        "account_id:N",
+        _tip_time("t", "business time"),
+        _tip_time("recorded", "recorded"),
+        alt.Tooltip("latency_s:Q", title="recorded after (s)", format=",.3f"),
+        "position:Q",
+        "event_id:N",
+        "causation_id:N",
+    ]
+    present = set(frame["event_type"].to_list())
+    types = [t for t in _EVENT_COLORS if t in present] or list(_EVENT_COLORS)
+    color = alt.Color(
+        "event_type:N",
+        title="event",
+        scale=alt.Scale(domain=types, range=[_EVENT_COLORS[t] for t in types]),
+    )
+    links = (
+        frame.join(
+            frame.select(
+                pl.col("event_id").alias("causation_id"),
+                pl.col("occurred_at").alias("cause_t"),
+                pl.col("lane").alias("cause_lane"),
+            ),
+            on="causation_id",
+        )
+        .with_row_index("link")
+        .select("link", "occurred_at", "lane", "cause_t", "cause_lane", "summary")
+    )
+    link_rows = pl.concat(
+        [
+            links.select("link", pl.col("occurred_at").alias("t"), "lane", "summary"),
+            links.select(
+                "link", pl.col("cause_t").alias("t"), pl.col("cause_lane").alias("lane"), "summary"
+            ),
+        ]
+    )
+    x = _x()
+    layers: list[alt.Chart] = []
+    late = data.filter(pl.col("latency_s") > 1.0)
+    if late.height:
+        layers.append(
+            alt.Chart(late)
+            .mark_rule(color="#ff7f0e", strokeWidth=2, opacity=0.7)
+            .encode(x=x, x2="recorded:T", y=y, tooltip=tips)
+        )
+    if link_rows.height:
+        layers.append(
+            alt.Chart(plot_frame(link_rows))
+            .mark_line(color="#555", strokeWidth=1.2, opacity=0.8)
+            .encode(x=x, y=y, detail="link:N")
+        )
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    layers.append(
+        alt.Chart(data)
+        .mark_point(filled=True, size=60, opacity=0.85)
+        .encode(x=x, y=y, color=color, shape=alt.Shape("event_type:N", legend=None), tooltip=tips)
+        .add_params(zoom)
+    )
+    focused = data.filter(pl.col("focus"))
+    if focused.height:
+        layers.append(
+            alt.Chart(focused).mark_point(size=420, strokeWidth=2.5, color="black").encode(x=x, y=y)
+        )
+        layers.append(
+            alt.Chart(focused)
+            .mark_text(align="left", dx=14, dy=-12, fontSize=11, fontWeight="bold")
+            .encode(x=x, y=y, text="summary:N")
+        )
+    param, rule = _cursor(cursor)
+    layers.append(rule)
+    return (
+        alt.layer(*layers)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=alt.Step(34),
+            title=_title(
+                title or "Events around the incident",
+                f"{_span(frame['occurred_at'])}; lines: causation links; orange: recorded"
+                " later than it happened",
+            ),
+        )
+    )

@@ -1,0 +1,281 @@
+"""Chart builders: the data they carry, their row cap, and offline rendering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import numpy as np
+import polars as pl
+import pytest
+
+import riskbook
+from riskbook import viz
+from riskbook.demo import SAMPLE
+
+T0 = datetime(2024, 1, 9, 14, 30, tzinfo=UTC)
+FAT_FINGER_BLOCK = "8dc2a032-4e36-4e83-93b8-68ee163fcac4"
+
+
+@pytest.fixture(scope="module")
+def sample(make_database: Callable[[], str]) -> Iterator[riskbook.History]:
+    store = riskbook.Store(make_database())
+    store.import_jsonl(SAMPLE)
+    yield riskbook.load(store, cache=False, progress=False)
+    store.close()
+
+
+def datasets(chart: alt.TopLevelMixin) -> dict[str, list[dict[str, Any]]]:
+    return chart.to_dict()["datasets"]  # type: ignore[no-any-return]
+
+
+def total_rows(chart: alt.TopLevelMixin) -> int:
+    return sum(len(rows) for rows in datasets(chart).values())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_downsample_keeps_extremes_and_last_per_series() -> None:
+    rng = np.random.default_rng(1)
+    n = 200_000
+    frame = pl.DataFrame(
+        {
+            "account_id": np.repeat(["A", "B", "C", "D"], n // 4),
+            "occurred_at": pl.datetime_range(T0, T0 + timedelta(seconds=n - 1), "1s", eager=True),
+            "equity": rng.normal(size=n).cumsum(),
+            "leverage": rng.random(n),
+        }
+    )
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 777)
+        .then(np.inf)
+        .otherwise(pl.col("leverage"))
+        .alias("leverage")
+    )
+    small = viz.downsample(
+        frame, x="occurred_at", y=["equity", "leverage"], by="account_id", max_rows=2_000
+    )
+    assert small.height <= 2_000
+    assert small.columns == frame.columns
+    full = frame.group_by("account_id").agg(
+        pl.col("equity").min().alias("lo"),
+        pl.col("equity").max().alias("hi"),
+        pl.col("leverage").filter(pl.col("leverage").is_finite()).max().alias("lev"),
+        pl.col("occurred_at").max().alias("last"),
+    )
+    kept = small.group_by("account_id").agg(
+        pl.col("equity").min().alias("lo"),
+        pl.col("equity").max().alias("hi"),
+        pl.col("leverage").filter(pl.col("leverage").is_finite()).max().alias("lev"),
+        pl.col("occurred_at").max().alias("last"),
+    )
+    assert full.sort("account_id").equals(kept.sort("account_id"))
+    assert small.equals(small.sort("account_id", "occurred_at"))
+
+
+def test_downsample_leaves_small_frames_whole() -> None:
+    frame = pl.DataFrame({"t": [3, 1, 2], "v": [1.0, 2.0, 3.0]})
+    assert viz.downsample(frame, x="t", y="v", max_rows=10)["t"].to_list() == [1, 2, 3]
+
+
+def test_plot_frame_gives_vega_friendly_columns() -> None:
+    frame = pl.DataFrame(
+        {
+            "t": [T0, T0 + timedelta(milliseconds=1500)],
+            "account_id": pl.Series(["A", "B"], dtype=pl.Categorical),
+            "leverage": [np.inf, 1.5],
+            "x": [float("nan"), 2.0],
+        }
+    )
+    out = viz.plot_frame(frame)
+    assert out["t"].to_list() == [1704810600000, 1704810601500]
+    assert out["account_id"].dtype == pl.String
+    assert out["leverage"].to_list() == [None, 1.5]
+    assert out["x"].to_list() == [None, 2.0]
+    json.dumps(out.to_dicts())  # no infinity left for JSON
+
+
+def _limits(*rows: tuple[str, str, float, str | None, datetime, datetime]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "position": i,
+                "account_id": acc,
+                "limit_type": kind,
+                "value": value,
+                "set_by": "risk",
+                "symbol": sym,
+                "set_at": set_at,
+                "timestamp": recorded,
+            }
+            for i, (acc, kind, value, sym, set_at, recorded) in enumerate(rows)
+        ],
+        schema={
+            "position": pl.Int64,
+            "account_id": pl.Categorical,
+            "limit_type": pl.Categorical,
+            "value": pl.Float64,
+            "set_by": pl.Categorical,
+            "symbol": pl.Categorical,
+            "set_at": pl.Datetime("us", "UTC"),
+            "timestamp": pl.Datetime("us", "UTC"),
+        },
+    )
+
+
+def test_limit_steps_symbol_overrides_account_and_known_at_hides_late_sets() -> None:
+    h = timedelta(hours=1)
+    limits = _limits(
+        ("A", "MaxPositionSize", 100.0, None, T0, T0),
+        ("A", "MaxPositionSize", 50.0, "ACME", T0 + h, T0 + h),
+        ("A", "MaxPositionSize", 120.0, None, T0 + 2 * h, T0 + 2 * h),
+        ("A", "MaxPositionSize", 70.0, "ACME", T0 + 3 * h, T0 + 5 * h),  # recorded late
+        ("B", "MaxPositionSize", 1.0, None, T0, T0),
+        ("A", "MaxLeverage", 3.0, None, T0, T0),
+    )
+    acme = viz.limit_steps(
+        limits, account="A", limit_type="MaxPositionSize", symbol="ACME", end=T0 + 6 * h
+    )
+    assert acme["value"].to_list() == [100.0, 50.0, 70.0, 70.0]
+    assert acme["scope"].to_list() == ["account", "ACME", "ACME", "ACME"]
+    assert acme["set_at"][-1] == T0 + 6 * h
+    known = viz.limit_steps(
+        limits, account="A", limit_type="MaxPositionSize", symbol="ACME", known_at=T0 + 4 * h
+    )
+    assert known["value"].to_list() == [100.0, 50.0]
+    wide = viz.limit_steps(limits, account="A", limit_type="MaxPositionSize")
+    assert wide["value"].to_list() == [100.0, 120.0]
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def test_exposure_chart_is_capped_and_carries_the_rule(sample: riskbook.History) -> None:
+    timeline = riskbook.account_timeline(sample)
+    chart = viz.exposure_chart(timeline, measure="leverage", at=T0, max_rows=1_500)
+    spec = chart.to_dict()
+    assert timeline.height > 50_000
+    assert total_rows(chart) <= 1_500 + 1  # + the rule's one row
+    assert {"name": "at", "value": 1704810600000} in spec["params"]
+    accounts = {
+        r["account_id"] for rows in spec["datasets"].values() for r in rows if "account_id" in r
+    }
+    assert len(accounts) == 12
+    with pytest.raises(ValueError, match="measure"):
+        viz.exposure_chart(timeline, measure="vibes")
+
+
+def test_exposure_chart_over_millions_of_rows_stays_small() -> None:
+    n = 2_000_000
+    timeline = pl.DataFrame(
+        {
+            "account_id": np.repeat([f"ACC-{i:03}" for i in range(20)], n // 20),
+            "occurred_at": pl.datetime_range(T0, T0 + timedelta(seconds=n - 1), "1s", eager=True),
+            "gross_exposure": np.random.default_rng(2).random(n),
+        }
+    )
+    chart = viz.exposure_chart(timeline)
+    assert total_rows(chart) <= viz.MAX_ROWS + 1
+    assert len(json.dumps(chart.to_dict())) < 600_000
+
+
+def test_position_chart_draws_the_fat_finger_and_its_limits(sample: riskbook.History) -> None:
+    chart = viz.position_chart(
+        riskbook.position_timeline(sample), account="ACC-001", limits=sample.limits
+    )
+    rows = [r for rows in datasets(chart).values() for r in rows]
+    assert max(r["quantity"] for r in rows if "quantity" in r) == 4420.0  # the spike survives
+    limits = {(r["scope"], r["value"]) for r in rows if "scope" in r}
+    assert ("ACME", 3400.0) in limits  # ACME's own limit
+    assert ("account", 3000.0) in limits  # the account-wide one
+
+
+def test_equity_and_leverage_charts(sample: riskbook.History) -> None:
+    timeline = riskbook.account_timeline(sample)
+    eq = viz.equity_chart(timeline, account="ACC-002", limits=sample.limits)
+    rows = [r for rows in datasets(eq).values() for r in rows]
+    assert max(r["drawdown"] for r in rows if r.get("drawdown") is not None) > 0.12
+    assert {r["value"] for r in rows if "set_by" in r} >= {0.12}
+    lev = viz.leverage_chart(timeline, sample.limits, account="ACC-003")
+    rows = [r for rows in datasets(lev).values() for r in rows]
+    over = [r for r in rows if r.get("over")]
+    assert over and all(r["leverage"] > r["limit"] for r in over)
+    assert max(r["leverage"] for r in over) == pytest.approx(3.240460650365166)
+
+
+def _breaches() -> pl.DataFrame:
+    h = timedelta(hours=1)
+    return pl.DataFrame(
+        {
+            "account_id": ["ACC-001", "ACC-001", "ACC-001", "ACC-003"],
+            "limit_type": ["MaxPositionSize"] * 3 + ["MaxLeverage"],
+            "symbol": ["ACME", "ACME", "ACME", None],
+            "level": [0.8, 0.9, 1.0, 1.0],
+            "started_at": [T0, T0 + 0.1 * h, T0 + 0.2 * h, T0 + 2 * h],
+            "ended_at": [T0 + h, T0 + 0.9 * h, T0 + 0.8 * h, None],
+            "peak_value": [4420.0, 4420.0, 4420.0, 3.2],
+            "limit_value": [3400.0] * 3 + [3.0],
+            "trigger_event_id": ["e1", "e2", "e3", "e4"],
+        },
+        schema_overrides={"account_id": pl.Categorical, "limit_type": pl.Categorical},
+    )
+
+
+def test_breach_chart_has_one_lane_per_account_and_limit_type() -> None:
+    end = T0 + timedelta(hours=5)
+    chart = viz.breach_chart(_breaches(), end=end)
+    rows = [r for rows in datasets(chart).values() for r in rows if "lane" in r]
+    assert {r["lane"] for r in rows} == {"ACC-001 · MaxPositionSize", "ACC-003 · MaxLeverage"}
+    assert {r["severity"] for r in rows} == {"warning 80%", "warning 90%", "breach"}
+    still_open = next(r for r in rows if r["trigger_event_id"] == "e4")
+    assert (
+        still_open["open"]
+        and still_open["t2"] == viz.plot_frame(pl.DataFrame({"t": [end]}))["t"][0]
+    )
+    assert "breach intervals" in json.dumps(chart.to_dict())
+    empty = viz.breach_chart(_breaches().clear())
+    assert total_rows(empty) <= 1
+
+
+def test_event_chart_links_causes_and_rings_the_focus(sample: riskbook.History) -> None:
+    window = viz.event_lanes(
+        sample,
+        start=datetime(2024, 1, 9, 16, 3, tzinfo=UTC),
+        end=datetime(2024, 1, 9, 16, 50, tzinfo=UTC),
+        accounts=["ACC-001"],
+        symbols=["ACME"],
+    )
+    assert {"trade", "mark", "violation", "block"} <= set(window["lane"])
+    block = window.filter(pl.col("event_id") == FAT_FINGER_BLOCK).row(0, named=True)
+    assert block["summary"].startswith("blocked by risk-engine")
+    chart = viz.event_chart(window, focus=FAT_FINGER_BLOCK, cursor=block["occurred_at"])
+    rows = [r for rows in datasets(chart).values() for r in rows]
+    links = {r["link"] for r in rows if "link" in r}
+    assert len(links) == 3  # trade -> violation, trade -> block, block -> unblock
+    assert [r["event_id"] for r in rows if r.get("focus")] == [FAT_FINGER_BLOCK] * 2
+
+
+def test_charts_render_offline_to_png_and_svg(sample: riskbook.History, tmp_path: Path) -> None:
+    timeline = riskbook.account_timeline(sample)
+    chart = viz.leverage_chart(timeline, sample.limits, account="ACC-003", at=T0)
+    png = viz.save_png(chart, tmp_path / "leverage.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = viz.save_svg(viz.exposure_chart(timeline), tmp_path / "exposure.svg").read_text()
+    assert "ACC-012" in svg and "Gross exposure by account" in svg
+
+
+def test_setup_enables_the_offline_renderer() -> None:
+    before = alt.renderers.active
+    try:
+        viz.setup()
+        assert alt.renderers.active == "jupyter"
+        assert alt.renderers.options.get("offline") is True
+        assert alt.JupyterChart._is_offline
+        assert "esm.sh" not in alt.JupyterChart._esm and "cdn" not in alt.JupyterChart._esm[:2000]
+    finally:
+        alt.renderers.enable(before)
