@@ -65,6 +65,7 @@ __all__ = [
     "Side",
     "TradeCancelled",
     "TradeExecuted",
+    "as_time",
     "check_for_aggregate",
     "check_metadata",
     "decode_envelope",
@@ -144,6 +145,27 @@ def parse_time(text: str) -> datetime:
     except msgspec.ValidationError as exc:
         raise ValueError(f"{text!r} is not an RFC 3339 time with a zone") from exc
     return t.astimezone(UTC)
+
+
+def as_time(value: datetime | str | None, name: str) -> datetime | None:
+    """A user-given time (a datetime with a zone, or RFC 3339 text) in UTC; None stays None.
+
+    ``name`` is the parameter's name, for the error (``at``, ``known_at``, ...).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_time(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if not isinstance(value, datetime):
+        raise TypeError(
+            f"{name} must be a datetime or an RFC 3339 string, got {type(value).__name__}"
+        )
+    if value.tzinfo is None:
+        raise ValueError(f"{name} has no time zone: give UTC explicitly")
+    return value.astimezone(UTC)
 
 
 # --------------------------------------------------------------------------- types

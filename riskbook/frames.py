@@ -44,7 +44,7 @@ from typing import Any
 import polars as pl
 
 from riskbook.errors import RiskbookError, StoreError
-from riskbook.events import Envelope, RawEvent, format_time, parse_time
+from riskbook.events import Envelope, RawEvent, as_time, format_time, parse_time
 from riskbook.store import Store, connect, redact
 
 __all__ = [
@@ -311,19 +311,7 @@ def _ids(v: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return out
 
 
-def _time(v: datetime | str | None, name: str) -> datetime | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        try:
-            return parse_time(v)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    if not isinstance(v, datetime):
-        raise TypeError(f"{name} must be a datetime or an RFC 3339 string, got {type(v).__name__}")
-    if v.tzinfo is None:
-        raise ValueError(f"{name} has no time zone: give UTC explicitly")
-    return v.astimezone(UTC)
+_time = as_time
 
 
 # --------------------------------------------------------------------------- History

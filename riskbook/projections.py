@@ -111,7 +111,7 @@ import numpy as np
 import polars as pl
 
 from riskbook.errors import RiskbookError
-from riskbook.events import parse_time
+from riskbook.events import as_time
 from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
 
 if TYPE_CHECKING:
@@ -256,21 +256,7 @@ def drawdown(equity: str | pl.Expr = "equity", peak: str | pl.Expr = "peak_equit
 # ----------------------------------------------------------------------------- times
 
 
-def _as_time(value: TimeLike, name: str) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return parse_time(value)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    if not isinstance(value, datetime):
-        raise TypeError(
-            f"{name} must be a datetime or an RFC 3339 string, got {type(value).__name__}"
-        )
-    if value.tzinfo is None:
-        raise ValueError(f"{name} has no time zone: give UTC explicitly")
-    return value.astimezone(UTC)
+_as_time = as_time
 
 
 def _us(t: datetime) -> int:
