@@ -32,6 +32,7 @@ from riskbook.events import (
     TradeExecuted,
 )
 from riskbook.frames import Filters, History, load
+from riskbook.limits import backtest, breaches, effective_limits, limit_history, reconcile
 from riskbook.projections import (
     account_timeline,
     accounts,
@@ -74,10 +75,15 @@ __all__ = [
     "account_timeline",
     "accounts",
     "adjustment_mismatches",
+    "backtest",
+    "breaches",
     "connect",
+    "effective_limits",
+    "limit_history",
     "load",
     "marks",
     "position_timeline",
     "positions",
+    "reconcile",
     "state_at",
 ]

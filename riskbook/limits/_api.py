@@ -1,0 +1,753 @@
+"""Breaches, backtests, reconciliation and the audit trail of limits (the public functions)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import polars as pl
+
+from riskbook.events import LimitSet, as_time, parse_time
+from riskbook.frames import History
+from riskbook.limits._builtin import shared_timelines
+from riskbook.limits._evaluate import _levels as _check_levels
+from riskbook.limits._evaluate import _limit_frame, evaluate
+from riskbook.limits._registry import get, names
+
+__all__ = [
+    "BREACH_COLUMNS",
+    "backtest",
+    "breaches",
+    "effective_limits",
+    "hypothetical_limits",
+    "limit_history",
+    "reconcile",
+    "stored_limits",
+]
+
+TimeLike = datetime | str | None
+Limits = pl.DataFrame | Iterable[LimitSet | Mapping[str, Any]]
+
+_TIME = pl.Datetime("us", "UTC")
+_CAT = pl.Categorical()
+
+BREACH_COLUMNS = (
+    "account_id",
+    "limit_type",
+    "symbol",
+    "level",
+    "started_at",
+    "ended_at",
+    "peak_value",
+    "limit_value",
+    "trigger_event_id",
+    "trigger_value",
+    "trigger_recorded_at",
+    "ended_by_event_id",
+    "limit_value_at_end",
+    "set_by",
+    "limit_event_id",
+)
+"""The columns of :func:`breaches`, in order."""
+
+_SCENARIO = pl.Enum(["actual", "hypothetical"])
+
+
+_time = as_time
+
+
+def _check_history(history: History) -> None:
+    if not isinstance(history, History):
+        raise TypeError(f"expected a riskbook History, got {type(history).__name__}")
+
+
+def _known(frame: pl.DataFrame, known_at: datetime | None) -> pl.DataFrame:
+    return frame if known_at is None else frame.filter(pl.col("timestamp") <= known_at)
+
+
+# ----------------------------------------------------------------------------- limit rows
+
+
+def stored_limits(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+    """The stored LimitSet events (recorded by ``known_at``) as limit rows.
+
+    Columns: ``limit_type`` and those of :data:`~riskbook.limits.LIMIT_ROWS_SCHEMA`
+    (account_id, symbol, value, set_by, set_at, timestamp, position, event_id), in
+    global order.
+    """
+    _check_history(history)
+    k = _time(known_at, "known_at")
+    lim = _known(history.limits, k)
+    return pl.concat(
+        [lim.select(limit_type=pl.col("limit_type").cast(pl.String)), _limit_frame(lim)],
+        how="horizontal",
+    )
+
+
+def hypothetical_limits(limits: Limits) -> pl.DataFrame:
+    """Limits that were never stored, as limit rows (what ``limits=`` accepts).
+
+    ``limits`` is a frame, or an iterable of :class:`~riskbook.LimitSet` events or of
+    mappings, with the columns (keys)
+
+    ==========  ===============================================================
+    account_id  the account, or ``"*"`` for every account (an account's own row
+                wins over ``"*"`` from the same time)
+    limit_type  a registered limit type's name
+    value       the limit (>= 0)
+    symbol      optional: for a per-symbol limit type, this symbol only
+    set_at      optional: the business time it applies from (null: from the start)
+    set_by      optional: who (default ``"backtest"``)
+    ==========  ===============================================================
+
+    A limit applies from its ``set_at`` until the next limit of the same (account,
+    limit_type, symbol), exactly as a stored LimitSet does.
+
+    Examples
+    --------
+    >>> hypothetical_limits([{"account_id": "*", "limit_type": "MaxLeverage", "value": 2.5}]
+    ...     ).select("account_id", "limit_type", "value", "set_by", "set_at")
+    shape: (1, 5)
+    ┌────────────┬─────────────┬───────┬──────────┬───────────────────┐
+    │ account_id ┆ limit_type  ┆ value ┆ set_by   ┆ set_at            │
+    │ ---        ┆ ---         ┆ ---   ┆ ---      ┆ ---               │
+    │ str        ┆ str         ┆ f64   ┆ str      ┆ datetime[μs, UTC] │
+    ╞════════════╪═════════════╪═══════╪══════════╪═══════════════════╡
+    │ *          ┆ MaxLeverage ┆ 2.5   ┆ backtest ┆ null              │
+    └────────────┴─────────────┴───────┴──────────┴───────────────────┘
+    """
+    if isinstance(limits, pl.DataFrame):
+        frame = limits
+    else:
+        records = []
+        for item in limits:
+            if isinstance(item, LimitSet):
+                records.append(
+                    {
+                        "account_id": item.account_id,
+                        "limit_type": item.limit_type,
+                        "symbol": item.symbol,
+                        "value": item.value,
+                        "set_by": item.set_by,
+                        "set_at": item.set_at,
+                    }
+                )
+            elif isinstance(item, Mapping):
+                records.append(dict(item))
+            else:
+                raise TypeError(
+                    f"limits must be a frame, LimitSet events or mappings, got {type(item).__name__}"
+                )
+        frame = (
+            pl.DataFrame(records)
+            if records
+            else pl.DataFrame(
+                schema={"account_id": pl.String, "limit_type": pl.String, "value": pl.Float64}
+            )
+        )
+    for need in ("account_id", "limit_type", "value"):
+        if need not in frame.columns:
+            raise ValueError(
+                f"hypothetical limits need a {need!r} column (they have {frame.columns})"
+            )
+    if "set_at" in frame.columns and frame.schema["set_at"] == pl.String:
+        frame = frame.with_columns(pl.col("set_at").map_elements(parse_time, return_dtype=_TIME))
+    frame = frame.with_columns(
+        (pl.col("set_by") if "set_by" in frame.columns else pl.lit(None, pl.String))
+        .cast(pl.String)
+        .fill_null("backtest")
+        .alias("set_by")
+    ).drop("timestamp", "position", "event_id", strict=False)
+    rows = pl.concat(
+        [frame.select(pl.col("limit_type").cast(pl.String)), _limit_frame(frame)],
+        how="horizontal",
+    )
+    bad = rows.filter(
+        pl.col("value").is_null() | ~pl.col("value").is_finite() | (pl.col("value") < 0)
+    )
+    if bad.height:
+        raise ValueError(f"limit values must be finite and >= 0: {bad.row(0, named=True)}")
+    if rows["account_id"].null_count():
+        raise ValueError("every hypothetical limit needs an account_id (or '*')")
+    for name in rows["limit_type"].unique().to_list():
+        get(name)  # KeyError for a type that is not registered
+    return rows
+
+
+# ----------------------------------------------------------------------------- breaches
+
+
+def _horizon(
+    history: History, rows: pl.DataFrame, at: datetime | None, known_at: datetime | None
+) -> datetime | None:
+    """The end of what is known: ``at``; else the latest business time of the events
+    known, or of the limits (a hypothetical one can be set after the last event)."""
+    if at is not None:
+        return at
+    times = [_known(history.events, known_at)["occurred_at"].max(), rows["set_at"].max()]
+    found = [t for t in times if isinstance(t, datetime)]
+    return max(found) if found else None
+
+
+def _levels(levels: Sequence[float] | float) -> tuple[float, ...]:
+    return _check_levels((levels,) if isinstance(levels, int | float) else tuple(levels))
+
+
+def _evaluate_scenarios(
+    history: History,
+    scenarios: dict[str, pl.DataFrame],
+    *,
+    at: datetime | None,
+    known_at: datetime | None,
+    levels: Sequence[float],
+) -> dict[str, pl.DataFrame]:
+    """Breaches of each scenario's limit rows; each limit type's metric computed once."""
+    wanted = sorted(
+        {n for rows in scenarios.values() for n in rows["limit_type"].unique().to_list()}
+    )
+    registered = set(names())
+    unknown = [n for n in wanted if n not in registered]
+    if unknown:
+        warnings.warn(
+            f"limits of unregistered limit types are not evaluated: {', '.join(unknown)} "
+            "(register their definitions with riskbook.limits.register)",
+            stacklevel=3,
+        )
+    found: dict[str, list[pl.DataFrame]] = {s: [] for s in scenarios}
+    horizons = {s: _horizon(history, rows, at, known_at) for s, rows in scenarios.items()}
+    events = None
+    with shared_timelines():
+        for name in (n for n in wanted if n in registered):
+            definition = get(name)
+            metric = definition.metric(history, known_at=known_at)
+            for scenario, rows in scenarios.items():
+                mine = rows.filter(pl.col("limit_type") == name)
+                horizon = horizons[scenario]
+                if mine.height == 0 or horizon is None:  # no limit, or an empty history
+                    continue
+                intervals, _ = evaluate(
+                    definition, metric, mine.drop("limit_type"), levels=levels, through=horizon
+                )
+                found[scenario].append(intervals)
+            del metric
+    out = {}
+    for scenario, parts in found.items():
+        frame = pl.concat(parts) if parts else pl.DataFrame(schema=_empty_schema())
+        if frame["trigger_event_id"].null_count() > frame["trigger_position"].null_count() or (
+            frame["ended_by_event_id"].null_count() > frame["ended_by_position"].null_count()
+        ):
+            if events is None:
+                events = history.events.select("position", "event_id")
+            frame = _fill_event_ids(frame, events)
+        out[scenario] = frame.sort(
+            "started_at",
+            pl.col("account_id").cast(pl.String),
+            pl.col("limit_type").cast(pl.String),
+            pl.col("symbol").cast(pl.String),
+            "level",
+            nulls_last=False,
+        ).select(BREACH_COLUMNS)
+    return out
+
+
+def _empty_schema() -> dict[str, pl.DataType]:
+    from riskbook.limits._evaluate import BREACH_SCHEMA
+
+    return {**BREACH_SCHEMA, "carried": pl.Boolean()}
+
+
+def _fill_event_ids(frame: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+    """Event ids of triggers and ends from their positions (metrics without event_id)."""
+    for id_col, pos_col in (("trigger_event_id", "trigger_position"),
+                            ("ended_by_event_id", "ended_by_position")):  # fmt: skip
+        lookup = events.rename({"position": pos_col, "event_id": "_id"})
+        frame = (
+            frame.join(lookup, on=pos_col, how="left", maintain_order="left")
+            .with_columns(pl.coalesce(id_col, "_id").alias(id_col))
+            .drop("_id")
+        )
+    return frame
+
+
+def breaches(
+    history: History,
+    *,
+    limits: Limits | None = None,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    levels: Sequence[float] | float = (0.8, 0.9, 1.0),
+    types: Iterable[str] | None = None,
+) -> pl.DataFrame:
+    """Breach intervals of every limit (DESIGN.md §5), at T as known at K.
+
+    A metric is in breach at level x while metric > x * limit (strictly). An interval
+    starts at the business time of the event that took the metric over (or of the
+    LimitSet that lowered the limit under it) and ends at the first event after which
+    it is back within (or the LimitSet that raised the limit over it). A daily-volume
+    breach ends at 00:00 UTC after its day, or earlier if the limit is raised. A limit
+    change that leaves the metric in breach does not split the interval: it goes on,
+    ``limit_value`` is the limit in force when it started and ``limit_value_at_end`` the
+    one in force when it ended (or now, if it is open).
+
+    Parameters
+    ----------
+    history : the History.
+    limits : None: the stored LimitSet events. Otherwise hypothetical limits that
+        replace them (see :func:`hypothetical_limits`): only those are evaluated.
+    at : business time T: events that happened by T; breaches still open at T have a
+        null ``ended_at``. None: everything, and breaches still open at the latest
+        business time known are open (a daily one whose day has not ended then, too).
+    known_at : recorded time K: only events recorded by K (and busts known by K).
+    levels : fractions of the limit (0.8 = a warning at 80%); one row per interval and
+        level.
+    types : evaluate only these limit types (default: every one that has a limit).
+        Limits of types with no registered definition are skipped with a warning.
+
+    Returns
+    -------
+    pl.DataFrame
+        One row per interval, sorted by ``started_at``: ``account_id, limit_type,
+        symbol`` (null for account-wide types), ``level, started_at, ended_at`` (null:
+        still open), ``peak_value`` (the metric's largest value in the interval),
+        ``limit_value`` (in force at the start), ``trigger_event_id`` (the event that
+        took the metric over, or the LimitSet), ``trigger_value`` (the metric then),
+        ``trigger_recorded_at`` (when the store learned the trigger),
+        ``ended_by_event_id`` (null when open or ended by the end of a day),
+        ``limit_value_at_end``, ``set_by`` and ``limit_event_id`` (who set the limit in
+        force at the start, and its LimitSet; null for a hypothetical limit).
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timedelta, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> def history(*events):  # a History of these events, each recorded when it happened
+    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
+    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> def fill(side, quantity, minute):
+    ...     return riskbook.TradeExecuted(trade_id=str(uuid.uuid4()), account_id="ACC-1",
+    ...         symbol="ACME", side=riskbook.Side(side), quantity=quantity, price=10.0,
+    ...         executed_at=t + timedelta(minutes=minute))
+    >>> h = history(riskbook.LimitSet(account_id="ACC-1", limit_type="MaxPositionSize",
+    ...         value=100.0, set_by="cro", set_at=t),
+    ...     fill("Buy", 85.0, 1), fill("Buy", 30.0, 2), fill("Sell", 50.0, 3))
+    >>> breaches(h).select("level", "started_at", "ended_at", "peak_value", "limit_value")
+    shape: (3, 5)
+    ┌───────┬─────────────────────────┬─────────────────────────┬────────────┬─────────────┐
+    │ level ┆ started_at              ┆ ended_at                ┆ peak_value ┆ limit_value │
+    │ ---   ┆ ---                     ┆ ---                     ┆ ---        ┆ ---         │
+    │ f64   ┆ datetime[μs, UTC]       ┆ datetime[μs, UTC]       ┆ f64        ┆ f64         │
+    ╞═══════╪═════════════════════════╪═════════════════════════╪════════════╪═════════════╡
+    │ 0.8   ┆ 2024-03-01 14:31:00 UTC ┆ 2024-03-01 14:33:00 UTC ┆ 115.0      ┆ 100.0       │
+    │ 0.9   ┆ 2024-03-01 14:32:00 UTC ┆ 2024-03-01 14:33:00 UTC ┆ 115.0      ┆ 100.0       │
+    │ 1.0   ┆ 2024-03-01 14:32:00 UTC ┆ 2024-03-01 14:33:00 UTC ┆ 115.0      ┆ 100.0       │
+    └───────┴─────────────────────────┴─────────────────────────┴────────────┴─────────────┘
+    """
+    _check_history(history)
+    t = _time(at, "at")
+    k = _time(known_at, "known_at")
+    rows = stored_limits(history, known_at=k) if limits is None else hypothetical_limits(limits)
+    if types is not None:
+        chosen = list(types)
+        for name in chosen:
+            get(name)
+        rows = rows.filter(pl.col("limit_type").is_in(chosen))
+    return _evaluate_scenarios(history, {"run": rows}, at=t, known_at=k, levels=_levels(levels))[
+        "run"
+    ]
+
+
+def backtest(
+    history: History,
+    limits: Limits,
+    *,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    levels: Sequence[float] | float = (0.8, 0.9, 1.0),
+) -> pl.DataFrame:
+    """Breaches hypothetical limits would have produced, beside the actual limits' ones.
+
+    ``limits`` (see :func:`hypothetical_limits`) are evaluated over the stored history
+    in place of the stored limits; the stored limits of the same limit types are
+    evaluated too, with the same code and the same metric timelines. A new limit type
+    must be registered first (:func:`riskbook.limits.register`).
+
+    Returns
+    -------
+    pl.DataFrame
+        :func:`breaches`' columns after ``scenario`` (``"actual"`` or
+        ``"hypothetical"``).
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timedelta, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> events = [riskbook.LimitSet(account_id="ACC-1", limit_type="MaxPositionSize",
+    ...     value=100.0, set_by="cro", set_at=t)] + [riskbook.TradeExecuted(trade_id=f"T-{i}",
+    ...     account_id="ACC-1", symbol="ACME", side=riskbook.Side.Buy, quantity=60.0,
+    ...     price=10.0, executed_at=t + timedelta(minutes=i)) for i in (1, 2)]
+    >>> h = riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(), e.aggregate_id,
+    ...     e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> what_if = [{"account_id": "*", "limit_type": "MaxPositionSize", "value": 50.0}]
+    >>> backtest(h, what_if, levels=1.0).select("scenario", "started_at", "limit_value")
+    shape: (2, 3)
+    ┌──────────────┬─────────────────────────┬─────────────┐
+    │ scenario     ┆ started_at              ┆ limit_value │
+    │ ---          ┆ ---                     ┆ ---         │
+    │ enum         ┆ datetime[μs, UTC]       ┆ f64         │
+    ╞══════════════╪═════════════════════════╪═════════════╡
+    │ actual       ┆ 2024-03-01 14:32:00 UTC ┆ 100.0       │
+    │ hypothetical ┆ 2024-03-01 14:31:00 UTC ┆ 50.0        │
+    └──────────────┴─────────────────────────┴─────────────┘
+    """
+    _check_history(history)
+    t = _time(at, "at")
+    k = _time(known_at, "known_at")
+    hyp = hypothetical_limits(limits)
+    kinds = hyp["limit_type"].unique().to_list()
+    actual = stored_limits(history, known_at=k).filter(pl.col("limit_type").is_in(kinds))
+    found = _evaluate_scenarios(
+        history, {"actual": actual, "hypothetical": hyp}, at=t, known_at=k, levels=_levels(levels)
+    )
+    return pl.concat(
+        [f.select(pl.lit(s, _SCENARIO).alias("scenario"), pl.all()) for s, f in found.items()]
+    )
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def limit_history(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+    """Every limit change, in the order they take effect: the audit trail of limits.
+
+    Returns ``account_id, limit_type, symbol, old_value`` (the value the previous
+    LimitSet of the same account, limit type and symbol set; null for the first),
+    ``new_value, set_by, set_at`` (business time: when it applies from),
+    ``timestamp`` (recorded time: when the store learned it), ``event_id, position``,
+    sorted by (set_at, timestamp, position). A symbol-specific limit overrides the
+    account-wide one of its type for that symbol; its first row's ``old_value`` is null.
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timedelta, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> events = [riskbook.LimitSet(account_id="ACC-1", limit_type="MaxLeverage", value=v,
+    ...     set_by=who, set_at=t + timedelta(days=d)) for d, v, who in [(0, 3.0, "ops"),
+    ...     (1, 4.0, "cro")]]
+    >>> h = riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(), e.aggregate_id,
+    ...     e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> limit_history(h).select("limit_type", "old_value", "new_value", "set_by")
+    shape: (2, 4)
+    ┌─────────────┬───────────┬───────────┬────────┐
+    │ limit_type  ┆ old_value ┆ new_value ┆ set_by │
+    │ ---         ┆ ---       ┆ ---       ┆ ---    │
+    │ cat         ┆ f64       ┆ f64       ┆ cat    │
+    ╞═════════════╪═══════════╪═══════════╪════════╡
+    │ MaxLeverage ┆ null      ┆ 3.0       ┆ ops    │
+    │ MaxLeverage ┆ 3.0       ┆ 4.0       ┆ cro    │
+    └─────────────┴───────────┴───────────┴────────┘
+    """
+    _check_history(history)
+    lim = _known(history.limits, _time(known_at, "known_at"))
+    return lim.sort("set_at", "timestamp", "position").select(
+        "account_id",
+        "limit_type",
+        "symbol",
+        pl.col("value").shift(1).over("account_id", "limit_type", "symbol").alias("old_value"),
+        pl.col("value").alias("new_value"),
+        "set_by",
+        "set_at",
+        "timestamp",
+        "event_id",
+        "position",
+    )
+
+
+def effective_limits(
+    history: History, *, at: TimeLike = None, known_at: TimeLike = None
+) -> pl.DataFrame:
+    """The limit in force of every (account, limit type, symbol) at T as known at K.
+
+    One row per scope that has a LimitSet with ``set_at <= at`` recorded by
+    ``known_at``: the latest one (by set_at, then recorded time, then position) --
+    ``account_id, limit_type, symbol, value, set_by, set_at, timestamp, event_id``.
+    A row with a symbol overrides the account-wide row of the same limit type for that
+    symbol; a scope with no row has no limit.
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timedelta, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> events = [riskbook.LimitSet(account_id="ACC-1", limit_type="MaxPositionSize",
+    ...     value=v, set_by="cro", symbol=s, set_at=t + timedelta(days=d))
+    ...     for d, v, s in [(0, 1000.0, None), (1, 2000.0, None), (1, 50.0, "ACME")]]
+    >>> h = riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(), e.aggregate_id,
+    ...     e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> effective_limits(h, at=t).select("limit_type", "symbol", "value")
+    shape: (1, 3)
+    ┌─────────────────┬────────┬────────┐
+    │ limit_type      ┆ symbol ┆ value  │
+    │ ---             ┆ ---    ┆ ---    │
+    │ cat             ┆ cat    ┆ f64    │
+    ╞═════════════════╪════════╪════════╡
+    │ MaxPositionSize ┆ null   ┆ 1000.0 │
+    └─────────────────┴────────┴────────┘
+    >>> effective_limits(h).select("limit_type", "symbol", "value")
+    shape: (2, 3)
+    ┌─────────────────┬────────┬────────┐
+    │ limit_type      ┆ symbol ┆ value  │
+    │ ---             ┆ ---    ┆ ---    │
+    │ cat             ┆ cat    ┆ f64    │
+    ╞═════════════════╪════════╪════════╡
+    │ MaxPositionSize ┆ null   ┆ 2000.0 │
+    │ MaxPositionSize ┆ ACME   ┆ 50.0   │
+    └─────────────────┴────────┴────────┘
+    """
+    _check_history(history)
+    t = _time(at, "at")
+    lim = _known(history.limits, _time(known_at, "known_at"))
+    if t is not None:
+        lim = lim.filter(pl.col("set_at") <= t)
+    return (
+        lim.sort("set_at", "timestamp", "position")
+        .unique(["account_id", "limit_type", "symbol"], keep="last", maintain_order=True)
+        .sort(
+            pl.col("account_id").cast(pl.String),
+            pl.col("limit_type").cast(pl.String),
+            pl.col("symbol").cast(pl.String),
+            nulls_last=False,
+        )
+        .select(
+            "account_id",
+            "limit_type",
+            "symbol",
+            "value",
+            "set_by",
+            "set_at",
+            "timestamp",
+            "event_id",
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- reconcile
+
+_STATUS = pl.Enum(["matched", "not_reported", "no_breach"])
+
+
+def reconcile(
+    history: History,
+    *,
+    known_at: TimeLike = None,
+    tolerance: timedelta = timedelta(minutes=1),
+) -> pl.DataFrame:
+    """Recorded LimitViolationDetected events against the breaches recomputed now.
+
+    The recomputed breaches are those of :func:`breaches` at level 1.0 as known at
+    ``known_at`` (default: everything, busts applied -- the corrected history). A
+    report and a breach **match** when they have the same account, limit type and
+    symbol and either the report's ``causation_id`` is the breach's trigger event, or
+    (for reports without a matching cause) its ``detected_at`` is within ``tolerance``
+    of the breach's start (nearest first, each breach and report matched once).
+
+    Returns
+    -------
+    pl.DataFrame
+        One row per breach and per report: ``status`` -- ``matched``,
+        ``not_reported`` (a breach the engine never reported) or ``no_breach`` (a
+        report with no breach in the recomputed history) -- and ``reason`` (for
+        ``no_breach``: the trigger was busted, is unknown, or the limit the engine used
+        differs from the one in force; for ``not_reported``: whether the trigger was
+        recorded late), then ``account_id, limit_type, symbol, started_at, ended_at,
+        trigger_event_id, peak_value, limit_value`` of the breach and
+        ``violation_event_id, detected_at, reported_value, reported_limit,
+        causation_id`` of the report (null where there is none), sorted by time.
+
+    Examples
+    --------
+    >>> import riskbook  # doctest: +SKIP
+    >>> rec = reconcile(riskbook.load())  # doctest: +SKIP
+    >>> rec.filter(pl.col("status") != "matched").select("status", "reason")  # doctest: +SKIP
+    """
+    _check_history(history)
+    k = _time(known_at, "known_at")
+    found = breaches(history, known_at=k, levels=1.0)
+    reports = _known(history.violations, k).select(
+        pl.col("account_id").cast(pl.String),
+        pl.col("limit_type").cast(pl.String),
+        pl.col("symbol").cast(pl.String),
+        "current_value",
+        "limit_value",
+        "detected_at",
+        "event_id",
+        "causation_id",
+    )
+    found_rows = found.select(
+        pl.col("account_id", "limit_type", "symbol").cast(pl.String),
+        "started_at", "ended_at", "trigger_event_id", "trigger_recorded_at", "peak_value",
+        "limit_value",
+    ).to_dicts()  # fmt: skip
+    report_rows = reports.to_dicts()
+    matched: list[tuple[int, int, str]] = []
+    used_b: set[int] = set()
+    used_r: set[int] = set()
+
+    def scope(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        return row["account_id"], row["limit_type"], row["symbol"]
+
+    def match(bi: int, ri: int, why: str) -> None:
+        b, r = found_rows[bi], report_rows[ri]
+        if not math.isclose(b["limit_value"], r["limit_value"], rel_tol=1e-12):
+            why += (
+                f"; the engine's limit {r['limit_value']:g} differs from the limit in force "
+                f"{b['limit_value']:g}"
+            )
+        used_b.add(bi)
+        used_r.add(ri)
+        matched.append((bi, ri, why))
+
+    by_trigger = {(scope(b), b["trigger_event_id"]): i for i, b in enumerate(found_rows)}
+    for ri, r in enumerate(report_rows):
+        bi = by_trigger.get((scope(r), r["causation_id"]))
+        if r["causation_id"] is not None and bi is not None and bi not in used_b:
+            match(bi, ri, "the report's cause is the breach's trigger")
+    candidates = sorted(
+        (abs(r["detected_at"] - b["started_at"]), bi, ri)
+        for ri, r in enumerate(report_rows)
+        if ri not in used_r
+        for bi, b in enumerate(found_rows)
+        if bi not in used_b
+        and scope(b) == scope(r)
+        and abs(r["detected_at"] - b["started_at"]) <= tolerance
+    )
+    for gap, bi, ri in candidates:
+        if bi not in used_b and ri not in used_r:
+            match(bi, ri, f"detected {gap.total_seconds():g} s from the start")
+    pairs: list[tuple[int | None, int | None, str]] = list(matched)
+    unmatched = [ri for ri in range(len(report_rows)) if ri not in used_r]
+    wanted = {report_rows[ri]["causation_id"] for ri in unmatched} - {None}
+    causes, known = _causes(history, wanted, k)
+    for ri in unmatched:
+        pairs.append((None, ri, _no_breach_reason(history, report_rows[ri], causes, known, k)))
+    for bi, b in enumerate(found_rows):
+        if bi not in used_b:
+            late = b["trigger_recorded_at"] - b["started_at"]
+            why = "no LimitViolationDetected for this breach"
+            if late > tolerance:
+                why += f"; its trigger was recorded {late} after it happened"
+            pairs.append((bi, None, why))
+    out = []
+    for b_i, r_i, why in pairs:
+        b = found_rows[b_i] if b_i is not None else {}
+        r = report_rows[r_i] if r_i is not None else {}
+        status = "matched" if b and r else ("not_reported" if b else "no_breach")
+        first = b or r
+        out.append(
+            {
+                "status": status,
+                "reason": why,
+                "account_id": first["account_id"],
+                "limit_type": first["limit_type"],
+                "symbol": first["symbol"],
+                "started_at": b.get("started_at"),
+                "ended_at": b.get("ended_at"),
+                "trigger_event_id": b.get("trigger_event_id"),
+                "peak_value": b.get("peak_value"),
+                "limit_value": b.get("limit_value"),
+                "violation_event_id": r.get("event_id"),
+                "detected_at": r.get("detected_at"),
+                "reported_value": r.get("current_value"),
+                "reported_limit": r.get("limit_value"),
+                "causation_id": r.get("causation_id"),
+            }
+        )
+    schema = {
+        "status": _STATUS,
+        "reason": pl.String(),
+        "account_id": _CAT,
+        "limit_type": _CAT,
+        "symbol": _CAT,
+        "started_at": _TIME,
+        "ended_at": _TIME,
+        "trigger_event_id": pl.String(),
+        "peak_value": pl.Float64(),
+        "limit_value": pl.Float64(),
+        "violation_event_id": pl.String(),
+        "detected_at": _TIME,
+        "reported_value": pl.Float64(),
+        "reported_limit": pl.Float64(),
+        "causation_id": pl.String(),
+    }
+    frame = pl.DataFrame(out, schema=schema, orient="row") if out else pl.DataFrame(schema=schema)
+    return frame.sort(pl.coalesce("started_at", "detected_at"), "status", nulls_last=False)
+
+
+def _causes(
+    history: History, wanted: set[str], known_at: datetime | None
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Of these causation ids: the known trades they are (with their bust, if any), and
+    which are known events at all."""
+    ids = pl.Series(sorted(wanted), dtype=pl.String).implode()
+    trades = (
+        _known(history.trades, known_at)
+        .filter(pl.col("event_id").is_in(ids))
+        .select("event_id", pl.col("account_id").cast(pl.String), "trade_id")
+    )
+    cancels = (
+        _known(history.cancels, known_at)
+        .group_by(pl.col("account_id").cast(pl.String), "trade_id")
+        .agg(
+            pl.col("timestamp").min().alias("busted_at"),
+            pl.col("event_id").first().alias("bust_id"),
+        )
+    )
+    joined = trades.join(cancels, on=["account_id", "trade_id"], how="left")
+    events = _known(history.events, known_at).filter(pl.col("event_id").is_in(ids))
+    return {r["event_id"]: r for r in joined.to_dicts()}, set(events["event_id"].to_list())
+
+
+def _no_breach_reason(
+    history: History,
+    report: Mapping[str, Any],
+    causes: Mapping[str, Mapping[str, Any]],
+    known: set[str],
+    known_at: datetime | None,
+) -> str:
+    cause = report["causation_id"]
+    if report["limit_type"] not in names():
+        return f"limit type {report['limit_type']} is not registered: not recomputed"
+    if cause is not None:
+        trade = causes.get(cause)
+        if trade is not None and trade["busted_at"] is not None:
+            return (
+                f"trigger busted: trade {trade['trade_id']} was cancelled "
+                f"(recorded {trade['busted_at'].isoformat()}, event {trade['bust_id']})"
+            )
+        if trade is None and cause not in known:
+            return f"trigger {cause} is not in the history (as known)"
+    limits = effective_limits(history, at=report["detected_at"], known_at=known_at)
+    mine = limits.filter(
+        (pl.col("account_id").cast(pl.String) == report["account_id"])
+        & (pl.col("limit_type").cast(pl.String) == report["limit_type"])
+    )
+    specific = mine.filter(pl.col("symbol").cast(pl.String) == report["symbol"])
+    general = mine.filter(pl.col("symbol").is_null())
+    in_force = (specific if specific.height else general)["value"]
+    if in_force.len() == 0:
+        return "no limit was in force at the time of the report"
+    if not math.isclose(in_force[0], report["limit_value"], rel_tol=1e-12):
+        return (
+            f"no breach recomputed; the engine's limit {report['limit_value']:g} differs "
+            f"from the limit in force {in_force[0]:g}"
+        )
+    return "no breach recomputed near the report (the metric was within the limit)"

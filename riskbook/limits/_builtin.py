@@ -1,0 +1,151 @@
+"""The four built-in limit types of DESIGN.md §5, defined as a user would define one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import polars as pl
+
+from riskbook.frames import History
+from riskbook.limits._registry import LimitSpec
+from riskbook.projections import account_timeline, position_timeline
+
+__all__ = [
+    "BUILT_INS",
+    "MAX_DAILY_VOLUME",
+    "MAX_DRAWDOWN",
+    "MAX_LEVERAGE",
+    "MAX_POSITION_SIZE",
+    "daily_volume",
+    "drawdown",
+    "leverage",
+    "position_size",
+    "shared_timelines",
+]
+
+_memo: ContextVar[dict[tuple[Any, ...], pl.DataFrame] | None] = ContextVar(
+    "riskbook_limits_timelines", default=None
+)
+
+
+@contextmanager
+def shared_timelines() -> Iterator[None]:
+    """Inside this block, metric functions share the timeline frames they build.
+
+    :func:`riskbook.breaches` evaluates several limit types over one History; with it,
+    MaxDrawdown and MaxLeverage build :func:`riskbook.account_timeline` once. The frames
+    are dropped when the block ends.
+    """
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
+def _shared(
+    name: str, fn: Callable[..., pl.DataFrame], history: History, known_at: Any
+) -> pl.DataFrame:
+    memo = _memo.get()
+    if memo is None:
+        return fn(history, known_at=known_at)
+    key = (name, id(history), str(known_at))
+    if key not in memo:
+        memo[key] = fn(history, known_at=known_at)
+    return memo[key]
+
+
+_EVENT = ("timestamp", "position", "event_id")
+_DAY_US = 86_400_000_000
+
+
+def position_size(history: History, *, known_at: Any = None) -> pl.DataFrame:
+    """MaxPositionSize's metric: ``|q|`` after every trade and adjustment, per (account, symbol).
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> sell = riskbook.TradeExecuted(trade_id="T-1", account_id="ACC-1", symbol="ACME",
+    ...     side=riskbook.Side.Sell, quantity=5.0, price=20.0, executed_at=t)
+    >>> h = riskbook.History.from_envelopes([riskbook.Envelope(uuid.uuid4(), "ACC-1",
+    ...     "Account", 1, t, sell, "doc")])
+    >>> position_size(h).select("account_id", "symbol", "value")
+    shape: (1, 3)
+    ┌────────────┬────────┬───────┐
+    │ account_id ┆ symbol ┆ value │
+    │ ---        ┆ ---    ┆ ---   │
+    │ cat        ┆ cat    ┆ f64   │
+    ╞════════════╪════════╪═══════╡
+    │ ACC-1      ┆ ACME   ┆ 5.0   │
+    └────────────┴────────┴───────┘
+    """
+    return _shared("position", position_timeline, history, known_at).select(
+        "account_id", "symbol", pl.col("occurred_at").alias("time"), *_EVENT,
+        value=pl.col("quantity").abs(),
+    )  # fmt: skip
+
+
+def daily_volume(history: History, *, known_at: Any = None) -> pl.DataFrame:
+    """MaxDailyVolume's metric: the account's traded quantity so far in the UTC day.
+
+    One row per trade that is not busted (as known at ``known_at``); ``value`` is the
+    sum of the quantities of the account's trades of that UTC calendar day up to and
+    including this one, in business order.
+    """
+    trades = _shared("position", position_timeline, history, known_at).filter(
+        pl.col("event_type") == "TradeExecuted"
+    )
+    return trades.select(
+        "account_id", "symbol", pl.col("occurred_at").alias("time"), *_EVENT,
+        value=pl.col("signed_quantity").abs().cum_sum().over(
+            "account_id", pl.col("occurred_at").dt.epoch("us") // _DAY_US  # the UTC day
+        ),
+    )  # fmt: skip
+
+
+def drawdown(history: History, *, known_at: Any = None) -> pl.DataFrame:
+    """MaxDrawdown's metric: the account's drawdown after every event that moves it."""
+    return _shared("account", account_timeline, history, known_at).select(
+        "account_id", pl.col("occurred_at").alias("time"), *_EVENT, value=pl.col("drawdown")
+    )
+
+
+def leverage(history: History, *, known_at: Any = None) -> pl.DataFrame:
+    """MaxLeverage's metric: the account's leverage after every event that moves it."""
+    return _shared("account", account_timeline, history, known_at).select(
+        "account_id", pl.col("occurred_at").alias("time"), *_EVENT, value=pl.col("leverage")
+    )
+
+
+MAX_POSITION_SIZE = LimitSpec(
+    "MaxPositionSize",
+    "account_symbol",
+    "quantity",
+    position_size,
+    description="|position| per (account, symbol); a limit with a symbol overrides the "
+    "account-wide one for that symbol",
+)
+MAX_DAILY_VOLUME = LimitSpec(
+    "MaxDailyVolume",
+    "account_day",
+    "quantity",
+    daily_volume,
+    description="sum of |quantity| of the account's trades in the UTC calendar day",
+)
+MAX_DRAWDOWN = LimitSpec(
+    "MaxDrawdown",
+    "account",
+    "fraction",
+    drawdown,
+    description="(peak - equity) / peak, 0.2 = 20%",
+)
+MAX_LEVERAGE = LimitSpec(
+    "MaxLeverage", "account", "ratio", leverage, description="gross exposure / equity"
+)
+BUILT_INS = (MAX_POSITION_SIZE, MAX_DAILY_VOLUME, MAX_DRAWDOWN, MAX_LEVERAGE)
