@@ -44,7 +44,7 @@ from typing import Any
 import polars as pl
 
 from riskbook.errors import RiskbookError, StoreError
-from riskbook.events import Envelope, RawEvent, as_time, format_time, parse_time
+from riskbook.events import Envelope, Event, RawEvent, as_time, format_time, parse_time
 from riskbook.store import Store, connect, redact
 
 __all__ = [
@@ -445,6 +445,30 @@ class History:
             else pl.DataFrame(schema=EVENTS_SCHEMA)
         )
         return cls(**frames, events=events, horizon=top + 1, filters=filters)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_events(cls, *events: Event) -> History:
+        """A History of these events, each recorded when it happened, in the given order.
+
+        For examples and quick experiments: sequences are numbered per aggregate, ids
+        are new, the recorded time is the business time.
+        """
+        versions: dict[str, int] = {}
+        envelopes = []
+        for e in events:
+            versions[e.aggregate_id] = versions.get(e.aggregate_id, 0) + 1
+            envelopes.append(
+                Envelope(
+                    event_id=uuid.uuid4(),
+                    aggregate_id=e.aggregate_id,
+                    aggregate_type=e.aggregate_type,
+                    sequence=versions[e.aggregate_id],
+                    timestamp=e.business_time,
+                    payload=e,
+                    correlation_id="in-memory",
+                )
+            )
+        return cls.from_envelopes(envelopes)
 
     # ---------------------------------------------------------------- refresh
 

@@ -52,9 +52,7 @@ Examples
 >>> from datetime import datetime, timedelta, timezone
 >>> import riskbook
 >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
->>> def history(*events):  # a History of these events, each recorded when it happened
-...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+>>> history = riskbook.History.from_events  # each event recorded when it happened
 >>> def fill(side, quantity, price, minute):
 ...     return riskbook.TradeExecuted(trade_id=str(uuid.uuid4()), account_id="ACC-1",
 ...         symbol="ACME", side=riskbook.Side(side), quantity=quantity, price=price,
@@ -913,9 +911,7 @@ def positions(history: History, *, at: TimeLike = None, known_at: TimeLike = Non
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> h = history(riskbook.TradeExecuted(trade_id="T-1", account_id="ACC-1", symbol="ACME",
     ...     side=riskbook.Side.Sell, quantity=5.0, price=20.0, executed_at=t))
     >>> positions(h).select("account_id", "symbol", "quantity", "avg_price", "market_value")
@@ -950,9 +946,7 @@ def accounts(history: History, *, at: TimeLike = None, known_at: TimeLike = None
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> h = history(riskbook.AccountFunded(account_id="ACC-1", amount=1000.0, funded_at=t))
     >>> accounts(h).select("account_id", "cash", "equity", "leverage", "peak_equity")
     shape: (1, 5)
@@ -981,9 +975,7 @@ def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> h = history(*[riskbook.PriceMarked(symbol="ACME", price=p,
     ...     marked_at=t + timedelta(minutes=i)) for i, p in enumerate([10.0, 11.0])])
     >>> marks(h, at=t).select("symbol", "mark_price")
@@ -1034,9 +1026,7 @@ def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.Data
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> fills = [("Buy", 100.0, 10.0), ("Buy", 100.0, 12.0), ("Sell", 150.0, 15.0),
     ...          ("Sell", 100.0, 9.0)]
     >>> h = history(*[riskbook.TradeExecuted(trade_id=f"T-{i}", account_id="ACC-1",
@@ -1113,9 +1103,7 @@ def account_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataF
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> h = history(riskbook.AccountFunded(account_id="ACC-1", amount=1000.0, funded_at=t),
     ...     riskbook.TradeExecuted(trade_id="T-1", account_id="ACC-1", symbol="ACME",
     ...         side=riskbook.Side.Buy, quantity=100.0, price=10.0, executed_at=t),
@@ -1185,9 +1173,7 @@ def adjustment_mismatches(history: History, *, known_at: TimeLike = None) -> pl.
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> h = history(riskbook.TradeExecuted(trade_id="T-1", account_id="ACC-1", symbol="ACME",
     ...         side=riskbook.Side.Buy, quantity=100.0, price=10.0, executed_at=t),
     ...     riskbook.PositionUpdated(account_id="ACC-1", symbol="ACME", previous_quantity=90.0,

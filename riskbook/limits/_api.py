@@ -325,9 +325,7 @@ def breaches(
     >>> from datetime import datetime, timedelta, timezone
     >>> import riskbook
     >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
-    >>> def history(*events):  # a History of these events, each recorded when it happened
-    ...     return riskbook.History.from_envelopes(riskbook.Envelope(uuid.uuid4(),
-    ...         e.aggregate_id, e.aggregate_type, 1, e.business_time, e, "doc") for e in events)
+    >>> history = riskbook.History.from_events  # each event recorded when it happened
     >>> def fill(side, quantity, minute):
     ...     return riskbook.TradeExecuted(trade_id=str(uuid.uuid4()), account_id="ACC-1",
     ...         symbol="ACME", side=riskbook.Side(side), quantity=quantity, price=10.0,
