@@ -59,3 +59,34 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, list[float]
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, as the OS counts it (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def simulated_store(
+    dsn: str | None, *, seed: int, accounts: int, symbols: int, events: int
+) -> Iterator[object]:
+    """A Store holding a simulated history: ``dsn`` as given (filled if empty), else a
+    scratch database made, filled and dropped here. Yields the Store (closed after)."""
+    from contextlib import nullcontext
+
+    from riskbook import simulate
+    from riskbook.store import Store
+
+    with nullcontext(dsn) if dsn else scratch_database() as target:
+        store = Store(target)
+        if store.count() == 0:
+            t = time.perf_counter()
+            result, _ = simulate.stream_to_store(
+                store, seed=seed, accounts=accounts, symbols=symbols, events=events
+            )
+            print(
+                f"history: simulated {result.added:,} events into PostgreSQL"
+                f" in {time.perf_counter() - t:.1f} s"
+            )
+            with store.connection() as conn:  # what autovacuum does after a bulk load
+                conn.execute("ANALYZE")
+                conn.commit()
+        try:
+            yield store
+        finally:
+            store.close()

@@ -34,7 +34,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,10 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import peak_rss_mb, scratch_database
+from _common import peak_rss_mb, simulated_store
 
 import riskbook
-from riskbook import limits, simulate
+from riskbook import limits
 from riskbook import projections as P
 from riskbook.events import (
     AccountFunded,
@@ -60,7 +59,6 @@ from riskbook.events import (
     TradeExecuted,
 )
 from riskbook.frames import History
-from riskbook.store import Store
 
 LEVELS = (0.8, 0.9, 1.0)
 WHAT_IF = [{"account_id": "*", "limit_type": "MaxLeverage", "value": 2.5}]
@@ -197,28 +195,12 @@ def main() -> int:
     ap.add_argument("--dsn", default=None, help="use this database (kept) instead of a scratch one")
     args = ap.parse_args()
 
-    ctx = nullcontext(args.dsn) if args.dsn else scratch_database()
-    with ctx as dsn:
-        store = Store(dsn)
-        if store.count() == 0:
-            t = clock()
-            result, _ = simulate.stream_to_store(
-                store,
-                seed=args.seed,
-                accounts=args.accounts,
-                symbols=args.symbols,
-                events=args.events,
-            )
-            print(
-                f"history: simulated {result.added:,} events into PostgreSQL in {clock() - t:.1f} s"
-            )
-            with store.connection() as conn:  # what autovacuum does after a bulk load
-                conn.execute("ANALYZE")
-                conn.commit()
+    with simulated_store(
+        args.dsn, seed=args.seed, accounts=args.accounts, symbols=args.symbols, events=args.events
+    ) as store:
         t = clock()
         h = riskbook.load(store, cache=False, progress=False)
         print(f"history: {h!r}\n  full load from PostgreSQL: {clock() - t:.2f} s")
-        store.close()
 
     # the compiled kernels (numba's cache) for these array types, loaded once
     small = prefix(h, 5000)

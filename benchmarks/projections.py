@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,11 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import peak_rss_mb, scratch_database
+from _common import peak_rss_mb, simulated_store
 
 import riskbook
 from riskbook import projections as P
-from riskbook import simulate
 from riskbook.frames import History
-from riskbook.store import Store
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 KEEP_EVERY = 2_500  # timeline rows of the reference fold kept for the comparison
@@ -244,24 +241,9 @@ def main() -> int:
     args = ap.parse_args()
 
     touch, retouch = first_touch()
-    ctx = nullcontext(args.dsn) if args.dsn else scratch_database()
-    with ctx as dsn:
-        store = Store(dsn)
-        if store.count() == 0:
-            t = time.perf_counter()
-            result, _ = simulate.stream_to_store(
-                store,
-                seed=args.seed,
-                accounts=args.accounts,
-                symbols=args.symbols,
-                events=args.events,
-            )
-            print(
-                f"history: simulated {result.added:,} events into PostgreSQL in {time.perf_counter() - t:.1f} s"
-            )
-            with store.connection() as conn:  # what autovacuum does after a bulk load
-                conn.execute("ANALYZE")
-                conn.commit()
+    with simulated_store(
+        args.dsn, seed=args.seed, accounts=args.accounts, symbols=args.symbols, events=args.events
+    ) as store:
         t = time.perf_counter()
         h = riskbook.load(store, cache=False, progress=False)
         load_s = time.perf_counter() - t
@@ -412,7 +394,6 @@ def main() -> int:
         print(
             f"\n4. REFRESH MATERIALIZED VIEW CONCURRENTLY account_positions: {rows_mv:,} rows in {time.perf_counter() - t:.2f} s"
         )
-        store.close()
     print(f"\npeak RSS of this process: {peak_rss_mb():,.0f} MiB ({n:,} events in memory)")
     return 0
 
