@@ -33,6 +33,7 @@ from riskbook.events import (
 )
 from riskbook.frames import Filters, History, load
 from riskbook.limits import backtest, breaches, effective_limits, limit_history, reconcile
+from riskbook.live import CheckResult, Processor, check, unblock
 from riskbook.projections import (
     account_timeline,
     accounts,
@@ -43,6 +44,7 @@ from riskbook.projections import (
     state_at,
 )
 from riskbook.store import ImportResult, Store, connect
+from riskbook.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "AccountBlocked",
     "AccountFunded",
     "AccountUnblocked",
+    "CheckResult",
     "ConcurrencyConflict",
     "EmbeddedServerError",
     "Envelope",
@@ -64,6 +67,7 @@ __all__ = [
     "LimitViolationDetected",
     "PositionUpdated",
     "PriceMarked",
+    "Processor",
     "RawEvent",
     "RiskbookError",
     "Side",
@@ -71,12 +75,14 @@ __all__ = [
     "StoreError",
     "TradeCancelled",
     "TradeExecuted",
+    "VerifyReport",
     "__version__",
     "account_timeline",
     "accounts",
     "adjustment_mismatches",
     "backtest",
     "breaches",
+    "check",
     "connect",
     "effective_limits",
     "limit_history",
@@ -86,4 +92,6 @@ __all__ = [
     "positions",
     "reconcile",
     "state_at",
+    "unblock",
+    "verify",
 ]

@@ -258,6 +258,103 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+# ----------------------------------------------------------------------- trust
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from riskbook.verify import verify
+
+    report = verify(
+        _store(args.dsn), heads=args.heads, progress=None if args.quiet else _Progress()
+    )
+    print(report)
+    if args.save_heads:
+        report.save_heads(args.save_heads)
+        print(f"heads of {len(report.heads):,} aggregates written to {args.save_heads}")
+    return 0 if report.ok else 1
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    """The new role's password: asked twice on a terminal, else one line of stdin.
+
+    Never an argument: the command line of a process is visible to every local user.
+    """
+    if not args.password:
+        return None
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass(f"password for {args.role}: ")
+        if getpass.getpass("again: ") != first:
+            raise ValueError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def cmd_db_grant(args: argparse.Namespace) -> int:
+    from riskbook.store import roles
+
+    grant = roles.grant_reader if args.db_command == "grant-reader" else roles.grant_processor
+    print(grant(_store(args.dsn), args.role, password=_read_password(args)))
+    return 0
+
+
+def _add_trust_commands(
+    add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser],
+    dbsub: argparse._SubParsersAction,
+    dsn_option: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    ver = add(
+        "verify",
+        cmd_verify,
+        "recompute every event's hash chain; name each aggregate and sequence where history"
+        " was altered, removed or reordered (exit 1 then)",
+    )
+    ver.add_argument(
+        "--heads", default=None, metavar="FILE", help="heads saved earlier: each must still hold"
+    )
+    ver.add_argument(
+        "--save-heads", default=None, metavar="FILE", help="write each aggregate's head to FILE"
+    )
+    ver.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    dsn_option(ver)
+    for name, text in [
+        (
+            "grant-reader",
+            "create or update a LOGIN role that can read history and views, and nothing else",
+        ),
+        (
+            "grant-processor",
+            "create or update a LOGIN role that can append events and keep its checkpoint,"
+            " but not alter history",
+        ),
+    ]:
+        sp = dbsub.add_parser(name, help=text, description=text)
+        sp.add_argument("role", metavar="ROLE")
+        sp.add_argument(
+            "--password",
+            action="store_true",
+            help="set a password, asked on the terminal or read from stdin (not needed on the"
+            " embedded server)",
+        )
+        dsn_option(sp)
+        sp.set_defaults(func=cmd_db_grant)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``riskbook bench …``: benchmarks/run_all.py of a source checkout, arguments as given."""
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (here / "run_all.py").is_file():
+        raise RiskbookError(
+            "riskbook bench runs the benchmarks of a source checkout (benchmarks/run_all.py),"
+            " which this installation does not have"
+        )
+    sys.path.insert(0, str(here))
+    import run_all
+
+    return int(run_all.main(argv))
+
+
 # ----------------------------------------------------------------------- parser
 
 
@@ -385,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     lh.set_defaults(func=cmd_limits_history)
     output_options(lh)
 
+    from riskbook.live._cli import add_live_commands
+
+    add_live_commands(add, dsn_option)
+
+    _add_trust_commands(add, dbsub, dsn_option)
+
+    bench = add(
+        "bench",
+        lambda args: cmd_bench(args.rest),
+        "run every benchmark against its peers and write benchmarks/REPORT.md"
+        " (a source checkout; see `riskbook bench --help`)",
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook bench --help`")
+
     sim = add("simulate", cmd_simulate, "generate a synthetic history with planted incidents")
     sim.add_argument("rest", nargs=argparse.REMAINDER, help="see `riskbook simulate --help`")
 
@@ -422,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from riskbook import simulate
 
         return _run(lambda: simulate.cli(argv[1:]))
+    if argv and argv[0] == "bench":  # forwarded whole to benchmarks/run_all.py
+        return _run(lambda: cmd_bench(argv[1:]))
     args = build_parser().parse_args(argv)
     return _run(lambda: args.func(args))
 

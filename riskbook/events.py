@@ -31,14 +31,16 @@ riskbook.errors.InvalidEvent: TradeExecuted.quantity: must be > 0, got -5.0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from types import UnionType
 from typing import Annotated, Any, ClassVar, TypeAlias, Union, get_args, get_origin
@@ -66,12 +68,19 @@ __all__ = [
     "TradeCancelled",
     "TradeExecuted",
     "as_time",
+    "canonical_event",
+    "canonical_fields",
+    "canonical_json",
+    "canonical_payload",
+    "chain_hash",
     "check_for_aggregate",
     "check_metadata",
+    "check_text",
     "decode_envelope",
     "decode_event",
     "encode_envelope",
     "encode_event",
+    "event_digest",
     "event_from_dict",
     "event_to_dict",
     "format_time",
@@ -131,11 +140,7 @@ def format_time(t: datetime) -> str:
     """RFC 3339, UTC, always six fractional digits: ``2024-03-01T09:30:00.000000Z``."""
     if t.tzinfo is None:
         raise ValueError("a time without a time zone is ambiguous")
-    t = t.astimezone(UTC)
-    return (
-        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
-        f"{t.second:02d}.{t.microsecond:06d}Z"
-    )
+    return _time_json(t)[1:-1]
 
 
 def parse_time(text: str) -> datetime:
@@ -177,6 +182,9 @@ _NonNegative: TypeAlias = Annotated[float, msgspec.Meta(ge=0)]
 
 _ID_FIELDS = frozenset({"trade_id", "account_id", "symbol", "set_by", "blocked_by", "unblocked_by"})
 _POSITIVE_FIELDS = frozenset({"quantity", "price"})
+# Lone surrogates can come from Python code (never from UTF-8 input): no database or
+# file can store them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 _FIELD_KINDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
@@ -248,6 +256,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
                     raise InvalidEvent(name, f, "contains a NUL character")
                 if not v and f in _ID_FIELDS:
                     raise InvalidEvent(name, f, "must not be empty")
+                if not v.isascii() and _SURROGATE.search(v):
+                    raise InvalidEvent(name, f, "is not valid Unicode (a lone surrogate)")
         t = getattr(self, spec[2])
         if t.__class__ is datetime and t.tzinfo is not UTC:
             if t.tzinfo is None:
@@ -495,6 +505,8 @@ def decode_event(data: bytes | str, *, event_type: str | None = None) -> Event:
         if decoder is None:
             raise InvalidEvent(event_type, "type", f"unknown event type {event_type!r}")
         return decoder.decode(data)
+    except RecursionError:
+        raise InvalidEvent(event_type or "?", "payload", "nested too deeply") from None
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
         kind = event_type or _peek_type(data)
         if isinstance(exc, msgspec.ValidationError) and "`$.type`" in str(exc):
@@ -507,7 +519,7 @@ def _peek_type(data: bytes | str | Mapping[str, Any]) -> str:
     # (numbers out of range, say).
     try:
         obj = json.loads(data) if isinstance(data, bytes | str) else data
-    except ValueError:
+    except (ValueError, RecursionError):
         return "?"
     t = obj.get("type") if isinstance(obj, Mapping) else None
     return t if isinstance(t, str) else "?"
@@ -659,6 +671,8 @@ def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
     """
     try:
         raw = _envelope_decoder.decode(line)
+    except RecursionError:
+        raise InvalidEvent("?", "line", "nested too deeply") from None
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
         raise _envelope_error(line, exc) from None
     return check_envelope(raw), raw.sequence is not None
@@ -669,6 +683,8 @@ def _envelope_error(line: bytes | str, exc: Exception) -> InvalidEvent:
         obj = json.loads(line)
     except ValueError:
         return InvalidEvent("?", "line", f"not valid JSON ({exc})")
+    except RecursionError:
+        return InvalidEvent("?", "line", "nested too deeply")
     if not isinstance(obj, dict):
         return InvalidEvent("?", "line", f"must be a JSON object, got {type(obj).__name__}")
     payload = obj.get("payload")
@@ -690,8 +706,7 @@ def check_envelope(raw: _EnvelopeIn) -> Envelope:
             kind, "event_type", f"{raw.event_type!r} does not match the payload type {kind!r}"
         )
     _check_aggregate(payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
-    if "\x00" in raw.correlation_id:
-        raise InvalidEvent(kind, "correlation_id", "contains a NUL character")
+    check_text(raw.correlation_id, kind, "correlation_id")
     check_metadata(raw.metadata, kind)
     return Envelope(
         event_id=raw.event_id,
@@ -706,20 +721,39 @@ def check_envelope(raw: _EnvelopeIn) -> Envelope:
     )
 
 
-def check_metadata(metadata: Mapping[str, Any], event_type: str) -> None:
-    """Envelope metadata must be a JSON object PostgreSQL can store (no NUL characters)."""
+def check_metadata(metadata: Mapping[str, Any], event_type: str) -> str:
+    """Envelope metadata must be a JSON object PostgreSQL can store exactly.
+
+    That is: string keys; values of JSON types (str, int, float, bool, None, lists,
+    dicts); finite numbers; no NUL character or lone surrogate. Returns its
+    :func:`canonical_json` text, which is what the store writes.
+    """
     if not isinstance(metadata, Mapping):
         raise InvalidEvent(
             event_type, "metadata", f"must be an object, got {type(metadata).__name__}"
         )
     if not metadata:
-        return
+        return "{}"
     try:
-        encoded = _encoder.encode(metadata)
+        return canonical_json(metadata)
     except (TypeError, ValueError) as exc:
-        raise InvalidEvent(event_type, "metadata", f"is not JSON: {exc}") from None
-    if b"\\u0000" in encoded:
-        raise InvalidEvent(event_type, "metadata", "contains a NUL character")
+        raise InvalidEvent(event_type, "metadata", str(exc)) from None
+    except RecursionError:
+        raise InvalidEvent(event_type, "metadata", "nested too deeply") from None
+
+
+def check_text(value: Any, event_type: str, field: str, *, max_length: int = 256) -> str:
+    """An envelope's text field (aggregate id, correlation id): a string PostgreSQL can
+    store, of at most ``max_length`` characters."""
+    if not isinstance(value, str):
+        raise InvalidEvent(event_type, field, f"must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidEvent(event_type, field, "contains a NUL character")
+    if len(value) > max_length:
+        raise InvalidEvent(event_type, field, f"is longer than {max_length} characters")
+    if not value.isascii() and _SURROGATE.search(value):
+        raise InvalidEvent(event_type, field, "is not valid Unicode (a lone surrogate)")
+    return value
 
 
 def _check_aggregate(
@@ -770,3 +804,245 @@ def read_payload(event_type: str, payload: bytes | str | Mapping[str, Any]) -> E
         return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"}, str(exc))
     finally:
         _reading_stored.reset(token)
+
+
+# --------------------------------------------------------------------------- canonical encoding
+#
+# What the store's hash chain is computed over (DESIGN.md §3, tamper evidence). The
+# definition is in canonical_fields' docstring; the store computes the same thing in
+# SQL (migration 0009) and riskbook.verify recomputes it from what is stored.
+
+_escape = json.encoder.encode_basestring  # escapes exactly what PostgreSQL's escape_json does
+
+
+def _canonical_str(s: str) -> str:
+    if "\x00" in s:
+        raise ValueError("contains a NUL character")
+    if not s.isascii() and _SURROGATE.search(s):
+        raise ValueError("is not valid Unicode (a lone surrogate)")
+    return _escape(s)
+
+
+def _canonical_float(v: float) -> str:
+    text = repr(v)
+    if "e" in text or v == 0 or not math.isfinite(v):
+        if not math.isfinite(v):
+            raise ValueError(f"contains a number that is not finite ({v!r})")
+        if v == 0:
+            return "0.0"  # PostgreSQL's numeric has no negative zero
+        return format(Decimal(text), "f")  # 1e+16 -> 10000000000000000, 1e-07 -> 0.0000001
+    return text  # "123.25": already as numeric prints it
+
+
+def _key_order(key: str) -> tuple[int, bytes]:
+    data = key.encode("utf-8", "surrogatepass")
+    return len(data), data
+
+
+# Objects of the same shape come by the million: their keys' order and escaped text are
+# kept (up to a bound, so that hostile input cannot grow them without end).
+_KEY_ORDERS: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+_CACHE_LIMIT = 4096
+
+
+def _object_keys(value: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    keys = tuple(value)
+    order = _KEY_ORDERS.get(keys)
+    if order is None:
+        for key in keys:
+            if not isinstance(key, str):
+                raise TypeError(f"has a key that is not a string: {key!r}")
+        order = tuple((k, _canonical_str(k)) for k in sorted(keys, key=_key_order))
+        if len(_KEY_ORDERS) < _CACHE_LIMIT:
+            _KEY_ORDERS[keys] = order
+    return order
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON text exactly as PostgreSQL prints it once stored as ``jsonb``.
+
+    So that a hash computed here from a value equals one computed from the value stored:
+    ``canonical_json(v) == (canonical_json(v))::jsonb::text`` (a test checks it against
+    the server). The rules are those of ``jsonb``'s output:
+
+    * separators ``", "`` between items and ``": "`` after a key, no other whitespace;
+    * object keys ordered by their UTF-8 length, then bytewise;
+    * strings: ``"`` and ``\\`` escaped with a backslash, ``\\b \\f \\n \\r \\t`` as
+      such, other characters below U+0020 as ``\\u00xx`` (lowercase hex), every other
+      character as itself;
+    * numbers as PostgreSQL's ``numeric`` prints them: plain decimal, never an exponent,
+      no negative zero (a float ``1e16`` is ``10000000000000000``, ``1e-7`` is
+      ``0.0000001``, ``2.0`` stays ``2.0``);
+    * ``true``, ``false``, ``null``.
+
+    Accepts str, int, float, bool, None, lists and tuples, mappings with string keys,
+    datetimes (as RFC 3339 text, see :func:`format_time`) and events. Raises ValueError
+    for what no ``jsonb`` can hold (NUL, lone surrogates, NaN, infinities) and TypeError
+    for other types.
+
+    >>> canonical_json({"b": [1, 2.5, None], "aa": "x\\ny", "c": 1e16})
+    '{"b": [1, 2.5, null], "c": 10000000000000000, "aa": "x\\\\ny"}'
+    """
+    cls = value.__class__
+    if cls is str:
+        return _canonical_str(value)
+    if cls is float:
+        return _canonical_float(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if cls is int:
+        return str(value)
+    if isinstance(value, Mapping):
+        items = [f"{key}: {canonical_json(value[k])}" for k, key in _object_keys(value)]
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join([canonical_json(v) for v in value]) + "]"
+    if isinstance(value, str):  # a StrEnum
+        return _canonical_str(str.__str__(value))
+    if isinstance(value, int):  # an IntEnum, say: not bool (above)
+        return str(int(value))
+    if isinstance(value, float):
+        return _canonical_float(float(value))
+    if isinstance(value, datetime):
+        return f'"{format_time(value)}"'
+    if isinstance(value, Event | RawEvent):
+        return canonical_payload(value)
+    raise TypeError(f"has a value that is not JSON: {value!r} ({cls.__name__})")
+
+
+def _time_json(t: datetime) -> str:
+    # msgspec formats in C; it leaves out a zero fraction, riskbook always writes six digits
+    if t.tzinfo is not UTC:
+        t = t.astimezone(UTC)
+    text = _encoder.encode(t).decode()
+    return text if t.microsecond else text[:-2] + '.000000Z"'
+
+
+def _escape_or_null(v: str | None) -> str:
+    return "null" if v is None else _escape(v)
+
+
+_PAYLOAD_ENCODERS: dict[type, Callable[[Any], str]] = {}
+
+
+def _payload_encoder(cls: type[Event]) -> Callable[[Any], str]:
+    """A function writing the canonical text of ``cls`` events: one f-string, its keys
+    in jsonb order, each value through the converter of its field's type. Strings go
+    through the plain escape: events are checked (no NUL, no lone surrogate) when made."""
+    floats, strs, time_field = _FIELD_KINDS.get(cls) or _field_kinds(cls)
+    optional = {f.name for f in msgspec.structs.fields(cls) if f.default is None}
+    converters: dict[str, Callable[[Any], str]] = {}
+    parts = []
+    for name in sorted(["type", *cls.__struct_fields__], key=_key_order):
+        if name == "type":
+            parts.append(f'"type": "{cls.__name__}"')
+            continue
+        if name in floats:
+            converters[f"c_{name}"] = _canonical_float
+        elif name == time_field:
+            converters[f"c_{name}"] = _time_json
+        elif name in strs:
+            converters[f"c_{name}"] = _escape_or_null if name in optional else _escape
+        else:
+            converters[f"c_{name}"] = canonical_json
+        parts.append(f'"{name}": {{c_{name}(e.{name})}}')
+    source = "lambda e: f'{{" + ", ".join(parts) + "}}'"
+    encoder: Callable[[Any], str] = eval(source, converters)  # field names are identifiers
+    _PAYLOAD_ENCODERS[cls] = encoder
+    return encoder
+
+
+def canonical_payload(payload: Event | RawEvent) -> str:
+    """A payload's :func:`canonical_json` text (``{"type": ..., field: value, ...}``).
+
+    This is also the text the store writes for it (``jsonb`` reads it back unchanged).
+
+    >>> canonical_payload(PriceMarked(symbol="AAPL", price=10.5,
+    ...                               marked_at=datetime(2024, 3, 1, tzinfo=UTC)))
+    '{"type": "PriceMarked", "price": 10.5, "symbol": "AAPL", "marked_at": "2024-03-01T00:00:00.000000Z"}'
+    """
+    if isinstance(payload, RawEvent):
+        return canonical_json({**payload.data, "type": payload.type})
+    cls = payload.__class__
+    return (_PAYLOAD_ENCODERS.get(cls) or _payload_encoder(cls))(payload)
+
+
+def canonical_fields(
+    event_id: str,
+    event_type: str,
+    aggregate_id: str,
+    aggregate_type: str,
+    sequence: int,
+    timestamp: str,
+    causation_id: str | None,
+    correlation_id: str,
+    metadata: str,
+    payload: str,
+) -> str:
+    """The canonical text of a stored event, from its columns as text.
+
+    The hash chain of an aggregate (migration 0009 stores it in ``events.hash``):
+
+    * ``canonical(e)`` is the UTF-8 encoding of the :func:`canonical_json` text of the
+      array ``[event_id, event_type, aggregate_id, aggregate_type, sequence, timestamp,
+      causation_id, correlation_id, metadata, payload]``: ids as lowercase
+      ``8-4-4-4-12`` text (``causation_id`` null if absent), ``sequence`` an integer,
+      ``timestamp`` the recorded time in UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``,
+      ``metadata`` and ``payload`` the stored JSON values. In SQL, over a row of
+      ``events``, that is::
+
+          convert_to(jsonb_build_array(event_id::text, event_type, aggregate_id,
+              aggregate_type, sequence,
+              to_char("timestamp" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+              causation_id::text, correlation_id, metadata, payload)::text, 'UTF8')
+
+    * ``digest(e) = SHA-256(canonical(e))``;
+    * ``hash(e) = SHA-256(hash(p) || digest(e))`` where ``p`` is the event of the same
+      aggregate with sequence ``e.sequence - 1``; for sequence 1, ``hash(p)`` is empty.
+
+    The global ``position`` is not part of it: the chain is the aggregate's history.
+    ``metadata`` and ``payload`` are given here as their :func:`canonical_json` text,
+    the other strings as stored (checked already: no NUL, no lone surrogate).
+    """
+    causation = "null" if causation_id is None else f'"{causation_id}"'
+    return (
+        f'["{event_id}", {_escape(event_type)}, {_escape(aggregate_id)}, '
+        f'{_escape(aggregate_type)}, {sequence}, "{timestamp}", {causation}, '
+        f"{_escape(correlation_id)}, {metadata}, {payload}]"
+    )
+
+
+def canonical_event(envelope: Envelope) -> str:
+    """The canonical text of a stored envelope (see :func:`canonical_fields`)."""
+    return canonical_fields(
+        str(envelope.event_id),
+        envelope.event_type,
+        envelope.aggregate_id,
+        envelope.aggregate_type,
+        envelope.sequence,
+        format_time(envelope.timestamp),
+        None if envelope.causation_id is None else str(envelope.causation_id),
+        envelope.correlation_id,
+        canonical_json(dict(envelope.metadata)),
+        canonical_payload(envelope.payload),
+    )
+
+
+def event_digest(envelope: Envelope) -> bytes:
+    """``SHA-256(canonical(e))`` of a stored envelope (see :func:`canonical_fields`).
+
+    Exact for what riskbook writes. A payload written by other means can hold what a
+    decoded envelope no longer shows (``1.50`` reads back as the float ``1.5``): the
+    stored text is what counts, and :func:`riskbook.verify` hashes that.
+    """
+    return hashlib.sha256(canonical_event(envelope).encode()).digest()
+
+
+def chain_hash(previous: bytes, digest: bytes) -> bytes:
+    """The hash of an event: ``SHA-256(previous || digest)``; ``previous`` is the hash of
+    the aggregate's event before it, ``b""`` for its first event."""
+    return hashlib.sha256(previous + digest).digest()

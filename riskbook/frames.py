@@ -39,13 +39,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from riskbook.errors import RiskbookError, StoreError
 from riskbook.events import Envelope, Event, RawEvent, as_time, format_time, parse_time
 from riskbook.store import Store, connect, redact
+from riskbook.store.eventstore import scrub
+
+if TYPE_CHECKING:
+    from riskbook.projections import ProjectionState
 
 __all__ = [
     "ENVELOPE",
@@ -338,6 +342,10 @@ class History:
     filters: Filters = field(default_factory=Filters)
     store_id: str | None = None
     """Identity of the store it came from (None if built in memory)."""
+    start: ProjectionState | None = field(default=None, repr=False, compare=False)
+    """The projection state these events go on from (None: from nothing). The live
+    processor folds each batch from the state the previous one left; see
+    :class:`riskbook.projections.ProjectionState`."""
     _store: Store | None = field(default=None, repr=False, compare=False)
     _cache_dir: Path | None = field(default=None, repr=False, compare=False)
 
@@ -658,8 +666,17 @@ _WIDE_NAMES = [
 ]
 
 
-def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) -> History:
+def _read(
+    store: Store,
+    filters: Filters,
+    *,
+    after: int,
+    progress: bool | None,
+    before: int | None = None,
+) -> History:
     """Events with ``after <= position < fence`` matching ``filters``, as frames.
+
+    ``before`` lowers the upper bound (the fence) to that position.
 
     Each kind is read with its own narrow query (only its columns, found through the
     ``(event_type, position)`` index), and the ``events`` frame is assembled from the
@@ -668,6 +685,8 @@ def _read(store: Store, filters: Filters, *, after: int, progress: bool | None) 
     where, params = filters.where()
     with store.connection() as conn:
         fence = conn.execute("SELECT riskbook_position_fence()").fetchone()[0]  # type: ignore[index]
+        if before is not None:
+            fence = min(fence, before)
         if fence <= after:
             out = History.empty(filters)
             out.horizon = after
@@ -826,11 +845,14 @@ def _adbc(store: Store) -> Iterator[Any]:
     import adbc_driver_manager
     import adbc_driver_postgresql
 
+    failure = None
     try:
         db = adbc_driver_postgresql.connect(store.dsn)
         conn = adbc_driver_manager.AdbcConnection(db)
-    except Exception as exc:
-        raise StoreError(f"cannot connect to {redact(store.dsn)} with ADBC: {exc}") from None
+    except Exception as exc:  # its message may quote the DSN: scrubbed, and not chained
+        failure = f"cannot connect to {redact(store.dsn)} with ADBC: {scrub(str(exc), store.dsn)}"
+    if failure is not None:
+        raise StoreError(failure)
     try:
         yield conn
     finally:

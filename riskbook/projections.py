@@ -103,7 +103,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -116,6 +116,7 @@ if TYPE_CHECKING:
     from riskbook.store import Store
 
 __all__ = [
+    "ProjectionState",
     "account_positions",
     "account_timeline",
     "accounts",
@@ -408,6 +409,7 @@ def _build_book(
     history: History,
     extra_pairs: Sequence[tuple[str, str]] = (),
     extra_accounts: Sequence[str] = (),
+    extra_symbols: Sequence[str] = (),
 ) -> _Book:
     tr, adj, mk, fd, cx = (
         history.trades,
@@ -460,7 +462,9 @@ def _build_book(
         bust[hit["i"].to_numpy()] = hit["bust"].to_numpy()
     extra_acc = [a for a, _ in extra_pairs] + list(extra_accounts)
     account_names, acct_lut = _dense(frame["account_id"], extra_acc)
-    symbol_names, sym_lut = _dense(frame["symbol"], [s for _, s in extra_pairs])
+    symbol_names, sym_lut = _dense(
+        frame["symbol"], [s for _, s in extra_pairs] + list(extra_symbols)
+    )
     # The one sort; the columns are gathered by Polars (in parallel).
     perm = pl.Series(_book_order(frame))
     cols = (
@@ -622,6 +626,245 @@ def _run(
     return (*(o[:pi] for o in pos_out), *(o[:ai] for o in acc_out))
 
 
+# ----------------------------------------------------------------------------- carried state
+
+_DAY_US = 86_400_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectionState:
+    """The state of the projection fold after some events, by name.
+
+    A History whose ``start`` is a ProjectionState folds its events from it instead
+    of from nothing: :func:`position_timeline` and :func:`account_timeline` give rows
+    for its events only, with the figures going on from the state, and so do the
+    metrics of the limit types built on them. The live processor keeps one of these
+    between micro-batches (:meth:`after` of the last batch is the next one's start),
+    so it never recomputes the history.
+
+    Frames (times are ``Datetime("us", "UTC")``):
+
+    * ``positions``: ``account_id, symbol, quantity, avg_price, realized_pnl, trades,
+      last_event_at`` -- every (account, symbol) traded or adjusted so far;
+    * ``accounts``: ``account_id, cash, peak_equity, updated_at``; exposure and equity
+      follow from the positions and marks;
+    * ``marks``: ``symbol, mark_price, marked_at`` -- the latest mark of each symbol;
+    * ``days``: ``account_id, day`` (``Date``, UTC), ``volume`` -- each account's
+      traded quantity on the latest UTC day it traded (for daily limits).
+
+    Examples
+    --------
+    >>> import uuid
+    >>> from datetime import datetime, timedelta, timezone
+    >>> import riskbook
+    >>> t = datetime(2024, 3, 1, 14, 30, tzinfo=timezone.utc)
+    >>> def fill(side, quantity, price, minute):
+    ...     return riskbook.TradeExecuted(trade_id=str(uuid.uuid4()), account_id="ACC-1",
+    ...         symbol="ACME", side=riskbook.Side(side), quantity=quantity, price=price,
+    ...         executed_at=t + timedelta(minutes=minute))
+    >>> first = riskbook.History.from_events(fill("Buy", 100.0, 10.0, 1))
+    >>> then = riskbook.History.from_events(fill("Buy", 100.0, 12.0, 2))
+    >>> then.start = ProjectionState.after(first)
+    >>> position_timeline(then).select("quantity", "avg_price")
+    shape: (1, 2)
+    ┌──────────┬───────────┐
+    │ quantity ┆ avg_price │
+    │ ---      ┆ ---       │
+    │ f64      ┆ f64       │
+    ╞══════════╪═══════════╡
+    │ 200.0    ┆ 11.0      │
+    └──────────┴───────────┘
+    """
+
+    positions: pl.DataFrame
+    accounts: pl.DataFrame
+    marks: pl.DataFrame
+    days: pl.DataFrame
+
+    POSITIONS_SCHEMA: ClassVar[dict[str, pl.DataType]] = {
+        "account_id": pl.String(),
+        "symbol": pl.String(),
+        "quantity": pl.Float64(),
+        "avg_price": pl.Float64(),
+        "realized_pnl": pl.Float64(),
+        "trades": pl.Int64(),
+        "last_event_at": _TIME,
+    }
+    ACCOUNTS_SCHEMA: ClassVar[dict[str, pl.DataType]] = {
+        "account_id": pl.String(),
+        "cash": pl.Float64(),
+        "peak_equity": pl.Float64(),
+        "updated_at": _TIME,
+    }
+    MARKS_SCHEMA: ClassVar[dict[str, pl.DataType]] = {
+        "symbol": pl.String(),
+        "mark_price": pl.Float64(),
+        "marked_at": _TIME,
+    }
+    DAYS_SCHEMA: ClassVar[dict[str, pl.DataType]] = {
+        "account_id": pl.String(),
+        "day": pl.Date(),
+        "volume": pl.Float64(),
+    }
+
+    @classmethod
+    def empty(cls) -> ProjectionState:
+        """The state before any event."""
+        return cls(
+            pl.DataFrame(schema=cls.POSITIONS_SCHEMA),
+            pl.DataFrame(schema=cls.ACCOUNTS_SCHEMA),
+            pl.DataFrame(schema=cls.MARKS_SCHEMA),
+            pl.DataFrame(schema=cls.DAYS_SCHEMA),
+        )
+
+    @classmethod
+    def after(cls, history: History, *, known_at: TimeLike = None) -> ProjectionState:
+        """The state after every event of ``history`` (from its ``start``), as known at K."""
+        _check_history(history)
+        tl = _cache.timelines(history, _bound(known_at, "known_at"))
+        return _final_state(tl)
+
+    def day_volume(self) -> pl.DataFrame:
+        """``days`` keyed like a daily metric: ``account_id`` and ``day`` (days since
+        the epoch, Int64), ``volume``."""
+        return self.days.select("account_id", pl.col("day").cast(pl.Int32).cast(pl.Int64), "volume")
+
+
+def _names_index(names: pl.Series, values: pl.Series) -> np.ndarray:
+    """Index of each of ``values`` in ``names`` (the book's dense, sorted names)."""
+    table = pl.DataFrame({"n": names.cast(pl.String), "i": np.arange(len(names), dtype=np.int64)})
+    return (
+        pl.DataFrame({"n": values.cast(pl.String)})
+        .join(table, on="n", how="left", maintain_order="left")["i"]
+        .to_numpy()
+    )
+
+
+def _seeded(book: _Book, start: ProjectionState) -> _State:
+    """A fold state loaded from ``start`` (its names are all in the book)."""
+    state = _State.empty(book)
+    pos, acc, mk = start.positions, start.accounts, start.marks
+    if pos.height:
+        a = _names_index(book.account_names, pos["account_id"])
+        s = _names_index(book.symbol_names, pos["symbol"])
+        pair_of = pl.DataFrame(
+            {"a": book.pair_acct.astype(np.int64), "s": book.pair_sym.astype(np.int64),
+             "p": np.arange(book.n_pairs, dtype=np.int64)}
+        )  # fmt: skip
+        p = (
+            pl.DataFrame({"a": a, "s": s})
+            .join(pair_of, on=["a", "s"], how="left", maintain_order="left")["p"]
+            .to_numpy()
+        )
+        state.q[p] = pos["quantity"].to_numpy()
+        state.a[p] = pos["avg_price"].to_numpy()
+        state.r[p] = pos["realized_pnl"].to_numpy()
+        state.ntr[p] = pos["trades"].to_numpy()
+        state.pseen[p] = True
+        state.plast[p] = pos["last_event_at"].dt.epoch("us").to_numpy()
+    if mk.height:
+        s = _names_index(book.symbol_names, mk["symbol"])
+        state.mark[s] = mk["mark_price"].to_numpy()
+        state.has_mark[s] = True
+    _compiled().tree_init(
+        state.q, state.a, book.pair_sym, state.mark, state.has_mark, book.acct_ptr,
+        book.tree_off, book.tree_size, state.tree_net, state.tree_gross,
+    )  # fmt: skip
+    if acc.height:
+        a = _names_index(book.account_names, acc["account_id"])
+        state.cash[a] = acc["cash"].to_numpy()
+        state.peak[a] = acc["peak_equity"].to_numpy()
+        state.alast[a] = acc["updated_at"].dt.epoch("us").to_numpy()
+        state.aseen[a] = True
+        roots = book.tree_off[a] + 1
+        state.net[a] = state.tree_net[roots]
+        state.gross[a] = state.tree_gross[roots]
+        state.equity[a] = state.cash[a] + state.net[a]
+    return state
+
+
+def _final_state(tl: _Timelines) -> ProjectionState:
+    """The timelines' end state, by name (see :class:`ProjectionState`)."""
+    book, st = tl.book, tl.final
+    pairs = np.flatnonzero(st.pseen)
+    positions = pl.DataFrame(
+        {
+            "account_id": book.account_names.gather(book.pair_acct[pairs]).cast(pl.String),
+            "symbol": book.symbol_names.gather(book.pair_sym[pairs]).cast(pl.String),
+            "quantity": st.q[pairs],
+            "avg_price": st.a[pairs],
+            "realized_pnl": st.r[pairs],
+            "trades": st.ntr[pairs].astype(np.int64),
+            "last_event_at": _from_us(st.plast[pairs]),
+        }
+    )
+    accts = np.flatnonzero(st.aseen[: book.n_accounts])
+    accounts_ = pl.DataFrame(
+        {
+            "account_id": book.account_names.gather(accts).cast(pl.String),
+            "cash": st.cash[accts],
+            "peak_equity": st.peak[accts],
+            "updated_at": _from_us(st.alast[accts]),
+        }
+    )
+    start = tl.start
+    marks_ = _final_marks(tl, start)
+    days = _final_days(tl, start)
+    return ProjectionState(positions, accounts_, marks_, days)
+
+
+def _final_marks(tl: _Timelines, start: ProjectionState | None) -> pl.DataFrame:
+    """The latest live mark of each symbol in the book, else the start's."""
+    book = tl.book
+    on = tl.live & (book.kind == _MARK)
+    if start is not None and not on.any():
+        return start.marks
+    marked = (
+        pl.DataFrame({"s": book.sym[on].astype(np.int64), "t": book.bt[on], "x": book.x[on]})
+        .group_by("s")
+        .last()
+    )  # book order is business order: last is latest
+    new_marks = pl.DataFrame(
+        {
+            "symbol": book.symbol_names.gather(marked["s"]).cast(pl.String),
+            "mark_price": marked["x"],
+            "marked_at": _from_us(marked["t"]),
+        }
+    )
+    old_marks = pl.DataFrame(schema=ProjectionState.MARKS_SCHEMA) if start is None else start.marks
+    return pl.concat(
+        [old_marks.filter(~pl.col("symbol").is_in(new_marks["symbol"].implode())), new_marks]
+    ).sort("symbol")
+
+
+def _final_days(tl: _Timelines, start: ProjectionState | None) -> pl.DataFrame:
+    """The volume of each account's latest trading day, summed in fold order."""
+    book = tl.book
+    on = tl.live & (book.kind == _TRADE)
+    if start is not None and not on.any():
+        return start.days
+    trades = pl.DataFrame(
+        {
+            "account_id": book.account_names.gather(book.acct[on]).cast(pl.String),
+            "day": pl.Series(np.floor_divide(book.bt[on], _DAY_US)),
+            "volume": np.abs(book.x[on]),
+        }
+    )
+    old_days = (
+        pl.DataFrame(schema={"account_id": pl.String, "day": pl.Int64, "volume": pl.Float64})
+        if start is None
+        else start.day_volume()
+    )
+    both = pl.concat([old_days, trades])
+    return (
+        both.filter(pl.col("day") == pl.col("day").max().over("account_id"))
+        .group_by("account_id", maintain_order=True)
+        .agg(pl.col("day").first(), pl.col("volume").cum_sum().last())
+        .select("account_id", pl.col("day").cast(pl.Int32).cast(pl.Date), "volume")
+        .sort("account_id")
+    )
+
+
 @dataclass(eq=False)
 class _Timelines:
     """Both timelines of a History as known at K, and indexes to look up any T."""
@@ -640,17 +883,21 @@ class _Timelines:
     a_gross: np.ndarray
     a_net: np.ndarray
     a_peak: np.ndarray
+    final: _State
+    """The state after every live row (from the start state, if any)."""
+    start: ProjectionState | None
     _index: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
-    def compute(cls, book: _Book, known_at: int) -> _Timelines:
+    def compute(cls, book: _Book, known_at: int, start: ProjectionState | None) -> _Timelines:
         live = book.live(known_at)
+        state = _State.empty(book) if start is None else _seeded(book, start)
         (p_ev, p_q, p_a, p_r, p_n, p_before, a_ev, a_acct, a_cash, a_gross, a_net, a_peak) = _run(
-            book, _State.empty(book), live, book.n, True
+            book, state, live, book.n, True
         )
         return cls(
             book, live, p_ev, p_q, p_a, p_r, p_n, p_before,
-            a_ev, a_acct, a_cash, a_gross, a_net, a_peak,
+            a_ev, a_acct, a_cash, a_gross, a_net, a_peak, state, start,
         )  # fmt: skip
 
     def index(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -680,18 +927,17 @@ class _Cache:
     def __init__(self, size: int = 3) -> None:
         self.size = size
         self.lock = threading.Lock()
-        self.entries: dict[
-            int, tuple[tuple[pl.DataFrame, ...], _Book, OrderedDict[int, _Timelines]]
-        ] = {}
+        self.entries: dict[int, tuple[tuple[Any, ...], _Book, OrderedDict[int, _Timelines]]] = {}
 
     @staticmethod
-    def _frames(history: History) -> tuple[pl.DataFrame, ...]:
+    def _frames(history: History) -> tuple[Any, ...]:
         return (
             history.trades,
             history.cancels,
             history.adjustments,
             history.marks,
             history.funding,
+            history.start,
         )
 
     def book(self, history: History) -> tuple[_Book, OrderedDict[int, _Timelines]]:
@@ -701,7 +947,17 @@ class _Cache:
             entry = self.entries.get(key)
         if entry is not None and all(a is b for a, b in zip(entry[0], frames, strict=True)):
             return entry[1], entry[2]
-        book = _build_book(history)
+        start = history.start
+        if start is None:
+            book = _build_book(history)
+        else:
+            held = start.positions.select("account_id", "symbol").rows()
+            book = _build_book(
+                history,
+                held,
+                start.accounts["account_id"].to_list(),
+                start.marks["symbol"].to_list(),
+            )
         timelines: OrderedDict[int, _Timelines] = OrderedDict()
         with self.lock:
             if key not in self.entries:
@@ -720,7 +976,7 @@ class _Cache:
             if found is not None:
                 per_k.move_to_end(known_at)
                 return found
-        computed = _Timelines.compute(book, known_at)
+        computed = _Timelines.compute(book, known_at, history.start)
         with self.lock:
             per_k[known_at] = computed
             while len(per_k) > self.size:
@@ -846,6 +1102,24 @@ def _accounts_frame(
 def _state_frames(tl: _Timelines, cut: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Positions and accounts at the book prefix [0, cut) from the timelines."""
     book = tl.book
+    if tl.start is not None:
+        if cut < book.n:
+            raise ValueError(
+                "at= needs the whole history: this History goes on from a start state "
+                "(history.start), so only the state after all of it is known"
+            )
+        st = tl.final
+        pairs = np.flatnonzero(st.pseen)
+        pos = _positions_frame(
+            book, pairs, st.q[pairs], st.a[pairs], st.r[pairs], st.ntr[pairs],
+            st.plast[pairs], st.mark, st.has_mark,
+        )  # fmt: skip
+        accts = np.flatnonzero(st.aseen[: book.n_accounts])
+        acc = _accounts_frame(
+            book, accts, st.cash[accts], st.equity[accts], st.gross[accts],
+            st.net[accts], st.peak[accts], st.alast[accts], pos,
+        )  # fmt: skip
+        return pos, acc
     prow = tl.last_rows("pairs", cut)
     pairs = np.flatnonzero(prow >= 0)
     rows = prow[pairs]
@@ -991,6 +1265,9 @@ def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -
     _check_history(history)
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
+    if history.start is not None:
+        _state_frames(tl, book.cut(_bound(at, "at")))  # at= is refused here too
+        return _final_state(tl).marks.with_columns(pl.col("symbol").cast(_CAT))
     mrow = tl.last_rows("marks", book.cut(_bound(at, "at")))
     _, _, ev = tl.index("marks")
     syms = np.flatnonzero(mrow >= 0)

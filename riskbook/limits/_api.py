@@ -242,15 +242,21 @@ def _evaluate_scenarios(
             if events is None:
                 events = history.events.select("position", "event_id")
             frame = _fill_event_ids(frame, events)
-        out[scenario] = frame.sort(
-            "started_at",
-            pl.col("account_id").cast(pl.String),
-            pl.col("limit_type").cast(pl.String),
-            pl.col("symbol").cast(pl.String),
-            "level",
-            nulls_last=False,
-        ).select(BREACH_COLUMNS)
+        out[scenario] = in_breach_order(frame)
     return out
+
+
+def in_breach_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Breach rows as :func:`breaches` returns them: its columns, sorted by start, then
+    account, limit type, symbol and level."""
+    return frame.sort(
+        "started_at",
+        pl.col("account_id").cast(pl.String),
+        pl.col("limit_type").cast(pl.String),
+        pl.col("symbol").cast(pl.String),
+        "level",
+        nulls_last=False,
+    ).select(BREACH_COLUMNS)
 
 
 def _empty_schema() -> dict[str, pl.DataType]:

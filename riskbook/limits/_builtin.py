@@ -101,12 +101,21 @@ def daily_volume(history: History, *, known_at: Any = None) -> pl.DataFrame:
     trades = _shared("position", position_timeline, history, known_at).filter(
         pl.col("event_type") == "TradeExecuted"
     )
-    return trades.select(
-        "account_id", "symbol", pl.col("occurred_at").alias("time"), *_EVENT,
-        value=pl.col("signed_quantity").abs().cum_sum().over(
-            "account_id", pl.col("occurred_at").dt.epoch("us") // _DAY_US  # the UTC day
-        ),
+    rows = trades.select(
+        pl.col("account_id").cast(pl.String), "symbol", pl.col("occurred_at").alias("time"),
+        *_EVENT, day=pl.col("occurred_at").dt.epoch("us") // _DAY_US,  # the UTC day
+        value=pl.col("signed_quantity").abs(), carried=pl.lit(False),
     )  # fmt: skip
+    if history.start is not None and history.start.days.height:
+        # Going on from a state: the day's volume so far comes first in its day's sum.
+        carried = history.start.day_volume().select(
+            "account_id", "day", value="volume", carried=pl.lit(True)
+        )
+        rows = pl.concat([carried, rows], how="diagonal_relaxed")
+    out = rows.with_columns(pl.col("value").cum_sum().over("account_id", "day"))
+    if history.start is not None:
+        out = out.filter(~pl.col("carried"))
+    return out.drop("day", "carried")
 
 
 def drawdown(history: History, *, known_at: Any = None) -> pl.DataFrame:

@@ -9,36 +9,45 @@ from __future__ import annotations
 
 import gc
 import gzip
+import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote, unquote
 
 import msgspec
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from psycopg.adapt import Loader
-from psycopg.types.json import Jsonb
 
 from riskbook.errors import ConcurrencyConflict, ImportFailed, InvalidEvent, StoreError
 from riskbook.events import (
+    EVENT_TYPES,
     Envelope,
     Event,
+    canonical_fields,
+    canonical_json,
+    canonical_payload,
     check_for_aggregate,
     check_metadata,
+    check_text,
     decode_envelope,
+    decode_event,
     encode_event,
+    format_time,
     read_payload,
 )
 from riskbook.store import migrations
 
-__all__ = ["ImportResult", "Store", "connect", "redact"]
+__all__ = ["ImportResult", "Store", "connect", "redact", "scrub"]
 
 NOTIFY_CHANNEL = "riskbook_events"
 _COLUMNS = (
@@ -58,12 +67,61 @@ class _JsonBytesLoader(Loader):
 def redact(dsn: str) -> str:
     """A DSN with its password replaced by ``***`` (safe to print or log)."""
     try:
-        parts = psycopg.conninfo.conninfo_to_dict(dsn)
+        parts = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn))
     except psycopg.ProgrammingError:
         return "<unparseable DSN>"
     if parts.get("password"):
         parts["password"] = "***"
     return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
+
+
+# The password in a URL (postgresql://user:PASSWORD@host) or in key=value form.
+_URL_PASSWORD = re.compile(r"^[A-Za-z0-9+.-]*://[^/?#@]*?:([^@/?#]*)@")
+_KV_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def _secrets(dsn: str) -> list[str]:
+    """Every form in which the password of ``dsn`` could appear in a message."""
+    found: set[str] = set()
+    m = _URL_PASSWORD.match(dsn)
+    if m and m.group(1):
+        found |= {m.group(1), unquote(m.group(1))}
+    for m in _KV_PASSWORD.finditer(dsn):
+        raw = m.group(1)
+        found |= {raw, raw.strip("'"), raw.strip("'").replace("\\'", "'").replace("\\\\", "\\")}
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn)).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    if password:
+        found |= {str(password), quote(str(password), safe="")}
+    return sorted((f for f in found if f), key=len, reverse=True)
+
+
+def scrub(text: str, dsn: str | None) -> str:
+    """``text`` with every appearance of ``dsn``'s password replaced by ``***``.
+
+    For messages that may quote a connection string (libpq's errors do, in part).
+    """
+    if not dsn:
+        return text
+    for secret in _secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
+    """psycopg.connect, its failure a StoreError that shows no password.
+
+    The StoreError is raised outside the ``except`` block, so that it does not even
+    carry psycopg's exception (whose message may quote the connection string) as its
+    context: tracebacks, loggers and notebooks cannot show what is not there.
+    """
+    try:
+        return psycopg.connect(dsn, **kwargs)
+    except psycopg.Error as exc:
+        message = f"cannot connect to {redact(dsn)}: {scrub(str(exc).strip(), dsn)}"
+    raise StoreError(message)
 
 
 def _libpq_dsn(dsn: str) -> str:
@@ -123,17 +181,12 @@ class Store:
     # ------------------------------------------------------------------ plumbing
 
     def _new_connection(self) -> psycopg.Connection:
-        try:
-            conn = psycopg.connect(self._dsn)
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {redact(self._dsn)}: {self._clean(exc)}") from None
+        conn = _connect(self._dsn)
         conn.adapters.register_loader("jsonb", _JsonBytesLoader)
         return conn
 
     def _clean(self, exc: BaseException) -> str:
-        text = str(exc).strip()
-        password = psycopg.conninfo.conninfo_to_dict(self._dsn).get("password")
-        return text.replace(str(password), "***") if password else text
+        return scrub(str(exc).strip(), self._dsn)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -141,12 +194,13 @@ class Store:
 
         For riskbook's own layers (frames, live): errors are translated to StoreError.
         """
+        failure: str | None = None
         try:
             fairy = self._engine.raw_connection()
         except sa.exc.DBAPIError as exc:
-            raise StoreError(
-                f"cannot connect to {redact(self._dsn)}: {self._clean(exc.orig or exc)}"
-            ) from None
+            failure = f"cannot connect to {redact(self._dsn)}: {self._clean(exc.orig or exc)}"
+        if failure is not None:  # raised here, so that it carries no psycopg exception
+            raise StoreError(failure)
         conn = fairy.driver_connection
         assert isinstance(conn, psycopg.Connection)
         try:
@@ -164,10 +218,22 @@ class Store:
                 f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}"
             )
         diag = exc.diag
-        msg = diag.message_primary or self._clean(exc)
+        msg = scrub(diag.message_primary or "", self._dsn) or self._clean(exc)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            msg += (
+                f" (the role {self._role()!r} lacks the privilege: see `riskbook db"
+                " grant-reader` and `riskbook db grant-processor` for what each role may do)"
+            )
         if diag.message_hint:
-            msg += f" (hint: {diag.message_hint})"
+            msg += f" (hint: {scrub(diag.message_hint, self._dsn)})"
         return StoreError(msg)
+
+    def _role(self) -> str:
+        try:
+            user = psycopg.conninfo.conninfo_to_dict(self._dsn).get("user")
+        except psycopg.ProgrammingError:
+            user = None
+        return str(user or os.environ.get("PGUSER") or "?")
 
     @property
     def dsn(self) -> str:
@@ -192,16 +258,33 @@ class Store:
         self.close()
 
     def migrate(self, *, target: int | None = None) -> list[int]:
-        """Bring the schema to ``target`` (default: newest); return the versions applied."""
-        try:
-            conn = psycopg.connect(self._dsn, autocommit=True)
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {redact(self._dsn)}: {self._clean(exc)}") from None
+        """Bring the schema to ``target`` (default: newest); return the versions applied.
+
+        Nothing is written when the schema is already there, so a role that may only
+        read (``riskbook db grant-reader``) can connect to a current store; to one that
+        is behind, it gets an error saying who must upgrade it.
+        """
+        conn = _connect(self._dsn, autocommit=True)
         try:
             with conn:
                 return migrations.migrate(conn, target=target)
+        except psycopg.errors.InsufficientPrivilege:
+            raise StoreError(self._behind(target)) from None
         except psycopg.Error as exc:
             raise self._translate(exc) from None
+
+    def _behind(self, target: int | None) -> str:
+        try:
+            with _connect(self._dsn) as conn:
+                have = max(migrations.applied_versions(conn), default=0)
+        except (StoreError, psycopg.Error):
+            have = 0
+        want = migrations.head() if target is None else target
+        return (
+            f"the database schema is at version {have} and this riskbook needs {want}; the "
+            f"role {self._role()!r} may not upgrade it: run `riskbook db upgrade` as the "
+            "store's owner"
+        )
 
     def schema_version(self) -> int:
         with self.connection() as conn:
@@ -366,10 +449,7 @@ class Store:
         (an old open transaction can hold the fence back after its notification).
         Stops when nothing arrives for ``idle_timeout`` seconds (``None``: never).
         """
-        try:
-            conn = psycopg.connect(self._dsn, autocommit=True)
-        except psycopg.Error as exc:
-            raise self._translate(exc) from None
+        conn = _connect(self._dsn, autocommit=True)
         conn.adapters.register_loader("jsonb", _JsonBytesLoader)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
@@ -456,10 +536,15 @@ class Store:
             for n, env in enumerate(kept, 1):
                 try:
                     check_for_aggregate([env.payload], env.aggregate_id)
-                    check_metadata(env.metadata, env.event_type)
+                    if env.timestamp.tzinfo is None:
+                        raise InvalidEvent(
+                            env.event_type, "timestamp", "has no time zone (use UTC)"
+                        )
+                    check_text(env.correlation_id, env.event_type, "correlation_id")
+                    metadata = check_metadata(env.metadata, env.event_type)
                 except InvalidEvent as exc:
                     raise ImportFailed(f"envelope {n}: {exc}") from None
-                yield _record(n, env, env.sequence > 0)
+                yield _record(n, env, env.sequence > 0, metadata)
                 if progress is not None and n % 100_000 == 0:
                     progress("validated", n)
 
@@ -472,22 +557,24 @@ class Store:
         For producers that are valid by construction (the simulator) and too fast for
         per-event validation: each row is a line of ``COPY events`` text with the
         columns ``TRUSTED_COPY_COLUMNS`` (no position; newline-terminated), and must be
-        in global order. Positions are reserved here as for every write; the insert
-        trigger derives what it derives. Nothing is validated: use
-        :meth:`import_envelopes` for anything else. Commits when the block ends.
+        in global order, each aggregate's rows in sequence order from its stored
+        version on. Positions are reserved here as for every write, and each row's hash
+        is chained here (its metadata and payload are written as their canonical JSON,
+        see :func:`riskbook.events.canonical_json`); the insert trigger derives what it
+        derives. Nothing else is validated: use :meth:`import_envelopes` for anything
+        else. Commits when the block ends.
         """
         with self.connection() as conn:
+            chain = _CopyChain(conn)
 
             def write(lines: list[bytes]) -> None:
                 base = _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (len(lines),))
+                chain.fetch_heads(lines)  # before COPY takes the connection
                 with conn.cursor().copy(
-                    f"COPY events (position, {TRUSTED_COPY_COLUMNS}) FROM STDIN"
+                    f"COPY events (position, {TRUSTED_COPY_COLUMNS}, hash) FROM STDIN"
                 ) as copy:
                     for i in range(0, len(lines), 20_000):
-                        part = lines[i : i + 20_000]
-                        copy.write(
-                            b"".join([b"%d\t%s" % (base + i + j, ln) for j, ln in enumerate(part)])
-                        )
+                        copy.write(chain.rows(lines[i : i + 20_000], base + i))
 
             yield write
             conn.commit()
@@ -562,25 +649,39 @@ def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list
 
 
 # The whole append is one statement (arrays are sent in binary: as text, quoting a
-# thousand JSON payloads costs more than the insert itself): check the expected version, reserve positions,
-# insert. A stale expected version inserts nothing (and returns no row); a race between
-# two writers with the same expected version is settled by UNIQUE (aggregate_id, sequence).
+# thousand JSON payloads costs more than the insert itself): check the expected version,
+# reserve positions, chain the hashes on from the aggregate's head, insert. A stale
+# expected version inserts nothing (and returns no row); a race between two writers with
+# the same expected version is settled by UNIQUE (aggregate_id, sequence). Recorded
+# times are taken per row, as the column default would, but here, so that they are
+# part of the hash.
 _APPEND_SQL = """
-WITH cur AS (
-    SELECT coalesce(max(sequence), 0) AS v FROM events WHERE aggregate_id = %(agg)s
+WITH head AS (
+    SELECT coalesce(last.sequence, 0) AS v, coalesce(last.hash, '\\x'::bytea) AS h
+      FROM (SELECT) one
+      LEFT JOIN (SELECT sequence, hash FROM events WHERE aggregate_id = %(agg)s
+                  ORDER BY sequence DESC LIMIT 1) last ON true
 ), ok AS (
-    SELECT v FROM cur WHERE %(expected)s::bigint IS NULL OR v = %(expected)s::bigint
+    SELECT v, h FROM head WHERE %(expected)s::bigint IS NULL OR v = %(expected)s::bigint
 ), base AS (
     SELECT riskbook_reserve_positions(%(n)s) AS b FROM ok
+), new AS (
+    SELECT t.ord, t.event_id, t.event_type, t.payload, ok.v + t.ord AS sequence,
+           clock_timestamp() AS recorded, ok.h
+      FROM ok, unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::text[]::jsonb[])
+                 WITH ORDINALITY AS t(event_id, event_type, payload, ord)
 )
 INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
-                    causation_id, correlation_id, metadata, payload)
-SELECT base.b + t.ord - 1, t.event_id, t.event_type, %(agg)s, %(agg_type)s, ok.v + t.ord,
-       %(causation)s, %(correlation)s, %(metadata)s, t.payload
-  FROM ok, base,
-       unnest(%(ids)b::uuid[], %(types)b::text[], %(payloads)b::text[]::jsonb[])
-         WITH ORDINALITY AS t(event_id, event_type, payload, ord)
- ORDER BY t.ord
+                    "timestamp", causation_id, correlation_id, metadata, payload, hash)
+SELECT base.b + new.ord - 1, new.event_id, new.event_type, %(agg)s, %(agg_type)s,
+       new.sequence, new.recorded, %(causation)s::uuid, %(correlation)s, %(metadata)s::jsonb,
+       new.payload,
+       riskbook_chain(new.h, riskbook_event_digest(
+           new.event_id, new.event_type, %(agg)s, %(agg_type)s, new.sequence, new.recorded,
+           %(causation)s::uuid, %(correlation)s, %(metadata)s::jsonb, new.payload))
+           OVER (ORDER BY new.ord)
+  FROM new, base
+ ORDER BY new.ord
 RETURNING position, sequence, "timestamp"
 """
 
@@ -613,17 +714,11 @@ class _AppendBatch:
             self.causation = None if causation_id is None else uuid.UUID(str(causation_id))
         except ValueError:
             raise InvalidEvent(kind, "causation_id", f"{causation_id!r} is not a UUID") from None
-        if correlation_id is not None and (
-            not isinstance(correlation_id, str)
-            or "\x00" in correlation_id
-            or len(correlation_id) > 256
-        ):
-            raise InvalidEvent(
-                kind, "correlation_id", "must be a string of at most 256 characters without NUL"
-            )
+        if correlation_id is not None:
+            check_text(correlation_id, kind, "correlation_id")
         self.correlation = correlation_id if correlation_id is not None else str(uuid.uuid4())
         self.metadata = dict(metadata or {})
-        check_metadata(self.metadata, kind)
+        metadata_json = check_metadata(self.metadata, kind)
         self.ids = [uuid.uuid4() for _ in self.events]
         self.aggregate_type = self.events[0].aggregate_type
         self.params = {
@@ -636,7 +731,7 @@ class _AppendBatch:
             "payloads": [encode_event(e).decode() for e in self.events],
             "causation": self.causation,
             "correlation": self.correlation,
-            "metadata": Jsonb(self.metadata),
+            "metadata": metadata_json,
         }
 
     def envelopes(self, rows: list[tuple[Any, ...]]) -> list[Envelope]:
@@ -664,19 +759,31 @@ class _AppendBatch:
 _Record = tuple[int, str, int | None, tuple[Any, ...]]
 
 
-def _record(lineno: int, env: Envelope, has_seq: bool) -> _Record:
+def _record(lineno: int, env: Envelope, has_seq: bool, metadata: str | None = None) -> _Record:
+    # Payload and metadata go to COPY as their canonical JSON: jsonb reads it back
+    # unchanged, so the hash computed from it here is the one a verifier computes from
+    # what is stored.
     values = (
         str(env.event_id),
         env.event_type,
         env.aggregate_id,
         env.aggregate_type,
-        env.timestamp.isoformat(),
+        format_time(env.timestamp),
         None if env.causation_id is None else str(env.causation_id),
         env.correlation_id,
-        _encode_json(env.metadata).decode() if env.metadata else "{}",
-        encode_event(env.payload).decode(),  # type: ignore[arg-type]
+        metadata if metadata is not None else check_metadata(env.metadata, env.event_type),
+        canonical_payload(env.payload),
     )
     return lineno, env.aggregate_id, env.sequence if has_seq else None, values
+
+
+def _digest(values: tuple[Any, ...], sequence: int) -> bytes:
+    """digest(e) of an import record's column values (see riskbook.events.canonical_fields)."""
+    event_id, event_type, agg, agg_type, ts, causation, correlation, metadata, payload = values
+    text = canonical_fields(
+        event_id, event_type, agg, agg_type, sequence, ts, causation, correlation, metadata, payload
+    )
+    return hashlib.sha256(text.encode()).digest()
 
 
 def _records_from_lines(
@@ -694,13 +801,140 @@ def _records_from_lines(
             progress("validated", lineno)
 
 
-_encode_json = msgspec.json.Encoder().encode
-
 TRUSTED_COPY_COLUMNS = (
     'event_id, event_type, aggregate_id, aggregate_type, sequence, "timestamp", causation_id,'
     " correlation_id, metadata, payload"
 )
 """The columns of a :meth:`Store.trusted_copy` row, in order."""
+
+
+class _CopyChain:
+    """Chains the hashes of :meth:`Store.trusted_copy` rows, aggregate by aggregate."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.heads: dict[str, tuple[int, bytes]] = {}  # aggregate -> (version, hash)
+        self.metadata: dict[str, str] = {}  # as given -> canonical
+
+    def rows(self, lines: list[bytes], first_position: int) -> bytes:
+        """The lines as COPY text with their positions and hashes (and their metadata,
+        payload and recorded time written canonically)."""
+        out = []
+        sha256 = hashlib.sha256
+        heads = self.heads
+        for j, line in enumerate(lines):
+            raw, fields = _copy_fields(line)
+            event_id, event_type, agg, agg_type, seq, ts, causation, correlation, meta, body = (
+                fields
+            )
+            sequence = int(seq or 0)
+            version, previous = heads[agg or ""]
+            if sequence != version + 1:
+                raise StoreError(
+                    f"trusted copy: aggregate {agg!r} gets sequence {sequence} after version "
+                    f"{version}: rows must continue each aggregate in order"
+                )
+            metadata = self._metadata(meta or "{}")
+            payload = _canonical_stored_payload(event_type or "", body or "{}")
+            recorded = _canonical_time(ts or "")
+            text = canonical_fields(
+                event_id or "",
+                event_type or "",
+                agg or "",
+                agg_type or "",
+                sequence,
+                recorded,
+                causation,
+                correlation or "",
+                metadata,
+                payload,
+            )
+            link = sha256(previous + sha256(text.encode()).digest()).digest()
+            heads[agg or ""] = (sequence, link)
+            raw[5] = recorded
+            raw[8] = metadata.replace("\\", "\\\\")  # COPY text: a backslash is doubled
+            raw[9] = payload.replace("\\", "\\\\")
+            raw.append("\\\\x" + link.hex())
+            out.append(f"{first_position + j}\t" + "\t".join(raw) + "\n")
+        return "".join(out).encode()
+
+    def _metadata(self, given: str) -> str:
+        known = self.metadata.get(given)
+        if known is None:
+            known = canonical_json(msgspec.json.decode(given))
+            if len(self.metadata) < 4096:
+                self.metadata[given] = known
+        return known
+
+    def fetch_heads(self, lines: list[bytes]) -> None:
+        """Learn the stored head of each aggregate of ``lines`` not seen yet."""
+        aggregates = {_copy_fields(line)[1][2] or "" for line in lines}
+        aggregates -= self.heads.keys()
+        if not aggregates:
+            return
+        for agg in aggregates:
+            self.heads[agg] = (0, b"")
+        rows = self.conn.execute(
+            "SELECT a, last.sequence, last.hash FROM unnest(%s::text[]) a"
+            " CROSS JOIN LATERAL (SELECT e.sequence, e.hash FROM events e WHERE e.aggregate_id = a"
+            " ORDER BY e.sequence DESC LIMIT 1) last",
+            (sorted(aggregates),),
+        )
+        for agg, sequence, link in rows:
+            self.heads[agg] = (sequence, bytes(link))
+
+
+_COPY_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
+_COPY_CHARS = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+
+
+def _copy_unescape(raw: bytes) -> bytes:
+    """A field of COPY text format as the server reads it (backslash escapes)."""
+
+    def one(m: re.Match[bytes]) -> bytes:
+        if m.group(1):
+            return bytes([int(m.group(1), 8) & 0xFF])
+        if m.group(2):
+            return bytes([int(m.group(2), 16)])
+        return _COPY_CHARS.get(m.group(3), m.group(3))
+
+    return _COPY_ESCAPE.sub(one, raw)
+
+
+def _copy_fields(line: bytes) -> tuple[list[str], list[str | None]]:
+    """A row of COPY text: its fields as written, and as the server reads them (``\\N``
+    is NULL; backslash escapes, rare, are undone)."""
+    text = line.decode()
+    raw = (text[:-1] if text.endswith("\n") else text).split("\t")
+    if len(raw) != 10:
+        raise StoreError(
+            f"trusted copy: a row has {len(raw)} columns, not the 10 of TRUSTED_COPY_COLUMNS"
+        )
+    if "\\" not in text:
+        return raw, list(raw)
+    return raw, [
+        None if f == "\\N" else _copy_unescape(f.encode()).decode() if "\\" in f else f for f in raw
+    ]
+
+
+def _canonical_time(text: str) -> str:
+    """A recorded time as the canonical encoding writes it (the simulator's already is)."""
+    if len(text) == 27 and text[10] == "T" and text[19] == "." and text[26] == "Z":
+        return text
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise StoreError(f"trusted copy: recorded time {text!r} has no time zone")
+    return format_time(parsed)
+
+
+def _canonical_stored_payload(event_type: str, given: str) -> str:
+    if event_type in EVENT_TYPES:
+        try:
+            return canonical_payload(decode_event(given, event_type=event_type))
+        except InvalidEvent:
+            pass  # stored as given, like any payload riskbook cannot read
+    return canonical_json(msgspec.json.decode(given))
+
 
 _IMPORT_COLUMNS = (
     'event_id, event_type, aggregate_id, aggregate_type, "timestamp", causation_id,'
@@ -740,20 +974,26 @@ def _load_into_empty(
         else:
             conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_inserted")
+    conn.execute("ALTER TABLE events DISABLE TRIGGER events_chained")  # hashes are given
     base = _scalar(conn, "SELECT riskbook_reserve_positions(0)")
-    versions: dict[str, int] = {}
+    heads: dict[str, tuple[int, bytes]] = {}  # aggregate -> (version, hash) so far
     stream = _Checked(records, source, progress)
+    sha256 = hashlib.sha256
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for _, agg, seq, values in stream:
-            v = versions.get(agg, 0) + 1
-            versions[agg] = v
+            v, previous = heads.get(agg, (0, b""))
+            v += 1
             if seq is not None and seq != v:
                 raise _TakeGeneralRoad  # out of order: the general road sorts it out
-            yield (base + stream.count - 1, v, *values)
+            link = sha256(previous + _digest(values, v)).digest()
+            heads[agg] = (v, link)
+            yield (base + stream.count - 1, v, *values, link)
 
     try:
-        _copy_rows(conn, f"COPY events (position, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows())
+        _copy_rows(
+            conn, f"COPY events (position, sequence, {_IMPORT_COLUMNS}, hash) FROM STDIN", rows()
+        )
     except _TakeGeneralRoad:
         return None
     count = stream.count
@@ -769,6 +1009,7 @@ def _load_into_empty(
     except psycopg.errors.UniqueViolation:
         return None
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_inserted")
+    conn.execute("ALTER TABLE events ENABLE TRIGGER events_chained")
     conn.execute("ANALYZE events, event_fields")  # the planner's view of a table that grew from 0
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
@@ -931,19 +1172,30 @@ WITH firsts AS (
       FROM firsts f
 ), base AS (
     SELECT riskbook_reserve_positions((SELECT count(*) FROM new)) AS b
-), cur AS (
-    SELECT e.aggregate_id, max(e.sequence) AS v
-      FROM events e
-     WHERE e.aggregate_id IN (SELECT DISTINCT aggregate_id FROM new)
-     GROUP BY e.aggregate_id
+), cur AS (  -- each aggregate's stored head: its version and hash
+    SELECT a.aggregate_id, last.sequence AS v, last.hash AS h
+      FROM (SELECT DISTINCT aggregate_id FROM new) a
+     CROSS JOIN LATERAL (SELECT e.sequence, e.hash FROM events e
+                          WHERE e.aggregate_id = a.aggregate_id
+                          ORDER BY e.sequence DESC LIMIT 1) last
+), numbered AS (
+    SELECT new.*, coalesce(new.sequence, coalesce(cur.v, 0) + new.agg_ord) AS seq,
+           coalesce(cur.h, '\\x'::bytea) AS head
+      FROM new LEFT JOIN cur USING (aggregate_id)
+), chained AS (
+    SELECT n.*,
+           riskbook_chain(n.head, riskbook_event_digest(
+               n.event_id, n.event_type, n.aggregate_id, n.aggregate_type, n.seq, n."timestamp",
+               n.causation_id, n.correlation_id, n.metadata, n.payload))
+               OVER (PARTITION BY n.aggregate_id ORDER BY n.seq) AS hash
+      FROM numbered n
 )
 INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
-                    "timestamp", causation_id, correlation_id, metadata, payload)
-SELECT base.b + new.ord - 1, new.event_id, new.event_type, new.aggregate_id,
-       new.aggregate_type, coalesce(new.sequence, coalesce(cur.v, 0) + new.agg_ord),
-       new."timestamp", new.causation_id, new.correlation_id, new.metadata, new.payload
-  FROM new CROSS JOIN base LEFT JOIN cur USING (aggregate_id)
- ORDER BY new.ord
+                    "timestamp", causation_id, correlation_id, metadata, payload, hash)
+SELECT base.b + c.ord - 1, c.event_id, c.event_type, c.aggregate_id, c.aggregate_type, c.seq,
+       c."timestamp", c.causation_id, c.correlation_id, c.metadata, c.payload, c.hash
+  FROM chained c CROSS JOIN base
+ ORDER BY c.ord
 """
 
 _GAP_SQL = """

@@ -1,0 +1,276 @@
+"""The pre-trade check and the unblock command."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from riskbook.errors import ConcurrencyConflict, RiskbookError
+from riskbook.events import (
+    AccountUnblocked,
+    Envelope,
+    Side,
+    TradeExecuted,
+    as_time,
+    format_time,
+)
+from riskbook.frames import History, load
+from riskbook.live._engine import Engine
+from riskbook.live._processor import Processor
+from riskbook.store import Store, connect
+
+__all__ = ["CheckResult", "Reason", "check", "unblock"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a proposed trade is rejected.
+
+    ``kind`` is ``"blocked"`` (the account is blocked) or ``"limit"`` (the trade would
+    take ``limit_type`` over its limit: ``value`` after the trade, ``limit_value`` in
+    force, ``excess = value - limit_value``).
+    """
+
+    kind: str
+    message: str
+    limit_type: str | None = None
+    symbol: str | None = None
+    value: float | None = None
+    limit_value: float | None = None
+    excess: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The answer of :func:`check`: accepted, or rejected with every reason."""
+
+    accepted: bool
+    account_id: str
+    symbol: str
+    side: str
+    quantity: float
+    price: float
+    at: datetime
+    reasons: tuple[Reason, ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return self.accepted
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at"] = format_time(self.at)
+        out["decision"] = "accept" if self.accepted else "reject"
+        return out
+
+    def __str__(self) -> str:
+        head = (
+            f"{'ACCEPT' if self.accepted else 'REJECT'} {self.side} {self.quantity:g} "
+            f"{self.symbol} @ {self.price:g} for {self.account_id}"
+        )
+        return "\n".join([head, *(f"  - {r.message}" for r in self.reasons)])
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**{'accept' if self.accepted else 'reject'}** — " + str(self).splitlines()[0]]
+        lines += [f"- {r.message}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+def _engine_for(account: str, store: Store | str | None, processor: Processor | None) -> Engine:
+    if processor is not None:
+        return processor.engine
+    if isinstance(store, Store):
+        history = load(store, accounts=[account], progress=False)
+    else:
+        with connect(store) as own:
+            history = load(own, accounts=[account], progress=False)
+    engine = Engine()
+    engine.apply(history)
+    return engine
+
+
+def check(
+    account: str,
+    symbol: str,
+    side: str | Side,
+    quantity: float,
+    price: float,
+    *,
+    store: Store | str | None = None,
+    processor: Processor | None = None,
+    at: datetime | str | None = None,
+) -> CheckResult:
+    """Would this trade be accepted now? Accept, or reject with every reason.
+
+    Rejected when the account is blocked, and for each limit the trade would breach:
+    after the trade the metric is over the limit in force, and the trade took it there
+    or further (a trade that reduces a breach is not refused for it). The state is the
+    running ``processor``'s if given, else the account's stored history folded the way
+    the processor folds it; the metric after the trade comes from the limit types' own
+    metric functions and :func:`riskbook.limits.evaluate`, as for a real trade.
+
+    Parameters
+    ----------
+    account, symbol, side, quantity, price : the proposed trade (validated like a
+        TradeExecuted: ``InvalidEvent`` names a bad field).
+    store : where the history is (default store) when no ``processor`` is given.
+    processor : a running :class:`~riskbook.live.Processor` to take the state from.
+    at : the trade's business time (default: now).
+
+    Examples
+    --------
+    >>> import riskbook  # doctest: +SKIP
+    >>> r = riskbook.check("ACC-001", "ACME", "Buy", 5_000, 101.5)  # doctest: +SKIP
+    >>> r.accepted, [x.message for x in r.reasons]  # doctest: +SKIP
+    """
+    when = as_time(at, "at") or datetime.now(UTC)
+    trade = TradeExecuted(
+        trade_id=f"pre-trade-check-{uuid.uuid4()}",
+        account_id=account,
+        symbol=symbol,
+        side=Side(side),
+        quantity=float(quantity),
+        price=float(price),
+        executed_at=when,
+    )
+    engine = _engine_for(account, store, processor)
+    trial = engine.copy()
+    envelope = Envelope(
+        event_id=uuid.uuid4(),
+        aggregate_id=account,
+        aggregate_type="Account",
+        sequence=1,
+        timestamp=max(datetime.now(UTC), when),
+        payload=trade,
+        correlation_id="pre-trade-check",
+        position=max(engine.horizon, 1),
+    )
+    trial.apply(History.from_envelopes([envelope]))
+    reasons: list[Reason] = []
+    if engine.blocked.get(account):
+        reasons.append(Reason("blocked", f"account {account} is blocked"))
+    for name in trial.active:
+        after = trial.open_now.get(name)
+        if after is None or after.height == 0:
+            continue
+        mine = after.filter(
+            (pl.col("account_id").cast(pl.String) == account)
+            & (pl.col("level") == 1.0)
+            & (pl.col("symbol").is_null() | (pl.col("symbol").cast(pl.String) == symbol))
+        )
+        if mine.height == 0:
+            continue
+        row = mine.row(0, named=True)
+        key_symbol = None if row["symbol"] is None else str(row["symbol"])
+        value = _metric(trial, name, account, key_symbol)
+        before = _metric(engine, name, account, key_symbol, day_of=trial)
+        was_open = _is_open(engine, name, account, key_symbol)
+        if value is None or (was_open and before is not None and value <= before):
+            continue
+        limit = row["limit_value_at_end"]
+        if limit is None:
+            limit = row["limit_value"]
+        where = f" {key_symbol}" if key_symbol else ""
+        reasons.append(
+            Reason(
+                "limit",
+                f"{name}{where}: {value:g} > limit {limit:g} (by {value - limit:g})",
+                name,
+                key_symbol,
+                value,
+                limit,
+                value - limit,
+            )
+        )
+    return CheckResult(not reasons, account, symbol, trade.side.value, trade.quantity,
+                       trade.price, when, tuple(reasons))  # fmt: skip
+
+
+def _metric(
+    engine: Engine, name: str, account: str, symbol: str | None, day_of: Engine | None = None
+) -> float | None:
+    state = engine.breach.get(name)
+    if state is None:
+        return None
+    rows = state.metrics.filter(
+        (pl.col("account_id") == account)
+        & (pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
+    )
+    if rows.height == 0:
+        return None
+    row = rows.row(0, named=True)
+    if day_of is not None and row["day"] is not None:
+        other = day_of.breach[name].metrics.filter(
+            (pl.col("account_id") == account)
+            & (pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
+        )
+        if other.height and other["day"][0] != row["day"]:
+            return 0.0  # a new day: yesterday's volume does not count
+    return float(row["value"])
+
+
+def _is_open(engine: Engine, name: str, account: str, symbol: str | None) -> bool:
+    found = engine.open_now.get(name)
+    if found is None or found.height == 0:
+        return False
+    return (
+        found.filter(
+            (pl.col("account_id").cast(pl.String) == account)
+            & (pl.col("level") == 1.0)
+            & (
+                pl.col("symbol").is_null()
+                if symbol is None
+                else pl.col("symbol").cast(pl.String) == symbol
+            )
+        ).height
+        > 0
+    )
+
+
+_BLOCK_STATE_SQL = """
+SELECT event_type FROM event_fields
+ WHERE account_id = %s AND event_type IN ('AccountBlocked', 'AccountUnblocked')
+ ORDER BY position DESC LIMIT 1
+"""
+
+
+def unblock(
+    account: str,
+    *,
+    by: str,
+    reason: str,
+    store: Store | str | None = None,
+    at: datetime | str | None = None,
+) -> Envelope:
+    """Append AccountUnblocked for a blocked account: who (``by``) and why (``reason``).
+
+    Raises :class:`~riskbook.RiskbookError` if the account is not blocked (nothing is
+    written), and ``InvalidEvent`` for an empty ``by`` or ``reason``.
+    """
+    if not by or not by.strip():
+        raise RiskbookError("unblock needs who unblocks (--by)")
+    if not reason or not reason.strip():
+        raise RiskbookError("unblock needs a reason (--reason)")
+    if not isinstance(store, Store):
+        with connect(store) as own:
+            return unblock(account, by=by, reason=reason, store=own, at=at)
+    st = store
+    when = as_time(at, "at") or datetime.now(UTC)
+    event = AccountUnblocked(account_id=account, reason=reason, unblocked_by=by, unblocked_at=when)
+    for _ in range(5):
+        with st.connection() as conn:
+            row = conn.execute(_BLOCK_STATE_SQL, (account,)).fetchone()
+            conn.rollback()
+        if row is None or row[0] != "AccountBlocked":
+            raise RiskbookError(f"account {account!r} is not blocked: nothing to unblock")
+        version = st.version(account)
+        try:
+            return st.append(
+                account, [event], expected_version=version, correlation_id=f"unblock-{account}"
+            )[0]
+        except ConcurrencyConflict:
+            continue  # something was appended meanwhile: look again
+    raise RiskbookError(f"account {account!r}: too many concurrent changes, try again")

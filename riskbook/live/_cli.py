@@ -1,0 +1,151 @@
+"""``riskbook live``, ``riskbook check`` and ``riskbook unblock``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["EXIT_REJECTED", "add_live_commands"]
+
+EXIT_REJECTED = 3
+"""Exit code of ``riskbook check`` when the trade is rejected (0: accepted)."""
+
+
+def _describe(effect: Any) -> str:
+    where = f" {effect.symbol}" if effect.symbol else ""
+    what = "VIOLATION" if effect.kind == "LimitViolationDetected" else "BLOCK"
+    return (
+        f"{what} {effect.account_id} {effect.limit_type}{where}: {effect.value:g} "
+        f"(limit {effect.limit_value:g}) caused by {effect.causation_id}"
+    )
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    from riskbook.live import Commit, Processor
+
+    started = time.monotonic()
+    shown = [started, 0]
+
+    def report(commit: Commit) -> None:
+        for effect in commit.effects:
+            print(_describe(effect), flush=True)
+        now = time.monotonic()
+        if now - shown[0] >= 5 or args.once:
+            done = processor.engine.events_seen
+            rate = (done - shown[1]) / max(now - shown[0], 1e-9)
+            print(f"  {done:,} events processed, {rate:,.0f}/s, horizon {commit.horizon}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            shown[0], shown[1] = now, done
+
+    processor = Processor(
+        args.dsn,
+        name=args.name,
+        critical=_never() if args.no_block else args.critical,
+        start=args.start,
+        on_commit=report,
+        max_batch=args.max_batch,
+    )
+    if args.once:
+        processor.catch_up()
+        processor.stop()
+        print(f"caught up: {processor.engine.events_seen:,} events, horizon "
+              f"{processor.engine.horizon}", file=sys.stderr)  # fmt: skip
+        return 0
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    print(f"riskbook live {args.name!r}: following the store (Ctrl-C stops)", file=sys.stderr)
+    processor.start()
+    while not stop.wait(0.5):
+        if not processor.running:
+            break
+    processor.stop()
+    if processor.error is not None:
+        raise processor.error
+    return 0
+
+
+def _never() -> dict[str, float | None]:
+    from riskbook.limits import names
+
+    return dict.fromkeys(names())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from riskbook.live import check
+
+    result = check(args.account, args.symbol, args.side, args.quantity, args.price,
+                   store=args.dsn, at=args.at)  # fmt: skip
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result)
+    return 0 if result.accepted else EXIT_REJECTED
+
+
+def cmd_unblock(args: argparse.Namespace) -> int:
+    from riskbook.live import unblock
+
+    env = unblock(args.account, by=args.by, reason=args.reason, store=args.dsn)
+    print(f"unblocked {args.account} (event {env.event_id}, sequence {env.sequence})")
+    return 0
+
+
+def add_live_commands(
+    add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser],
+    dsn_option: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``live``, ``check`` and ``unblock`` to the ``riskbook`` parser."""
+    lv = add(
+        "live",
+        cmd_live,
+        "run the live risk processor: follow the store, append violations and blocks",
+    )
+    lv.add_argument("--name", default="live", help="the checkpoint's name (default: live)")
+    lv.add_argument(
+        "--critical",
+        type=float,
+        default=1.2,
+        help="block the account when a metric goes over this many times its limit (default 1.2)",
+    )
+    lv.add_argument("--no-block", action="store_true", help="report violations, never block")
+    lv.add_argument(
+        "--start",
+        choices=["beginning", "head"],
+        default="beginning",
+        help="with no checkpoint yet: process the stored history too (beginning, the default)"
+        " or only what comes next (head)",
+    )
+    lv.add_argument("--once", action="store_true", help="catch up with the store, then exit")
+    lv.add_argument("--max-batch", type=int, default=None, help="events per micro-batch at most")
+    dsn_option(lv)
+
+    ck = add(
+        "check",
+        cmd_check,
+        f"pre-trade check: accept (exit 0) or reject (exit {EXIT_REJECTED}) with every reason",
+    )
+    ck.add_argument("account")
+    ck.add_argument("symbol")
+    ck.add_argument("side", choices=["Buy", "Sell"])
+    ck.add_argument("quantity", type=float)
+    ck.add_argument("price", type=float)
+    ck.add_argument("--at", default=None, help="the trade's business time (default: now)")
+    ck.add_argument("--format", choices=["text", "json"], default="text")
+    dsn_option(ck)
+
+    ub = add("unblock", cmd_unblock, "unblock a blocked account, saying who and why")
+    ub.add_argument("account")
+    ub.add_argument("--by", required=True, help="who unblocks it")
+    ub.add_argument("--reason", required=True, help="why")
+    dsn_option(ub)

@@ -1,0 +1,503 @@
+"""The live engine: the processor's fold of batches of events into effects, with no I/O.
+
+:class:`Engine` is everything the processor decides, as a pure object: give it the
+events of the store in global order, batch by batch (:meth:`Engine.apply`), and it
+returns the effects (violations, blocks) those events cause, keeping between batches
+only small states -- the projection state (:class:`riskbook.projections.ProjectionState`)
+and one :class:`riskbook.limits.BreachState` per limit type. Each batch is folded from
+those states with the same functions :func:`riskbook.breaches` uses (the limit types'
+metric functions and :func:`riskbook.limits.evaluate`): one implementation of each
+rule.
+
+The order is the order the store gives (global position): what the engine knew when.
+A live engine cannot go back in time, so
+
+* an event whose business time is earlier than the latest one already processed (a
+  late event) acts when it arrives: its business time is taken as the latest so far
+  (the recorded time likewise). For events recorded in business order -- the normal
+  case -- nothing changes;
+* a late mark older than the symbol's latest mark is stale and is ignored;
+* a TradeCancelled (bust) takes its trade out: the account's state is refolded from
+  its events without the trade, and each metric of the account is re-evaluated at the
+  bust (so a bust can end a breach, or start one).
+
+Folding the same events in any number of batches gives the same effects and states.
+``riskbook.breaches(history, levels=1.0)`` over a history recorded in business order
+with no busts has exactly the breach starts this engine reports for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from riskbook.events import AccountBlocked, LimitViolationDetected
+from riskbook.frames import EVENTS_SCHEMA, KINDS, History
+from riskbook.limits import BreachState, evaluate, get, names, shared_timelines
+from riskbook.limits._evaluate import _limit_frame
+from riskbook.projections import ProjectionState
+
+__all__ = ["DEFAULT_CRITICAL", "Effect", "Engine"]
+
+DEFAULT_CRITICAL = 1.2
+"""A breach is critical (the account is blocked) when the metric goes over this many
+times the limit."""
+
+_DAY_US = 86_400_000_000
+_MIN = np.iinfo(np.int64).min
+_TIME = pl.Datetime("us", "UTC")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An event the engine decided to append, and why.
+
+    ``event`` goes to the account's aggregate with ``causation_id`` = the triggering
+    event and its ``correlation_id``.
+    """
+
+    event: LimitViolationDetected | AccountBlocked
+    account_id: str
+    causation_id: str
+    correlation_id: str
+    trigger_position: int
+    limit_type: str
+    symbol: str | None
+    value: float
+    limit_value: float
+
+    @property
+    def kind(self) -> str:
+        return type(self.event).__name__
+
+
+def _us(t: datetime) -> int:
+    return (t - datetime(1970, 1, 1, tzinfo=UTC)) // _ONE_US
+
+
+_ONE_US = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _time(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + us * _ONE_US
+
+
+@dataclass
+class Engine:
+    """The processor's state and its fold (see the module docstring).
+
+    Parameters
+    ----------
+    critical : the factor of the limit over which a breach blocks the account: one
+        number for every limit type, or a mapping from limit type to factor (None: that
+        type never blocks; types not in it get :data:`DEFAULT_CRITICAL`).
+    types : the limit types to evaluate (default: every registered one, including types
+        registered while it runs). A type is evaluated from its first limit (LimitSet)
+        on, with its metric's state rebuilt from everything folded before, so it
+        compares exactly as :func:`riskbook.breaches` would; a type with no limit
+        cannot breach and costs nothing.
+    actor : who the engine's blocks are by.
+    """
+
+    critical: float | Mapping[str, float | None] = DEFAULT_CRITICAL
+    types: tuple[str, ...] | None = None
+    actor: str = "riskbook-live"
+    horizon: int = 0
+    """Every event with a position below this has been folded."""
+    events_seen: int = 0
+    projection: ProjectionState = field(default_factory=ProjectionState.empty)
+    breach: dict[str, BreachState] = field(default_factory=dict)
+    blocked: dict[str, bool] = field(default_factory=dict)
+    clock: int = _MIN
+    """The latest business time folded (microseconds since the epoch)."""
+    recorded: int = _MIN
+    """The latest recorded time folded."""
+    mark_times: dict[str, int] = field(default_factory=dict)
+    """Business time (as recorded) of each symbol's latest mark."""
+    open_now: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False)
+    """Per limit type: the breaches open after the last fold (with ``limit_value_at_end``,
+    the limit in force now)."""
+    _segments: list[History] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.types is not None:
+            self.types = tuple(self.types)
+            for name in self.types:
+                get(name)  # KeyError for a type that is not registered
+                self._levels(name)  # ValueError for a bad critical factor
+        elif isinstance(self.critical, Mapping):
+            for name in self.critical:
+                self._levels(name)
+        else:
+            self._levels("every limit type")
+
+    @property
+    def active(self) -> list[str]:
+        """The limit types being evaluated: those with a limit seen so far."""
+        return list(self.breach)
+
+    def _candidates(self) -> set[str]:
+        return set(self.types if self.types is not None else names())
+
+    # ------------------------------------------------------------------ policy
+
+    def factor(self, limit_type: str) -> float | None:
+        """The critical factor of ``limit_type`` (None: never blocks)."""
+        if isinstance(self.critical, Mapping):
+            return self.critical.get(limit_type, DEFAULT_CRITICAL)
+        return float(self.critical)
+
+    def _levels(self, limit_type: str) -> tuple[float, ...]:
+        f = self.factor(limit_type)
+        if f is not None and not (np.isfinite(f) and f >= 1.0):
+            raise ValueError(f"the critical factor of {limit_type} must be >= 1, got {f!r}")
+        return (1.0,) if f is None or f == 1.0 else (1.0, float(f))
+
+    def copy(self) -> Engine:
+        """A copy to fold on while the original is kept (states are never mutated)."""
+        out = copy.copy(self)
+        out.breach = dict(self.breach)
+        out.blocked = dict(self.blocked)
+        out.mark_times = dict(self.mark_times)
+        out.open_now = dict(self.open_now)
+        out._segments = list(self._segments)
+        return out
+
+    # ------------------------------------------------------------------ the fold
+
+    def apply(self, batch: History) -> list[Effect]:
+        """Fold the next events (positions at or above :attr:`horizon`, in order).
+
+        Returns the effects, in the order of their triggers; the states move on.
+        """
+        if batch.events.height == 0:
+            self.horizon = max(self.horizon, batch.horizon)
+            return []
+        first = int(batch.events["position"].min())  # type: ignore[arg-type]
+        if first < self.horizon:
+            raise ValueError(
+                f"the engine has folded everything below position {self.horizon}: "
+                f"a batch starting at {first} would fold events twice"
+            )
+        batch = self._in_processing_order(batch)
+        effects: list[Effect] = []
+        for part, bust in self._split_at_busts(batch):
+            self._segments.append(part)
+            if bust is None:
+                effects += self._fold(part)
+            else:
+                effects += self._bust(part, bust)
+        if len(self._segments) > 256:  # keep the folded history in few chunks
+            self._segments = [_concat(self._segments)]
+        self.horizon = max(self.horizon, batch.horizon)
+        self.events_seen += batch.events.height
+        return effects
+
+    def _in_processing_order(self, batch: History) -> History:
+        """Times made monotone in global order (late events act on arrival), stale marks
+        dropped; the running clocks move on."""
+        ev = batch.events.sort("position")
+        bt = ev["occurred_at"].dt.epoch("us").fill_null(_MIN).to_numpy()
+        ts = ev["timestamp"].dt.epoch("us").to_numpy()
+        c_bt = np.maximum.accumulate(np.maximum(bt, self.clock))
+        c_ts = np.maximum.accumulate(np.maximum(ts, self.recorded))
+        self.clock, self.recorded = int(c_bt[-1]), int(c_ts[-1])
+        late = bool((c_bt != bt).any() or (c_ts != ts).any())
+        if not late and batch.marks.height == 0:
+            return batch  # the common case: in order, nothing to drop
+        clocks = pl.DataFrame(
+            {"position": ev["position"], "_bt": pl.Series(c_bt).cast(pl.Datetime("us")),
+             "_ts": pl.Series(c_ts).cast(pl.Datetime("us"))}
+        ).with_columns(pl.col("_bt", "_ts").dt.replace_time_zone("UTC"))  # fmt: skip
+        frames: dict[str, pl.DataFrame] = {}
+        for name, kind in KINDS.items():
+            frame = batch.frame(name)
+            if name == "marks" and frame.height:
+                frame = self._fresh_marks(frame.sort("position"))
+            if late and frame.height:
+                frame = (
+                    frame.join(clocks, on="position", how="left", maintain_order="left")
+                    .with_columns(pl.col("_bt").alias(kind.time), pl.col("_ts").alias("timestamp"))
+                    .drop("_bt", "_ts")
+                )
+            frames[name] = frame
+        events = ev
+        if late:
+            events = ev.with_columns(occurred_at=clocks["_bt"], timestamp=clocks["_ts"]).select(
+                list(EVENTS_SCHEMA)
+            )
+        return History(**frames, events=events, horizon=batch.horizon)  # type: ignore[arg-type]
+
+    def _fresh_marks(self, marks: pl.DataFrame) -> pl.DataFrame:
+        """Marks that are not older than their symbol's latest mark; remembers the latest."""
+        known = pl.DataFrame(
+            {"symbol": list(self.mark_times), "_known": list(self.mark_times.values())},
+            schema={"symbol": pl.String, "_known": pl.Int64},
+        )
+        t = (
+            marks.select(pl.col("symbol").cast(pl.String), _t=pl.col("marked_at").dt.epoch("us"))
+            .join(known, on="symbol", how="left", maintain_order="left")
+            .with_columns(
+                _before=pl.max_horizontal(
+                    pl.col("_t").cum_max().shift(1).over("symbol"), pl.col("_known")
+                )
+            )
+        )
+        keep = (t["_before"].is_null() | (t["_t"] >= t["_before"])).to_numpy()
+        latest = t.group_by("symbol").agg(pl.col("_t").max())
+        for symbol, us in latest.iter_rows():
+            self.mark_times[symbol] = max(us, self.mark_times.get(symbol, _MIN))
+        return marks.filter(pl.Series(keep)) if not keep.all() else marks
+
+    @staticmethod
+    def _split_at_busts(batch: History) -> Iterable[tuple[History, int | None]]:
+        """The batch as runs without busts and single busts (by position), in order."""
+        if batch.cancels.height == 0:
+            yield batch, None
+            return
+        cuts = sorted(batch.cancels["position"].to_list())
+        lo = int(batch.events["position"].min())  # type: ignore[arg-type]
+        for c in [*cuts, None]:
+            hi = batch.horizon if c is None else c
+            if hi > lo:
+                part = _slice(batch, lo, hi)
+                if part.events.height:
+                    yield part, None
+            if c is not None:
+                yield _slice(batch, c, c + 1), c
+                lo = c + 1
+
+    def _limit_rows(self, part: History, name: str) -> pl.DataFrame:
+        if part.limits.height == 0:
+            return _NO_LIMITS
+        return _limit_frame(part.limits.filter(pl.col("limit_type") == name))
+
+    def _fold(self, part: History) -> list[Effect]:
+        part.start = self.projection
+        through = part.events["occurred_at"].max()
+        assert isinstance(through, datetime)
+        found = []
+        with shared_timelines():
+            wanted = self._candidates()
+            limited = set(part.limits["limit_type"].cast(pl.String).unique().to_list())
+            for name in sorted(limited & wanted - set(self.breach)):
+                self._activate(name)
+            for name in self.active:
+                definition = get(name)
+                metric = definition.metric(part)
+                found.append(self._evaluate(name, metric, self._limit_rows(part, name), through))
+        self.projection = ProjectionState.after(part)
+        return self._effects(part, found)
+
+    def _activate(self, name: str) -> None:
+        """Start evaluating ``name`` (its first limit is in the part being folded): its
+        metric state from everything folded before, so it compares exactly as
+        :func:`riskbook.breaches` would from the start."""
+        prior = self._segments[:-1]
+        if not prior:
+            self.breach[name] = BreachState.empty(get(name), self._levels(name))
+            return
+        whole = _concat(prior)
+        self._segments[:-1] = [whole]
+        latest = whole.events["occurred_at"].max()
+        through = latest if isinstance(latest, datetime) else None
+        with shared_timelines():
+            metric = get(name).metric(whole)
+        _, self.breach[name] = evaluate(
+            get(name), metric, _NO_LIMITS, levels=self._levels(name), through=through
+        )
+
+    def _evaluate(
+        self, name: str, metric: pl.DataFrame, limits: pl.DataFrame, through: datetime
+    ) -> pl.DataFrame:
+        intervals, self.breach[name] = evaluate(
+            get(name),
+            metric,
+            limits,
+            levels=self._levels(name),
+            state=self.breach.get(name),
+            through=through,
+        )
+        self.open_now[name] = intervals.filter(pl.col("ended_at").is_null())
+        return intervals.filter(~pl.col("carried")).with_columns(limit_type=pl.lit(name))
+
+    def _bust(self, part: History, position: int) -> list[Effect]:
+        """A bust: refold its account without the trade; re-evaluate its metrics there."""
+        cancel = part.cancels.row(0, named=True)
+        account = str(cancel["account_id"])
+        whole = _concat(self._segments)
+        self._segments = [whole]
+        mine = _account_only(whole, account)
+        after = ProjectionState.after(mine)
+        self.projection = _replace_account(self.projection, after, account)
+        at: datetime = cancel["cancelled_at"]
+        day = _us(at) // _DAY_US
+        found = []
+        with shared_timelines():
+            for name in self.active:
+                definition = get(name)
+                metric = definition.metric(mine)
+                rows = _latest_per_key(metric, definition.scope, account, day)
+                known = self.breach.get(name)
+                if known is not None:  # keys the bust emptied: back to zero
+                    gone = (
+                        known.metrics.filter(pl.col("account_id") == account)
+                        .select("account_id", "symbol")
+                        .join(rows.select("account_id", "symbol"), on=["account_id", "symbol"],
+                              how="anti", nulls_equal=True)
+                        .with_columns(value=pl.lit(0.0))
+                    )  # fmt: skip
+                    rows = pl.concat([rows, gone], how="diagonal_relaxed")
+                rows = rows.with_columns(
+                    time=pl.lit(at, _TIME),
+                    timestamp=pl.lit(cancel["timestamp"], _TIME),
+                    position=pl.lit(position, pl.Int64),
+                    event_id=pl.lit(cancel["event_id"], pl.String),
+                )
+                found.append(self._evaluate(name, rows, _NO_LIMITS, at))
+        return self._effects(part, found)
+
+    def _effects(self, part: History, found: list[pl.DataFrame]) -> list[Effect]:
+        """Violations (level 1.0) and blocks (critical level) of the breaches that started."""
+        starts = pl.concat(found) if found else pl.DataFrame()
+        if starts.height == 0:
+            self._note_blocks(part.blocks)
+            return []
+        ids = starts["trigger_event_id"]
+        if ids.null_count():
+            lookup = part.events.select("position", _id="event_id")
+            starts = starts.join(
+                lookup.rename({"position": "trigger_position"}), on="trigger_position", how="left"
+            ).with_columns(trigger_event_id=pl.coalesce("trigger_event_id", "_id"))
+        corr = part.events.select(trigger_event_id="event_id", _corr="correlation_id")
+        starts = starts.join(corr, on="trigger_event_id", how="left").sort(
+            "trigger_position", "limit_type", pl.col("symbol").cast(pl.String), "level",
+            nulls_last=False,
+        )  # fmt: skip
+        stored = part.blocks.sort("position").select(
+            pl.col("account_id").cast(pl.String), "blocked", "position"
+        )
+        pending = stored.iter_rows()
+        next_stored = next(pending, None)
+        effects: list[Effect] = []
+        for row in starts.iter_rows(named=True):
+            while next_stored is not None and next_stored[2] < row["trigger_position"]:
+                self.blocked[next_stored[0]] = next_stored[1]
+                next_stored = next(pending, None)
+            account = str(row["account_id"])
+            symbol = None if row["symbol"] is None else str(row["symbol"])
+            name = row["limit_type"]
+            common = {
+                "account_id": account,
+                "causation_id": row["trigger_event_id"],
+                "correlation_id": row["_corr"] or str(row["trigger_event_id"]),
+                "trigger_position": row["trigger_position"],
+                "limit_type": name,
+                "symbol": symbol,
+                "value": row["trigger_value"],
+                "limit_value": row["limit_value"],
+            }
+            if row["level"] == 1.0:
+                event: Any = LimitViolationDetected(
+                    account_id=account,
+                    limit_type=name,
+                    current_value=row["trigger_value"],
+                    limit_value=row["limit_value"],
+                    detected_at=row["started_at"],
+                    symbol=symbol,
+                )
+                effects.append(Effect(event, **common))
+            if row["level"] == (self.factor(name) or 0.0) and not self.blocked.get(account):
+                where = f" {symbol}" if symbol else ""
+                event = AccountBlocked(
+                    account_id=account,
+                    reason=f"critical {name}{where}: {row['trigger_value']:g} > "
+                    f"{row['level']:g} x limit {row['limit_value']:g}",
+                    blocked_by=self.actor,
+                    blocked_at=row["started_at"],
+                )
+                effects.append(Effect(event, **common))
+                self.blocked[account] = True
+        while next_stored is not None:
+            self.blocked[next_stored[0]] = next_stored[1]
+            next_stored = next(pending, None)
+        return effects
+
+    def _note_blocks(self, blocks: pl.DataFrame) -> None:
+        for account, blocked in (
+            blocks.sort("position").select(pl.col("account_id").cast(pl.String), "blocked").rows()
+        ):
+            self.blocked[account] = blocked
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_NO_LIMITS = _limit_frame(History.empty().limits)
+
+
+def _slice(history: History, lo: int, hi: int) -> History:
+    """The events with ``lo <= position < hi``."""
+    inside = pl.col("position").is_between(lo, hi, closed="left")
+    frames = {n: history.frame(n).filter(inside) for n in [*KINDS, "events"]}
+    return History(**frames, horizon=hi)  # type: ignore[arg-type]
+
+
+def _concat(parts: list[History]) -> History:
+    frames = {
+        n: pl.concat([p.frame(n) for p in parts], how="vertical_relaxed")
+        for n in [*KINDS, "events"]
+    }
+    return History(**frames, horizon=parts[-1].horizon)  # type: ignore[arg-type]
+
+
+def _account_only(history: History, account: str) -> History:
+    """The account's own events and every mark."""
+    mine = pl.col("account_id").cast(pl.String) == account
+    frames = {
+        n: (history.frame(n) if n == "marks" else history.frame(n).filter(mine)) for n in KINDS
+    }
+    events = history.events.filter(
+        pl.col("position").is_in(pl.concat([f["position"] for f in frames.values()]).implode())
+    )
+    return History(**frames, events=events, horizon=history.horizon)  # type: ignore[arg-type]
+
+
+def _replace_account(
+    state: ProjectionState, fresh: ProjectionState, account: str
+) -> ProjectionState:
+    def swap(old: pl.DataFrame, new: pl.DataFrame, sort: list[str]) -> pl.DataFrame:
+        keep = old.filter(pl.col("account_id") != account)
+        return pl.concat([keep, new.filter(pl.col("account_id") == account)]).sort(sort)
+
+    return ProjectionState(
+        swap(state.positions, fresh.positions, ["account_id", "symbol"]),
+        swap(state.accounts, fresh.accounts, ["account_id"]),
+        state.marks,
+        swap(state.days, fresh.days, ["account_id"]),
+    )
+
+
+def _latest_per_key(metric: pl.DataFrame, scope: str, account: str, day: int) -> pl.DataFrame:
+    """The last metric row of each key of ``account`` (today's, for daily scopes: a key
+    with no row today is back to zero)."""
+    by_symbol = "symbol" in scope
+    rows = metric.select(
+        pl.col("account_id").cast(pl.String),
+        (pl.col("symbol").cast(pl.String) if by_symbol else pl.lit(None, pl.String)).alias(
+            "symbol"
+        ),
+        pl.col("time").dt.epoch("us").alias("_t"),
+        pl.col("value").cast(pl.Float64),
+    ).filter(pl.col("account_id") == account)
+    last = rows.group_by("account_id", "symbol", maintain_order=True).last()
+    if scope.endswith("_day"):
+        last = last.with_columns(
+            value=pl.when(pl.col("_t") // _DAY_US == day).then("value").otherwise(0.0)
+        )
+    return last.drop("_t")

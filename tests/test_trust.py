@@ -1,0 +1,487 @@
+"""Trust: hash chains and ``riskbook verify``, least-privilege roles, secrets kept out of
+every message (issue 9). Real PostgreSQL, no mocks; tampering is done the way a
+superuser would do it, with the append-only trigger disabled."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import riskbook
+from riskbook import cli, simulate
+from riskbook.errors import StoreError
+from riskbook.events import Envelope, chain_hash, encode_envelope, event_digest
+from riskbook.store import Store, migrations, roles
+from riskbook.verify import VerifyReport, read_heads
+
+T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+
+
+def funded(account: str, amount: float = 100.0, i: int = 0) -> riskbook.AccountFunded:
+    return riskbook.AccountFunded(
+        account_id=account, amount=amount, funded_at=T0 + timedelta(seconds=i)
+    )
+
+
+def trade(account: str, i: int, qty: float = 10.0) -> riskbook.TradeExecuted:
+    return riskbook.TradeExecuted(
+        trade_id=f"T-{i}",
+        account_id=account,
+        symbol="AAPL",
+        side=riskbook.Side.Buy,
+        quantity=qty,
+        price=10.5 + i,
+        executed_at=T0 + timedelta(minutes=i),
+    )
+
+
+def stored_hashes(store: Store, aggregate: str) -> list[bytes]:
+    with psycopg.connect(store.dsn) as conn:
+        rows = conn.execute(
+            "SELECT hash FROM events WHERE aggregate_id = %s ORDER BY sequence", (aggregate,)
+        )
+        return [bytes(r[0]) for r in rows]
+
+
+def recomputed(store: Store, aggregate: str) -> list[bytes]:
+    """The chain from the envelopes as read, by riskbook.events' definition."""
+    out, previous = [], b""
+    for env in store.read(aggregate):
+        previous = chain_hash(previous, event_digest(env))
+        out.append(previous)
+    return out
+
+
+def as_superuser(store: Store, *statements: str) -> None:
+    """What the append-only triggers are there to stop: a superuser who disables them."""
+    with psycopg.connect(store.dsn) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER USER")
+        conn.execute("ALTER TABLE event_fields DISABLE TRIGGER USER")
+        for statement in statements:
+            conn.execute(statement.encode())
+        conn.execute("ALTER TABLE events ENABLE TRIGGER USER")
+        conn.execute("ALTER TABLE event_fields ENABLE TRIGGER USER")
+        conn.commit()
+
+
+def envelope_line(agg: str, i: int, **kw: object) -> bytes:
+    env = Envelope(
+        event_id=uuid.uuid4(),
+        aggregate_id=agg,
+        aggregate_type="Account",
+        sequence=i + 1,
+        timestamp=T0 + timedelta(seconds=i, microseconds=7),
+        payload=funded(agg, 1.0 + i, i),
+        correlation_id="import",
+        metadata={"source": "legacy", "n": [1, 2.5e-7, 1e16], "é": 'q"\\\t'},
+        **kw,  # type: ignore[arg-type]
+    )
+    return encode_envelope(env)
+
+
+# ----------------------------------------------------------------------- the chain
+
+
+def test_every_write_path_chains_what_verify_and_python_recompute(fresh_store: Store) -> None:
+    store = fresh_store
+    store.append("A", [funded("A")], expected_version=0, metadata={"k": 1e16, "s": "x\ny"})
+    store.append("A", [trade("A", i) for i in range(1, 4)], expected_version=1)
+    store.append("A", [trade("A", 9)], causation_id=uuid.uuid4(), correlation_id="c-1")
+    with store.connection() as conn:  # the live processor's way: inside its transaction
+        store.append_in(conn, "B", [funded("B"), trade("B", 1)])
+        conn.commit()
+    store.import_lines([envelope_line("C", i) for i in range(3)])  # into a non-empty store
+    with psycopg.connect(store.dsn) as conn:  # raw SQL, no hash: the trigger chains it
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'MarginCalled', 'B',"
+            " 'Account', 3, 'c', '{\"type\": \"MarginCalled\", \"amount\": 1.50}')"
+        )
+        conn.commit()
+    report = riskbook.verify(store)
+    assert report.ok, report
+    assert (report.events, report.aggregates) == (11, 3)
+    for agg in "AC":  # (B's raw 1.50 reads back as the float 1.5: verify hashes stored text)
+        assert stored_hashes(store, agg) == recomputed(store, agg)
+    assert report.heads["B"] == (3, stored_hashes(store, "B")[-1].hex())
+
+
+def test_fast_and_general_imports_chain_alike(make_database: Callable[[], str]) -> None:
+    lines = [envelope_line(agg, i) for i in range(4) for agg in ("A", "B")]
+    empty, busy = Store(make_database()), Store(make_database())
+    try:
+        busy.append("Z", [funded("Z")])
+        assert empty.import_lines(lines).added == busy.import_lines(lines).added == 8
+        query = "SELECT event_id, hash FROM events WHERE aggregate_id <> 'Z' ORDER BY event_id"
+        with psycopg.connect(empty.dsn) as a, psycopg.connect(busy.dsn) as b:
+            assert a.execute(query).fetchall() == b.execute(query).fetchall()
+        assert riskbook.verify(empty).ok and riskbook.verify(busy).ok
+        assert empty.import_lines(lines).added == 0  # and a re-import adds nothing
+    finally:
+        empty.close()
+        busy.close()
+
+
+def test_the_simulators_trusted_copy_is_chained(fresh_store: Store) -> None:
+    simulate.stream_to_store(fresh_store, seed=3, events=3_000)
+    report = riskbook.verify(fresh_store)
+    assert report.ok and report.events == fresh_store.count()
+    some = next(iter(report.heads))
+    assert stored_hashes(fresh_store, some) == recomputed(fresh_store, some)
+
+
+def test_the_migration_chains_events_already_stored(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=8)
+    with psycopg.connect(dsn) as conn:  # history written before hashes existed
+        for agg, n in (("A", 3), ("B", 2)):
+            for i in range(1, n + 1):
+                conn.execute(
+                    "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type,"
+                    " sequence, causation_id, correlation_id, metadata, payload) VALUES"
+                    " (gen_random_uuid(), 'AccountFunded', %s, 'Account', %s, gen_random_uuid(),"
+                    ' \'c\', \'{"by": "ops", "n": 1e3}\', %s)',
+                    (
+                        agg,
+                        i,
+                        f'{{"type":"AccountFunded","account_id":"{agg}","amount":{i}.5,'
+                        f'"funded_at":"2024-01-0{i}T00:00:00.000000Z"}}',
+                    ),
+                )
+        conn.commit()
+    old.close()
+    store = Store(dsn)  # upgrades in place
+    try:
+        assert store.schema_version() == migrations.head()
+        report = riskbook.verify(store)
+        assert report.ok and report.events == 5
+        assert stored_hashes(store, "A") == recomputed(store, "A")
+        store.append("A", [funded("A")], expected_version=3)  # and the chain goes on
+        assert riskbook.verify(store).ok
+    finally:
+        store.close()
+
+
+# ----------------------------------------------------------------------- tampering
+
+
+@pytest.fixture
+def history(fresh_store: Store) -> Store:
+    fresh_store.append("A", [funded("A")] + [trade("A", i) for i in range(1, 5)])
+    fresh_store.append("B", [funded("B"), trade("B", 1), trade("B", 2)])
+    return fresh_store
+
+
+def broken(report: VerifyReport) -> set[tuple[str, int, str]]:
+    return {(p.aggregate_id, p.sequence, p.kind) for p in report.problems}
+
+
+def test_verify_names_an_altered_payload(history: Store) -> None:
+    as_superuser(
+        history,
+        "UPDATE events SET payload = jsonb_set(payload, '{quantity}', '1000')"
+        " WHERE aggregate_id = 'A' AND sequence = 3",
+    )
+    report = riskbook.verify(history)
+    assert not report.ok
+    assert ("A", 3, "altered") in broken(report)
+    assert {p.aggregate_id for p in report.problems} == {"A"}  # one event, not the rest
+
+
+def test_verify_names_a_removed_event(history: Store) -> None:
+    as_superuser(history, "DELETE FROM events WHERE aggregate_id = 'B' AND sequence = 2")
+    report = riskbook.verify(history)
+    assert ("B", 2, "removed") in broken(report)
+    assert "sequence 2 is missing" in str(report)
+
+
+def test_verify_names_reordered_events(history: Store) -> None:
+    as_superuser(  # swap sequences 2 and 4 of A (three steps: the key is unique)
+        history,
+        "UPDATE events SET sequence = 1000 WHERE aggregate_id = 'A' AND sequence = 2",
+        "UPDATE events SET sequence = 2 WHERE aggregate_id = 'A' AND sequence = 4",
+        "UPDATE events SET sequence = 4 WHERE aggregate_id = 'A' AND sequence = 1000",
+    )
+    report = riskbook.verify(history)
+    assert {("A", 2, "reordered"), ("A", 4, "reordered")} <= broken(report)
+    assert "written as sequence 4" in str(report)
+
+
+def test_verify_names_an_altered_time_and_an_altered_hash(history: Store) -> None:
+    as_superuser(
+        history,
+        'UPDATE events SET "timestamp" = "timestamp" - interval \'1 hour\''
+        " WHERE aggregate_id = 'B' AND sequence = 1",
+        "UPDATE events SET hash = sha256(hash) WHERE aggregate_id = 'A' AND sequence = 5",
+    )
+    assert {("B", 1, "altered"), ("A", 5, "altered")} <= broken(riskbook.verify(history))
+
+
+def test_verify_names_an_altered_typed_copy(history: Store) -> None:
+    as_superuser(
+        history, "UPDATE event_fields SET quantity = 1 WHERE aggregate_id = 'B' AND sequence = 3"
+    )
+    report = riskbook.verify(history)
+    assert broken(report) == {("B", 3, "altered")}
+    assert "event_fields" in str(report)
+
+
+def test_kept_heads_catch_a_rewritten_chain_and_a_truncation(
+    history: Store, tmp_path: Path
+) -> None:
+    first = riskbook.verify(history)
+    heads = first.save_heads(tmp_path / "heads.json")
+    assert read_heads(heads) == dict(first.heads)
+    # A thorough forger: drops A's last event (and its typed copy), and rewrites B's
+    # first event, then recomputes every hash of B so that its chain holds again.
+    as_superuser(
+        history,
+        "DELETE FROM events WHERE aggregate_id = 'A' AND sequence = 5",
+        "DELETE FROM event_fields WHERE aggregate_id = 'A' AND sequence = 5",
+        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '5.0')"
+        " WHERE aggregate_id = 'B' AND sequence = 1",
+        "UPDATE event_fields SET amount = 5 WHERE aggregate_id = 'B' AND sequence = 1",
+        "UPDATE events e SET hash = c.h FROM (SELECT position, riskbook_chain('\\x'::bytea,"
+        " riskbook_event_digest(event_id, event_type, aggregate_id, aggregate_type, sequence,"
+        ' "timestamp", causation_id, correlation_id, metadata, payload))'
+        " OVER (ORDER BY sequence) AS h FROM events WHERE aggregate_id = 'B') c"
+        " WHERE e.position = c.position",
+    )
+    assert riskbook.verify(history).ok  # a chain without a secret cannot see that...
+    report = riskbook.verify(history, heads=heads)  # ...heads kept elsewhere can
+    assert broken(report) == {("A", 5, "removed"), ("B", 3, "altered")}
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The riskbook command, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "riskbook.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+    )
+
+
+def test_cli_verify_prints_its_rate_and_fails_on_tampering(history: Store) -> None:
+    done = run("verify", "-q", "--dsn", history.dsn)
+    assert done.returncode == 0, done.stderr
+    assert "every chain holds" in done.stdout and "events/s" in done.stdout
+    as_superuser(history, "DELETE FROM events WHERE aggregate_id = 'A' AND sequence = 1")
+    done = run("verify", "-q", "--dsn", history.dsn)
+    assert done.returncode == 1
+    assert "'A' sequence 1: removed" in done.stdout and "problem(s)" in done.stdout
+
+
+# ----------------------------------------------------------------------- roles
+
+
+@pytest.fixture
+def role(fresh_store: Store) -> Iterator[str]:
+    name = f"rk_role_{uuid.uuid4().hex[:8]}"
+    yield name
+    with psycopg.connect(fresh_store.dsn, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def raw_refused(dsn: str, statement: str) -> None:
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(statement.encode())
+
+
+def test_a_reader_reads_and_verifies_but_cannot_write(history: Store, role: str) -> None:
+    grant = roles.grant_reader(history, role)
+    assert grant.created and grant.kind == "reader" and f"user={role}" in grant.dsn
+    reader = Store(grant.dsn)  # connects: the schema is current, nothing to migrate
+    try:
+        h = riskbook.load(reader, cache=False)
+        assert h.trades.height == 6
+        assert riskbook.verify(reader).ok
+        with pytest.raises(StoreError, match=r"permission denied for table events.*grant-"):
+            reader.append("A", [funded("A")])
+        with pytest.raises(StoreError, match="permission denied"):
+            reader.import_lines([envelope_line("R", 0)])
+    finally:
+        reader.close()
+    for statement in (
+        "UPDATE events SET correlation_id = 'x'",
+        "DELETE FROM events",
+        "UPDATE event_fields SET quantity = 1",
+        "INSERT INTO processor_checkpoints (name) VALUES ('sneaky')",
+        "REFRESH MATERIALIZED VIEW account_positions",
+    ):
+        raw_refused(grant.dsn, statement)
+    with psycopg.connect(grant.dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM account_positions").fetchone() is not None
+    assert history.count() == 8
+
+
+def test_a_processor_appends_and_keeps_its_checkpoint_only(history: Store, role: str) -> None:
+    grant = roles.grant_processor(history, role)
+    processor = Store(grant.dsn)
+    try:
+        processor.append("A", [funded("A", 5.0)], expected_version=5)
+        with processor.connection() as conn:
+            conn.execute("INSERT INTO processor_checkpoints (name, position) VALUES ('p', 1)")
+            conn.execute("UPDATE processor_checkpoints SET position = 2 WHERE name = 'p'")
+            conn.commit()
+    finally:
+        processor.close()
+    assert riskbook.verify(history).ok and history.count() == 9
+    for statement in (
+        "UPDATE events SET correlation_id = 'x'",
+        "DELETE FROM events",
+        "INSERT INTO event_fields (position, event_id, event_type, aggregate_id, aggregate_type,"
+        " sequence, \"timestamp\", correlation_id) VALUES (1, gen_random_uuid(), 'X', 'A', 'A',"
+        " 1, now(), 'c')",
+        "DELETE FROM processor_checkpoints",
+        "INSERT INTO position_snapshots (account_id, sequence, position, snapshot_at, state)"
+        " VALUES ('A', 1, 1, now(), '{}')",
+    ):
+        raw_refused(grant.dsn, statement)
+    # made a reader again, it loses what it could write
+    assert not roles.grant_reader(history, role).created
+    raw_refused(grant.dsn, "INSERT INTO processor_checkpoints (name) VALUES ('q')")
+
+
+def test_a_reader_on_a_store_behind_is_told_who_must_upgrade(
+    make_database: Callable[[], str], role: str
+) -> None:
+    dsn = make_database()
+    owner = Store(dsn, migrate=False)
+    owner.migrate(target=8)
+    grant = roles.grant_reader(owner, role)
+    try:
+        with pytest.raises(StoreError, match=r"version 8 .* needs \d+.*riskbook db upgrade"):
+            Store(grant.dsn)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the role fixture cleans the other
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        owner.close()
+
+
+def test_grants_refuse_what_cannot_be_made_least_privilege(history: Store, role: str) -> None:
+    with psycopg.connect(history.dsn, autocommit=True) as conn:
+        user = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+    with pytest.raises(StoreError, match="riskbook connects with"):
+        roles.grant_reader(history, user)
+    with pytest.raises(ValueError, match="reserved"):
+        roles.grant_reader(history, "pg_monitor")
+    with psycopg.connect(history.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} SUPERUSER").format(sql.Identifier(role)))
+    with pytest.raises(StoreError, match="superuser"):
+        roles.grant_reader(history, role)
+
+
+def test_cli_grant_reader_reads_the_password_from_stdin(history: Store, role: str) -> None:
+    password = "Pa55-word;DROP ROLE x--'"
+    done = run("db", "grant-reader", role, "--password", "--dsn", history.dsn, stdin=password)
+    assert done.returncode == 0, done.stderr
+    assert f"role '{role}' created" in done.stdout and password not in done.stdout + done.stderr
+    with psycopg.connect(history.dsn) as conn:
+        stored = conn.execute(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)
+        ).fetchone()[0]  # type: ignore[index]
+    assert stored.startswith("SCRAM-SHA-256$") and password not in stored
+
+
+# ----------------------------------------------------------------------- secrets
+
+SECRET = "s3cr3t-XYZ"
+BAD_DSNS = [
+    f"postgresql://u:{SECRET}@127.0.0.1:1/x",
+    f"host=127.0.0.1 port=1 user=u password={SECRET} dbname=x",
+    f"postgresql://u:{SECRET.replace('-', '%2D')}@127.0.0.1:1/x",  # URL-encoded
+    f"postgresql://u:{SECRET}@127.0.0.1:notaport/x",  # libpq cannot even parse it
+    f"host=127.0.0.1 password='{SECRET}' port=1 junk",  # nor this
+]
+
+
+def no_secret(exc: BaseException) -> None:
+    seen = []
+    while exc is not None:  # the message, and whatever a traceback could show with it
+        seen.append(f"{exc!s} {exc!r}")
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    assert SECRET not in " ".join(seen) and SECRET.replace("-", "%2D") not in " ".join(seen)
+
+
+@pytest.mark.parametrize("dsn", BAD_DSNS)
+def test_failed_connections_never_show_the_password(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    calls: list[Callable[[], object]] = [
+        lambda: Store(dsn),
+        lambda: riskbook.connect(dsn),
+        lambda: riskbook.load(dsn, cache=False),
+        lambda: riskbook.verify(dsn),
+        lambda: Store(dsn, migrate=False).count(),
+        lambda: next(Store(dsn, migrate=False).follow(idle_timeout=0.1)),
+        lambda: roles.grant_reader(Store(dsn, migrate=False), "someone"),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError) as info:
+            call()
+        no_secret(info.value)
+        assert "***" in str(info.value) or "<unparseable DSN>" in str(info.value)
+    assert SECRET not in repr(Store(dsn, migrate=False))
+    assert SECRET not in caplog.text
+
+
+def test_adbc_connection_errors_never_show_the_password() -> None:
+    from riskbook.frames import _adbc
+
+    with pytest.raises(StoreError) as info, _adbc(Store(BAD_DSNS[0], migrate=False)):
+        pass
+    no_secret(info.value)
+
+
+def test_a_working_dsn_with_a_password_is_never_shown(fresh_store: Store) -> None:
+    # The embedded server trusts its private socket: any password works, and must still
+    # never be printed.
+    parts = psycopg.conninfo.conninfo_to_dict(fresh_store.dsn)
+    parts["password"] = SECRET
+    store = Store(psycopg.conninfo.make_conninfo(**parts))  # type: ignore[arg-type]
+    try:
+        store.append("A", [funded("A")])
+        history = riskbook.load(store, cache=False)
+        report = riskbook.verify(store)
+        shown = [repr(store), str(store), repr(history), history._repr_markdown_(), str(report)]
+        assert all(SECRET not in text for text in shown)
+        with pytest.raises(StoreError) as info, store.connection() as conn:
+            conn.execute("SELECT * FROM no_such_table")
+        no_secret(info.value)
+    finally:
+        store.close()
+
+
+def test_the_cli_never_prints_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RISKBOOK_DSN", BAD_DSNS[0])
+    monkeypatch.setenv("RISKBOOK_HOME", str(tmp_path / "home"))  # no embedded server here
+    for argv in (
+        ["db", "url"],
+        ["db", "status"],
+        ["verify", "-q"],
+        ["verify", "-q", "--dsn", BAD_DSNS[1]],
+        ["db", "grant-reader", "auditor"],
+        ["import", "-q", "--dsn", BAD_DSNS[3], str(tmp_path / "none.jsonl")],
+        ["positions", "--dsn", BAD_DSNS[2]],
+    ):
+        cli.main(argv)
+        captured = capsys.readouterr()
+        assert SECRET not in captured.out + captured.err, argv
+        assert SECRET.replace("-", "%2D") not in captured.out + captured.err, argv
