@@ -14,8 +14,13 @@ Every builder takes the frames the projections return and gives an Altair chart:
                            rows over the limit marked
 :func:`breach_chart`       breach intervals as a Gantt chart, one lane per account and
                            limit type, warning levels beneath the breaches
+:func:`metric_chart`       a limit type's metric per account against a limit value
+                           that a slider moves (the limit lab)
+:func:`limit_sweep_chart`  breaches and time in breach against the limit's value
 :func:`event_chart`        the events around an incident, one lane per kind, with
                            causation links and the late recordings drawn
+:func:`live_chart`         a live processor at work: events per second, violations
+                           and blocks as committed, the time of each micro-batch
 =========================  ==============================================================
 
 Charts stay small whatever the history: a timeline is cut down by :func:`downsample`
@@ -53,6 +58,8 @@ import polars as pl
 
 __all__ = [
     "LEVEL_NAMES",
+    "LIVE_COMMITS_SCHEMA",
+    "LIVE_EFFECTS_SCHEMA",
     "MAX_ROWS",
     "breach_chart",
     "downsample",
@@ -63,6 +70,9 @@ __all__ = [
     "exposure_chart",
     "leverage_chart",
     "limit_steps",
+    "limit_sweep_chart",
+    "live_chart",
+    "metric_chart",
     "plot_frame",
     "position_chart",
     "save_png",
@@ -891,6 +901,174 @@ def breach_chart(
     )
 
 
+# ----------------------------------------------------------------------------- limit lab
+
+
+def metric_chart(
+    metric: pl.DataFrame,
+    *,
+    limit: float | None = None,
+    name: str = "metric",
+    unit: str = "",
+    accounts: Sequence[str] | None = None,
+    max_rows: int = MAX_ROWS,
+    height: int = 260,
+) -> alt.TopLevelMixin:
+    """A limit type's metric timeline per account, against a limit value.
+
+    Step lines, one colour per account, downsampled to ``max_rows``; a dashed red rule
+    at the limit and red dots on the rows over it. The limit is the chart's parameter
+    ``limit``: a widget moves the rule and the dots by setting it, without resending
+    the data. Infinite values (equity <= 0) are drawn as gaps.
+
+    Parameters
+    ----------
+    metric : a metric timeline (``LimitDefinition.metric``: ``account_id, time,
+        value``, one row per event that moves it).
+    limit : where to draw the limit (None: no rule).
+    name, unit : the limit type's name and unit (titles).
+    accounts : only these accounts (None: all).
+
+    Examples
+    --------
+    >>> t0 = datetime(2024, 1, 9, 14, 30, tzinfo=UTC)
+    >>> m = pl.DataFrame({"account_id": ["A", "A", "B"], "value": [0.2, 1.4, 0.7],
+    ...     "time": [t0, t0 + timedelta(minutes=1), t0]})
+    >>> spec = metric_chart(m, limit=1.0, name="MaxConcentration").to_dict()
+    >>> [p["value"] for p in spec["params"] if p["name"] == "limit"]
+    [1.0]
+    """
+    frame = metric.select("account_id", "time", "value")
+    if accounts is not None:
+        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    frame = downsample(frame, x="time", y="value", by="account_id", max_rows=max_rows)
+    data = plot_frame(frame.rename({"time": "t"}))
+    pick = alt.selection_point(fields=["account_id"], bind="legend")
+    zoom = alt.selection_interval(encodings=["x"], bind="scales")
+    title = f"{name} ({unit})" if unit else name
+    tips = ["account_id:N", _tip_time("t", "at"), alt.Tooltip("value:Q", format=",.4~f")]
+    y = alt.Y("value:Q", title=title, axis=alt.Axis(format=",.4~f"))
+    lines = (
+        alt.Chart(data)
+        .mark_line(interpolate="step-after", strokeWidth=1.4)
+        .encode(
+            x=_x(),
+            y=y,
+            color=alt.Color("account_id:N", title="account", scale=alt.Scale(scheme="tableau20")),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+            tooltip=tips,
+        )
+        .add_params(pick, zoom)
+    )
+    over = (
+        alt.Chart(data)
+        .transform_filter("limit != null && datum.value > limit")
+        .mark_circle(color="#d62728", size=14, opacity=0.8)
+        .encode(x=_x(), y="value:Q", tooltip=tips)
+    )
+    param = alt.param(name="limit", value=limit)
+    rule = (
+        alt.Chart(pl.DataFrame({"one": [1]}))
+        .transform_filter("limit != null")
+        .transform_calculate(v="limit")
+        .mark_rule(color="#d62728", strokeDash=[6, 4], strokeWidth=1.5)
+        .encode(y="v:Q", tooltip=[alt.Tooltip("v:Q", title="limit", format=",.4~f")])
+    )
+    n = data["account_id"].n_unique()
+    return (
+        alt.layer(lines, over, rule)
+        .add_params(param)
+        .properties(
+            width=_WIDTH,
+            height=height,
+            title=_title(
+                f"{name} by account",
+                f"{n} account{'s' if n != 1 else ''}, {metric.height:,} metric rows drawn as"
+                f" {data.height:,}; dashed: the limit, red: rows over it",
+            ),
+        )
+    )
+
+
+def limit_sweep_chart(
+    sweep: pl.DataFrame, *, value: float | None = None, name: str = "limit", unit: str = ""
+) -> alt.TopLevelMixin:
+    """Breaches and time in breach against the limit's value: where to set a limit.
+
+    Two panels over the same x axis (the limit value): hours in breach (all accounts
+    together) and the number of breach intervals, with the number of accounts in
+    breach as a dashed line. A rule marks ``value`` (the chart's parameter ``value``;
+    a widget moves it without resending the data).
+
+    Parameters
+    ----------
+    sweep : rows of :func:`riskbook.widgets.limit_sweep` (``value, breaches, accounts,
+        hours_in_breach``), one per limit value tried.
+    value : the value being looked at (None: no rule).
+    name, unit : the limit type's name and unit (titles).
+    """
+    data = plot_frame(sweep.select("value", "breaches", "accounts", "hours_in_breach"))
+    x = alt.X("value:Q", title=f"{name} value ({unit})" if unit else f"{name} value")
+    tips = [
+        alt.Tooltip("value:Q", title="limit", format=",.4~f"),
+        alt.Tooltip("breaches:Q", format=",d"),
+        alt.Tooltip("accounts:Q", title="accounts in breach", format=",d"),
+        alt.Tooltip("hours_in_breach:Q", title="hours in breach", format=",.1f"),
+    ]
+    param = alt.param(name="value", value=value)
+
+    def rule() -> alt.Chart:
+        return (
+            alt.Chart(pl.DataFrame({"one": [1]}))
+            .transform_filter("value != null")
+            .transform_calculate(v="value")
+            .mark_rule(color="#444", strokeDash=[4, 3], strokeWidth=1.5)
+            .encode(x=alt.X("v:Q"))
+        )
+
+    base = alt.Chart(data).encode(x=x, tooltip=tips)
+    hours = alt.layer(
+        base.mark_area(line=True, opacity=0.25, interpolate="step-after", color="#d62728").encode(
+            y=alt.Y("hours_in_breach:Q", title="hours in breach (all accounts)")
+        ),
+        rule(),
+    ).properties(width=_WIDTH, height=150)
+    counts = alt.layer(
+        base.transform_fold(["breaches", "accounts"], as_=["what", "n"])
+        .mark_line(point=True)
+        .encode(
+            y=alt.Y("n:Q", title="count"),
+            color=alt.Color(
+                "what:N",
+                title=None,
+                sort=["breaches", "accounts"],
+                scale=alt.Scale(domain=["breaches", "accounts"], range=["#1f77b4", "#555"]),
+                legend=alt.Legend(
+                    labelExpr="datum.label == 'accounts' ? 'accounts in breach' : 'breaches'"
+                ),
+            ),
+            strokeDash=alt.StrokeDash(
+                "what:N",
+                sort=["breaches", "accounts"],
+                scale=alt.Scale(domain=["breaches", "accounts"], range=[[1, 0], [4, 3]]),
+                legend=None,
+            ),
+        ),
+        rule(),
+    ).properties(width=_WIDTH, height=150)
+    return (
+        alt.vconcat(hours, counts)
+        .add_params(param)
+        .properties(
+            title=_title(
+                f"{name}: what each value would have done",
+                "time in breach only grows as the limit tightens; the count of breaches need"
+                " not (a tighter limit merges short breaches into longer ones)",
+            )
+        )
+    )
+
+
 # ----------------------------------------------------------------------------- events
 
 _LANES = [
@@ -1269,5 +1447,266 @@ def event_chart(
                 f"{_span(frame['occurred_at'])}; lines: causation links; orange: recorded"
                 " later than it happened",
             ),
+        )
+    )
+
+
+def ratio_chart(
+    frame: pl.DataFrame,
+    *,
+    label: str = "label",
+    ratio: str = "ratio",
+    color: str | None = "group",
+    text: str | None = "ratio_text",
+    title: str = "riskbook against the alternatives",
+    subtitle: str | None = None,
+) -> alt.TopLevelMixin:
+    """Ratios as horizontal bars from 1 on a log axis: right of the rule is ahead.
+
+    One bar per row, in the frame's order; ``color`` groups them (legend in order of
+    first appearance), ``text`` (if given) is printed beyond the end of each bar.
+    Ratios must be finite and positive (cap an infinite one and say so in its text).
+    """
+    data = frame.select(
+        pl.col(label).alias("label"),
+        pl.col(ratio).cast(pl.Float64).alias("ratio"),
+        pl.lit(1.0).alias("one"),
+        *([pl.col(color).alias("group")] if color else []),
+        (pl.col(text) if text else pl.col(ratio).round(2).cast(pl.String)).alias("text"),
+    )
+    lo = min(0.5, float(data["ratio"].min()) / 4)  # type: ignore[arg-type]
+    hi = max(2.0, float(data["ratio"].max()) * 4)  # type: ignore[arg-type]
+    x = alt.X(
+        "ratio:Q", title="ratio (log scale; 1 = even)", scale=alt.Scale(type="log", domain=[lo, hi])
+    )
+    y = alt.Y("label:N", title=None, sort=None, axis=alt.Axis(labelLimit=460))
+    base = alt.Chart(data).encode(y=y)
+    colour = (
+        alt.Color(
+            "group:N",
+            title=None,
+            sort=data["group"].unique(maintain_order=True).to_list(),
+            scale=alt.Scale(scheme="tableau10"),
+        )
+        if color
+        else alt.value("#4c78a8")
+    )
+    bars = base.mark_bar(height=14).encode(
+        x=x, x2="one:Q", color=colour, tooltip=["label:N", "text:N"]
+    )
+    ahead = (
+        base.transform_filter("datum.ratio >= 1")
+        .mark_text(align="left", dx=4, fontSize=11)
+        .encode(x=x, text="text:N")
+    )
+    behind = (
+        base.transform_filter("datum.ratio < 1")
+        .mark_text(align="right", dx=-4, fontSize=11)
+        .encode(x=x, text="text:N")
+    )
+    even = alt.Chart(pl.DataFrame({"one": [1.0]})).mark_rule(color="black").encode(x="one:Q")
+    return alt.layer(bars, ahead, behind, even).properties(
+        width=_WIDTH - 240, height=alt.Step(22), title=_title(title, subtitle)
+    )
+
+
+# ----------------------------------------------------------------------------- live
+
+LIVE_EFFECTS_SCHEMA: dict[str, Any] = {
+    "committed_at": pl.Datetime("us", "UTC"),
+    "kind": pl.String,
+    "account_id": pl.String,
+    "limit_type": pl.String,
+    "symbol": pl.String,
+    "value": pl.Float64,
+    "limit_value": pl.Float64,
+    "trigger_position": pl.Int64,
+}
+"""Effects of the live processor as :func:`live_chart` and the live panel show them."""
+
+LIVE_COMMITS_SCHEMA: dict[str, Any] = {
+    "committed_at": pl.Datetime("us", "UTC"),
+    "horizon": pl.Int64,
+    "events": pl.Int64,
+    "violations": pl.Int64,
+    "blocks": pl.Int64,
+    "seconds": pl.Float64,
+}
+"""The commits of a live processor as :func:`live_chart` reads them, one row per
+micro-batch (:class:`riskbook.widgets.LiveMonitor` keeps them as ``commits``)."""
+
+_EFFECT_LANES = {"LimitViolationDetected": "violation", "AccountBlocked": "block"}
+
+
+def live_chart(
+    commits: pl.DataFrame,
+    effects: pl.DataFrame | None = None,
+    *,
+    window: timedelta = timedelta(minutes=2),
+    end: TimeLike = None,
+    max_rows: int = 2_000,
+) -> alt.TopLevelMixin:
+    """A live processor at work: throughput, violations and blocks, batch latency.
+
+    Three panels over the same wall-clock axis, the last ``window`` before ``end``
+    (default: the latest commit; a shorter run fills the axis): events processed per
+    second (bars of a second, or of 250 ms over 30 s or less), each violation
+    and block as it was committed (one lane per kind; the tooltip says which account,
+    limit and value), and the time each micro-batch took from its read to its commit
+    (ms, log scale: a catch-up batch of thousands and a lone trade on one axis).
+
+    Parameters
+    ----------
+    commits : one row per committed micro-batch (:data:`LIVE_COMMITS_SCHEMA`:
+        ``committed_at, horizon, events, violations, blocks, seconds``).
+    effects : one row per effect (``committed_at, kind, account_id, limit_type,
+        symbol, value, limit_value``), or None.
+    window : how much time the axis shows.
+    end : the right end of the axis (None: the latest commit, or now).
+    max_rows : the cap on the batches drawn (:func:`downsample`: the slowest and the
+        fastest of each stretch are kept, and those with effects); violations and
+        blocks: the latest ``max_rows / 2``.
+
+    Examples
+    --------
+    >>> t0 = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+    >>> commits = pl.DataFrame({"committed_at": [t0, t0 + timedelta(seconds=1.5)],
+    ...     "horizon": [40, 43], "events": [39, 3], "violations": [0, 1], "blocks": [0, 1],
+    ...     "seconds": [0.012, 0.004]}, schema=LIVE_COMMITS_SCHEMA)
+    >>> spec = live_chart(commits).to_dict()  # seconds with events, effects, batches:
+    >>> [len(rows) for rows in spec["datasets"].values()]
+    [2, 0, 2]
+    """
+    last = _last_time(commits, "committed_at") if commits.height else None
+    stop = _time(end) or last or datetime.now(UTC)
+    first = commits["committed_at"].min() if commits.height else None
+    begin = stop - window
+    if isinstance(first, datetime) and first - timedelta(seconds=1) > begin:
+        begin = first - timedelta(seconds=1)  # a short run fills the axis
+    recent = commits.filter(pl.col("committed_at") > begin)
+    domain = [_ms(begin), _ms(stop)]
+    x = _x("t", title="wall-clock time (UTC)", domain=domain)
+    short = stop - begin <= timedelta(seconds=30)
+    bucket = timedelta(milliseconds=250) if short else timedelta(seconds=1)
+    per_bucket = plot_frame(
+        recent.group_by(pl.col("committed_at").dt.truncate(bucket).alias("t"))
+        .agg(
+            (pl.col("events").sum() / bucket.total_seconds()).alias("rate"),
+            pl.col("events").sum(),
+            pl.len().alias("batches"),
+        )
+        .with_columns((pl.col("t") + bucket).alias("t_end"))
+        .sort("t")
+    )
+    rate = (
+        alt.Chart(per_bucket)
+        .mark_rect(color="#4c78a8", stroke="white", strokeWidth=0.5, clip=True)
+        .encode(
+            x=alt.X(
+                "t:T",
+                title=None,
+                scale=alt.Scale(type="utc", domain=domain),
+                axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
+            ),
+            x2="t_end:T",
+            y=alt.Y("rate:Q", title="events / s"),
+            y2=alt.datum(0),
+            tooltip=[
+                _tip_time("t", "from"),
+                alt.Tooltip("events:Q", format=",d"),
+                alt.Tooltip("rate:Q", title="events / s", format=",.0f"),
+                alt.Tooltip("batches:Q", format=",d"),
+            ],
+        )
+        .properties(width=_WIDTH, height=110)
+    )
+    columns = ["committed_at", "kind", "account_id", "limit_type", "symbol", "value", "limit_value"]
+    found = (
+        effects.select(columns)
+        if effects is not None and effects.height
+        else pl.DataFrame(schema={c: LIVE_EFFECTS_SCHEMA[c] for c in columns})
+    )
+    lanes = plot_frame(
+        found.filter(pl.col("committed_at") > begin)
+        .sort("committed_at")
+        .tail(max_rows // 2)  # the latest ones, when they come by the thousand
+        .with_columns(
+            pl.col("committed_at").alias("t"),
+            pl.col("kind").replace_strict(_EFFECT_LANES, default=pl.col("kind")).alias("lane"),
+        )
+    )
+    kinds = list(_EFFECT_LANES.values())
+    marks = (
+        alt.Chart(lanes)
+        .mark_point(filled=True, size=70, opacity=0.85)
+        .encode(
+            x=alt.X(
+                "t:T",
+                title=None,
+                scale=alt.Scale(type="utc", domain=domain),
+                axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
+            ),
+            y=alt.Y("lane:N", title=None, sort=kinds, scale=alt.Scale(domain=kinds)),
+            color=alt.Color(
+                "lane:N",
+                title=None,
+                scale=alt.Scale(
+                    domain=kinds,
+                    range=[
+                        _EVENT_COLORS["LimitViolationDetected"],
+                        _EVENT_COLORS["AccountBlocked"],
+                    ],
+                ),
+                legend=None,
+            ),
+            shape=alt.Shape(
+                "lane:N", scale=alt.Scale(domain=kinds, range=["circle", "square"]), legend=None
+            ),
+            tooltip=[
+                _tip_time("t", "committed"),
+                alt.Tooltip("kind:N"),
+                alt.Tooltip("account_id:N", title="account"),
+                alt.Tooltip("limit_type:N", title="limit"),
+                alt.Tooltip("symbol:N"),
+                alt.Tooltip("value:Q", format=",.4~f"),
+                alt.Tooltip("limit_value:Q", title="limit value", format=",.4~f"),
+            ],
+        )
+        .properties(width=_WIDTH, height=alt.Step(22))
+    )
+    batches = plot_frame(
+        downsample(
+            recent.select(
+                pl.col("committed_at").alias("t"),
+                "events",
+                (pl.col("violations") + pl.col("blocks")).alias("effects"),
+                (pl.col("seconds") * 1000).clip(lower_bound=0.01).alias("ms"),
+            ),
+            x="t",
+            y=["ms", "effects"],
+            max_rows=max_rows,
+        )
+    )
+    latency = (
+        alt.Chart(batches)
+        .mark_point(filled=True, size=22, opacity=0.6)
+        .encode(
+            x=x,
+            y=alt.Y("ms:Q", title="batch ms (log)", scale=alt.Scale(type="log")),
+            color=alt.condition("datum.effects > 0", alt.value("#d62728"), alt.value("#4c78a8")),
+            tooltip=[
+                _tip_time("t", "committed"),
+                alt.Tooltip("events:Q", format=",d"),
+                alt.Tooltip("effects:Q", format=",d"),
+                alt.Tooltip("ms:Q", title="read to commit (ms)", format=",.2f"),
+            ],
+        )
+        .properties(width=_WIDTH, height=100)
+    )
+    return alt.vconcat(rate, marks, latency, spacing=6).properties(
+        title=_title(
+            "Live processor",
+            f"the last {window.total_seconds():,.0f} s: events processed per second; violations"
+            " and blocks as committed; each micro-batch from read to commit (red: it had effects)",
         )
     )

@@ -1,6 +1,6 @@
 """Interactive panels for the notebooks: controls, tables and charts over a History.
 
-Two panels (DESIGN.md §1 layer 7), each a small class whose widget tree is built once
+Panels (DESIGN.md §1 layer 7), each a small class whose widget tree is built once
 and whose update functions recompute its frames and redraw its charts in place when a
 control changes:
 
@@ -10,14 +10,22 @@ control changes:
 * :class:`IncidentPanel` -- for auditors: pick a violation or a block; the state the
   engine saw (as known at the recorded moment) beside the corrected history, the limit
   in force and who set it, the causation chain, and a step control that walks the
-  events around it one by one.
+  events around it one by one;
+* :class:`LimitLab` -- for risk teams: a limit type's value on a slider; every step
+  backtests it over the whole history and redraws its breaches beside those of the
+  stored limits, a table per account, and where the value sits on the sweep of all
+  values;
+* :class:`LiveMonitor` -- for the risk desk: a running live processor's violations and
+  blocks as they arrive, its throughput and batch times, a pre-trade check form and an
+  unblock button.
 
 Each panel keeps what it shows as Polars frames (``panel.accounts_at``,
 ``panel.compare`` ...) and its charts as ``altair.JupyterChart`` widgets
 (``panel.overview.chart`` ...), so a test can set a control's ``.value`` and read both
 without a browser. The computations behind the incident panel are module functions
 (:func:`incidents`, :func:`limit_in_force`, :func:`limits_in_force`,
-:func:`causation_chain`, :func:`compare_states`) usable on their own.
+:func:`causation_chain`, :func:`compare_states`) and the limit lab
+(:func:`breach_summary`, :func:`limit_sweep`) are module functions usable on their own.
 
 Display a panel by leaving it as a cell's last expression (or ``display(panel)``).
 """
@@ -25,7 +33,10 @@ Display a panel by leaving it as a cell's last expression (or ``display(panel)``
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,14 +45,24 @@ import ipywidgets as widgets
 import polars as pl
 import traitlets
 
+from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
+from riskbook.errors import RiskbookError
+from riskbook.events import Envelope
 from riskbook.frames import History
+from riskbook.live import CheckResult, Commit, Processor
+from riskbook.live import check as live_check
+from riskbook.live import unblock as live_unblock
+from riskbook.store import Store
 
 __all__ = [
     "ExposureExplorer",
     "IncidentPanel",
+    "LimitLab",
+    "LiveMonitor",
     "TimeSlider",
+    "breach_summary",
     "causation_chain",
     "compare_states",
     "daily_volume",
@@ -49,6 +70,7 @@ __all__ = [
     "incident_metric",
     "incidents",
     "limit_in_force",
+    "limit_sweep",
     "limits_in_force",
 ]
 
@@ -205,12 +227,17 @@ def _pin_rule(chart: alt.JupyterChart, want: Callable[[], float | None]) -> None
     reports the new view's parameters back (the spec's initial values); a ``params.at``
     set in between is lost that way. This puts it back when the report arrives.
     """
+    _pin_param(chart, "at", want)
+
+
+def _pin_param(chart: alt.JupyterChart, name: str, want: Callable[[], float | None]) -> None:
+    """:func:`_pin_rule` for any variable parameter of a chart."""
 
     def check(change: dict[str, Any]) -> None:
         value = want()
-        reported = (change["new"] or {}).get("at")
-        if "at" in (change["new"] or {}) and value is not None and reported != value:
-            _set_rule(chart, value)
+        reported = (change["new"] or {}).get(name)
+        if name in (change["new"] or {}) and value is not None and reported != value:
+            setattr(chart.params, name, value)
 
     chart.observe(check, "_params")
 
@@ -1048,6 +1075,862 @@ class IncidentPanel:
         self.limit_box.value = verdict + html_table(
             self.limits.drop("event_id"), formats={"value": ",.4g"}
         )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+# ----------------------------------------------------------------------------- limit lab
+
+
+def breach_summary(
+    breaches: pl.DataFrame,
+    *,
+    horizon: datetime,
+    accounts: Iterable[str] | None = None,
+    level: float = 1.0,
+) -> pl.DataFrame:
+    """Per account: how many breaches, how long in breach, the longest, the peak.
+
+    Parameters
+    ----------
+    breaches : rows of :func:`riskbook.breaches` or :func:`riskbook.backtest` (only
+        those at ``level`` count).
+    horizon : the end of the history: a breach still open counts until then.
+    accounts : give every one of these accounts a row, with zeros where it had no
+        breach (None: only accounts with a breach).
+    level : the level counted (1.0: breaches, not warnings).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``account_id, breaches, hours_in_breach`` (the intervals' lengths added up: for
+        a per-symbol type, breach-hours of its symbols together), ``longest_hours,
+        still_open, peak_value, first_started_at``, sorted by account.
+
+    Examples
+    --------
+    >>> t = datetime(2024, 1, 9, 14, 0, tzinfo=UTC)
+    >>> found = pl.DataFrame({"account_id": ["A", "A", "B"], "level": [1.0, 1.0, 0.8],
+    ...     "started_at": [t, t + timedelta(hours=3), t],
+    ...     "ended_at": [t + timedelta(hours=1), None, None], "peak_value": [1.2, 1.5, 0.9]})
+    >>> breach_summary(found, horizon=t + timedelta(hours=5), accounts=["A", "C"]).select(
+    ...     "account_id", "breaches", "hours_in_breach", "longest_hours", "still_open")
+    shape: (2, 5)
+    ┌────────────┬──────────┬─────────────────┬───────────────┬────────────┐
+    │ account_id ┆ breaches ┆ hours_in_breach ┆ longest_hours ┆ still_open │
+    │ ---        ┆ ---      ┆ ---             ┆ ---           ┆ ---        │
+    │ str        ┆ i64      ┆ f64             ┆ f64           ┆ i64        │
+    ╞════════════╪══════════╪═════════════════╪═══════════════╪════════════╡
+    │ A          ┆ 2        ┆ 3.0             ┆ 2.0           ┆ 1          │
+    │ C          ┆ 0        ┆ 0.0             ┆ 0.0           ┆ 0          │
+    └────────────┴──────────┴─────────────────┴───────────────┴────────────┘
+    """
+    end = pl.lit(horizon).cast(breaches.schema["started_at"])
+    hours = (
+        pl.col("ended_at").fill_null(end) - pl.col("started_at")
+    ).dt.total_microseconds() / 3.6e9
+    per = (
+        breaches.filter(pl.col("level") == level)
+        .with_columns(pl.col("account_id").cast(pl.String), hours.alias("_hours"))
+        .group_by("account_id")
+        .agg(
+            pl.len().cast(pl.Int64).alias("breaches"),
+            pl.col("_hours").sum().alias("hours_in_breach"),
+            pl.col("_hours").max().alias("longest_hours"),
+            pl.col("ended_at").is_null().sum().cast(pl.Int64).alias("still_open"),
+            pl.col("peak_value").max().alias("peak_value"),
+            pl.col("started_at").min().alias("first_started_at"),
+        )
+    )
+    if accounts is not None:
+        every = pl.DataFrame(
+            {"account_id": sorted(set(accounts))}, schema={"account_id": pl.String}
+        )
+        per = every.join(per, on="account_id", how="left").with_columns(
+            pl.col("breaches", "still_open").fill_null(0),
+            pl.col("hours_in_breach", "longest_hours").fill_null(0.0),
+        )
+    return per.sort("account_id")
+
+
+class _Backtest:
+    """:func:`riskbook.limits.backtest` of one limit type at many values, its metric
+    computed once.
+
+    ``run(value)`` returns exactly the ``"hypothetical"`` rows ``backtest`` returns for
+    that value (the same :func:`riskbook.limits.evaluate` over the same metric rows and
+    limit rows, through the same horizon), without the ``scenario`` column; only the
+    metric timeline, which does not depend on the value, is kept between calls.
+    """
+
+    def __init__(
+        self,
+        history: History,
+        limit_type: str | L.LimitDefinition,
+        *,
+        accounts: Sequence[str] | None,
+        known_at: datetime | None,
+        levels: Sequence[float],
+    ) -> None:
+        name = limit_type if isinstance(limit_type, str) else limit_type.name
+        self.definition = L.get(name)  # KeyError if it is not registered, as backtest
+        self.levels = tuple(levels)
+        metric = self.definition.metric(history, known_at=known_at)
+        if "event_id" not in metric.columns:  # backtest looks them up by position too
+            metric = metric.join(
+                history.events.select("position", "event_id"),
+                on="position",
+                how="left",
+                maintain_order="left",
+            )
+        self.metric = metric
+        events = history.events
+        if known_at is not None:
+            events = events.filter(pl.col("timestamp") <= known_at)
+        last = events["occurred_at"].max()
+        self.horizon: datetime | None = last if isinstance(last, datetime) else None
+        self.rows = L.hypothetical_limits(
+            [{"account_id": a, "limit_type": name, "value": 0.0} for a in (accounts or ["*"])]
+        ).drop("limit_type")
+
+    def run(self, value: float) -> pl.DataFrame:
+        if self.horizon is None:
+            return pl.DataFrame(schema=L.BREACH_SCHEMA).select(L.BREACH_COLUMNS)
+        rows = self.rows.with_columns(pl.lit(float(value)).alias("value"))
+        found, _ = L.evaluate(
+            self.definition, self.metric, rows, levels=self.levels, through=self.horizon
+        )
+        from riskbook.limits._api import in_breach_order
+
+        return in_breach_order(found)
+
+
+def limit_sweep(
+    history: History,
+    limit_type: str | L.LimitDefinition,
+    values: Iterable[float],
+    *,
+    accounts: Sequence[str] | None = None,
+    known_at: datetime | None = None,
+) -> pl.DataFrame:
+    """The backtest of a limit type at every value: how many breaches, for how long.
+
+    Each value is a hypothetical limit for every account (or for each of
+    ``accounts``), evaluated over the whole history as :func:`riskbook.limits.backtest`
+    does (its metric computed once for all values).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``value, breaches`` (intervals at 100%), ``accounts`` (accounts with one),
+        ``hours_in_breach`` (all accounts together; open breaches until the last event),
+        one row per value, sorted by value. Time in breach never falls as the limit
+        tightens; the number of breaches can, when breaches merge.
+    """
+    bt = _Backtest(history, limit_type, accounts=accounts, known_at=known_at, levels=(1.0,))
+    return _sweep(bt, values)
+
+
+def _sweep(bt: _Backtest, values: Iterable[float]) -> pl.DataFrame:
+    rows = []
+    for v in sorted({float(v) for v in values}):
+        found = bt.run(v)
+        per = (
+            breach_summary(found, horizon=bt.horizon)
+            if bt.horizon is not None
+            else pl.DataFrame({"hours_in_breach": []}, schema={"hours_in_breach": pl.Float64})
+        )
+        rows.append(
+            {
+                "value": v,
+                "breaches": found.filter(pl.col("level") == 1.0).height,
+                "accounts": per.height,
+                "hours_in_breach": float(per["hours_in_breach"].sum()),
+            }
+        )
+    schema = {
+        "value": pl.Float64,
+        "breaches": pl.Int64,
+        "accounts": pl.Int64,
+        "hours_in_breach": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
+def _number_format(step: float) -> str:
+    """A format showing a value on a grid of ``step``: ``,.2f`` for 0.05, ``,.0f`` for 250,000."""
+    decimals = 0 if step <= 0 or step >= 1 else min(6, math.ceil(-math.log10(step) - 1e-9))
+    if step > 0 and round(step, decimals) != step:
+        decimals += 1
+    return f",.{decimals}f"
+
+
+class LimitLab:
+    """Tune a limit type's value with a slider: each step backtests it over the history.
+
+    Controls: ``value`` (the hypothetical limit, for every account or each of
+    ``accounts``). Moving it re-runs the backtest of the limit type at that value
+    (:func:`riskbook.limits.backtest`'s hypothetical scenario; the metric timeline is
+    computed once, when the panel is made) and redraws the breach chart and the table.
+
+    Kept as frames: ``metric`` (the limit type's metric timeline), ``existing`` (the
+    breaches of the stored limits of every type, at 100%), ``breaches`` (the
+    hypothetical limit's breaches at the slider's value), ``summary`` (per account:
+    :func:`breach_summary` of ``breaches`` beside the account's existing breaches) and
+    ``sweep`` (:func:`limit_sweep` over the slider's values, computed once). Charts:
+    ``timeline`` (:func:`riskbook.viz.breach_chart` of the new breaches and the
+    existing ones), ``metric_view`` (:func:`riskbook.viz.metric_chart`) and
+    ``sweep_view`` (:func:`riskbook.viz.limit_sweep_chart`); on the last two, only the
+    rule moves (their ``limit`` / ``value`` parameter). ``step_ms``: how long the last
+    step took (backtest, table and charts).
+
+    Parameters
+    ----------
+    history : the History.
+    limit_type : a registered limit type (its name or its definition).
+    value : the slider's first value.
+    low, high, step : the slider's range and step (default: 0 to the metric's largest
+        finite value, in 50 steps).
+    accounts : the accounts the limit applies to (None: every account, ``"*"``).
+    known_at : backtest the history as known at this recorded time.
+    sweep : compute ``sweep`` and draw ``sweep_view`` (one backtest per slider step, for
+        up to 400 steps).
+    max_rows : the cap on the rows of the metric chart.
+    """
+
+    def __init__(
+        self,
+        history: History,
+        limit_type: str | L.LimitDefinition,
+        *,
+        value: float,
+        low: float | None = None,
+        high: float | None = None,
+        step: float | None = None,
+        accounts: Sequence[str] | None = None,
+        known_at: datetime | None = None,
+        sweep: bool = True,
+        max_rows: int = viz.MAX_ROWS,
+    ) -> None:
+        self.history = history
+        self.accounts = list(accounts) if accounts is not None else None
+        self._bt = _Backtest(
+            history, limit_type, accounts=self.accounts, known_at=known_at, levels=(1.0,)
+        )
+        self.definition = self._bt.definition
+        self.metric = self._bt.metric
+        if self._bt.horizon is None:
+            raise ValueError("the history is empty: nothing to backtest")
+        self.horizon: datetime = self._bt.horizon
+        name = self.definition.name
+        existing = L.breaches(history, known_at=known_at, levels=1.0).filter(
+            pl.col("limit_type").cast(pl.String) != name
+        )
+        if self.accounts is not None:
+            existing = existing.filter(pl.col("account_id").cast(pl.String).is_in(self.accounts))
+        self.existing = existing.select(L.BREACH_COLUMNS)
+        self._existing_per_account = (
+            self.existing.with_columns(pl.col("account_id", "limit_type").cast(pl.String))
+            .group_by("account_id")
+            .agg(
+                pl.len().cast(pl.Int64).alias("existing_breaches"),
+                pl.col("limit_type").unique().sort().str.join(", ").alias("existing_types"),
+            )
+        )
+        finite = self.metric.filter(pl.col("value").is_finite())["value"]
+        lo = 0.0 if low is None else float(low)
+        hi = float(high) if high is not None else float(finite.max() or 1.0)  # type: ignore[arg-type]
+        hi = hi if hi > lo else lo + 1.0
+        step = step if step is not None else (hi - lo) / 50
+        self._format = _number_format(step)
+        self.value = widgets.FloatSlider(
+            value=value,
+            min=lo,
+            max=hi,
+            step=step,
+            description=name,
+            readout_format=self._format,
+            continuous_update=True,
+            layout=widgets.Layout(width="620px"),
+            style={"description_width": "130px"},
+        )
+        shown = self.accounts or sorted(self.metric["account_id"].cast(pl.String).unique())
+        self.account_names = list(shown)
+        first = history.events["occurred_at"].min()
+        assert isinstance(first, datetime)
+        self.start = first
+        self.caption = widgets.HTML()
+        self.table = widgets.HTML()
+        self.step_ms = 0.0
+        self._compute()
+        self.timeline = _chart_widget(self._timeline_chart())
+        self.metric_view = _chart_widget(
+            viz.metric_chart(
+                self.metric,
+                limit=self.value.value,
+                name=name,
+                unit=self.definition.unit,
+                accounts=self.accounts,
+                max_rows=max_rows,
+            )
+        )
+        _pin_param(self.metric_view, "limit", lambda: float(self.value.value))
+        parts: list[widgets.Widget] = [
+            self.value,
+            self.caption,
+            self.timeline,
+            _heading("Per account at this value (beside the stored limits' breaches)"),
+            self.table,
+            self.metric_view,
+        ]
+        self.sweep: pl.DataFrame | None = None
+        self.sweep_view: alt.JupyterChart | None = None
+        if sweep:
+            n = round((hi - lo) / self.value.step)
+            grid = [round(lo + i * (hi - lo) / n, 10) for i in range(n + 1)] if 0 < n <= 400 else []
+            self.sweep = _sweep(self._bt, [*grid, self.value.value])
+            self.sweep_view = _chart_widget(
+                viz.limit_sweep_chart(
+                    self.sweep, value=self.value.value, name=name, unit=self.definition.unit
+                )
+            )
+            _pin_param(self.sweep_view, "value", lambda: float(self.value.value))
+            parts.append(self.sweep_view)
+        self._draw_table()
+        self.widget = widgets.VBox(parts)
+        self.value.observe(lambda _: self.on_value(), "value")
+
+    def _compute(self) -> None:
+        self.breaches = self._bt.run(self.value.value)
+        per = breach_summary(self.breaches, horizon=self.horizon, accounts=self.account_names)
+        self.summary = per.join(
+            self._existing_per_account, on="account_id", how="left"
+        ).with_columns(pl.col("existing_breaches").fill_null(0))
+
+    def _timeline_chart(self) -> Any:
+        both = pl.concat(
+            [
+                self.breaches.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS),
+                self.existing.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS),
+            ]
+        )
+        return viz.breach_chart(both, start=self.start, end=self.horizon)
+
+    def _draw_table(self) -> None:
+        name, v = self.definition.name, self.value.value
+        hit = self.summary.filter(pl.col("breaches") > 0)
+        scope = "every account" if self.accounts is None else ", ".join(self.accounts)
+        self.caption.value = (
+            f"<b>{html.escape(name)} &le; {v:{self._format}}</b> {html.escape(self.definition.unit)}"
+            f" for {html.escape(scope)}: <b>{_count(int(hit['breaches'].sum()), 'breach')}</b> in"
+            f" {hit.height} account{'s' if hit.height != 1 else ''},"
+            f" {hit['hours_in_breach'].sum():,.1f} h in breach. The stored limits:"
+            f" {_count(self.existing.height, 'breach')}."
+            f" <span style='color:#777'>(backtest and redraw: {self.step_ms:,.0f} ms)</span>"
+        )
+        self.table.value = html_table(
+            self.summary.drop("first_started_at").with_columns(
+                (pl.col("breaches") > 0).alias("in_breach")
+            ),
+            formats={"hours_in_breach": ",.1f", "longest_hours": ",.1f", "peak_value": ",.4g"},
+            highlight="in_breach",
+        )
+
+    def on_value(self) -> None:
+        """The value moved: backtest at it, redraw the breaches and the table, move the rules."""
+        started = time.perf_counter()
+        self._compute()
+        self.timeline.chart = self._timeline_chart()
+        v = float(self.value.value)
+        self.metric_view.params.limit = v  # type: ignore[attr-defined]
+        if self.sweep_view is not None:
+            self.sweep_view.params.value = v  # type: ignore[attr-defined]
+        self.step_ms = (time.perf_counter() - started) * 1000
+        self._draw_table()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+_CAT_COLS = ("account_id", "limit_type", "symbol", "set_by")
+
+
+# ----------------------------------------------------------------------------- live
+
+_LIVE_EFFECTS_SCHEMA: dict[str, Any] = {
+    **viz.LIVE_EFFECTS_SCHEMA,
+    "causation_id": pl.String,
+    "correlation_id": pl.String,
+    "shown_at": pl.Datetime("us", "UTC"),
+}
+_RATE_SECONDS = 5.0
+_MAX_EFFECTS = 10_000
+_GREEN, _RED = "#1e8449", "#c0392b"
+
+
+def _clock(t: datetime) -> str:
+    return f"{t.astimezone(UTC):%H:%M:%S.%f}"[:-3]
+
+
+def _card(label: str, value: str, *, alert: bool = False) -> str:
+    color = _RED if alert else "#222"
+    return (
+        "<div style='display:inline-block;min-width:104px;margin:0 6px 6px 0;padding:4px 8px;"
+        "border:1px solid #ddd;border-radius:4px;font-family:sans-serif'>"
+        f"<div style='font-size:11px;color:#777'>{html.escape(label)}</div>"
+        f"<div style='font-size:17px;color:{color}'>{html.escape(value)}</div></div>"
+    )
+
+
+class LiveMonitor:
+    """Watch a running live processor: its violations and blocks as they arrive.
+
+    What it shows, refreshed from the processor's own commits: counters (events
+    processed, events/s over the last five seconds, micro-batches, violations, blocks,
+    the accounts blocked now, batch time), a table of the effects (newest first), and
+    :func:`riskbook.viz.live_chart` (events per second, violations and blocks as
+    committed, the time of each micro-batch). Beneath, a pre-trade check form
+    (account, symbol, side, quantity, price: :func:`riskbook.check` on the
+    processor's state) and an unblock form (a blocked account, who and why:
+    :func:`riskbook.unblock`).
+
+    The panel hooks the processor's ``on_commit`` (chaining the one it had): in the
+    processor's thread it only records the commit and, when the commit appended
+    effects, wakes the panel's own refresher thread, which redraws at once (the chart
+    at most every ``chart_interval`` seconds) and otherwise every ``interval``
+    seconds -- so drawing never slows the processor. :meth:`refresh` redraws
+    everything now (a test, or a notebook cell, calls it); :meth:`close` unhooks and
+    stops the refresher.
+
+    Kept as frames: ``commits`` (one row per micro-batch,
+    :data:`riskbook.viz.LIVE_COMMITS_SCHEMA`) and ``effects`` (newest first; with
+    ``shown_at``, when the row reached the table); ``counters`` is a dict of the
+    figures shown. ``last_check`` and ``last_unblock`` are the forms' last results.
+
+    Parameters
+    ----------
+    processor : a :class:`riskbook.live.Processor` (started or not).
+    store : where unblocks are appended (default: the processor's store).
+    interval : seconds between refreshes when nothing is violated.
+    chart_interval : seconds between chart redraws at most.
+    rows : effects shown in the table.
+    window : the time the chart shows.
+    autorefresh : run the refresher thread (False: only :meth:`refresh` redraws).
+    """
+
+    def __init__(
+        self,
+        processor: Processor,
+        store: Store | None = None,
+        *,
+        interval: float = 0.5,
+        chart_interval: float = 1.0,
+        rows: int = 50,
+        window: timedelta = timedelta(minutes=2),
+        autorefresh: bool = True,
+        max_commits: int = 20_000,
+    ) -> None:
+        self.processor = processor
+        self.store = store if store is not None else processor.store
+        self.interval, self.chart_interval = interval, chart_interval
+        self.rows, self.window, self.max_commits = rows, window, max_commits
+        self.commits = pl.DataFrame(schema=viz.LIVE_COMMITS_SCHEMA)
+        self.effects = pl.DataFrame(schema=_LIVE_EFFECTS_SCHEMA)
+        self.counters: dict[str, Any] = {}
+        self.last_check: CheckResult | None = None
+        self.last_unblock: Envelope | None = None
+        self.error: BaseException | None = None
+        self.refreshes = 0
+        self.refresh_ms = 0.0
+        # recorded in the processor's thread, drawn in the refresher's
+        self._data = threading.Lock()
+        self._draw = threading.RLock()
+        self._new_commits: list[tuple[Any, ...]] = []
+        self._new_effects: list[dict[str, Any]] = []
+        self._noted = -1
+        self._totals = {"batches": 0, "events": 0, "violations": 0, "blocks": 0}
+        self._chart_at = 0.0
+        self._chart_horizon = -1
+        self._table_stale = True
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+
+        # the widget tree
+        self.status = widgets.HTML()
+        self.counter_view = widgets.HTML()
+        self.table = widgets.HTML()
+        self.chart = _chart_widget(viz.live_chart(self.commits, self.effects, window=window))
+        text = {"style": {"description_width": "70px"}, "layout": widgets.Layout(width="250px")}
+        self.account = widgets.Combobox(description="account", ensure_option=False, **text)
+        self.symbol = widgets.Combobox(description="symbol", ensure_option=False, **text)
+        self.side = widgets.ToggleButtons(
+            options=["Buy", "Sell"],
+            value="Buy",
+            description="side",
+            style={"button_width": "60px", "description_width": "70px"},
+        )
+        self.quantity = widgets.FloatText(value=100.0, description="quantity", **text)
+        self.price = widgets.FloatText(value=100.0, description="price", **text)
+        self.check_button = widgets.Button(description="check", button_style="primary")
+        self.check_result = widgets.HTML()
+        self.blocked_account = widgets.Dropdown(options=[], description="account", **text)
+        self.by = widgets.Text(description="by", placeholder="who unblocks", **text)
+        self.reason = widgets.Text(description="reason", placeholder="why", **text)
+        self.unblock_button = widgets.Button(description="unblock", button_style="warning")
+        self.unblock_result = widgets.HTML()
+        self.check_button.on_click(lambda _: self.run_check())
+        self.unblock_button.on_click(lambda _: self.run_unblock())
+        box = {"layout": widgets.Layout(width="430px", padding="0 24px 0 0")}
+        self.widget = widgets.VBox(
+            [
+                self.status,
+                self.counter_view,
+                self.chart,
+                _heading("Violations and blocks (newest first)"),
+                self.table,
+                widgets.HBox(
+                    [
+                        widgets.VBox(
+                            [
+                                _heading("Pre-trade check"),
+                                self.account,
+                                self.symbol,
+                                self.side,
+                                self.quantity,
+                                self.price,
+                                self.check_button,
+                                self.check_result,
+                            ],
+                            **box,
+                        ),
+                        widgets.VBox(
+                            [
+                                _heading("Unblock an account"),
+                                self.blocked_account,
+                                self.by,
+                                self.reason,
+                                self.unblock_button,
+                                self.unblock_result,
+                            ],
+                            **box,
+                        ),
+                    ]
+                ),
+            ]
+        )
+
+        with self._data:  # hook first, then take what came before (deduplicated by horizon)
+            self._chained = processor.on_commit
+            processor.on_commit = self._on_commit
+        for commit in tuple(processor.commits):
+            self._note(commit)
+        self.refresh()
+        self._thread: threading.Thread | None = None
+        if autorefresh:
+            self._thread = threading.Thread(
+                target=self._loop, name=f"riskbook-monitor-{processor.name}", daemon=True
+            )
+            self._thread.start()
+
+    # ---------------------------------------------------------------- recording
+
+    def _on_commit(self, commit: Commit) -> None:
+        """In the processor's thread: record, and wake the refresher for effects."""
+        try:
+            self._note(commit)
+            if commit.effects:
+                self._wake.set()
+        except Exception as exc:  # never fail the processor for a panel
+            self.error = exc
+        if self._chained is not None:
+            self._chained(commit)
+
+    def _note(self, commit: Commit) -> None:
+        with self._data:
+            if commit.horizon <= self._noted:
+                return
+            self._noted = commit.horizon
+            at = datetime.fromtimestamp(commit.committed_at, UTC)
+            kinds = [e.kind for e in commit.effects]
+            violations = kinds.count("LimitViolationDetected")
+            blocks = kinds.count("AccountBlocked")
+            self._new_commits.append(
+                (at, commit.horizon, commit.events, violations, blocks, commit.seconds)
+            )
+            self._new_effects += [
+                {
+                    "committed_at": at,
+                    "kind": e.kind,
+                    "account_id": e.account_id,
+                    "limit_type": e.limit_type,
+                    "symbol": e.symbol,
+                    "value": e.value,
+                    "limit_value": e.limit_value,
+                    "trigger_position": e.trigger_position,
+                    "causation_id": e.causation_id,
+                    "correlation_id": e.correlation_id,
+                    "shown_at": None,
+                }
+                for e in commit.effects
+            ]
+            t = self._totals
+            t["batches"] += 1
+            t["events"] += commit.events
+            t["violations"] += violations
+            t["blocks"] += blocks
+
+    # ---------------------------------------------------------------- drawing
+
+    def _loop(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self._refresh(chart=False)
+            except Exception as exc:  # shown in the status line; the loop goes on
+                self.error = exc
+                self.status.value = (
+                    f"<span style='color:{_RED}'>panel error: {html.escape(str(exc))}</span>"
+                )
+
+    def refresh(self) -> None:
+        """Take in every commit recorded so far and redraw everything, now."""
+        self._refresh(chart=True)
+
+    def _refresh(self, *, chart: bool) -> None:
+        with self._draw:
+            started = time.perf_counter()
+            with self._data:
+                commits, self._new_commits = self._new_commits, []
+                found, self._new_effects = self._new_effects, []
+                totals = dict(self._totals)
+                horizon = self._noted
+            if commits:
+                new = pl.DataFrame(commits, schema=viz.LIVE_COMMITS_SCHEMA, orient="row")
+                self.commits = pl.concat([self.commits, new]).tail(self.max_commits)
+            if found:
+                fresh = pl.DataFrame(found, schema=_LIVE_EFFECTS_SCHEMA).reverse()
+                self.effects = pl.concat([fresh, self.effects]).head(_MAX_EFFECTS)
+                self._table_stale = True
+            if self._table_stale:
+                self._draw_table()
+                self._table_stale = False
+                now = datetime.now(UTC)  # the rows are on their way to the browser
+                self.effects = self.effects.with_columns(
+                    pl.col("shown_at").fill_null(pl.lit(now, dtype=pl.Datetime("us", "UTC")))
+                )
+            self._draw_counters(totals)
+            self._draw_controls()
+            due = time.monotonic() - self._chart_at >= self.chart_interval
+            if horizon != self._chart_horizon and (chart or due or bool(found)):
+                drawn: Any = viz.live_chart(self.commits, self.effects, window=self.window)
+                self.chart.chart = drawn
+                self._chart_at, self._chart_horizon = time.monotonic(), horizon
+            self.refreshes += 1
+            self.refresh_ms = (time.perf_counter() - started) * 1000
+
+    def _draw_table(self) -> None:
+        shown = self.effects.head(self.rows).select(
+            pl.col("committed_at").alias("committed"),
+            pl.col("kind").replace_strict(
+                {"LimitViolationDetected": "violation", "AccountBlocked": "BLOCK"},
+                default=pl.col("kind"),
+            ),
+            pl.col("account_id").alias("account"),
+            pl.col("limit_type").alias("limit"),
+            "symbol",
+            "value",
+            "limit_value",
+            (pl.col("value") / pl.col("limit_value")).alias("of_limit"),
+            pl.col("correlation_id").alias("caused by (correlation)"),
+            (pl.col("kind") == "AccountBlocked").alias("_block"),
+        )
+        if self.effects.height == 0:
+            self.table.value = "<i style='color:#777'>no violation yet</i>"
+            return
+        self.table.value = html_table(
+            shown,
+            formats={"value": ",.6g", "limit_value": ",.6g", "of_limit": ".0%"},
+            highlight="_block",
+            max_rows=self.rows,
+        ) + (
+            f"<div style='color:#777'>{self.effects.height - self.rows:,} older not shown</div>"
+            if self.effects.height > self.rows
+            else ""
+        )
+
+    def _draw_counters(self, totals: dict[str, int]) -> None:
+        p = self.processor
+        engine = p.engine
+        blocked = sorted(a for a, b in engine.blocked.items() if b)
+        now = datetime.now(UTC)
+        recent = self.commits.filter(
+            pl.col("committed_at") > now - timedelta(seconds=_RATE_SECONDS)
+        )
+        windowed = self.commits.filter(pl.col("committed_at") > now - self.window)
+        ms = windowed["seconds"] * 1000
+        shown = self.effects.filter(pl.col("shown_at").is_not_null())
+        delay = (
+            (shown["shown_at"] - shown["committed_at"]).dt.total_microseconds() / 1000
+            if shown.height
+            else pl.Series([], dtype=pl.Float64)
+        )
+        self.counters = {
+            "status": p.status,
+            "horizon": engine.horizon,
+            "events_processed": engine.events_seen,
+            "events_per_second": float(recent["events"].sum()) / _RATE_SECONDS,
+            "batches": totals["batches"],
+            "violations": totals["violations"],
+            "blocks": totals["blocks"],
+            "blocked_accounts": blocked,
+            "batch_ms_p50": float(ms.quantile(0.5) or 0.0) if ms.len() else None,
+            "batch_ms_p99": float(ms.quantile(0.99) or 0.0) if ms.len() else None,
+            "commit_to_panel_ms": float(delay[0]) if delay.len() else None,
+        }
+        c = self.counters
+        state = "running" if p.running else "stopped"
+        color = _GREEN if p.running and p.error is None else _RED
+        last = self.commits["committed_at"].max() if self.commits.height else None
+        self.status.value = (
+            f"<b>{html.escape(p.name)}</b>: <span style='color:{color}'>"
+            f"{html.escape(state)}</span>"
+            + (f" ({html.escape(str(p.status))})" if p.status != state else "")
+            + (f" &middot; last commit {_clock(last)} UTC" if isinstance(last, datetime) else "")
+            + "".join(
+                f" &middot; <span style='color:{_RED}'>{what}: {html.escape(str(exc))}</span>"
+                for what, exc in (("processor error", p.error), ("panel error", self.error))
+                if exc is not None
+            )
+        )
+
+        def ms_text(v: float | None) -> str:
+            return "-" if v is None else f"{v:,.1f} ms"
+
+        self.counter_view.value = "".join(
+            [
+                _card("events processed", f"{c['events_processed']:,}"),
+                _card("events/s (last 5 s)", f"{c['events_per_second']:,.0f}"),
+                _card("batches", f"{c['batches']:,}"),
+                _card("violations", f"{c['violations']:,}", alert=c["violations"] > 0),
+                _card("blocks", f"{c['blocks']:,}", alert=c["blocks"] > 0),
+                _card("blocked now", ", ".join(blocked) or "none", alert=bool(blocked)),
+                _card(
+                    "batch p50 / p99",
+                    f"{ms_text(c['batch_ms_p50'])} / {ms_text(c['batch_ms_p99'])}",
+                ),
+                _card("last effect: commit → panel", ms_text(c["commit_to_panel_ms"])),
+            ]
+        )
+
+    def _draw_controls(self) -> None:
+        """The forms' choices follow the processor's state (only sent when they change)."""
+        projection = self.processor.engine.projection
+        accounts = tuple(
+            sorted(
+                {
+                    *projection.accounts["account_id"].cast(pl.String).to_list(),
+                    *projection.positions["account_id"].cast(pl.String).to_list(),
+                }
+            )
+        )
+        symbols = tuple(sorted(set(projection.positions["symbol"].cast(pl.String).to_list())))
+        if tuple(self.account.options) != accounts:
+            self.account.options = accounts
+        if tuple(self.symbol.options) != symbols:
+            self.symbol.options = symbols
+        blocked = tuple(sorted(a for a, b in self.processor.engine.blocked.items() if b))
+        if tuple(self.blocked_account.options) != blocked:
+            keep = self.blocked_account.value
+            self.blocked_account.options = blocked
+            self.blocked_account.value = keep if keep in blocked else (blocked or (None,))[0]
+
+    # ---------------------------------------------------------------- actions
+
+    def run_check(self) -> CheckResult | None:
+        """The check form's trade, checked on the processor's current state."""
+        started = time.perf_counter()
+        try:
+            result = live_check(
+                self.account.value.strip(),
+                self.symbol.value.strip(),
+                self.side.value,
+                float(self.quantity.value),
+                float(self.price.value),
+                processor=self.processor,
+            )
+        except (RiskbookError, ValueError) as exc:
+            self.check_result.value = (
+                f"<span style='color:{_RED}'>cannot check: {html.escape(str(exc))}</span>"
+            )
+            return None
+        took = (time.perf_counter() - started) * 1000
+        self.last_check = result
+        color = _GREEN if result.accepted else _RED
+        head = html.escape(str(result).splitlines()[0])
+        reasons = "".join(f"<li>{html.escape(r.message)}</li>" for r in result.reasons)
+        self.check_result.value = (
+            f"<div style='font-family:sans-serif'><b style='color:{color}'>{head}</b>"
+            f"{f'<ul style=margin:2px>{reasons}</ul>' if reasons else ''}"
+            f"<div style='color:#777;font-size:11px'>on the processor's state after"
+            f" {self.processor.engine.events_seen:,} events, in {took:,.1f} ms</div></div>"
+        )
+        return result
+
+    def run_unblock(self) -> Envelope | None:
+        """Unblock the picked account, by whom and why (an AccountUnblocked event)."""
+        account = self.blocked_account.value
+        if not account:
+            self.unblock_result.value = "<i>no account is blocked</i>"
+            return None
+        try:
+            envelope = live_unblock(
+                account, by=self.by.value, reason=self.reason.value, store=self.store
+            )
+        except RiskbookError as exc:
+            self.unblock_result.value = (
+                f"<span style='color:{_RED}'>not unblocked: {html.escape(str(exc))}</span>"
+            )
+            return None
+        self.last_unblock = envelope
+        self.unblock_result.value = (
+            f"<span style='color:{_GREEN}'>{html.escape(account)} unblocked by"
+            f" {html.escape(self.by.value)}</span>: {html.escape(self.reason.value)}"
+            f" <span style='color:#777'>(AccountUnblocked {str(envelope.event_id)[:8]}…,"
+            f" recorded {_clock(envelope.timestamp)} UTC)</span>"
+        )
+        self._wake.set()
+        return envelope
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Stop the refresher, unhook from the processor (which goes on running) and draw
+        the last state."""
+        self._closing.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._data:
+            if self.processor.on_commit == self._on_commit:
+                self.processor.on_commit = self._chained
+        try:  # the last state stays on show (a processor stopped first shows "stopped")
+            self._refresh(chart=True)
+        except Exception as exc:
+            self.error = exc
+
+    def __enter__(self) -> LiveMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)

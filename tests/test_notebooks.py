@@ -9,14 +9,17 @@ widgets the way a user would (observers run in the kernel, as in a browser).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
+import psycopg
 import pytest
 from nbclient import NotebookClient
+from psycopg import sql
 
 from riskbook.demo import NOTEBOOKS, SAMPLE
 
@@ -130,6 +133,135 @@ print(json.dumps({
     assert got["panel_incident"] == FAT_FINGER["block_event_id"]
     assert got["panel_step"] == FAT_FINGER["trigger_event_id"]
     assert has_chart(nb) >= 2
+
+
+@pytest.mark.slow
+def test_limit_lab_registers_backtests_and_tunes_a_new_limit_type(
+    make_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = """
+import json
+out = {"registered": limits.get("MaxConcentration") is MAX_CONCENTRATION, "gap": gap,
+       "existing": existing.height, "found": found.height,
+       "found_accounts": sorted(found["account_id"].cast(pl.String).unique()),
+       "ahead": {r["limit_type"]: r["over_then"] for r in lead.iter_rows(named=True)},
+       "sweep": sweep.sort("value").rows(),
+       "final": final.select(pl.col("account_id").cast(pl.String), "limit_value").rows(),
+       "at_150": lab.breaches.select(pl.col("account_id").cast(pl.String), "started_at").rows()}
+out["at_150"] = [(a, t.isoformat()) for a, t in out["at_150"]]
+steps = []
+for v in (1.5, 1.2, 1.0, 0.8, 0.5):  # the slider dragged tighter, as a user would
+    lab.value.value = v
+    steps.append({"value": v, "breaches": lab.breaches.height,
+                  "hours": lab.summary["hours_in_breach"].sum(),
+                  "accounts": sorted(lab.summary.filter(pl.col("breaches") > 0)["account_id"]),
+                  "lanes": sorted({r["lane"] for d in lab.timeline.chart.to_dict()["datasets"].values()
+                                   for r in d if "lane" in r}),
+                  "rule": lab.metric_view.params.limit, "ms": lab.step_ms})
+    if v == 1.0:
+        out["panel_equals_notebook"] = lab.breaches.equals(found)
+out["steps"] = steps
+print(json.dumps(out))
+"""
+    nb, got = run(
+        "limit_lab.ipynb", probe, dsn=make_database(), tmp_path=tmp_path, monkeypatch=monkeypatch
+    )
+    assert got["registered"]  # the cell's definition is the registered one
+    assert got["gap"] < 1e-6  # the metric values positions as the engine does
+    assert got["existing"] == 4  # the four planted breaches of the stored limits
+    assert got["found"] > 0
+    assert got["found_accounts"] == ["ACC-002", "ACC-003", "ACC-006", "ACC-009"]
+    assert got["ahead"] == {
+        "MaxPositionSize": False,  # the fat finger: not a concentration story
+        "MaxDailyVolume": False,
+        "MaxDrawdown": True,  # ACC-002's CRUX conviction long
+        "MaxLeverage": True,  # ACC-003's leverage creep
+    }
+    # tightening never lowers the time in breach nor the accounts in breach (the count of
+    # breach intervals can fall: a tighter limit merges breaches)
+    sweep = got["sweep"]
+    assert [v for v, *_ in sweep] == sorted(v for v, *_ in sweep) and len(sweep) == 39
+    for (_, _, acc_tight, hours_tight), (_, _, acc_loose, hours_loose) in itertools.pairwise(sweep):
+        assert hours_tight >= hours_loose - 1e-9 and acc_tight >= acc_loose
+    assert got["final"] == [["ACC-002", 1.0], ["ACC-002", 1.0], ["ACC-003", 1.5]]
+    assert [a for a, _ in got["at_150"]] == ["ACC-003"]
+    assert got["panel_equals_notebook"]
+    steps = got["steps"]
+    for looser, tighter in itertools.pairwise(steps):
+        assert tighter["hours"] >= looser["hours"] - 1e-9
+        assert set(looser["accounts"]) <= set(tighter["accounts"])
+        assert tighter["lanes"] != looser["lanes"] or tighter["breaches"] != looser["breaches"]
+    assert [s["rule"] for s in steps] == [s["value"] for s in steps]
+    assert "ACC-006 · MaxConcentration" in steps[-1]["lanes"]
+    assert "ACC-002 · MaxDrawdown" in steps[-1]["lanes"]  # the stored limits' beside them
+    assert has_chart(nb) >= 4
+
+
+@pytest.mark.slow
+def test_live_monitor_blocks_the_planted_fat_finger_and_the_check_then_rejects(
+    make_database: Callable[[], str],
+    server_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe = """
+import json
+with riskbook.connect() as main:
+    main_events = main.count()
+print(json.dumps({
+    "fills": sent.height, "planted": planted.height,
+    "counters": {k: monitor.counters[k] for k in ("violations", "blocks", "batches")},
+    "effects": sorted([r["fill"], r["kind"], r["account_id"], r["limit_type"], r["symbol"],
+                       r["value"], r["limit_value"]] for r in effects.iter_rows(named=True)),
+    "table_rows": monitor.table.value.count("<tr"),
+    "blocked_check": [[r.kind, r.limit_type, r.excess] for r in blocked_check.reasons],
+    "too_big": [[r.kind, r.limit_type, r.excess] for r in too_big.reasons],
+    "held_104": sent.filter((pl.col("account_id") == "ACC-104") & (pl.col("symbol") == "ACME"))[
+        "position"][-1],
+    "fine": fine.accepted,
+    "unblock_by": unblocked.payload.unblocked_by, "blocked_after": blocked_now,
+    "reduce": reduce.accepted, "add": [r.kind for r in add.reasons],
+    "to_panel_ms": latency["to_panel_ms"].to_list(),
+    "stopped": (processor.status, processor.running, writer.is_alive(), monitor._thread.is_alive()),
+    "main_store_events": main_events,
+}))
+"""
+    dsn = make_database()
+    live = f"{psycopg.conninfo.conninfo_to_dict(dsn)['dbname']}_live"
+    try:
+        nb, got = run(
+            "live_monitor.ipynb", probe, dsn=dsn, tmp_path=tmp_path, monkeypatch=monkeypatch
+        )
+    finally:  # the notebook's own database, beside the test's
+        admin = psycopg.conninfo.make_conninfo(
+            **{**psycopg.conninfo.conninfo_to_dict(server_dsn), "dbname": "postgres"}
+        )
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(live))
+            )
+    assert got["fills"] == 400 and got["planted"] == 3
+    assert got["counters"]["violations"] == 3 and got["counters"]["blocks"] == 1
+    assert got["counters"]["batches"] > 1  # it followed the writer, batch by batch
+    assert got["effects"] == [
+        [100, "LimitViolationDetected", "ACC-102", "MaxPositionSize", "BOLT", 5600.0, 5000.0],
+        [200, "LimitViolationDetected", "ACC-103", "MaxPositionSize", "ACME", 2300.0, 2000.0],
+        [300, "AccountBlocked", "ACC-101", "MaxPositionSize", "CRUX", 7500.0, 5000.0],
+        [300, "LimitViolationDetected", "ACC-101", "MaxPositionSize", "CRUX", 7500.0, 5000.0],
+    ]
+    assert got["table_rows"] == 1 + 4  # the header and the four effects
+    # the blocked account is refused even for a reducing trade; the breach itself is not
+    # a reason then (the sale reduces it)
+    assert got["blocked_check"] == [["blocked", None, None]]
+    # a buy of 6,000 over a limit of 5,000: the excess counts what is held already
+    assert got["too_big"] == [["limit", "MaxPositionSize", got["held_104"] + 6_000 - 5_000]]
+    assert got["fine"]
+    assert got["unblock_by"] == "risk.officer" and got["blocked_after"] == []
+    assert got["reduce"] and got["add"] == ["limit"]
+    assert all(0 < ms < 5_000 for ms in got["to_panel_ms"])
+    assert got["stopped"] == ["stopped", False, False, False]
+    assert got["main_store_events"] == 0  # the store the other notebooks read is untouched
+    assert has_chart(nb) >= 1
 
 
 # ----------------------------------------------------------------------------- demo

@@ -279,3 +279,62 @@ def test_setup_enables_the_offline_renderer() -> None:
         assert "esm.sh" not in alt.JupyterChart._esm and "cdn" not in alt.JupyterChart._esm[:2000]
     finally:
         alt.renderers.enable(before)
+
+
+# ----------------------------------------------------------------------------- limit lab
+
+
+def test_metric_chart_carries_the_limit_as_a_parameter_and_stays_small(tmp_path: Path) -> None:
+    n = 30_000
+    rng = np.random.default_rng(3)
+    metric = pl.DataFrame(
+        {
+            "account_id": np.repeat(["A", "B", "C"], n // 3),
+            "time": pl.datetime_range(T0, T0 + timedelta(seconds=n - 1), "1s", eager=True),
+            "value": rng.random(n) * 2,
+        }
+    ).with_columns(
+        pl.when(pl.int_range(pl.len()) == 5).then(np.inf).otherwise("value").alias("value")
+    )
+    chart = viz.metric_chart(metric, limit=1.25, name="MaxConcentration", unit="fraction")
+    spec = chart.to_dict()
+    assert [p.get("value") for p in spec["params"] if p["name"] == "limit"] == [1.25]
+    assert "datum.value > limit" in json.dumps(spec)  # the red dots follow the parameter
+    rows = [r for rows in datasets(chart).values() for r in rows if "account_id" in r]
+    assert len(rows) <= viz.MAX_ROWS and {r["account_id"] for r in rows} == {"A", "B", "C"}
+    assert max(r["value"] for r in rows if r["value"] is not None) > 1.99  # peaks kept
+    small = metric.filter(pl.col("account_id") == "A").head(10)
+    only_a = viz.metric_chart(small, accounts=["A"])
+    values = [r["value"] for rs in datasets(only_a).values() for r in rs if "account_id" in r]
+    assert len(values) == 10 and values[5] is None  # whole, and the infinite value is a gap
+    assert [p.get("value") for p in only_a.to_dict()["params"] if p["name"] == "limit"] == [None]
+    only_b = datasets(viz.metric_chart(metric, accounts=["B"]))
+    assert {r["account_id"] for rs in only_b.values() for r in rs if "account_id" in r} == {"B"}
+    svg = viz.save_svg(chart, tmp_path / "metric.svg").read_text()
+    assert "MaxConcentration by account" in svg
+
+
+def test_limit_sweep_chart_draws_both_measures_and_a_movable_rule(tmp_path: Path) -> None:
+    sweep = pl.DataFrame(
+        {
+            "value": [0.5, 1.0, 1.5, 2.0],
+            "breaches": [9, 13, 1, 0],
+            "accounts": [5, 4, 1, 0],
+            "hours_in_breach": [2000.0, 400.9, 0.5, 0.0],
+        }
+    )
+    chart = viz.limit_sweep_chart(sweep, value=1.0, name="MaxConcentration", unit="fraction")
+    spec = chart.to_dict()
+    assert len(spec["vconcat"]) == 2
+    assert [p.get("value") for p in spec["params"] if p["name"] == "value"] == [1.0]
+    rows = [r for rows in datasets(chart).values() for r in rows if "hours_in_breach" in r]
+    assert sorted((r["value"], r["breaches"], r["accounts"]) for r in rows) == [
+        (0.5, 9, 5),
+        (1.0, 13, 4),
+        (1.5, 1, 1),
+        (2.0, 0, 0),
+    ]
+    png = viz.save_png(chart, tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = viz.save_svg(chart, tmp_path / "sweep.svg").read_text()
+    assert "accounts in breach" in svg and "hours in breach" in svg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,9 +12,10 @@ import altair as alt
 import polars as pl
 import pytest
 import traitlets
+from polars.testing import assert_frame_equal
 
 import riskbook
-from riskbook import widgets
+from riskbook import limits, widgets
 from riskbook.demo import SAMPLE
 
 KEY = json.loads(SAMPLE.with_name("sample.key.json").read_text())
@@ -199,3 +201,217 @@ def test_incident_panel_shows_the_bust_the_engine_did_not_know(sample: riskbook.
     assert corrected is not None and corrected < BUSTED["limit_value"]
     assert panel.limit is not None and panel.limit["scope"] == "account"  # account-wide limit
     assert "fdecea" in panel.compare_box.value  # the corrected rows are shaded
+
+
+# ----------------------------------------------------------------------------- limit lab
+
+
+def gross_notional(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
+    """A limit type a team might try: the account's gross exposure, in USD."""
+    return riskbook.account_timeline(history, known_at=known_at).select(
+        "account_id",
+        "timestamp",
+        "position",
+        "event_id",
+        time="occurred_at",
+        value="gross_exposure",
+    )
+
+
+GROSS = limits.LimitSpec("MaxGrossNotionalLab", "account", "USD", gross_notional)
+
+
+def hypothetical(history: riskbook.History, value: float) -> pl.DataFrame:
+    what_if = [{"account_id": "*", "limit_type": GROSS.name, "value": value}]
+    found = limits.backtest(history, what_if, levels=1.0)
+    return found.filter(pl.col("scenario") == "hypothetical").drop("scenario")
+
+
+def inside(narrow: pl.DataFrame, wide: pl.DataFrame, end: datetime) -> bool:
+    """Every interval of ``narrow`` lies within an interval of ``wide`` of its account."""
+    spans: dict[str, list[tuple[datetime, datetime]]] = {}
+    for r in wide.iter_rows(named=True):
+        spans.setdefault(r["account_id"], []).append((r["started_at"], r["ended_at"] or end))
+    return all(
+        any(
+            a <= r["started_at"] and (r["ended_at"] or end) <= b
+            for a, b in spans.get(r["account_id"], [])
+        )
+        for r in narrow.iter_rows(named=True)
+    )
+
+
+def test_limit_lab_backtests_at_every_slider_step(sample: riskbook.History) -> None:
+    limits.register(GROSS, replace=True)
+    lab = widgets.LimitLab(sample, GROSS.name, value=3e6, low=0.0, high=8e6, step=250_000.0)
+    end = lab.horizon
+    assert_frame_equal(lab.breaches, hypothetical(sample, 3e6))  # the backtest, metric cached
+    assert lab.breaches.height > 0 and lab.existing.height == 4  # beside the stored limits'
+    assert lab.summary["account_id"].to_list() == [f"ACC-{i:03d}" for i in range(1, 13)]
+    assert lab.summary["existing_breaches"].sum() == 4
+    assert "3,000,000" in lab.caption.value and lab.value.readout_format == ",.0f"
+    before = lab.breaches
+    hours = dict(lab.summary.select("account_id", "hours_in_breach").iter_rows())
+    chart_rows, table = rows(lab.timeline), lab.table.value
+
+    lab.value.value = 2e6  # tighter
+    assert_frame_equal(lab.breaches, hypothetical(sample, 2e6))
+    assert rows(lab.timeline) != chart_rows and lab.table.value != table
+    assert lab.metric_view.params.limit == 2e6
+    assert lab.sweep_view is not None and lab.sweep_view.params.value == 2e6
+    # a lower limit: every breach at 3M lies inside one at 2M; no account has less time in
+    # breach, none leaves the list (the count itself can fall when breaches merge)
+    assert inside(before, lab.breaches, end)
+    after = dict(lab.summary.select("account_id", "hours_in_breach").iter_rows())
+    assert all(after[a] >= hours[a] - 1e-9 for a in hours) and sum(after.values()) > sum(
+        hours.values()
+    )
+    lanes = {r["lane"] for r in rows(lab.timeline) if "lane" in r}
+    new = {
+        r["account_id"]
+        for r in lab.breaches.select(pl.col("account_id").cast(pl.String)).to_dicts()
+    }
+    assert {f"{a} · {GROSS.name}" for a in new} <= lanes
+    assert {"ACC-001 · MaxPositionSize", "ACC-003 · MaxLeverage"} <= lanes  # the stored ones
+    assert f"<b>{lab.breaches.height:,} breach" in lab.caption.value
+    assert lab.step_ms > 0
+
+    lab.value.value = lab.value.max  # over the metric's highest value: nothing left
+    assert lab.breaches.height == 0 and lab.summary["breaches"].sum() == 0
+    assert not [r for r in rows(lab.timeline) if r.get("lane", "").endswith(GROSS.name)]
+
+    # the sweep: one backtest per slider step, time in breach never falls as it tightens
+    assert lab.sweep is not None and lab.sweep.height == 33
+    loosest_first = lab.sweep.sort("value", descending=True)
+    assert (loosest_first["hours_in_breach"].diff().drop_nulls() >= -1e-9).all()
+    assert (loosest_first["accounts"].diff().drop_nulls() >= 0).all()
+    at_2m = lab.sweep.filter(pl.col("value") == 2e6).row(0, named=True)
+    assert at_2m["breaches"] == hypothetical(sample, 2e6).height
+    assert at_2m["hours_in_breach"] == pytest.approx(sum(after.values()))
+
+    # the browser re-embeds a chart and reports its spec's value back: the panel's wins
+    lab.metric_view._params = {"limit": 0.0}
+    assert lab.metric_view.params.limit == lab.value.max
+
+
+def test_breach_summary_and_limit_sweep(sample: riskbook.History) -> None:
+    limits.register(GROSS, replace=True)
+    sweep = widgets.limit_sweep(
+        sample, GROSS.name, [4e6, 1e6, 2e6], accounts=["ACC-002", "ACC-003"]
+    )
+    assert sweep["value"].to_list() == [1e6, 2e6, 4e6]
+    found = limits.backtest(
+        sample,
+        [{"account_id": a, "limit_type": GROSS.name, "value": 2e6} for a in ("ACC-002", "ACC-003")],
+        levels=1.0,
+    ).filter(pl.col("scenario") == "hypothetical")
+    end = sample.events["occurred_at"].max()
+    assert isinstance(end, datetime)
+    per = widgets.breach_summary(found, horizon=end, accounts=["ACC-001", "ACC-002", "ACC-003"])
+    assert per["account_id"].to_list() == ["ACC-001", "ACC-002", "ACC-003"]
+    assert (
+        per.row(0, named=True)["breaches"] == 0 and per.row(0, named=True)["hours_in_breach"] == 0
+    )
+    row = sweep.filter(pl.col("value") == 2e6).row(0, named=True)
+    assert row["breaches"] == found.height == per["breaches"].sum()
+    assert row["hours_in_breach"] == pytest.approx(per["hours_in_breach"].sum())
+    assert row["accounts"] == per.filter(pl.col("breaches") > 0).height
+
+
+# ----------------------------------------------------------------------------- live
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.01)
+
+
+def test_live_monitor_shows_a_block_as_it_arrives_and_its_forms_act(
+    fresh_store: riskbook.Store,
+) -> None:
+    s = fresh_store
+    now = datetime.now(UTC)
+    s.append(
+        "ACC-1",
+        [
+            riskbook.AccountFunded(account_id="ACC-1", amount=1e6, funded_at=now),
+            riskbook.LimitSet(
+                account_id="ACC-1",
+                limit_type="MaxPositionSize",
+                value=100.0,
+                set_by="cro",
+                set_at=now,
+            ),
+        ],
+    )
+    seen: list[riskbook.live.Commit] = []
+    p = riskbook.Processor(s, on_commit=seen.append).start()
+    monitor = widgets.LiveMonitor(p, s, interval=0.05)
+    try:
+        _until(lambda: p.engine.horizon > s.head(), "the processor to take the setup in")
+        monitor.refresh()
+        assert monitor.counters["violations"] == 0 and "no violation yet" in monitor.table.value
+        assert monitor.counters["events_processed"] == 2
+        before = (monitor.table.value, monitor.counter_view.value, rows(monitor.chart))
+
+        fill = riskbook.TradeExecuted(trade_id="T-1", account_id="ACC-1", symbol="ACME",
+                                      side=riskbook.Side.Buy, quantity=130.0, price=10.0,
+                                      executed_at=datetime.now(UTC))  # fmt: skip
+        [trade] = s.append("ACC-1", [fill])  # 130 >= 1.2 x 100: critical
+        # the refresher thread shows it, without a call to refresh
+        _until(lambda: monitor.counters.get("blocks") == 1, "the panel to show the block")
+        _until(lambda: p.engine.horizon > s.head(), "the processor to take its effects in")
+        monitor.refresh()
+        c = monitor.counters
+        assert (c["violations"], c["blocks"], c["blocked_accounts"]) == (1, 1, ["ACC-1"])
+        assert c["events_processed"] == 5  # the fill, then the violation and block it caused
+        assert c["batches"] == len(seen) >= 3  # the processor's own on_commit still called
+        assert monitor.effects["kind"].to_list() == ["AccountBlocked", "LimitViolationDetected"]
+        assert monitor.effects["causation_id"].to_list() == [str(trade.event_id)] * 2
+        assert monitor.effects["shown_at"].null_count() == 0
+        assert (monitor.effects["shown_at"] >= monitor.effects["committed_at"]).all()
+        after = (monitor.table.value, monitor.counter_view.value, rows(monitor.chart))
+        assert all(b != a for b, a in zip(before, after, strict=True))
+        assert "BLOCK" in monitor.table.value and "130" in monitor.table.value
+        lanes = [r["lane"] for r in rows(monitor.chart) if "lane" in r]
+        assert sorted(lanes) == ["block", "violation"]
+        assert sum(r["events"] for r in rows(monitor.chart) if "batches" in r) == 3 + 2
+
+        # the check form: the blocked account is refused, with the reason
+        monitor.account.value, monitor.symbol.value = "ACC-1", "ACME"
+        monitor.side.value, monitor.quantity.value, monitor.price.value = "Buy", 5.0, 10.0
+        monitor.check_button.click()
+        result = monitor.last_check
+        assert result is not None and not result.accepted
+        assert [(r.kind, r.excess) for r in result.reasons] == [("blocked", None), ("limit", 35.0)]
+        assert "REJECT" in monitor.check_result.value and "is blocked" in monitor.check_result.value
+        monitor.quantity.value = -5.0
+        monitor.check_button.click()
+        assert monitor.last_check is result and "cannot check" in monitor.check_result.value
+
+        # the unblock form: who and why are required; then the processor takes it in
+        assert monitor.blocked_account.options == ("ACC-1",)
+        monitor.by.value, monitor.reason.value = "j.doe", " "
+        monitor.unblock_button.click()
+        assert monitor.last_unblock is None and "needs a reason" in monitor.unblock_result.value
+        monitor.reason.value = "position being unwound"
+        monitor.unblock_button.click()
+        assert monitor.last_unblock is not None
+        assert isinstance(monitor.last_unblock.payload, riskbook.AccountUnblocked)
+        assert monitor.last_unblock.payload.unblocked_by == "j.doe"
+        _until(lambda: not p.engine.blocked["ACC-1"], "the processor to take the unblock in")
+        monitor.refresh()
+        assert monitor.counters["blocked_accounts"] == [] and monitor.blocked_account.options == ()
+        monitor.side.value, monitor.quantity.value = "Sell", 10.0
+        monitor.check_button.click()
+        assert monitor.last_check is not None and monitor.last_check.accepted
+        assert "ACCEPT" in monitor.check_result.value
+        assert monitor.error is None and p.error is None
+    finally:
+        monitor.close()
+        p.stop()
+    assert p.on_commit == seen.append  # unhooked: the processor's own callback is back
+    assert monitor._thread is not None and not monitor._thread.is_alive()
