@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -57,8 +62,33 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, list[float]
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, as the OS counts it (MiB)."""
+    """Peak resident memory of this process so far, as the OS counts it (MiB).
+
+    Linux's VmHWM: unlike ``getrusage``'s ``ru_maxrss``, it does not start from the
+    parent's peak, which a child started by fork (or vfork) + exec inherits.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_json(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python *argv`` in a fresh process (its memory its own) and return the JSON
+    object it printed last; its stderr goes to ours."""
+    out = subprocess.run(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 @contextmanager

@@ -18,6 +18,7 @@ Prints, in one run:
 
     uv run python benchmarks/limits.py                        # 5M events
     uv run python benchmarks/limits.py --events 200000        # quicker
+    uv run python benchmarks/limits.py --json rows.json       # + the report rows
 
 The history is made by ``riskbook.simulate`` in a scratch database that is dropped
 afterwards (or in ``--dsn``, left there). The machine is shared and noisy: read the
@@ -135,7 +136,15 @@ def reference_child(directory: str, queue: Any) -> None:
     t = clock()
     found = reference_breaches(envs, levels=LEVELS)
     fold = clock() - t
-    queue.put({"events": len(envs), "convert": convert, "fold": fold, "intervals": found})
+    queue.put(
+        {
+            "events": len(envs),
+            "convert": convert,
+            "fold": fold,
+            "intervals": found,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
 
 
 def run_reference(h: History) -> dict[str, Any]:
@@ -179,7 +188,7 @@ def prefix(h: History, n: int) -> History:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=5_000_000, help="approximate size (default 5M)")
     ap.add_argument("--accounts", type=int, default=100)
@@ -193,7 +202,8 @@ def main() -> int:
         help="events the reference evaluator folds (default 0: all of them)",
     )
     ap.add_argument("--dsn", default=None, help="use this database (kept) instead of a scratch one")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="write the report rows here")
+    args = ap.parse_args(argv)
 
     with simulated_store(
         args.dsn, seed=args.seed, accounts=args.accounts, symbols=args.symbols, events=args.events
@@ -275,6 +285,21 @@ def main() -> int:
               f" {len(h) / rate / warm:5.1f}x with projections folded (extrapolated)")  # fmt: skip
 
     print(f"\npeak RSS of this process: {peak_rss_mb():,.0f} MiB ({len(h):,} events in memory)")
+    if args.json:
+        from _report import Row, write_rows
+
+        note = f"{n:,} events, 4 limit types x {len(LEVELS)} levels; intervals equal: {differ == 0}"
+        rows = [
+            Row(group="breaches", measure=measure, unit="s", riskbook=ours, peer=ref["fold"],
+                peer_name="reference evaluator of the tests (plain Python, per event)",
+                higher_is_better=False, riskbook_peak_mb=peak_rss_mb(),
+                peer_peak_mb=ref["peak_rss_mb"], note=note)
+            for measure, ours in (
+                ("breach intervals of every limit, from a loaded History", sub_first),
+                ("breach intervals of every limit, projections folded", sub_warm),
+            )
+        ]  # fmt: skip
+        write_rows(args.json, rows)
     return 0
 
 

@@ -13,6 +13,7 @@ each in a fresh process so that its peak memory (as the OS counts it) is its own
 
     uv run --group bench python benchmarks/load.py                  # 5M events, ~15 min
     uv run --group bench python benchmarks/load.py --events 200000  # a quick look
+    uv run --group bench python benchmarks/load.py --json rows.json # + the report rows
 
 Times are medians of ``--repeat`` runs (the machine is shared and noisy); read the
 ratios.
@@ -24,14 +25,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, scratch_database
+from _common import child_json, peak_rss_mb, scratch_database
 
 HERE = Path(__file__).resolve()
 
@@ -142,20 +144,98 @@ def _append_new(store: object, n: int) -> None:
 
 # ----------------------------------------------------------------------- parent side
 
+ROUTES = {
+    "cold": "riskbook cold load (no cache)",
+    "cold+cache": "riskbook cold load, writing its cache",
+    "warm": "riskbook warm load (cache + empty delta)",
+    "refresh": "riskbook refresh, 10,000 new events",
+    "adbc": "ADBC into Arrow -> Polars (same columns)",
+    "connectorx": "connectorx -> Polars (same columns)",
+    "read_database": "pl.read_database over psycopg",
+    "pandas": "pandas read_sql (same columns)",
+    "floor": "server's own COPY ... TO '/dev/null'",
+}
+PEERS = {
+    "pandas": "pandas read_sql",
+    "read_database": "pl.read_database (psycopg)",
+    "connectorx": "connectorx",
+    "adbc": "ADBC (adbc-driver-postgresql)",
+    "floor": "server's own COPY … TO '/dev/null' (floor)",
+}
+
 
 def run_child(route: str, dsn: str, cache: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, str(HERE), "--child", route, "--dsn", dsn, "--cache", cache],
-        capture_output=True,
-        text=True,
-        check=False,
+    return child_json([str(HERE), "--child", route, "--dsn", dsn, "--cache", cache])
+
+
+def measure_routes(
+    dsn: str, cache: str, *, repeat: int, skip: Collection[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Every route on the history in ``dsn`` (``cache``: an empty folder for riskbook's
+    cache), each run in a fresh process: its median seconds, rows, peak RSS (MiB)."""
+
+    def measure(route: str, repeat_: int | None = None) -> dict[str, float]:
+        runs = [run_child(route, dsn, cache) for _ in range(repeat_ or repeat)]
+        med = statistics.median(r["seconds"] for r in runs)
+        best = min(runs, key=lambda r: abs(r["seconds"] - med))
+        return {**best, "seconds": med}
+
+    res: dict[str, dict[str, float]] = {}
+    res["floor"] = measure("floor")
+    res["cold"] = measure("cold")
+    res["cold+cache"] = measure("cold+cache", 1)
+    res["warm"] = measure("warm")
+    res["refresh"] = measure("refresh", 1)
+    for route in ("adbc", "connectorx", "read_database", "pandas"):
+        if route not in skip:
+            res[route] = measure(route, 1 if route in ("pandas", "read_database") else None)
+    return res
+
+
+def report_rows(res: dict[str, dict[str, float]], events: int) -> list[Any]:
+    """The report's rows: riskbook's cold load beside each peer route and the floor,
+    and its warm load beside the fastest peer (which has no cache: it reads it all)."""
+    from _report import Row
+
+    cold = res["cold"]
+    rows = [
+        Row(
+            group="load",
+            measure="history into Polars, cold (no cache)",
+            unit="s",
+            riskbook=cold["seconds"],
+            peer=res[route]["seconds"],
+            peer_name=PEERS[route],
+            higher_is_better=False,
+            riskbook_peak_mb=cold["peak_rss_mb"],
+            peer_peak_mb=None if route == "floor" else res[route]["peak_rss_mb"],
+            note=f"{events:,} events, the same rows and columns",
+        )
+        for route in ("pandas", "read_database", "connectorx", "adbc", "floor")
+        if route in res
+    ]
+    fastest = min(
+        (r for r in ("adbc", "connectorx", "read_database", "pandas") if r in res),
+        key=lambda r: res[r]["seconds"],
     )
-    if out.returncode != 0:
-        raise SystemExit(f"{route} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    rows.append(
+        Row(
+            group="load",
+            measure="history into Polars, warm (its Parquet cache + any new events)",
+            unit="s",
+            riskbook=res["warm"]["seconds"],
+            peer=res[fastest]["seconds"],
+            peer_name=PEERS[fastest] + ", reading it all again",
+            higher_is_better=False,
+            riskbook_peak_mb=res["warm"]["peak_rss_mb"],
+            peer_peak_mb=res[fastest]["peak_rss_mb"],
+            note="the peer has no cache",
+        )
+    )
+    return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,12 +243,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each route (median)")
     ap.add_argument("--skip", default="", help="comma-separated routes to skip (e.g. pandas)")
     ap.add_argument("--dsn", default=None, help="server to use (default: RISKBOOK_DSN or embedded)")
+    ap.add_argument("--json", default=None, help="write the report rows here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.dsn, args.cache)))
-        return
+        return 0
 
     from riskbook import simulate
     from riskbook.store import Store
@@ -188,58 +269,37 @@ def main() -> None:
             f"PostgreSQL {version}; history: {result.added:,} events made in {made:.1f} s; "
             f"median of {args.repeat} runs, each route in a fresh process\n"
         )
+        res = measure_routes(dsn, cache, repeat=args.repeat, skip=skip)
 
-        def measure(route: str, repeat: int | None = None) -> dict[str, float]:
-            runs = [run_child(route, dsn, cache) for _ in range(repeat or args.repeat)]
-            med = statistics.median(r["seconds"] for r in runs)
-            best = min(runs, key=lambda r: abs(r["seconds"] - med))
-            return {**best, "seconds": med}
+    cold = res["cold"]["seconds"]
+    print("| route | seconds | peak RSS MiB | vs riskbook cold |")
+    print("|---|---:|---:|---:|")
+    for route, r in res.items():
+        rss = "" if route == "floor" else f"{r['peak_rss_mb']:,.0f}"
+        print(f"| {ROUTES[route]} | {r['seconds']:.2f} | {rss} | {r['seconds'] / cold:.2f}x |")
+    frames = res["cold"]["frames_mb"]
+    print()
+    print(
+        f"frames in memory: {frames:,.0f} MiB; cold-load peak RSS / frames = "
+        f"{res['cold']['peak_rss_mb'] / frames:.2f} (goal < 2)"
+    )
+    if "pandas" in res:
+        print(
+            f"cold load vs pandas read_sql: {res['pandas']['seconds'] / cold:.1f}x faster (goal >= 8x)"
+        )
+    print(
+        f"cold load vs the server's COPY floor: {cold / res['floor']['seconds']:.2f}x (goal <= 1.5x)"
+    )
+    print(f"warm load vs cold: {cold / res['warm']['seconds']:.1f}x faster (goal >= 20x)")
+    print(
+        f"refresh of 10k events: {100 * res['refresh']['seconds'] / cold:.2f}% of a cold load (goal < 2%)"
+    )
+    if args.json:
+        from _report import write_rows
 
-        res: dict[str, dict[str, float]] = {}
-        res["floor"] = measure("floor")
-        res["cold"] = measure("cold")
-        res["cold+cache"] = measure("cold+cache", 1)
-        res["warm"] = measure("warm")
-        res["refresh"] = measure("refresh", 1)
-        for route in ("adbc", "connectorx", "read_database", "pandas"):
-            if route not in skip:
-                res[route] = measure(route, 1 if route in ("pandas", "read_database") else None)
-
-        cold = res["cold"]["seconds"]
-        print("| route | seconds | peak RSS MiB | vs riskbook cold |")
-        print("|---|---:|---:|---:|")
-        names = {
-            "cold": "riskbook cold load (no cache)",
-            "cold+cache": "riskbook cold load, writing its cache",
-            "warm": "riskbook warm load (cache + empty delta)",
-            "refresh": "riskbook refresh, 10,000 new events",
-            "adbc": "ADBC into Arrow -> Polars (same columns)",
-            "connectorx": "connectorx -> Polars (same columns)",
-            "read_database": "pl.read_database over psycopg",
-            "pandas": "pandas read_sql (same columns)",
-            "floor": "server's own COPY ... TO '/dev/null'",
-        }
-        for route, r in res.items():
-            rss = "" if route == "floor" else f"{r['peak_rss_mb']:,.0f}"
-            print(f"| {names[route]} | {r['seconds']:.2f} | {rss} | {r['seconds'] / cold:.2f}x |")
-        frames = res["cold"]["frames_mb"]
-        print()
-        print(
-            f"frames in memory: {frames:,.0f} MiB; cold-load peak RSS / frames = "
-            f"{res['cold']['peak_rss_mb'] / frames:.2f} (goal < 2)"
-        )
-        if "pandas" in res:
-            print(
-                f"cold load vs pandas read_sql: {res['pandas']['seconds'] / cold:.1f}x faster (goal >= 8x)"
-            )
-        print(
-            f"cold load vs the server's COPY floor: {cold / res['floor']['seconds']:.2f}x (goal <= 1.5x)"
-        )
-        print(f"warm load vs cold: {cold / res['warm']['seconds']:.1f}x faster (goal >= 20x)")
-        print(
-            f"refresh of 10k events: {100 * res['refresh']['seconds'] / cold:.2f}% of a cold load (goal < 2%)"
-        )
+        write_rows(args.json, report_rows(res, result.added))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

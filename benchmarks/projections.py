@@ -18,6 +18,7 @@ Prints, in one run:
 
     uv run python benchmarks/projections.py                      # 5M events, ~10 minutes
     uv run python benchmarks/projections.py --events 200000      # quicker
+    uv run python benchmarks/projections.py --json rows.json     # + the report rows
 
 The history is made by ``riskbook.simulate`` (``--accounts`` x ``--symbols``, sized by
 ``--events``) in a scratch database that is dropped afterwards (or in ``--dsn``, left
@@ -100,15 +101,6 @@ def tight_fold(trades: list[tuple[Any, ...]]) -> list[tuple[float, float, float]
     return out
 
 
-def own_peak_rss_mb() -> float:
-    """Peak RSS of this process's own memory (VmHWM): unlike getrusage's, it does not
-    start from the parent's peak that a spawned child inherits through fork + exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def reference_child(directory: str, queue: Any) -> None:
     """Run the tests' reference fold and the tight fold on the History in ``directory``."""
     from tests.test_projections import reference_events, reference_fold
@@ -144,7 +136,7 @@ def reference_child(directory: str, queue: Any) -> None:
             "position_sample": folded.position_rows,
             "account_sample": folded.account_rows,
             "tight_last": tight[-1] if tight else None,
-            "peak_rss_mb": own_peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
     )
 
@@ -228,7 +220,7 @@ def rss_gib() -> float:
     return float(psutil.Process().memory_info().rss) / (1 << 30)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=5_000_000, help="approximate size (default 5M)")
     ap.add_argument("--accounts", type=int, default=100)
@@ -238,7 +230,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1000, help="snapshot every N events per account")
     ap.add_argument("--full-loads", type=int, default=3, help="full load + replay runs (default 3)")
     ap.add_argument("--dsn", default=None, help="use this database (kept) instead of a scratch one")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="write the report rows here")
+    args = ap.parse_args(argv)
 
     touch, retouch = first_touch()
     with simulated_store(
@@ -290,7 +283,7 @@ def main() -> int:
             del book
             book = P._cache.book(h)[0]
             t = clock()
-            P._Timelines.compute(book, P._NEVER - 1)
+            P._Timelines.compute(book, P._NEVER - 1, None)
             kernels.append(since(t))
             del book
         cold, warm, book_s, kernel_s = (best(x) for x in (colds, warms, books, kernels))
@@ -322,6 +315,7 @@ def main() -> int:
         print(f"  (this VM: first touch of fresh memory {touch:.2f} s/GiB, reused {retouch:.2f} s/GiB;"
               f" the first call kept {touched:.2f} GiB more)")  # fmt: skip
         print(f"  reference child peak RSS: {ref['peak_rss_mb']:,.0f} MiB")
+        timelines_peak = peak_rss_mb()
         del pt, at
 
         # 2. state at T in memory ------------------------------------------------------
@@ -395,6 +389,32 @@ def main() -> int:
             f"\n4. REFRESH MATERIALIZED VIEW CONCURRENTLY account_positions: {rows_mv:,} rows in {time.perf_counter() - t:.2f} s"
         )
     print(f"\npeak RSS of this process: {peak_rss_mb():,.0f} MiB ({n:,} events in memory)")
+    if args.json:
+        from _report import Row, write_rows
+
+        timelines = f"{n:,} events -> {ref['position_rows']:,} + {ref['account_rows']:,} rows"
+
+        def fold(measure: str, ours: float, peer: float, peer_name: str, note: str) -> Row:
+            return Row(group="projections", measure=measure, unit="s", riskbook=ours, peer=peer,
+                       peer_name=peer_name, higher_is_better=False,
+                       riskbook_peak_mb=timelines_peak, peer_peak_mb=ref["peak_rss_mb"],
+                       note=note)  # fmt: skip
+
+        reference = "reference fold of the tests (plain Python, per event)"
+        rows = [
+            fold("position + account timelines (sort + fold + frames)", cold[0],
+                 ref["fold"][0], reference, timelines),
+            fold("position + account timelines, sorted book kept", warm[0],
+                 ref["fold"][0], reference, timelines),
+            fold("position + account timelines (sort + fold + frames)", cold[0],
+                 ref["tight"][0], "tight Python fold of average cost alone",
+                 f"the tight fold computes less: {ref['trades']:,} trades, no account figures"),
+            Row(group="projections", measure="state of every account at a random T, from PostgreSQL",
+                unit="ms", riskbook=snap_m * 1000, peer=full_m * 1000,
+                peer_name="riskbook.load + replay", higher_is_better=False,
+                note=f"state_at from snapshots (every {args.every}); median of {len(snap_t)} T"),
+        ]  # fmt: skip
+        write_rows(args.json, rows)
     return 0
 
 
