@@ -320,6 +320,18 @@ _time = as_time
 
 # --------------------------------------------------------------------------- History
 
+_EMPTY: dict[str, pl.DataFrame] = {}
+
+
+def _empty(name: str) -> pl.DataFrame:
+    """An empty frame of kind ``name`` (or ``"events"``), made once: frames are never
+    changed in place, so every History can share it."""
+    if name not in _EMPTY:
+        _EMPTY[name] = pl.DataFrame(
+            schema=EVENTS_SCHEMA if name == "events" else KINDS[name].schema
+        )
+    return _EMPTY[name]
+
 
 @dataclass
 class History:
@@ -442,15 +454,13 @@ class History:
                     row[col] = v.value if hasattr(v, "value") and not isinstance(v, float) else v  # type: ignore[union-attr]
             rows[kind.name].append(row)
         frames = {
-            n: pl.DataFrame(rows[n], schema=k.schema, orient="row")
-            if rows[n]
-            else pl.DataFrame(schema=k.schema)
+            n: pl.DataFrame(rows[n], schema=k.schema, orient="row") if rows[n] else _empty(n)
             for n, k in KINDS.items()
         }
         events = (
             pl.DataFrame(rows["events"], schema=EVENTS_SCHEMA)
             if rows["events"]
-            else pl.DataFrame(schema=EVENTS_SCHEMA)
+            else _empty("events")
         )
         return cls(**frames, events=events, horizon=top + 1, filters=filters)  # type: ignore[arg-type]
 

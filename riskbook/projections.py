@@ -373,7 +373,9 @@ def _lookup(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 def _kind_frame(frame: pl.DataFrame, kind: Kind, code: int, **cols: pl.Expr) -> pl.DataFrame:
-    return frame.select(
+    if frame.height == 0 and code in _KIND_FRAMES:
+        return _KIND_FRAMES[code]  # the same empty frame again (they are never changed)
+    out = frame.select(
         kind=pl.lit(code, pl.Int8),
         bt=pl.col(kind.time).dt.epoch("us"),
         ts=pl.col("timestamp").dt.epoch("us"),
@@ -388,6 +390,12 @@ def _kind_frame(frame: pl.DataFrame, kind: Kind, code: int, **cols: pl.Expr) -> 
         event_type=pl.lit(_KIND_NAMES[code], _EVENT_TYPE),
         trade_id=cols.get("trade_id", pl.lit(None, pl.String)),
     )
+    if frame.height == 0:
+        _KIND_FRAMES[code] = out
+    return out
+
+
+_KIND_FRAMES: dict[int, pl.DataFrame] = {}
 
 
 def _book_order(frame: pl.DataFrame) -> np.ndarray:
@@ -446,7 +454,8 @@ def _build_book(
             fd, KINDS["funding"], _FUND, account_id=pl.col("account_id"), x=pl.col("amount")
         ),
     ]
-    frame = pl.concat(parts, rechunk=False)
+    nonempty = [p for p in parts if p.height]  # each part costs a select; most are empty
+    frame = pl.concat(nonempty or parts[:1], rechunk=False)
     # Busts: the earliest recorded time of a cancel of each trade (by account and trade id).
     bust = np.full(frame.height, _NEVER, np.int64)
     if cx.height and tr.height:
@@ -732,6 +741,11 @@ class ProjectionState:
 
 def _names_index(names: pl.Series, values: pl.Series) -> np.ndarray:
     """Index of each of ``values`` in ``names`` (the book's dense, sorted names)."""
+    if len(names) + len(values) <= 50_000:  # a dict is cheaper than a join at this size
+        where = {n: i for i, n in enumerate(names.cast(pl.String).to_list())}
+        return np.fromiter(
+            (where[v] for v in values.cast(pl.String).to_list()), np.int64, len(values)
+        )
     table = pl.DataFrame({"n": names.cast(pl.String), "i": np.arange(len(names), dtype=np.int64)})
     return (
         pl.DataFrame({"n": values.cast(pl.String)})

@@ -18,6 +18,7 @@ resumes from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -265,6 +266,7 @@ class Processor:
             engine.apply(history)
         engine.horizon = checkpoint
         self.engine = engine
+        gc.freeze()  # what the rebuild left is long-lived: keep it out of every collection
 
     def step(self) -> bool:
         """Read, fold and commit one micro-batch; False if there was nothing new."""
