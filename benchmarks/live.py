@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="1000,5000,20000,0",
                     help="events/s to write, 0 = flat out (default 1000,5000,20000,0)")  # fmt: skip
     ap.add_argument("--events", type=int, default=None,
-                    help="scale (run_all): seconds per rate = events / 20000, at least 3")  # fmt: skip
+                    help="scale (run_all): seconds per rate = events / 20000, from 3 to 30")  # fmt: skip
     ap.add_argument("--floor", type=int, default=300, help="NOTIFY round trips for the floor")
     ap.add_argument("--dsn", default=None, help="server to use (default: RISKBOOK_DSN or embedded)")
     ap.add_argument("--json", default=None, help="write the report rows here")
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         dsn, rate, seconds, run, part, parts = args.writer
         _writer(dsn, float(rate), float(seconds), int(run), int(part), int(parts))
         return 0
-    seconds = args.seconds if args.events is None else max(3.0, args.events / 20_000)
+    seconds = args.seconds if args.events is None else min(30.0, max(3.0, args.events / 20_000))
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     from notify_floor import notify_round_trip
 
