@@ -357,8 +357,12 @@ def _codes(s: pl.Series) -> np.ndarray:
 
 def _dense(ids: pl.Series, extra: Sequence[str] = ()) -> tuple[pl.Series, np.ndarray]:
     """Names (Categorical, sorted) and a lookup table from physical code to dense index."""
-    both = pl.concat([ids.drop_nulls(), pl.Series(list(extra), dtype=_CAT)]).unique()
-    names = both.to_frame("id").sort(pl.col("id").cast(pl.String))["id"]
+    if len(ids) + len(extra) <= 20_000:  # small (a live batch): sets beat frame operations
+        found = set(ids.drop_nulls().unique().cast(pl.String).to_list()) | set(extra)
+        names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
+    else:
+        both = pl.concat([ids.drop_nulls(), pl.Series(list(extra), dtype=_CAT)]).unique()
+        names = both.to_frame("id").sort(pl.col("id").cast(pl.String))["id"]
     codes = _codes(names)
     lut = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, np.int32)
     lut[codes] = np.arange(len(codes), dtype=np.int32)
@@ -857,6 +861,25 @@ def _final_days(tl: _Timelines, start: ProjectionState | None) -> pl.DataFrame:
     on = tl.live & (book.kind == _TRADE)
     if start is not None and not on.any():
         return start.days
+    if int(on.sum()) <= 20_000:  # small (a live batch): one pass in fold order
+        days: dict[str, tuple[int, float]] = {}
+        if start is not None:
+            for acc, day, volume in start.day_volume().iter_rows():
+                days[acc] = (day, volume)
+        names = book.account_names.cast(pl.String).to_list()
+        for ac, t, x in zip(book.acct[on].tolist(), book.bt[on].tolist(), book.x[on].tolist(),
+                            strict=True):  # fmt: skip
+            acc, day = names[ac], t // _DAY_US
+            known = days.get(acc)
+            if known is None or day > known[0]:
+                days[acc] = (day, abs(x))
+            elif day == known[0]:
+                days[acc] = (day, known[1] + abs(x))
+        return pl.DataFrame(
+            [(a, d, v) for a, (d, v) in sorted(days.items())],
+            schema={"account_id": pl.String, "day": pl.Int64, "volume": pl.Float64},
+            orient="row",
+        ).with_columns(pl.col("day").cast(pl.Int32).cast(pl.Date))
     trades = pl.DataFrame(
         {
             "account_id": book.account_names.gather(book.acct[on]).cast(pl.String),
