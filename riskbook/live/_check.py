@@ -195,18 +195,12 @@ def _metric(
     state = engine.breach.get(name)
     if state is None:
         return None
-    rows = state.metrics.filter(
-        (pl.col("account_id") == account)
-        & (pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
-    )
+    rows = state.metrics.filter(_key(account, symbol))
     if rows.height == 0:
         return None
     row = rows.row(0, named=True)
     if day_of is not None and row["day"] is not None:
-        other = day_of.breach[name].metrics.filter(
-            (pl.col("account_id") == account)
-            & (pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
-        )
+        other = day_of.breach[name].metrics.filter(_key(account, symbol))
         if other.height and other["day"][0] != row["day"]:
             return 0.0  # a new day: yesterday's volume does not count
     return float(row["value"])
@@ -216,17 +210,14 @@ def _is_open(engine: Engine, name: str, account: str, symbol: str | None) -> boo
     found = engine.open_now.get(name)
     if found is None or found.height == 0:
         return False
-    return (
-        found.filter(
-            (pl.col("account_id").cast(pl.String) == account)
-            & (pl.col("level") == 1.0)
-            & (
-                pl.col("symbol").is_null()
-                if symbol is None
-                else pl.col("symbol").cast(pl.String) == symbol
-            )
-        ).height
-        > 0
+    return found.filter(_key(account, symbol) & (pl.col("level") == 1.0)).height > 0
+
+
+def _key(account: str, symbol: str | None) -> pl.Expr:
+    """Rows of one metric key: the account, and the symbol (none for account scopes)."""
+    sym = pl.col("symbol").cast(pl.String)
+    return (pl.col("account_id").cast(pl.String) == account) & (
+        sym.is_null() if symbol is None else sym == symbol
     )
 
 

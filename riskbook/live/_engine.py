@@ -84,10 +84,6 @@ def _us(t: datetime) -> int:
 _ONE_US = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _time(us: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + us * _ONE_US
-
-
 @dataclass
 class Engine:
     """The processor's state and its fold (see the module docstring).

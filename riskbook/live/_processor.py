@@ -203,11 +203,8 @@ class Processor:
         """Process everything committed so far, once, in this thread; return the effects."""
         self._attach()
         found: list[Effect] = []
-        while True:
-            before = len(self.effects)
-            if not self.step():
-                break
-            found += list(self.effects)[before:]
+        while self.step():
+            found += self.commits[-1].effects
         return found
 
     # ------------------------------------------------------------------ the loop
@@ -329,11 +326,8 @@ class Processor:
         conn = self._conn
         if conn is None:
             return
-        deadline = time.monotonic() + max_wait
         for _ in conn.notifies(timeout=max_wait, stop_after=1):
             break
-        if self._stop.is_set() or time.monotonic() >= deadline:
-            return
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
