@@ -120,3 +120,20 @@ def simulated_store(
             yield store
         finally:
             store.close()
+
+
+def in_spawned_child(history: Any, child: Callable[[str, Any], None]) -> dict[str, Any]:
+    """Run ``child(parquet_dir, queue)`` in a fresh spawned process on a Parquet copy of
+    ``history`` (its memory its own); return the dict it puts on the queue."""
+    import multiprocessing as mp
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        history.to_parquet(tmp)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        process = ctx.Process(target=child, args=(tmp, queue))
+        process.start()
+        result: dict[str, Any] = queue.get()
+        process.join()
+    return result

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -43,7 +41,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import peak_rss_mb, simulated_store
+from _common import in_spawned_child, peak_rss_mb, simulated_store
 
 import riskbook
 from riskbook import limits
@@ -148,15 +146,7 @@ def reference_child(directory: str, queue: Any) -> None:
 
 
 def run_reference(h: History) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        h.to_parquet(tmp)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        child = ctx.Process(target=reference_child, args=(tmp, queue))
-        child.start()
-        result = queue.get()
-        child.join()
-    return result
+    return in_spawned_child(h, reference_child)
 
 
 def same(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> tuple[int, int]:
