@@ -14,9 +14,10 @@ process so that its peak memory (as the OS counts it) is its own:
   (``Store.follow``; the peer's own subscription), counting the events it never saw --
   the peer with its table lock (gap-free, the write rate counts) and without it.
 
-Then riskbook beside the floors: a raw psycopg ``INSERT`` + ``COMMIT`` per row, and a raw
+Then riskbook beside the floors: a raw psycopg ``INSERT`` + ``COMMIT`` per row (one
+writer in this process, and four writer processes as the sides have), and a raw
 ``COPY`` of the same rows into a bare table with no constraints (for the batches and
-the bulk import of a JSON Lines file), in this process.
+the bulk import of a JSON Lines file).
 
     uv run --group bench python benchmarks/append.py                  # 1M-event import
     uv run --group bench python benchmarks/append.py --events 100000  # quicker
@@ -133,8 +134,8 @@ def raw_insert_commit(dsn: str, envs: list[Envelope]) -> None:
                     e.event_type,
                     e.aggregate_id,
                     e.sequence,
-                    encode_event(e.payload).decode(),
-                ),  # type: ignore[arg-type]
+                    encode_event(e.payload).decode(),  # type: ignore[arg-type]
+                ),
             )
             conn.commit()
 
@@ -197,10 +198,44 @@ class RiskbookSide:
             ]
 
 
+class RawSide:
+    """The floor for the writers: a raw psycopg ``INSERT`` + ``COMMIT`` per event into a
+    bare table with no constraints, no index, no trigger: the least a durable single
+    append costs on this server, with as many writers as the sides have."""
+
+    name = "raw"
+
+    def __init__(self, dsn: str, *, create: bool = False) -> None:
+        self.conn = psycopg.connect(dsn)
+        if create:
+            self.conn.execute("DROP TABLE IF EXISTS bare_events")
+            self.conn.execute(BARE)
+            self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def stream(self, name: str) -> list[Any]:
+        return [name, 0]
+
+    def append(self, stream: list[Any], trades: Sequence[riskbook.TradeExecuted]) -> None:
+        for t in trades:
+            stream[1] += 1
+            self.conn.execute(
+                "INSERT INTO bare_events (event_id, event_type, aggregate_id, sequence, payload)"
+                " VALUES (%s, %s, %s, %s, %s::jsonb)",
+                (uuid.uuid4(), "TradeExecuted", stream[0], stream[1], encode_event(t).decode()),
+                prepare=True,
+            )
+            self.conn.commit()
+
+
 def open_side(name: str, dsn: str, *, create: bool = False) -> Any:
     """One side on ``dsn``; ``create``: make its tables (once, before any measure)."""
     if name == "riskbook":
         return RiskbookSide(dsn)
+    if name == "raw":
+        return RawSide(dsn, create=create)
     import peers
 
     return peers.Eventsourcing(dsn, lock=name != "eventsourcing-nolock", create_table=create)
@@ -253,8 +288,8 @@ def concurrent_writers(name: str, dsn: str, n: int, *, tailed: bool) -> dict[str
     side = open_side(name, dsn)
     seen: list[int] = []
     stop = threading.Event()
-    start = side.head()
-    reader = threading.Thread(target=side.tail, args=(start, seen, stop))
+    start = side.head() if tailed else 0
+    reader = threading.Thread(target=lambda: side.tail(start, seen, stop))
     if tailed:
         reader.start()
     try:
@@ -320,7 +355,7 @@ def child(measure: str, name: str, dsn: str, n: int) -> dict[str, float]:
 def side_by_side(dsn: str, args: argparse.Namespace) -> dict[tuple[str, str], dict[str, float]]:
     """Every measure of every side, each in a fresh process; the sides take turns (and
     their repeats alternate) so that a busy moment of a shared machine hits both."""
-    for name in SIDES[:2]:
+    for name in (*SIDES[:2], "raw"):
         open_side(name, dsn, create=True).close()  # the schema of each, before anything
 
     def measure(what: str, sides: tuple[str, ...], n: int, repeat: int = 1) -> None:
@@ -337,7 +372,7 @@ def side_by_side(dsn: str, args: argparse.Namespace) -> dict[tuple[str, str], di
     res: dict[tuple[str, str], dict[str, float]] = {}
     measure("singles", SIDES[:2], args.singles, args.repeat)
     measure("batches", SIDES[:2], args.batches, args.repeat)
-    measure("writers", SIDES[:2], args.writer_events)
+    measure("writers", (*SIDES[:2], "raw"), args.writer_events)
     measure("read", SIDES[:2], 0)
     measure("tail", SIDES, args.writer_events)
     return res
@@ -437,6 +472,18 @@ def report_rows(
                 note=f"{n:,} events",
             )
         )
+    ours, raw = res["writers", "riskbook"], res["writers", "raw"]
+    rows.append(
+        Row(
+            group="append",
+            measure=f"{WRITERS} concurrent writers, one event per append",
+            unit="events/s",
+            riskbook=ours["rate"],
+            peer=raw["rate"],
+            peer_name=f"raw INSERT + COMMIT per row, {WRITERS} writers (floor)",
+            note=f"{int(raw['events']):,} events; a bare table, no constraints",
+        )
+    )
     return rows
 
 
