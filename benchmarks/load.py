@@ -221,7 +221,7 @@ def report_rows(res: dict[str, dict[str, float]], events: int) -> list[Any]:
     rows.append(
         Row(
             group="load",
-            measure="history into Polars, warm (its Parquet cache + any new events)",
+            measure="history into Polars, warm (its Arrow cache + any new events)",
             unit="s",
             riskbook=res["warm"]["seconds"],
             peer=res[fastest]["seconds"],

@@ -1,0 +1,105 @@
+"""The load's parallel ranges and the Arrow IPC cache: same frames, safe misses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from riskbook.frames import Filters, History, _cache_root, _read, load
+from riskbook.store import Store
+from tests.test_frames import assert_same, one_of_each, random_history
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RISKBOOK_CACHE", str(tmp_path / "cache"))
+
+
+def _entry(store: Store, filters: Filters | None = None) -> Path:
+    with store.connection() as conn:
+        store_id = conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()[0]  # type: ignore[index]
+    return _cache_root() / store_id / (filters or Filters()).key()
+
+
+def test_a_load_cut_into_ranges_equals_one_read(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    random_history(fresh_store, n=600, seed=7)
+    whole = load(fresh_store, cache=False)
+    # every sampled page makes ranges, and every kind is read range by range
+    monkeypatch.setattr("riskbook.frames._SAMPLE", 100.0)
+    monkeypatch.setattr("riskbook.frames._PART_ROWS", 40)
+    monkeypatch.setattr("riskbook.frames._WORKERS", 3)
+    cut = load(fresh_store, cache=False)
+    assert cut.trades.n_chunks() > 1  # it was cut
+    assert_same(cut, whole)
+    for name, frame in cut.frames().items():
+        assert frame["position"].is_sorted(), name
+    filtered = load(fresh_store, accounts=["ACC-1"], cache=False)
+    monkeypatch.undo()
+    assert_same(filtered, load(fresh_store, accounts=["ACC-1"], cache=False))
+    before = _read(fresh_store, Filters(), after=0, before=whole.horizon - 5, progress=False)
+    assert before.events["position"].max() < whole.horizon - 5  # type: ignore[operator]
+
+
+def test_warm_load_with_nothing_new_equals_a_refreshed_one(fresh_store: Store) -> None:
+    random_history(fresh_store, n=80, seed=3)
+    first = load(fresh_store)
+    warm = load(fresh_store)
+    assert_same(warm, first)
+    assert warm.horizon >= first.horizon and warm.store_id == first.store_id
+    fresh_store.append("ACC-9", one_of_each("ACC-9"))
+    assert warm.refresh() == 9
+    assert_same(warm, load(fresh_store, cache=False))
+
+
+def test_a_cache_entry_of_the_parquet_layout_is_rebuilt(fresh_store: Store) -> None:
+    random_history(fresh_store, n=50, seed=4)
+    h = load(fresh_store, cache=False)
+    entry = _entry(fresh_store)
+    h.store_id = h.store_id or load(fresh_store, cache=False).store_id
+    h.to_parquet(entry / "seg-old")
+    (entry / "segments.json").write_text(json.dumps(["seg-old"]))  # the old layout
+    again = load(fresh_store)
+    assert_same(again, h)
+    assert json.loads((entry / "segments.json").read_text())["format"].startswith("arrow")
+    assert not (entry / "seg-old").exists()  # the old layout's files are removed
+
+
+def test_the_cache_keeps_only_the_segments_it_lists(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("riskbook.frames._MAX_SEGMENTS", 3)
+    random_history(fresh_store, n=40, seed=9)
+    load(fresh_store)
+    entry = _entry(fresh_store)
+    for i in range(5):  # each refresh adds a segment; past 3 they are merged into one
+        fresh_store.append(f"ACC-{i}", one_of_each(f"ACC-{i}"))
+        warm = load(fresh_store)
+        listed = json.loads((entry / "segments.json").read_text())["segments"]
+        assert sorted(listed) == sorted(p.name for p in entry.glob("seg-*")), i
+        assert len(listed) <= 3
+    assert_same(warm, load(fresh_store, cache=False))
+
+
+def test_a_damaged_cache_file_is_a_miss(fresh_store: Store) -> None:
+    random_history(fresh_store, n=50, seed=6)
+    load(fresh_store)
+    segment = next(_entry(fresh_store).glob("seg-*"))
+    (segment / "trades.arrow").write_bytes(b"not arrow at all")
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
+    # a truncated file too
+    segment = next(_entry(fresh_store).glob("seg-*"))
+    data = (segment / "events.arrow").read_bytes()
+    (segment / "events.arrow").write_bytes(data[: len(data) // 2])
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
+
+
+def test_export_is_still_parquet(fresh_store: Store, tmp_path: Path) -> None:
+    random_history(fresh_store, n=30, seed=8)
+    h = load(fresh_store)
+    out = h.to_parquet(tmp_path / "copy")
+    assert (out / "trades.parquet").exists()
+    assert_same(History.from_parquet(out), h)
