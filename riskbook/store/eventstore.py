@@ -10,8 +10,11 @@ from __future__ import annotations
 import gc
 import gzip
 import hashlib
+import io
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,12 +30,16 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from psycopg.adapt import Loader
+from psycopg.copy import FileWriter
 
 from riskbook.errors import ConcurrencyConflict, ImportFailed, InvalidEvent, StoreError
 from riskbook.events import (
     EVENT_TYPES,
     Envelope,
     Event,
+    _check_aggregate,
+    _envelope_decoder,
+    _EnvelopeIn,
     canonical_fields,
     canonical_json,
     canonical_payload,
@@ -789,16 +796,50 @@ def _digest(values: tuple[Any, ...], sequence: int) -> bytes:
 def _records_from_lines(
     lines: Iterable[bytes], source: str, progress: Progress | None
 ) -> Iterator[_Record]:
+    decode = _envelope_decoder.decode
     for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line or line.isspace():
             continue
         try:
-            env, has_seq = decode_envelope(line)
-        except InvalidEvent as exc:
-            raise ImportFailed(f"{source}: {exc.at_line(lineno)}") from None
-        yield _record(lineno, env, has_seq)
+            record = _fast_record(lineno, decode(line))
+        except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent, RecursionError):
+            record = _checked_record(lineno, line, source)
+        yield record
         if progress is not None and lineno % 100_000 == 0:
             progress("validated", lineno)
+
+
+def _fast_record(lineno: int, raw: _EnvelopeIn) -> _Record:
+    """The record of a decoded line: decode_envelope's checks, but no Envelope made on the
+    way (a million of them cost a second). Any error goes to :func:`_checked_record`,
+    which says it exactly as decode_envelope does."""
+    payload = raw.payload
+    kind = payload.__class__.__name__
+    if raw.event_type is not None and raw.event_type != kind:
+        raise InvalidEvent(kind, "event_type", "does not match")  # told by _checked_record
+    _check_aggregate(payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
+    check_text(raw.correlation_id, kind, "correlation_id")
+    values = (
+        str(raw.event_id),
+        kind,
+        raw.aggregate_id,
+        raw.aggregate_type,
+        format_time(raw.timestamp),
+        None if raw.causation_id is None else str(raw.causation_id),
+        raw.correlation_id,
+        check_metadata(raw.metadata, kind),
+        canonical_payload(payload),
+    )
+    return lineno, raw.aggregate_id, raw.sequence, values
+
+
+def _checked_record(lineno: int, line: bytes, source: str) -> _Record:
+    """A line the fast road refused, read the reference way: its error, with the line."""
+    try:
+        env, has_seq = decode_envelope(line)
+    except InvalidEvent as exc:
+        raise ImportFailed(f"{source}: {exc.at_line(lineno)}") from None
+    return _record(lineno, env, has_seq)
 
 
 TRUSTED_COPY_COLUMNS = (
@@ -962,8 +1003,15 @@ def _load_into_empty(
     road knows how to tell harmless repeats from conflicting ones).
     """
     # events and the typed copy the insert trigger keeps are both empty: drop their
-    # indexes now, build them once at the end (sorted builds beat a million inserts)
-    indexes = _index_definitions(conn, "events") + _index_definitions(conn, "event_fields")
+    # indexes now, build them once at the end (sorted builds beat a million inserts).
+    # events keeps its primary key: each chunk's event_fields are filled by position
+    # range while later chunks are still being read, and appending increasing
+    # positions to it costs less than scanning the table for every chunk.
+    indexes = [
+        index
+        for index in _index_definitions(conn, "events") + _index_definitions(conn, "event_fields")
+        if (index[0], index[1]) != ("events", "events_pkey")
+    ]
     for table, name, constraint, _ in indexes:
         if constraint:
             conn.execute(
@@ -991,19 +1039,17 @@ def _load_into_empty(
             yield (base + stream.count - 1, v, *values, link)
 
     try:
-        _copy_rows(
-            conn, f"COPY events (position, sequence, {_IMPORT_COLUMNS}, hash) FROM STDIN", rows()
-        )
+        _copy_and_fill(conn, rows(), base)
     except _TakeGeneralRoad:
         return None
     count = stream.count
     _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (count,))
     if progress is not None:
         progress("indexing", count)
-    if count:  # what the disabled insert trigger would have done
-        conn.execute("SELECT riskbook_fill_event_fields(%s, %s)", (base, base + count - 1))
     try:
         with conn.transaction():
+            # sorts of a million keys fit in memory instead of spilling to disk
+            conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
             for _, _, _, definition in indexes:
                 conn.execute(definition.encode())
     except psycopg.errors.UniqueViolation:
@@ -1014,6 +1060,89 @@ def _load_into_empty(
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
     return count, count
+
+
+_CHUNK_ROWS = 50_000
+
+
+def _copy_and_fill(conn: psycopg.Connection, rows: Iterator[tuple[Any, ...]], base: int) -> None:
+    """COPY ``rows`` (position first, from ``base`` on) into events in chunks, each chunk's
+    event_fields filled right after it (what the disabled insert trigger would do).
+
+    This thread reads, checks and formats the rows; a second thread sends each chunk
+    and runs its fill, so that the server fills chunk k (waiting on the server frees
+    the GIL) while this thread reads chunk k + 1, instead of filling everything once
+    the file is read.
+    """
+    sender = _ChunkSender(conn)
+    formatting = conn.cursor()  # only lends its adapters: no statement runs on it
+    try:
+        done = False
+        while not done:
+            buffer = io.BytesIO()
+            chunk = psycopg.Copy(formatting, writer=FileWriter(buffer))
+            write = chunk.write_row  # psycopg formats in C: faster than building text here
+            n = 0
+            for row in rows:
+                write(row)
+                n += 1
+                if n == _CHUNK_ROWS:
+                    break
+            else:
+                done = True
+            chunk.finish(None)
+            if n:
+                first = base + sender.sent
+                sender.send(buffer.getvalue(), first, first + n - 1)
+    except BaseException:
+        sender.stop(quiet=True)  # the reader's error (a bad line, say) is the one to tell
+        raise
+    sender.stop()
+
+
+class _ChunkSender:
+    """A thread that COPYs formatted chunks into events and fills their event_fields."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.sent = 0  # rows handed over so far
+        self.queue: queue.Queue[tuple[bytes, int, int] | None] = queue.Queue(maxsize=2)
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="riskbook-import", daemon=True)
+        self.thread.start()
+
+    def send(self, data: bytes, lo: int, hi: int) -> None:
+        self._raise_failure()
+        self.sent += hi - lo + 1
+        self.queue.put((data, lo, hi))
+
+    def stop(self, *, quiet: bool = False) -> None:
+        """Wait until every chunk sent is written; raise what the thread met, if anything."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if not quiet:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def _run(self) -> None:
+        statement = f"COPY events (position, sequence, {_IMPORT_COLUMNS}, hash) FROM STDIN"
+        while (item := self.queue.get()) is not None:
+            if self.failure is not None:
+                continue  # drain until stopped: the import is failing
+            data, lo, hi = item
+            try:
+                with self.conn.cursor().copy(statement) as copy:
+                    view = memoryview(data)
+                    for i in range(0, len(view), 1 << 20):
+                        copy.write(view[i : i + (1 << 20)])
+                self.conn.execute("SELECT riskbook_fill_event_fields(%s, %s)", (lo, hi))
+            except BaseException as exc:  # handed to the reading thread
+                self.failure = exc
 
 
 def _load_general(
@@ -1041,7 +1170,9 @@ def _load_general(
             f"{source}: line {clash[0]}: event_id {clash[1]} is already stored with different content"
         )
     added = conn.execute(_BULK_INSERT_SQL).rowcount
-    with_seq = [a for a, g in stream.given.items() if g]
+    # nothing added leaves the stored versions as they were (gap-free): a re-import
+    # need not scan every aggregate of the file again
+    with_seq = [a for a, g in stream.given.items() if g] if added else []
     if with_seq:
         bad = conn.execute(_GAP_SQL, (with_seq,)).fetchone()
         if bad:

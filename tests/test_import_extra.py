@@ -1,0 +1,130 @@
+"""The bulk import into an empty store, cut into many chunks (sent and filled on a
+second thread while the file is read): the same guarantees as one chunk."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import riskbook
+from riskbook.store import Store, eventstore
+
+T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eventstore, "_CHUNK_ROWS", 4)
+
+
+def _lines(n: int, accounts: int = 3) -> list[bytes]:
+    out = []
+    for i in range(n):
+        acc = f"ACC-{i % accounts}"
+        payload = riskbook.TradeExecuted(
+            trade_id=f"T-{i}",
+            account_id=acc,
+            symbol="AAPL",
+            side=riskbook.Side.Buy,
+            quantity=1.0 + i,
+            price=10.25,
+            executed_at=T0 + timedelta(seconds=i),
+        )
+        env = riskbook.Envelope(
+            event_id=uuid.uuid5(uuid.NAMESPACE_OID, f"extra/{i}"),
+            aggregate_id=acc,
+            aggregate_type="Account",
+            sequence=0,
+            timestamp=T0 + timedelta(seconds=i, milliseconds=3),
+            payload=payload,
+            correlation_id=f"c-{i}",
+        )
+        d = env.to_dict()
+        del d["sequence"]
+        out.append(msgspec.json.encode(d))
+    return out
+
+
+def _write(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _typed_rows(store: Store) -> list[tuple[object, ...]]:
+    with store.connection() as conn:
+        return conn.execute(
+            "SELECT position, event_id, sequence, quantity FROM event_fields ORDER BY position"
+        ).fetchall()
+
+
+def test_many_chunks_keep_order_sequences_fields_and_chain(
+    small_chunks: None, fresh_store: Store, tmp_path: Path
+) -> None:
+    lines = _lines(23)  # five chunks of 4 and a last one of 3
+    result = fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", lines))
+    assert (result.read, result.added) == (23, 23)
+    envs = fresh_store.read_all()
+    assert [e.event_id for e in envs] == [
+        uuid.UUID(msgspec.json.decode(line)["event_id"]) for line in lines
+    ]
+    assert [e.sequence for e in fresh_store.read("ACC-1")] == list(range(1, 9))
+    rows = _typed_rows(fresh_store)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (e.position, e.event_id, e.sequence) for e in envs
+    ]
+    assert [r[3] for r in rows] == [1.0 + i for i in range(23)]
+    assert riskbook.verify(fresh_store).ok
+    again = fresh_store.import_jsonl(tmp_path / "h.jsonl")
+    assert (again.added, again.skipped) == (0, 23)
+    # the store is usable as ever afterwards: an append continues the chain
+    fresh_store.append("ACC-1", [msgspec.structs.replace(envs[1].payload, trade_id="T-new")])  # type: ignore[type-var]
+    assert riskbook.verify(fresh_store).ok
+
+
+@pytest.mark.parametrize("bad_at", [2, 9, 22])
+def test_a_bad_line_in_a_later_chunk_writes_nothing(
+    small_chunks: None, fresh_store: Store, tmp_path: Path, bad_at: int
+) -> None:
+    lines = _lines(23)
+    d = msgspec.json.decode(lines[bad_at])
+    d["payload"]["quantity"] = -1
+    lines[bad_at] = msgspec.json.encode(d)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "bad.jsonl", lines))
+    assert f"line {bad_at + 1}: TradeExecuted.payload.quantity" in str(info.value)
+    assert fresh_store.count() == 0
+    assert _typed_rows(fresh_store) == []
+    # and the store takes the good file afterwards, on the same road
+    good = fresh_store.import_jsonl(_write(tmp_path / "good.jsonl", _lines(23)))
+    assert good.added == 23 and riskbook.verify(fresh_store).ok
+
+
+def test_fast_and_reference_readings_agree(tmp_path: Path) -> None:
+    # the fast reading of a line makes the record the reference reading makes
+    lines = _lines(5)
+    d = msgspec.json.decode(lines[0])
+    d["metadata"] = {"b": [1, 2.5], "a": "x\ny"}
+    d["causation_id"] = str(uuid.uuid4())
+    d["timestamp"] = "2024-03-01T10:30:00.5+01:00"
+    lines[0] = msgspec.json.encode(d)
+    fast = list(eventstore._records_from_lines(lines, "x", None))
+    slow = [eventstore._checked_record(n, line, "x") for n, line in enumerate(lines, 1)]
+    assert fast == slow
+    assert fast[0][3][4] == "2024-03-01T09:30:00.500000Z"
+
+
+def test_a_mismatched_event_type_is_told_as_before(tmp_path: Path) -> None:
+    lines = _lines(3)
+    d = msgspec.json.decode(lines[1])
+    d["event_type"] = "PriceMarked"
+    lines[1] = msgspec.json.encode(d)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        list(eventstore._records_from_lines(lines, "f", None))
+    assert str(info.value) == (
+        "f: line 2: TradeExecuted.event_type: 'PriceMarked' does not match the payload type "
+        "'TradeExecuted'"
+    ), str(info.value)
