@@ -18,7 +18,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["fold", "group", "last_before", "last_before_each", "tree_init"]
+__all__ = [
+    "account_figures",
+    "first_rows",
+    "fold",
+    "gather",
+    "gather_dense",
+    "group",
+    "last_before",
+    "last_before_each",
+    "merge_runs",
+    "pair_codes",
+    "strays",
+    "tree_init",
+]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -230,3 +243,130 @@ def last_before_each(ptr, order, ev, groups, cuts):  # type: ignore[no-untyped-d
         if lo > first:
             out[k] = order[lo - 1]
     return out
+
+
+# ----------------------------------------------------------------------------- the book's order
+#
+# These write into arrays the caller allocates with numpy: numpy asks the kernel for
+# huge pages for large arrays, numba's allocator does not, and on a VM the page faults
+# of fresh 4 KiB pages cost more than the work itself (a gather into a new numba array
+# took 6x as long as into a numpy one).
+
+
+@numba.njit(cache=True, nogil=True)
+def strays(bt, ts, pos, starts, out):  # type: ignore[no-untyped-def]
+    """Mark in ``out`` the rows that break the order (bt, ts, pos) of their part: those
+    below the part's running maximum.
+
+    Parts are ``starts[k]:starts[k + 1]``. What is left of each part is in order; the
+    strays, once sorted, are one more ordered run (see :func:`merge_runs`).
+    """
+    for k in range(starts.shape[0] - 1):
+        lo = starts[k]
+        hi = starts[k + 1]
+        if lo >= hi:
+            continue
+        mb = bt[lo]
+        mt = ts[lo]
+        mp = pos[lo]
+        out[lo] = False
+        for i in range(lo + 1, hi):
+            b = bt[i]
+            if b > mb or (b == mb and (ts[i] > mt or (ts[i] == mt and pos[i] >= mp))):
+                mb = b
+                mt = ts[i]
+                mp = pos[i]
+                out[i] = False
+            else:
+                out[i] = True
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_runs(bt, ts, pos, src, bounds, out):  # type: ignore[no-untyped-def]
+    """Merge the ordered runs ``src[bounds[r]:bounds[r + 1]]`` (row indices) by
+    (bt, ts, pos) into ``out``.
+
+    There are a handful of runs (one per kind, and the strays): each step takes the
+    least head, a run listed earlier first on equal keys.
+    """
+    n_runs = bounds.shape[0] - 1
+    head = bounds[:-1].copy()
+    for j in range(src.shape[0]):
+        best = -1
+        b = 0
+        for r in range(n_runs):
+            h = head[r]
+            if h >= bounds[r + 1]:
+                continue
+            c = src[h]
+            if best < 0 or (
+                bt[c] < bt[b]
+                or (bt[c] == bt[b] and (ts[c] < ts[b] or (ts[c] == ts[b] and pos[c] < pos[b])))
+            ):
+                best = r
+                b = c
+        out[j] = b
+        head[best] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def gather(perm, src, out):  # type: ignore[no-untyped-def]
+    """``out[j] = src[perm[j]]``."""
+    for j in range(perm.shape[0]):
+        out[j] = src[perm[j]]
+
+
+@numba.njit(cache=True, nogil=True)
+def gather_dense(perm, codes, lut, out):  # type: ignore[no-untyped-def]
+    """``out[j] = lut[codes[perm[j]]]``, -1 where the code is -1 (none)."""
+    for j in range(perm.shape[0]):
+        c = codes[perm[j]]
+        out[j] = lut[c] if c >= 0 else -1
+
+
+@numba.njit(cache=True, nogil=True)
+def first_rows(codes, first):  # type: ignore[no-untyped-def]
+    """The first row of each code among ``codes`` into ``first`` (left -1 for none)."""
+    for i in range(codes.shape[0]):
+        c = codes[i]
+        if c >= 0 and first[c] < 0:
+            first[c] = i
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_codes(kind, acct, sym, n_sym, extra_keys, index, pair):  # type: ignore[no-untyped-def]
+    """Dense (account, symbol) pairs of the trades and adjustments (kind <= 1) and of
+    ``extra_keys``, key ``acct * n_sym + sym``: writes each row's pair (-1: none) into
+    ``pair`` and returns the keys present, in order. ``index`` (one int32 per key, all
+    0) is scratch space."""
+    for i in range(kind.shape[0]):
+        if kind[i] <= 1:
+            index[acct[i] * n_sym + sym[i]] = 1
+    for k in extra_keys:
+        index[k] = 1
+    keys = np.flatnonzero(index)
+    for p in range(keys.shape[0]):
+        index[keys[p]] = p
+    for i in range(kind.shape[0]):
+        pair[i] = index[acct[i] * n_sym + sym[i]] if kind[i] <= 1 else -1
+    return keys
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def account_figures(cash, gross, net, peak, equity, lev, dd):  # type: ignore[no-untyped-def]
+    """Equity ``cash + net``, leverage and drawdown of account timeline rows, with the
+    operations of :func:`riskbook.projections.leverage` and ``drawdown``: leverage 0
+    with no exposure, +inf when equity <= 0, else gross / equity; drawdown 0 while the
+    peak is <= 0, else (peak - equity) / peak."""
+    for i in range(cash.shape[0]):
+        e = cash[i] + net[i]
+        equity[i] = e
+        g = gross[i]
+        if g == 0.0:
+            lev[i] = 0.0
+        elif e <= 0.0:
+            lev[i] = np.inf
+        else:
+            lev[i] = g / e
+        p = peak[i]
+        dd[i] = 0.0 if p <= 0.0 else (p - e) / p

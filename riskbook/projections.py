@@ -287,7 +287,8 @@ class _Book:
     """The events that move figures, sorted once by (business time, recorded time, position).
 
     Numeric columns are numpy arrays indexed by book row; ``row`` points into
-    ``source`` (the columns timelines show, in the order the kinds were concatenated).
+    ``source`` (the other columns timelines show, in the order the kinds were
+    concatenated).
     Accounts, symbols and (account, symbol) pairs are dense indices, in name order;
     an account's pairs are contiguous (``acct_ptr``), a symbol's are listed by
     ``sym_ptr`` / ``sym_pairs``, and ``tree_off`` / ``tree_size`` place each account's
@@ -297,7 +298,7 @@ class _Book:
     kind: np.ndarray
     bt: np.ndarray
     ts: np.ndarray
-    pos: np.ndarray
+    pos: np.ndarray  # by source row, as ``source`` (only timelines show it)
     acct: np.ndarray
     sym: np.ndarray
     pair: np.ndarray
@@ -305,7 +306,7 @@ class _Book:
     y: np.ndarray
     bust: np.ndarray
     row: np.ndarray
-    source: pl.DataFrame  # occurred_at, timestamp, position, event_id, event_type, trade_id, symbol
+    source: pl.DataFrame  # event_id, trade_id, symbol (the rest is in the arrays)
     account_names: pl.Series
     symbol_names: pl.Series
     pair_acct: np.ndarray
@@ -355,25 +356,34 @@ def _codes(s: pl.Series) -> np.ndarray:
     return s.to_physical().cast(pl.Int64).fill_null(-1).to_numpy()
 
 
-def _dense(ids: pl.Series, extra: Sequence[str] = ()) -> tuple[pl.Series, np.ndarray]:
-    """Names (Categorical, sorted) and a lookup table from physical code to dense index."""
+def _dense(
+    ids: pl.Series, codes: np.ndarray, extra: Sequence[str] = ()
+) -> tuple[pl.Series, np.ndarray]:
+    """Names (Categorical, sorted) and a lookup table from physical code to dense index.
+
+    ``codes`` are the physical codes of ``ids`` (-1: null).
+    """
     if len(ids) + len(extra) <= 20_000:  # small (a live batch): sets beat frame operations
         found = set(ids.drop_nulls().unique().cast(pl.String).to_list()) | set(extra)
         names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
     else:
-        both = pl.concat([ids.drop_nulls(), pl.Series(list(extra), dtype=_CAT)]).unique()
+        # One row per code found (a pass over the codes), not a unique() of the column.
+        first = np.full(int(codes.max()) + 1 if len(codes) else 0, -1, np.int64)
+        _compiled().first_rows(codes, first)
+        present = ids.gather(first[first >= 0])
+        both = pl.concat([present, pl.Series(list(extra), dtype=_CAT)]).unique()
         names = both.to_frame("id").sort(pl.col("id").cast(pl.String))["id"]
-    codes = _codes(names)
-    lut = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, np.int32)
-    lut[codes] = np.arange(len(codes), dtype=np.int32)
+    names_codes = _codes(names)
+    lut = np.full(int(names_codes.max()) + 1 if len(names_codes) else 1, -1, np.int32)
+    lut[names_codes] = np.arange(len(names_codes), dtype=np.int32)
     return names, lut
 
 
-def _lookup(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    out = np.full(codes.shape[0], -1, np.int32)
-    ok = codes >= 0
-    out[ok] = lut[codes[ok]]
-    return out
+def _physical(ids: pl.Expr | None) -> pl.Expr:
+    """Physical codes of a Categorical column as Int64, -1 for none."""
+    if ids is None:
+        return pl.lit(-1, pl.Int64)
+    return ids.to_physical().cast(pl.Int64).fill_null(-1)
 
 
 def _kind_frame(frame: pl.DataFrame, kind: Kind, code: int, **cols: pl.Expr) -> pl.DataFrame:
@@ -386,6 +396,8 @@ def _kind_frame(frame: pl.DataFrame, kind: Kind, code: int, **cols: pl.Expr) -> 
         position=pl.col("position"),
         account_id=cols.get("account_id", pl.lit(None, _CAT)),
         symbol=cols.get("symbol", pl.lit(None, _CAT)),
+        acode=_physical(cols.get("account_id")),
+        scode=_physical(cols.get("symbol")),
         x=cols["x"],
         y=cols.get("y", pl.lit(0.0)),
         occurred_at=pl.col(kind.time),
@@ -402,19 +414,33 @@ def _kind_frame(frame: pl.DataFrame, kind: Kind, code: int, **cols: pl.Expr) -> 
 _KIND_FRAMES: dict[int, pl.DataFrame] = {}
 
 
-def _book_order(frame: pl.DataFrame) -> np.ndarray:
-    """The permutation that sorts ``frame`` by (bt, ts, position).
+def _book_order(bt: np.ndarray, ts: np.ndarray, pos: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The permutation that sorts the rows by (bt, ts, position).
 
-    Each kind's frame is in position order and, as the store records events, recorded
-    time rarely goes down with position: then two stable sorts of nearly sorted keys
-    (by position, then by business time) do it, about twice as fast as a three-key sort.
+    The rows are the kinds one after the other (parts ``starts[k]:starts[k + 1]``), each
+    in position order as the store records them, and business time mostly grows with
+    position: each part is an ordered run but for a few strays (fills reported late).
+    So the strays are sorted on their own and merged with the runs -- linear work
+    where a sort of the whole book is n log n, and exact whatever the order (with
+    many strays it is a sort of them).
     """
-    bt, ts, pos = (frame[c].to_numpy() for c in ("bt", "ts", "position"))
-    by_position = np.argsort(pos, kind="stable")
-    ts_in_order = ts[by_position]
-    if (ts_in_order[1:] >= ts_in_order[:-1]).all():
-        return by_position[np.argsort(bt[by_position], kind="stable")]
-    return frame.select(pl.arg_sort_by("bt", "ts", "position")).to_series().to_numpy()
+    k = _compiled()
+    stray = np.empty(bt.shape[0], np.bool_)
+    k.strays(bt, ts, pos, starts, stray)
+    kept = np.flatnonzero(~stray)
+    lost = np.flatnonzero(stray)
+    lost = lost[np.lexsort((pos[lost], ts[lost], bt[lost]))]
+    bounds = np.concatenate([np.searchsorted(kept, starts), [bt.shape[0]]]).astype(np.int64)
+    perm = np.empty(bt.shape[0], np.int64)
+    k.merge_runs(bt, ts, pos, np.concatenate([kept, lost]), bounds, perm)
+    return perm
+
+
+def _gather(perm: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """``column[perm]`` (compiled: a plain loop into a numpy array is the fastest way)."""
+    out = np.empty(perm.shape[0], column.dtype)
+    _compiled().gather(perm, column, out)
+    return out
 
 
 def _build_book(
@@ -458,8 +484,9 @@ def _build_book(
             fd, KINDS["funding"], _FUND, account_id=pl.col("account_id"), x=pl.col("amount")
         ),
     ]
-    nonempty = [p for p in parts if p.height]  # each part costs a select; most are empty
-    frame = pl.concat(nonempty or parts[:1], rechunk=False)
+    nonempty = [p for p in parts if p.height] or parts[:1]  # each part costs a select
+    frame = pl.concat(nonempty, rechunk=False)
+    starts = np.cumsum([0] + [p.height for p in nonempty]).astype(np.int64)
     # Busts: the earliest recorded time of a cancel of each trade (by account and trade id).
     bust = np.full(frame.height, _NEVER, np.int64)
     if cx.height and tr.height:
@@ -473,50 +500,36 @@ def _build_book(
             .join(first, on=["account_id", "trade_id"], how="inner")
         )
         bust[hit["i"].to_numpy()] = hit["bust"].to_numpy()
+    # Numpy columns (one copy of each, the parts joined) for the compiled passes below.
+    kind_, bt_, ts_, pos_, x_, y_, acode, scode = (
+        frame[c].to_numpy() for c in ("kind", "bt", "ts", "position", "x", "y", "acode", "scode")
+    )
     extra_acc = [a for a, _ in extra_pairs] + list(extra_accounts)
-    account_names, acct_lut = _dense(frame["account_id"], extra_acc)
+    account_names, acct_lut = _dense(frame["account_id"], acode, extra_acc)
     symbol_names, sym_lut = _dense(
-        frame["symbol"], [s for _, s in extra_pairs] + list(extra_symbols)
+        frame["symbol"], scode, [s for _, s in extra_pairs] + list(extra_symbols)
     )
-    # The one sort; the columns are gathered by Polars (in parallel).
-    perm = pl.Series(_book_order(frame))
-    cols = (
-        frame.select(
-            "kind",
-            "bt",
-            "ts",
-            "position",
-            "x",
-            "y",
-            acode=pl.col("account_id").to_physical().cast(pl.Int64).fill_null(-1),
-            scode=pl.col("symbol").to_physical().cast(pl.Int64).fill_null(-1),
-            bust=pl.Series(bust),
-        )
-        .select(pl.all().gather(perm))
-        .to_dict()
-    )
-    kind = cols["kind"].to_numpy()
-    acct = _lookup(acct_lut, cols["acode"].to_numpy())
-    sym = _lookup(sym_lut, cols["scode"].to_numpy())
+    # The one ordering, then the columns gathered in that order.
+    perm = _book_order(bt_, ts_, pos_, starts)
+    kind, bt, ts, x, y, bust = (_gather(perm, c) for c in (kind_, bt_, ts_, x_, y_, bust))
+    acct, sym = np.empty(len(perm), np.int32), np.empty(len(perm), np.int32)
+    _compiled().gather_dense(perm, acode, acct_lut, acct)
+    _compiled().gather_dense(perm, scode, sym_lut, sym)
 
     n_acc, n_sym = len(account_names), max(len(symbol_names), 1)
-    has_pair = kind <= _ADJUST
-    keys = acct[has_pair].astype(np.int64) * n_sym + sym[has_pair]
     extra_keys = (
         acct_lut[_codes(pl.Series([a for a, _ in extra_pairs], dtype=_CAT))].astype(np.int64)
         * n_sym
         + sym_lut[_codes(pl.Series([s for _, s in extra_pairs], dtype=_CAT))]
     )
-    pair = np.full(kind.shape[0], -1, np.int32)
     if n_acc * n_sym <= 1 << 24:  # a lookup table is cheaper than a sort
-        present = np.zeros(n_acc * n_sym, np.bool_)
-        present[keys] = True
-        present[extra_keys] = True
-        pair_keys = np.flatnonzero(present)
-        index = np.full(n_acc * n_sym, -1, np.int32)
-        index[pair_keys] = np.arange(pair_keys.shape[0], dtype=np.int32)
-        pair[has_pair] = index[keys]
+        pair = np.empty(kind.shape[0], np.int32)
+        index = np.zeros(n_acc * n_sym, np.int32)
+        pair_keys = _compiled().pair_codes(kind, acct, sym, n_sym, extra_keys, index, pair)
     else:
+        has_pair = kind <= _ADJUST
+        keys = acct[has_pair].astype(np.int64) * n_sym + sym[has_pair]
+        pair = np.full(kind.shape[0], -1, np.int32)
         pair_keys = np.unique(np.concatenate([keys, extra_keys]))
         pair[has_pair] = np.searchsorted(pair_keys, keys).astype(np.int32)
     pair_acct = (pair_keys // n_sym).astype(np.int32)
@@ -528,19 +541,18 @@ def _build_book(
     tree_off = np.concatenate([[0], np.cumsum(2 * tree_size)[:-1]]).astype(np.int64)
     return _Book(
         kind=kind,
-        bt=cols["bt"].to_numpy(),
-        ts=cols["ts"].to_numpy(),
-        pos=cols["position"].to_numpy(),
+        bt=bt,
+        ts=ts,
+        pos=pos_,
         acct=acct,
         sym=sym,
         pair=pair,
-        x=cols["x"].to_numpy(),
-        y=cols["y"].to_numpy(),
-        bust=cols["bust"].to_numpy(),
-        row=perm.cast(pl.Int64).to_numpy(),
-        source=frame.select(
-            "occurred_at", "timestamp", "position", "event_id", "event_type", "trade_id", "symbol"
-        ),
+        x=x,
+        y=y,
+        bust=bust,
+        row=perm,
+        # [] and not select(): select() copied the columns (~40 ms at 5M)
+        source=frame[["event_id", "trade_id", "symbol"]],
         account_names=account_names,
         symbol_names=symbol_names,
         pair_acct=pair_acct,
@@ -1318,10 +1330,34 @@ def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -
     )
 
 
+_EVENT_TYPES = pl.Series("event_type", _KIND_NAMES, dtype=_EVENT_TYPE)
+
+
 def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> pl.DataFrame:
-    """Columns of ``source`` (``occurred_at, timestamp, position, event_id, event_type,
-    trade_id, symbol``) for book rows ``ev``."""
-    return book.outputs().select(pl.col(*columns).gather(pl.Series(book.row[ev])))
+    """Columns ``occurred_at, timestamp, position, event_id, event_type, trade_id,
+    symbol`` of book rows ``ev``.
+
+    Times, positions and types come from the book's arrays (a compiled gather, and
+    numpy arrays become Series without a copy); only the strings and symbols are
+    gathered from ``source``.
+    """
+    rows = _gather(ev, book.row)  # rows of source (and of pos)
+    named = [c for c in columns if c in ("event_id", "trade_id", "symbol")]
+    source = book.outputs().select(pl.col(*named).gather(pl.Series(rows))) if named else None
+    out: list[pl.Series] = []
+    for c in columns:
+        if c in ("occurred_at", "timestamp"):
+            out.append(
+                pl.Series(c, _gather(ev, book.bt if c == "occurred_at" else book.ts)).cast(_TIME)
+            )
+        elif c == "position":
+            out.append(pl.Series(c, _gather(rows, book.pos)))
+        elif c == "event_type":
+            out.append(_EVENT_TYPES.gather(pl.Series(_gather(ev, book.kind))))
+        else:
+            assert source is not None
+            out.append(source[c])
+    return pl.DataFrame(out)
 
 
 def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
@@ -1364,41 +1400,25 @@ def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.Data
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
     ev = tl.p_ev
-    pair = book.pair[ev]
-    is_trade = book.kind[ev] == _TRADE
-    signed = np.where(is_trade, book.x[ev], book.x[ev] - tl.p_before)
-    price = pl.Series("price", book.y[ev], dtype=pl.Float64)
-    if len(ev):
+    pair = _gather(ev, book.pair)
+    x = _gather(ev, book.x)
+    is_trade = _gather(ev, book.kind) == _TRADE
+    signed = np.where(is_trade, x, x - tl.p_before)
+    price = pl.Series("price", _gather(ev, book.y), dtype=pl.Float64)
+    if len(ev) and not is_trade.all():
         price = price.scatter(np.flatnonzero(~is_trade), None)
-    cols = _event_columns(book, ev, *_EVENT_COLUMNS, "symbol")
-    return pl.concat(
+    cols = _event_columns(book, ev, "symbol", *_EVENT_COLUMNS)
+    return pl.DataFrame(
         [
-            pl.DataFrame(
-                {"account_id": book.account_names.gather(pl.Series(book.pair_acct[pair]))}
-            ),
-            cols,
-            pl.DataFrame(
-                {
-                    "signed_quantity": signed,
-                    "price": price,
-                    "quantity": tl.p_q,
-                    "avg_price": tl.p_a,
-                    "realized_pnl": tl.p_r,
-                    "trades": tl.p_n,
-                }
-            ),
-        ],
-        how="horizontal",
-    ).select(
-        "account_id",
-        "symbol",
-        "occurred_at",
-        "timestamp",
-        "position",
-        "event_id",
-        "event_type",
-        "trade_id",
-        pl.exclude("account_id", "symbol", *_EVENT_COLUMNS),
+            book.account_names.gather(pl.Series(_gather(pair, book.pair_acct))).alias("account_id"),
+            *cols.get_columns(),
+            pl.Series("signed_quantity", signed),
+            price,
+            pl.Series("quantity", tl.p_q),
+            pl.Series("avg_price", tl.p_a),
+            pl.Series("realized_pnl", tl.p_r),
+            pl.Series("trades", tl.p_n),
+        ]
     )
 
 
@@ -1443,31 +1463,23 @@ def account_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataF
     cols = _event_columns(
         book, tl.a_ev, "occurred_at", "timestamp", "position", "event_id", "event_type", "symbol"
     )
-    figures = pl.DataFrame(
-        {
-            "account_id": book.account_names.gather(pl.Series(tl.a_acct)),
-            "cash": tl.a_cash,
-            "gross_exposure": tl.a_gross,
-            "net_exposure": tl.a_net,
-            "peak_equity": tl.a_peak,
-        }
-    )
-    return pl.concat([figures, cols], how="horizontal").select(
-        "account_id",
-        "occurred_at",
-        "timestamp",
-        "position",
-        "event_id",
-        "event_type",
-        "symbol",
-        "cash",
-        # equity is cash + net: the same addition the fold makes, so it is the same number
-        (pl.col("cash") + pl.col("net_exposure")).alias("equity"),
-        "gross_exposure",
-        "net_exposure",
-        leverage("gross_exposure", pl.col("cash") + pl.col("net_exposure")),
-        drawdown(pl.col("cash") + pl.col("net_exposure"), "peak_equity"),
-        "peak_equity",
+    # equity, leverage and drawdown as leverage() and drawdown() compute them (the same
+    # operations, so the same numbers), in one compiled pass instead of three when/then
+    n = len(tl.a_ev)
+    equity, lev, dd = np.empty(n), np.empty(n), np.empty(n)
+    _compiled().account_figures(tl.a_cash, tl.a_gross, tl.a_net, tl.a_peak, equity, lev, dd)
+    return pl.DataFrame(
+        [
+            book.account_names.gather(pl.Series(tl.a_acct)).alias("account_id"),
+            *cols.get_columns(),
+            pl.Series("cash", tl.a_cash),
+            pl.Series("equity", equity),
+            pl.Series("gross_exposure", tl.a_gross),
+            pl.Series("net_exposure", tl.a_net),
+            pl.Series("leverage", lev),
+            pl.Series("drawdown", dd),
+            pl.Series("peak_equity", tl.a_peak),
+        ]
     )
 
 
