@@ -77,15 +77,7 @@ def make_events(n: int, accounts: int = 1000, seed: int = 1) -> list[Envelope]:
         acc = f"ACC-{rng.randrange(accounts):05d}"
         seq[acc] = seq.get(acc, 0) + 1
         t = T0 + timedelta(milliseconds=37 * i)
-        payload = riskbook.TradeExecuted(
-            trade_id=f"T-{i}",
-            account_id=acc,
-            symbol=f"SYM{rng.randrange(50):02d}",
-            side=riskbook.Side.Buy if rng.random() < 0.5 else riskbook.Side.Sell,
-            quantity=float(rng.randrange(1, 500)),
-            price=round(rng.uniform(5, 500), 2),
-            executed_at=t,
-        )
+        payload = _trade(rng, f"T-{i}", acc, t)
         out.append(
             Envelope(
                 event_id=uuid.UUID(int=rng.getrandbits(128), version=4),
@@ -149,17 +141,22 @@ def make_trades(n: int, account: str, seed: int) -> list[riskbook.TradeExecuted]
     """``n`` trades of one account, the same for both sides."""
     rng = random.Random(seed)
     return [
-        riskbook.TradeExecuted(
-            trade_id=f"{account}-{i}",
-            account_id=account,
-            symbol=f"SYM{rng.randrange(50):02d}",
-            side=riskbook.Side.Buy if rng.random() < 0.5 else riskbook.Side.Sell,
-            quantity=float(rng.randrange(1, 500)),
-            price=round(rng.uniform(5, 500), 2),
-            executed_at=T0 + timedelta(milliseconds=37 * i),
-        )
+        _trade(rng, f"{account}-{i}", account, T0 + timedelta(milliseconds=37 * i))
         for i in range(n)
     ]
+
+
+def _trade(rng: random.Random, trade_id: str, account: str, at: datetime) -> riskbook.TradeExecuted:
+    """A random fill of ``account`` at ``at``."""
+    return riskbook.TradeExecuted(
+        trade_id=trade_id,
+        account_id=account,
+        symbol=f"SYM{rng.randrange(50):02d}",
+        side=riskbook.Side.Buy if rng.random() < 0.5 else riskbook.Side.Sell,
+        quantity=float(rng.randrange(1, 500)),
+        price=round(rng.uniform(5, 500), 2),
+        executed_at=at,
+    )
 
 
 class RiskbookSide:

@@ -698,16 +698,22 @@ def _envelope_error(line: bytes | str, exc: Exception) -> InvalidEvent:
     return err
 
 
-def check_envelope(raw: _EnvelopeIn) -> Envelope:
-    payload: Event = raw.payload
-    kind = type(payload).__name__
+def check_raw_envelope(raw: _EnvelopeIn) -> tuple[str, str]:
+    """The checks of a decoded envelope line beyond its types: its event type and
+    canonical metadata JSON, or :class:`InvalidEvent`."""
+    kind = type(raw.payload).__name__
     if raw.event_type is not None and raw.event_type != kind:
         raise InvalidEvent(
             kind, "event_type", f"{raw.event_type!r} does not match the payload type {kind!r}"
         )
-    _check_aggregate(payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
+    _check_aggregate(raw.payload, raw.aggregate_id, raw.aggregate_type, prefix="payload.")
     check_text(raw.correlation_id, kind, "correlation_id")
-    check_metadata(raw.metadata, kind)
+    return kind, check_metadata(raw.metadata, kind)
+
+
+def check_envelope(raw: _EnvelopeIn) -> Envelope:
+    payload: Event = raw.payload
+    check_raw_envelope(raw)
     return Envelope(
         event_id=raw.event_id,
         aggregate_id=raw.aggregate_id,

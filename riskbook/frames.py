@@ -632,15 +632,6 @@ WIDE_COLUMNS = (
 """The select list (over ``event_fields f``) that :func:`read_frames` splits into frames."""
 
 
-def _select(filters: Filters) -> tuple[str, list[Any]]:
-    where, params = filters.where()
-    query = (
-        f"SELECT {WIDE_COLUMNS} FROM event_fields f"
-        " WHERE f.position >= %s AND f.position < %s AND " + where + " ORDER BY f.position"
-    )
-    return query, params
-
-
 _WIDE_NAMES = [
     "position",
     "event_id",

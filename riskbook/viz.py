@@ -1586,6 +1586,12 @@ def live_chart(
     recent = commits.filter(pl.col("committed_at") > begin)
     domain = [_ms(begin), _ms(stop)]
     x = _x("t", title="wall-clock time (UTC)", domain=domain)
+    stacked_x = alt.X(  # the panels above the bottom one: the same axis, unlabelled
+        "t:T",
+        title=None,
+        scale=alt.Scale(type="utc", domain=domain),
+        axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
+    )
     short = stop - begin <= timedelta(seconds=30)
     bucket = timedelta(milliseconds=250) if short else timedelta(seconds=1)
     per_bucket = plot_frame(
@@ -1602,12 +1608,7 @@ def live_chart(
         alt.Chart(per_bucket)
         .mark_rect(color="#4c78a8", stroke="white", strokeWidth=0.5, clip=True)
         .encode(
-            x=alt.X(
-                "t:T",
-                title=None,
-                scale=alt.Scale(type="utc", domain=domain),
-                axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
-            ),
+            x=stacked_x,
             x2="t_end:T",
             y=alt.Y("rate:Q", title="events / s"),
             y2=alt.datum(0),
@@ -1640,12 +1641,7 @@ def live_chart(
         alt.Chart(lanes)
         .mark_point(filled=True, size=70, opacity=0.85)
         .encode(
-            x=alt.X(
-                "t:T",
-                title=None,
-                scale=alt.Scale(type="utc", domain=domain),
-                axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
-            ),
+            x=stacked_x,
             y=alt.Y("lane:N", title=None, sort=kinds, scale=alt.Scale(domain=kinds)),
             color=alt.Color(
                 "lane:N",
