@@ -673,6 +673,8 @@ def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
         raw = _envelope_decoder.decode(line)
     except RecursionError:
         raise InvalidEvent("?", "line", "nested too deeply") from None
+    except UnicodeDecodeError as exc:  # msgspec's, for bytes in a string that are not UTF-8
+        raise InvalidEvent("?", "line", f"not valid UTF-8 (at byte {exc.start})") from None
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
         raise _envelope_error(line, exc) from None
     return check_envelope(raw), raw.sequence is not None

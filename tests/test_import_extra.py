@@ -128,3 +128,17 @@ def test_a_mismatched_event_type_is_told_as_before(tmp_path: Path) -> None:
         "f: line 2: TradeExecuted.event_type: 'PriceMarked' does not match the payload type "
         "'TradeExecuted'"
     ), str(info.value)
+
+
+def test_a_line_that_is_not_utf8_is_refused_with_its_number(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # bytes that are not UTF-8 inside a string: msgspec raises UnicodeDecodeError, which
+    # once escaped both readings as a bare exception instead of an ImportFailed
+    lines = _lines(4)
+    lines[2] = lines[2].replace(b'"ACC-2"', b'"ACC-\xb82"', 1)
+    with pytest.raises(riskbook.InvalidEvent, match="line: not valid UTF-8"):
+        riskbook.events.decode_envelope(lines[2])
+    with pytest.raises(riskbook.ImportFailed, match=r"line 3: .*not valid UTF-8"):
+        fresh_store.import_jsonl(_write(tmp_path / "latin.jsonl", lines))
+    assert fresh_store.count() == 0

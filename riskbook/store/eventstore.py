@@ -802,8 +802,14 @@ def _records_from_lines(
             continue
         try:
             record = _fast_record(lineno, decode(line))
-        except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent, RecursionError):
-            record = _checked_record(lineno, line, source)
+        except (
+            msgspec.ValidationError,
+            msgspec.DecodeError,
+            InvalidEvent,
+            RecursionError,
+            UnicodeDecodeError,
+        ):
+            record = _checked_record(lineno, line, source)  # says what is wrong, exactly
         yield record
         if progress is not None and lineno % 100_000 == 0:
             progress("validated", lineno)
