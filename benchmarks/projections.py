@@ -45,6 +45,7 @@ from _common import in_spawned_child, peak_rss_mb, simulated_store
 
 import riskbook
 from riskbook import projections as P
+from riskbook._memory import hugepages
 from riskbook.frames import History
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -181,28 +182,37 @@ def check_state(ref: dict[str, Any], pos: pl.DataFrame, acc: pl.DataFrame) -> No
 def first_touch_child(queue: Any) -> None:
     import numpy as np
 
-    times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        block = np.ones(1 << 27)  # 1 GiB
-        times.append(time.perf_counter() - t)
-        del block
+    from riskbook._memory import _setter
+
+    set_hugepages = _setter()
+    times = {}
+    for huge in (True, False):
+        if set_hugepages is not None:
+            set_hugepages(huge)
+        for again in (False, True):
+            t = time.perf_counter()
+            block = np.ones(1 << 27)  # 1 GiB
+            times[huge, again] = time.perf_counter() - t
+            del block
+        time.sleep(6)  # long enough for a VM to give the freed memory back to its host
     queue.put(times)
 
 
-def first_touch() -> tuple[float, float]:
-    """Seconds per GiB to write memory a process never had, then memory it freed.
+def first_touch() -> dict[tuple[bool, bool], float]:
+    """Seconds per GiB to write memory a process never had, then memory it freed just
+    before, with NumPy's huge pages and without.
 
     On a VM whose host backs guest memory lazily the first is large, and every
-    first-call figure below pays it. Measured in a child process.
+    first-call figure below pays it (riskbook turns huge pages off there: see
+    riskbook/_memory.py). Measured in a child process.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=first_touch_child, args=(queue,))
     child.start()
-    times = queue.get()
+    times: dict[tuple[bool, bool], float] = queue.get()
     child.join()
-    return times[0], times[1]
+    return times
 
 
 def rss_gib() -> float:
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the report rows here")
     args = ap.parse_args(argv)
 
-    touch, retouch = first_touch()
+    touch = first_touch()
     with simulated_store(
         args.dsn, seed=args.seed, accounts=args.accounts, symbols=args.symbols, events=args.events
     ) as store:
@@ -303,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ratio {name} / riskbook: first call {base / first[0]:5.1f}x,"
                   f" sort + fold + frames {base / cold[0]:5.1f}x, book kept {base / warm[0]:5.1f}x,"
                   f" compiled fold alone {base / kernel_s[0]:5.1f}x")  # fmt: skip
-        print(f"  (this VM: first touch of fresh memory {touch:.2f} s/GiB, reused {retouch:.2f} s/GiB;"
+        print(f"  (this VM, seconds per GiB written: fresh memory {touch[True, False]:.2f} with huge pages,"
+              f" {touch[False, False]:.2f} without; memory freed just before {touch[True, True]:.2f} and"
+              f" {touch[False, True]:.2f}; riskbook's huge pages here: {'on' if hugepages() else 'off'};"
               f" the first call kept {touched:.2f} GiB more)")  # fmt: skip
         print(f"  reference child peak RSS: {ref['peak_rss_mb']:,.0f} MiB")
         timelines_peak = peak_rss_mb()
@@ -393,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
 
         reference = "reference fold of the tests (plain Python, per event)"
         rows = [
+            fold("position + account timelines, first call (sort + fold + frames)", first[0],
+                 ref["fold"][0], reference, timelines + "; its memory fresh from the OS"),
             fold("position + account timelines (sort + fold + frames)", cold[0],
-                 ref["fold"][0], reference, timelines),
+                 ref["fold"][0], reference, timelines + "; best of 3"),
             fold("position + account timelines, sorted book kept", warm[0],
                  ref["fold"][0], reference, timelines),
             fold("position + account timelines (sort + fold + frames)", cold[0],

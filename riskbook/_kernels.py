@@ -357,16 +357,20 @@ def account_figures(cash, gross, net, peak, equity, lev, dd):  # type: ignore[no
     """Equity ``cash + net``, leverage and drawdown of account timeline rows, with the
     operations of :func:`riskbook.projections.leverage` and ``drawdown``: leverage 0
     with no exposure, +inf when equity <= 0, else gross / equity; drawdown 0 while the
-    peak is <= 0, else (peak - equity) / peak."""
+    peak is <= 0, else (peak - equity) / peak. An output of length 0 is not written."""
+    w_e, w_l, w_d = equity.shape[0] > 0, lev.shape[0] > 0, dd.shape[0] > 0
     for i in range(cash.shape[0]):
         e = cash[i] + net[i]
-        equity[i] = e
-        g = gross[i]
-        if g == 0.0:
-            lev[i] = 0.0
-        elif e <= 0.0:
-            lev[i] = np.inf
-        else:
-            lev[i] = g / e
-        p = peak[i]
-        dd[i] = 0.0 if p <= 0.0 else (p - e) / p
+        if w_e:
+            equity[i] = e
+        if w_l:
+            g = gross[i]
+            if g == 0.0:
+                lev[i] = 0.0
+            elif e <= 0.0:
+                lev[i] = np.inf
+            else:
+                lev[i] = g / e
+        if w_d:
+            p = peak[i]
+            dd[i] = 0.0 if p <= 0.0 else (p - e) / p

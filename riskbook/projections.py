@@ -108,6 +108,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import polars as pl
 
+from riskbook._memory import empty as _empty
+from riskbook._memory import with_large_arrays
 from riskbook.errors import RiskbookError
 from riskbook.events import as_time
 from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
@@ -116,6 +118,8 @@ if TYPE_CHECKING:
     from riskbook.store import Store
 
 __all__ = [
+    "ACCOUNT_TIMELINE_COLUMNS",
+    "POSITION_TIMELINE_COLUMNS",
     "ProjectionState",
     "account_positions",
     "account_timeline",
@@ -140,6 +144,16 @@ _TRADE, _ADJUST, _MARK, _FUND = 0, 1, 2, 3
 _KIND_NAMES = ["TradeExecuted", "PositionUpdated", "PriceMarked", "AccountFunded"]
 _EVENT_TYPE = pl.Enum(_KIND_NAMES)
 _EVENT_COLUMNS = ("occurred_at", "timestamp", "position", "event_id", "event_type", "trade_id")
+POSITION_TIMELINE_COLUMNS = (
+    "account_id", "symbol", *_EVENT_COLUMNS, "signed_quantity", "price",
+    "quantity", "avg_price", "realized_pnl", "trades",
+)  # fmt: skip
+"""The columns of :func:`position_timeline`, in order."""
+ACCOUNT_TIMELINE_COLUMNS = (
+    "account_id", "occurred_at", "timestamp", "position", "event_id", "event_type", "symbol",
+    "cash", "equity", "gross_exposure", "net_exposure", "leverage", "drawdown", "peak_equity",
+)  # fmt: skip
+"""The columns of :func:`account_timeline`, in order."""
 _NEVER = np.iinfo(np.int64).max  # "no bust" / "no bound"
 _ALWAYS = np.iinfo(np.int64).min
 _TIME = pl.Datetime("us", "UTC")
@@ -425,20 +439,20 @@ def _book_order(bt: np.ndarray, ts: np.ndarray, pos: np.ndarray, starts: np.ndar
     many strays it is a sort of them).
     """
     k = _compiled()
-    stray = np.empty(bt.shape[0], np.bool_)
+    stray = _empty(bt.shape[0], np.bool_)
     k.strays(bt, ts, pos, starts, stray)
     kept = np.flatnonzero(~stray)
     lost = np.flatnonzero(stray)
     lost = lost[np.lexsort((pos[lost], ts[lost], bt[lost]))]
     bounds = np.concatenate([np.searchsorted(kept, starts), [bt.shape[0]]]).astype(np.int64)
-    perm = np.empty(bt.shape[0], np.int64)
+    perm = _empty(bt.shape[0], np.int64)
     k.merge_runs(bt, ts, pos, np.concatenate([kept, lost]), bounds, perm)
     return perm
 
 
 def _gather(perm: np.ndarray, column: np.ndarray) -> np.ndarray:
     """``column[perm]`` (compiled: a plain loop into a numpy array is the fastest way)."""
-    out = np.empty(perm.shape[0], column.dtype)
+    out = _empty(perm.shape[0], column.dtype)
     _compiled().gather(perm, column, out)
     return out
 
@@ -512,7 +526,7 @@ def _build_book(
     # The one ordering, then the columns gathered in that order.
     perm = _book_order(bt_, ts_, pos_, starts)
     kind, bt, ts, x, y, bust = (_gather(perm, c) for c in (kind_, bt_, ts_, x_, y_, bust))
-    acct, sym = np.empty(len(perm), np.int32), np.empty(len(perm), np.int32)
+    acct, sym = _empty(len(perm), np.int32), _empty(len(perm), np.int32)
     _compiled().gather_dense(perm, acode, acct_lut, acct)
     _compiled().gather_dense(perm, scode, sym_lut, sym)
 
@@ -523,7 +537,7 @@ def _build_book(
         + sym_lut[_codes(pl.Series([s for _, s in extra_pairs], dtype=_CAT))]
     )
     if n_acc * n_sym <= 1 << 24:  # a lookup table is cheaper than a sort
-        pair = np.empty(kind.shape[0], np.int32)
+        pair = _empty(kind.shape[0], np.int32)
         index = np.zeros(n_acc * n_sym, np.int32)
         pair_keys = _compiled().pair_codes(kind, acct, sym, n_sym, extra_keys, index, pair)
     else:
@@ -630,9 +644,9 @@ def _run(
         holders = np.diff(book.sym_ptr)[book.sym[:stop][on & (kind == _MARK)]]
         bound = int(np.count_nonzero(on & (kind != _MARK))) + int(holders.sum())
         cap = min(bound, max(2 * stop, 1 << 26))
-    pos_out = [np.empty(n_pos, t) for t in (np.int64, *[np.float64] * 3, np.int64, np.float64)]
+    pos_out = [_empty(n_pos, t) for t in (np.int64, *[np.float64] * 3, np.int64, np.float64)]
     types = (np.int64, np.int32, *[np.float64] * 4)
-    acc_out = [np.empty(cap, t) for t in types]
+    acc_out = [_empty(cap, t) for t in types]
     i, pi, ai = 0, 0, 0
     while True:
         i, pi, ai = _compiled().fold(
@@ -1208,6 +1222,7 @@ def _state_frames(tl: _Timelines, cut: int) -> tuple[pl.DataFrame, pl.DataFrame]
 # ----------------------------------------------------------------------------- public
 
 
+@with_large_arrays
 def positions(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -> pl.DataFrame:
     """Average-cost positions per (account, symbol) at business time ``at`` as known at ``known_at``.
 
@@ -1254,6 +1269,7 @@ def positions(history: History, *, at: TimeLike = None, known_at: TimeLike = Non
     return _state_frames(tl, tl.book.cut(_bound(at, "at")))[0]
 
 
+@with_large_arrays
 def accounts(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -> pl.DataFrame:
     """Cash, equity, exposure, leverage and drawdown per account at T as known at K.
 
@@ -1286,6 +1302,7 @@ def accounts(history: History, *, at: TimeLike = None, known_at: TimeLike = None
     return _state_frames(tl, tl.book.cut(_bound(at, "at")))[1]
 
 
+@with_large_arrays
 def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -> pl.DataFrame:
     """The mark of each symbol at T: its latest PriceMarked with business time <= T.
 
@@ -1360,7 +1377,10 @@ def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> pl.DataFrame:
     return pl.DataFrame(out)
 
 
-def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+@with_large_arrays
+def position_timeline(
+    history: History, *, known_at: TimeLike = None, columns: Sequence[str] | None = None
+) -> pl.DataFrame:
     """The position after every trade and adjustment that moves it, in order.
 
     One row per live TradeExecuted / PositionUpdated (known by K, not busted by K):
@@ -1369,6 +1389,10 @@ def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.Data
     fill's signed quantity, or ``new - q`` for an adjustment), ``price`` (the fill's;
     null for an adjustment), then the position after it: ``quantity, avg_price,
     realized_pnl, trades``. Rows are in the order of DESIGN.md §4.
+
+    ``columns``: build only these (in this order), e.g. for a limit type's metric;
+    the columns not asked for cost nothing. Default: all of
+    :data:`POSITION_TIMELINE_COLUMNS`.
 
     Examples
     --------
@@ -1397,32 +1421,41 @@ def position_timeline(history: History, *, known_at: TimeLike = None) -> pl.Data
     └─────────────────┴───────┴──────────┴───────────┴──────────────┘
     """
     _check_history(history)
+    names = _wanted(columns, POSITION_TIMELINE_COLUMNS, "position_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
     ev = tl.p_ev
-    pair = _gather(ev, book.pair)
-    x = _gather(ev, book.x)
-    is_trade = _gather(ev, book.kind) == _TRADE
-    signed = np.where(is_trade, x, x - tl.p_before)
-    price = pl.Series("price", _gather(ev, book.y), dtype=pl.Float64)
-    if len(ev) and not is_trade.all():
-        price = price.scatter(np.flatnonzero(~is_trade), None)
-    cols = _event_columns(book, ev, "symbol", *_EVENT_COLUMNS)
-    return pl.DataFrame(
-        [
-            book.account_names.gather(pl.Series(_gather(pair, book.pair_acct))).alias("account_id"),
-            *cols.get_columns(),
-            pl.Series("signed_quantity", signed),
-            price,
-            pl.Series("quantity", tl.p_q),
-            pl.Series("avg_price", tl.p_a),
-            pl.Series("realized_pnl", tl.p_r),
-            pl.Series("trades", tl.p_n),
-        ]
-    )
+    out: dict[str, pl.Series] = {}
+    if "account_id" in names:
+        pair = _gather(ev, book.pair)
+        acct = pl.Series(_gather(pair, book.pair_acct))
+        out["account_id"] = book.account_names.gather(acct).alias("account_id")
+    if {"signed_quantity", "price"} & names:
+        is_trade = _gather(ev, book.kind) == _TRADE
+        if "signed_quantity" in names:
+            x = _gather(ev, book.x)
+            out["signed_quantity"] = pl.Series(
+                "signed_quantity", np.where(is_trade, x, x - tl.p_before)
+            )
+        if "price" in names:
+            price = pl.Series("price", _gather(ev, book.y), dtype=pl.Float64)
+            if len(ev) and not is_trade.all():
+                price = price.scatter(np.flatnonzero(~is_trade), None)
+            out["price"] = price
+    event = [c for c in ("symbol", *_EVENT_COLUMNS) if c in names]
+    if event:
+        out.update((s.name, s) for s in _event_columns(book, ev, *event).get_columns())
+    for name, values in (("quantity", tl.p_q), ("avg_price", tl.p_a),
+                         ("realized_pnl", tl.p_r), ("trades", tl.p_n)):  # fmt: skip
+        if name in names:
+            out[name] = pl.Series(name, values)
+    return pl.DataFrame([out[c] for c in _order(columns, POSITION_TIMELINE_COLUMNS)])
 
 
-def account_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+@with_large_arrays
+def account_timeline(
+    history: History, *, known_at: TimeLike = None, columns: Sequence[str] | None = None
+) -> pl.DataFrame:
     """An account's figures after every event that moves them, in order.
 
     One row per (event, account) for the account's own trades, adjustments and
@@ -1430,6 +1463,8 @@ def account_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataF
     ``account_id, occurred_at, timestamp, position, event_id, event_type, symbol``
     (null for funding), ``cash, equity, gross_exposure, net_exposure, leverage,
     drawdown, peak_equity``. The state at T is the last row at or before T.
+    ``columns``: build only these (in this order); default all of
+    :data:`ACCOUNT_TIMELINE_COLUMNS`.
 
     Examples
     --------
@@ -1458,31 +1493,59 @@ def account_timeline(history: History, *, known_at: TimeLike = None) -> pl.DataF
     └───────────────┴────────┴────────┴─────────────┴──────────┘
     """
     _check_history(history)
+    names = _wanted(columns, ACCOUNT_TIMELINE_COLUMNS, "account_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
-    cols = _event_columns(
-        book, tl.a_ev, "occurred_at", "timestamp", "position", "event_id", "event_type", "symbol"
-    )
-    # equity, leverage and drawdown as leverage() and drawdown() compute them (the same
-    # operations, so the same numbers), in one compiled pass instead of three when/then
-    n = len(tl.a_ev)
-    equity, lev, dd = np.empty(n), np.empty(n), np.empty(n)
-    _compiled().account_figures(tl.a_cash, tl.a_gross, tl.a_net, tl.a_peak, equity, lev, dd)
-    return pl.DataFrame(
-        [
-            book.account_names.gather(pl.Series(tl.a_acct)).alias("account_id"),
-            *cols.get_columns(),
-            pl.Series("cash", tl.a_cash),
-            pl.Series("equity", equity),
-            pl.Series("gross_exposure", tl.a_gross),
-            pl.Series("net_exposure", tl.a_net),
-            pl.Series("leverage", lev),
-            pl.Series("drawdown", dd),
-            pl.Series("peak_equity", tl.a_peak),
-        ]
-    )
+    out: dict[str, pl.Series] = {}
+    if "account_id" in names:
+        out["account_id"] = book.account_names.gather(pl.Series(tl.a_acct)).alias("account_id")
+    event = [c for c in ACCOUNT_TIMELINE_COLUMNS[1:7] if c in names]
+    if event:
+        out.update((s.name, s) for s in _event_columns(book, tl.a_ev, *event).get_columns())
+    figures = [c for c in ("equity", "leverage", "drawdown") if c in names]
+    if figures:
+        # equity, leverage and drawdown as leverage() and drawdown() compute them (the
+        # same operations, so the same numbers), in one compiled pass instead of three
+        # when/then; a figure not asked for gets an empty array and is not written
+        n = len(tl.a_ev)
+        equity, lev, dd = (
+            _empty(n if c in figures else 0) for c in ("equity", "leverage", "drawdown")
+        )
+        _compiled().account_figures(tl.a_cash, tl.a_gross, tl.a_net, tl.a_peak, equity, lev, dd)
+        out.update(
+            (c, pl.Series(c, a))
+            for c, a in zip(("equity", "leverage", "drawdown"), (equity, lev, dd), strict=True)
+            if c in figures
+        )
+    for name, values in (("cash", tl.a_cash), ("gross_exposure", tl.a_gross),
+                         ("net_exposure", tl.a_net), ("peak_equity", tl.a_peak)):  # fmt: skip
+        if name in names:
+            out[name] = pl.Series(name, values)
+    return pl.DataFrame([out[c] for c in _order(columns, ACCOUNT_TIMELINE_COLUMNS)])
 
 
+def _order(columns: Sequence[str] | None, every: tuple[str, ...]) -> Sequence[str]:
+    return every if columns is None else columns
+
+
+def _wanted(columns: Sequence[str] | None, every: tuple[str, ...], what: str) -> set[str]:
+    """The columns asked for (all by default), checked against ``every``."""
+    if columns is None:
+        return set(every)
+    if isinstance(columns, str):
+        raise TypeError(f"{what}: columns must be a list of column names, not a string")
+    unknown = [c for c in columns if c not in every]
+    if unknown:
+        raise ValueError(
+            f"{what} has no column(s) {', '.join(map(repr, unknown))}; its columns are "
+            + ", ".join(every)
+        )
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"{what}: a column is asked for twice in {list(columns)}")
+    return set(columns)
+
+
+@with_large_arrays
 def adjustment_mismatches(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
     """PositionUpdated events whose ``previous_quantity`` is not the projected quantity.
 
@@ -1563,6 +1626,7 @@ def _dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(us))
 
 
+@with_large_arrays
 def write_snapshots(
     store: Store,
     history: History | None = None,
@@ -1794,6 +1858,7 @@ _STATE_SQL = (
 )
 
 
+@with_large_arrays
 def state_at(
     store: Store,
     at: TimeLike,

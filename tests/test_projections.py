@@ -693,6 +693,27 @@ def test_timelines_equal_the_reference_fold(rec: Recorder, known_at: datetime | 
         assert (joined["peak_equity"] == joined["peak_equity_tl"]).all()
 
 
+def test_timelines_build_only_the_columns_asked_for() -> None:
+    from polars.testing import assert_frame_equal
+
+    from riskbook import simulate
+
+    sim = simulate.generate(seed=7, accounts=5, symbols=3, days=3)
+    h = History.from_envelopes(sim.envelopes)
+    for fn, every in ((P.position_timeline, P.POSITION_TIMELINE_COLUMNS),
+                      (P.account_timeline, P.ACCOUNT_TIMELINE_COLUMNS)):  # fmt: skip
+        full = fn(h)
+        assert tuple(full.columns) == every
+        for some in (list(reversed(every)), [every[-1], every[0]], ["position"], []):
+            assert_frame_equal(fn(h, columns=some), full.select(some))
+        with pytest.raises(ValueError, match=r"has no column.*'quantiy'"):
+            fn(h, columns=["position", "quantiy"])
+        with pytest.raises(ValueError, match="asked for twice"):
+            fn(h, columns=["position", "position"])
+        with pytest.raises(TypeError, match="not a string"):
+            fn(h, columns="position")
+
+
 def test_simulated_history_equals_the_reference_fold() -> None:
     from riskbook import simulate
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import polars as pl
 
+from riskbook._memory import with_large_arrays
 from riskbook.events import LimitSet, as_time, parse_time
 from riskbook.frames import History
 from riskbook.limits._builtin import shared_timelines
@@ -267,6 +268,9 @@ def _empty_schema() -> dict[str, pl.DataType]:
 
 def _fill_event_ids(frame: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     """Event ids of triggers and ends from their positions (metrics without event_id)."""
+    # the few events wanted, found first (a join would hash every event of the history)
+    wanted = pl.concat([frame["trigger_position"], frame["ended_by_position"]]).drop_nulls()
+    events = events.filter(pl.col("position").is_in(wanted.unique().implode()))
     for id_col, pos_col in (("trigger_event_id", "trigger_position"),
                             ("ended_by_event_id", "ended_by_position")):  # fmt: skip
         lookup = events.rename({"position": pos_col, "event_id": "_id"})
@@ -278,6 +282,7 @@ def _fill_event_ids(frame: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     return frame
 
 
+@with_large_arrays
 def breaches(
     history: History,
     *,
@@ -365,6 +370,7 @@ def breaches(
     ]
 
 
+@with_large_arrays
 def backtest(
     history: History,
     limits: Limits,
@@ -549,6 +555,7 @@ def effective_limits(
 _STATUS = pl.Enum(["matched", "not_reported", "no_breach"])
 
 
+@with_large_arrays
 def reconcile(
     history: History,
     *,

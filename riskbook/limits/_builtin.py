@@ -46,19 +46,26 @@ def shared_timelines() -> Iterator[None]:
         _memo.reset(token)
 
 
+# The timeline columns the built-ins read (their event ids are looked up by position
+# for the few rows that start or end a breach).
+_POSITION_COLUMNS = ("account_id", "symbol", "occurred_at", "timestamp", "position",
+                     "event_type", "signed_quantity", "quantity")  # fmt: skip
+_ACCOUNT_COLUMNS = ("account_id", "occurred_at", "timestamp", "position", "leverage", "drawdown")
+
+
 def _shared(
-    name: str, fn: Callable[..., pl.DataFrame], history: History, known_at: Any
+    fn: Callable[..., pl.DataFrame], columns: tuple[str, ...], history: History, known_at: Any
 ) -> pl.DataFrame:
     memo = _memo.get()
     if memo is None:
-        return fn(history, known_at=known_at)
-    key = (name, id(history), str(known_at))
+        return fn(history, known_at=known_at, columns=columns)
+    key = (fn, id(history), str(known_at))
     if key not in memo:
-        memo[key] = fn(history, known_at=known_at)
+        memo[key] = fn(history, known_at=known_at, columns=columns)
     return memo[key]
 
 
-_EVENT = ("timestamp", "position", "event_id")
+_EVENT = ("timestamp", "position")
 _DAY_US = 86_400_000_000
 
 
@@ -85,7 +92,7 @@ def position_size(history: History, *, known_at: Any = None) -> pl.DataFrame:
     │ ACC-1      ┆ ACME   ┆ 5.0   │
     └────────────┴────────┴───────┘
     """
-    return _shared("position", position_timeline, history, known_at).select(
+    return _shared(position_timeline, _POSITION_COLUMNS, history, known_at).select(
         "account_id", "symbol", pl.col("occurred_at").alias("time"), *_EVENT,
         value=pl.col("quantity").abs(),
     )  # fmt: skip
@@ -98,7 +105,7 @@ def daily_volume(history: History, *, known_at: Any = None) -> pl.DataFrame:
     sum of the quantities of the account's trades of that UTC calendar day up to and
     including this one, in business order.
     """
-    trades = _shared("position", position_timeline, history, known_at).filter(
+    trades = _shared(position_timeline, _POSITION_COLUMNS, history, known_at).filter(
         pl.col("event_type") == "TradeExecuted"
     )
     rows = trades.select(
@@ -120,14 +127,14 @@ def daily_volume(history: History, *, known_at: Any = None) -> pl.DataFrame:
 
 def drawdown(history: History, *, known_at: Any = None) -> pl.DataFrame:
     """MaxDrawdown's metric: the account's drawdown after every event that moves it."""
-    return _shared("account", account_timeline, history, known_at).select(
+    return _shared(account_timeline, _ACCOUNT_COLUMNS, history, known_at).select(
         "account_id", pl.col("occurred_at").alias("time"), *_EVENT, value=pl.col("drawdown")
     )
 
 
 def leverage(history: History, *, known_at: Any = None) -> pl.DataFrame:
     """MaxLeverage's metric: the account's leverage after every event that moves it."""
-    return _shared("account", account_timeline, history, known_at).select(
+    return _shared(account_timeline, _ACCOUNT_COLUMNS, history, known_at).select(
         "account_id", pl.col("occurred_at").alias("time"), *_EVENT, value=pl.col("leverage")
     )
 

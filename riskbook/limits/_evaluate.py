@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from riskbook._memory import with_large_arrays
 from riskbook.limits._registry import SCOPES, LimitDefinition, get
 
 __all__ = [
@@ -704,6 +705,7 @@ def _grow(arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- evaluate
 
 
+@with_large_arrays
 def evaluate(
     definition: LimitDefinition | str,
     metric: pl.DataFrame,
