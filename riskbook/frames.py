@@ -727,7 +727,7 @@ def _read(
         frames[name] = frame
         envelopes.append(_envelope_of(frame, kind))
     envelopes += [f for _, f in parts.get("events", [])]
-    frames["events"] = _in_order(pl.concat(envelopes, rechunk=False))
+    frames["events"] = _merged(envelopes)
     return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
 
 
@@ -870,6 +870,21 @@ def _in_order(frame: pl.DataFrame) -> pl.DataFrame:
     if frame.height and not frame["position"].is_sorted():
         return frame.sort("position")
     return frame
+
+
+def _merged(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """The rows of ``parts`` in global order, built a column at a time.
+
+    A sort of the whole frame would first copy every column into one chunk and then
+    copy it again in order: two copies of the events at once, the first left to the
+    allocator as garbage (about 450 MB at 5M events). Column by column, only one
+    column's copy is ever extra.
+    """
+    whole = pl.concat(parts, rechunk=False)
+    if whole.height == 0 or whole["position"].is_sorted():
+        return whole.rechunk()
+    order = whole["position"].arg_sort()
+    return pl.DataFrame([whole[c].gather(order) for c in whole.columns])
 
 
 def _envelope_of(frame: pl.DataFrame, kind: Kind) -> pl.DataFrame:
