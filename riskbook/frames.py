@@ -1039,7 +1039,7 @@ def _interactive() -> bool:
 
 
 def _cache_root() -> Path:
-    from riskbook.store.embedded import riskbook_home
+    from riskbook._home import riskbook_home
 
     return Path(os.environ.get("RISKBOOK_CACHE") or riskbook_home() / "cache")
 

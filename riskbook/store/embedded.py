@@ -58,6 +58,7 @@ from urllib.parse import quote
 
 import psutil
 
+from riskbook._home import riskbook_home
 from riskbook.errors import EmbeddedServerError
 
 __all__ = [
@@ -89,19 +90,6 @@ _SERVER_SETTINGS = {
     "shared_buffers": "128MB",
     "unix_socket_permissions": "0700",
 }
-
-
-def riskbook_home() -> Path:
-    """The riskbook home folder.
-
-    Returns
-    -------
-    Path
-        ``$RISKBOOK_HOME`` if set and not empty, else ``~/.riskbook``; user-expanded and
-        resolved. The folder is not created.
-    """
-    raw = os.environ.get("RISKBOOK_HOME") or "~/.riskbook"
-    return Path(raw).expanduser().resolve()
 
 
 @dataclass(frozen=True)
