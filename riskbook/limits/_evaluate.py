@@ -735,6 +735,10 @@ def evaluate(
     (intervals, state) : one row per breach interval that closed in this batch or is
         open at its end (``ended_at`` null), with :data:`BREACH_SCHEMA` and a boolean
         ``carried`` (it started in an earlier batch); and the state to carry on from.
+        ``trigger_event_id`` and ``ended_by_event_id`` are null for metric rows without
+        an ``event_id`` (the built-in types' metrics have none): their
+        ``trigger_position`` / ``ended_by_position`` name the events, and
+        :func:`~riskbook.breaches` and :func:`~riskbook.limits.backtest` fill the ids in.
 
     Examples
     --------
