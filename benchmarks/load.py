@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_json, peak_rss_mb, scratch_database
+from _common import child_json, peak_rss_mb, scratch_database, settle
 
 HERE = Path(__file__).resolve()
 
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             store, seed=11, accounts=60, symbols=40, events=args.events
         )
         made = time.perf_counter() - t
+        settle(store)
         with store.connection() as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         store.close()

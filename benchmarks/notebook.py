@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import peak_rss_mb, scratch_database
+from _common import peak_rss_mb, scratch_database, settle
 
 import riskbook
 from riskbook import simulate, viz, widgets
@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 symbols=args.symbols,
                 events=args.events,
             )
-            with store.connection() as conn:
-                conn.execute("ANALYZE")
-                conn.commit()
             print(f"history: simulated {result.added:,} events in {time.perf_counter() - t:.1f} s")
+            settle(store)
         store.close()
         kernel = in_kernel(dsn, args.moves, Path(tmp) / "cache")
         kernel_peak = peak_rss_mb()
