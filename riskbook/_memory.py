@@ -20,12 +20,17 @@ overrides the choice (``auto``, the default, makes it as above).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 __all__ = ["free_page_reporting", "hugepages", "large_arrays", "with_large_arrays"]
 
@@ -61,6 +66,7 @@ def hugepages() -> bool:
     return not free_page_reporting()
 
 
+@functools.cache
 def _setter() -> Callable[[bool], bool] | None:
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
@@ -141,10 +147,6 @@ class _Pool:
         self.timer: threading.Timer | None = None
 
     def empty(self, n: int, dtype: Any) -> Any:
-        import mmap
-
-        import numpy as np
-
         dt = np.dtype(dtype)
         nbytes = int(n) * dt.itemsize
         if nbytes < _SMALL:
@@ -161,14 +163,10 @@ class _Pool:
             if hugepages():
                 block.madvise(mmap.MADV_HUGEPAGE)
         out = np.frombuffer(block, dt, count=n)
-        import weakref
-
         weakref.finalize(out, self._give_back, block)
         return out
 
     def _give_back(self, block: Any) -> None:
-        import time
-
         with self.lock:
             self.free.append((len(block), time.monotonic(), block))
             if self.timer is None:
@@ -177,8 +175,6 @@ class _Pool:
                 self.timer.start()
 
     def _purge(self) -> None:
-        import time
-
         with self.lock:
             self.timer = None
             now = time.monotonic()
