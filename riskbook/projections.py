@@ -95,12 +95,15 @@ shape: (1, 4)
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import math
+import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -501,6 +504,14 @@ def _build_book(
     nonempty = [p for p in parts if p.height] or parts[:1]  # each part costs a select
     frame = pl.concat(nonempty, rechunk=False)
     starts = np.cumsum([0] + [p.height for p in nonempty]).astype(np.int64)
+    # Numpy columns (one copy of each, the parts joined) for the compiled passes below;
+    # the one ordering is found on the helper thread meanwhile (the compiled passes and
+    # numpy's sorts release the GIL).
+    bt_, ts_, pos_ = (frame[c].to_numpy() for c in ("bt", "ts", "position"))
+    ordering = _helper().submit(_book_order, bt_, ts_, pos_, starts)
+    kind_, x_, y_, acode, scode = (
+        frame[c].to_numpy() for c in ("kind", "x", "y", "acode", "scode")
+    )
     # Busts: the earliest recorded time of a cancel of each trade (by account and trade id).
     bust = np.full(frame.height, _NEVER, np.int64)
     if cx.height and tr.height:
@@ -514,21 +525,23 @@ def _build_book(
             .join(first, on=["account_id", "trade_id"], how="inner")
         )
         bust[hit["i"].to_numpy()] = hit["bust"].to_numpy()
-    # Numpy columns (one copy of each, the parts joined) for the compiled passes below.
-    kind_, bt_, ts_, pos_, x_, y_, acode, scode = (
-        frame[c].to_numpy() for c in ("kind", "bt", "ts", "position", "x", "y", "acode", "scode")
-    )
     extra_acc = [a for a, _ in extra_pairs] + list(extra_accounts)
     account_names, acct_lut = _dense(frame["account_id"], acode, extra_acc)
     symbol_names, sym_lut = _dense(
         frame["symbol"], scode, [s for _, s in extra_pairs] + list(extra_symbols)
     )
-    # The one ordering, then the columns gathered in that order.
-    perm = _book_order(bt_, ts_, pos_, starts)
-    kind, bt, ts, x, y, bust = (_gather(perm, c) for c in (kind_, bt_, ts_, x_, y_, bust))
+    # The columns gathered in that order, half of them on the helper thread.
+    perm = ordering.result()
     acct, sym = _empty(len(perm), np.int32), _empty(len(perm), np.int32)
+
+    def half() -> tuple[np.ndarray, ...]:
+        _compiled().gather_dense(perm, scode, sym_lut, sym)
+        return tuple(_gather(perm, c) for c in (x_, y_, bust))
+
+    other = _helper().submit(half)
+    kind, bt, ts = (_gather(perm, c) for c in (kind_, bt_, ts_))
     _compiled().gather_dense(perm, acode, acct_lut, acct)
-    _compiled().gather_dense(perm, scode, sym_lut, sym)
+    x, y, bust = other.result()
 
     n_acc, n_sym = len(account_names), max(len(symbol_names), 1)
     extra_keys = (
@@ -1350,31 +1363,51 @@ def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -
 _EVENT_TYPES = pl.Series("event_type", _KIND_NAMES, dtype=_EVENT_TYPE)
 
 
-def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> pl.DataFrame:
+def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> Callable[[], pl.DataFrame]:
     """Columns ``occurred_at, timestamp, position, event_id, event_type, trade_id,
-    symbol`` of book rows ``ev``.
+    symbol`` of book rows ``ev``: call the returned function for the frame.
 
     Times, positions and types come from the book's arrays (a compiled gather, and
     numpy arrays become Series without a copy); only the strings and symbols are
-    gathered from ``source``.
+    gathered from ``source``, on a helper thread while the caller goes on until it
+    asks for the frame (the compiled gathers and folds release the GIL, and Polars'
+    gather of strings alone keeps one core of two busy).
     """
     rows = _gather(ev, book.row)  # rows of source (and of pos)
     named = [c for c in columns if c in ("event_id", "trade_id", "symbol")]
-    source = book.outputs().select(pl.col(*named).gather(pl.Series(rows))) if named else None
-    out: list[pl.Series] = []
+    strings = (
+        _helper().submit(lambda: book.outputs().select(pl.col(*named).gather(pl.Series(rows))))
+        if named
+        else None
+    )
+    out: dict[str, pl.Series] = {}
     for c in columns:
         if c in ("occurred_at", "timestamp"):
-            out.append(
-                pl.Series(c, _gather(ev, book.bt if c == "occurred_at" else book.ts)).cast(_TIME)
+            out[c] = pl.Series(c, _gather(ev, book.bt if c == "occurred_at" else book.ts)).cast(
+                _TIME
             )
         elif c == "position":
-            out.append(pl.Series(c, _gather(rows, book.pos)))
+            out[c] = pl.Series(c, _gather(rows, book.pos))
         elif c == "event_type":
-            out.append(_EVENT_TYPES.gather(pl.Series(_gather(ev, book.kind))))
-        else:
-            assert source is not None
-            out.append(source[c])
-    return pl.DataFrame(out)
+            out[c] = _EVENT_TYPES.gather(pl.Series(_gather(ev, book.kind)))
+
+    def frame() -> pl.DataFrame:
+        if strings is not None:
+            out.update((s.name, s) for s in strings.result().get_columns())
+        return pl.DataFrame([out[c] for c in columns])
+
+    return frame
+
+
+def _helper() -> concurrent.futures.ThreadPoolExecutor:
+    """The one helper thread of this process (keyed by pid: a forked child has no thread
+    of its parent's; Polars' own pool does not survive a fork either, so use spawn)."""
+    return _helper_of(os.getpid())
+
+
+@functools.cache
+def _helper_of(pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="riskbook")
 
 
 @with_large_arrays
@@ -1425,6 +1458,8 @@ def position_timeline(
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
     ev = tl.p_ev
+    event = [c for c in ("symbol", *_EVENT_COLUMNS) if c in names]
+    event_frame = _event_columns(book, ev, *event) if event else None
     out: dict[str, pl.Series] = {}
     if "account_id" in names:
         pair = _gather(ev, book.pair)
@@ -1442,13 +1477,12 @@ def position_timeline(
             if len(ev) and not is_trade.all():
                 price = price.scatter(np.flatnonzero(~is_trade), None)
             out["price"] = price
-    event = [c for c in ("symbol", *_EVENT_COLUMNS) if c in names]
-    if event:
-        out.update((s.name, s) for s in _event_columns(book, ev, *event).get_columns())
     for name, values in (("quantity", tl.p_q), ("avg_price", tl.p_a),
                          ("realized_pnl", tl.p_r), ("trades", tl.p_n)):  # fmt: skip
         if name in names:
             out[name] = pl.Series(name, values)
+    if event_frame is not None:
+        out.update((s.name, s) for s in event_frame().get_columns())
     return pl.DataFrame([out[c] for c in _order(columns, POSITION_TIMELINE_COLUMNS)])
 
 
@@ -1500,8 +1534,7 @@ def account_timeline(
     if "account_id" in names:
         out["account_id"] = book.account_names.gather(pl.Series(tl.a_acct)).alias("account_id")
     event = [c for c in ACCOUNT_TIMELINE_COLUMNS[1:7] if c in names]
-    if event:
-        out.update((s.name, s) for s in _event_columns(book, tl.a_ev, *event).get_columns())
+    event_frame = _event_columns(book, tl.a_ev, *event) if event else None
     figures = [c for c in ("equity", "leverage", "drawdown") if c in names]
     if figures:
         # equity, leverage and drawdown as leverage() and drawdown() compute them (the
@@ -1521,6 +1554,8 @@ def account_timeline(
                          ("net_exposure", tl.a_net), ("peak_equity", tl.a_peak)):  # fmt: skip
         if name in names:
             out[name] = pl.Series(name, values)
+    if event_frame is not None:
+        out.update((s.name, s) for s in event_frame().get_columns())
     return pl.DataFrame([out[c] for c in _order(columns, ACCOUNT_TIMELINE_COLUMNS)])
 
 
@@ -1587,7 +1622,7 @@ def adjustment_mismatches(history: History, *, known_at: TimeLike = None) -> pl.
     bad = np.abs(prev - before) > 1e-9 * np.maximum(1.0, np.maximum(np.abs(prev), np.abs(before)))
     ev, before, prev = ev[bad], before[bad], prev[bad]
     pair = book.pair[ev]
-    cols = _event_columns(book, ev, "occurred_at", "timestamp", "position", "event_id", "symbol")
+    cols = _event_columns(book, ev, "occurred_at", "timestamp", "position", "event_id", "symbol")()
     return pl.DataFrame(
         {
             "account_id": book.account_names.gather(pl.Series(book.pair_acct[pair])),
