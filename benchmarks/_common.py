@@ -18,6 +18,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+# Python's default is to cache each module's bytecode in __pycache__. A shell with
+# PYTHONDONTWRITEBYTECODE set makes every fresh process of a measure compile its
+# libraries' modules again (numba's first call, say: 0.5 s instead of 0.16), which no
+# user's kernel pays twice. The benchmarks and the processes they start use the default.
+BYTECODE_WAS_OFF = os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None
+sys.dont_write_bytecode = False
+
 
 def server_dsn(dsn: str | None = None) -> str:
     """``dsn``, else RISKBOOK_DSN, else the embedded server (started if needed)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import scratch_database, server_dsn
+from _common import BYTECODE_WAS_OFF, scratch_database, server_dsn
 from _report import GROUPS, Row, figure, megabytes, read_rows, row_from_dict
 
 HERE = Path(__file__).resolve().parent
@@ -118,6 +118,7 @@ def machine(dsn: str, *, embedded: bool) -> dict[str, Any]:
         for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers"):
             info[f"postgres_{name}"] = conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
     info["postgres"] = "embedded" if embedded else "the server of --dsn / RISKBOOK_DSN"
+    info["bytecode_was_off"] = BYTECODE_WAS_OFF
     info["packages"] = {p: _version(p) for p in PACKAGES}
     info["commit"] = _git("rev-parse", "--short", "HEAD")
     info["uncommitted_changes"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
@@ -225,7 +226,8 @@ def render(report: dict[str, Any]) -> str:
         f"| PostgreSQL | {m['postgres_server_version']} ({m['postgres']}), fsync {m['postgres_fsync']},"
         f" synchronous_commit {m['postgres_synchronous_commit']},"
         f" shared_buffers {m['postgres_shared_buffers']} |",
-        f"| system | {m['os']}, Python {m['python']} |",
+        f"| system | {m['os']}, Python {m['python']} (bytecode cached, Python's default"
+        f"{'; PYTHONDONTWRITEBYTECODE was set in the shell and dropped' if m.get('bytecode_was_off') else ''}) |",
         f"| load average | {report['load_before'][0]:.2f} before, {report['load_after'][0]:.2f} after"
         " (1 min; the machine may be shared) |",
         f"| packages | {pkgs} |",

@@ -1,8 +1,9 @@
 """History into Polars: one typed frame per event kind (DESIGN.md §1 layer 3).
 
 :func:`load` reads the typed copy of the log (``event_fields``, kept by the store's
-insert trigger) through ADBC's PostgreSQL driver, which turns the server's binary COPY
-stream into Arrow in C; no JSON is parsed on either side. A :class:`History` holds
+insert trigger) as the server's binary COPY stream, decoded by compiled loops
+(:mod:`riskbook._copy`; ADBC's PostgreSQL driver where those cannot run); no JSON is
+parsed on either side. A :class:`History` holds
 
 ===============  ==========================================================
 ``trades``       TradeExecuted
@@ -28,6 +29,7 @@ the store's current visibility fence, so it costs what is new, never what is old
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -770,21 +772,24 @@ def _plan(conn: Any, after: int, fence: int) -> tuple[list[int], set[str]]:
 def _run(
     store: Store, tasks: list[tuple[str, int, str]], bar: _Progress, *, workers: int
 ) -> dict[str, list[tuple[int, pl.DataFrame]]]:
-    """Run the tasks' queries on ``workers`` ADBC connections; their frames by name.
+    """Run the tasks' queries on ``workers`` connections of their own (see
+    :func:`_reader`); their frames by name.
 
     Each worker reads, types and orders a part on its own connection, so one part's
-    decoding in this process overlaps the server's COPY of another (ADBC and Polars
-    release the GIL while they work).
+    decoding in this process overlaps the server's COPY of another (the compiled
+    decoder, ADBC and Polars release the GIL while they work).
     """
     out: dict[str, list[tuple[int, pl.DataFrame]]] = {}
 
-    def read(conn: Any, task: tuple[str, int, str]) -> tuple[str, int, pl.DataFrame]:
+    def read(
+        conn: Callable[[str], pl.DataFrame], task: tuple[str, int, str]
+    ) -> tuple[str, int, pl.DataFrame]:
         name, part, query = task
         if name == "events":
-            raw = _collect(conn, query)
+            raw = conn(query)
             frame = raw.select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()])
         else:
-            frame = _read_kind(conn, query, KINDS[name])
+            frame = _read_kind(conn(query), KINDS[name])
         return name, part, frame
 
     def done(result: tuple[str, int, pl.DataFrame]) -> None:
@@ -793,16 +798,17 @@ def _run(
         bar.update(frame.height)
 
     if workers <= 1 or len(tasks) <= 1:
-        with _adbc(store) as conn:
+        with _reader(store, large=False) as conn:
             for task in tasks:
                 done(read(conn, task))
         return out
 
     queue = list(reversed(tasks))  # popped from the end: largest first
     lock = threading.Lock()
+    warmup = _Warmup() if _route(True) == "copy" else None
 
     def worker() -> None:
-        with _adbc(store) as conn:
+        with _reader(store, large=True, warmup=warmup) as conn:
             while True:
                 with lock:
                     if not queue:
@@ -858,8 +864,7 @@ def _collect(conn: Any, query: str) -> pl.DataFrame:
     return pl.concat(batches, rechunk=False) if len(batches) > 1 else batches[0]
 
 
-def _read_kind(conn: Any, query: str, kind: Kind) -> pl.DataFrame:
-    raw = _collect(conn, query)
+def _read_kind(raw: pl.DataFrame, kind: Kind) -> pl.DataFrame:
     names = [*ENVELOPE, *kind.columns]
     raw = raw.rename(dict(zip(raw.columns, names, strict=True)))
     return _in_order(raw.select([pl.col(c).cast(t) for c, t in kind.schema.items()]))
@@ -880,13 +885,20 @@ def _merged(parts: list[pl.DataFrame]) -> pl.DataFrame:
     allocator as garbage (about 450 MB at 5M events). Column by column, only one
     column's copy is ever extra. (Each column is put in one chunk before its gather: a
     gather from the parts' many chunks took twice as long. At 5M events: 0.30 s and a
-    peak RSS of 1,840 MiB, against 0.28 s and 2,190 MiB for the sort.)
+    peak RSS of 1,840 MiB, against 0.28 s and 2,190 MiB for the sort; a column on each
+    of two cores, 0.12 s.)
     """
     whole = pl.concat(parts, rechunk=False)
     if whole.height == 0 or whole["position"].is_sorted():
         return whole.rechunk()
     order = whole["position"].arg_sort()
-    return pl.DataFrame([whole[c].rechunk().gather(order) for c in whole.columns])
+
+    def column(name: str) -> pl.Series:
+        return whole[name].rechunk().gather(order)
+
+    # a column at a time on each core: Polars' gather of one column keeps one busy
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="riskbook-merge") as pool:
+        return pl.DataFrame(list(pool.map(column, whole.columns)))
 
 
 def _envelope_of(frame: pl.DataFrame, kind: Kind) -> pl.DataFrame:
@@ -936,6 +948,82 @@ def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
 
     with ClientCursor(conn) as cur:
         return cur.mogrify(query, params)
+
+
+def _route(large: bool) -> str:
+    """How a read goes: ``copy`` (riskbook's own decoder of the binary COPY stream, see
+    :mod:`riskbook._copy`) for a large one, ``adbc`` for a small one, whose time would
+    go to starting the compiled code (numba's first call in a process: 0.15 s or more);
+    ``RISKBOOK_LOAD_ROUTE=copy|adbc`` picks one for every read."""
+    wanted = os.environ.get("RISKBOOK_LOAD_ROUTE", "").strip().lower()
+    if wanted not in ("", "copy", "adbc"):
+        raise RiskbookError(f"RISKBOOK_LOAD_ROUTE must be copy or adbc, not {wanted!r}")
+    return wanted or ("copy" if large else "adbc")
+
+
+class _Warmup:
+    """The compiled decoder made ready on a thread of its own (importing numba, loading
+    the parser: 0.3 s or more in a new process), while a large load's first parts are
+    read through ADBC; the parts after go through the decoder."""
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="riskbook-warmup", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            from riskbook import _copy
+
+            self.ok = _copy.warm()
+        finally:
+            self.done.set()
+
+    def ready(self, *, wait: bool) -> bool:
+        if wait:
+            self.done.wait()
+        return self.done.is_set() and self.ok
+
+
+@contextmanager
+def _reader(
+    store: Store, *, large: bool, warmup: _Warmup | None = None
+) -> Iterator[Callable[[str], pl.DataFrame]]:
+    """A connection of its own to read queries with (parameters inlined): a function
+    from a query to its rows as a Polars frame of the raw column types.
+
+    Through the compiled decoder (if ``warmup`` says it is ready; without one, once it
+    is) or through ADBC's driver, each connection opened on first use.
+    """
+    route = _route(large)
+    if route == "adbc":
+        with _adbc(store) as adbc:
+            yield functools.partial(_collect, adbc)
+        return
+    forced = os.environ.get("RISKBOOK_LOAD_ROUTE", "").strip().lower() == "copy"
+    warmup = warmup or _Warmup()
+    with ExitStack() as opened:
+        conns: dict[str, Any] = {}
+
+        def via_adbc(query: str) -> pl.DataFrame:
+            if "adbc" not in conns:
+                conns["adbc"] = opened.enter_context(_adbc(store))
+            return _collect(conns["adbc"], query)
+
+        def read(query: str) -> pl.DataFrame:
+            if not warmup.ready(wait=forced):
+                return via_adbc(query)
+            from riskbook import _copy
+            from riskbook.store.eventstore import _connect
+
+            if "copy" not in conns:
+                conns["copy"] = opened.enter_context(_connect(store.dsn, autocommit=True))
+            try:
+                return _copy.read(conns["copy"], query)
+            except _copy.Unsupported:
+                return via_adbc(query)
+
+        yield read
 
 
 @contextmanager
