@@ -696,7 +696,7 @@ def _read(
             out = History.empty(filters)
             out.horizon = fence
             return out
-        present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL)}
+        present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL, (after, fence))}
         cuts, big = _plan(conn, after, fence)
         # (frame, part, query): the small kinds whole first, then the large ones range
         # by range, so that each range's events can be put in order while the load goes on
@@ -899,7 +899,9 @@ _ENVELOPE_SQL = (
     " f.causation_id::text, f.correlation_id"
 )
 
-# The event types present, by a loose scan of event_fields_type_idx (a few index probes).
+# The event types with events in a position range: a loose scan of event_fields_type_idx
+# for the types, then a probe of the range for each (a few index probes whatever the
+# sizes: a refresh of a few events asks only for the kinds it has).
 _TYPES_PRESENT_SQL = """
 WITH RECURSIVE t(event_type) AS (
     (SELECT event_type FROM event_fields ORDER BY event_type LIMIT 1)
@@ -908,7 +910,10 @@ WITH RECURSIVE t(event_type) AS (
              ORDER BY f.event_type LIMIT 1)
       FROM t WHERE t.event_type IS NOT NULL
 )
-SELECT event_type FROM t WHERE event_type IS NOT NULL
+SELECT event_type FROM t
+ WHERE event_type IS NOT NULL
+   AND EXISTS (SELECT 1 FROM event_fields f
+                WHERE f.event_type = t.event_type AND f.position >= %s AND f.position < %s)
 """
 
 
@@ -1115,21 +1120,37 @@ def _adbc(store: Store) -> Iterator[Any]:
     or more to import) is never loaded.
     """
     import adbc_driver_manager
-    import adbc_driver_postgresql
 
     failure = None
     try:
-        db = adbc_driver_postgresql.connect(store.dsn)
-        conn = adbc_driver_manager.AdbcConnection(db)
+        conn = adbc_driver_manager.AdbcConnection(_adbc_database(store.dsn))
     except Exception as exc:  # its message may quote the DSN: scrubbed, and not chained
         failure = f"cannot connect to {redact(store.dsn)} with ADBC: {scrub(str(exc), store.dsn)}"
+        _ADBC_DATABASES.pop((os.getpid(), store.dsn), None)  # made again next time
     if failure is not None:
         raise StoreError(failure)
     try:
         yield conn
     finally:
         conn.close()
-        db.close()
+
+
+_ADBC_DATABASES: dict[tuple[int, str], Any] = {}
+_ADBC_LOCK = threading.Lock()
+
+
+def _adbc_database(dsn: str) -> Any:
+    """ADBC's database object for ``dsn``, one per process: making one costs about 40 ms
+    (the driver reads the server's catalogue of types), a connection from it 3 ms, and a
+    refresh of a few events otherwise paid the 40 ms every time."""
+    import adbc_driver_postgresql
+
+    key = (os.getpid(), dsn)
+    with _ADBC_LOCK:
+        db = _ADBC_DATABASES.get(key)
+        if db is None:
+            db = _ADBC_DATABASES[key] = adbc_driver_postgresql.connect(dsn)
+    return db
 
 
 def _batches(conn: Any, query: str) -> Iterator[pl.DataFrame]:
@@ -1258,6 +1279,8 @@ def _write_segment(history: History, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"
     for name, frame in history.frames().items():
+        if frame.height == 0:  # history.json says it has no rows: nothing to map
+            continue
         tmp = directory / f"{name}.arrow{suffix}"
         frame.write_ipc(tmp, compression="uncompressed")
         tmp.replace(directory / f"{name}.arrow")  # a new file: maps of the old one stay valid
@@ -1292,7 +1315,9 @@ def _read_folder(directory: Path, suffix: str, read: Callable[[Path], pl.DataFra
         raise RiskbookError(f"{directory}: format {meta.get('format')} is not {_FORMAT}")
     frames = {}
     for name in [*KINDS, "events"]:
-        frame = read(directory / f"{name}{suffix}")
+        path = directory / f"{name}{suffix}"
+        # a cache segment leaves out the files of frames without rows
+        frame = _empty(name) if meta["rows"][name] == 0 and not path.exists() else read(path)
         schema = EVENTS_SCHEMA if name == "events" else KINDS[name].schema
         if frame.height != meta["rows"][name] or frame.schema != pl.Schema(schema):
             raise RiskbookError(f"{directory}: {name}{suffix} does not match history.json")
