@@ -116,9 +116,9 @@ def _drain(get, free, memcpy, conn, slot, out, off, codes, stats):  # type: igno
 
     Each message is checked while it is in the cache and its rows counted (the server
     sends a row per message, the header with the first one): ``stats[0]`` rows,
-    ``stats[2 + c]`` bytes of text column ``c``, ``stats[1]`` trailers; ``stats[-1]``
-    is set to 1 if a message is not the header, rows of ``len(codes)`` fields and the
-    trailer that fill it exactly. ``slot[3]``: whether the header was read.
+    ``stats[1 + c]`` bytes of text column ``c``; ``stats[-1]`` is set to 1 if a
+    message is not the header, rows of ``len(codes)`` fields and the trailer that fill
+    it exactly. ``slot[3]``: whether the header was read.
     """
     cap = out.shape[0]
     base = out.ctypes.data
@@ -153,7 +153,6 @@ def _drain(get, free, memcpy, conn, slot, out, off, codes, stats):  # type: igno
             fc = (np.int64(out[q]) << 8) | np.int64(out[q + 1])
             q += 2
             if fc == 0xFFFF:  # the trailer
-                stats[1] += 1
                 continue
             if fc != ncols:
                 stats[-1] = 1
@@ -166,7 +165,7 @@ def _drain(get, free, memcpy, conn, slot, out, off, codes, stats):  # type: igno
                 q += 4
                 if m > 0:
                     if codes[c] == 7:
-                        stats[2 + c] += m
+                        stats[1 + c] += m
                     q += m
             stats[0] += 1
         if q != stop:
@@ -386,7 +385,7 @@ def read(
             if stats[-1]:
                 raise _broken("a malformed message")
             rows = int(stats[0])
-            text_bytes = stats[2:-1]
+            text_bytes = stats[1:-1]
             frames.append(_decode(buf, start, rows, text_bytes, codes, columns, categories or {}))
             pump.done(buf)
     finally:
@@ -429,7 +428,7 @@ class _Pump:
                 buf = self._free.get()
                 if self._stopping:
                     break
-                stats = np.zeros(self._codes.shape[0] + 3, np.int64)
+                stats = np.zeros(self._codes.shape[0] + 2, np.int64)
                 end, self.status = self._drain(self._conn, slot, buf, 0, self._codes, stats)
                 if self.status == 1 and end == 0:  # a row larger than a buffer: one for it
                     buf = _empty(int(slot[2]) + _CHUNK, np.uint8)

@@ -29,6 +29,7 @@ the store's current visibility fence, so it costs what is new, never what is old
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -726,15 +727,15 @@ def _read(
     parts = _run(store, tasks, bar, workers=_WORKERS if big else 1, events=events)
     bar.close()
     frames: dict[str, pl.DataFrame] = {}
-    envelopes = []
-    for name, kind in KINDS.items():
+    for name in KINDS:
         # the parts of a kind are consecutive position ranges, each in order
         got = [f for _, f in sorted(parts.get(name, []), key=lambda pf: pf[0])]
-        frame = pl.concat(got, rechunk=False) if got else _empty(name)
-        frames[name] = frame
-        envelopes.append(_envelope_of(frame, kind))
-    envelopes += [f for _, f in parts.get("events", [])]
-    frames["events"] = events.frame() if events is not None else _merged(envelopes)
+        frames[name] = pl.concat(got, rechunk=False) if got else _empty(name)
+    if events is not None:  # put together while the load went on
+        frames["events"] = events.frame()
+    else:
+        envelopes = [_envelope_of(frames[name], kind) for name, kind in KINDS.items()]
+        frames["events"] = _merged(envelopes + [f for _, f in parts.get("events", [])])
     return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
 
 
@@ -867,10 +868,9 @@ def _run(
 
     queue = list(reversed(tasks))  # popped from the end: largest first
     lock = threading.Lock()
-    warmup = _Warmup() if _route(True) == "copy" else None
 
     def worker() -> None:
-        with _reader(store, large=True, warmup=warmup) as conn:
+        with _reader(store, large=True) as conn:
             while True:
                 with lock:
                     if not queue:
@@ -1039,44 +1039,28 @@ def _route(large: bool) -> str:
     return wanted or ("copy" if large else "adbc")
 
 
-class _Warmup:
-    """The compiled decoder made ready on a thread of its own (importing numba, loading
-    the parser: 0.3 s or more in a new process) while the load opens its connections.
+@functools.cache
+def _decoder_ready() -> bool:
+    """Whether the compiled decoder runs here, made ready once per process (importing
+    numba and loading the parser: 0.3 s or more in a new process)."""
+    from riskbook import _copy
 
-    (Reading the first parts through ADBC meanwhile gained nothing: at 5M events the
-    same wall time for 8% more CPU time.)
-    """
-
-    def __init__(self) -> None:
-        self.ok = False
-        self.done = threading.Event()
-        threading.Thread(target=self._run, name="riskbook-warmup", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            from riskbook import _copy
-
-            self.ok = _copy.warm()
-        finally:
-            self.done.set()
-
-    def ready(self) -> bool:
-        """Whether the decoder can run here (once it is made ready)."""
-        self.done.wait()
-        return self.ok
+    return _copy.warm()
 
 
 _Read = Callable[[str, "dict[int, pl.DataType] | None"], pl.DataFrame]
 
 
 @contextmanager
-def _reader(store: Store, *, large: bool, warmup: _Warmup | None = None) -> Iterator[_Read]:
+def _reader(store: Store, *, large: bool) -> Iterator[_Read]:
     """A connection of its own to read queries with (parameters inlined): a function
     from a query to its rows as a Polars frame of the raw column types (or of the
     Categorical and Enum types given by column index, where the route reads them so).
 
-    Through the compiled decoder (once ``warmup`` is done) or, where it cannot run or
-    not read a query, through ADBC's driver; each connection opened on first use.
+    Through the compiled decoder or, where it cannot run or not read a query, through
+    ADBC's driver; each connection opened on first use. (Reading a large load's first
+    parts through ADBC while the decoder is made ready gained nothing: at 5M events the
+    same wall time for 8% more CPU time.)
     """
     route = _route(large)
     if route == "adbc":
@@ -1087,7 +1071,6 @@ def _reader(store: Store, *, large: bool, warmup: _Warmup | None = None) -> Iter
 
             yield via
         return
-    warmup = warmup or _Warmup()
     with ExitStack() as opened:
         conns: dict[str, Any] = {}
 
@@ -1097,7 +1080,7 @@ def _reader(store: Store, *, large: bool, warmup: _Warmup | None = None) -> Iter
             return _collect(conns["adbc"], query)
 
         def read(query: str, categories: dict[int, pl.DataType] | None = None) -> pl.DataFrame:
-            if not warmup.ready():
+            if not _decoder_ready():
                 return via_adbc(query)
             from riskbook import _copy
             from riskbook.store.eventstore import _connect
