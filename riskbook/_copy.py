@@ -37,6 +37,9 @@ import numba
 import numpy as np
 import polars as pl
 
+from riskbook._columns import BOOL, FLOAT4, FLOAT8, INT8, TEXT, Unsupported
+from riskbook._columns import describe as _describe
+from riskbook._columns import query_error as _error
 from riskbook._memory import empty as _empty
 
 __all__ = ["Unsupported", "available", "read"]
@@ -44,28 +47,6 @@ __all__ = ["Unsupported", "available", "read"]
 _CHUNK = 64 << 20  # bytes of COPY rows decoded at once
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
-
-# PostgreSQL type oid -> (parser code, Polars type of the raw column)
-_INT8, _INT4, _INT2, _FLOAT8, _FLOAT4, _BOOL, _TIME, _TEXT = range(8)
-_TYPES: dict[int, tuple[int, pl.DataType]] = {
-    20: (_INT8, pl.Int64()),
-    23: (_INT4, pl.Int32()),
-    21: (_INT2, pl.Int16()),
-    701: (_FLOAT8, pl.Float64()),
-    700: (_FLOAT4, pl.Float32()),
-    16: (_BOOL, pl.Boolean()),
-    1184: (_TIME, pl.Datetime("us", "UTC")),
-    1114: (_TIME, pl.Datetime("us")),
-    25: (_TEXT, pl.String()),
-    1043: (_TEXT, pl.String()),
-    1042: (_TEXT, pl.String()),
-    19: (_TEXT, pl.String()),
-}
-
-
-class Unsupported(Exception):
-    """This route cannot read the query (a column type it does not decode, no libpq)."""
-
 
 # --------------------------------------------------------------------------- libpq
 
@@ -178,9 +159,9 @@ def warm() -> bool:
     whether the route can run here."""
     if not available():
         return False
-    codes = np.array([_INT8, _TEXT], np.int64)
+    codes = np.array([INT8, TEXT], np.int64)
     buf = np.array([0, 2, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 65], np.uint8)
-    columns = [("i", _INT8, pl.Int64()), ("t", _TEXT, pl.String())]
+    columns = [("i", INT8, pl.Int64()), ("t", TEXT, pl.String())]
     text = np.array([0, 1], np.int64)
     _decode(buf, 0, 1, text, codes, columns, {})
     _decode(buf, 0, 1, text, codes, columns, {1: pl.Categorical()})
@@ -322,33 +303,6 @@ def _rehash(table, hashes, nuniq):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------- the route
 
 
-def _describe(pgconn: Any, query: bytes) -> list[tuple[str, int, pl.DataType]]:
-    """(name, parser code, raw Polars type) of each column the query selects."""
-    import psycopg.pq
-
-    res = pgconn.prepare(b"", query)
-    if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
-        raise _error(res)
-    d = pgconn.describe_prepared(b"")
-    if d.status != psycopg.pq.ExecStatus.COMMAND_OK:
-        raise _error(d)
-    out = []
-    for i in range(d.nfields):
-        oid = d.ftype(i)
-        if oid not in _TYPES:
-            raise Unsupported(f"column {i + 1} has type oid {oid}")
-        name = (d.fname(i) or b"").decode()
-        out.append((name, *_TYPES[oid]))
-    return out
-
-
-def _error(res: Any) -> Exception:
-    from riskbook.errors import StoreError
-
-    message = (res.error_message or b"").decode(errors="replace").strip()
-    return StoreError(f"query failed: {message or res.status.name}")
-
-
 def read(
     conn: Any, query: str, categories: Mapping[int, pl.DataType] | None = None
 ) -> pl.DataFrame:
@@ -475,12 +429,12 @@ def _decode(
     import nanoarrow as na
 
     ncols = len(columns)
-    is_text = codes == _TEXT
+    is_text = codes == TEXT
     slots = np.zeros(ncols, np.int64)
     slots[is_text] = np.arange(int(is_text.sum()))
     slots[~is_text] = np.arange(int((~is_text).sum()))
     dslot = np.full(ncols, -1, np.int64)
-    encoded = [c for c in sorted(categories) if codes[c] == _TEXT]
+    encoded = [c for c in sorted(categories) if codes[c] == TEXT]
     dslot[encoded] = np.arange(len(encoded))
     n_fixed, n_text, n_dict = int((~is_text).sum()), int(is_text.sum()), len(encoded)
     fixed = _empty(n_fixed * rows, np.int64).reshape(n_fixed, rows)
@@ -513,7 +467,7 @@ def _decode(
         ok = valid[c]
         nulls = int(null_counts[c])
         bitmap = np.packbits(ok.view(np.bool_), bitorder="little") if nulls else None
-        if code == _TEXT and dslot[c] >= 0:
+        if code == TEXT and dslot[c] >= 0:
             d, n = int(dslot[c]), int(nuniq[dslot[c]])
             lo = int(data_at[s])
             arr = na.c_array_from_buffers(na.string(), n, [None, offsets[s, : n + 1], data[lo:]])
@@ -523,7 +477,7 @@ def _decode(
                 index = index.scatter(np.flatnonzero(ok == 0), None)
             out.append(values.gather(index).alias(name))
             continue
-        if code == _TEXT:
+        if code == TEXT:
             lo = int(data_at[s])
             arr = na.c_array_from_buffers(
                 na.string(), rows, [bitmap, offsets[s], data[lo : lo + int(sizes[s])]],
@@ -532,9 +486,9 @@ def _decode(
             out.append(pl.Series(name, arr).alias(name))
             continue
         values = fixed[s]
-        if code in (_FLOAT8, _FLOAT4):
+        if code in (FLOAT8, FLOAT4):
             values = values.view(np.float64)
-        elif code == _BOOL:
+        elif code == BOOL:
             values = values.astype(np.bool_)
         series = pl.Series(name, values)
         if nulls:

@@ -689,16 +689,16 @@ def _read(
             out = History.empty(filters)
             out.horizon = after
             return out
-        anything = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM event_fields WHERE position >= %s AND position < %s)",
-            (after, fence),
-        ).fetchone()
-        if not anything or not anything[0]:  # nothing new: no need to ask kind by kind
+        # how many events the range holds, counted up to _SMALL_ROWS + 1 (a few ms at most)
+        count = conn.execute(_COUNT_SQL, (after, fence, _SMALL_ROWS + 1)).fetchone()
+        rows = count[0] if count else 0
+        if not rows:  # nothing new: no need to ask kind by kind
             out = History.empty(filters)
             out.horizon = fence
             return out
         present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL, (after, fence))}
-        cuts, big = _plan(conn, after, fence)
+        small = rows <= _SMALL_ROWS
+        cuts, big = ([after, fence], set()) if small else _plan(conn, after, fence)
         # (frame, part, query): the small kinds whole first, then the large ones range
         # by range, so that each range's events can be put in order while the load goes on
         tasks: list[tuple[str, int, str]] = []
@@ -724,7 +724,8 @@ def _read(
         tasks += sorted(by_range, key=lambda t: t[1])
     events = _Events(cuts, {t[0] for t in tasks}, big) if big else None
     bar = _Progress(progress)
-    parts = _run(store, tasks, bar, workers=_WORKERS if big else 1, events=events)
+    route = _route("large" if big else "small" if small else "medium")
+    parts = _run(store, tasks, bar, route=route, workers=_WORKERS if big else 1, events=events)
     bar.close()
     frames: dict[str, pl.DataFrame] = {}
     for name in KINDS:
@@ -795,6 +796,11 @@ class _Events:
 # on two cores two connections overlap them and halve the wall time; more connections
 # than cores only contend.
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
+_SMALL_ROWS = 50_000  # up to this many events in a read's range, the CSV route reads it
+_COUNT_SQL = (
+    "SELECT count(*) FROM (SELECT 1 FROM event_fields"
+    " WHERE position >= %s AND position < %s LIMIT %s) s"
+)
 _PART_ROWS = 300_000  # rows per range of a large read: small parts, small transients
 _SAMPLE = 0.1  # percent of event_fields' pages sampled to plan a read
 
@@ -831,6 +837,7 @@ def _run(
     tasks: list[tuple[str, int, str]],
     bar: _Progress,
     *,
+    route: str,
     workers: int,
     events: _Events | None = None,
 ) -> dict[str, list[tuple[int, pl.DataFrame]]]:
@@ -860,7 +867,7 @@ def _run(
         return events.add(name, part, frame) if events is not None else []
 
     if workers <= 1 or len(tasks) <= 1:
-        with _reader(store, large=False) as conn:
+        with _reader(store, route) as conn:
             for task in tasks:
                 for i in done(read(conn, task)):
                     events.merge(i)  # type: ignore[union-attr]
@@ -870,7 +877,7 @@ def _run(
     lock = threading.Lock()
 
     def worker() -> None:
-        with _reader(store, large=True) as conn:
+        with _reader(store, route) as conn:
             while True:
                 with lock:
                     if not queue:
@@ -1028,15 +1035,26 @@ def psycopg_literal(conn: Any, query: str, params: list[Any]) -> str:
         return cur.mogrify(query, params)
 
 
-def _route(large: bool) -> str:
-    """How a read goes: ``copy`` (riskbook's own decoder of the binary COPY stream, see
-    :mod:`riskbook._copy`) for a large one, ``adbc`` for a small one, whose time would
-    go to starting the compiled code (numba's first call in a process: 0.15 s or more);
-    ``RISKBOOK_LOAD_ROUTE=copy|adbc`` picks one for every read."""
+def _route(size: str) -> str:
+    """How a read of this ``size`` (``small``: up to :data:`_SMALL_ROWS` events,
+    ``large``: read range by range, else ``medium``) goes:
+
+    * ``csv`` for a small one: PostgreSQL's CSV COPY parsed by Polars (see
+      :mod:`riskbook._csv`), nothing to start, where ADBC would spend 50-60 ms on its
+      first read in a process and the compiled decoder 0.15 s or more;
+    * ``copy`` for a large one: riskbook's own decoder of the binary COPY stream (see
+      :mod:`riskbook._copy`);
+    * ``adbc`` in between: ADBC's driver, whose start is paid once per process.
+
+    ``RISKBOOK_LOAD_ROUTE=copy|csv|adbc`` picks one for every read.
+    """
     wanted = os.environ.get("RISKBOOK_LOAD_ROUTE", "").strip().lower()
-    if wanted not in ("", "copy", "adbc"):
-        raise RiskbookError(f"RISKBOOK_LOAD_ROUTE must be copy or adbc, not {wanted!r}")
-    return wanted or ("copy" if large else "adbc")
+    if wanted not in ("", *_ROUTES):
+        raise RiskbookError(f"RISKBOOK_LOAD_ROUTE must be copy, csv or adbc, not {wanted!r}")
+    return wanted or {"small": "csv", "large": "copy"}.get(size, "adbc")
+
+
+_ROUTES = ("copy", "csv", "adbc")
 
 
 @functools.cache
@@ -1052,17 +1070,16 @@ _Read = Callable[[str, "dict[int, pl.DataType] | None"], pl.DataFrame]
 
 
 @contextmanager
-def _reader(store: Store, *, large: bool) -> Iterator[_Read]:
+def _reader(store: Store, route: str) -> Iterator[_Read]:
     """A connection of its own to read queries with (parameters inlined): a function
     from a query to its rows as a Polars frame of the raw column types (or of the
     Categorical and Enum types given by column index, where the route reads them so).
 
-    Through the compiled decoder or, where it cannot run or not read a query, through
-    ADBC's driver; each connection opened on first use. (Reading a large load's first
-    parts through ADBC while the decoder is made ready gained nothing: at 5M events the
-    same wall time for 8% more CPU time.)
+    Through the ``route`` (see :func:`_route`) or, where it cannot run or not read a
+    query, through ADBC's driver; each connection opened on first use. (Reading a
+    large load's first parts through ADBC while the decoder is made ready gained
+    nothing: at 5M events the same wall time for 8% more CPU time.)
     """
-    route = _route(large)
     if route == "adbc":
         with _adbc(store) as adbc:
 
@@ -1080,16 +1097,20 @@ def _reader(store: Store, *, large: bool) -> Iterator[_Read]:
             return _collect(conns["adbc"], query)
 
         def read(query: str, categories: dict[int, pl.DataType] | None = None) -> pl.DataFrame:
-            if not _decoder_ready():
+            if route == "copy" and not _decoder_ready():
                 return via_adbc(query)
-            from riskbook import _copy
+            from riskbook._columns import Unsupported
             from riskbook.store.eventstore import _connect
 
-            if "copy" not in conns:
-                conns["copy"] = opened.enter_context(_connect(store.dsn, autocommit=True))
+            if "pg" not in conns:
+                conns["pg"] = opened.enter_context(_connect(store.dsn, autocommit=True))
+            if route == "copy":
+                from riskbook._copy import read as read_rows
+            else:
+                from riskbook._csv import read as read_rows
             try:
-                return _copy.read(conns["copy"], query, categories)
-            except _copy.Unsupported:
+                return read_rows(conns["pg"], query, categories)
+            except Unsupported:
                 return via_adbc(query)
 
         yield read
@@ -1265,7 +1286,9 @@ def _write_segment(history: History, directory: Path) -> None:
         if frame.height == 0:  # history.json says it has no rows: nothing to map
             continue
         tmp = directory / f"{name}.arrow{suffix}"
-        frame.write_ipc(tmp, compression="uncompressed")
+        # batches of 2^20 rows: fewer for pyarrow to map and Polars to convert than the
+        # writer's default (at 5M events, 40-47 ms against 57-72 for the large frames)
+        frame.write_ipc(tmp, compression="uncompressed", record_batch_size=1 << 20)
         tmp.replace(directory / f"{name}.arrow")  # a new file: maps of the old one stay valid
     (directory / f"history.json{suffix}").write_text(json.dumps(_meta(history)))
     (directory / f"history.json{suffix}").replace(directory / "history.json")

@@ -1,0 +1,67 @@
+"""What riskbook's own readers of a query's rows share: the column types they read, and
+the step that finds a query's columns before anything is read.
+
+Two readers use it: :mod:`riskbook._copy` (the binary COPY stream decoded by compiled
+loops, for large loads) and :mod:`riskbook._csv` (the CSV COPY stream parsed by Polars,
+for small reads). Neither imports the other: the CSV route must not pay for numba.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+__all__ = ["TYPES", "Unsupported", "describe", "query_error"]
+
+# PostgreSQL type oid -> (parser code, Polars type of the raw column)
+INT8, INT4, INT2, FLOAT8, FLOAT4, BOOL, TIME, TEXT = range(8)
+TYPES: dict[int, tuple[int, pl.DataType]] = {
+    20: (INT8, pl.Int64()),
+    23: (INT4, pl.Int32()),
+    21: (INT2, pl.Int16()),
+    701: (FLOAT8, pl.Float64()),
+    700: (FLOAT4, pl.Float32()),
+    16: (BOOL, pl.Boolean()),
+    1184: (TIME, pl.Datetime("us", "UTC")),
+    1114: (TIME, pl.Datetime("us")),
+    25: (TEXT, pl.String()),
+    1043: (TEXT, pl.String()),
+    1042: (TEXT, pl.String()),
+    19: (TEXT, pl.String()),
+}
+
+
+class Unsupported(Exception):
+    """A route cannot read the query (a column type it does not decode, no libpq)."""
+
+
+def describe(pgconn: Any, query: bytes) -> list[tuple[str, int, pl.DataType]]:
+    """(name, parser code, raw Polars type) of each column the query selects: one round
+    trip (the unnamed statement prepared and described), nothing executed."""
+    import psycopg.pq
+
+    res = pgconn.prepare(b"", query)
+    if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        raise query_error(res)
+    d = pgconn.describe_prepared(b"")
+    if d.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        raise query_error(d)
+    out = []
+    for i in range(d.nfields):
+        oid = d.ftype(i)
+        if oid not in TYPES:
+            raise Unsupported(f"column {i + 1} has type oid {oid}")
+        name = (d.fname(i) or b"").decode()
+        out.append((name, *TYPES[oid]))
+    return out
+
+
+def query_error(res: Any) -> Exception:
+    """The StoreError for a failed result (``res``: a libpq result, or None)."""
+    from riskbook.errors import StoreError
+
+    if res is None:
+        return StoreError("query failed: the server sent no result")
+    message = (res.error_message or b"").decode(errors="replace").strip()
+    return StoreError(f"query failed: {message or res.status.name}")
