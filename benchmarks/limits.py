@@ -289,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("breach intervals of every limit, projections folded", sub_warm),
             )
         ]  # fmt: skip
+        rows.append(
+            Row(group="breaches", measure="backtest of one hypothetical limit, from a freshly loaded History",
+                unit="s", riskbook=cold_bt, peer=5.0, peer_name="the goal (issue 6)",
+                higher_is_better=False, riskbook_peak_mb=peak_rss_mb(),
+                note=f"{WHAT_IF}, {len(h):,} events")
+        )  # fmt: skip
         write_rows(args.json, rows)
     return 0
 

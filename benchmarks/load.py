@@ -258,6 +258,24 @@ def report_rows(res: dict[str, dict[str, float]], events: int) -> list[Any]:
             note="the peer has no cache",
         )
     )
+    for route, measure, note in (
+        ("warm", "history into Polars, warm", "its cache and an empty delta from PostgreSQL"),
+        ("refresh", "History.refresh() after 10,000 new events", "only the new events read"),
+    ):
+        rows.append(
+            Row(
+                group="load",
+                measure=measure,
+                unit="s",
+                riskbook=res[route]["seconds"],
+                peer=cold["seconds"],
+                peer_name="riskbook's own cold load of the whole history",
+                higher_is_better=False,
+                riskbook_peak_mb=res[route]["peak_rss_mb"],
+                peer_peak_mb=cold["peak_rss_mb"],
+                note=note,
+            )
+        )
     rows.append(
         Row(
             group="load",

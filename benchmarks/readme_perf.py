@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import GROUPS, Row, figure, megabytes, row_from_dict
+from _report import GROUPS, Row, figure, goal_lines, megabytes, row_from_dict
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -120,6 +120,10 @@ def section(report: dict[str, Any], rows: list[Row], image: str) -> str:
     lines += [
         "",
         "Peak MiB: riskbook / the peer, each measured in a process of its own.",
+        "",
+        "The goals the issues set, each checked against its row of this same run:",
+        "",
+        *goal_lines(rows),
     ]
     return "\n".join(lines) + "\n"
 

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BYTECODE_WAS_OFF, scratch_database, server_dsn
-from _report import GROUPS, Row, figure, megabytes, read_rows, row_from_dict
+from _report import GROUPS, Row, figure, goal_lines, megabytes, read_rows, row_from_dict
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -237,6 +237,12 @@ def render(report: dict[str, Any]) -> str:
         " better), so above 1 riskbook is ahead. A *floor* is not a peer but the least the"
         " server itself needs. Peak memory is each side's peak resident set (VmHWM) as the"
         " OS counted it, each measure in a process of its own (blank: not measured apart).",
+        "",
+        "## goals",
+        "",
+        "The goals the issues set, each against its row below, all from this one run.",
+        "",
+        *goal_lines(rows),
         "",
     ]
     for group in [*GROUPS, *sorted({r.group for r in rows} - set(GROUPS))]:

@@ -40,9 +40,9 @@ def read(
     conn: Any, query: str, categories: Mapping[int, pl.DataType] | None = None
 ) -> pl.DataFrame:
     """The rows of ``query`` (parameters inlined) on psycopg connection ``conn``, which
-    must be idle and is not usable by others meanwhile; raises
-    :class:`~riskbook._columns.Unsupported` before reading anything if a column's type
-    is not read here.
+    must be idle and is not usable by others meanwhile (its ``extra_float_digits`` is
+    left at 3); raises :class:`~riskbook._columns.Unsupported` before reading anything
+    if a column's type is not read here.
 
     ``categories``: text columns (by index) to return as this Categorical or Enum type.
     """

@@ -75,6 +75,15 @@ def test_run_all_quick_reports_every_row(server_dsn: str, tmp_path: Path) -> Non
     for group in GROUPS:
         assert f"\n## {group}\n" in md
 
+    # every goal an issue sets finds its row (the browser's is not in a quick run)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _report import GOALS, row_from_dict
+
+    got = [row_from_dict(r) for r in rows]
+    unmeasured = [g.goal for g in GOALS if g.group != "notebook" and g.row(got) is None]
+    assert unmeasured == []
+    assert "\n## goals\n" in md and md.count("| yes |") + md.count("| **no** |") >= len(GOALS) - 1
+
     image = tmp_path / "benchmarks.png"
     readme = subprocess.run(
         [sys.executable, "benchmarks/readme_perf.py", "--report", str(tmp_path / "report.json"),
