@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-__all__ = ["TYPES", "Unsupported", "describe", "query_error"]
+__all__ = ["TYPES", "Unsupported", "describe", "query_error", "use_utf8"]
 
 # PostgreSQL type oid -> (parser code, Polars type of the raw column)
 INT8, INT4, INT2, FLOAT8, FLOAT4, BOOL, TIME, TEXT = range(8)
@@ -55,6 +55,21 @@ def describe(pgconn: Any, query: bytes) -> list[tuple[str, int, pl.DataType]]:
         name = (d.fname(i) or b"").decode()
         out.append((name, *TYPES[oid]))
     return out
+
+
+def use_utf8(pgconn: Any) -> None:
+    """Make the session send and read text as UTF-8, if it does not already: the readers
+    encode queries as UTF-8 and hand text bytes to Arrow as they come
+    (``PGCLIENTENCODING``, or a database in another encoding, would give another
+    encoding's bytes). Before anything else is sent: the server converts a whole
+    message's text at once, before it runs a ``SET`` inside it."""
+    import psycopg.pq
+
+    if (pgconn.parameter_status(b"client_encoding") or b"").upper() in (b"UTF8", b"UNICODE"):
+        return
+    res = pgconn.exec_(b"SET client_encoding = 'UTF8'")
+    if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        raise query_error(res)
 
 
 def query_error(res: Any) -> Exception:

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 import polars as pl
 
-from riskbook._columns import BOOL, FLOAT4, FLOAT8, INT8, TEXT, Unsupported
+from riskbook._columns import BOOL, FLOAT4, FLOAT8, INT8, TEXT, Unsupported, use_utf8
 from riskbook._columns import describe as _describe
 from riskbook._columns import query_error as _error
 from riskbook._memory import empty as _empty
@@ -328,8 +328,9 @@ def read(
     conn: Any, query: str, categories: Mapping[int, pl.DataType] | None = None
 ) -> pl.DataFrame:
     """The rows of ``query`` (parameters inlined) on psycopg connection ``conn``, which
-    must be idle and is not usable by others meanwhile; raises :class:`Unsupported`
-    before reading anything if a column's type is not decoded here.
+    must be idle and is not usable by others meanwhile (its ``client_encoding`` is left
+    at UTF8); raises :class:`Unsupported` before reading anything if a column's type is
+    not decoded here.
 
     ``categories``: text columns (by index) to read straight into this Categorical or
     Enum type, each distinct value converted once per buffer, not once per row.
@@ -340,10 +341,13 @@ def read(
     if functions is None:
         raise Unsupported("psycopg's libpq was not found")
     pgconn = conn.pgconn
+    use_utf8(pgconn)
     columns = _describe(pgconn, query.encode())
     pgconn.send_query(b"COPY (" + query.encode() + b") TO STDOUT (FORMAT binary)")
     res = pgconn.get_result()
     if res is None or res.status != psycopg.pq.ExecStatus.COPY_OUT:
+        while pgconn.get_result() is not None:
+            pass
         raise _error(res)
     codes = np.array([c for _, c, _ in columns], np.int64)
     frames: list[pl.DataFrame] = []

@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from riskbook._columns import BOOL, FLOAT4, TEXT, TIME, Unsupported, describe, query_error
+from riskbook._columns import BOOL, FLOAT4, TEXT, TIME, Unsupported, describe, query_error, use_utf8
 
 __all__ = ["Unsupported", "read"]
 
@@ -41,7 +41,7 @@ def read(
 ) -> pl.DataFrame:
     """The rows of ``query`` (parameters inlined) on psycopg connection ``conn``, which
     must be idle and is not usable by others meanwhile (its ``extra_float_digits`` is
-    left at 3); raises :class:`~riskbook._columns.Unsupported` before reading anything
+    left at 3, its ``client_encoding`` at UTF8); raises :class:`~riskbook._columns.Unsupported` before reading anything
     if a column's type is not read here.
 
     ``categories``: text columns (by index) to return as this Categorical or Enum type.
@@ -49,6 +49,7 @@ def read(
     import psycopg.pq
 
     pgconn = conn.pgconn
+    use_utf8(pgconn)
     columns = describe(pgconn, query.encode())
     names = [f"c{i}" for i in range(len(columns))]
     select = []

@@ -112,6 +112,20 @@ def test_the_csv_route_reads_every_type_as_adbc_reads_it(
 
 
 @pytest.mark.parametrize("route", READERS)
+def test_a_session_in_another_encoding_still_reads_utf8(
+    shared_store: Store, conn: psycopg.Connection, route: str
+) -> None:
+    """PGCLIENTENCODING or a database in another encoding: the reader switches its own
+    session to UTF-8 before it sends the query (whose text is not ASCII here either)."""
+    conn.execute("SET client_encoding = 'LATIN1'")
+    query = ALL_TYPES.format(n=300).replace("'row ' ||", "'rôw ' ||")
+    got = READERS[route](conn, query)
+    assert got["t"][0] == "rôw 1"
+    assert_same_values(got, adbc_read(shared_store, query))  # type: ignore[arg-type]
+    assert conn.pgconn.parameter_status(b"client_encoding") == b"UTF8"
+
+
+@pytest.mark.parametrize("route", READERS)
 def test_no_rows(shared_store: Store, conn: psycopg.Connection, route: str) -> None:
     query = ALL_TYPES.format(n=0)
     got = READERS[route](conn, query)
