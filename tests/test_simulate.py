@@ -12,12 +12,14 @@ import math
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+import riskbook
 from riskbook import simulate
 from riskbook.events import (
     AccountBlocked,
@@ -547,3 +549,62 @@ def test_sample_incidents_are_in_the_sample() -> None:
     check_incidents(simulate.Simulation(envelopes, key))
     assert 20_000 <= len(envelopes) <= 50_000
     assert (DATA / "sample.jsonl.gz").stat().st_size < 2_200_000
+
+
+_INDEXES = (
+    "SELECT tablename, indexname, indexdef FROM pg_indexes"
+    " WHERE tablename IN ('events', 'event_fields') ORDER BY 1, 2"
+)
+
+
+def test_streaming_into_an_empty_store_builds_its_indexes_at_the_end(
+    make_database: Callable[[], str],
+) -> None:
+    """Into an empty store the trusted copy drops the secondary indexes and builds them
+    once at the end: the store ends with exactly a migrated store's indexes, and they
+    hold (a stale expected version is refused)."""
+    reference, streamed = Store(make_database()), Store(make_database())
+    try:
+        with psycopg.connect(reference.dsn) as a:
+            expected = a.execute(_INDEXES).fetchall()
+        result, _ = simulate.stream_to_store(streamed, **SMALL)
+        with psycopg.connect(streamed.dsn) as b:
+            assert b.execute(_INDEXES).fetchall() == expected
+            fields = b.execute("SELECT count(*) FROM event_fields").fetchone()
+        assert fields == (result.added,)
+        account = next(e.aggregate_id for e in streamed.iter_all() if e.aggregate_type == "Account")
+        funded = riskbook.AccountFunded(account_id=account, amount=5.0, funded_at=datetime.now(UTC))
+        with pytest.raises(riskbook.ConcurrencyConflict):
+            streamed.append(account, [funded], expected_version=1)
+        assert riskbook.verify(streamed).ok
+    finally:
+        reference.close()
+        streamed.close()
+
+
+def test_a_trusted_copy_into_an_empty_store_that_repeats_an_id_writes_nothing(
+    make_database: Callable[[], str],
+) -> None:
+    store = Store(make_database())
+    try:
+        with psycopg.connect(store.dsn) as conn:
+            expected = conn.execute(_INDEXES).fetchall()
+        payload = (
+            '{"type":"AccountFunded","account_id":"A","amount":1.5,'
+            '"funded_at":"2024-01-01T00:00:00.000000Z"}'
+        )
+        same_id = str(uuid.uuid4())
+        lines = [
+            "\t".join(
+                [same_id, "AccountFunded", "A", "Account", str(seq),
+                 "2024-01-01T00:00:00.000000Z", "\\N", "c", "{}", payload]
+            ).encode() + b"\n"
+            for seq in (1, 2)
+        ]  # fmt: skip
+        with pytest.raises(riskbook.StoreError, match="event_id"), store.trusted_copy() as write:
+            write(lines)
+        assert store.count() == 0
+        with psycopg.connect(store.dsn) as conn:
+            assert conn.execute(_INDEXES).fetchall() == expected  # dropped and built in vain
+    finally:
+        store.close()

@@ -570,9 +570,15 @@ class Store:
         see :func:`riskbook.events.canonical_json`); the insert trigger derives what it
         derives. Nothing else is validated: use :meth:`import_envelopes` for anything
         else. Commits when the block ends.
+
+        Into an empty store (locked for the while, as an import into one is), the
+        indexes but events' primary key are built once at the end instead of row by
+        row: at 1M simulated events, 40-41k -> 48-49k events/s here.
         """
         with self.connection() as conn:
-            chain = _CopyChain(conn)
+            empty = _lock_if_empty(conn)
+            deferred = _drop_secondary_indexes(conn) if empty else None
+            chain = _CopyChain(conn, empty=empty)
 
             def write(lines: list[bytes]) -> None:
                 base = _scalar(conn, "SELECT riskbook_reserve_positions(%s)", (len(lines),))
@@ -584,6 +590,14 @@ class Store:
                         copy.write(chain.rows(lines[i : i + 20_000], base + i))
 
             yield write
+            if deferred is not None:
+                try:
+                    _build_indexes(conn, deferred)
+                except psycopg.errors.UniqueViolation as exc:
+                    raise StoreError(
+                        f"trusted copy: {exc.diag.message_detail or exc.diag.message_primary}"
+                    ) from None
+                conn.execute("ANALYZE events, event_fields")  # tables that grew from 0
             conn.commit()
 
     def _bulk_write(
@@ -596,10 +610,7 @@ class Store:
         started = time.perf_counter()
         try:
             with self.connection() as conn, _gc_paused():
-                empty = _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)")
-                if empty:
-                    conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-                    empty = _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)")
+                empty = _lock_if_empty(conn)
                 if empty:
                     outcome = _load_into_empty(conn, records(), source, progress)
                     if outcome is None:  # the input repeats event ids: take the general road
@@ -853,8 +864,9 @@ TRUSTED_COPY_COLUMNS = (
 class _CopyChain:
     """Chains the hashes of :meth:`Store.trusted_copy` rows, aggregate by aggregate."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection, *, empty: bool = False) -> None:
         self.conn = conn
+        self.empty = empty  # the store was empty: no aggregate has a stored head
         self.heads: dict[str, tuple[int, bytes]] = {}  # aggregate -> (version, hash)
         self.metadata: dict[str, str] = {}  # as given -> canonical
 
@@ -916,6 +928,8 @@ class _CopyChain:
             return
         for agg in aggregates:
             self.heads[agg] = (0, b"")
+        if self.empty:  # (and its index on aggregate and sequence is dropped for the while)
+            return
         rows = self.conn.execute(
             "SELECT a, last.sequence, last.hash FROM unnest(%s::text[]) a"
             " CROSS JOIN LATERAL (SELECT e.sequence, e.hash FROM events e WHERE e.aggregate_id = a"
@@ -1003,25 +1017,7 @@ def _load_into_empty(
     Returns (read, added), or None when the input repeats an event id (the general
     road knows how to tell harmless repeats from conflicting ones).
     """
-    # events and the typed copy the insert trigger keeps are both empty: drop their
-    # indexes now, build them once at the end (sorted builds beat a million inserts).
-    # events keeps its primary key: each chunk's event_fields are filled by position
-    # range while later chunks are still being read, and appending increasing
-    # positions to it costs less than scanning the table for every chunk.
-    indexes = [
-        index
-        for index in _index_definitions(conn, "events") + _index_definitions(conn, "event_fields")
-        if (index[0], index[1]) != ("events", "events_pkey")
-    ]
-    for table, name, constraint, _ in indexes:
-        if constraint:
-            conn.execute(
-                sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                    sql.Identifier(table), sql.Identifier(name)
-                )
-            )
-        else:
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+    indexes = _drop_secondary_indexes(conn)
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_inserted")
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_chained")  # hashes are given
     base = _scalar(conn, "SELECT riskbook_reserve_positions(0)")
@@ -1048,11 +1044,7 @@ def _load_into_empty(
     if progress is not None:
         progress("indexing", count)
     try:
-        with conn.transaction():
-            # sorts of a million keys fit in memory instead of spilling to disk
-            conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
-            for _, _, _, definition in indexes:
-                conn.execute(definition.encode())
+        _build_indexes(conn, indexes)
     except psycopg.errors.UniqueViolation:
         return None
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_inserted")
@@ -1061,6 +1053,51 @@ def _load_into_empty(
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
     return count, count
+
+
+def _drop_secondary_indexes(conn: psycopg.Connection) -> list[tuple[str, str, bool, str]]:
+    """Drop every index of the (locked, empty) events and event_fields tables but events'
+    primary key; their definitions, for :func:`_build_indexes` at the end of the load
+    (sorted builds beat millions of inserts).
+
+    events keeps its primary key: each chunk's event_fields are filled by position
+    range while later chunks are still being written, and appending increasing
+    positions to it costs less than scanning the table for every chunk.
+    """
+    indexes = [
+        index
+        for index in _index_definitions(conn, "events") + _index_definitions(conn, "event_fields")
+        if (index[0], index[1]) != ("events", "events_pkey")
+    ]
+    for table, name, constraint, _ in indexes:
+        if constraint:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    sql.Identifier(table), sql.Identifier(name)
+                )
+            )
+        else:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+    return indexes
+
+
+def _build_indexes(conn: psycopg.Connection, indexes: list[tuple[str, str, bool, str]]) -> None:
+    """Build the indexes :func:`_drop_secondary_indexes` dropped (a unique one that
+    finds duplicates raises psycopg's UniqueViolation)."""
+    with conn.transaction():
+        # sorts of millions of keys fit in memory instead of spilling to disk
+        conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+        for _, _, _, definition in indexes:
+            conn.execute(definition.encode())
+
+
+def _lock_if_empty(conn: psycopg.Connection) -> bool:
+    """Whether the events table is empty; if so it is locked against every other
+    session until the transaction ends (so that it stays empty but for this one)."""
+    if not _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)"):
+        return False
+    conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+    return bool(_scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)"))
 
 
 _CHUNK_ROWS = 50_000
