@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-__all__ = ["TYPES", "Unsupported", "describe", "query_error", "use_utf8"]
+__all__ = ["TYPES", "Unsupported", "describe", "finish", "query_error", "use_utf8"]
 
 # PostgreSQL type oid -> (parser code, Polars type of the raw column)
 INT8, INT4, INT2, FLOAT8, FLOAT4, BOOL, TIME, TEXT = range(8)
@@ -70,6 +70,12 @@ def use_utf8(pgconn: Any) -> None:
     res = pgconn.exec_(b"SET client_encoding = 'UTF8'")
     if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
         raise query_error(res)
+
+
+def finish(pgconn: Any) -> None:
+    """Read the results left, so that the connection is idle again."""
+    while pgconn.get_result() is not None:
+        pass
 
 
 def query_error(res: Any) -> Exception:

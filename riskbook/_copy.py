@@ -37,7 +37,7 @@ import numba
 import numpy as np
 import polars as pl
 
-from riskbook._columns import BOOL, FLOAT4, FLOAT8, INT8, TEXT, Unsupported, use_utf8
+from riskbook._columns import BOOL, FLOAT4, FLOAT8, INT8, TEXT, Unsupported, finish, use_utf8
 from riskbook._columns import describe as _describe
 from riskbook._columns import query_error as _error
 from riskbook._memory import empty as _empty
@@ -72,22 +72,20 @@ def _libpq() -> tuple[Any, ...] | None:
         libc = ctypes.CDLL(None)
     except (ImportError, OSError, AttributeError):
         return None
-    get = lib.PQgetCopyData
-    get.argtypes = [ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int]
-    get.restype = ctypes.c_int
-    consume = lib.PQconsumeInput
-    consume.argtypes = [ctypes.c_ssize_t]
-    consume.restype = ctypes.c_int
-    free = lib.PQfreemem
-    free.argtypes = [ctypes.c_ssize_t]
-    free.restype = None
-    memcpy = libc.memcpy
-    memcpy.argtypes = [ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_size_t]
-    memcpy.restype = ctypes.c_ssize_t
-    usleep = libc.usleep
-    usleep.argtypes = [ctypes.c_uint]
-    usleep.restype = ctypes.c_int
-    return get, consume, free, memcpy, usleep
+    ptr, size = ctypes.c_ssize_t, ctypes.c_size_t
+    return (
+        _function(lib.PQgetCopyData, [ptr, ptr, ctypes.c_int], ctypes.c_int),
+        _function(lib.PQconsumeInput, [ptr], ctypes.c_int),
+        _function(lib.PQfreemem, [ptr], None),
+        _function(libc.memcpy, [ptr, ptr, size], ptr),
+        _function(libc.usleep, [ctypes.c_uint], ctypes.c_int),
+    )
+
+
+def _function(fn: Any, argtypes: list[Any], restype: Any) -> Any:
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
 
 
 def available() -> bool:
@@ -346,8 +344,7 @@ def read(
     pgconn.send_query(b"COPY (" + query.encode() + b") TO STDOUT (FORMAT binary)")
     res = pgconn.get_result()
     if res is None or res.status != psycopg.pq.ExecStatus.COPY_OUT:
-        while pgconn.get_result() is not None:
-            pass
+        finish(pgconn)
         raise _error(res)
     codes = np.array([c for _, c, _ in columns], np.int64)
     frames: list[pl.DataFrame] = []
@@ -370,8 +367,7 @@ def read(
     finally:
         pump.stop()
     final = pgconn.get_result()
-    while pgconn.get_result() is not None:
-        pass
+    finish(pgconn)
     if pump.status == -2 or final is None or final.status != psycopg.pq.ExecStatus.COMMAND_OK:
         raise _error(final) if final is not None else _broken("the COPY ended early")
     if not frames:

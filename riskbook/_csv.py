@@ -31,7 +31,17 @@ from typing import Any
 
 import polars as pl
 
-from riskbook._columns import BOOL, FLOAT4, TEXT, TIME, Unsupported, describe, query_error, use_utf8
+from riskbook._columns import (
+    BOOL,
+    FLOAT4,
+    TEXT,
+    TIME,
+    Unsupported,
+    describe,
+    finish,
+    query_error,
+    use_utf8,
+)
 
 __all__ = ["Unsupported", "read"]
 
@@ -41,8 +51,9 @@ def read(
 ) -> pl.DataFrame:
     """The rows of ``query`` (parameters inlined) on psycopg connection ``conn``, which
     must be idle and is not usable by others meanwhile (its ``extra_float_digits`` is
-    left at 3, its ``client_encoding`` at UTF8); raises :class:`~riskbook._columns.Unsupported` before reading anything
-    if a column's type is not read here.
+    left at 3, its ``client_encoding`` at UTF8); raises
+    :class:`~riskbook._columns.Unsupported` before reading anything if a column's type
+    is not read here.
 
     ``categories``: text columns (by index) to return as this Categorical or Enum type.
     """
@@ -75,11 +86,11 @@ def read(
     pgconn.send_query(copy.encode())
     res = pgconn.get_result()  # the SET's
     if res is None or res.status != psycopg.pq.ExecStatus.COMMAND_OK:
-        _finish(pgconn)
+        finish(pgconn)
         raise query_error(res)
     res = pgconn.get_result()  # the COPY's start
     if res is None or res.status != psycopg.pq.ExecStatus.COPY_OUT:
-        _finish(pgconn)
+        finish(pgconn)
         raise query_error(res)
     # one growing buffer, each row's message freed at once: nothing piles up for the
     # garbage collector, whose full passes over a notebook's heap (50 ms and more with
@@ -92,7 +103,7 @@ def read(
             break
         data += row
     final = pgconn.get_result()
-    _finish(pgconn)
+    finish(pgconn)
     if final is None or final.status != psycopg.pq.ExecStatus.COMMAND_OK:
         raise query_error(final)
     wanted = {i: t for i, t in (categories or {}).items() if columns[i][1] == TEXT}
@@ -115,9 +126,3 @@ def _named(columns: list[tuple[str, int, pl.DataType]]) -> dict[str, str]:
         seen[name] = k + 1
         out[f"c{i}"] = name if k == 0 else f"{name}_{k}"
     return out
-
-
-def _finish(pgconn: Any) -> None:
-    """Read the results left, so that the connection is idle again."""
-    while pgconn.get_result() is not None:
-        pass

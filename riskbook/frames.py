@@ -49,10 +49,11 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from riskbook._columns import Unsupported
 from riskbook.errors import RiskbookError, StoreError
 from riskbook.events import Envelope, Event, RawEvent, as_time, format_time, parse_time
 from riskbook.store import Store, connect, redact
-from riskbook.store.eventstore import scrub
+from riskbook.store.eventstore import _connect, scrub
 
 if TYPE_CHECKING:
     from riskbook.projections import ProjectionState
@@ -1099,9 +1100,6 @@ def _reader(store: Store, route: str) -> Iterator[_Read]:
         def read(query: str, categories: dict[int, pl.DataType] | None = None) -> pl.DataFrame:
             if route == "copy" and not _decoder_ready():
                 return via_adbc(query)
-            from riskbook._columns import Unsupported
-            from riskbook.store.eventstore import _connect
-
             if "pg" not in conns:
                 conns["pg"] = opened.enter_context(_connect(store.dsn, autocommit=True))
             if route == "copy":
