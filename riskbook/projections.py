@@ -286,7 +286,8 @@ def _bound(value: TimeLike, name: str) -> int:
 
 
 def _from_us(values: Any) -> pl.Series:
-    return pl.Series(values, dtype=pl.Int64).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    # one cast: Int64 microseconds read as UTC (no expression, so no query to run)
+    return pl.Series(values, dtype=pl.Int64).cast(_TIME)
 
 
 # ----------------------------------------------------------------------------- the book
@@ -369,8 +370,22 @@ class _Book:
         return int(np.searchsorted(self.bt, at, side="right"))
 
 
+def _epoch_us(s: pl.Series, fill: int = 0) -> np.ndarray:
+    """Microseconds since the epoch of a Datetime Series (nulls as ``fill``), as int64.
+
+    In microseconds already (every frame of riskbook's), its physical values are the
+    answer: no ``dt.epoch`` query to run (~0.1 ms each on a live batch's few rows).
+    """
+    if not (isinstance(s.dtype, pl.Datetime) and s.dtype.time_unit == "us"):
+        s = s.dt.cast_time_unit("us")
+    us = s.cast(pl.Int64)  # a cast, not to_physical(), which runs a query
+    return (us.fill_null(fill) if us.null_count() else us).to_numpy()
+
+
 def _codes(s: pl.Series) -> np.ndarray:
-    return s.to_physical().cast(pl.Int64).fill_null(-1).to_numpy()
+    codes = s.to_physical().cast(pl.Int64)
+    # fill_null runs a query (~0.1 ms on a live batch's few rows): only when needed
+    return (codes.fill_null(-1) if codes.null_count() else codes).to_numpy()
 
 
 def _dense(
@@ -380,7 +395,10 @@ def _dense(
 
     ``codes`` are the physical codes of ``ids`` (-1: null).
     """
-    if len(ids) + len(extra) <= 20_000:  # small (a live batch): sets beat frame operations
+    if len(ids) + len(extra) <= 2_000:  # a live batch: a set of the values, no query at all
+        found = (set(ids.cast(pl.String).to_list()) - {None}) | set(extra)
+        names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
+    elif len(ids) + len(extra) <= 20_000:  # small: sets beat frame operations
         found = set(ids.drop_nulls().unique().cast(pl.String).to_list()) | set(extra)
         names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
     else:
@@ -508,7 +526,8 @@ def _build_book(
     # the one ordering is found on the helper thread meanwhile (the compiled passes and
     # numpy's sorts release the GIL).
     bt_, ts_, pos_ = (frame[c].to_numpy() for c in ("bt", "ts", "position"))
-    ordering = _helper().submit(_book_order, bt_, ts_, pos_, starts)
+    small = frame.height <= _SMALL_ROWS
+    ordering = _soon(small, _book_order, bt_, ts_, pos_, starts)
     kind_, x_, y_, acode, scode = (
         frame[c].to_numpy() for c in ("kind", "x", "y", "acode", "scode")
     )
@@ -538,7 +557,7 @@ def _build_book(
         _compiled().gather_dense(perm, scode, sym_lut, sym)
         return tuple(_gather(perm, c) for c in (x_, y_, bust))
 
-    other = _helper().submit(half)
+    other = _soon(small, half)
     kind, bt, ts = (_gather(perm, c) for c in (kind_, bt_, ts_))
     _compiled().gather_dense(perm, acode, acct_lut, acct)
     x, y, bust = other.result()
@@ -804,21 +823,21 @@ def _seeded(book: _Book, start: ProjectionState) -> _State:
     if pos.height:
         a = _names_index(book.account_names, pos["account_id"])
         s = _names_index(book.symbol_names, pos["symbol"])
-        pair_of = pl.DataFrame(
-            {"a": book.pair_acct.astype(np.int64), "s": book.pair_sym.astype(np.int64),
-             "p": np.arange(book.n_pairs, dtype=np.int64)}
-        )  # fmt: skip
-        p = (
-            pl.DataFrame({"a": a, "s": s})
-            .join(pair_of, on=["a", "s"], how="left", maintain_order="left")["p"]
-            .to_numpy()
-        )
+        # each held (account, symbol) is a pair of the book (built with them): find it
+        # by its key among the pairs' sorted keys
+        n_sym = max(len(book.symbol_names), 1)
+        keys = book.pair_acct.astype(np.int64) * n_sym + book.pair_sym
+        want = a * n_sym + s
+        by_key = np.argsort(keys, kind="stable")
+        p = by_key[np.minimum(np.searchsorted(keys[by_key], want), len(keys) - 1)]
+        if not np.array_equal(keys[p], want):
+            raise AssertionError("a held position of the start state is not in the book")
         state.q[p] = pos["quantity"].to_numpy()
         state.a[p] = pos["avg_price"].to_numpy()
         state.r[p] = pos["realized_pnl"].to_numpy()
         state.ntr[p] = pos["trades"].to_numpy()
         state.pseen[p] = True
-        state.plast[p] = pos["last_event_at"].dt.epoch("us").to_numpy()
+        state.plast[p] = _epoch_us(pos["last_event_at"])
     if mk.height:
         s = _names_index(book.symbol_names, mk["symbol"])
         state.mark[s] = mk["mark_price"].to_numpy()
@@ -831,7 +850,7 @@ def _seeded(book: _Book, start: ProjectionState) -> _State:
         a = _names_index(book.account_names, acc["account_id"])
         state.cash[a] = acc["cash"].to_numpy()
         state.peak[a] = acc["peak_equity"].to_numpy()
-        state.alast[a] = acc["updated_at"].dt.epoch("us").to_numpy()
+        state.alast[a] = _epoch_us(acc["updated_at"])
         state.aseen[a] = True
         roots = book.tree_off[a] + 1
         state.net[a] = state.tree_net[roots]
@@ -1376,7 +1395,10 @@ def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> Callable[[], p
     rows = _gather(ev, book.row)  # rows of source (and of pos)
     named = [c for c in columns if c in ("event_id", "trade_id", "symbol")]
     strings = (
-        _helper().submit(lambda: book.outputs().select(pl.col(*named).gather(pl.Series(rows))))
+        _soon(
+            len(rows) <= _SMALL_ROWS,
+            lambda: book.outputs().select(pl.col(*named).gather(pl.Series(rows))),
+        )
         if named
         else None
     )
@@ -1397,6 +1419,26 @@ def _event_columns(book: _Book, ev: np.ndarray, *columns: str) -> Callable[[], p
         return pl.DataFrame([out[c] for c in columns])
 
     return frame
+
+
+_SMALL_ROWS = 20_000
+"""Up to this many rows (a live batch), work is done in the calling thread: handing it
+to the helper thread and waking the caller again costs more than it saves."""
+
+
+class _Done:
+    """A result computed at once, used like a Future."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _soon(inline: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the helper thread (a Future), or at once if ``inline``."""
+    return _Done(fn(*args)) if inline else _helper().submit(fn, *args)
 
 
 def _helper() -> concurrent.futures.ThreadPoolExecutor:

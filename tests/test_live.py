@@ -284,6 +284,27 @@ _CRASHY = textwrap.dedent(
 )
 
 
+def test_a_checkpoint_moved_by_someone_else_stops_the_commit_and_writes_nothing(
+    fresh_store: Store,
+) -> None:
+    _oscillating(fresh_store)
+    p = Processor(fresh_store, name="moved", max_batch=20)
+    p._attach()
+    assert p.step()
+    with fresh_store.connection() as conn:
+        conn.execute(
+            "UPDATE processor_checkpoints SET position = position + 1 WHERE name = 'moved'"
+        )
+        conn.commit()
+    written = fresh_store.count()
+    with pytest.raises(riskbook.RiskbookError, match="another processor moved it"):
+        while p.step():  # every commit is refused, effects or none
+            pass
+    assert fresh_store.count() == written
+    p._close()
+    p.stop()
+
+
 def test_sigkill_inside_the_commit_then_restart_loses_and_repeats_nothing(
     fresh_store: Store, tmp_path: Path
 ) -> None:

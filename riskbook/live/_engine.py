@@ -41,7 +41,7 @@ from riskbook.events import AccountBlocked, LimitViolationDetected
 from riskbook.frames import EVENTS_SCHEMA, KINDS, History
 from riskbook.limits import BreachState, evaluate, get, names, shared_timelines
 from riskbook.limits._evaluate import _limit_frame
-from riskbook.projections import ProjectionState
+from riskbook.projections import ProjectionState, _epoch_us
 
 __all__ = ["DEFAULT_CRITICAL", "Effect", "Engine"]
 
@@ -198,9 +198,12 @@ class Engine:
     def _in_processing_order(self, batch: History) -> History:
         """Times made monotone in global order (late events act on arrival), stale marks
         dropped; the running clocks move on."""
-        ev = batch.events.sort("position")
-        bt = ev["occurred_at"].dt.epoch("us").fill_null(_MIN).to_numpy()
-        ts = ev["timestamp"].dt.epoch("us").to_numpy()
+        ev = batch.events
+        pos = ev["position"].to_numpy()
+        if (pos[1:] < pos[:-1]).any():  # a store's read is in order already: no sort
+            ev = ev.sort("position")
+        bt = _epoch_us(ev["occurred_at"], _MIN)
+        ts = _epoch_us(ev["timestamp"])
         c_bt = np.maximum.accumulate(np.maximum(bt, self.clock))
         c_ts = np.maximum.accumulate(np.maximum(ts, self.recorded))
         self.clock, self.recorded = int(c_bt[-1]), int(c_ts[-1])

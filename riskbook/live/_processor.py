@@ -81,8 +81,8 @@ class Processor:
         processor's thread).
     max_batch : at most this many events per micro-batch (default: everything there
         is; a backlog is read in one go through ADBC).
-    before_commit : called inside the committing transaction, after the effects are
-        appended and before the checkpoint moves (for crash tests).
+    before_commit : called inside the committing transaction, after the checkpoint's
+        move and the effects are written and before the commit (for crash tests).
 
     Examples
     --------
@@ -296,11 +296,17 @@ class Processor:
         self, conn: psycopg.Connection, expected: int, horizon: int, effects: list[Effect]
     ) -> None:
         with conn.transaction():
-            row = conn.execute(
-                "SELECT position FROM processor_checkpoints WHERE name = %s FOR UPDATE",
-                (self.name,),
+            # Moves the checkpoint only from where this processor left it (and locks its
+            # row until the commit): the check and the move in one round trip.
+            moved = conn.execute(
+                "UPDATE processor_checkpoints SET position = %s, updated_at = clock_timestamp()"
+                " WHERE name = %s AND position = %s RETURNING 1",
+                (horizon, self.name, expected),
             ).fetchone()
-            if row is None or int(row[0]) != expected:
+            if moved is None:
+                row = conn.execute(
+                    "SELECT position FROM processor_checkpoints WHERE name = %s", (self.name,)
+                ).fetchone()
                 raise _Moved(
                     f"checkpoint {self.name!r} is at {None if row is None else row[0]}, "
                     f"expected {expected}: another processor moved it"
@@ -316,11 +322,6 @@ class Processor:
                 )
             if self.before_commit is not None:
                 self.before_commit(effects)
-            conn.execute(
-                "UPDATE processor_checkpoints SET position = %s, updated_at = clock_timestamp()"
-                " WHERE name = %s",
-                (horizon, self.name),
-            )
 
     def _wait(self, max_wait: float) -> None:
         conn = self._conn
