@@ -362,9 +362,9 @@ class Store:
             try:
                 if savepoint:
                     with conn.transaction():
-                        rows = conn.execute(_APPEND_SQL, batch.params).fetchall()
+                        rows = conn.execute(batch.statement, batch.params).fetchall()
                 else:
-                    rows = conn.execute(_APPEND_SQL, batch.params).fetchall()
+                    rows = conn.execute(batch.statement, batch.params).fetchall()
             except psycopg.errors.UniqueViolation as exc:
                 if exc.diag.constraint_name != "events_aggregate_sequence_key":
                     raise self._translate(exc) from None
@@ -673,13 +673,17 @@ def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list
 # the same expected version is settled by UNIQUE (aggregate_id, sequence). Recorded
 # times are taken per row, as the column default would, but here, so that they are
 # part of the hash.
-_APPEND_SQL = """
+_HEAD_CTE = """
 WITH head AS (
     SELECT coalesce(last.sequence, 0) AS v, coalesce(last.hash, '\\x'::bytea) AS h
       FROM (SELECT) one
       LEFT JOIN (SELECT sequence, hash FROM events WHERE aggregate_id = %(agg)s
                   ORDER BY sequence DESC LIMIT 1) last ON true
-), ok AS (
+)"""  # the aggregate's version and hash (empty for a new one)
+
+_APPEND_SQL = (
+    _HEAD_CTE
+    + """, ok AS (
     SELECT v, h FROM head WHERE %(expected)s::bigint IS NULL OR v = %(expected)s::bigint
 ), base AS (
     SELECT riskbook_reserve_positions(%(n)s) AS b FROM ok
@@ -702,6 +706,32 @@ SELECT base.b + new.ord - 1, new.event_id, new.event_type, %(agg)s, %(agg_type)s
  ORDER BY new.ord
 RETURNING position, sequence, "timestamp"
 """
+)
+
+
+# The same for one event (the common case: a live effect, an order, a manual mark):
+# scalar parameters, no arrays to send and unnest, no window to chain; the same checks,
+# reservation, recorded time and hash (sha256(head's hash || digest) is the first step
+# of riskbook_chain).
+_APPEND_ONE_SQL = (
+    _HEAD_CTE
+    + """, new AS (
+    SELECT riskbook_reserve_positions(1) AS position, v + 1 AS sequence,
+           clock_timestamp() AS recorded, h
+      FROM head WHERE %(expected)s::bigint IS NULL OR v = %(expected)s::bigint
+)
+INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
+                    "timestamp", causation_id, correlation_id, metadata, payload, hash)
+SELECT new.position, %(id)s::uuid, %(type)s, %(agg)s, %(agg_type)s, new.sequence,
+       new.recorded, %(causation)s::uuid, %(correlation)s, %(metadata)s::jsonb,
+       %(payload)s::jsonb,
+       sha256(new.h || riskbook_event_digest(
+           %(id)s::uuid, %(type)s, %(agg)s, %(agg_type)s, new.sequence, new.recorded,
+           %(causation)s::uuid, %(correlation)s, %(metadata)s::jsonb, %(payload)s::jsonb))
+  FROM new
+RETURNING position, sequence, "timestamp"
+"""
+)
 
 
 class _AppendBatch:
@@ -739,18 +769,25 @@ class _AppendBatch:
         metadata_json = check_metadata(self.metadata, kind)
         self.ids = [uuid.uuid4() for _ in self.events]
         self.aggregate_type = self.events[0].aggregate_type
-        self.params = {
+        self.params: dict[str, Any] = {
             "agg": aggregate_id,
             "agg_type": self.aggregate_type,
             "expected": expected_version,
-            "n": len(self.events),
-            "ids": self.ids,
-            "types": [type(e).__name__ for e in self.events],
-            "payloads": [encode_event(e).decode() for e in self.events],
             "causation": self.causation,
             "correlation": self.correlation,
             "metadata": metadata_json,
         }
+        if len(self.events) == 1:
+            self.statement = _APPEND_ONE_SQL
+            self.params["id"] = self.ids[0]
+            self.params["type"] = kind
+            self.params["payload"] = encode_event(self.events[0]).decode()
+        else:
+            self.statement = _APPEND_SQL
+            self.params["n"] = len(self.events)
+            self.params["ids"] = self.ids
+            self.params["types"] = [type(e).__name__ for e in self.events]
+            self.params["payloads"] = [encode_event(e).decode() for e in self.events]
 
     def envelopes(self, rows: list[tuple[Any, ...]]) -> list[Envelope]:
         rows.sort()
