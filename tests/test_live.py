@@ -525,6 +525,35 @@ def _fold_in(envelopes: list[Envelope], cuts: list[int]) -> list[tuple[str, str,
     return out
 
 
+def test_engine_folding_event_by_event_keeps_everything_once_and_decides_the_same() -> None:
+    """Hundreds of one-event batches (the kept history merges its segments tier by
+    tier), a bust and a new limit type late in the stream (both read all of it)."""
+    events: list[riskbook.Event] = [fund("A"), limit("A", 100.0), fund("B")]
+    for r in range(150):
+        events += [trade("A", "Buy", 130 if r % 7 == 0 else 50, r),
+                   trade("A", "Sell", 130 if r % 7 == 0 else 50, r + 0.5)]  # fmt: skip
+    kept = trade("B", "Buy", 80, 1, trade_id="T-KEPT")
+    events += [kept, TradeCancelled(trade_id="T-KEPT", account_id="B", reason="bust",
+                                    cancelled_at=T0 + timedelta(minutes=200))]  # fmt: skip
+    events += [limit("B", 0.01, kind="MaxLeverage", minute=201), trade("B", "Buy", 900, 202)]
+    envelopes = [
+        Envelope(uuid.uuid4(), e.aggregate_id, e.aggregate_type, 1, e.business_time or T0, e,
+                 f"c{i}", position=i + 1)
+        for i, e in enumerate(events)
+    ]  # fmt: skip
+    cuts = list(range(1, len(envelopes)))
+    engine = Engine()
+    one_by_one = []
+    for lo, hi in itertools.pairwise([0, *cuts, len(envelopes)]):
+        h = History.from_envelopes(envelopes[lo:hi])
+        one_by_one += [(e.kind, e.causation_id, e.limit_type) for e in engine.apply(h)]
+    assert one_by_one == _fold_in(envelopes, [])
+    assert {k for k, _, _ in one_by_one} == {"LimitViolationDetected", "AccountBlocked"}
+    assert len(engine._segments) < 40  # merged, not one per batch
+    kept_positions = pl.concat([s.events for s in engine._segments])["position"].to_list()
+    assert kept_positions == list(range(1, len(envelopes) + 1))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_engine_effects_do_not_depend_on_batching(data: st.DataObject) -> None:
