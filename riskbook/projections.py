@@ -395,11 +395,10 @@ def _dense(
 
     ``codes`` are the physical codes of ``ids`` (-1: null).
     """
-    if len(ids) + len(extra) <= 2_000:  # a live batch: a set of the values, no query at all
-        found = (set(ids.cast(pl.String).to_list()) - {None}) | set(extra)
-        names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
-    elif len(ids) + len(extra) <= 20_000:  # small: sets beat frame operations
-        found = set(ids.drop_nulls().unique().cast(pl.String).to_list()) | set(extra)
+    if len(ids) + len(extra) <= 20_000:  # small: sets beat frame operations
+        # (a live batch's few values go to the set as they are: unique() is a query)
+        values = ids if len(ids) <= 2_000 else ids.unique()
+        found = (set(values.cast(pl.String).to_list()) - {None}) | set(extra)
         names = pl.Series("id", sorted(found), dtype=pl.String).cast(_CAT)
     else:
         # One row per code found (a pass over the codes), not a unique() of the column.
@@ -1426,19 +1425,13 @@ _SMALL_ROWS = 20_000
 to the helper thread and waking the caller again costs more than it saves."""
 
 
-class _Done:
-    """A result computed at once, used like a Future."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
-
-
-def _soon(inline: bool, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on the helper thread (a Future), or at once if ``inline``."""
-    return _Done(fn(*args)) if inline else _helper().submit(fn, *args)
+def _soon(inline: bool, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    """``fn(*args)`` on the helper thread, or at once if ``inline``: a Future either way."""
+    if not inline:
+        return _helper().submit(fn, *args)
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def _helper() -> concurrent.futures.ThreadPoolExecutor:

@@ -25,6 +25,7 @@ import polars as pl
 
 from riskbook._memory import with_large_arrays
 from riskbook.limits._registry import SCOPES, LimitDefinition, get
+from riskbook.projections import _epoch_us
 
 __all__ = [
     "BREACH_SCHEMA",
@@ -251,17 +252,6 @@ def _times(values: np.ndarray) -> pl.Series:
     return pl.Series(values, dtype=pl.Int64).cast(_TIME)
 
 
-def _epoch(frame: pl.DataFrame, column: str, fill: int) -> np.ndarray:
-    """Microseconds since the epoch of a UTC ``Datetime("us")`` column; nulls as ``fill``."""
-    s = frame[column]
-    if s.null_count():
-        return s.dt.epoch("us").fill_null(fill).to_numpy()
-    a = s.to_numpy()
-    if a.dtype == np.dtype("datetime64[us]"):
-        return a.view(np.int64)
-    return s.to_physical().to_numpy()
-
-
 def _ints(s: pl.Series, fill: int) -> np.ndarray:
     return (s.fill_null(fill) if s.null_count() else s).to_numpy()
 
@@ -321,13 +311,17 @@ def _metric_rows(
     )
     if out["value"].null_count():
         out = out.with_columns(pl.col("value").fill_null(float("nan")))
-    bt, ts, pos = _epoch(out, "time", 0), _epoch(out, "timestamp", 0), _ints(out["position"], 0)
+    bt, ts, pos = (
+        _epoch_us(out["time"], 0),
+        _epoch_us(out["timestamp"], 0),
+        _ints(out["position"], 0),
+    )
     if out.height > 1:
         from riskbook.limits._kernel import in_order
 
         if not in_order(bt, ts, pos):
             out = out.sort("time", "timestamp", "position", maintain_order=True)
-            bt, ts = _epoch(out, "time", 0), _epoch(out, "timestamp", 0)
+            bt, ts = _epoch_us(out["time"], 0), _epoch_us(out["timestamp"], 0)
             pos = _ints(out["position"], 0)
     return out, bt, ts, pos, out["value"].to_numpy()
 
@@ -377,7 +371,7 @@ def _effect_order(rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
     time, ``"*"`` rows before explicit ones, position, then as given. Returns the order
     and the rows' set_at, timestamp and position (nulls: the smallest integer)."""
     n = rows.height
-    set_at, ts = _epoch(rows, "set_at", _MIN), _epoch(rows, "timestamp", _MIN)
+    set_at, ts = _epoch_us(rows["set_at"], _MIN), _epoch_us(rows["timestamp"], _MIN)
     pos = _ints(rows["position"], _MIN)
     explicit = np.fromiter(
         (-1 if a is None else int(a != "*") for a in rows["account_id"].to_list()), np.int64, n
@@ -503,7 +497,7 @@ def _derive(state: BreachState, by_symbol: bool, levels: tuple[float, ...]) -> _
         (state.limits, state.metrics, state.open), by_symbol, n_lvl, carried,
         keys, keys.select(pl.all().cast(_CAT)), accounts, key_acct,
         m["value"].cast(pl.Float64).to_numpy().copy(), np.ones(n, np.bool_),
-        _ints(m["day"], _NO_DAY).astype(np.int64), _epoch(m, "time", _MIN),
+        _ints(m["day"], _NO_DAY).astype(np.int64), _epoch_us(m["time"], _MIN),
         None, (), None, acct_index=acct_index,
     )  # fmt: skip
     c.resolved = _resolve(c, accts, syms, list(acct_index))
@@ -524,7 +518,7 @@ def _derive(state: BreachState, by_symbol: bool, levels: tuple[float, ...]) -> _
         open_[k_idx, l_idx] = True
         s_kind[k_idx, l_idx] = 2
         s_idx[k_idx, l_idx] = np.arange(op.height)
-        s_bt[k_idx, l_idx] = _epoch(op, "started_at", 0)
+        s_bt[k_idx, l_idx] = _epoch_us(op["started_at"], 0)
         peak[k_idx, l_idx] = op["peak_value"].to_numpy()
         trig[k_idx, l_idx] = op["trigger_value"].to_numpy()
         s_lim[k_idx, l_idx] = op["limit_value"].to_numpy()

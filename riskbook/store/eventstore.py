@@ -597,7 +597,6 @@ class Store:
                     raise StoreError(
                         f"trusted copy: {exc.diag.message_detail or exc.diag.message_primary}"
                     ) from None
-                conn.execute("ANALYZE events, event_fields")  # tables that grew from 0
             conn.commit()
 
     def _bulk_write(
@@ -1086,7 +1085,6 @@ def _load_into_empty(
         return None
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_inserted")
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_chained")
-    conn.execute("ANALYZE events, event_fields")  # the planner's view of a table that grew from 0
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
     return count, count
@@ -1120,12 +1118,14 @@ def _drop_secondary_indexes(conn: psycopg.Connection) -> list[tuple[str, str, bo
 
 def _build_indexes(conn: psycopg.Connection, indexes: list[tuple[str, str, bool, str]]) -> None:
     """Build the indexes :func:`_drop_secondary_indexes` dropped (a unique one that
-    finds duplicates raises psycopg's UniqueViolation)."""
+    finds duplicates raises psycopg's UniqueViolation), then give the planner its view
+    of the tables, which grew from empty."""
     with conn.transaction():
         # sorts of millions of keys fit in memory instead of spilling to disk
         conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
         for _, _, _, definition in indexes:
             conn.execute(definition.encode())
+    conn.execute("ANALYZE events, event_fields")
 
 
 def _lock_if_empty(conn: psycopg.Connection) -> bool:
