@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsn_option(ref)
     ref.set_defaults(func=cmd_db_refresh)
 
-    imp = add("import", cmd_import, "import JSON Lines files of event envelopes (plain or .gz)")
+    imp = add("import", cmd_import, "import JSON Lines files of event envelopes (plain or gzip)")
     imp.add_argument("files", nargs="+", metavar="FILE")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     dsn_option(imp)

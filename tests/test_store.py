@@ -540,6 +540,39 @@ def test_import_of_a_missing_file_is_a_clear_error(fresh_store: Store, tmp_path:
         fresh_store.import_jsonl(tmp_path / "nope.jsonl")
 
 
+def test_gzip_is_told_by_its_bytes_not_its_name(fresh_store: Store, tmp_path: Path) -> None:
+    lines = _envelope_lines()
+    data = b"\n".join(lines) + b"\n"
+    unnamed = tmp_path / "history.jsonl"  # gzip without .gz
+    unnamed.write_bytes(gzip.compress(data))
+    assert fresh_store.import_jsonl(unnamed).added == 15
+    misnamed = tmp_path / "history.jsonl.gz"  # plain text with .gz
+    misnamed.write_bytes(data)
+    assert (fresh_store.import_jsonl(misnamed).skipped, fresh_store.count()) == (15, 15)
+
+
+@pytest.mark.parametrize("damage", ["deflate", "truncated", "crc"])
+def test_a_damaged_gzip_file_fails_the_import_clearly_and_writes_nothing(
+    fresh_store: Store, tmp_path: Path, damage: str
+) -> None:
+    data = bytearray(gzip.compress(b"\n".join(_envelope_lines(per_account=40)) + b"\n"))
+    if damage == "deflate":  # the compressed stream itself: zlib's own error
+        data[12:20] = bytes(b ^ 0x5A for b in data[12:20])
+        message = "damaged gzip data"
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+        message = "cannot read: Compressed file ended"
+    else:  # the content checksum in the trailer
+        data[-8] ^= 0xFF
+        message = "cannot read: CRC check failed"
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(riskbook.ImportFailed, match=message) as info:
+        fresh_store.import_jsonl(path)
+    assert str(path) in str(info.value) and "nothing was written" in str(info.value)
+    assert fresh_store.count() == 0
+
+
 # ----------------------------------------------------------------------- migrations
 
 

@@ -17,12 +17,13 @@ import re
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -492,7 +493,7 @@ class Store:
     def import_jsonl(
         self, path: str | os.PathLike[str], *, progress: Progress | None = None
     ) -> ImportResult:
-        """Import a JSON Lines file of envelopes (plain, or gzip if it ends in ``.gz``).
+        """Import a JSON Lines file of envelopes, plain or gzip (told by its first bytes).
 
         Keeps each envelope's ``event_id`` and ``timestamp``; assigns ``sequence`` per
         aggregate in file order where absent; events already in the store (same
@@ -510,12 +511,13 @@ class Store:
             raise ImportFailed(f"{path}: no such file")
 
         def open_lines() -> Iterator[_Record]:
-            opener: Callable[..., IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
             try:
-                with opener(path, "rb") as fh:
+                with _open_maybe_gzip(path) as fh:
                     yield from _records_from_lines(fh, str(path), progress)
-            except (OSError, EOFError) as exc:
-                raise ImportFailed(f"{path}: cannot read: {exc}") from None
+            except (OSError, EOFError, zlib.error) as exc:
+                # zlib's own errors are what a damaged deflate stream raises through gzip
+                what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
+                raise ImportFailed(f"{path}: {what}: {exc}; nothing was written") from None
 
         return self._bulk_write(open_lines, source=str(path), progress=progress)
 
@@ -808,6 +810,22 @@ class _AppendBatch:
 
 
 # ---------------------------------------------------------------------- bulk import
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@contextmanager
+def _open_maybe_gzip(path: Path) -> Iterator[Iterable[bytes]]:
+    """``path`` opened for reading bytes, inflated if it is gzip: told by its first two
+    bytes, not its name (no JSON text starts with 0x1f, so a plain file is never taken
+    for gzip, and a gzip file without ``.gz`` is still read)."""
+    with open(path, "rb") as fh:
+        if fh.peek(2)[:2] == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=fh, mode="rb") as inflated:
+                yield inflated
+        else:
+            yield fh
+
 
 # One envelope on its way to COPY: line number, aggregate, given sequence, column values.
 _Record = tuple[int, str, int | None, tuple[Any, ...]]
