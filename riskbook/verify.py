@@ -288,7 +288,8 @@ class _Scan:
         self.chains: dict[str, tuple[int, bytes]] = {}
         self.pending: dict[str, dict[int, tuple[bytes, bytes, int]]] = {}
         self.problems: list[Problem] = []
-        self.suspects: dict[str, list[tuple[int, int, bytes]]] = {}  # agg -> (seq, pos, hash)
+        # agg -> (seq, pos, stored hash, digest of the event as it is now)
+        self.suspects: dict[str, list[tuple[int, int, bytes, bytes]]] = {}
         self.expected_heads = expected_heads
         self.seen_heads: set[str] = set()
         self.events = 0
@@ -326,7 +327,7 @@ class _Scan:
         after_gap: bool,
     ) -> None:
         if not after_gap and hashlib.sha256(previous + digest).digest() != stored:
-            self.suspects.setdefault(agg, []).append((seq, pos, stored))
+            self.suspects.setdefault(agg, []).append((seq, pos, stored, digest))
         self.chains[agg] = (seq + 1, stored)
         head = self.expected_heads.get(agg)
         if head is not None and head[0] == seq:
@@ -388,7 +389,10 @@ def _explain(conn: Any, scan: _Scan) -> None:
 
     An event found at sequence s whose hash checks out as written at another broken
     sequence t of its aggregate (its content hashed with t, after the stored hash of
-    the event now at t - 1) was moved there from t; any other break is an alteration.
+    the event now at t - 1) was moved there from t. An event that chains, at its own
+    sequence, from the event written just before it (which has moved away) was not
+    touched: only its neighbour changed, and that is told once, as that move. Any other
+    break is an alteration.
     """
     for agg, broken in scan.suspects.items():
         stored_hashes = {
@@ -398,7 +402,7 @@ def _explain(conn: Any, scan: _Scan) -> None:
             )
         }
         stored_hashes[0] = b""
-        candidates = sorted({seq for seq, _, _ in broken})[:64]
+        candidates = sorted({seq for seq, _, _, _ in broken})[:64]
         moved: dict[int, int] = {}
         if len(candidates) > 1:
             rows = conn.execute(
@@ -406,11 +410,11 @@ def _explain(conn: Any, scan: _Scan) -> None:
                 + _DIGEST_SQL.format(e="e.", sequence="t.seq")
                 + " FROM events e CROSS JOIN unnest(%s::bigint[]) t(seq)"
                 " WHERE e.position = ANY(%s) AND t.seq <> e.sequence",
-                (candidates, [pos for _, pos, _ in broken]),
+                (candidates, [pos for _, pos, _, _ in broken]),
             ).fetchall()
-            by_position = {pos: (seq, stored) for seq, pos, stored in broken}
+            by_position = {pos: (seq, stored) for seq, pos, stored, _ in broken}
             # the event before it then: the one at t - 1 now, or one that moved too
-            movers = {stored for _, _, stored in broken}
+            movers = {stored for _, _, stored, _ in broken}
             for pos, t, digest in rows:
                 seq, stored = by_position[pos]
                 before = movers | {stored_hashes.get(int(t) - 1, b"")}
@@ -419,7 +423,16 @@ def _explain(conn: Any, scan: _Scan) -> None:
                     for previous in before
                 ):
                     moved[seq] = int(t)
-        for seq, pos, _ in broken:
+        # the stored hash of the event written at each sequence that has moved away
+        written_at = {moved[seq]: stored for seq, _, stored, _ in broken if seq in moved}
+        for seq, pos, stored, digest in broken:
+            written_before = written_at.get(seq - 1)
+            if (
+                seq not in moved
+                and written_before is not None
+                and hashlib.sha256(written_before + digest).digest() == stored
+            ):
+                continue  # untouched: the event written before it was moved (told above)
             if seq in moved:
                 detail = f"the event here was written as sequence {moved[seq]}"
                 scan.problems.append(Problem(agg, seq, "reordered", detail, pos))
