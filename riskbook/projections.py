@@ -1447,11 +1447,16 @@ def _helper_of(pid: int) -> concurrent.futures.ThreadPoolExecutor:
 
 @with_large_arrays
 def position_timeline(
-    history: History, *, known_at: TimeLike = None, columns: Sequence[str] | None = None
+    history: History,
+    *,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    columns: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """The position after every trade and adjustment that moves it, in order.
 
-    One row per live TradeExecuted / PositionUpdated (known by K, not busted by K):
+    One row per live TradeExecuted / PositionUpdated (known by K, not busted by K) that
+    happened by T (business time <= ``at``; None: all):
     ``account_id, symbol, occurred_at`` (business time), ``timestamp`` (recorded),
     ``position`` (global), ``event_id, event_type, trade_id, signed_quantity`` (the
     fill's signed quantity, or ``new - q`` for an adjustment), ``price`` (the fill's;
@@ -1492,7 +1497,8 @@ def position_timeline(
     names = _wanted(columns, POSITION_TIMELINE_COLUMNS, "position_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
-    ev = tl.p_ev
+    n = _rows_by(tl.p_ev, book, at)
+    ev = tl.p_ev[:n]
     event = [c for c in ("symbol", *_EVENT_COLUMNS) if c in names]
     event_frame = _event_columns(book, ev, *event) if event else None
     out: dict[str, pl.Series] = {}
@@ -1505,7 +1511,7 @@ def position_timeline(
         if "signed_quantity" in names:
             x = _gather(ev, book.x)
             out["signed_quantity"] = pl.Series(
-                "signed_quantity", np.where(is_trade, x, x - tl.p_before)
+                "signed_quantity", np.where(is_trade, x, x - tl.p_before[:n])
             )
         if "price" in names:
             price = pl.Series("price", _gather(ev, book.y), dtype=pl.Float64)
@@ -1515,7 +1521,7 @@ def position_timeline(
     for name, values in (("quantity", tl.p_q), ("avg_price", tl.p_a),
                          ("realized_pnl", tl.p_r), ("trades", tl.p_n)):  # fmt: skip
         if name in names:
-            out[name] = pl.Series(name, values)
+            out[name] = pl.Series(name, values[:n])
     if event_frame is not None:
         out.update((s.name, s) for s in event_frame().get_columns())
     return pl.DataFrame([out[c] for c in _order(columns, POSITION_TIMELINE_COLUMNS)])
@@ -1523,7 +1529,11 @@ def position_timeline(
 
 @with_large_arrays
 def account_timeline(
-    history: History, *, known_at: TimeLike = None, columns: Sequence[str] | None = None
+    history: History,
+    *,
+    at: TimeLike = None,
+    known_at: TimeLike = None,
+    columns: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """An account's figures after every event that moves them, in order.
 
@@ -1532,6 +1542,8 @@ def account_timeline(
     ``account_id, occurred_at, timestamp, position, event_id, event_type, symbol``
     (null for funding), ``cash, equity, gross_exposure, net_exposure, leverage,
     drawdown, peak_equity``. The state at T is the last row at or before T.
+    ``at`` / ``known_at`` as in :func:`positions`: rows of events that happened by T
+    (the rows of the whole timeline with ``occurred_at <= at``) as known at K.
     ``columns``: build only these (in this order); default all of
     :data:`ACCOUNT_TIMELINE_COLUMNS`.
 
@@ -1565,33 +1577,41 @@ def account_timeline(
     names = _wanted(columns, ACCOUNT_TIMELINE_COLUMNS, "account_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
+    n = _rows_by(tl.a_ev, book, at)
+    cash, gross, net, peak = tl.a_cash[:n], tl.a_gross[:n], tl.a_net[:n], tl.a_peak[:n]
     out: dict[str, pl.Series] = {}
     if "account_id" in names:
-        out["account_id"] = book.account_names.gather(pl.Series(tl.a_acct)).alias("account_id")
+        out["account_id"] = book.account_names.gather(pl.Series(tl.a_acct[:n])).alias("account_id")
     event = [c for c in ACCOUNT_TIMELINE_COLUMNS[1:7] if c in names]
-    event_frame = _event_columns(book, tl.a_ev, *event) if event else None
+    event_frame = _event_columns(book, tl.a_ev[:n], *event) if event else None
     figures = [c for c in ("equity", "leverage", "drawdown") if c in names]
     if figures:
         # equity, leverage and drawdown as leverage() and drawdown() compute them (the
         # same operations, so the same numbers), in one compiled pass instead of three
         # when/then; a figure not asked for gets an empty array and is not written
-        n = len(tl.a_ev)
         equity, lev, dd = (
             _empty(n if c in figures else 0) for c in ("equity", "leverage", "drawdown")
         )
-        _compiled().account_figures(tl.a_cash, tl.a_gross, tl.a_net, tl.a_peak, equity, lev, dd)
+        _compiled().account_figures(cash, gross, net, peak, equity, lev, dd)
         out.update(
             (c, pl.Series(c, a))
             for c, a in zip(("equity", "leverage", "drawdown"), (equity, lev, dd), strict=True)
             if c in figures
         )
-    for name, values in (("cash", tl.a_cash), ("gross_exposure", tl.a_gross),
-                         ("net_exposure", tl.a_net), ("peak_equity", tl.a_peak)):  # fmt: skip
+    for name, values in (("cash", cash), ("gross_exposure", gross),
+                         ("net_exposure", net), ("peak_equity", peak)):  # fmt: skip
         if name in names:
             out[name] = pl.Series(name, values)
     if event_frame is not None:
         out.update((s.name, s) for s in event_frame().get_columns())
     return pl.DataFrame([out[c] for c in _order(columns, ACCOUNT_TIMELINE_COLUMNS)])
+
+
+def _rows_by(ev: np.ndarray, book: _Book, at: TimeLike) -> int:
+    """How many timeline rows (of book rows ``ev``, in book order) happened by ``at``."""
+    if at is None:
+        return int(ev.shape[0])
+    return int(np.searchsorted(ev, book.cut(_bound(at, "at")), side="left"))
 
 
 def _order(columns: Sequence[str] | None, every: tuple[str, ...]) -> Sequence[str]:
@@ -1616,13 +1636,16 @@ def _wanted(columns: Sequence[str] | None, every: tuple[str, ...], what: str) ->
 
 
 @with_large_arrays
-def adjustment_mismatches(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+def adjustment_mismatches(
+    history: History, *, at: TimeLike = None, known_at: TimeLike = None
+) -> pl.DataFrame:
     """PositionUpdated events whose ``previous_quantity`` is not the projected quantity.
 
     A reconciliation mismatch (DESIGN.md §4): the adjustment is applied all the same
-    (q becomes ``new_quantity``), and reported here. Quantities are compared with a
-    tolerance of 1e-9 (relative, with an absolute floor of 1e-9) so that float
-    rounding of fractional fills is not reported. Returns ``account_id, symbol,
+    (q becomes ``new_quantity``), and reported here; only adjustments that happened by
+    T (``at``) as known at K (``known_at``), as in :func:`positions`. Quantities are
+    compared with a tolerance of 1e-9 (relative, with an absolute floor of 1e-9) so that
+    float rounding of fractional fills is not reported. Returns ``account_id, symbol,
     occurred_at, timestamp, position, event_id, previous_quantity, projected_quantity,
     new_quantity, difference`` (``previous_quantity - projected_quantity``).
 
@@ -1650,9 +1673,10 @@ def adjustment_mismatches(history: History, *, known_at: TimeLike = None) -> pl.
     _check_history(history)
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
-    keep = book.kind[tl.p_ev] == _ADJUST
-    ev = tl.p_ev[keep]
-    before = tl.p_before[keep]
+    n = _rows_by(tl.p_ev, book, at)
+    keep = book.kind[tl.p_ev[:n]] == _ADJUST
+    ev = tl.p_ev[:n][keep]
+    before = tl.p_before[:n][keep]
     prev = book.y[ev]
     bad = np.abs(prev - before) > 1e-9 * np.maximum(1.0, np.maximum(np.abs(prev), np.abs(before)))
     ev, before, prev = ev[bad], before[bad], prev[bad]
@@ -1875,8 +1899,8 @@ def _account_sequences(history: History) -> dict[str, int]:
     )
 
 
-_FAR_PAST = datetime(1, 1, 2, tzinfo=UTC)
-_FAR_FUTURE = datetime(9999, 12, 30, tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+"""The latest business time there can be (the store accepts up to it): "no bound" in SQL."""
 _OWN = "('TradeExecuted', 'PositionUpdated', 'AccountFunded')"
 _WIDE = WIDE_COLUMNS
 # Distinct accounts by a loose scan of event_fields_account_time_idx.
@@ -1973,7 +1997,7 @@ def state_at(
     """
     t_us = _bound(at, "at")
     k_us = _bound(known_at, "known_at")
-    t_dt = _as_time(at, "at") or _FAR_FUTURE
+    t_dt = _as_time(at, "at") or _LATEST
     k_dt = _as_time(known_at, "known_at")
     ids = _ids(accounts, "accounts")
     known_sql = "" if k_dt is None else ' AND f."timestamp" <= %(k)s'
@@ -2015,7 +2039,7 @@ def state_at(
             "ids": list(since),
             "since": [None if s is None else _dt(s) for s in since.values()],
             "syms": list(starts),
-            "from": [_dt(min(v, _us(_FAR_FUTURE))) for v in starts.values()],
+            "from": [_dt(min(v, _us(_LATEST))) for v in starts.values()],
         },
     )
     own = frames

@@ -47,6 +47,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,7 @@ import altair as alt
 import polars as pl
 
 __all__ = [
+    "LEVEL_COLORS",
     "LEVEL_NAMES",
     "LIVE_COMMITS_SCHEMA",
     "LIVE_EFFECTS_SCHEMA",
@@ -96,7 +98,14 @@ MEASURES: dict[str, str] = {
 LEVEL_NAMES: dict[float, str] = {0.8: "warning 80%", 0.9: "warning 90%", 1.0: "breach"}
 """How :func:`breach_chart` names the default levels (others read "level 75%")."""
 
-_LEVEL_COLORS = ["#f2c94c", "#f2994a", "#d62728"]
+LEVEL_COLORS: dict[float, str] = {0.8: "#f2c94c", 0.9: "#f2994a", 1.0: "#d62728"}
+"""The colour of each default level in :func:`breach_chart` (amber, orange, breach red);
+a level between or beyond them gets a colour between or beyond theirs, whatever other
+levels the chart shows."""
+
+# Anchors of _level_color beyond the default levels: pale yellow at half the limit and
+# below, dark red from one and a half times the limit.
+_LEVEL_RAMP = ((0.5, "#f7e7a6"), *LEVEL_COLORS.items(), (1.5, "#67000d"))
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%L"
 _WIDTH = 720
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -798,6 +807,31 @@ def leverage_chart(
     )
 
 
+def _level_color(level: float) -> str:
+    """The colour :func:`breach_chart` draws a level in, from the level alone.
+
+    The default levels have their own (:data:`LEVEL_COLORS`: 80% amber, 90% orange,
+    100% red); another level is interpolated between its neighbours on a ramp from
+    pale yellow (50% and below) to dark red (150% and above), so a level keeps its
+    colour whichever others are drawn with it (0.85 -> ``#f2b14b``).
+    """
+    if level in LEVEL_COLORS:
+        return LEVEL_COLORS[level]
+    ramp = _LEVEL_RAMP
+    if level <= ramp[0][0]:
+        return ramp[0][1]
+    for (lo, lo_hex), (hi, hi_hex) in itertools.pairwise(ramp):
+        if level <= hi:
+            f = (level - lo) / (hi - lo)
+            a, b = _rgb(lo_hex), _rgb(hi_hex)
+            return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b, strict=True))
+    return ramp[-1][1]
+
+
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    return int(hex_color[1:3], 16), int(hex_color[3:5], 16), int(hex_color[5:7], 16)
+
+
 def breach_chart(
     breaches: pl.DataFrame,
     *,
@@ -811,8 +845,10 @@ def breach_chart(
     limit_type, symbol, level, started_at, ended_at, peak_value, limit_value,
     trigger_event_id``). Bars run from ``started_at`` to ``ended_at`` (an open breach
     to ``end``, or to the latest time in the frame); warning levels are drawn beneath
-    the breaches in yellow and orange, breaches in red; a tick marks each start, so a
-    breach of a few seconds on a chart of weeks is still seen.
+    the breaches, each level in its own colour whichever others are shown
+    (:data:`LEVEL_COLORS`: 80% amber, 90% orange, breaches red; other levels on a
+    ramp between and beyond them); a tick marks each start, so a breach of a few
+    seconds on a chart of weeks is still seen.
 
     Parameters
     ----------
@@ -849,12 +885,11 @@ def breach_chart(
     data = plot_frame(frame.rename({"started_at": "t", "until": "t2"}))
     levels = sorted(frame["level"].unique().to_list()) if frame.height else [0.8, 0.9, 1.0]
     names = [LEVEL_NAMES.get(v, f"level {v:.0%}") for v in levels]
-    colors = (_LEVEL_COLORS * len(names))[-len(names) :] if len(names) <= 3 else None
     color = alt.Color(
         "severity:N",
         title="level",
         sort=names,
-        scale=alt.Scale(domain=names, range=colors) if colors else alt.Scale(scheme="orangered"),
+        scale=alt.Scale(domain=names, range=[_level_color(v) for v in levels]),
     )
     lo_t = _time(start) or (frame["started_at"].min() if frame.height else None)
     hi_t = stop

@@ -1053,6 +1053,33 @@ def test_limit_history_and_effective_limits() -> None:
     assert limits.effective_limits(h)["symbol"].cast(pl.String).to_list() == [None, "X", None]
 
 
+def test_the_audit_trail_at_t_is_the_changes_that_apply_by_t() -> None:
+    from polars.testing import assert_frame_equal
+
+    b = Book()
+    b.limit("A", "MaxPositionSize", 100, at(0), by="ops")
+    b.limit("A", "MaxPositionSize", 50, at(10), symbol="X", by="cro", recorded=at(12))
+    b.limit("A", "MaxPositionSize", 200, at(5), by="cro", recorded=at(20))  # recorded late
+    b.limit("A", "MaxPositionSize", 300, at(5), by="cro")  # same set_at: after it by time
+    b.limit("B", "MaxLeverage", 3, at(1), by="ops")
+    h = b.history()
+    for k in (None, at(15)):
+        trail = limits.limit_history(h, known_at=k)
+        for t in (at(-1), at(0), at(4), at(5), at(9), at(10), at(99)):
+            cut = limits.limit_history(h, at=t, known_at=k)
+            assert_frame_equal(cut, trail.filter(pl.col("set_at") <= t))
+            assert_frame_equal(
+                limits.stored_limits(h, at=t, known_at=k),
+                limits.stored_limits(h, known_at=k).filter(pl.col("set_at") <= t),
+            )
+    assert limits.limit_history(h, at=at(5))["new_value"].to_list() == [100.0, 3.0, 300.0, 200.0]
+    assert limits.limit_history(h, at="2024-03-01T20:00:00Z").height == 1
+    with pytest.raises(ValueError, match="time zone"):
+        limits.limit_history(h, at=datetime(2024, 3, 1))
+    with pytest.raises(ValueError, match="at"):
+        limits.stored_limits(h, at="soon")
+
+
 # ============================================================================ reconciliation
 
 
@@ -1092,6 +1119,59 @@ def test_reconcile_matches_reports_and_explains_the_rest() -> None:
     # as known before the bust, B's report is matched
     before = limits.reconcile(h, known_at=at(29))
     assert before.filter(pl.col("account_id") == "B")["status"].to_list() == ["matched"]
+
+
+def test_reconcile_at_t_takes_the_breaches_and_reports_by_t() -> None:
+    from polars.testing import assert_frame_equal
+
+    b = Book()
+    b.limit("A", "MaxPositionSize", 100, at(0))
+    b.limit("B", "MaxPositionSize", 100, at(0))
+    b.limit("C", "MaxLeverage", 1.0, at(0))
+    over = b.trade("A", "X", "Buy", 150, 10, at(1))
+    b.add(LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
+                                 current_value=150, limit_value=100, detected_at=at(1)),
+          causation_id=uuid.UUID(over))  # fmt: skip
+    busted = b.trade("B", "X", "Buy", 150, 10, at(2), trade_id="T-BAD")
+    b.add(LimitViolationDetected(account_id="B", limit_type="MaxPositionSize", symbol="X",
+                                 current_value=150, limit_value=100, detected_at=at(2)),
+          causation_id=uuid.UUID(busted))  # fmt: skip
+    b.cancel("B", "T-BAD", at(3), recorded=at(30))
+    b.fund("C", 100, at(3))
+    b.trade("C", "Y", "Buy", 20, 10, at(4))  # leverage 2: never reported
+    b.trade("A", "X", "Sell", 100, 10, at(5))
+    b.trade("A", "X", "Buy", 100, 10, at(6))  # a second breach, reported 2 s later
+    b.add(LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
+                                 current_value=150, limit_value=100,
+                                 detected_at=at(6) + timedelta(seconds=2)))  # fmt: skip
+    h = b.history()
+
+    def got(**kw: Any) -> list[tuple[Any, ...]]:
+        rec = limits.reconcile(h, **kw)
+        return rec.select(
+            "status", pl.col("account_id").cast(pl.String), "started_at", "ended_at",
+            "detected_at",
+        ).rows()  # fmt: skip
+
+    # at 3: A's first breach is still open; C's (at 4) and A's second have not started
+    assert got(at=at(3)) == [
+        ("matched", "A", at(1), None, at(1)),
+        ("no_breach", "B", None, None, at(2)),
+    ]
+    # at 6: A's second breach has started, its report (2 s later) is not made yet
+    assert got(at=at(6))[2:] == [
+        ("not_reported", "C", at(4), None, None),
+        ("not_reported", "A", at(6), None, None),
+    ]
+    assert got(at=at(6) + timedelta(seconds=2))[-1] == (
+        "matched", "A", at(6), None, at(6) + timedelta(seconds=2)
+    )  # fmt: skip
+    assert got(at=at(0)) == []
+    # as known before the bust, at 2: B's report is matched to its open breach
+    assert got(at=at(2), known_at=at(29))[1] == ("matched", "B", at(2), None, at(2))
+    assert_frame_equal(limits.reconcile(h, at="2024-03-01T21:39:00Z"), limits.reconcile(h))
+    with pytest.raises(ValueError, match="time zone"):
+        limits.reconcile(h, at=datetime(2024, 3, 1))
 
 
 # ============================================================================ the sample

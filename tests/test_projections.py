@@ -693,6 +693,51 @@ def test_timelines_equal_the_reference_fold(rec: Recorder, known_at: datetime | 
         assert (joined["peak_equity"] == joined["peak_equity_tl"]).all()
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rec=histories(), at=times, known_at=times)
+@example(rec=edge_cases(), at=minutes(2), known_at=None)
+@example(rec=edge_cases(), at=minutes(3), known_at=minutes(6))
+@example(rec=edge_cases(), at=minutes(-1), known_at=None)
+def test_timelines_at_t_are_the_rows_that_happened_by_t(
+    rec: Recorder, at: datetime | None, known_at: datetime | None
+) -> None:
+    from polars.testing import assert_frame_equal
+
+    h = rec.history()
+    by_t = pl.col("occurred_at") <= at if at is not None else pl.lit(True)
+    for fn in (P.position_timeline, P.account_timeline, P.adjustment_mismatches):
+        whole = fn(h, known_at=known_at)
+        assert_frame_equal(fn(h, at=at, known_at=known_at), whole.filter(by_t))
+    some = ["occurred_at", "quantity"]
+    assert_frame_equal(
+        P.position_timeline(h, at=at, known_at=known_at, columns=some),
+        P.position_timeline(h, known_at=known_at, columns=some).filter(by_t),
+    )
+    # and they are the reference fold's rows at T
+    want = reference_fold(reference_events(h), at=at, known_at=known_at)
+    pt = P.position_timeline(h, at=at, known_at=known_at)
+    assert pt["event_id"].to_list() == [r[0] for r in want.position_rows]
+    acc = P.account_timeline(h, at=at, known_at=known_at)
+    assert acc["event_id"].to_list() == [r[0] for r in want.account_rows]
+    mm = P.adjustment_mismatches(h, at=at, known_at=known_at)
+    assert mm["event_id"].to_list() == [m[0] for m in want.mismatches]
+
+
+def test_timelines_check_at_like_the_other_projections() -> None:
+    rec = Recorder()
+    rec.trade("A", "X", "Buy", 1, 1, minutes(1))
+    h = rec.history()
+    for fn in (P.position_timeline, P.account_timeline, P.adjustment_mismatches):
+        assert fn(h, at="2024-03-01T14:31:00Z").height == fn(h, at=minutes(1)).height
+        assert fn(h, at=minutes(1) - timedelta(microseconds=1)).height == 0
+        with pytest.raises(ValueError, match="at"):
+            fn(h, at="yesterday")
+        with pytest.raises(ValueError, match="time zone"):
+            fn(h, at=datetime(2024, 3, 1))
+        with pytest.raises(TypeError, match="at must be"):
+            fn(h, at=1.5)  # type: ignore[arg-type]
+
+
 def test_timelines_build_only_the_columns_asked_for() -> None:
     from polars.testing import assert_frame_equal
 
@@ -817,6 +862,38 @@ def test_events_recorded_after_a_snapshot_are_not_missed(fresh_store: Store) -> 
                 P.positions(full, at=at, known_at=known_at),
                 P.accounts(full, at=at, known_at=known_at),
             )
+
+
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+"""The latest business time the store accepts."""
+
+
+def test_events_at_the_latest_storable_time_are_projected(fresh_store: Store) -> None:
+    rec = Recorder()
+    rec.fund("A", 1000, minutes(0))
+    rec.trade("A", "X", "Buy", 10, 10, minutes(1))
+    rec.trade("A", "X", "Buy", 5, 20, LATEST, recorded=minutes(2))
+    rec.mark("X", 30, LATEST, recorded=minutes(3))
+    rec.fund("B", 7, LATEST, recorded=minutes(4))
+    h = store_history(fresh_store, rec)
+    pos, acc = P.positions(h), P.accounts(h)
+    assert pos.select("quantity", "mark_price", "last_event_at").rows() == [(15.0, 30.0, LATEST)]
+    assert acc.select(pl.col("account_id").cast(pl.String), "equity", "updated_at").rows() == [
+        ("A", 1000 - 200 + 450.0, LATEST),
+        ("B", 7.0, LATEST),
+    ]
+    assert P.position_timeline(h)["occurred_at"].to_list()[-1] == LATEST
+    for at in (None, LATEST, "9999-12-31T23:59:59.999999Z"):
+        assert_same_state(P.state_at(fresh_store, at), pos, acc)
+        assert_same_state((P.positions(h, at=at), P.accounts(h, at=at)), pos, acc)
+    # from snapshots too: one before the last events, one at the very end
+    assert P.write_snapshots(fresh_store, h, at=[minutes(1), LATEST]) == 3
+    assert_same_state(P.state_at(fresh_store, None), pos, acc)
+    before = LATEST - timedelta(microseconds=1)
+    assert_same_state(
+        P.state_at(fresh_store, before), P.positions(h, at=before), P.accounts(h, at=before)
+    )
+    assert P.positions(h, at=before)["quantity"].to_list() == [10.0]
 
 
 @settings(

@@ -242,6 +242,44 @@ def test_breach_chart_has_one_lane_per_account_and_limit_type() -> None:
     assert total_rows(empty) <= 1
 
 
+def _level_scale(chart: alt.TopLevelMixin) -> dict[str, str]:
+    """The breach chart's colour scale, as {level name: colour}."""
+    scales = [
+        layer["encoding"]["color"]["scale"]
+        for layer in chart.to_dict()["layer"]
+        if "color" in layer.get("encoding", {})
+    ]
+    assert scales and all(s == scales[0] for s in scales)
+    return dict(zip(scales[0]["domain"], scales[0]["range"], strict=True))
+
+
+def test_breach_chart_colours_each_level_by_its_value() -> None:
+    own = {"warning 80%": "#f2c94c", "warning 90%": "#f2994a", "breach": "#d62728"}
+    for levels in [(0.8, 0.9, 1.0), (0.8, 0.9), (0.8,), (0.9,), (1.0,), (0.9, 1.0), (0.8, 1.0),
+                   (0.5, 0.8, 0.9, 0.95, 1.0, 1.2)]:  # fmt: skip
+        frame = pl.concat([_breaches().head(1).with_columns(level=pl.lit(v)) for v in levels])
+        scale = _level_scale(viz.breach_chart(frame))
+        names = [viz.LEVEL_NAMES.get(v, f"level {v:.0%}") for v in levels]
+        assert list(scale) == names, levels
+        assert {n: c for n, c in scale.items() if n in own} == {
+            n: c for n, c in own.items() if n in names
+        }, levels
+        # every level's colour is its own: the same in whatever set it is drawn
+        alone = {n: c for v in levels for n, c in _level_scale(viz.breach_chart(
+            frame.filter(pl.col("level") == v))).items()}  # fmt: skip
+        assert alone == scale, levels
+        assert len(set(scale.values())) == len(scale), levels
+    assert {viz.LEVEL_NAMES[v]: c for v, c in viz.LEVEL_COLORS.items()} == own
+
+
+def test_breach_chart_levels_between_the_defaults_sit_between_their_colours() -> None:
+    frame = pl.concat([_breaches().head(1).with_columns(level=pl.lit(v)) for v in (0.85, 1.5)])
+    scale = _level_scale(viz.breach_chart(frame))
+    assert scale == {"level 85%": "#f2b14b", "level 150%": "#67000d"}
+    empty = _level_scale(viz.breach_chart(_breaches().clear()))
+    assert empty == {"warning 80%": "#f2c94c", "warning 90%": "#f2994a", "breach": "#d62728"}
+
+
 def test_event_chart_links_causes_and_rings_the_focus(sample: riskbook.History) -> None:
     window = viz.event_lanes(
         sample,

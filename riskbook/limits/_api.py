@@ -69,19 +69,25 @@ def _known(frame: pl.DataFrame, known_at: datetime | None) -> pl.DataFrame:
     return frame if known_at is None else frame.filter(pl.col("timestamp") <= known_at)
 
 
+def _by(frame: pl.DataFrame, column: str, at: datetime | None) -> pl.DataFrame:
+    """The rows that happened by ``at`` (business time ``column`` <= at)."""
+    return frame if at is None else frame.filter(pl.col(column) <= at)
+
+
 # ----------------------------------------------------------------------------- limit rows
 
 
-def stored_limits(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
-    """The stored LimitSet events (recorded by ``known_at``) as limit rows.
+def stored_limits(
+    history: History, *, at: TimeLike = None, known_at: TimeLike = None
+) -> pl.DataFrame:
+    """The stored LimitSet events (set by ``at``, recorded by ``known_at``) as limit rows.
 
     Columns: ``limit_type`` and those of :data:`~riskbook.limits.LIMIT_ROWS_SCHEMA`
     (account_id, symbol, value, set_by, set_at, timestamp, position, event_id), in
     global order.
     """
     _check_history(history)
-    k = _time(known_at, "known_at")
-    lim = _known(history.limits, k)
+    lim = _by(_known(history.limits, _time(known_at, "known_at")), "set_at", _time(at, "at"))
     return pl.concat(
         [lim.select(limit_type=pl.col("limit_type").cast(pl.String)), _limit_frame(lim)],
         how="horizontal",
@@ -433,8 +439,13 @@ def backtest(
 # ----------------------------------------------------------------------------- audit
 
 
-def limit_history(history: History, *, known_at: TimeLike = None) -> pl.DataFrame:
+def limit_history(
+    history: History, *, at: TimeLike = None, known_at: TimeLike = None
+) -> pl.DataFrame:
     """Every limit change, in the order they take effect: the audit trail of limits.
+
+    The changes that apply by T (``set_at <= at``; None: all) recorded by K
+    (``known_at``; None: all): the audit trail cut at T is the whole one's first rows.
 
     Returns ``account_id, limit_type, symbol, old_value`` (the value the previous
     LimitSet of the same account, limit type and symbol set; null for the first),
@@ -466,7 +477,7 @@ def limit_history(history: History, *, known_at: TimeLike = None) -> pl.DataFram
     └─────────────┴───────────┴───────────┴────────┘
     """
     _check_history(history)
-    lim = _known(history.limits, _time(known_at, "known_at"))
+    lim = _by(_known(history.limits, _time(known_at, "known_at")), "set_at", _time(at, "at"))
     return lim.sort("set_at", "timestamp", "position").select(
         "account_id",
         "limit_type",
@@ -524,10 +535,7 @@ def effective_limits(
     └─────────────────┴────────┴────────┘
     """
     _check_history(history)
-    t = _time(at, "at")
-    lim = _known(history.limits, _time(known_at, "known_at"))
-    if t is not None:
-        lim = lim.filter(pl.col("set_at") <= t)
+    lim = _by(_known(history.limits, _time(known_at, "known_at")), "set_at", _time(at, "at"))
     return (
         lim.sort("set_at", "timestamp", "position")
         .unique(["account_id", "limit_type", "symbol"], keep="last", maintain_order=True)
@@ -559,13 +567,18 @@ _STATUS = pl.Enum(["matched", "not_reported", "no_breach"])
 def reconcile(
     history: History,
     *,
+    at: TimeLike = None,
     known_at: TimeLike = None,
     tolerance: timedelta = timedelta(minutes=1),
 ) -> pl.DataFrame:
     """Recorded LimitViolationDetected events against the breaches recomputed now.
 
-    The recomputed breaches are those of :func:`breaches` at level 1.0 as known at
-    ``known_at`` (default: everything, busts applied -- the corrected history). A
+    The recomputed breaches are those of :func:`breaches` at level 1.0 at ``at`` as
+    known at ``known_at`` (default: everything, busts applied -- the corrected
+    history); the reports are the LimitViolationDetected events recorded by
+    ``known_at`` with ``detected_at <= at`` (their business time). So at T both sides
+    are what had happened by T: the breaches that started by T (open if they ended
+    after T) and the reports made by T. A
     report and a breach **match** when they have the same account, limit type and
     symbol and either the report's ``causation_id`` is the breach's trigger event, or
     (for reports without a matching cause) its ``detected_at`` is within ``tolerance``
@@ -591,9 +604,10 @@ def reconcile(
     >>> rec.filter(pl.col("status") != "matched").select("status", "reason")  # doctest: +SKIP
     """
     _check_history(history)
+    t = _time(at, "at")
     k = _time(known_at, "known_at")
-    found = breaches(history, known_at=k, levels=1.0)
-    reports = _known(history.violations, k).select(
+    found = breaches(history, at=t, known_at=k, levels=1.0)
+    reports = _by(_known(history.violations, k), "detected_at", t).select(
         pl.col("account_id").cast(pl.String),
         pl.col("limit_type").cast(pl.String),
         pl.col("symbol").cast(pl.String),
