@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +21,7 @@ from riskbook.events import (
     format_time,
 )
 from riskbook.frames import History, load
-from riskbook.live._engine import Engine
+from riskbook.live._engine import Engine, describe
 from riskbook.live._processor import Processor
 from riskbook.store import Store, connect
 
@@ -32,7 +34,10 @@ class Reason:
 
     ``kind`` is ``"blocked"`` (the account is blocked) or ``"limit"`` (the trade would
     take ``limit_type`` over its limit: ``value`` after the trade, ``limit_value`` in
-    force, ``excess = value - limit_value``).
+    force, ``excess = value - limit_value``). An infinite metric (leverage with equity
+    <= 0) has ``value`` and ``excess`` ``inf`` and a message that says "infinite"; in
+    :meth:`CheckResult.to_dict` (JSON holds no infinity) they are the largest finite
+    double, as in a stored LimitViolationDetected.
     """
 
     kind: str
@@ -62,6 +67,10 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        for reason in out["reasons"]:
+            for key in ("value", "excess"):
+                if isinstance(reason[key], float) and math.isinf(reason[key]):
+                    reason[key] = math.copysign(sys.float_info.max, reason[key])
         out["at"] = format_time(self.at)
         out["decision"] = "accept" if self.accepted else "reject"
         return out
@@ -88,7 +97,7 @@ def _engine_for(account: str, store: Store | str | None, processor: Processor | 
         with connect(store) as own:
             history = load(own, accounts=[account], progress=False)
     engine = Engine()
-    engine.apply(history)
+    engine.apply(history, written=False)  # blocks it would decide are not stored: none count
     return engine
 
 
@@ -105,12 +114,14 @@ def check(
 ) -> CheckResult:
     """Would this trade be accepted now? Accept, or reject with every reason.
 
-    Rejected when the account is blocked, and for each limit the trade would breach:
-    after the trade the metric is over the limit in force, and the trade took it there
-    or further (a trade that reduces a breach is not refused for it). The state is the
-    running ``processor``'s if given, else the account's stored history folded the way
-    the processor folds it; the metric after the trade comes from the limit types' own
-    metric functions and :func:`riskbook.limits.evaluate`, as for a real trade.
+    Rejected when the account is blocked (its latest block event is an AccountBlocked,
+    or the running ``processor`` has decided a block it is writing), and for each limit
+    the trade would breach: after the trade the metric is over the limit in force, and
+    the trade took it there or further (a trade that reduces a breach is not refused for
+    it). The state is the running ``processor``'s if given, else the account's stored
+    history folded the way the processor folds it; the metric after the trade comes from
+    the limit types' own metric functions and :func:`riskbook.limits.evaluate`, as for
+    a real trade.
 
     Parameters
     ----------
@@ -148,7 +159,7 @@ def check(
         correlation_id="pre-trade-check",
         position=max(engine.horizon, 1),
     )
-    trial.apply(History.from_envelopes([envelope]))
+    trial.apply(History.from_envelopes([envelope]), written=False)
     reasons: list[Reason] = []
     if engine.blocked.get(account):
         reasons.append(Reason("blocked", f"account {account} is blocked"))
@@ -177,7 +188,8 @@ def check(
         reasons.append(
             Reason(
                 "limit",
-                f"{name}{where}: {value:g} > limit {limit:g} (by {value - limit:g})",
+                f"{name}{where}: {describe(value, name)} > limit {limit:g}"
+                f" (by {describe(value - limit)})",
                 name,
                 key_symbol,
                 value,
@@ -222,10 +234,13 @@ def _key(account: str, symbol: str | None) -> pl.Expr:
 
 
 _BLOCK_STATE_SQL = """
-SELECT event_type FROM event_fields
- WHERE account_id = %s AND event_type IN ('AccountBlocked', 'AccountUnblocked')
- ORDER BY position DESC LIMIT 1
+SELECT (SELECT coalesce(max(sequence), 0) FROM events WHERE aggregate_id = %(account)s),
+       (SELECT event_type FROM event_fields
+         WHERE account_id = %(account)s AND event_type IN ('AccountBlocked', 'AccountUnblocked')
+         ORDER BY position DESC LIMIT 1)
 """
+"""The account's version and its latest block event, in one statement (one snapshot):
+an unblock appended after it moves the version, so the append expecting it fails."""
 
 
 def unblock(
@@ -253,11 +268,12 @@ def unblock(
     event = AccountUnblocked(account_id=account, reason=reason, unblocked_by=by, unblocked_at=when)
     for _ in range(5):
         with st.connection() as conn:
-            row = conn.execute(_BLOCK_STATE_SQL, (account,)).fetchone()
+            row = conn.execute(_BLOCK_STATE_SQL, {"account": account}).fetchone()
             conn.rollback()
-        if row is None or row[0] != "AccountBlocked":
+        assert row is not None
+        version, latest = int(row[0]), row[1]
+        if latest != "AccountBlocked":
             raise RiskbookError(f"account {account!r} is not blocked: nothing to unblock")
-        version = st.version(account)
         try:
             return st.append(
                 account, [event], expected_version=version, correlation_id=f"unblock-{account}"

@@ -18,10 +18,13 @@ EXIT_REJECTED = 3
 
 
 def _describe(effect: Any) -> str:
+    from riskbook.live._engine import describe
+
     where = f" {effect.symbol}" if effect.symbol else ""
     what = "VIOLATION" if effect.kind == "LimitViolationDetected" else "BLOCK"
     return (
-        f"{what} {effect.account_id} {effect.limit_type}{where}: {effect.value:g} "
+        f"{what} {effect.account_id} {effect.limit_type}{where}: "
+        f"{describe(effect.value, effect.limit_type)} "
         f"(limit {effect.limit_value:g}) caused by {effect.causation_id}"
     )
 
@@ -52,8 +55,10 @@ def cmd_live(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
     )
     if args.once:
-        processor.catch_up()
-        processor.stop()
+        try:
+            processor.catch_up()
+        finally:
+            processor.stop()
         print(f"caught up: {processor.engine.events_seen:,} events, horizon "
               f"{processor.engine.horizon}", file=sys.stderr)  # fmt: skip
         return 0

@@ -16,10 +16,20 @@ A live engine cannot go back in time, so
   late event) acts when it arrives: its business time is taken as the latest so far
   (the recorded time likewise). For events recorded in business order -- the normal
   case -- nothing changes;
+* a LimitSet recorded before its set_at (a scheduled limit change) does not move the
+  clock: it is held, and takes effect at its set_at once the clock gets there (the first
+  event at or after it), as :func:`riskbook.breaches` applies it. A LimitSet the store
+  learns at or after its set_at acts like any other event (on arrival);
 * a late mark older than the symbol's latest mark is stale and is ignored;
 * a TradeCancelled (bust) takes its trade out: the account's state is refolded from
   its events without the trade, and each metric of the account is re-evaluated at the
   bust (so a bust can end a breach, or start one).
+
+An account is blocked when the latest block event folded is an AccountBlocked, or when
+the engine itself has decided a block whose effects are written (``apply(...,
+written=True)``, the default) and has not read it back yet (:attr:`Engine.pending`); a
+block decided in a fold whose effects are thrown away (a rebuild of the state, a
+pre-trade check from the stored history: ``written=False``) blocks nothing.
 
 Folding the same events in any number of batches gives the same effects and states.
 ``riskbook.breaches(history, levels=1.0)`` over a history recorded in business order
@@ -29,6 +39,8 @@ with no busts has exactly the breach starts this engine reports for it.
 from __future__ import annotations
 
 import copy
+import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +66,8 @@ _MIN = np.iinfo(np.int64).min
 _FANOUT = 16  # segments of a tier merged into one of the next
 _WHOLE = 1 << 30  # the tier of a segment that holds everything before it: never merged
 _TIME = pl.Datetime("us", "UTC")
+_LARGEST = sys.float_info.max
+_WHY_INFINITE = {"MaxLeverage": "equity <= 0"}
 
 
 @dataclass(frozen=True)
@@ -112,8 +126,16 @@ class Engine:
     projection: ProjectionState = field(default_factory=ProjectionState.empty)
     breach: dict[str, BreachState] = field(default_factory=dict)
     blocked: dict[str, bool] = field(default_factory=dict)
+    """Per account: blocked now (its latest block event folded is an AccountBlocked, or
+    a block of this engine's is pending)."""
+    pending: dict[str, str] = field(default_factory=dict)
+    """Per account: the trigger (causation id) of a block this engine decided in a fold
+    whose effects are written, until it reads that AccountBlocked back."""
+    scheduled: pl.DataFrame = field(default_factory=lambda: History.empty().limits, repr=False)
+    """LimitSet rows recorded before their set_at, held until the clock reaches it."""
     clock: int = _MIN
-    """The latest business time folded (microseconds since the epoch)."""
+    """The latest business time folded (microseconds since the epoch); a scheduled
+    LimitSet does not move it."""
     recorded: int = _MIN
     """The latest recorded time folded."""
     mark_times: dict[str, int] = field(default_factory=dict)
@@ -165,6 +187,7 @@ class Engine:
         out = copy.copy(self)
         out.breach = dict(self.breach)
         out.blocked = dict(self.blocked)
+        out.pending = dict(self.pending)
         out.mark_times = dict(self.mark_times)
         out.open_now = dict(self.open_now)
         out._segments = list(self._segments)
@@ -173,10 +196,13 @@ class Engine:
 
     # ------------------------------------------------------------------ the fold
 
-    def apply(self, batch: History) -> list[Effect]:
+    def apply(self, batch: History, *, written: bool = True) -> list[Effect]:
         """Fold the next events (positions at or above :attr:`horizon`, in order).
 
         Returns the effects, in the order of their triggers; the states move on.
+        ``written``: the effects will be appended to the store (the processor's live
+        batches). False when they are thrown away (rebuilding a state, a pre-trade
+        check): the blocks decided then do not block the account.
         """
         if batch.events.height == 0:
             self.horizon = max(self.horizon, batch.horizon)
@@ -187,16 +213,17 @@ class Engine:
                 f"the engine has folded everything below position {self.horizon}: "
                 f"a batch starting at {first} would fold events twice"
             )
+        seen = batch.events.height
         batch = self._in_processing_order(batch)
         effects: list[Effect] = []
-        for part, bust in self._split_at_busts(batch):
+        for part, bust in self._split_at_busts(batch) if batch.events.height else ():
             self._keep(part)
             if bust is None:
-                effects += self._fold(part)
+                effects += self._fold(part, written)
             else:
-                effects += self._bust(part, bust)
+                effects += self._bust(part, bust, written)
         self.horizon = max(self.horizon, batch.horizon)
-        self.events_seen += batch.events.height
+        self.events_seen += seen
         return effects
 
     def _keep(self, part: History) -> None:
@@ -227,23 +254,47 @@ class Engine:
 
     def _in_processing_order(self, batch: History) -> History:
         """Times made monotone in global order (late events act on arrival), stale marks
-        dropped; the running clocks move on."""
+        dropped, scheduled limits held; the running clocks move on.
+
+        A LimitSet recorded before its set_at, with its set_at after the clock, is a
+        scheduled change: it leaves the batch for :attr:`scheduled` (see
+        :meth:`_release`) and does not move the clock, so the events that follow it keep
+        their own business times.
+        """
         ev = batch.events
         pos = ev["position"].to_numpy()
         if (pos[1:] < pos[:-1]).any():  # a store's read is in order already: no sort
             ev = ev.sort("position")
         bt = _epoch_us(ev["occurred_at"], _MIN)
         ts = _epoch_us(ev["timestamp"])
-        c_bt = np.maximum.accumulate(np.maximum(bt, self.clock))
+        early = np.zeros(bt.shape[0], bool)
+        if batch.limits.height:
+            early = (ev["event_type"].cast(pl.String) == "LimitSet").to_numpy() & (bt > ts)
+        c_bt = np.maximum.accumulate(np.maximum(np.where(early, _MIN, bt), self.clock))
         c_ts = np.maximum.accumulate(np.maximum(ts, self.recorded))
+        held = early & (bt > c_bt)
         self.clock, self.recorded = int(c_bt[-1]), int(c_ts[-1])
         late = bool((c_bt != bt).any() or (c_ts != ts).any())
         if not late and batch.marks.height == 0:
             return batch  # the common case: in order, nothing to drop
+        if held.any():
+            gone = ev["position"].filter(pl.Series(held)).implode()
+            self.scheduled = pl.concat(
+                [self.scheduled, batch.limits.filter(pl.col("position").is_in(gone))],
+                how="vertical_relaxed",
+            )
+            keep = ~pl.col("position").is_in(gone)
+            batch = History(
+                **{n: batch.frame(n).filter(keep) for n in KINDS},  # type: ignore[arg-type]
+                events=batch.events.filter(keep),
+                horizon=batch.horizon,
+            )
+            ev, c_bt, c_ts = ev.filter(keep), c_bt[~held], c_ts[~held]
+        as_time = pl.col("_bt", "_ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
         clocks = pl.DataFrame(
-            {"position": ev["position"], "_bt": pl.Series(c_bt).cast(pl.Datetime("us")),
-             "_ts": pl.Series(c_ts).cast(pl.Datetime("us"))}
-        ).with_columns(pl.col("_bt", "_ts").dt.replace_time_zone("UTC"))  # fmt: skip
+            {"position": ev["position"], "_bt": pl.Series(c_bt, dtype=pl.Int64),
+             "_ts": pl.Series(c_ts, dtype=pl.Int64)}
+        ).with_columns(as_time)  # fmt: skip
         frames: dict[str, pl.DataFrame] = {}
         for name, kind in KINDS.items():
             frame = batch.frame(name)
@@ -262,6 +313,17 @@ class Engine:
                 list(EVENTS_SCHEMA)
             )
         return History(**frames, events=events, horizon=batch.horizon)  # type: ignore[arg-type]
+
+    def _release(self, through: datetime) -> pl.DataFrame:
+        """The scheduled limits whose set_at the clock has reached (``through``), taken
+        out of :attr:`scheduled`: they take effect at their set_at in this fold."""
+        if self.scheduled.height == 0:
+            return self.scheduled
+        due = pl.col("set_at") <= through
+        out = self.scheduled.filter(due)
+        if out.height:
+            self.scheduled = self.scheduled.filter(~due)
+        return out
 
     def _fresh_marks(self, marks: pl.DataFrame) -> pl.DataFrame:
         """Marks that are not older than their symbol's latest mark; remembers the latest."""
@@ -302,27 +364,37 @@ class Engine:
                 yield _slice(batch, c, c + 1), c
                 lo = c + 1
 
-    def _limit_rows(self, part: History, name: str) -> pl.DataFrame:
-        if part.limits.height == 0:
+    @staticmethod
+    def _limit_rows(limits: pl.DataFrame, name: str) -> pl.DataFrame:
+        if limits.height == 0:
             return _NO_LIMITS
-        return _limit_frame(part.limits.filter(pl.col("limit_type") == name))
+        return _limit_frame(limits.filter(pl.col("limit_type") == name))
 
-    def _fold(self, part: History) -> list[Effect]:
+    def _activate_for(self, limits: pl.DataFrame) -> None:
+        """Start evaluating the wanted limit types that get their first limit here."""
+        if limits.height == 0:
+            return
+        limited = set(limits["limit_type"].cast(pl.String).unique().to_list())
+        for name in sorted(limited & self._candidates() - set(self.breach)):
+            self._activate(name)
+
+    def _fold(self, part: History, written: bool) -> list[Effect]:
         part.start = self.projection
         through = part.events["occurred_at"].max()
         assert isinstance(through, datetime)
+        released = self._release(through)
+        limits = part.limits
+        if released.height:
+            limits = pl.concat([limits, released], how="vertical_relaxed")
         found = []
         with shared_timelines():
-            wanted = self._candidates()
-            limited = set(part.limits["limit_type"].cast(pl.String).unique().to_list())
-            for name in sorted(limited & wanted - set(self.breach)):
-                self._activate(name)
+            self._activate_for(limits)
             for name in self.active:
                 definition = get(name)
                 metric = definition.metric(part)
-                found.append(self._evaluate(name, metric, self._limit_rows(part, name), through))
+                found.append(self._evaluate(name, metric, self._limit_rows(limits, name), through))
         self.projection = ProjectionState.after(part)
-        return self._effects(part, found)
+        return self._effects(part, found, written, released)
 
     def _activate(self, name: str) -> None:
         """Start evaluating ``name`` (its first limit is in the part being folded): its
@@ -355,15 +427,18 @@ class Engine:
         self.open_now[name] = intervals.filter(pl.col("ended_at").is_null())
         return intervals.filter(~pl.col("carried")).with_columns(limit_type=pl.lit(name))
 
-    def _bust(self, part: History, position: int) -> list[Effect]:
+    def _bust(self, part: History, position: int, written: bool) -> list[Effect]:
         """A bust: refold its account without the trade; re-evaluate its metrics there."""
         cancel = part.cancels.row(0, named=True)
         account = str(cancel["account_id"])
+        at: datetime = cancel["cancelled_at"]
+        released = self._release(at)
+        with shared_timelines():
+            self._activate_for(released)  # before the merge: from what came before the bust
         whole = self._whole()
         mine = _account_only(whole, account)
         after = ProjectionState.after(mine)
         self.projection = _replace_account(self.projection, after, account)
-        at: datetime = cancel["cancelled_at"]
         day = _us(at) // _DAY_US
         found = []
         with shared_timelines():
@@ -387,11 +462,25 @@ class Engine:
                     position=pl.lit(position, pl.Int64),
                     event_id=pl.lit(cancel["event_id"], pl.String),
                 )
-                found.append(self._evaluate(name, rows, _NO_LIMITS, at))
-        return self._effects(part, found)
+                found.append(self._evaluate(name, rows, self._limit_rows(released, name), at))
+        return self._effects(part, found, written, released)
 
-    def _effects(self, part: History, found: list[pl.DataFrame]) -> list[Effect]:
-        """Violations (level 1.0) and blocks (critical level) of the breaches that started."""
+    def _effects(
+        self, part: History, found: list[pl.DataFrame], written: bool, released: pl.DataFrame
+    ) -> list[Effect]:
+        """Violations (level 1.0) and blocks (critical level) of the breaches that started.
+
+        The block state moves on with the part's block events, in order with the
+        triggers; a block decided here counts (:attr:`pending`, until its AccountBlocked
+        is read back) only if the effects are ``written``.
+
+        An infinite metric (leverage with equity <= 0 and a position, DESIGN.md §4)
+        cannot be stored (events hold finite numbers only): the violation's
+        ``current_value`` is then the largest finite double (``sys.float_info.max``,
+        greater than any limit), the block's reason says "infinite", and the
+        :class:`Effect`'s ``value`` keeps ``inf``. ``riskbook.reconcile`` matches
+        violations by cause and limit, so the clamped value reconciles as any other.
+        """
         starts = pl.concat(found) if found else pl.DataFrame()
         if starts.height == 0:
             self._note_blocks(part.blocks)
@@ -403,23 +492,28 @@ class Engine:
                 lookup.rename({"position": "trigger_position"}), on="trigger_position", how="left"
             ).with_columns(trigger_event_id=pl.coalesce("trigger_event_id", "_id"))
         corr = part.events.select(trigger_event_id="event_id", _corr="correlation_id")
+        if released.height:  # a scheduled limit can trigger: its correlation id too
+            corr = pl.concat(
+                [corr, released.select(trigger_event_id="event_id", _corr="correlation_id")]
+            )
         starts = starts.join(corr, on="trigger_event_id", how="left").sort(
             "trigger_position", "limit_type", pl.col("symbol").cast(pl.String), "level",
             nulls_last=False,
         )  # fmt: skip
         stored = part.blocks.sort("position").select(
-            pl.col("account_id").cast(pl.String), "blocked", "position"
+            pl.col("account_id").cast(pl.String), "blocked", "position", "causation_id"
         )
         pending = stored.iter_rows()
         next_stored = next(pending, None)
         effects: list[Effect] = []
         for row in starts.iter_rows(named=True):
             while next_stored is not None and next_stored[2] < row["trigger_position"]:
-                self.blocked[next_stored[0]] = next_stored[1]
+                self._note_block(next_stored[0], next_stored[1], next_stored[3])
                 next_stored = next(pending, None)
             account = str(row["account_id"])
             symbol = None if row["symbol"] is None else str(row["symbol"])
             name = row["limit_type"]
+            value = float(row["trigger_value"])
             common = {
                 "account_id": account,
                 "causation_id": row["trigger_event_id"],
@@ -427,14 +521,14 @@ class Engine:
                 "trigger_position": row["trigger_position"],
                 "limit_type": name,
                 "symbol": symbol,
-                "value": row["trigger_value"],
+                "value": value,
                 "limit_value": row["limit_value"],
             }
             if row["level"] == 1.0:
                 event: Any = LimitViolationDetected(
                     account_id=account,
                     limit_type=name,
-                    current_value=row["trigger_value"],
+                    current_value=min(value, _LARGEST),
                     limit_value=row["limit_value"],
                     detected_at=row["started_at"],
                     symbol=symbol,
@@ -444,23 +538,47 @@ class Engine:
                 where = f" {symbol}" if symbol else ""
                 event = AccountBlocked(
                     account_id=account,
-                    reason=f"critical {name}{where}: {row['trigger_value']:g} > "
+                    reason=f"critical {name}{where}: {describe(value, name)} > "
                     f"{row['level']:g} x limit {row['limit_value']:g}",
                     blocked_by=self.actor,
                     blocked_at=row["started_at"],
                 )
                 effects.append(Effect(event, **common))
-                self.blocked[account] = True
+                if written:
+                    self.pending[account] = str(row["trigger_event_id"])
+                    self.blocked[account] = True
         while next_stored is not None:
-            self.blocked[next_stored[0]] = next_stored[1]
+            self._note_block(next_stored[0], next_stored[1], next_stored[3])
             next_stored = next(pending, None)
         return effects
 
     def _note_blocks(self, blocks: pl.DataFrame) -> None:
-        for account, blocked in (
-            blocks.sort("position").select(pl.col("account_id").cast(pl.String), "blocked").rows()
+        for account, blocked, cause in (
+            blocks.sort("position")
+            .select(pl.col("account_id").cast(pl.String), "blocked", "causation_id")
+            .rows()
         ):
-            self.blocked[account] = blocked
+            self._note_block(account, blocked, cause)
+
+    def _note_block(self, account: str, blocked: bool, cause: str | None) -> None:
+        """A stored AccountBlocked (``blocked``) or AccountUnblocked of ``account``."""
+        if blocked and cause is not None and self.pending.get(account) == str(cause):
+            del self.pending[account]  # this engine's own block, read back
+        self.blocked[account] = bool(blocked) or account in self.pending
+
+    def expect_block(self, account: str, causation_id: str) -> None:
+        """Count a block written by this engine's processor and not read back yet (the
+        processor's rebuild after a restart: see :attr:`pending`)."""
+        self.pending[account] = str(causation_id)
+        self.blocked[account] = True
+
+
+def describe(value: float, limit_type: str | None = None) -> str:
+    """A metric value for messages: ``infinite`` (with why, for known types) or ``%g``."""
+    if math.isinf(value) and value > 0:
+        why = _WHY_INFINITE.get(limit_type or "")
+        return f"infinite ({why})" if why else "infinite"
+    return f"{value:g}"
 
 
 # ----------------------------------------------------------------------------- helpers

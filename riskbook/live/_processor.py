@@ -12,7 +12,9 @@ one waits). On start the engine's state is rebuilt by folding everything below t
 checkpoint without effects (the same fold, so the same state). A crash anywhere
 leaves either the old checkpoint and no effects, or the new one and all of them.
 A lost connection (a PostgreSQL restart) is retried with backoff, and the processor
-resumes from the checkpoint.
+resumes from the checkpoint; a statement the database refuses (a role that may not
+write the checkpoint, say) stops it with a :class:`~riskbook.errors.StoreError` saying
+why, in one line and without the password.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -41,11 +43,21 @@ __all__ = ["Commit", "Processor"]
 
 log = logging.getLogger("riskbook.live")
 
+_T = TypeVar("_T")
 _SMALL = 2_000  # a read this full means a backlog: read the rest in one go (ADBC)
 
 
 class _Moved(RiskbookError):
     """The checkpoint is not where this processor left it: someone else processed."""
+
+
+class _Lost(StoreError):
+    """The processor's connection was lost or refused: it reconnects and goes on."""
+
+
+class _Refused(StoreError):
+    """The database refused a statement of the processor (a role without the privilege,
+    say): retrying cannot help, the processor stops with this error."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +182,10 @@ class Processor:
         except BaseException as exc:  # reported on the object; the thread ends
             self.error = exc
             self.status = f"failed: {exc}"
-            log.exception("riskbook live processor %s failed", self.name)
+            if isinstance(exc, RiskbookError):  # says why in its message: no traceback
+                log.error("riskbook live processor %s failed: %s", self.name, exc)
+            else:
+                log.exception("riskbook live processor %s failed", self.name)
 
     def run(self, *, idle_timeout: float | None = None, max_wait: float = 1.0) -> None:
         """The loop, in this thread, until :meth:`stop` (or ``idle_timeout`` seconds
@@ -188,6 +203,8 @@ class Processor:
                     if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                         return
                     self._wait(max_wait)
+            except _Refused:
+                raise
             except (psycopg.OperationalError, StoreError, _Moved) as exc:
                 self.status = f"reconnecting: {_first_line(exc)}"
                 log.warning("riskbook live %s: %s; retrying in %.1f s", self.name, exc, backoff)
@@ -209,13 +226,26 @@ class Processor:
 
     # ------------------------------------------------------------------ the loop
 
+    def _db(self, work: Callable[[], _T]) -> _T:
+        """``work()`` on the processor's own connection, its psycopg errors riskbook's:
+        :class:`_Lost` (retried) for a lost or refused connection, :class:`_Refused`
+        otherwise; one line, no password (the store's translation)."""
+        try:
+            return work()
+        except psycopg.Error as exc:
+            message = str(self.store._translate(exc))
+            lost = isinstance(exc, psycopg.OperationalError)
+            failure: StoreError = _Lost(message) if lost else _Refused(message)
+        raise failure  # here, so that it carries no psycopg exception (nor its message)
+
     def _attach(self) -> None:
         """Connect, take the lock (waiting for it), load the checkpoint, rebuild the state."""
         if self._conn is not None and not self._conn.closed:
             return
         self.status = "connecting"
-        conn = psycopg.connect(self.store.dsn, autocommit=True)
-        try:
+        conn = self._db(lambda: psycopg.connect(self.store.dsn, autocommit=True))
+
+        def lock_and_load() -> int | None:
             key = f"riskbook.live:{self.name}"
             waited = False
             while not conn.execute(
@@ -226,13 +256,18 @@ class Processor:
                     log.info("riskbook live %s: %s", self.name, self.status)
                     waited = True
                 if self._stop.wait(0.5):
-                    conn.close()
-                    return
+                    return None
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-            checkpoint = self._checkpoint(conn)
+            return self._checkpoint(conn)
+
+        try:
+            checkpoint = self._db(lock_and_load)
         except BaseException:
             conn.close()
             raise
+        if checkpoint is None:  # stopped while waiting
+            conn.close()
+            return
         self._conn = conn
         if checkpoint != self.engine.horizon:
             self._rebuild(checkpoint)
@@ -255,13 +290,25 @@ class Processor:
         return self._checkpoint(conn) if start == 0 else start
 
     def _rebuild(self, checkpoint: int) -> None:
-        """The engine's state at ``checkpoint``: everything below it folded, no effects."""
+        """The engine's state at ``checkpoint``: everything below it folded, no effects.
+
+        The blocks that fold decides are not the processor's (a head start never wrote
+        them; the others were written and are read back in the history): they count for
+        nothing, and the blocks of this processor written at or after the checkpoint --
+        the commits before it wrote them, and they are not read back yet -- count as
+        its pending blocks, as they did before the restart.
+        """
         self.status = f"rebuilding the state below position {checkpoint}"
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
         if checkpoint > 0:
             history = _read(self.store, Filters(), after=0, before=checkpoint, progress=False)
-            engine.apply(history)
+            engine.apply(history, written=False)
         engine.horizon = checkpoint
+        conn = self._conn
+        assert conn is not None
+        own = self._db(lambda: conn.execute(_OWN_BLOCKS_SQL, (checkpoint, self.name)).fetchall())
+        for account, cause in own:
+            engine.expect_block(account, cause)
         self.engine = engine
         gc.freeze()  # what the rebuild left is long-lived: keep it out of every collection
 
@@ -273,7 +320,7 @@ class Processor:
         began = time.perf_counter()
         horizon = self.engine.horizon
         limit = self.max_batch or _SMALL
-        envelopes = _read_after(conn, horizon - 1, limit)
+        envelopes = self._db(lambda: _read_after(conn, horizon - 1, limit))
         if not envelopes:
             return False
         if self.max_batch is not None or len(envelopes) < _SMALL:
@@ -282,7 +329,7 @@ class Processor:
             batch = _read(self.store, Filters(), after=horizon, progress=False)
         engine = self.engine.copy()
         effects = engine.apply(batch)
-        self._commit(conn, horizon, engine.horizon, effects)
+        self._db(lambda: self._commit(conn, horizon, engine.horizon, effects))
         self.engine = engine
         done = Commit(time.time(), engine.horizon, batch.events.height, tuple(effects),
                       time.perf_counter() - began)  # fmt: skip
@@ -312,14 +359,19 @@ class Processor:
                     f"expected {expected}: another processor moved it"
                 )
             for e in effects:
-                self.store.append_in(
-                    conn,
-                    e.account_id,
-                    [e.event],
-                    correlation_id=e.correlation_id,
-                    causation_id=uuid.UUID(e.causation_id),
-                    metadata={"processor": self.name},
-                )
+                try:
+                    self.store.append_in(
+                        conn,
+                        e.account_id,
+                        [e.event],
+                        correlation_id=e.correlation_id,
+                        causation_id=uuid.UUID(e.causation_id),
+                        metadata={"processor": self.name},
+                    )
+                except StoreError as exc:  # translated by the store: lost, or refused?
+                    if conn.broken or conn.closed:
+                        raise
+                    raise _Refused(str(exc)) from None
             if self.before_commit is not None:
                 self.before_commit(effects)
 
@@ -327,14 +379,26 @@ class Processor:
         conn = self._conn
         if conn is None:
             return
-        for _ in conn.notifies(timeout=max_wait, stop_after=1):
-            break
+
+        def wait() -> None:
+            for _ in conn.notifies(timeout=max_wait, stop_after=1):
+                break
+
+        self._db(wait)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+_OWN_BLOCKS_SQL = """
+SELECT aggregate_id, causation_id::text FROM events
+ WHERE position >= %s AND event_type = 'AccountBlocked' AND metadata->>'processor' = %s
+ ORDER BY position
+"""
+"""The blocks a processor wrote that its checkpoint has not passed (not read back yet)."""
 
 
 def _first_line(exc: BaseException) -> str:

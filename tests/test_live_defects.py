@@ -1,0 +1,275 @@
+"""Defects of the live layer found by a bug hunt, each pinned by a test (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+import riskbook
+from riskbook import (
+    AccountBlocked,
+    AccountFunded,
+    AccountUnblocked,
+    Envelope,
+    History,
+    LimitSet,
+    PriceMarked,
+    Side,
+    Store,
+    TradeExecuted,
+)
+from riskbook.cli import main
+from riskbook.errors import StoreError
+from riskbook.live import Engine, Processor, check, unblock
+from riskbook.store import roles
+
+T0 = datetime(2024, 3, 1, 14, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def trade(account: str, side: str, qty: float, price: float, when: datetime, *,
+          symbol: str = "X") -> TradeExecuted:  # fmt: skip
+    return TradeExecuted(trade_id=f"T-{uuid.uuid4().hex[:12]}", account_id=account,
+                         symbol=symbol, side=Side(side), quantity=qty, price=price,
+                         executed_at=when)  # fmt: skip
+
+
+def limit(account: str, kind: str, value: float, when: datetime,
+          symbol: str | None = None) -> LimitSet:  # fmt: skip
+    return LimitSet(account_id=account, limit_type=kind, value=value, set_by="cro",
+                    set_at=when, symbol=symbol)  # fmt: skip
+
+
+def fund(account: str, amount: float, when: datetime = T0) -> AccountFunded:
+    return AccountFunded(account_id=account, amount=amount, funded_at=when)
+
+
+def stored(store: Store, kind: str) -> list[Envelope]:
+    return [e for e in store.read_all() if e.event_type == kind]
+
+
+# ------------------------------------------------------------------ 1. infinite leverage
+
+
+def test_an_infinite_leverage_is_reported_blocked_and_checked(fresh_store: Store) -> None:
+    s = fresh_store
+    s.append("A", [fund("A", 1000.0), limit("A", "MaxLeverage", 5.0, T0),
+                   trade("A", "Buy", 200, 10.0, at(1))])  # fmt: skip
+    s.append("X", [PriceMarked(symbol="X", price=4.0, marked_at=at(2))])  # equity -200
+    p = Processor(s, name="inf")
+    effects = p.catch_up()
+    p.stop()
+    assert [(e.kind, e.value) for e in effects] == [
+        ("LimitViolationDetected", math.inf), ("AccountBlocked", math.inf),
+    ]  # fmt: skip
+    violation = stored(s, "LimitViolationDetected")[0].payload
+    assert isinstance(violation, riskbook.LimitViolationDetected)
+    assert violation.current_value == sys.float_info.max and violation.limit_value == 5.0
+    block = stored(s, "AccountBlocked")[0].payload
+    assert isinstance(block, AccountBlocked) and "infinite (equity <= 0)" in block.reason
+    rec = riskbook.reconcile(riskbook.load(s, progress=False))
+    assert rec["status"].to_list() == ["matched"]
+    # A restart rebuilds over it, and goes on.
+    again = Processor(s, name="inf")
+    s.append("A", [trade("A", "Sell", 10, 4.0, at(3))])
+    assert again.catch_up() == []
+    again.stop()
+    # The check answers, from the store and from a processor.
+    verdict = check("A", "X", "Sell", 10, 4.0, store=s, at=at(10))
+    assert [r.kind for r in verdict.reasons] == ["blocked"]
+
+
+def test_the_check_says_a_trade_would_make_leverage_infinite(fresh_store: Store) -> None:
+    s = fresh_store
+    s.append("B", [fund("B", 1000.0), limit("B", "MaxLeverage", 5.0, T0),
+                   trade("B", "Buy", 100, 10.0, at(1))])  # fmt: skip
+    s.append("X", [PriceMarked(symbol="X", price=10.0, marked_at=at(2))])
+    verdict = check("B", "X", "Buy", 100, 20.0, store=s, at=at(3))  # equity 1000 -> 0
+    assert not verdict.accepted
+    (reason,) = verdict.reasons
+    assert (reason.kind, reason.limit_type, reason.value) == ("limit", "MaxLeverage", math.inf)
+    assert reason.message == "MaxLeverage: infinite (equity <= 0) > limit 5 (by infinite)"
+    as_json = json.loads(json.dumps(verdict.to_dict(), allow_nan=False))
+    assert as_json["reasons"][0]["value"] == sys.float_info.max
+
+
+# ------------------------------------------------------------------ 2. phantom blocks
+
+
+def test_check_from_the_store_counts_only_stored_blocks(fresh_store: Store) -> None:
+    """Over a critical limit, with no processor ever run (or one that never blocks):
+    no AccountBlocked is stored, so the account is not blocked."""
+    s = fresh_store
+    s.append("A", [fund("A", 1e6), limit("A", "MaxPositionSize", 100.0, T0),
+                   trade("A", "Buy", 150, 10.0, at(1))])  # fmt: skip
+    never = Processor(s, name="no-block", critical={"MaxPositionSize": None})
+    assert [e.kind for e in never.catch_up()] == ["LimitViolationDetected"]
+    never.stop()
+    verdict = check("A", "Y", "Buy", 1, 10.0, store=s, at=at(10))
+    assert verdict.accepted, verdict
+    assert not [r for r in check("A", "X", "Buy", 1, 10.0, store=s, at=at(10)).reasons
+                if r.kind == "blocked"]  # fmt: skip
+    with pytest.raises(riskbook.RiskbookError, match="not blocked"):
+        unblock("A", by="desk", reason="no block to lift", store=s)
+
+
+def test_a_processor_started_at_head_blocks_new_critical_breaches(fresh_store: Store) -> None:
+    s = fresh_store
+    s.append(
+        "A",
+        [
+            fund("A", 1e6),
+            limit("A", "MaxPositionSize", 100.0, T0),
+            trade("A", "Buy", 150, 10.0, at(1)),
+        ],
+    )  # critical, before the head
+    p = Processor(s, name="head", start="head")
+    assert p.catch_up() == []
+    assert not p.engine.blocked.get("A")  # what a LiveMonitor shows
+    s.append("A", [trade("A", "Buy", 500, 10.0, at(5), symbol="Y")])
+    p._attach()
+    assert p.step()  # one batch: the block is written, not read back yet
+    assert [(e.kind, e.symbol) for e in p.commits[-1].effects] == [
+        ("LimitViolationDetected", "Y"), ("AccountBlocked", "Y"),
+    ]  # fmt: skip
+    p.stop()
+    # A restart counts the block it wrote and has not read back: blocked, as stored.
+    restarted = Processor(s, name="head")
+    restarted._attach()
+    assert restarted.engine.blocked.get("A") is True
+    assert restarted.engine.pending == {"A": p.commits[-1].effects[1].causation_id}
+    verdict = check("A", "Z", "Buy", 1, 10.0, processor=restarted, at=at(10))
+    assert [r.kind for r in verdict.reasons] == ["blocked"]
+    assert restarted.catch_up() == []  # reads its own block back: no second one
+    assert restarted.engine.pending == {} and restarted.engine.blocked["A"]
+    restarted.stop()
+    assert len(stored(s, "AccountBlocked")) == 1
+
+
+# ------------------------------------------------------------------ 3. scheduled limits
+
+
+def test_a_scheduled_limit_does_not_move_the_clock(fresh_store: Store) -> None:
+    """A MaxLeverage change recorded on day 0 for day 3: the trades of days 0-2 keep
+    their days (60 a day, under 100), and the limit acts on day 3, as breaches has it."""
+    a = "A"
+    events = [
+        (fund(a, 100.0), T0),
+        (limit(a, "MaxDailyVolume", 100.0, T0), T0),
+        (limit(a, "MaxLeverage", 0.5, T0 + 3 * DAY), at(1)),  # scheduled, recorded now
+        (trade(a, "Buy", 60, 1.0, at(60)), at(60)),
+        (trade(a, "Buy", 60, 1.0, at(60) + DAY), at(60) + DAY),
+        (trade(a, "Buy", 60, 1.0, at(60) + 2 * DAY), at(60) + 2 * DAY),
+        (trade(a, "Sell", 10, 1.0, at(60) + 3 * DAY), at(60) + 3 * DAY),
+    ]
+    envs = [Envelope(uuid.uuid4(), a, "Account", i + 1, ts, e, f"c{i}")
+            for i, (e, ts) in enumerate(events)]  # fmt: skip
+    fresh_store.import_envelopes(envs)
+    p = Processor(fresh_store, name="sched", critical=100.0, max_batch=1)
+    effects = p.catch_up()
+    p.stop()
+    assert [(e.kind, e.limit_type, e.causation_id, e.value) for e in effects] == [
+        ("LimitViolationDetected", "MaxLeverage", str(envs[2].event_id), 1.8),
+    ]
+    assert effects[0].event.detected_at == T0 + 3 * DAY  # type: ignore[union-attr]
+    assert effects[0].correlation_id == "c2"
+    rec = riskbook.reconcile(riskbook.load(fresh_store, progress=False))
+    assert rec["status"].to_list() == ["matched"]
+    # A limit recorded at (or after) its set_at is no schedule: the last event, lowering
+    # the limit under the metric, is reported at once (not when a later event comes), as
+    # breaches reports it.
+    events = [fund("B", 1e4), trade("B", "Buy", 70, 10.0, at(0)),
+              limit("B", "MaxPositionSize", 60.0, at(1))]  # fmt: skip
+    envs = [Envelope(uuid.uuid4(), e.aggregate_id, e.aggregate_type, 1, e.business_time or T0,
+                     e, f"c{i}", position=i + 1) for i, e in enumerate(events)]  # fmt: skip
+    got = [(e.kind, e.causation_id) for e in Engine(critical=10.0).apply(
+        History.from_envelopes(envs))]  # fmt: skip
+    assert got == [("LimitViolationDetected", str(envs[2].event_id))]
+
+
+# ------------------------------------------------------------------ 4. unblock race
+
+
+def test_two_operators_unblocking_at_once_one_is_refused(fresh_store: Store) -> None:
+    """The second operator's unblock commits while the first one reads the account's
+    state (held at a lock on events): the first must then see it, or fail its append."""
+    s = fresh_store
+    s.append("A", [fund("A", 1e6), AccountBlocked(account_id="A", reason="r", blocked_by="x",
+                                                  blocked_at=at(1))])  # fmt: skip
+    result: list[object] = []
+
+    def first() -> None:
+        try:
+            result.append(unblock("A", by="desk-1", reason="mine", store=s))
+        except riskbook.RiskbookError as exc:
+            result.append(exc)
+
+    with psycopg.connect(s.dsn) as lock, psycopg.connect(s.dsn, autocommit=True) as watch:
+        lock.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        thread = threading.Thread(target=first)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not watch.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the unblock never waited for the lock"
+            time.sleep(0.02)
+        second = AccountUnblocked(account_id="A", reason="concurrent", unblocked_by="desk-2",
+                                  unblocked_at=at(2))  # fmt: skip
+        s.append_in(lock, "A", [second], correlation_id="unblock-A")
+        lock.commit()
+        thread.join(30)
+    (outcome,) = result
+    assert isinstance(outcome, riskbook.RiskbookError) and "not blocked" in str(outcome)
+    blocks = riskbook.load(s, progress=False).blocks
+    assert blocks["blocked"].to_list() == [True, False]
+
+
+# ------------------------------------------------------------------ 5. errors
+
+
+@pytest.fixture
+def reader_dsn(fresh_store: Store) -> Iterator[tuple[str, str]]:
+    name = f"rk_reader_{uuid.uuid4().hex[:8]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    grant = roles.grant_reader(fresh_store, name, password=password)
+    yield psycopg.conninfo.make_conninfo(grant.dsn, password=password), password
+    with psycopg.connect(fresh_store.dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(name)))
+        conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(name)))
+
+
+def test_a_role_that_may_not_write_stops_live_with_one_line(
+    fresh_store: Store, reader_dsn: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn, password = reader_dsn
+    fresh_store.append("A", [fund("A", 1e6)])
+    assert main(["live", "--once", "--dsn", dsn]) == 1
+    err = capsys.readouterr().err
+    assert "permission denied for table processor_checkpoints" in err
+    assert "Traceback" not in err and password not in err and len(err.strip().splitlines()) == 1
+    p = Processor(dsn, name="reader")
+    with pytest.raises(StoreError, match="permission denied") as caught:
+        p.catch_up()
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+    p.start()  # in a thread: stops with the error instead of retrying for ever
+    deadline = time.monotonic() + 30
+    while p.running:
+        assert time.monotonic() < deadline, p.status
+        time.sleep(0.05)
+    assert isinstance(p.error, StoreError) and p.status.startswith("failed: permission denied")
+    p.stop()
