@@ -20,7 +20,33 @@ __all__ = ["main"]
 
 
 def _err(msg: str) -> None:
-    print(f"riskbook: {msg}", file=sys.stderr)
+    # one line, whatever the message: a driver's or the OS's may span several
+    text = "; ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    print(f"riskbook: {text}", file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OS error as ``PATH: what went wrong`` (Python's own text starts with
+    ``[Errno 2]`` and quotes the path at the end)."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    what = (
+        exc.strerror[:1].lower() + exc.strerror[1:] if exc.strerror[1:2].islower() else exc.strerror
+    )
+    paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(paths)}: {what}"
+
+
+def _writable_file(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output FILE that cannot be written: a directory, or
+    one in a folder that does not exist (other failures are told when writing)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory, not a file")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: no such directory {str(target.parent)!r}")
 
 
 class _Progress:
@@ -130,6 +156,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from riskbook.frames import load
 
+    if Path(args.directory).exists() and not Path(args.directory).is_dir():
+        raise ValueError(f"{args.directory}: is a file, not a directory")
     history = load(
         _store(args.dsn),
         accounts=args.account,
@@ -154,6 +182,7 @@ _FORMATS = ("table", "csv", "json", "parquet")
 def _state(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from riskbook.projections import state_at
 
+    _writable_file(args.output, "--output")
     return state_at(_store(args.dsn), args.at, accounts=args.account, known_at=args.known_at)
 
 
@@ -165,7 +194,7 @@ def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-de
     if args.format == "parquet":
         if args.output is None:
             raise ValueError("--format parquet needs --output FILE")
-        frame.write_parquet(args.output)
+        _write_output(args.output, lambda: frame.write_parquet(args.output))
         return 0
     if args.format == "csv":
         text = frame.write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
@@ -191,8 +220,22 @@ def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-de
     if args.output is None:
         sys.stdout.write(text)
     else:
-        Path(args.output).write_text(text)
+        _write_output(args.output, lambda: Path(args.output).write_text(text))
     return 0
+
+
+def _write_output(path: str, write: Callable[[], object]) -> None:
+    """Run ``write``; its failure (a full disk, a path that cannot be written) as one
+    error naming --output and the path."""
+    import polars as pl
+
+    try:
+        write()
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        raise ValueError(f"--output {path}: {what[:1].lower() + what[1:]}") from None
+    except pl.exceptions.PolarsError as exc:  # polars' own writers say it their way
+        raise ValueError(f"--output {path}: {exc}") from None
 
 
 def cmd_positions(args: argparse.Namespace) -> int:
@@ -226,6 +269,7 @@ def _history(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_breaches(args: argparse.Namespace) -> int:
     from riskbook.limits import breaches
 
+    _writable_file(args.output, "--output")
     levels = tuple(args.level) if args.level else (0.8, 0.9, 1.0)
     found = breaches(_history(args), at=args.at, known_at=args.known_at, levels=levels)
     return _emit(found, args)
@@ -234,6 +278,7 @@ def cmd_breaches(args: argparse.Namespace) -> int:
 def cmd_limits_history(args: argparse.Namespace) -> int:
     from riskbook.limits import limit_history
 
+    _writable_file(args.output, "--output")
     return _emit(limit_history(_history(args), known_at=args.known_at), args)
 
 
@@ -264,6 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from riskbook.verify import verify
 
+    _writable_file(args.save_heads, "--save-heads")
     report = verify(
         _store(args.dsn), heads=args.heads, progress=None if args.quiet else _Progress()
     )
@@ -550,6 +596,9 @@ def _run(call: Callable[[], int]) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file to read or write: missing, a directory, not allowed
+        _err(_os_error(exc))
+        return 1
 
 
 if __name__ == "__main__":

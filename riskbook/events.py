@@ -53,6 +53,7 @@ __all__ = [
     "ACCOUNT",
     "EVENT_TYPES",
     "INSTRUMENT",
+    "MAX_SEQUENCE",
     "AccountBlocked",
     "AccountFunded",
     "AccountUnblocked",
@@ -149,7 +150,18 @@ def parse_time(text: str) -> datetime:
         t = msgspec.json.decode(msgspec.json.encode(text), type=_AwareTime)
     except msgspec.ValidationError as exc:
         raise ValueError(f"{text!r} is not an RFC 3339 time with a zone") from exc
-    return t.astimezone(UTC)
+    return _in_utc(t)
+
+
+def _in_utc(t: datetime) -> datetime:
+    """``t`` in UTC; ValueError if that falls outside the years 1 to 9999."""
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(_OUT_OF_RANGE.format(t.isoformat())) from None
+
+
+_OUT_OF_RANGE = "{} is out of range: in UTC it falls outside the years 1 to 9999"
 
 
 def as_time(value: datetime | str | None, name: str) -> datetime | None:
@@ -170,7 +182,10 @@ def as_time(value: datetime | str | None, name: str) -> datetime | None:
         )
     if value.tzinfo is None:
         raise ValueError(f"{name} has no time zone: give UTC explicitly")
-    return value.astimezone(UTC)
+    try:
+        return _in_utc(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- types
@@ -262,7 +277,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
         if t.__class__ is datetime and t.tzinfo is not UTC:
             if t.tzinfo is None:
                 raise InvalidEvent(name, spec[2], "has no time zone (use UTC)")
-            msgspec.structs.force_setattr(self, spec[2], t.astimezone(UTC))
+            try:
+                utc = t.astimezone(UTC)
+            except OverflowError:
+                raise InvalidEvent(name, spec[2], _OUT_OF_RANGE.format(t.isoformat())) from None
+            msgspec.structs.force_setattr(self, spec[2], utc)
         limit_type = getattr(self, "limit_type", None)
         if (
             limit_type is not None
@@ -457,7 +476,9 @@ def _invalid(event_type: str, exc: Exception, *, prefix: str = "") -> InvalidEve
         missing = reason.split("`")[1] if "`" in reason else "?"
         field_name = f"{field_name}.{missing}" if field_name != "?" else missing
         reason = "is missing"
-    return InvalidEvent(event_type, prefix + field_name, reason[:1].lower() + reason[1:])
+    if reason[1:2].islower():  # "Expected ..." -> "expected ...", but "JSON ..." stays
+        reason = reason[:1].lower() + reason[1:]
+    return InvalidEvent(event_type, prefix + field_name, reason)
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -608,6 +629,11 @@ class Envelope:
         }
 
 
+MAX_SEQUENCE = 2**63 - 1
+"""The highest sequence the store can hold (PostgreSQL's bigint)."""
+_BOM = "\ufeff"
+
+
 class _EnvelopeIn(msgspec.Struct, kw_only=True):
     # The import layout: event_type and sequence may be absent.
     event_id: uuid.UUID
@@ -617,7 +643,7 @@ class _EnvelopeIn(msgspec.Struct, kw_only=True):
     correlation_id: Annotated[str, msgspec.Meta(max_length=256)]
     payload: AnyEvent
     event_type: str | None = None
-    sequence: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    sequence: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQUENCE)] | None = None
     causation_id: uuid.UUID | None = None
     metadata: dict[str, Any] = {}
 
@@ -689,6 +715,11 @@ def _envelope_error(line: bytes | str, exc: Exception) -> InvalidEvent:
         return InvalidEvent("?", "line", "nested too deeply")
     if not isinstance(obj, dict):
         return InvalidEvent("?", "line", f"must be a JSON object, got {type(obj).__name__}")
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        # what Python's json reads and msgspec does not: NaN, a byte order mark, ...
+        if (line[:1] if isinstance(line, str) else line[:3]) in (_BOM, _BOM.encode()):
+            return InvalidEvent("?", "line", "starts with a byte order mark (U+FEFF)")
+        return InvalidEvent("?", "line", f"not valid JSON ({exc})")
     payload = obj.get("payload")
     kind = _peek_type(payload) if isinstance(payload, Mapping) else "?"
     if kind == "?" and isinstance(obj.get("event_type"), str):
@@ -715,13 +746,17 @@ def check_raw_envelope(raw: _EnvelopeIn) -> tuple[str, str]:
 
 def check_envelope(raw: _EnvelopeIn) -> Envelope:
     payload: Event = raw.payload
-    check_raw_envelope(raw)
+    kind, _ = check_raw_envelope(raw)
+    try:
+        timestamp = _in_utc(raw.timestamp)
+    except ValueError as exc:
+        raise InvalidEvent(kind, "timestamp", str(exc)) from None
     return Envelope(
         event_id=raw.event_id,
         aggregate_id=raw.aggregate_id,
         aggregate_type=raw.aggregate_type,
         sequence=raw.sequence or 0,
-        timestamp=raw.timestamp.astimezone(UTC),
+        timestamp=timestamp,
         payload=payload,
         correlation_id=raw.correlation_id,
         causation_id=raw.causation_id,
@@ -925,7 +960,7 @@ def canonical_json(value: Any) -> str:
 def _time_json(t: datetime) -> str:
     # msgspec formats in C; it leaves out a zero fraction, riskbook always writes six digits
     if t.tzinfo is not UTC:
-        t = t.astimezone(UTC)
+        t = _in_utc(t)
     text = _encoder.encode(t).decode()
     return text if t.microsecond else text[:-2] + '.000000Z"'
 

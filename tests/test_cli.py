@@ -82,6 +82,8 @@ def test_passwords_never_reach_the_output(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "hunter2" not in failed.stderr + failed.stdout
     assert "cannot connect" in failed.stderr
+    # libpq puts its hint on a line of its own: the error is still one line
+    assert one_line_error(failed).endswith("accepting connections on that socket?\n")
 
 
 def test_usage_errors_exit_2() -> None:
@@ -104,3 +106,56 @@ def test_export_writes_a_reloadable_copy(make_database: Callable[[], str], tmp_p
     assert copy.funding["amount"].sum() == sum(10.0 + i for i in range(20))
     bad = run("export", str(tmp_path / "x"), "--dsn", dsn, "--known-at", "yesterday")
     assert bad.returncode == 1 and "known_at" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The stderr of a refused command: exit 1, one line, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith("riskbook: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_everyday_file_mistakes_are_one_line_errors_naming_the_path(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # each of these ended in a traceback (FileNotFoundError, IsADirectoryError, ...)
+    dsn = make_database()
+    run("import", str(history(tmp_path / "h.jsonl.gz")), "--dsn", dsn, "--quiet")
+    missing = tmp_path / "no-such-folder" / "out.txt"
+    afile = tmp_path / "h.jsonl.gz"
+    cases: list[tuple[list[str], str]] = [
+        (["positions", "-o", str(missing)], f"--output {missing}: no such directory"),
+        (["exposure", "--format", "csv", "-o", str(tmp_path)], f"{tmp_path}: is a directory"),
+        (["positions", "--format", "parquet", "-o", str(tmp_path)], "is a directory, not a file"),
+        (["breaches", "-o", str(missing)], f"--output {missing}: no such directory"),
+        (["export", str(afile), "-q"], f"{afile}: is a file, not a directory"),
+        (["verify", "-q", "--save-heads", str(missing)], f"--save-heads {missing}: no such"),
+        (["verify", "-q", "--save-heads", str(tmp_path)], "is a directory, not a file"),
+        (["import", "-q", str(tmp_path)], f"{tmp_path}: is a directory, not a file"),
+    ]
+    if Path("/dev/full").exists():  # a write that fails midway: the disk is full
+        cases += [
+            (["positions", "-o", "/dev/full"], "--output /dev/full: no space left on device"),
+            (["positions", "--format", "parquet", "-o", "/dev/full"], "--output /dev/full: "),
+        ]
+    for args, told in cases:
+        result = run(*args, "--dsn", dsn)
+        assert told in one_line_error(result), (args, result.stderr)
+        if args[0] == "verify":  # refused before the work, not after "every chain holds"
+            assert result.stdout == ""
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_times_beyond_the_years_1_to_9999_in_utc_are_one_line_errors(
+    make_database: Callable[[], str],
+) -> None:
+    # once a bare OverflowError
+    dsn = make_database()
+    early = "0001-01-01T00:00:00+01:00"
+    for args in (
+        ["positions", "--at", early],
+        ["exposure", "--known-at", "9999-12-31T23:00:00-05:00"],
+        ["check", "ACC-001", "AAPL", "Buy", "1", "1", "--at", early],
+    ):
+        told = one_line_error(run(*args, "--dsn", dsn))
+        assert "is out of range: in UTC it falls outside the years 1 to 9999" in told, told

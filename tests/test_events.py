@@ -301,6 +301,54 @@ def test_bad_envelopes_are_refused_naming_the_field(
     assert (info.value.event_type, info.value.field) == (kind, field)
 
 
+OUT_OF_RANGE = [
+    "0001-01-01T00:00:00+01:00",  # 31 December of the year 0 in UTC
+    "9999-12-31T23:00:00-05:00",  # the year 10000 in UTC
+]
+
+
+@pytest.mark.parametrize("text", OUT_OF_RANGE)
+def test_a_time_that_leaves_the_years_1_to_9999_in_utc_is_refused(text: str) -> None:
+    # each once escaped as a bare OverflowError
+    t = datetime.fromisoformat(text)
+    with pytest.raises(InvalidEvent) as info:
+        riskbook.TradeExecuted(**{**VALID["TradeExecuted"], "side": "Buy", "executed_at": t})
+    assert (info.value.event_type, info.value.field) == ("TradeExecuted", "executed_at")
+    assert f"{t.isoformat()} is out of range" in info.value.reason
+    with pytest.raises(ValueError, match="out of range"):
+        ev.parse_time(text)
+    with pytest.raises(ValueError, match=r"^at: .*out of range"):
+        ev.as_time(text, "at")
+    with pytest.raises(ValueError, match=r"^known_at: .*out of range"):
+        ev.as_time(t, "known_at")
+    with pytest.raises(ValueError, match="out of range"):
+        ev.format_time(t)
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_event(msgspec.json.encode(payload("AccountFunded", funded_at=text)))
+    assert info.value.field == "funded_at"
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(envelope_line(timestamp=text))
+    assert (info.value.event_type, info.value.field) == ("TradeExecuted", "timestamp")
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(envelope_line(payload=payload("TradeExecuted", executed_at=text)))
+    assert info.value.field == "payload.executed_at"
+
+
+def test_the_ends_of_the_range_in_utc_are_kept() -> None:
+    for text in ("0001-01-01T00:00:00-01:00", "9999-12-31T23:00:00+05:00"):
+        t = ev.parse_time(text)
+        assert ev.parse_time(ev.format_time(t)) == t
+
+
+def test_an_upper_case_word_opening_a_reason_keeps_its_case() -> None:
+    # "JSON is malformed" came out as "jSON is malformed"
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_event(b'{"type": "PriceMarked", "symbol": "A", "price": NaN}')
+    assert "JSON is malformed" in str(info.value) and "jSON" not in str(info.value)
+    with pytest.raises(InvalidEvent, match=r"payload\.price: expected `float`"):
+        ev.decode_envelope(envelope_line(payload=payload("TradeExecuted", price="x")))
+
+
 @pytest.mark.parametrize("line", [b"{", b"[1,2]", b'"text"', b"\xff\xfe", b'{"payload": 1}'])
 def test_broken_json_lines_are_refused(line: bytes) -> None:
     with pytest.raises(InvalidEvent):

@@ -245,6 +245,24 @@ BAD_LINES = [
     (line("X", 2, **{"metadata": {"k": "\u0000"}}), "line 3", "metadata"),
     (line("X", 2, **{"aggregate_id": "Y"}), "line 3", "account_id"),
     (line("X", 2, **{"correlation_id": "c" * 300}), "line 3", "correlation_id"),
+    # times that leave the years 1 to 9999 once in UTC, and a sequence beyond bigint:
+    # once a bare OverflowError, and the database's "out of range for type bigint"
+    (
+        line("X", 2, **{"payload.executed_at": "0001-01-01T00:00:00+01:00"}),
+        "line 3",
+        "TradeExecuted.payload.executed_at: 0001-01-01T00:00:00+01:00 is out of range",
+    ),
+    (
+        line("X", 2, **{"payload.executed_at": "9999-12-31T23:00:00-05:00"}),
+        "line 3",
+        "TradeExecuted.payload.executed_at: 9999-12-31T23:00:00-05:00 is out of range",
+    ),
+    (
+        line("X", 2, **{"timestamp": "0001-01-01T00:00:00+01:00"}),
+        "line 3",
+        "TradeExecuted.timestamp: 0001-01-01T00:00:00+01:00 is out of range",
+    ),
+    (line("X", 2, **{"sequence": 2**63}), "line 3", "TradeExecuted.sequence: expected `int` <="),
 ]
 
 

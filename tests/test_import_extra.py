@@ -142,3 +142,35 @@ def test_a_line_that_is_not_utf8_is_refused_with_its_number(
     with pytest.raises(riskbook.ImportFailed, match=r"line 3: .*not valid UTF-8"):
         fresh_store.import_jsonl(_write(tmp_path / "latin.jsonl", lines))
     assert fresh_store.count() == 0
+
+
+def test_a_forged_repeat_or_a_taken_sequence_in_a_later_chunk_writes_nothing(
+    small_chunks: None, fresh_store: Store, tmp_path: Path
+) -> None:
+    # the empty store's road finds the repeat when it builds the unique indexes, then
+    # hands over to the general one, which must tell it by line and field
+    lines = _lines(23)
+    forged = msgspec.json.decode(lines[2])
+    forged["timestamp"] = "2030-01-01T00:00:00.000000Z"
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(
+            _write(tmp_path / "forged.jsonl", [*lines, msgspec.json.encode(forged)])
+        )
+    assert f"line 24: event_id {forged['event_id']} appears on line 3 with different content " in (
+        str(info.value)
+    ), str(info.value)
+    assert "(timestamp differs)" in str(info.value)
+    with_seq = []
+    for n, line in enumerate(lines):
+        d = msgspec.json.decode(line)
+        d["sequence"] = n // 3 + 1  # ACC-0, ACC-1, ACC-2 in turn: 1, 1, 1, 2, 2, 2, ...
+        with_seq.append(d)
+    with_seq[21]["sequence"] = 3  # ACC-0 gets 3 on line 22 again (line 7 had it)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(
+            _write(tmp_path / "taken.jsonl", [msgspec.json.encode(d) for d in with_seq])
+        )
+    assert "line 22: aggregate 'ACC-0' sequence 3 is given on line 7 too, to another event" in (
+        str(info.value)
+    ), str(info.value)
+    assert fresh_store.count() == 0 and _typed_rows(fresh_store) == []

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
@@ -90,6 +90,27 @@ def test_stale_expected_version_raises_and_writes_nothing(shared_store: Store, a
     assert shared_store.version(agg) == 2
     assert len(shared_store.read(agg)) == 2
     assert shared_store.append(agg, [trade(agg, 7)], expected_version=2)[0].sequence == 3
+
+
+def test_an_empty_batch_still_checks_the_expected_version(shared_store: Store, agg: str) -> None:
+    shared_store.append(agg, [funded(agg), trade(agg)], expected_version=0)
+    for stale in (0, 1, 999):
+        with pytest.raises(riskbook.ConcurrencyConflict) as info:
+            shared_store.append(agg, [], expected_version=stale)
+        assert (info.value.expected, info.value.actual) == (stale, 2)
+    assert shared_store.append(agg, [], expected_version=2) == []
+    assert shared_store.append(agg, []) == []
+    with shared_store.connection() as conn:
+        with pytest.raises(riskbook.ConcurrencyConflict):
+            shared_store.append_in(conn, agg, [], expected_version=5)
+        assert shared_store.append_in(conn, agg, [], expected_version=2) == []
+    assert shared_store.version(agg) == 2
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_iter_all_refuses_a_batch_size_below_one(shared_store: Store, batch_size: object) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        shared_store.iter_all(batch_size=batch_size)  # type: ignore[arg-type]
 
 
 def test_a_batch_must_belong_to_its_aggregate(shared_store: Store, agg: str) -> None:
@@ -538,6 +559,236 @@ def test_duplicate_event_ids_with_different_content_are_refused(
 def test_import_of_a_missing_file_is_a_clear_error(fresh_store: Store, tmp_path: Path) -> None:
     with pytest.raises(riskbook.ImportFailed, match="no such file"):
         fresh_store.import_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(riskbook.ImportFailed, match="is a directory, not a file"):
+        fresh_store.import_jsonl(tmp_path)
+
+
+def _tweaked(line: bytes, **changes: object) -> bytes:
+    d = msgspec.json.decode(line)
+    d.update(changes)
+    return msgspec.json.encode(d)
+
+
+# Every field of an envelope that the store keeps besides the payload, changed.
+ENVELOPE_CHANGES: list[tuple[dict[str, object], str]] = [
+    ({"timestamp": "2030-01-01T00:00:00.000000Z"}, "timestamp differs"),
+    ({"correlation_id": "forged"}, "correlation_id differs"),
+    ({"metadata": {"source": "forged"}}, "metadata differs"),
+    ({"causation_id": "00000000-0000-0000-0000-000000000001"}, "causation_id differs"),
+    ({"sequence": 4}, "sequence differs"),
+    (
+        {"timestamp": "2030-01-01T00:00:00.000000Z", "correlation_id": "forged"},
+        "timestamp, correlation_id differ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "told"), ENVELOPE_CHANGES, ids=lambda x: str(x))
+def test_a_stored_event_id_with_other_envelope_fields_is_refused(
+    fresh_store: Store, tmp_path: Path, changes: dict[str, object], told: str
+) -> None:
+    # once only the payload, types and aggregate were compared: a forged recorded
+    # time, correlation, causation, metadata or sequence was "already present"
+    lines = _envelope_lines(with_seq=True)
+    fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", lines))
+    forged = [lines[1], _tweaked(lines[0], **changes)]
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "forged.jsonl", forged))
+    event_id = msgspec.json.decode(lines[0])["event_id"]
+    assert f"line 2: event_id {event_id} is already stored with different content ({told})" in (
+        str(info.value)
+    ), str(info.value)
+    assert fresh_store.count() == 15 and riskbook.verify(fresh_store).ok
+
+
+@pytest.mark.parametrize(("changes", "told"), ENVELOPE_CHANGES, ids=lambda x: str(x))
+def test_an_event_id_repeated_in_a_file_with_other_envelope_fields_is_refused(
+    fresh_store: Store, tmp_path: Path, changes: dict[str, object], told: str
+) -> None:
+    lines = _envelope_lines(with_seq=True)
+    # the id's first line, an exact repeat of it (harmless), then the one that differs
+    twins = [*lines, lines[4], _tweaked(lines[4], **changes)]
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "twins.jsonl", twins))
+    assert f"line 17: event_id {msgspec.json.decode(lines[4])['event_id']} appears on line 5" in (
+        str(info.value)
+    ), str(info.value)
+    assert f"with different content ({told})" in str(info.value)
+    assert fresh_store.count() == 0
+    # into a store that holds them already: the same
+    fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", lines))
+    with pytest.raises(riskbook.ImportFailed, match=r"line 17: .* appears on line 5"):
+        fresh_store.import_jsonl(tmp_path / "twins.jsonl")
+    assert fresh_store.count() == 15
+
+
+def test_exact_repeats_in_a_file_are_not_counted_as_already_present(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    lines = _envelope_lines()
+    path = _write(tmp_path / "rep.jsonl", [*lines, lines[4], lines[4]])
+    first = fresh_store.import_jsonl(path)
+    assert (first.read, first.added, first.skipped, first.repeated) == (17, 15, 2, 2)
+    assert "added 15, already present 0, repeated in the input 2 in" in str(first)
+    again = fresh_store.import_jsonl(path)
+    assert (again.read, again.added, again.skipped, again.repeated) == (17, 0, 17, 2)
+    assert "added 0, already present 15, repeated in the input 2 in" in str(again)
+    plain = fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", lines))
+    assert (plain.skipped, plain.repeated) == (15, 0)
+    assert "added 0, already present 15 in" in str(plain)
+
+
+def _new_ids(lines: list[bytes], tag: str) -> list[bytes]:
+    return [
+        _tweaked(line, event_id=str(uuid.uuid5(uuid.NAMESPACE_OID, f"{tag}/{n}")))
+        for n, line in enumerate(lines)
+    ]
+
+
+def test_a_given_sequence_already_stored_is_refused_naming_the_line(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # the friendly message was dead code: the database's own came out, with no line
+    lines = _envelope_lines(with_seq=True)
+    fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", lines))
+    taken = _new_ids([lines[0], lines[13]], "taken")  # ACC-0 at 1, ACC-1 at 5
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "taken.jsonl", taken))
+    stored = fresh_store.read("ACC-1")[4].event_id
+    assert "taken.jsonl: line 1: aggregate 'ACC-0' already has sequence 1 (stored event " in str(
+        info.value
+    ), str(info.value)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "taken2.jsonl", taken[1:]))
+    assert f"line 1: aggregate 'ACC-1' already has sequence 5 (stored event {stored})" in str(
+        info.value
+    )
+    assert "duplicate key" not in str(info.value)
+    assert fresh_store.count() == 15
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["into an empty store", "into a store"])
+def test_one_sequence_given_twice_in_a_file_is_refused_naming_both_lines(
+    fresh_store: Store, tmp_path: Path, stored: bool
+) -> None:
+    if stored:
+        fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", _envelope_lines(with_seq=True)))
+    before = fresh_store.count()
+    lines = _new_ids(_envelope_lines(n_accounts=1, per_account=3, with_seq=True), "twice")
+    lines = [_tweaked(line, aggregate_id="ACC-7") for line in lines]
+    lines = [line.replace(b'"account_id":"ACC-0"', b'"account_id":"ACC-7"') for line in lines]
+    lines[2] = _tweaked(lines[2], sequence=2)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "twice.jsonl", lines))
+    assert "line 3: aggregate 'ACC-7' sequence 2 is given on line 2 too, to another event" in str(
+        info.value
+    ), str(info.value)
+    assert fresh_store.count() == before
+
+
+@pytest.mark.parametrize("sequence", [2**63, 2**64, -1])
+def test_a_sequence_out_of_the_stores_range_is_refused_before_writing(
+    fresh_store: Store, tmp_path: Path, sequence: int
+) -> None:
+    lines = _envelope_lines(with_seq=True)
+    lines[3] = _tweaked(lines[3], sequence=sequence)
+    with pytest.raises(riskbook.ImportFailed, match=r"line 4: AccountFunded\.sequence: ") as info:
+        fresh_store.import_jsonl(_write(tmp_path / "big.jsonl", lines))
+    assert "out of range for type bigint" not in str(info.value)
+    assert fresh_store.count() == 0
+
+
+def test_a_byte_order_mark_at_the_start_of_a_file_is_taken_off(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # Windows tools write one; it gave "line 1: AccountFunded.?: jSON is malformed"
+    lines = _envelope_lines()
+    data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+    (tmp_path / "bom.jsonl").write_bytes(data)
+    (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress(data))
+    assert fresh_store.import_jsonl(tmp_path / "bom.jsonl").added == 15
+    assert fresh_store.import_jsonl(tmp_path / "bom.jsonl.gz").skipped == 15
+    assert fresh_store.import_lines([b"\xef\xbb\xbf" + lines[0]]).skipped == 1
+    # anywhere else, it is told for what it is
+    inside = [*lines[:2], b"\xef\xbb\xbf" + lines[2]]
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_lines(inside, source="f.jsonl")
+    assert str(info.value) == ("f.jsonl: line 3: ?.line: starts with a byte order mark (U+FEFF)"), (
+        str(info.value)
+    )
+    assert fresh_store.count() == 15
+
+
+def test_a_json_extension_python_reads_is_refused_as_json_not_jumbled(
+    fresh_store: Store,
+) -> None:
+    nan = _envelope_lines()[0].replace(b'"amount":100.0', b'"amount":NaN')
+    assert b"NaN" in nan
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_lines([nan], source="f.jsonl")
+    assert str(info.value).startswith("f.jsonl: line 1: ?.line: not valid JSON (JSON is malformed")
+    assert "jSON" not in str(info.value)
+
+
+def _trade_envelope(**changes: object) -> riskbook.Envelope:
+    fields: dict[str, object] = dict(
+        event_id=uuid.uuid4(),
+        aggregate_id="E-1",
+        aggregate_type="Account",
+        sequence=0,
+        timestamp=T0,
+        payload=trade("E-1"),
+        correlation_id="c",
+    )
+    return riskbook.Envelope(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+BAD_ENVELOPES: list[tuple[dict[str, object], str]] = [
+    ({"aggregate_type": "Instrument"}, "TradeExecuted.aggregate_type: TradeExecuted belongs to"),
+    ({"aggregate_type": ""}, "TradeExecuted.aggregate_type"),
+    ({"event_id": "not-a-uuid"}, "TradeExecuted.event_id: must be a uuid.UUID"),
+    ({"event_id": str(uuid.uuid4())}, "TradeExecuted.event_id: must be a uuid.UUID"),
+    ({"causation_id": "nope"}, "TradeExecuted.causation_id: must be a uuid.UUID"),
+    ({"sequence": "1"}, "TradeExecuted.sequence: must be an int, got str"),
+    ({"sequence": True}, "TradeExecuted.sequence: must be an int, got bool"),
+    ({"sequence": -3}, "TradeExecuted.sequence: must be 1 to"),
+    ({"sequence": 2**63}, "TradeExecuted.sequence: must be 1 to"),
+    ({"timestamp": "2024-01-01T00:00:00Z"}, "TradeExecuted.timestamp: must be a datetime"),
+    ({"timestamp": datetime(2024, 1, 1)}, "TradeExecuted.timestamp: has no time zone"),
+    (
+        {"timestamp": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))},
+        "TradeExecuted.timestamp: 0001-01-01T00:00:00+01:00 is out of range",
+    ),
+    ({"metadata": None}, "TradeExecuted.metadata: must be an object"),
+    ({"correlation_id": 5}, "TradeExecuted.correlation_id: must be a string"),
+    ({"payload": riskbook.RawEvent("Foo", {"account_id": "E-1"})}, "Foo.type: not a riskbook"),
+]
+
+
+@pytest.mark.parametrize(("changes", "told"), BAD_ENVELOPES, ids=lambda x: str(x)[:40])
+def test_import_envelopes_refuses_a_mistyped_envelope_naming_it_and_the_field(
+    fresh_store: Store, changes: dict[str, object], told: str
+) -> None:
+    # they reached the database (a raw check-constraint or uuid error), crashed
+    # (TypeError, AttributeError), or a negative sequence was taken as "assign one"
+    good = _trade_envelope()
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_envelopes([good, _trade_envelope(**changes)])
+    assert str(info.value).startswith(f"envelope 2: {told}"), str(info.value)
+    assert fresh_store.count() == 0
+    with pytest.raises(riskbook.ImportFailed, match="envelope 1: "):
+        fresh_store.import_envelopes([{"event_id": 1}])  # type: ignore[list-item]
+
+
+def test_import_envelopes_tells_a_taken_sequence_by_envelope(fresh_store: Store) -> None:
+    # e.g. `riskbook simulate` into a store that holds the same aggregates already
+    fresh_store.append("E-1", [trade("E-1"), trade("E-1", 2)])
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_envelopes([_trade_envelope(sequence=1)])
+    assert str(info.value).startswith(
+        "envelopes: envelope 1: aggregate 'E-1' already has sequence 1 (stored event "
+    ), str(info.value)
+    assert fresh_store.count() == 2
 
 
 def test_gzip_is_told_by_its_bytes_not_its_name(fresh_store: Store, tmp_path: Path) -> None:

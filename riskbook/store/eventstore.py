@@ -11,6 +11,7 @@ import gc
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import queue
 import re
@@ -36,8 +37,11 @@ from psycopg.copy import FileWriter
 from riskbook.errors import ConcurrencyConflict, ImportFailed, InvalidEvent, StoreError
 from riskbook.events import (
     EVENT_TYPES,
+    MAX_SEQUENCE,
     Envelope,
     Event,
+    RawEvent,
+    _check_aggregate,
     _envelope_decoder,
     _EnvelopeIn,
     canonical_fields,
@@ -128,8 +132,13 @@ def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, **kwargs)
     except psycopg.Error as exc:
-        message = f"cannot connect to {redact(dsn)}: {scrub(str(exc).strip(), dsn)}"
+        message = f"cannot connect to {redact(dsn)}: {scrub(_one_line(str(exc)), dsn)}"
     raise StoreError(message)
+
+
+def _one_line(text: str) -> str:
+    """A driver's message on one line: libpq puts its hints on lines of their own."""
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _libpq_dsn(dsn: str) -> str:
@@ -142,18 +151,27 @@ def _libpq_dsn(dsn: str) -> str:
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What an import did: lines read, events added, events already present (skipped)."""
+    """What an import did.
+
+    ``read`` records were read; ``added`` of them were written; ``skipped`` were not,
+    their event being there already: stored before the import, or given by an earlier
+    record of the same input (an exact repeat, kept once). ``repeated`` counts the
+    latter, so ``skipped - repeated`` events were already in the store.
+    """
 
     read: int
     added: int
     skipped: int
     seconds: float
+    repeated: int = 0
 
     def __str__(self) -> str:
         rate = self.read / self.seconds if self.seconds > 0 else float("inf")
+        present = self.skipped - self.repeated
+        repeats = f", repeated in the input {self.repeated:,}" if self.repeated else ""
         return (
-            f"read {self.read:,} events, added {self.added:,}, already present {self.skipped:,} "
-            f"in {self.seconds:.2f} s ({rate:,.0f} events/s)"
+            f"read {self.read:,} events, added {self.added:,}, already present {present:,}"
+            f"{repeats} in {self.seconds:.2f} s ({rate:,.0f} events/s)"
         )
 
 
@@ -194,7 +212,7 @@ class Store:
         return conn
 
     def _clean(self, exc: BaseException) -> str:
-        return scrub(str(exc).strip(), self._dsn)
+        return scrub(_one_line(str(exc)), self._dsn)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -234,7 +252,7 @@ class Store:
             )
         if diag.message_hint:
             msg += f" (hint: {scrub(diag.message_hint, self._dsn)})"
-        return StoreError(msg)
+        return StoreError(_one_line(msg))
 
     def _role(self) -> str:
         try:
@@ -323,6 +341,9 @@ class Store:
             aggregate_id, events, expected_version, correlation_id, causation_id, metadata
         )
         if not batch.events:
+            if batch.expected is not None:  # nothing to write, but the check still holds
+                with self.connection() as conn:
+                    batch.check_version(conn)
             return []
         with self.connection() as conn:
             # One statement, so autocommit makes it one atomic round trip.
@@ -351,6 +372,11 @@ class Store:
             aggregate_id, events, expected_version, correlation_id, causation_id, metadata
         )
         if not batch.events:
+            if batch.expected is not None:
+                try:
+                    batch.check_version(conn)
+                except psycopg.Error as exc:
+                    raise self._translate(exc) from None
             return []
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.execute("SELECT 1")  # open the caller's transaction: attempts are savepoints
@@ -420,6 +446,11 @@ class Store:
 
     def iter_all(self, after: int = 0, *, batch_size: int = 10_000) -> Iterator[Envelope]:
         """Every readable event after ``after``, in global order, fetched in batches."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        return self._iter_all(after, batch_size)
+
+    def _iter_all(self, after: int, batch_size: int) -> Iterator[Envelope]:
         while True:
             batch = self.read_all(after, limit=batch_size)
             yield from batch
@@ -497,9 +528,15 @@ class Store:
 
         Keeps each envelope's ``event_id`` and ``timestamp``; assigns ``sequence`` per
         aggregate in file order where absent; events already in the store (same
-        event_id, same content) are skipped, so importing a file twice adds nothing.
-        A bad line refuses the whole file with its line number and what is wrong:
-        nothing of it is written.
+        event_id, same content) are skipped, so importing a file twice adds nothing, and
+        so is a line that repeats an earlier line exactly (counted apart:
+        :attr:`ImportResult.repeated`). Same content means every field the store keeps:
+        event type, aggregate id and type, recorded time, causation and correlation id,
+        metadata, payload, and the sequence where the line gives one. An event id
+        repeated with other content, a given sequence the aggregate has already (or
+        that another line gives), or any bad line refuses the whole file with the line
+        number and what is wrong: nothing of it is written. A UTF-8 byte order mark at
+        the start of the file is ignored.
 
         Lines are validated and streamed to PostgreSQL while the file is read, so the
         client and the server work at the same time. Into an empty store the import
@@ -507,13 +544,15 @@ class Store:
         (like ``pg_restore``): readers wait until it commits.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ImportFailed(f"{path}: is a directory, not a file")
         if not path.is_file():
             raise ImportFailed(f"{path}: no such file")
 
         def open_lines() -> Iterator[_Record]:
             try:
                 with _open_maybe_gzip(path) as fh:
-                    yield from _records_from_lines(fh, str(path), progress)
+                    yield from _records_from_lines(_without_bom(fh), str(path), progress)
             except (OSError, EOFError, zlib.error) as exc:
                 # zlib's own errors are what a damaged deflate stream raises through gzip
                 what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
@@ -527,7 +566,9 @@ class Store:
         """Import envelope lines (see :meth:`import_jsonl`)."""
         kept = list(lines)
         return self._bulk_write(
-            lambda: _records_from_lines(kept, source, progress), source=source, progress=progress
+            lambda: _records_from_lines(_without_bom(kept), source, progress),
+            source=source,
+            progress=progress,
         )
 
     def import_envelopes(
@@ -537,27 +578,23 @@ class Store:
 
         Same rules as :meth:`import_jsonl`: ids and recorded times are kept; a
         ``sequence`` of 0 is assigned per aggregate in order; already-present events are
-        skipped; all or nothing.
+        skipped; all or nothing. An envelope that is wrong (a mistyped field, an
+        aggregate type its event does not belong to, a negative sequence, ...) refuses
+        the whole batch with its number (from 1) and the field.
         """
         kept = envelopes if isinstance(envelopes, list) else list(envelopes)
 
         def records() -> Iterator[_Record]:
             for n, env in enumerate(kept, 1):
                 try:
-                    check_for_aggregate([env.payload], env.aggregate_id)
-                    if env.timestamp.tzinfo is None:
-                        raise InvalidEvent(
-                            env.event_type, "timestamp", "has no time zone (use UTC)"
-                        )
-                    check_text(env.correlation_id, env.event_type, "correlation_id")
-                    metadata = check_metadata(env.metadata, env.event_type)
+                    record = _envelope_record(n, env)
                 except InvalidEvent as exc:
                     raise ImportFailed(f"envelope {n}: {exc}") from None
-                yield _record(n, env, env.sequence > 0, metadata)
+                yield record
                 if progress is not None and n % 100_000 == 0:
                     progress("validated", n)
 
-        return self._bulk_write(records, source="envelopes", progress=progress)
+        return self._bulk_write(records, source="envelopes", progress=progress, unit="envelope")
 
     @contextmanager
     def trusted_copy(self) -> Iterator[Callable[[list[bytes]], None]]:
@@ -607,31 +644,28 @@ class Store:
         *,
         source: str,
         progress: Progress | None,
+        unit: str = "line",
     ) -> ImportResult:
         started = time.perf_counter()
         try:
             with self.connection() as conn, _gc_paused():
                 empty = _lock_if_empty(conn)
-                if empty:
-                    outcome = _load_into_empty(conn, records(), source, progress)
-                    if outcome is None:  # the input repeats event ids: take the general road
+                outcome = _load_into_empty(conn, records(), source, progress) if empty else None
+                if outcome is None:
+                    if empty:  # the input repeats event ids: take the general road
                         conn.rollback()
-                if not empty or outcome is None:
-                    outcome = _load_general(conn, records(), source, progress)
+                    outcome = _load_general(conn, records(), source, progress, unit)
                 conn.commit()
-        except psycopg.errors.UniqueViolation as exc:
-            raise ImportFailed(
-                f"{source}: a sequence collides with a stored event "
-                f"({exc.diag.message_detail or exc.diag.message_primary}); nothing was written"
-            ) from None
         except StoreError as exc:
             if isinstance(exc, ImportFailed):
                 raise
             raise ImportFailed(f"{source}: {exc}; nothing was written") from None
-        read, added = outcome
+        read, added, repeated = outcome
         if progress is not None:
             progress("written", added)
-        return ImportResult(read, added, read - added, time.perf_counter() - started)
+        return ImportResult(
+            read, added, read - added, time.perf_counter() - started, repeated=repeated
+        )
 
 
 def connect(dsn: str | None = None, *, migrate: bool = True) -> Store:
@@ -790,6 +824,13 @@ class _AppendBatch:
             self.params["types"] = [type(e).__name__ for e in self.events]
             self.params["payloads"] = [encode_event(e).decode() for e in self.events]
 
+    def check_version(self, conn: psycopg.Connection) -> None:
+        """Raise ConcurrencyConflict unless the aggregate is at the expected version (for
+        an empty batch, which writes nothing but must not pass a stale version)."""
+        actual = Store._version_in(conn, self.aggregate_id)
+        if self.expected is not None and actual != self.expected:
+            raise ConcurrencyConflict(self.aggregate_id, self.expected, actual)
+
     def envelopes(self, rows: list[tuple[Any, ...]]) -> list[Envelope]:
         rows.sort()
         return [
@@ -849,6 +890,55 @@ def _record(lineno: int, env: Envelope, has_seq: bool, metadata: str | None = No
     return lineno, env.aggregate_id, env.sequence if has_seq else None, values
 
 
+def _envelope_record(n: int, env: Envelope) -> _Record:
+    """The record of an envelope made in Python, checked as a line of a file is (its
+    fields' types included: an Envelope is not checked when made); InvalidEvent."""
+    if not isinstance(env, Envelope):
+        raise InvalidEvent("?", "envelope", f"must be an Envelope, got {type(env).__name__}")
+    payload = env.payload
+    kind = payload.type_name() if isinstance(payload, Event | RawEvent) else "?"
+    check_for_aggregate([payload], env.aggregate_id)  # type: ignore[list-item]  # checked here
+    assert isinstance(payload, Event)  # check_for_aggregate refuses anything else
+    _check_aggregate(payload, env.aggregate_id, env.aggregate_type)
+    for name in ("event_id", "causation_id"):
+        value = getattr(env, name)
+        if not isinstance(value, uuid.UUID) and not (name == "causation_id" and value is None):
+            raise InvalidEvent(kind, name, f"must be a uuid.UUID, got {value!r}")
+    seq = env.sequence
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise InvalidEvent(kind, "sequence", f"must be an int, got {type(seq).__name__}")
+    if not 0 <= seq <= MAX_SEQUENCE:
+        raise InvalidEvent(
+            kind, "sequence", f"must be 1 to {MAX_SEQUENCE} (or 0: assigned), got {seq}"
+        )
+    if not isinstance(env.timestamp, datetime):
+        raise InvalidEvent(
+            kind, "timestamp", f"must be a datetime, got {type(env.timestamp).__name__}"
+        )
+    if env.timestamp.tzinfo is None:
+        raise InvalidEvent(kind, "timestamp", "has no time zone (use UTC)")
+    try:
+        format_time(env.timestamp)
+    except ValueError as exc:
+        raise InvalidEvent(kind, "timestamp", str(exc)) from None
+    check_text(env.correlation_id, kind, "correlation_id")
+    metadata = check_metadata(env.metadata, kind)
+    return _record(n, env, seq > 0, metadata)
+
+
+def _without_bom(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """``lines`` with a UTF-8 byte order mark at the start of the first taken off (many
+    Windows tools write one); the other lines are passed on as they are."""
+    it = iter(lines)
+    first = next(it, None)
+    if first is None:
+        return it
+    return itertools.chain((first[3:] if first.startswith(_UTF8_BOM) else first,), it)
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _digest(values: tuple[Any, ...], sequence: int) -> bytes:
     """digest(e) of an import record's column values (see riskbook.events.canonical_fields)."""
     event_id, event_type, agg, agg_type, ts, causation, correlation, metadata, payload = values
@@ -873,6 +963,7 @@ def _records_from_lines(
             InvalidEvent,
             RecursionError,
             UnicodeDecodeError,
+            ValueError,  # a recorded time out of range once in UTC
         ):
             record = _checked_record(lineno, line, source)  # says what is wrong, exactly
         yield record
@@ -1065,11 +1156,11 @@ def _load_into_empty(
     records: Iterator[_Record],
     source: str,
     progress: Progress | None,
-) -> tuple[int, int] | None:
+) -> tuple[int, int, int] | None:
     """COPY straight into the (locked, empty) events table, indexes built at the end.
 
-    Returns (read, added), or None when the input repeats an event id (the general
-    road knows how to tell harmless repeats from conflicting ones).
+    Returns (read, added, 0 repeated), or None when the input repeats an event id (the
+    general road knows how to tell harmless repeats from conflicting ones).
     """
     indexes = _drop_secondary_indexes(conn)
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_inserted")
@@ -1105,7 +1196,7 @@ def _load_into_empty(
     conn.execute("ALTER TABLE events ENABLE TRIGGER events_chained")
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(base + count - 1)))
-    return count, count
+    return count, count, 0
 
 
 def _drop_secondary_indexes(conn: psycopg.Connection) -> list[tuple[str, str, bool, str]]:
@@ -1243,26 +1334,39 @@ def _load_general(
     records: Iterator[_Record],
     source: str,
     progress: Progress | None,
-) -> tuple[int, int]:
-    """COPY into a staging table, then insert what is new, in input order."""
+    unit: str = "line",
+) -> tuple[int, int, int]:
+    """COPY into a staging table, then insert what is new, in input order.
+
+    Returns (read, added, repeated): ``repeated`` counts the records that repeat an
+    earlier record of the same input exactly (kept once).
+    """
     conn.execute(_STAGE_SQL)
     stream = _Checked(records, source, progress)
     rows = ((lineno, seq, *values) for lineno, _, seq, values in stream)
     _copy_rows(
         conn, f"COPY riskbook_import (line_no, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows
     )
-    twin = conn.execute(_TWIN_SQL).fetchone()
+    repeated = int(_scalar(conn, _REPEATS_SQL))
+    twin = conn.execute(_TWIN_SQL).fetchone() if repeated else None
     if twin:
+        line, first, event_id = twin
         raise ImportFailed(
-            f"{source}: line {twin[2]}: event_id {twin[0]} appears on line {twin[1]} with "
-            "different content"
+            f"{source}: {unit} {line}: event_id {event_id} appears on {unit} {first} with "
+            f"different content ({_fields_differing(conn, line, first)})"
         )
     clash = conn.execute(_CLASH_SQL).fetchone()
     if clash:
+        line, event_id = clash
         raise ImportFailed(
-            f"{source}: line {clash[0]}: event_id {clash[1]} is already stored with different content"
+            f"{source}: {unit} {line}: event_id {event_id} is already stored with different "
+            f"content ({_fields_differing(conn, line, None)})"
         )
-    added = conn.execute(_BULK_INSERT_SQL).rowcount
+    try:
+        with conn.transaction():  # a savepoint: on a clash, the staged lines tell which
+            added = conn.execute(_BULK_INSERT_SQL).rowcount
+    except psycopg.errors.UniqueViolation as exc:
+        raise _sequence_taken(conn, exc, source, unit) from None
     # nothing added leaves the stored versions as they were (gap-free): a re-import
     # need not scan every aggregate of the file again
     with_seq = [a for a, g in stream.given.items() if g] if added else []
@@ -1274,7 +1378,39 @@ def _load_general(
                 f"(highest {bad[1]}, count {bad[2]}): sequences must continue the stored ones "
                 "as 1, 2, 3, ..."
             )
-    return stream.count, added
+    return stream.count, added, repeated
+
+
+def _fields_differing(conn: psycopg.Connection, line: int, first: int | None) -> str:
+    """Which fields of ``line`` differ from line ``first`` (None: from the stored event)."""
+    fields = _scalar(conn, _DIFFERING_SQL, {"line": line, "first": first}) or ["?"]
+    return f"{', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}"
+
+
+def _sequence_taken(
+    conn: psycopg.Connection, exc: psycopg.errors.UniqueViolation, source: str, unit: str
+) -> ImportFailed:
+    """The import's error for a UNIQUE violation of its insert: the line whose sequence
+    is taken, and by what."""
+    found = None
+    if exc.diag.constraint_name == "events_aggregate_sequence_key":
+        found = conn.execute(_SEQUENCE_TAKEN_SQL).fetchone()
+    if found is None:  # another session wrote the same aggregate or event meanwhile
+        return ImportFailed(
+            f"{source}: another session wrote the same events meanwhile "
+            f"({exc.diag.message_detail or exc.diag.message_primary}); nothing was written: "
+            "import again"
+        )
+    line, other, agg, sequence, event_id = found
+    if other is None:
+        return ImportFailed(
+            f"{source}: {unit} {line}: aggregate {agg!r} already has sequence {sequence} "
+            f"(stored event {event_id}): a given sequence must continue the stored ones"
+        )
+    return ImportFailed(
+        f"{source}: {unit} {line}: aggregate {agg!r} sequence {sequence} is given on {unit} "
+        f"{other} too, to another event"
+    )
 
 
 class _Checked:
@@ -1327,7 +1463,11 @@ def _index_definitions(conn: psycopg.Connection, table: str) -> list[tuple[str, 
     return out
 
 
-def _scalar(conn: psycopg.Connection, query: str, params: tuple[Any, ...] | None = None) -> Any:
+def _scalar(
+    conn: psycopg.Connection,
+    query: str,
+    params: tuple[Any, ...] | Mapping[str, Any] | None = None,
+) -> Any:
     row = conn.execute(query, params).fetchone()
     return None if row is None else row[0]
 
@@ -1362,24 +1502,105 @@ CREATE TEMP TABLE riskbook_import (
 ) ON COMMIT DROP
 """
 
-_TWIN_SQL = """
-WITH repeated AS (
-    SELECT event_id FROM riskbook_import GROUP BY event_id HAVING count(*) > 1
+# Every column an import keeps (the sequence apart: it may be absent and assigned).
+_CONTENT_COLUMNS = (
+    "event_type",
+    "aggregate_id",
+    "aggregate_type",
+    "timestamp",
+    "causation_id",
+    "correlation_id",
+    "metadata",
+    "payload",
 )
-SELECT s.event_id, min(s.line_no), max(s.line_no)
-  FROM riskbook_import s JOIN repeated USING (event_id)
- GROUP BY s.event_id
-HAVING count(DISTINCT (s.event_type, s.aggregate_id, s.aggregate_type, s.payload)) > 1
- ORDER BY 3
+
+
+def _differing(a: str, b: str) -> str:
+    """SQL: the names of the content columns in which rows ``a`` and ``b`` differ (a text
+    array, in the order of :data:`_CONTENT_COLUMNS`, then ``sequence``)."""
+    cases = [
+        f'CASE WHEN {a}."{c}" IS DISTINCT FROM {b}."{c}" THEN \'{c}\' END' for c in _CONTENT_COLUMNS
+    ]
+    # a sequence absent from the line is assigned: it differs only where both are given
+    cases.append(f"CASE WHEN {a}.sequence <> {b}.sequence THEN 'sequence' END")
+    return f"array_remove(ARRAY[{', '.join(cases)}], NULL)"
+
+
+def _distinct(a: str, b: str) -> str:
+    """SQL: whether rows ``a`` and ``b`` differ in a content column, or in their sequence
+    where both give one (one row comparison: cheap enough for every line)."""
+    left = ", ".join(f'{a}."{c}"' for c in _CONTENT_COLUMNS)
+    right = ", ".join(f'{b}."{c}"' for c in _CONTENT_COLUMNS)
+    return f"(({left}) IS DISTINCT FROM ({right}) OR {a}.sequence <> {b}.sequence)"
+
+
+# How many lines repeat the event id of an earlier line (the statements that look for
+# twins below run only when there are any).
+_REPEATS_SQL = """
+SELECT coalesce(sum(n - 1), 0)
+  FROM (SELECT count(*) AS n FROM riskbook_import GROUP BY event_id HAVING count(*) > 1) r
+"""
+
+# The first line that repeats an earlier line's event id with other content (any
+# column the import keeps, the sequence where both give one), and the line of the
+# id's first appearance.
+_TWIN_SQL = f"""
+WITH firsts AS (
+    SELECT DISTINCT ON (event_id) *
+      FROM riskbook_import
+     WHERE event_id IN (SELECT event_id FROM riskbook_import GROUP BY event_id
+                         HAVING count(*) > 1)
+     ORDER BY event_id, line_no
+)
+SELECT s.line_no, f.line_no, s.event_id
+  FROM riskbook_import s JOIN firsts f USING (event_id)
+ WHERE s.line_no > f.line_no AND {_distinct("f", "s")}
+ ORDER BY s.line_no
  LIMIT 1
 """
 
-_CLASH_SQL = """
+# The first line whose event id is stored with other content.
+_CLASH_SQL = f"""
 SELECT s.line_no, s.event_id
   FROM riskbook_import s JOIN events e USING (event_id)
- WHERE (e.event_type, e.aggregate_id, e.aggregate_type, e.payload)
-       IS DISTINCT FROM (s.event_type, s.aggregate_id, s.aggregate_type, s.payload)
+ WHERE {_distinct("e", "s")}
  ORDER BY s.line_no
+ LIMIT 1
+"""
+
+# What differs between a line and an earlier one (%(first)s), or the stored event
+# (%(first)s null): only when one of the above found something.
+_DIFFERING_SQL = f"""
+SELECT {_differing("f", "s")}
+  FROM riskbook_import s,
+       LATERAL (SELECT {", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)}, sequence
+                  FROM riskbook_import WHERE line_no = %(first)s
+                 UNION ALL
+                SELECT {", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)}, sequence
+                  FROM events WHERE %(first)s::bigint IS NULL AND event_id = s.event_id) f
+ WHERE s.line_no = %(line)s
+ LIMIT 1
+"""
+
+# After the insert met UNIQUE (aggregate_id, sequence): the first new line whose given
+# sequence is taken, by a stored event or by an earlier new line of the input.
+_SEQUENCE_TAKEN_SQL = """
+WITH new AS (
+    SELECT DISTINCT ON (s.event_id) s.line_no, s.event_id, s.aggregate_id, s.sequence
+      FROM riskbook_import s
+     WHERE s.sequence IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
+     ORDER BY s.event_id, s.line_no
+), taken AS (
+    SELECT n.line_no, NULL::bigint AS other, n.aggregate_id, n.sequence, e.event_id
+      FROM new n JOIN events e ON e.aggregate_id = n.aggregate_id AND e.sequence = n.sequence
+    UNION ALL
+    SELECT b.line_no, a.line_no, b.aggregate_id, b.sequence, a.event_id
+      FROM new a JOIN new b
+        ON a.aggregate_id = b.aggregate_id AND a.sequence = b.sequence AND a.line_no < b.line_no
+)
+SELECT line_no, other, aggregate_id, sequence, event_id FROM taken
+ ORDER BY line_no, other NULLS FIRST, other
  LIMIT 1
 """
 
