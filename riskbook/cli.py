@@ -279,7 +279,7 @@ def cmd_limits_history(args: argparse.Namespace) -> int:
     from riskbook.limits import limit_history
 
     _writable_file(args.output, "--output")
-    return _emit(limit_history(_history(args), known_at=args.known_at), args)
+    return _emit(limit_history(_history(args), at=args.at, known_at=args.known_at), args)
 
 
 # ----------------------------------------------------------------------- simulate / demo
@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     text = "every limit change: old and new value, who set it, business and recorded time"
     lh = limsub.add_parser("history", help=text, description=text)
     lh.set_defaults(func=cmd_limits_history)
+    lh.add_argument(
+        "--at", default=None, help="only the changes that apply by business time T (RFC 3339)"
+    )
     output_options(lh)
 
     from riskbook.live._cli import add_live_commands

@@ -1277,6 +1277,8 @@ def test_cli_breaches_and_limits_history(make_database: Callable[[], str], tmp_p
     trail = run("limits", "history", "--format", "csv")
     assert trail.returncode == 0, trail.stderr
     assert [ln.split(",")[5] for ln in trail.stdout.splitlines()[1:]] == ["ops", "cro"]
+    early = run("limits", "history", "--format", "csv", "--at", format_time(at(1)))
+    assert [ln.split(",")[5] for ln in early.stdout.splitlines()[1:]] == ["ops"], early.stderr
     bad = run("breaches", "--at", "soon")
     assert bad.returncode == 1 and "at" in bad.stderr and "Traceback" not in bad.stderr
 
