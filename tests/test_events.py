@@ -413,3 +413,42 @@ def test_fast_encoding_equals_the_plain_one(**fields: Any) -> None:
         correlation_id="c",
     )
     assert ev.encode_envelope(env) == msgspec.json.encode(env.to_dict())
+
+
+def test_an_envelope_is_written_with_its_metadata_as_given() -> None:
+    # whole seconds make the encoder write the times with six digits; metadata keys
+    # named like time fields keep their own text
+    t = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+    metadata = {
+        "timestamp": "2024-03-01T09:30:00Z",
+        "nested": {"executed_at": "2024-01-01T00:00:00Z"},
+    }
+    env = riskbook.Envelope(
+        event_id=uuid.uuid4(),
+        aggregate_id="A",
+        aggregate_type="Account",
+        sequence=1,
+        timestamp=t,
+        payload=riskbook.AccountFunded(account_id="A", amount=1.0, funded_at=t),
+        correlation_id="c",
+        metadata=metadata,
+    )
+    line = msgspec.json.decode(ev.encode_envelope(env))
+    assert line["metadata"] == metadata
+    assert line["timestamp"] == "2024-03-01T09:30:00.000000Z"
+    assert line["payload"]["funded_at"] == "2024-03-01T09:30:00.000000Z"
+    assert ev.decode_envelope(ev.encode_envelope(env))[0] == env
+
+
+@pytest.mark.parametrize(
+    ("stored", "what"),
+    [(b"[1, 2]", "array"), (b'"x"', "string"), (b"null", "null"), (b"3", "number")],
+)
+@pytest.mark.parametrize("event_type", ["FutureEvent", "AccountFunded"])
+def test_a_stored_payload_that_is_not_an_object_is_read_raw(
+    stored: bytes, what: str, event_type: str
+) -> None:
+    raw = ev.read_payload(event_type, stored)
+    assert isinstance(raw, riskbook.RawEvent) and raw.type == event_type
+    assert raw.data == {"value": msgspec.json.decode(stored)}
+    assert raw.error is not None and f"JSON {what}, not an object" in raw.error

@@ -393,6 +393,16 @@ def test_unknown_event_type_in_the_database_is_read_raw(fresh_store: Store) -> N
     assert msgspec.json.decode(line)["payload"]["nested"] == {"a": [1]}
 
 
+def test_an_exported_envelope_imports_again_as_already_present(fresh_store: Store) -> None:
+    # a whole-second time and metadata holding time-like strings: exported as stored
+    meta = {"timestamp": "2024-03-01T09:30:00Z", "nested": {"executed_at": "2024-01-01T00:00:00Z"}}
+    fresh_store.append("ACC-1", [funded("ACC-1")], metadata=meta)
+    (env,) = fresh_store.read("ACC-1")
+    result = fresh_store.import_lines([encode_envelope(env)])
+    assert (result.added, result.skipped) == (0, 1)
+    assert fresh_store.read("ACC-1")[0].metadata == meta
+
+
 # ----------------------------------------------------------------------- import
 
 
