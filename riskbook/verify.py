@@ -7,6 +7,9 @@ and names each aggregate and sequence where it breaks:
 
 * **altered** -- the event's content (or its stored hash) is not what was hashed when it
   was written: a payload, a time, an id was changed behind the append-only triggers;
+  also any event whose recorded time lies outside the years 1 to 9999 UTC or is
+  infinite, which no riskbook writer can have stored (the canonical encoding has no
+  era: 2026 BC would hash as 2026 AD), whatever its hash says;
 * **removed** -- sequences are missing from an aggregate (its events must be 1, 2, 3, ...),
   or a head recorded earlier (``heads=``) is gone;
 * **reordered** -- an event sits at a sequence other than the one it was written with
@@ -52,10 +55,19 @@ Progress = Callable[[str, int], None]
 # (schema-qualified, so that nothing on the search_path can stand in for them); the
 # encoding itself is put together and hashed here, in Python (riskbook.events'
 # canonical_fields) -- a second implementation beside the writers' SQL function.
-_SCAN_SQL = (  # canonical_fields' arguments, then the stored hash and the position
+#
+# The encoding's YYYY has no era and an infinite time has no text: a recorded time moved
+# to 2026 BC hashes as 2026 AD, and an infinite one as null. riskbook's writers (Python
+# datetimes, clock_timestamp()) only ever write times in the years 1 to 9999 UTC, so a
+# time outside them was put there afterwards: the last column shows it (NULL for every
+# other row), and each such event is reported altered whatever its hash says.
+_SCAN_SQL = (  # canonical_fields' arguments, the stored hash, the position, a bad time
     "SELECT event_id::text, event_type, aggregate_id, aggregate_type, sequence,"
     ' pg_catalog.to_char("timestamp" AT TIME ZONE \'UTC\', \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\'),'
-    " causation_id::text, correlation_id, metadata::text, payload::text, hash, position"
+    " causation_id::text, correlation_id, metadata::text, payload::text, hash, position,"
+    " CASE WHEN \"timestamp\" OPERATOR(pg_catalog.>=) '0001-01-01 00:00:00+00'::pg_catalog.timestamptz"
+    " AND \"timestamp\" OPERATOR(pg_catalog.<) '10000-01-01 00:00:00+00'::pg_catalog.timestamptz"
+    " THEN NULL ELSE (\"timestamp\" AT TIME ZONE 'UTC')::pg_catalog.text END"
     " FROM events"
 )
 # The digest in SQL, for the few events whose place in the chain is in doubt.
@@ -227,6 +239,8 @@ def verify(
                 for n, row in enumerate(rows, 1):
                     digest = sha256(canonical_fields(*row[:10]).encode()).digest()
                     scan.add(row[2], row[4], row[10], digest, row[11])
+                    if row[12] is not None:
+                        scan.impossible_time(row[2], row[4], row[12], row[11])
                     if progress is not None and n % 100_000 == 0:
                         progress("verified", n)
             scan.finish()
@@ -293,6 +307,24 @@ class _Scan:
         self.expected_heads = expected_heads
         self.seen_heads: set[str] = set()
         self.events = 0
+        # positions of events whose recorded time riskbook cannot have written: told as
+        # such, not again as a content that does not hash (which it may well not)
+        self.impossible_times: set[int] = set()
+
+    def impossible_time(self, agg: str, seq: int, recorded: str, pos: int) -> None:
+        shown = recorded if recorded.endswith("infinity") else f"{recorded} UTC"
+        self.impossible_times.add(pos)
+        self.problems.append(
+            Problem(
+                agg,
+                seq,
+                "altered",
+                f"its recorded time ({shown}) is one riskbook cannot have written (before "
+                "year 1, after year 9999 or infinite; its hash cannot tell): changed since, "
+                "or written by other means",
+                pos,
+            )
+        )
 
     def add(self, agg: str, seq: int, stored: bytes | None, digest: bytes, pos: int) -> None:
         self.events += 1
@@ -436,6 +468,8 @@ def _explain(conn: Any, scan: _Scan) -> None:
             if seq in moved:
                 detail = f"the event here was written as sequence {moved[seq]}"
                 scan.problems.append(Problem(agg, seq, "reordered", detail, pos))
+            elif pos in scan.impossible_times:
+                continue  # told already, more plainly: its recorded time was changed
             else:
                 detail = (
                     "its content does not hash to its stored hash: the event, its hash, or "

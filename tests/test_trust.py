@@ -139,6 +139,74 @@ def test_the_simulators_trusted_copy_is_chained(fresh_store: Store) -> None:
     assert stored_hashes(fresh_store, some) == recomputed(fresh_store, some)
 
 
+def copy_row(event_id: str, seq: int, recorded: str, causation: str = "\\N") -> bytes:
+    """A :meth:`Store.trusted_copy` row of aggregate A."""
+    payload = (
+        '{"type":"AccountFunded","account_id":"A","amount":1.5,'
+        '"funded_at":"2024-01-01T00:00:00.000000Z"}'
+    )
+    fields = [event_id, "AccountFunded", "A", "Account", str(seq), recorded, causation]
+    return "\t".join([*fields, "c", "{}", payload]).encode() + b"\n"
+
+
+def test_a_trusted_copy_hashes_ids_and_times_as_the_server_stores_them(
+    fresh_store: Store,
+) -> None:
+    ids = [uuid.uuid4() for _ in range(6)]
+    cause = uuid.uuid4()
+    rows = [  # (event_id as given, recorded time as given, causation as given)
+        (str(ids[0]).upper(), "2024-03-01T09:30:00.000001Z", str(cause).upper()),
+        (ids[1].hex, "2024-03-01T24:00:00.000000Z", "{" + str(cause) + "}"),
+        ("{" + str(ids[2]).upper() + "}", "2024-03-01T23:59:60Z", "\\N"),
+        (str(ids[3]), "2024-03-01T09:30:00.1234567+05:45", "\\N"),
+    ]
+    later = [  # into a store that is no longer empty (the other road of trusted_copy)
+        (ids[4].hex.upper(), "2024-12-31T24:00:00Z", ids[0].hex.upper()),
+        (str(ids[5]), "2024-03-01 09:30:00.9999995-01:00", "\\N"),
+    ]
+    for batch, first in ((rows, 1), (later, len(rows) + 1)):
+        with fresh_store.trusted_copy() as write:
+            write([copy_row(e, seq, t, c) for seq, (e, t, c) in enumerate(batch, first)])
+    report = riskbook.verify(fresh_store)
+    assert report.ok, report
+    stored = fresh_store.read("A")
+    assert [env.event_id for env in stored] == ids
+    assert [env.causation_id for env in stored] == [cause, cause, None, None, ids[0], None]
+    assert [env.timestamp for env in stored] == [
+        datetime(2024, 3, 1, 9, 30, 0, 1, tzinfo=UTC),
+        datetime(2024, 3, 2, tzinfo=UTC),  # 24:00 is the next midnight
+        datetime(2024, 3, 2, tzinfo=UTC),  # second 60 the next minute
+        datetime(2024, 3, 1, 3, 45, 0, 123457, tzinfo=UTC),  # rounded, as the server does
+        datetime(2025, 1, 1, tzinfo=UTC),
+        datetime(2024, 3, 1, 10, 30, 1, tzinfo=UTC),
+    ]
+    assert stored_hashes(fresh_store, "A") == recomputed(fresh_store, "A")
+
+
+@pytest.mark.parametrize(
+    ("event_id", "recorded", "causation", "refusal"),
+    [
+        ("not-a-uuid", "2024-03-01T09:30:00.000000Z", "\\N", "event_id 'not-a-uuid' is not a UUID"),
+        (None, "2024-03-01T09:30:00.000000Z", "12345", "causation_id '12345' is not a UUID"),
+        (None, "2024-03-01T09:30:00", "\\N", "is not an RFC 3339 time with a zone"),
+        (None, "2024-03-01T24:00:00.000001Z", "\\N", "is out of range"),
+        (None, "2024-02-30T09:30:00+01:00", "\\N", "is out of range"),
+        (None, "9999-12-31T23:30:00-01:00", "\\N", "years 1 to 9999"),
+        (None, "2024-03-01T09:30:00Z BC", "\\N", "is not an RFC 3339 time"),
+    ],
+)
+def test_a_trusted_copy_refuses_ids_and_times_it_cannot_hash_as_stored(
+    fresh_store: Store, event_id: str | None, recorded: str, causation: str, refusal: str
+) -> None:
+    fresh_store.append("A", [funded("A")])
+    line = copy_row(event_id or str(uuid.uuid4()), 2, recorded, causation)
+    with pytest.raises(StoreError) as refused, fresh_store.trusted_copy() as write:
+        write([line])
+    assert "the row of aggregate 'A' with sequence 2" in str(refused.value)
+    assert refusal in str(refused.value)
+    assert fresh_store.count() == 1 and riskbook.verify(fresh_store).ok
+
+
 def test_the_migration_chains_events_already_stored(make_database: Callable[[], str]) -> None:
     dsn = make_database()
     old = Store(dsn, migrate=False)
@@ -280,6 +348,99 @@ def test_kept_heads_catch_a_rewritten_chain_and_a_truncation(
     assert riskbook.verify(history).ok  # a chain without a secret cannot see that...
     report = riskbook.verify(history, heads=heads)  # ...heads kept elsewhere can
     assert broken(report) == {("A", 5, "removed"), ("B", 3, "altered")}
+
+
+def impossible_times(report: VerifyReport) -> set[tuple[str, int, str]]:
+    return {
+        (p.aggregate_id, p.sequence, p.kind)
+        for p in report.problems
+        if "recorded time" in p.detail and "cannot have written" in p.detail
+    }
+
+
+def test_kept_heads_catch_a_recorded_time_moved_to_another_era(history: Store) -> None:
+    # The encoding's YYYY has no era: a year BC hashes as the same year AD. A forger who
+    # moves a time (and its typed copy) there keeps every hash and every head...
+    heads = riskbook.verify(history).heads
+    bc = (
+        """"timestamp" = ((("timestamp" AT TIME ZONE 'UTC')::text || ' BC')::timestamp"""
+        " AT TIME ZONE 'UTC')"
+    )
+    check = "events_timestamp_in_range"  # keeps honest writers in range; not a superuser
+    as_superuser(
+        history,
+        f"ALTER TABLE events DROP CONSTRAINT IF EXISTS {check}",
+        f"UPDATE events SET {bc} WHERE aggregate_id = 'B' AND sequence = 2",
+        f"UPDATE event_fields SET {bc} WHERE aggregate_id = 'B' AND sequence = 2",
+        f'ALTER TABLE events ADD CONSTRAINT {check} CHECK ("timestamp" >= \'0001-01-01'
+        " 00:00:00+00' AND \"timestamp\" < '10000-01-01 00:00:00+00') NOT VALID",  # as it was
+    )
+    with psycopg.connect(history.dsn) as conn:
+        assert stored_hashes(history, "B")[-1].hex() == heads["B"][1]
+        era = conn.execute(
+            "SELECT to_char(\"timestamp\", 'BC') FROM events"
+            " WHERE aggregate_id = 'B' AND sequence = 2"
+        ).fetchone()
+        assert era == ("BC",)
+    # ...but riskbook never writes a time before year 1: verify names it
+    report = riskbook.verify(history, heads=heads)
+    assert broken(report) == impossible_times(report) == {("B", 2, "altered")}
+    assert "BC" in str(report)
+
+
+def test_verify_names_an_infinite_recorded_time_plainly(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=11)  # before recorded times were checked
+    with psycopg.connect(dsn) as conn:  # raw SQL: the trigger chains what it is given
+        for seq, recorded in ((1, "infinity"), (2, "2024-03-01 09:30:00+00"), (3, "-infinity")):
+            conn.execute(
+                "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type,"
+                ' sequence, "timestamp", correlation_id, payload) VALUES (gen_random_uuid(),'
+                " 'MarginCalled', 'M', 'Account', %s, %s::timestamptz, 'c',"
+                ' \'{"type": "MarginCalled"}\')',
+                (seq, recorded),
+            )
+        conn.commit()
+    old.close()
+    store = Store(dsn)  # upgrades: the check does not scan what is stored
+    try:
+        assert store.schema_version() == migrations.head()
+        report = riskbook.verify(store)
+        # told as what they are, once each, not as a content that does not hash
+        assert (
+            broken(report) == impossible_times(report) == {("M", 1, "altered"), ("M", 3, "altered")}
+        )
+        assert "(infinity)" in str(report) and "(-infinity)" in str(report)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    ["infinity", "-infinity", "0044-03-15 12:00:00 BC", "0001-12-31 23:59:59.999999+00 BC",
+     "10000-01-01 00:00:00+00", "0001-01-01 00:30:00+01:00"],
+)  # fmt: skip
+def test_the_store_refuses_a_recorded_time_riskbook_cannot_write(
+    shared_store: Store, recorded: str
+) -> None:
+    agg = f"R-{uuid.uuid4()}"
+    insert = (
+        "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+        " \"timestamp\", correlation_id, payload) VALUES (gen_random_uuid(), 'MarginCalled',"
+        " %s, 'Account', %s, %s::timestamptz, 'c', '{\"type\": \"MarginCalled\"}')"
+    )
+    with psycopg.connect(shared_store.dsn) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="events_timestamp_in_range"):
+            conn.execute(insert, (agg, 1, recorded))
+        conn.rollback()
+        for seq, edge in ((1, "0001-01-01 00:00:00+00"), (2, "9999-12-31 23:59:59.999999+00")):
+            conn.execute(insert, (agg, seq, edge))  # the first and last times riskbook writes
+        conn.commit()
+    assert [env.timestamp for env in shared_store.read(agg)] == [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ]
 
 
 def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -1021,6 +1021,7 @@ class _CopyChain:
         out = []
         sha256 = hashlib.sha256
         heads = self.heads
+        uuid_ok, time_ok = _CANONICAL_UUID.fullmatch, _CANONICAL_TIME.fullmatch
         for j, line in enumerate(lines):
             raw, fields = _copy_fields(line)
             event_id, event_type, agg, agg_type, seq, ts, causation, correlation, meta, body = (
@@ -1035,7 +1036,15 @@ class _CopyChain:
                 )
             metadata = self._metadata(meta or "{}")
             payload = _canonical_stored_payload(event_type or "", body or "{}")
-            recorded = _canonical_time(ts or "")
+            # the ids and the time as the server stores them (and so as verify reads them);
+            # the simulator's are already: a match, no call
+            recorded = ts or ""
+            if not time_ok(recorded):
+                recorded = _canonical_time(recorded, agg, sequence)
+            if not uuid_ok(event_id or ""):
+                event_id = raw[0] = _canonical_uuid(event_id or "", "event_id", agg, sequence)
+            if causation is not None and not uuid_ok(causation):
+                causation = raw[6] = _canonical_uuid(causation, "causation_id", agg, sequence)
             text = canonical_fields(
                 event_id or "",
                 event_type or "",
@@ -1118,14 +1127,89 @@ def _copy_fields(line: bytes) -> tuple[list[str], list[str | None]]:
     ]
 
 
-def _canonical_time(text: str) -> str:
-    """A recorded time as the canonical encoding writes it (the simulator's already is)."""
-    if len(text) == 27 and text[10] == "T" and text[19] == "." and text[26] == "Z":
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _copy_row(agg: str | None, sequence: int) -> str:
+    """Which :meth:`Store.trusted_copy` row, for an error."""
+    return f"the row of aggregate {agg!r} with sequence {sequence}"
+
+
+def _canonical_uuid(text: str, name: str, agg: str | None, sequence: int) -> str:
+    """An id as ``uuid::text`` writes it: lowercase ``8-4-4-4-12`` (the simulator's
+    already is; the server reads uppercase, braced or hyphen-less ids too)."""
+    if _CANONICAL_UUID.fullmatch(text):
         return text
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        raise StoreError(f"trusted copy: recorded time {text!r} has no time zone")
-    return format_time(parsed)
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise StoreError(
+            f"trusted copy: {_copy_row(agg, sequence)}: {name} {text!r} is not a UUID"
+        ) from None
+
+
+# A time that is canonical already: what to_char writes, with every field in range (no
+# hour 24, no second 60: the server reads those as the next day or minute).
+_CANONICAL_TIME = re.compile(
+    r"(?!0000)\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+    r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z"
+)
+# Any other RFC 3339 time with a zone, read as PostgreSQL reads it (below).
+_RFC3339_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d)(?::(\d\d)(?:\.(\d+))?)?"
+    r"(?:[Zz]|([+-])(\d\d)(?::?(\d\d)(?::?(\d\d))?)?)"
+)
+
+
+def _canonical_time(text: str, agg: str | None, sequence: int) -> str:
+    """A recorded time as the canonical encoding writes it (the simulator's already is).
+
+    Any other RFC 3339 time with a zone is converted as the server reads it: hour 24
+    (only ``24:00:00``) is the next midnight, second 60 the next minute, fractions past
+    microseconds rounded as PostgreSQL rounds them. Anything else is refused, rather
+    than hashed as given and stored as the server reads it.
+    """
+    if _CANONICAL_TIME.fullmatch(text):
+        return text
+    from datetime import timedelta  # the rare road
+
+    at = f"{_copy_row(agg, sequence)}: "
+    m = _RFC3339_TIME.fullmatch(text)
+    if m is None:
+        raise StoreError(
+            f"trusted copy: {at}recorded time {text!r} is not an RFC 3339 time with a zone "
+            "(YYYY-MM-DDTHH:MM:SS.ffffffZ)"
+        )
+    year, month, day, hour, minute = (int(g) for g in m.group(1, 2, 3, 4, 5))
+    second = int(m.group(6) or 0)
+    fraction = m.group(7)
+    micro = round(float("0." + fraction) * 1_000_000) if fraction else 0  # as the server
+    sign, off_h, off_m, off_s = m.group(8, 9, 10, 11)
+    offset = int(off_h or 0) * 3600 + int(off_m or 0) * 60 + int(off_s or 0)
+    if (
+        minute > 59
+        or second > 60
+        or (second == 60 and micro)
+        or hour > 24
+        or (hour == 24 and (minute or second or micro))
+        or int(off_h or 0) > 15
+        or int(off_m or 0) > 59
+        or int(off_s or 0) > 59
+    ):
+        raise StoreError(f"trusted copy: {at}recorded time {text!r} is out of range")
+    try:
+        t = datetime(year, month, day, tzinfo=UTC) + timedelta(
+            hours=hour,
+            minutes=minute,
+            seconds=second - (-offset if sign == "-" else offset),
+            microseconds=micro,
+        )
+    except (ValueError, OverflowError):  # February 30th, year 0, past 9999 in UTC
+        raise StoreError(
+            f"trusted copy: {at}recorded time {text!r} is out of range: riskbook records "
+            "real dates in the years 1 to 9999 UTC"
+        ) from None
+    return format_time(t)
 
 
 def _canonical_stored_payload(event_type: str, given: str) -> str:
