@@ -19,12 +19,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from riskbook.store import ImportResult, Store, connect, redact
 
-__all__ = ["NOTEBOOKS", "SAMPLE", "lab_command", "open_sample", "run"]
+__all__ = ["NOTEBOOKS", "SAMPLE", "lab_command", "lab_env", "open_sample", "run"]
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.jsonl.gz"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -202,15 +203,30 @@ def lab_command(*, port: int, token: str, browser: bool, notebooks: Path = NOTEB
     return cmd
 
 
+def lab_env(dsn: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of JupyterLab and its kernels: the store the demo used.
+
+    The kernels run in the notebooks' folder, so a relative ``RISKBOOK_HOME`` or
+    ``RISKBOOK_CACHE`` would name other folders there (and start a second server): both
+    go to the children resolved, as this process sees them.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if dsn:
+        env["RISKBOOK_DSN"] = dsn
+    if env.get("RISKBOOK_HOME"):
+        env["RISKBOOK_HOME"] = str(Path(env["RISKBOOK_HOME"]).expanduser().resolve())
+    if env.get("RISKBOOK_CACHE"):
+        env["RISKBOOK_CACHE"] = str(Path(env["RISKBOOK_CACHE"]).expanduser().resolve())
+    return env
+
+
 def _lab(dsn: str | None, *, browser: bool, port: int | None) -> int:
     if not (NOTEBOOKS / FIRST_NOTEBOOK).exists():
         _say(f"no notebooks at {NOTEBOOKS} (riskbook was installed without them)")
         return 1
     port = port or _free_port()
     token = secrets.token_hex(16)
-    env = dict(os.environ)
-    if dsn:  # the notebooks' kernels use the store the demo used
-        env["RISKBOOK_DSN"] = dsn
+    env = lab_env(dsn)
     url = f"http://127.0.0.1:{port}/lab/tree/{FIRST_NOTEBOOK}?token={token}"
     _say(
         f"\nJupyterLab on the notebooks in {NOTEBOOKS}:\n  {url}\n"
@@ -250,31 +266,125 @@ def _overview(store: Store) -> None:
     )
 
 
+_BLOCKS_SQL = """
+SELECT b.aggregate_id, b.payload->>'blocked_at', b.payload->>'reason',
+       b.causation_id::text, c.event_type, c.payload::text, v.payload::text
+  FROM events b
+  LEFT JOIN events c ON c.event_id = b.causation_id
+  LEFT JOIN LATERAL (
+        -- the violation the same event caused on the same account, the blocked limit first
+        SELECT v.payload
+          FROM events v
+         WHERE v.causation_id = b.causation_id
+           AND v.aggregate_id = b.aggregate_id
+           AND v.event_type = 'LimitViolationDetected'
+         ORDER BY starts_with(b.payload->>'reason', 'critical ' || (v.payload->>'limit_type')
+                              || coalesce(' ' || (v.payload->>'symbol'), '') || ':') DESC,
+                  v.position
+         LIMIT 1
+       ) v ON true
+ WHERE b.event_type = 'AccountBlocked'
+ ORDER BY b.position
+"""
+
+_LARGEST = 1.7976931348623157e308  # how the processor stores an infinite metric (JSON has no inf)
+
+
+def _number(raw: Any) -> str:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return "?" if raw is None else str(raw)
+    if value >= _LARGEST:
+        return "infinite"
+    return f"{value:,.2f}"
+
+
+def _quantity(raw: Any) -> str:
+    try:
+        return f"{float(raw):,g}"
+    except (TypeError, ValueError):
+        return str(raw)
+
+
+def _describe_cause(
+    event_type: str | None, payload: dict[str, Any] | None, cause_id: str | None
+) -> str:
+    """The triggering event: its type and what identifies it (trade, mark, limit, ...)."""
+    if event_type is None:  # no causation recorded, or the event is not in this store
+        return f"? (event {cause_id} not in the store)" if cause_id else "?"
+    p = payload or {}
+
+    def words(*keys: str) -> str:
+        return " ".join(str(p[k]) for k in keys if p.get(k) not in (None, ""))
+
+    if event_type in ("TradeExecuted", "TradeCancelled"):
+        detail = words("trade_id")
+        if event_type == "TradeExecuted":
+            fill = words("symbol", "side")
+            if p.get("quantity") is not None:
+                fill += f" {_quantity(p['quantity'])}"
+            if p.get("price") is not None:
+                fill += f" @ {_number(p['price'])}"
+            detail += f" ({fill})" if fill else ""
+    elif event_type == "PriceMarked":
+        detail = words("symbol")
+        if p.get("price") is not None:
+            detail += f" @ {_number(p['price'])}"
+    elif event_type == "LimitSet":
+        detail = words("limit_type", "symbol")
+        if p.get("value") is not None:
+            detail += f" = {_number(p['value'])}"
+    elif event_type == "PositionUpdated":
+        detail = words("symbol")
+        if p.get("new_quantity") is not None:
+            detail += f" to {_quantity(p['new_quantity'])}"
+    elif event_type == "AccountFunded":
+        detail = _number(p.get("amount"))
+    else:
+        detail = cause_id or ""
+    return f"{event_type} {detail}".rstrip()
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
+def _describe_violation(payload: dict[str, Any]) -> str:
+    where = f" {payload['symbol']}" if payload.get("symbol") else ""
+    return (
+        f"{payload.get('limit_type', '?')}{where} "
+        f"{_number(payload.get('current_value'))} > {_number(payload.get('limit_value'))}"
+    )
+
+
 def _blocks(store: Store) -> None:
-    """Every AccountBlocked with the event that caused it (through causation_id)."""
+    """Every AccountBlocked with the event that caused it (its ``causation_id``).
+
+    The processor records the triggering event itself (a trade, a mark, a limit change,
+    a bust, ...) as the cause of both the violation and the block; the values come from
+    the violation that event caused on the same account, when there is one (a breach
+    that started earlier and became critical later has none of its own).
+    """
     with store.connection() as conn:
-        rows = conn.execute(
-            """
-            SELECT b.aggregate_id, b.payload->>'blocked_at', b.payload->>'reason',
-                   c.event_type, c.payload->>'limit_type', c.payload->>'current_value',
-                   c.payload->>'limit_value', t.event_type, t.payload->>'trade_id'
-              FROM events b
-              LEFT JOIN events c ON c.event_id = b.causation_id
-              LEFT JOIN events t ON t.event_id = c.causation_id
-             WHERE b.event_type = 'AccountBlocked'
-             ORDER BY b.position
-            """
-        ).fetchall()
+        rows = conn.execute(_BLOCKS_SQL).fetchall()
     if not rows:
         return
     _say("\nBlocks the engine recorded, and what caused them (causation chain):")
     out = []
-    for acc, at, reason, cause_type, limit, current, limit_value, trigger_type, trade in rows:
-        chain = cause_type or "?"
-        if limit:
-            chain += f" {limit} {float(current):,.2f} > {float(limit_value):,.2f}"
-        if trigger_type:
-            chain += f" <- {trigger_type} {trade or ''}".rstrip()
+    for acc, at, reason, cause_id, cause_type, cause_text, violation_text in rows:
+        cause = _json_object(cause_text)
+        violation = _json_object(violation_text)
+        if cause_type == "LimitViolationDetected" and violation is None:
+            # a block recorded as caused by the violation itself: describe the violation
+            chain = f"{cause_type} {_describe_violation(cause or {})}"
+        else:
+            chain = _describe_cause(cause_type, cause, cause_id)
+            if violation is not None:
+                chain += f": {_describe_violation(violation)}"
         out.append((acc, at, reason, chain))
     _say(_table(out, ("account", "blocked at", "reason", "caused by")))
 

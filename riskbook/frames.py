@@ -211,7 +211,8 @@ class Filters:
     """What a History was loaded with; applied in SQL.
 
     * ``accounts``: events of these accounts (marks belong to no account and are kept);
-    * ``symbols``: events about these symbols, the busts of their trades, and the
+    * ``symbols``: events about these symbols, the busts of their trades (a bust
+      recorded before its trade comes in with the trade, on refresh too), and the
       account-level events that apply to every symbol (funding, blocks, account-wide
       limits and violations);
     * ``since`` / ``until``: business time in ``[since, until]``;
@@ -252,22 +253,66 @@ class Filters:
             t(data.get("known_at")),
         )
 
-    def where(self) -> tuple[str, list[Any]]:
-        """The SQL condition on ``event_fields f`` and its parameters."""
+    def where(self, fence: int | None = None) -> tuple[str, list[Any]]:
+        """The SQL condition on ``event_fields f`` and its parameters.
+
+        ``fence``: the upper bound of the read. A bust matches a symbols filter through
+        its trade, which may be recorded after it: only trades below the fence count, so
+        that what a read up to the fence holds depends on the fence alone (a refresh
+        brings the earlier busts of the trades it reads, see :meth:`late_busts`).
+        """
         parts: list[str] = []
         params: list[Any] = []
         if self.accounts is not None:
             parts.append("(f.account_id = ANY(%s) OR f.event_type = 'PriceMarked')")
             params.append(list(self.accounts))
         if self.symbols is not None:
+            below = "" if fence is None else " AND t.position < %s"
             parts.append(
                 "(f.symbol = ANY(%s) OR (f.symbol IS NULL AND f.event_type IN ('AccountFunded',"
                 " 'AccountBlocked', 'AccountUnblocked', 'LimitSet', 'LimitViolationDetected'))"
                 " OR (f.event_type = 'TradeCancelled' AND f.trade_id IN (SELECT t.trade_id FROM"
                 " event_fields t WHERE t.event_type = 'TradeExecuted' AND t.symbol = ANY(%s)"
-                " AND t.account_id = f.account_id)))"
+                f" AND t.account_id = f.account_id{below})))"
             )
             params += [list(self.symbols), list(self.symbols)]
+            if fence is not None:
+                params.append(fence)
+        parts, params = self._times(parts, params)
+        return (" AND ".join(parts) or "TRUE"), params
+
+    def late_busts(self, after: int, fence: int) -> tuple[str, list[Any]] | None:
+        """A query for the positions of the busts below ``after`` that match only now:
+        a symbols filter takes a bust through its trade, and a trade recorded after its
+        bust (from ``after`` to ``fence``) brings in a bust that a read up to ``after``
+        left out. None without a symbols filter."""
+        if self.symbols is None:
+            return None
+        parts = [
+            "t.event_type = 'TradeExecuted'",
+            "t.symbol = ANY(%s)",
+            "t.position >= %s",
+            "t.position < %s",
+            "f.position < %s",
+            "NOT EXISTS (SELECT 1 FROM event_fields u WHERE u.event_type = 'TradeExecuted'"
+            " AND u.account_id = f.account_id AND u.trade_id = f.trade_id"
+            " AND u.symbol = ANY(%s) AND u.position < %s)",
+        ]
+        params: list[Any] = [list(self.symbols), after, fence, after, list(self.symbols), after]
+        if self.accounts is not None:
+            parts.append("f.account_id = ANY(%s)")
+            params.append(list(self.accounts))
+        parts, params = self._times(parts, params)
+        return (
+            "SELECT DISTINCT f.position FROM event_fields t JOIN event_fields f"
+            " ON f.event_type = 'TradeCancelled' AND f.account_id = t.account_id"
+            " AND f.trade_id = t.trade_id WHERE " + " AND ".join(parts) + " ORDER BY 1",
+            params,
+        )
+
+    def _times(self, parts: list[str], params: list[Any]) -> tuple[list[str], list[Any]]:
+        """The business and recorded time conditions on ``f``, added to ``parts``."""
+        parts, params = list(parts), list(params)
         if self.since is not None:
             parts.append("f.occurred_at >= %s")
             params.append(self.since)
@@ -277,7 +322,7 @@ class Filters:
         if self.known_at is not None:
             parts.append('f."timestamp" <= %s')
             params.append(self.known_at)
-        return (" AND ".join(parts) or "TRUE"), params
+        return parts, params
 
     def matches(self, env: Envelope, trade_symbols: dict[tuple[str, str], str]) -> bool:
         """The same rule in Python, for histories built from envelopes."""
@@ -367,6 +412,9 @@ class History:
     :class:`riskbook.projections.ProjectionState`."""
     _store: Store | None = field(default=None, repr=False, compare=False)
     _cache_dir: Path | None = field(default=None, repr=False, compare=False)
+    _synced: int | None = field(default=None, repr=False, compare=False)
+    """The cache's horizon when this History last matched it (None: not known to):
+    while only empty deltas were read since, the next delta continues that cache."""
 
     # ---------------------------------------------------------------- access
 
@@ -507,18 +555,25 @@ class History:
             raise RiskbookError(
                 "this History is not attached to a store (built in memory or from files)"
             )
-        delta = _read(self._store, self.filters, after=self.horizon, progress=progress)
+        after = self.horizon
+        delta = _read(self._store, self.filters, after=after, progress=progress)
         self._extend(delta)
         if self._cache_dir is not None and delta.events.height:
             delta.store_id = self.store_id
-            _cache_segment(self, delta, self._cache_dir)
+            _cache_segment(self, delta, after, self._cache_dir)
         return delta.events.height
 
     def _extend(self, delta: History) -> None:
         for name in [*KINDS, "events"]:
             new = delta.frame(name)
             if new.height:
-                setattr(self, name, pl.concat([self.frame(name), new], rechunk=False))
+                old = self.frame(name)
+                if old.height and new["position"][0] < old["position"][-1]:
+                    # busts recorded before their trades, brought in by the trades
+                    # (see Filters.late_busts): put in their places
+                    setattr(self, name, _merged([old, new]))
+                else:
+                    setattr(self, name, pl.concat([old, new], rechunk=False))
         self.horizon = max(self.horizon, delta.horizon)
 
     # ---------------------------------------------------------------- files
@@ -681,11 +736,11 @@ def _read(
     riskbook does not know. A large read is cut into position ranges read by a few
     connections at once (see :func:`_plan`).
     """
-    where, params = filters.where()
     with store.connection() as conn:
         fence = conn.execute("SELECT riskbook_position_fence()").fetchone()[0]  # type: ignore[index]
         if before is not None:
             fence = min(fence, before)
+        where, params = filters.where(fence)
         if fence <= after:
             out = History.empty(filters)
             out.horizon = after
@@ -698,6 +753,19 @@ def _read(
             out.horizon = fence
             return out
         present = {r[0] for r in conn.execute(_TYPES_PRESENT_SQL, (after, fence))}
+        # busts below ``after`` that the trades read now bring in (a symbols filter)
+        late_sql = filters.late_busts(after, fence) if after > 0 else None
+        late: list[int] = []
+        if late_sql is not None and "TradeExecuted" in present:
+            late = [r[0] for r in conn.execute(*late_sql)]
+        if late:
+            late_task = (
+                "cancels",
+                0,
+                psycopg_literal(
+                    conn, _kind_query(KINDS["cancels"]) + "f.position = ANY(%s)", [late]
+                ),
+            )
         small = rows <= _SMALL_ROWS
         cuts, big = ([after, fence], set()) if small else _plan(conn, after, fence)
         # (frame, part, query): the small kinds whole first, then the large ones range
@@ -738,6 +806,12 @@ def _read(
     else:
         envelopes = [_envelope_of(frames[name], kind) for name, kind in KINDS.items()]
         frames["events"] = _merged(envelopes + [f for _, f in parts.get("events", [])])
+    if late:  # all below ``after``: they go first
+        busts = _run(store, [late_task], _Progress(False), route=_route("small"), workers=1)
+        frame = busts["cancels"][0][1]
+        frames["cancels"] = pl.concat([frame, frames["cancels"]], rechunk=False)
+        envelope = _envelope_of(frame, KINDS["cancels"])
+        frames["events"] = pl.concat([envelope, frames["events"]], rechunk=False)
     return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
 
 
@@ -1238,26 +1312,60 @@ def _cache_root() -> Path:
 
 # A cache entry is a folder of segments, each a History in Arrow IPC files (see
 # _write_segment): the first load, then one per refresh that found something new.
-# Reading concatenates them; past _MAX_SEGMENTS they are merged into one.
+# segments.json lists them with the positions each covers, ``[after, horizon)``: they
+# must chain (the first from 0, each from the previous one's horizon), so a segment is
+# only added from the cache's current horizon, under the entry's lock (two Histories
+# refreshing the same events would otherwise both add them), and a reader takes an
+# entry whose segments do not chain for a miss. Reading concatenates them; past
+# _MAX_SEGMENTS they are merged into one.
 _MAX_SEGMENTS = 8
-_CACHE_FORMAT = "arrow-ipc-1"  # the cache's own layout (not the export's): older entries are misses
+# the cache's own layout (not the export's): older entries are misses. 2: the ranges
+_CACHE_FORMAT = "arrow-ipc-2"
 
 
-def _segments(directory: Path) -> list[Path]:
+def _segments(directory: Path) -> list[tuple[Path, int, int]]:
+    """The listed segments: (folder, after, horizon) each, in order."""
     try:
-        names = json.loads((directory / "segments.json").read_text())
+        data = json.loads((directory / "segments.json").read_text())
     except (OSError, ValueError):
         return []
-    if not isinstance(names, dict) or names.get("format") != _CACHE_FORMAT:
-        return []  # an entry of an older layout (Parquet): rebuilt
-    return [directory / n for n in names["segments"]]
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        return []  # an entry of an older layout (Parquet, no ranges): rebuilt
+    try:
+        return [
+            (directory / str(name), int(after), int(horizon))
+            for name, (after, horizon) in zip(data["segments"], data["ranges"], strict=True)
+        ]
+    except (KeyError, TypeError, ValueError):
+        return []
 
 
-def _set_segments(directory: Path, names: list[str]) -> None:
+def _set_segments(directory: Path, segments: list[tuple[str, int, int]]) -> None:
+    """List these segments, (name, after, horizon) each (under the entry's lock)."""
     tmp = directory / f"segments.json.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "segments": names}))
+    names = [name for name, _, _ in segments]
+    ranges = [[after, horizon] for _, after, horizon in segments]
+    tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "segments": names, "ranges": ranges}))
     tmp.replace(directory / "segments.json")
     _prune(directory, keep=set(names))
+
+
+@contextmanager
+def _cache_lock(directory: Path) -> Iterator[None]:
+    """The lock of a cache entry's writers, across threads and processes (``flock`` on
+    ``directory/lock``). Where there is none (not POSIX), writers are not serialised:
+    a reader still takes segments that do not chain for a miss."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _prune(directory: Path, keep: set[str]) -> None:
@@ -1278,7 +1386,9 @@ def _write_segment(history: History, directory: Path) -> None:
     files instead of decoding them: a warm load costs page mappings, not a Parquet
     decode of every column. It takes about 3x the disk of zstd Parquet.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    from riskbook._home import make_private_dirs
+
+    make_private_dirs(directory)  # mode 0700: a copy of the history
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"
     for name, frame in history.frames().items():
         if frame.height == 0:  # history.json says it has no rows: nothing to map
@@ -1336,25 +1446,46 @@ def _read_folder(directory: Path, suffix: str, read: Callable[[Path], pl.DataFra
 
 def _write_cache(history: History, directory: Path) -> None:
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"seg-{history.horizon}-{uuid.uuid4().hex[:8]}"
-        _write_segment(history, directory / name)
-        _set_segments(directory, [name])
+        from riskbook._home import make_private_dirs
+
+        make_private_dirs(directory)  # mode 0700: a copy of the history
+        with _cache_lock(directory):
+            _replace_cache(history, directory)
     except OSError:
         pass  # a cache that cannot be written is only a slower next load
 
 
-def _cache_segment(history: History, delta: History, directory: Path) -> None:
+def _replace_cache(history: History, directory: Path) -> None:
+    """Make the whole ``history`` (read from position 0) the entry's one segment."""
+    name = f"seg-{history.horizon}-{uuid.uuid4().hex[:8]}"
+    _write_segment(history, directory / name)
+    _set_segments(directory, [(name, 0, history.horizon)])
+    history._synced = history.horizon
+
+
+def _cache_segment(history: History, delta: History, after: int, directory: Path) -> None:
+    """Add a refresh's ``delta`` (read from ``after``; ``history`` already holds it) to
+    the cache, if it continues it: the cache's horizon is ``after``, or the one
+    ``history`` last matched, with only empty deltas read since. Otherwise (another
+    History added these events first, or the cache moved on or was replaced) the delta
+    is not cached: the next load reads from the cache's horizon and adds that."""
     try:
-        names = [p.name for p in _segments(directory)]
-        if len(names) + 1 > _MAX_SEGMENTS:
-            _write_cache(history, directory)
-            return
-        name = f"seg-{delta.horizon}-{uuid.uuid4().hex[:8]}"
-        _write_segment(delta, directory / name)
-        _set_segments(directory, [*names, name])
+        with _cache_lock(directory):
+            segments = _segments(directory)
+            top = segments[-1][2] if segments else None
+            if top is None or top not in (after, history._synced):
+                history._synced = None
+                return
+            if len(segments) + 1 > _MAX_SEGMENTS:
+                _replace_cache(history, directory)
+                return
+            name = f"seg-{delta.horizon}-{uuid.uuid4().hex[:8]}"
+            _write_segment(delta, directory / name)
+            listed = [(p.name, a, h) for p, a, h in segments]
+            _set_segments(directory, [*listed, (name, top, delta.horizon)])
+            history._synced = delta.horizon
     except OSError:
-        pass
+        history._synced = None
 
 
 # One round trip tells whether a cache is still good and whether anything is new: the
@@ -1380,7 +1511,7 @@ def _read_cache(
     if not segments:
         return None
     try:
-        parts = [_read_segment(p) for p in segments]
+        parts = [_read_segment(p) for p, _, _ in segments]
     except (RiskbookError, OSError, ValueError, KeyError, pl.exceptions.PolarsError):
         return None
     except Exception as exc:  # pyarrow's errors (ArrowInvalid, ...), without importing it
@@ -1388,6 +1519,8 @@ def _read_cache(
             return None
         raise
     if any(p.store_id != store_id or p.filters != filters for p in parts):
+        return None
+    if not _chained(parts, segments):
         return None
     cached = parts[0]
     for part in parts[1:]:
@@ -1399,6 +1532,26 @@ def _read_cache(
     if row is None or row[1] != store_id or (last is not None and row[0] != last_id):
         return None
     anything_new = bool(row[3])
+    cached._synced = cached.horizon
     if not anything_new:  # what refresh() would do with the empty delta
         cached.horizon = max(cached.horizon, row[2])
     return cached, anything_new
+
+
+def _chained(parts: list[History], segments: list[tuple[Path, int, int]]) -> bool:
+    """Whether the segments cover consecutive ranges of positions from 0, each holding
+    only events of its range (and, before it, the busts its trades brought in: see
+    :meth:`Filters.late_busts`)."""
+    expected = 0
+    for part, (_, after, horizon) in zip(parts, segments, strict=True):
+        if after != expected or part.horizon != horizon or horizon < after:
+            return False
+        positions = part.events["position"]
+        if positions.len():
+            if positions[-1] >= horizon:
+                return False
+            below = part.events.head(int(positions.search_sorted(after)))
+            if below.height and not (below["event_type"] == "TradeCancelled").all():
+                return False
+        expected = horizon
+    return True

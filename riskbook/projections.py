@@ -1825,6 +1825,18 @@ def write_snapshots(
     horizon = int(history.horizon) - 1
     names = book.account_names.cast(pl.String).to_list()
     symbols = book.symbol_names.cast(pl.String).to_list()
+
+    def figure(x: Any) -> float | str:
+        """A figure for the snapshot's JSON (jsonb has no infinities or NaN): a finite
+        one as a number, the others as the strings ``"Infinity"``, ``"-Infinity"`` and
+        ``"NaN"``, which :func:`state_at` reads back as those floats. (Figures that
+        overflow: a finite trade of 1e300 at 1e10 costs infinite cash; leverage, made
+        from equity and exposure, is infinite when equity <= 0.)"""
+        x = float(x)
+        if math.isfinite(x):
+            return x
+        return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
+
     rows = []
     for k in range(accts_w.shape[0]):
         r = arow[k]
@@ -1839,20 +1851,21 @@ def write_snapshots(
             held.append(
                 {
                     "symbol": symbols[book.pair_sym[p]],
-                    "quantity": float(tl.p_q[pr]),
-                    "avg_price": float(tl.p_a[pr]),
-                    "realized_pnl": float(tl.p_r[pr]),
+                    "quantity": figure(tl.p_q[pr]),
+                    "avg_price": figure(tl.p_a[pr]),
+                    "realized_pnl": figure(tl.p_r[pr]),
                     "trades": int(tl.p_n[pr]),
                     "last_event_at": int(book.bt[tl.p_ev[pr]]),
                 }
             )
         state = {
             "format": _SNAPSHOT_FORMAT,
-            "cash": float(tl.a_cash[r]),
-            "equity": float(tl.a_cash[r] + tl.a_net[r]),
-            "gross_exposure": float(tl.a_gross[r]),
-            "net_exposure": float(tl.a_net[r]),
-            "peak_equity": float(tl.a_peak[r]),
+            "cash": figure(tl.a_cash[r]),
+            # the fold's own addition (-inf + inf is NaN, as there: no warning)
+            "equity": figure(float(tl.a_cash[r]) + float(tl.a_net[r])),
+            "gross_exposure": figure(tl.a_gross[r]),
+            "net_exposure": figure(tl.a_net[r]),
+            "peak_equity": figure(tl.a_peak[r]),
             "updated_at": int(book.bt[tl.a_ev[r]]),
             "positions": held,
         }

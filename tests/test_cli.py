@@ -159,3 +159,89 @@ def test_times_beyond_the_years_1_to_9999_in_utc_are_one_line_errors(
     ):
         told = one_line_error(run(*args, "--dsn", dsn))
         assert "is out of range: in UTC it falls outside the years 1 to 9999" in told, told
+
+
+def test_demo_summary_names_the_event_that_caused_each_block(
+    make_database: Callable[[], str],
+) -> None:
+    # The processor records causation_id = the triggering event (a trade, a mark, a limit
+    # change) on both the violation and the block. The summary assumed block -> violation
+    # -> trade: a block caused by a limit change crashed it (float(None)), and a block
+    # caused by a trade printed only "TradeExecuted", without the trade or the values.
+    from riskbook import LimitSet, PriceMarked, Side, TradeExecuted
+
+    dsn = make_database()
+    store = Store(dsn)
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+
+    def at(minute: int) -> datetime:
+        return t0 + timedelta(minutes=minute)
+
+    def fund(account: str, amount: float) -> riskbook.AccountFunded:
+        return riskbook.AccountFunded(account_id=account, amount=amount, funded_at=at(0))
+
+    def trade(account: str, trade_id: str, symbol: str, side: str, minute: int,
+              price: float = 187.5) -> TradeExecuted:  # fmt: skip
+        return TradeExecuted(trade_id=trade_id, account_id=account, symbol=symbol,
+                             side=Side(side), quantity=100, price=price,
+                             executed_at=at(minute))  # fmt: skip
+
+    def limit(account: str, kind: str, value: float, minute: int,
+              symbol: str | None = None) -> LimitSet:  # fmt: skip
+        return LimitSet(account_id=account, limit_type=kind, value=value, set_by="cro",
+                        set_at=at(minute), symbol=symbol)  # fmt: skip
+
+    # a limit change: the position of 100 was there before the limit of 10
+    store.append("ACC-1", [fund("ACC-1", 1e6), trade("ACC-1", "T-AAPL-1", "AAPL", "Buy", 1)])
+    store.append("ACC-1", [limit("ACC-1", "MaxPositionSize", 10, 2, "AAPL")])
+    # a trade over an existing limit
+    store.append("ACC-2", [fund("ACC-2", 1e6), limit("ACC-2", "MaxPositionSize", 10, 1, "MSFT")])
+    store.append("ACC-2", [trade("ACC-2", "T-MSFT-9", "MSFT", "Buy", 2)])
+    # a mark: a short position whose price rises past the leverage limit
+    store.append("ACC-3", [fund("ACC-3", 10_000), limit("ACC-3", "MaxLeverage", 2, 1)])
+    store.append("ACC-3", [trade("ACC-3", "T-ZZZ-3", "ZZZ", "Sell", 2, price=100.0)])
+    store.append("ZZZ", [PriceMarked(symbol="ZZZ", price=150.0, marked_at=at(3))])
+    # infinite leverage: a trade without any equity
+    store.append("ACC-4", [limit("ACC-4", "MaxLeverage", 2, 1)])
+    store.append("ACC-4", [trade("ACC-4", "T-NOCASH-4", "AAPL", "Buy", 2)])
+    processor = riskbook.Processor(store, start="beginning")
+    processor.catch_up()
+    processor.stop()
+    blocked = {e.aggregate_id for e in store.read_all() if e.event_type == "AccountBlocked"}
+    store.close()
+    assert blocked == {"ACC-1", "ACC-2", "ACC-3", "ACC-4"}
+
+    result = run("demo", "--summary-only", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = {
+        line.split()[0]: line
+        for line in result.stdout.split("caused them")[1].splitlines()
+        if line.strip().startswith("ACC-")
+    }
+    assert set(lines) == {"ACC-1", "ACC-2", "ACC-3", "ACC-4"}, result.stdout
+    assert "LimitSet MaxPositionSize AAPL" in lines["ACC-1"], lines["ACC-1"]
+    assert "100.00 > 10.00" in lines["ACC-1"], lines["ACC-1"]
+    assert "TradeExecuted T-MSFT-9" in lines["ACC-2"], lines["ACC-2"]
+    assert "100.00 > 10.00" in lines["ACC-2"], lines["ACC-2"]
+    assert "PriceMarked ZZZ" in lines["ACC-3"], lines["ACC-3"]
+    assert "TradeExecuted T-NOCASH-4" in lines["ACC-4"], lines["ACC-4"]
+    assert "infinite > 2.00" in lines["ACC-4"], lines["ACC-4"]
+    assert "1.797" not in result.stdout and "e+308" not in result.stdout
+
+
+def test_the_demo_gives_jupyterlab_an_absolute_home(tmp_path: Path) -> None:
+    # The kernels run in notebooks/: a relative RISKBOOK_HOME (or RISKBOOK_CACHE) named
+    # another folder there, and the notebooks started a second, empty server.
+    from riskbook import demo
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        env = demo.lab_env(None, {"RISKBOOK_HOME": "rel/home", "RISKBOOK_CACHE": "c", "X": "1"})
+    finally:
+        os.chdir(here)
+    assert env["RISKBOOK_HOME"] == str(tmp_path.resolve() / "rel" / "home")
+    assert env["RISKBOOK_CACHE"] == str(tmp_path.resolve() / "c")
+    assert env["X"] == "1" and "RISKBOOK_DSN" not in env
+    assert demo.lab_env("postgresql:///x", {})["RISKBOOK_DSN"] == "postgresql:///x"

@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -335,7 +336,11 @@ def test_start_pins_until_stop(servers: Servers) -> None:
 
 @pytest.fixture
 def open_base() -> Iterator[Path]:
-    """A folder the server user can traverse (as root, tmp_path is not), removed afterwards."""
+    """A folder the server user can traverse (as root, tmp_path is not), removed afterwards.
+
+    Ask for it before ``servers``: fixtures are torn down in reverse order, and a server
+    whose folder was removed first could no longer be found to be stopped.
+    """
     base = Path(tempfile.mkdtemp(prefix="riskbook-test-", dir="/tmp"))
     os.chmod(base, 0o755)  # our own fresh folder, not a parent of anything else
     try:
@@ -345,7 +350,7 @@ def open_base() -> Iterator[Path]:
 
 
 def test_long_home_uses_private_socket_dir(
-    servers: Servers, tmp_path: Path, open_base: Path
+    open_base: Path, servers: Servers, tmp_path: Path
 ) -> None:
     home = open_base / ("h" * 110)
     home.mkdir()
@@ -375,7 +380,7 @@ def test_long_home_uses_private_socket_dir(
         return str(err.value)
 
     # someone else prepared the folder: world-writable
-    shutil.rmtree(sock)
+    assert not sock.exists()  # removed when the server stopped
     os.mkdir(sock)
     os.chmod(sock, 0o777)
     assert "0777" in refused()
@@ -470,3 +475,158 @@ def test_copied_binaries_run_as_server_user() -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(scratch)
+
+
+def _outside_files(home: Path) -> Path:
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in home.name)[:40] or "root"
+    return VAR_LIB / f"{name}-{embedded._home_hash(home)}"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="only root runs the server as another user")
+def test_an_unreachable_cluster_is_refused_not_replaced(open_base: Path, servers: Servers) -> None:
+    # The home's cluster was silently abandoned when the home became unreachable for
+    # the server user: a new, empty cluster under /var/lib/riskbook took its place.
+    server = servers.new("home", base=open_base)
+    dsn = server.attach()
+    assert server.status().data_dir == server.home / "postgres" / "data"
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE kept (x int)")
+    server.detach()
+    os.chmod(open_base, 0o700)  # the server user can no longer enter it
+    try:
+        for again in (servers.new("home", base=open_base), server):
+            with pytest.raises(EmbeddedServerError, match="cannot enter") as err:
+                again.attach()
+            message = str(err.value)
+            assert str(open_base) in message and "chmod o+x" in message
+            assert "\n" not in message
+        assert not _outside_files(server.home).exists()
+        assert not (server.home / "postgres.location").exists()
+    finally:
+        os.chmod(open_base, 0o755)
+    again = servers.new("home", base=open_base)
+    assert again.attach() == dsn
+    with psycopg.connect(dsn) as conn:  # the same cluster
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)
+    again.detach()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="only root keeps server files in /var/lib/riskbook")
+def test_a_cluster_named_by_postgres_location_is_not_replaced(servers: Servers) -> None:
+    server = servers.new()  # tmp_path: unreachable for the server user
+    server.attach()
+    files = server.status().data_dir.parent
+    assert files.parent == VAR_LIB
+    server.detach()
+    moved = files.with_name(files.name + "-moved")
+    os.rename(files, moved)
+    try:
+        with pytest.raises(EmbeddedServerError, match=r"postgres\.location") as err:
+            servers.new().attach()
+        assert str(files) in str(err.value) and "\n" not in str(err.value)
+        assert not files.exists()
+    finally:
+        if files.exists():
+            shutil.rmtree(files)
+        os.rename(moved, files)
+    again = servers.new()
+    again.attach()
+    assert again.status().data_dir == files / "data"
+    again.detach()
+
+
+def test_impossible_homes_are_refused_before_anything_is_created(open_base: Path) -> None:
+    # A very long home made initdb segfault; a "$" was refused only after the home was
+    # created; a home that is a file gave a raw FileExistsError. (open_base: as root, a
+    # home the server user can reach, so that the files would go into it.)
+    tmp_path = open_base
+    long_home = tmp_path / "/".join(["x" * 200] * 5)
+    assert len(str(long_home)) > 1002
+    with pytest.raises(EmbeddedServerError, match="RISKBOOK_HOME is too long") as err:
+        EmbeddedServer(long_home).attach()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / ("x" * 200)).exists()
+
+    dollar = tmp_path / "a$b" / "home"
+    with pytest.raises(EmbeddedServerError, match=r"\$"):
+        EmbeddedServer(dollar).attach()
+    assert not (tmp_path / "a$b").exists()
+
+    afile = tmp_path / "file"
+    afile.write_text("")
+    for home in (afile, afile / "home"):
+        with pytest.raises(EmbeddedServerError, match="is not a folder"):
+            EmbeddedServer(home).attach()
+        with pytest.raises(EmbeddedServerError, match="is not a folder"):
+            EmbeddedServer(home).status()
+
+
+def test_status_before_the_home_exists_names_the_folders_start_will_use(
+    open_base: Path, servers: Servers
+) -> None:
+    server = servers.new("not/yet/home", base=open_base)
+    before = server.status()
+    assert not before.running
+    server.attach()
+    after = server.status()
+    assert (after.data_dir, after.socket_dir) == (before.data_dir, before.socket_dir)
+    if IS_ROOT:  # a traversable parent: the files stay in the home
+        assert after.data_dir == server.home / "postgres" / "data"
+    server.detach()
+
+
+def test_the_home_riskbook_creates_is_private(open_base: Path, servers: Servers) -> None:
+    server = servers.new("home", base=open_base)
+    server.attach()
+    mode = stat.S_IMODE(os.stat(server.home).st_mode)
+    # as root the server user must traverse it to its files; nobody else may list it
+    assert mode == (0o711 if IS_ROOT else 0o700)
+    if IS_ROOT:
+        assert server.status().data_dir == server.home / "postgres" / "data"
+    server.detach()
+
+
+def test_the_load_cache_is_private(
+    make_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache of riskbook.load is a copy of the history: it was world-readable
+    # (folders 0755, files 0644), bypassing the private socket and the reader roles.
+    import riskbook
+    from riskbook.store import Store
+
+    store = Store(make_database())
+    store.append(
+        "ACC-1",
+        [
+            riskbook.AccountFunded(
+                account_id="ACC-1", amount=5.0, funded_at=datetime(2024, 1, 2, tzinfo=UTC)
+            )
+        ],
+    )
+    cache = tmp_path / "not-yet" / "cache"
+    monkeypatch.setenv("RISKBOOK_CACHE", str(cache))
+    old = os.umask(0o022)
+    try:
+        riskbook.load(store, progress=False)
+    finally:
+        os.umask(old)
+        store.close()
+    folders = [cache.parent, cache, *(p for p in cache.rglob("*") if p.is_dir())]
+    assert len(folders) > 3 and any(p.name.startswith("seg-") for p in folders)
+    assert {p: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in folders} == {
+        p: oct(0o700) for p in folders
+    }
+
+
+def test_the_private_socket_folder_goes_with_the_server(open_base: Path, servers: Servers) -> None:
+    server = servers.new("h" * 110, base=open_base)
+    server.attach()
+    sock = server.status().socket_dir
+    assert sock.parent == Path("/tmp") and sock.is_dir()
+    server.detach()
+    assert not server.status().running
+    assert not sock.exists()
+    server.start()
+    assert sock.is_dir()
+    assert server.stop()
+    assert not sock.exists()

