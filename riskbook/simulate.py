@@ -17,7 +17,9 @@ events finds (DESIGN.md §4--§5):
    LimitViolationDetected and an AccountBlocked; a named person unblocks the account
    and the position is unwound;
 2. ``drawdown_spiral`` -- a trend follower's conviction trade sells off and it averages
-   down until MaxDrawdown is breached; it liquidates and the CRO raises the limit;
+   down until MaxDrawdown is breached; as the sell-off goes on the drawdown usually
+   passes 1.2 x the limit and the live engine blocks the account; the CRO unblocks it
+   to liquidate, and raises the limit;
 3. ``leverage_creep`` -- a leveraged account adds exposure over days until a last add
    takes it over MaxLeverage; it de-risks half an hour later;
 4. ``daily_volume`` -- a market maker's quoting algorithm loops and its traded quantity
@@ -26,15 +28,19 @@ events finds (DESIGN.md §4--§5):
    MaxPositionSize; the trade is busted 40 minutes later, so the breach exists only as
    known before the bust was recorded.
 
-For each, the live engine's records (LimitViolationDetected, and AccountBlocked for a
-critical breach -- metric >= 1.2 x limit) are in the history, with ``causation_id`` =
-the triggering event and its ``correlation_id``. The answer key (:attr:`Simulation.answer_key`)
-says which account, which limit, when, and which events. Background activity is kept
-inside the limits (pre-trade checks at 70 %, and a risk officer who raises a limit when
-a metric passes 80 % of it), and the generator follows every metric exactly as
-DESIGN.md §4--§5 defines it, so with everything known the key's incidents are the
-complete list of breaches (``"complete": true``; any other breach would be listed
-under ``"unplanned_breaches"`` and make it false).
+For each, the live engine's records are in the history, as riskbook's processor
+(:mod:`riskbook.live`, default critical factor) decides them: a LimitViolationDetected
+with ``causation_id`` = the event that started the breach, and -- when the breach is
+critical, i.e. at some event of it the metric goes over 1.2 x the limit in force -- an
+AccountBlocked with ``causation_id`` = that first event (the trigger itself for the fat
+finger), unless the account is blocked already; both carry the cause's
+``correlation_id``. The answer key (:attr:`Simulation.answer_key`) says which account,
+which limit, when, and which events (``critical``: whether the breach got there).
+Background activity is kept inside the limits (pre-trade checks at 70 %, and a risk
+officer who raises a limit when a metric passes 80 % of it), and the generator follows
+every metric exactly as DESIGN.md §4--§5 defines it, so with everything known the
+key's incidents are the complete list of breaches (``"complete": true``; any other
+breach would be listed under ``"unplanned_breaches"`` and make it false).
 
 Everything comes from ``random.Random(seed)``; no wall-clock time is read, so the same
 seed and parameters give byte-identical files. Times are integer microseconds inside.
@@ -96,6 +102,7 @@ from riskbook.store import ImportResult, Store, connect
 __all__ = [
     "CRITICAL_RATIO",
     "DEFAULT_START",
+    "MAX_EVENTS",
     "SAMPLE_PARAMS",
     "Simulation",
     "cli",
@@ -114,7 +121,11 @@ SAMPLE_PARAMS: dict[str, Any] = {"seed": 7, "accounts": 12, "symbols": 8, "days"
 """The parameters of the bundled sample, ``data/sample.jsonl.gz`` (see data/README.md)."""
 
 CRITICAL_RATIO = 1.2
-"""A breach with metric >= this x limit is critical: the live engine blocks the account."""
+"""A breach is critical when its metric goes over this x its limit: the live engine
+blocks the account (riskbook.live's default critical factor)."""
+
+MAX_EVENTS = 1_000_000_000
+"""The largest history :func:`generate` and friends make (by its expected event count)."""
 
 Progress = Callable[[str, int], None]
 
@@ -139,7 +150,9 @@ def _ts(us: int) -> str:
     d, r = divmod(us, _DAY)
     prefix = _day_prefix.get(d)
     if prefix is None:
-        prefix = _day_prefix[d] = (_EPOCH + timedelta(days=d)).strftime("%Y-%m-%dT")
+        day = _EPOCH + timedelta(days=d)
+        # not strftime("%Y"): it does not pad years before 1000 to four digits on glibc
+        prefix = _day_prefix[d] = f"{day.year:04d}-{day.month:02d}-{day.day:02d}T"
         if not _hms:
             _hms.extend(
                 f"{h:02d}:{m:02d}:{s:02d}." for h in range(24) for m in range(60) for s in range(60)
@@ -475,31 +488,83 @@ def _params(
         raise ValueError(f"accounts must be >= 5 (five planted incidents), got {accounts}")
     if symbols < 3:
         raise ValueError(f"symbols must be >= 3, got {symbols}")
+    most = f"{MAX_EVENTS:,}"
     if events is not None:
         if events < 1:
             raise ValueError(f"events must be >= 1, got {events}")
+        if events > MAX_EVENTS:
+            raise ValueError(f"events must be at most {most}, got {events:,}")
         days = _days_for(events, accounts, symbols)
     if days < 3:
         raise ValueError(f"days must be >= 3, got {days}")
+    # the smallest history of these sizes (three days) must fit, then the days asked
+    per_day = _per_day(accounts, symbols)
+    if 3 * per_day > MAX_EVENTS:
+        raise ValueError(
+            f"{accounts:,} accounts and {symbols:,} symbols make about {per_day:,.0f} events "
+            f"a trading day: more than {most} in three days; ask for fewer"
+        )
+    if events is None and days * per_day > MAX_EVENTS:
+        raise ValueError(
+            f"days must be at most {int(MAX_EVENTS // per_day):,} with {accounts:,} accounts "
+            f"and {symbols:,} symbols (about {per_day:,.0f} events a day, at most {most} "
+            f"events), got {days:,}"
+        )
     start = DEFAULT_START if start is None else start
     if start.tzinfo is None:
         raise ValueError("start must carry a time zone")
-    d = _us(start.astimezone(UTC)) // _DAY
+    try:
+        d = _us(start.astimezone(UTC)) // _DAY
+    except OverflowError:
+        raise ValueError(
+            f"start {start.isoformat()}: in UTC it is outside the years 1 to 9999"
+        ) from None
     while (d + 3) % 7 >= 5:  # 1970-01-01 was a Thursday: (d + 3) % 7 is 0 on Mondays
         d += 1
+    # Everything happens by the morning after the last trading day (late bookings of
+    # the last evening, the key's "end" at midnight): that day must still be in 9999.
+    if _nth_weekday(d, days) + 1 > _LAST_DAY:
+        first = _format_day(d) if d <= _LAST_DAY else "the first weekday after it"
+        why = f"{days:,} trading days" + ("" if events is None else f" (for {events:,} events)")
+        raise ValueError(
+            f"start {start.date().isoformat()}: {why} from {first} run past the year 9999; "
+            "start earlier or ask for fewer"
+        )
     return _Params(seed, accounts, symbols, days, events, d)
 
 
+_LAST_DAY = (datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH).days
+"""9999-12-31, the last day a time can have, in days since the epoch."""
+
+
+def _format_day(d: int) -> str:
+    return _ts(d * _DAY)[:10]
+
+
+def _nth_weekday(d: int, n: int) -> int:
+    """The ``n``-th weekday (1-based) counting from weekday ``d`` (days since the epoch)."""
+    weeks, extra = divmod(n - 1, 5)
+    last = d + 7 * weeks + extra
+    if (d + 3) % 7 + extra >= 5:  # went over a weekend
+        last += 2
+    return last
+
+
 def _style_counts(accounts: int) -> tuple[int, int, int]:
-    styles = [_STYLES[i % 3] for i in range(accounts)]
-    return styles.count(MM), styles.count(TF), styles.count(LV)
+    """How many accounts of each style (styles cycle MM, TF, LV)."""
+    k, r = divmod(accounts, 3)
+    return k + (r > 0), k + (r > 1), k
+
+
+def _per_day(accounts: int, symbols: int) -> float:
+    """Expected events per trading day."""
+    mm, tf, lv = _style_counts(accounts)
+    return symbols * _MARKS_PER_DAY + mm * _EST_MM + tf * _EST_TF + lv * _EST_LV
 
 
 def _days_for(events: int, accounts: int, symbols: int) -> int:
     """Trading days whose expected event count is closest to ``events`` (at least 3)."""
-    mm, tf, lv = _style_counts(accounts)
-    per_day = symbols * _MARKS_PER_DAY + mm * _EST_MM + tf * _EST_TF + lv * _EST_LV
-    return max(3, round(events / per_day))
+    return max(3, round(events / _per_day(accounts, symbols)))
 
 
 # ---------------------------------------------------------------------- generator
@@ -516,6 +581,10 @@ class _Generator:
     def __init__(self, p: _Params) -> None:
         self.p = p
         self.rng = random.Random(p.seed)
+        # Blocks of breaches that reach the critical level after their start, and the
+        # unblocks they need, draw from their own stream: the rest of the history is
+        # the same whether or not a breach gets there.
+        self.rng_crit = random.Random(f"critical:{p.seed}")
         self.order = 0
         self.out: list[Record] = []  # recorded but not yet flushed
         self.agg_seq: dict[str, int] = {}
@@ -629,8 +698,9 @@ class _Generator:
         corr: str,
         meta: int,
         values: tuple[Any, ...],
+        rng: random.Random | None = None,
     ) -> int:
-        eid = self._new_id()
+        eid = self._new_id() if rng is None else (rng.getrandbits(128) & _UUID_MASK) | _UUID_V4
         self.order += 1
         self.out.append((rec_us, self.order, eid, agg, kind, cause, corr, meta, values))
         return eid
@@ -655,8 +725,8 @@ class _Generator:
             batch.append((r, n))
         return batch
 
-    def _latency(self, lo_ms: int, hi_ms: int) -> int:
-        return lo_ms * 1000 + int(self.rng.random() * (hi_ms - lo_ms) * 1000)
+    def _latency(self, lo_ms: int, hi_ms: int, rng: random.Random | None = None) -> int:
+        return lo_ms * 1000 + int((rng or self.rng).random() * (hi_ms - lo_ms) * 1000)
 
     # ------------------------------------------------------------------ running
 
@@ -1247,8 +1317,8 @@ class _Generator:
                 )
         elif lim is None or m <= lim:
             self._end_breach(a, key, br, t, ev)
-        elif m > br["peak_value"]:
-            br["peak_value"] = m
+        else:
+            self._still_breached(a, br, m, lim, ev)
 
     def _eval_volume(self, a: _Account, t: int, ev: _Ev) -> None:
         lim = a.l_vol
@@ -1260,8 +1330,8 @@ class _Generator:
                 self._start_breach(a, key, m, lim, (MDV, None), t, ev)
         elif lim is None or m <= lim:
             self._end_breach(a, key, br, t, ev)
-        elif m > br["peak_value"]:
-            br["peak_value"] = m
+        else:
+            self._still_breached(a, br, m, lim, ev)
 
     def _eval_account(self, a: _Account, t: int, ev: _Ev) -> None:
         eq = a.cash + a.mv
@@ -1281,8 +1351,8 @@ class _Generator:
                     self._guard(a, MDD, dd, t)
             elif dd <= lim:
                 self._end_breach(a, (MDD, None), br, t, ev)
-            elif dd > br["peak_value"]:
-                br["peak_value"] = dd
+            else:
+                self._still_breached(a, br, dd, lim, ev)
         lim = a.l_lev
         if lim is not None:
             br = a.in_breach.get((MLV, None))
@@ -1293,8 +1363,8 @@ class _Generator:
                     self._guard(a, MLV, lev, t)
             elif lev <= lim:
                 self._end_breach(a, (MLV, None), br, t, ev)
-            elif lev > br["peak_value"]:
-                br["peak_value"] = lev
+            else:
+                self._still_breached(a, br, lev, lim, ev)
 
     def _guard(self, a: _Account, lt: str, metric: float, t: int) -> None:
         """A risk officer raises a background limit that a metric is getting close to."""
@@ -1345,7 +1415,6 @@ class _Generator:
         incident = self.armed.get((a.id, key[0], key[1]))
         if incident is not None and incident.get("started_at") is None:
             incident.update(br)
-            incident["critical"] = metric >= CRITICAL_RATIO * limit
             a.in_breach[key] = incident
             self._engine_records(a, incident, ev, metric, limit)
             incident["_on_trigger"](t, ev)
@@ -1364,6 +1433,7 @@ class _Generator:
         self, a: _Account, incident: dict[str, Any], ev: _Ev, metric: float, limit: float
     ) -> None:
         """What the live engine recorded when it saw the trigger (DESIGN.md §7)."""
+        incident["critical"] = False
         detected = ev.rec + self._latency(2, 15)
         rec = detected + self._latency(1, 3)
         lt = incident["limit_type"]
@@ -1378,24 +1448,83 @@ class _Generator:
         )
         incident["violation_event_id"] = str(uuid.UUID(int=eid))
         incident["block_event_id"] = None
-        if metric >= CRITICAL_RATIO * limit:
-            blocked = detected + self._latency(1, 3)
-            reason = (
-                f"critical {lt} breach on {incident['symbol'] or 'the account'}: "
-                f"{metric:g} against a limit of {limit:g}"
-            )
-            eid = self._record(
-                blocked + self._latency(1, 3),
-                a.id,
-                K_BLOCK,
-                ev.event_id,
-                ev.correlation,
-                M_ENGINE,
-                (a.id, reason, _ENGINE, blocked),
-            )
-            incident["block_event_id"] = str(uuid.UUID(int=eid))
-            incident["_blocked"] = (eid, ev.correlation)
-            a.blocked = True
+        incident["_crit"] = False
+        if metric > CRITICAL_RATIO * limit:
+            self._critical(a, incident, ev, metric, limit, detected, None)
+
+    def _still_breached(
+        self, a: _Account, br: dict[str, Any], metric: float, limit: float, ev: _Ev
+    ) -> None:
+        """An event that leaves a breach open: its peak, and (for a planted incident)
+        the critical level as the live engine follows it -- a breach at the level
+        ``CRITICAL_RATIO`` starts at the first event where the metric goes over
+        ``CRITICAL_RATIO`` x the limit in force, and ends when it is back at or under."""
+        if metric > br["peak_value"]:
+            br["peak_value"] = metric
+        if "_crit" not in br:
+            return  # an unplanned breach: no engine records are simulated for it
+        over = metric > CRITICAL_RATIO * limit
+        if over and not br["_crit"]:
+            rng = self.rng_crit
+            self._critical(a, br, ev, metric, limit, ev.rec + self._latency(2, 15, rng), rng)
+        elif not over:
+            br["_crit"] = False
+
+    def _critical(
+        self,
+        a: _Account,
+        incident: dict[str, Any],
+        ev: _Ev,
+        metric: float,
+        limit: float,
+        detected: int,
+        rng: random.Random | None,
+    ) -> None:
+        """A breach at the critical level starts at ``ev``: the live engine blocks the
+        account (unless it is blocked already) with ``ev`` as the cause."""
+        incident["critical"] = True
+        incident["_crit"] = True
+        if a.blocked:
+            return
+        lt = incident["limit_type"]
+        blocked = detected + self._latency(1, 3, rng)
+        reason = (
+            f"critical {lt} breach on {incident['symbol'] or 'the account'}: "
+            f"{metric:g} against a limit of {limit:g}"
+        )
+        rec = blocked + self._latency(1, 3, rng)
+        eid = self._record(
+            rec,
+            a.id,
+            K_BLOCK,
+            ev.event_id,
+            ev.correlation,
+            M_ENGINE,
+            (a.id, reason, _ENGINE, blocked),
+            rng,
+        )
+        incident["block_event_id"] = str(uuid.UUID(int=eid))
+        incident["_blocked"] = (eid, ev.correlation, rec)
+        a.blocked = True
+
+    def _release(
+        self, a: _Account, inc: dict[str, Any], t: int, rec: int, by: str, reason: str
+    ) -> tuple[int, int]:
+        """If the engine blocked ``a`` during ``inc``, ``by`` unblocks it before the
+        trades that resolve the incident at (``t``, ``rec``); returns their (business,
+        recorded) times, moved to just after the unblock."""
+        if not a.blocked:
+            return t, rec
+        rng = self.rng_crit
+        block_eid, corr, block_rec = inc["_blocked"]
+        u = max(t - 1, block_rec + self._latency(500, 2000, rng))  # the trades: u + 1
+        u_rec = u + self._latency(5, 15, rng)
+        eid = self._record(
+            u_rec, a.id, K_UNBLOCK, block_eid, corr, M_CONSOLE, (a.id, reason, by, u), rng
+        )
+        inc["unblock_event_id"] = str(uuid.UUID(int=eid))
+        a.blocked = False
+        return u + 1, max(rec + (u + 1 - t), u_rec + 1000)
 
     # ------------------------------------------------------------------ incidents
 
@@ -1575,7 +1704,7 @@ class _Generator:
     def _ff_unblock(self, t: int, rec: int, _: None) -> None:
         a, s = self.a_ff, self.s_ff
         inc = self.armed[(a.id, MPS, s.name)]
-        block_eid, corr = inc["_blocked"]
+        block_eid, corr, _ = inc["_blocked"]
         eid = self._record(
             rec,
             a.id,
@@ -1658,6 +1787,8 @@ class _Generator:
 
     def _dd_liquidate(self, t: int, rec: int, _: None) -> None:
         a = self.a_dd
+        inc = self.armed[(a.id, MDD, None)]
+        t, rec = self._release(a, inc, t, rec, _CRO, "unblocked to liquidate the spiral")
         self.spiral_active = False
         a.special.clear()
         for s in a.symbols:
@@ -1675,6 +1806,7 @@ class _Generator:
         value = min(0.95, max(0.25, _nice_up(self._drawdown(a) * 1.6)))
         eid = self._set_limit(a, MDD, None, value, _CRO, t, rec)
         inc["limit_raised_event_id"] = str(uuid.UUID(int=eid))
+        self._release(a, inc, t, rec, _CRO, "book liquidated and MaxDrawdown raised")
         a.protect.discard(MDD)
 
     # leverage creep -------------------------------------------------------------
@@ -1700,6 +1832,8 @@ class _Generator:
 
     def _lev_derisk(self, t: int, rec: int, _: None) -> None:
         a = self.a_lev
+        inc = self.armed[(a.id, MLV, None)]
+        t, rec = self._release(a, inc, t, rec, _DESK_HEAD, "unblocked to de-risk")
         eq = a.equity()
         for s in a.symbols:
             target = a.weights[s.name] * a.lev_target * eq / s.price
@@ -1755,7 +1889,6 @@ class _Generator:
             br["limit_event_id"] = str(uuid.UUID(int=src[0]))
             br["limit_set_by"] = src[1]
         inc.update(br)
-        inc["critical"] = metric >= CRITICAL_RATIO * lim
         self._engine_records(a, inc, ev, metric, lim)
         bust = self._plan_bust(a, s, qty, ev, f"booked to the wrong account; belongs to {other}")
         inc["bust_event_id"] = str(uuid.UUID(int=bust))
@@ -2260,6 +2393,23 @@ def _cli_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
     return params
 
 
+def _unwritable(path: str) -> str | None:
+    """Why an output file cannot be written (None if it looks writable), checked before
+    any work so that a bad path does not cost a whole generation."""
+    target = Path(path)
+    if target.is_dir():
+        return "is a directory, not a file"
+    folder = target.parent
+    if not folder.is_dir():
+        return f"no such directory {str(folder)!r}"
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            return "permission denied"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        return f"permission denied (directory {str(folder)!r})"
+    return None
+
+
 def cli(argv: list[str] | None = None) -> int:
     """``riskbook simulate``: generate a history into a file or a store.
 
@@ -2293,6 +2443,12 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         params = _cli_params(parser, args)
+        outputs = [("--key", args.key)]
+        if args.out is not None:
+            outputs[:0] = [("--out", args.out), ("--out", str(key_path(args.out)))]
+        for option, path in outputs:
+            if path is not None and (why := _unwritable(path)) is not None:
+                parser.error(f"{option} {path}: {why}")
     except SystemExit as exc:  # --help, or bad arguments (argparse printed why)
         return exc.code if isinstance(exc.code, int) else 2
     err = sys.stderr

@@ -86,7 +86,7 @@ print(json.dumps(out))
         tmp_path=tmp_path,
         monkeypatch=monkeypatch,
     )
-    assert got["imported"] == 30_472  # the empty store got the sample
+    assert got["imported"] == 30_474  # the empty store got the sample
     assert got["accounts"] == 12
     assert got["hottest"] == "ACC-003"  # the leverage creep of the answer key
     assert got["deepest"] == "ACC-002"  # the drawdown spiral
@@ -275,11 +275,11 @@ def test_demo_summary_only_loads_the_sample_into_an_empty_store(
     dsn = make_database()
     assert main(["demo", "--summary-only", "--dsn", dsn]) == 0
     first = capsys.readouterr().out
-    assert "the store is empty: importing the sample" in first and "added 30,472" in first
+    assert "the store is empty: importing the sample" in first and "added 30,474" in first
     assert "fat_finger" in first and "ACC-001" in first
     assert main(["demo", "--summary-only", "--dsn", dsn]) == 0
     again = capsys.readouterr().out
-    assert "holds 30,472 events" in again and "importing" not in again
+    assert "holds 30,474 events" in again and "importing" not in again
     assert "fat_finger" in again  # the store holds the sample: its key is shown
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import psycopg
 import pytest
 
@@ -294,29 +295,38 @@ def check_incidents(sim: simulate.Simulation) -> None:
             inc["limit_type"], inc["limit_value"], inc["symbol"],
         )  # fmt: skip
         assert vp.current_value == pytest.approx(inc["value_at_trigger"], rel=1e-9)
-        critical = inc["value_at_trigger"] >= simulate.CRITICAL_RATIO * inc["limit_value"]
+        # critical: the metric went over CRITICAL_RATIO x the limit during the breach
+        # (test_engine_records_are_the_live_engines checks where, against riskbook)
+        critical = inc["peak_value"] > simulate.CRITICAL_RATIO * inc["limit_value"]
         assert inc["critical"] is critical
         assert (inc["block_event_id"] is not None) is critical
-        assert (inc["kind"] == "fat_finger") is critical
-    (block,) = blocks
+        if inc["kind"] == "fat_finger":  # blocked by the trade itself
+            assert inc["value_at_trigger"] > simulate.CRITICAL_RATIO * inc["limit_value"]
+    blocked = [i for i in incidents if i["block_event_id"] is not None]
+    assert sorted(str(b.event_id) for b in blocks) == sorted(i["block_event_id"] for i in blocked)
+    unblocks = [e for e in sim.envelopes if isinstance(e.payload, AccountUnblocked)]
+    assert len(unblocks) == len(blocks)
     (ff,) = [i for i in incidents if i["kind"] == "fat_finger"]
-    assert str(block.event_id) == ff["block_event_id"]
-    assert block.causation_id == uuid.UUID(ff["trigger_event_id"])
-    (unblock,) = [e for e in sim.envelopes if isinstance(e.payload, AccountUnblocked)]
-    assert str(unblock.event_id) == ff["unblock_event_id"]
-    assert unblock.causation_id == block.event_id
-    assert isinstance(unblock.payload, AccountUnblocked) and isinstance(
-        block.payload, AccountBlocked
-    )
-    assert unblock.payload.unblocked_by not in ("", "risk-engine")
-    # the blocked account does not trade while blocked
-    assert not [
-        e
-        for e in sim.envelopes
-        if isinstance(e.payload, TradeExecuted)
-        and e.aggregate_id == ff["account_id"]
-        and block.payload.blocked_at <= e.payload.executed_at <= unblock.payload.unblocked_at
-    ]
+    assert ff["critical"]
+    assert by_id[uuid.UUID(ff["block_event_id"])].causation_id == uuid.UUID(ff["trigger_event_id"])
+    for inc in blocked:
+        block = by_id[uuid.UUID(inc["block_event_id"])]
+        (unblock,) = [e for e in unblocks if str(e.event_id) == inc["unblock_event_id"]]
+        assert unblock.causation_id == block.event_id
+        assert isinstance(unblock.payload, AccountUnblocked) and isinstance(
+            block.payload, AccountBlocked
+        )
+        assert unblock.payload.unblocked_by not in ("", "risk-engine")
+        assert block.timestamp < unblock.timestamp
+        assert block.payload.blocked_at < unblock.payload.unblocked_at
+        # the blocked account does not trade while blocked
+        assert not [
+            e
+            for e in sim.envelopes
+            if isinstance(e.payload, TradeExecuted)
+            and e.aggregate_id == inc["account_id"]
+            and block.payload.blocked_at <= e.payload.executed_at <= unblock.payload.unblocked_at
+        ]
 
     # the awkward cases: one split (previous quantities right), one mismatch
     split = key["awkward"]["split"]
@@ -331,6 +341,62 @@ def check_incidents(sim: simulate.Simulation) -> None:
     m = key["awkward"]["adjustment_mismatch"]
     assert str(mismatch[0]) == m["event_id"]
     assert mismatch[1:] == (m["previous_quantity"], m["projected_quantity"])
+
+
+def engine_records(sim: simulate.Simulation) -> list[tuple[str, str, str, str | None, str]]:
+    """The simulated live engine's records: (kind, account, limit type, symbol, cause)."""
+    by_block = {i["block_event_id"]: i for i in sim.answer_key["incidents"] if i["block_event_id"]}
+    out = []
+    for e in sim.envelopes:
+        p = e.payload
+        if isinstance(p, LimitViolationDetected):
+            out.append((e.event_type, p.account_id, p.limit_type, p.symbol, str(e.causation_id)))
+        elif isinstance(p, AccountBlocked):
+            inc = by_block[str(e.event_id)]
+            out.append(
+                (e.event_type, p.account_id, inc["limit_type"], inc["symbol"], str(e.causation_id))
+            )
+    return sorted(out)
+
+
+def effect_records(
+    effects: Iterable[riskbook.live.Effect],
+) -> list[tuple[str, str, str, str | None, str]]:
+    return sorted((e.kind, e.account_id, e.limit_type, e.symbol, e.causation_id) for e in effects)
+
+
+def check_critical_against_riskbook(sim: simulate.Simulation) -> None:
+    """The key's critical flags and the simulated blocks are what riskbook computes: a
+    breach is critical when riskbook.breaches(levels=CRITICAL_RATIO) has an interval in
+    it, and the block's cause is that interval's trigger; the live engine (the
+    processor's fold) decides the same violations and blocks, with the same causes."""
+    h = riskbook.History.from_envelopes(sim.envelopes)
+    effects = riskbook.live.Engine().apply(h, written=False)
+    assert effect_records(effects) == engine_records(sim)
+    by_id = {str(e.event_id): e for e in sim.envelopes}
+    full = riskbook.breaches(h, levels=simulate.CRITICAL_RATIO)
+    claimed = 0
+    for inc in sim.answer_key["incidents"]:
+        found = full
+        if inc["kind"] == "busted_trade":  # as known before the bust was recorded
+            known = parse_time(inc["bust_recorded_at"]) - timedelta(microseconds=1)
+            found = riskbook.breaches(h, levels=simulate.CRITICAL_RATIO, known_at=known)
+        start = parse_time(inc["started_at"])
+        end = parse_time(inc["ended_at"]) if inc["ended_at"] else datetime.max.replace(tzinfo=UTC)
+        mine = found.filter(
+            (pl.col("account_id") == inc["account_id"])
+            & (pl.col("limit_type") == inc["limit_type"])
+            & (pl.col("symbol").eq_missing(inc["symbol"]))
+            & (pl.col("started_at") >= start)
+            & (pl.col("started_at") < end)
+        ).sort("started_at")
+        assert inc["critical"] is (mine.height > 0), inc["kind"]
+        if inc["kind"] != "busted_trade":
+            claimed += mine.height
+        if inc["block_event_id"] is not None:
+            block = by_id[inc["block_event_id"]]
+            assert str(block.causation_id) == mine["trigger_event_id"][0]
+    assert claimed == full.height  # no critical breach outside the incidents
 
 
 # ------------------------------------------------------------------ tests
@@ -608,3 +674,111 @@ def test_a_trusted_copy_into_an_empty_store_that_repeats_an_id_writes_nothing(
             assert conn.execute(_INDEXES).fetchall() == expected  # dropped and built in vain
     finally:
         store.close()
+
+
+# ------------------------------------------------------------ bug hunt: the simulator
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SMALL,
+        dict(seed=1, accounts=5, symbols=3, days=3),
+        dict(seed=2, accounts=5, symbols=3, days=3),
+        dict(seed=3, accounts=5, symbols=3, days=3),
+        dict(seed=5, accounts=5, symbols=3, days=3),
+        dict(seed=0, accounts=5, symbols=3, days=3),
+    ],
+)
+def test_engine_records_are_the_live_engines(params: dict[str, Any]) -> None:
+    """The simulator called a breach critical only if the metric was >= 1.2 x the limit
+    at its trigger; riskbook's engine blocks when the metric goes over 1.2 x the limit at
+    any event of the breach. In these seeds the drawdown spiral gets there after its
+    start: the account is blocked then (that event the cause), and unblocked for the
+    liquidation."""
+    sim = simulate.generate(**params)
+    check_critical_against_riskbook(sim)
+    check_incidents(sim)
+
+
+def test_a_processor_over_the_simulated_store_decides_the_simulated_records(
+    make_database: Callable[[], str],
+) -> None:
+    """riskbook's processor run over the simulated store (from the beginning) decides
+    exactly the violations and blocks the simulation recorded, with the same causes."""
+    sim = simulate.generate(**SMALL)
+    assert [i["kind"] for i in sim.answer_key["incidents"] if i["critical"]] == [
+        "drawdown_spiral",
+        "fat_finger",
+    ]
+    with Store(make_database()) as store:
+        simulate.to_store(sim, store)
+        processor = riskbook.live.Processor(store, start="beginning")
+        try:
+            effects = processor.catch_up()
+        finally:
+            processor.stop()
+    assert effect_records(effects) == engine_records(sim)
+
+
+def test_years_one_and_9999(tmp_path: Path, make_database: Callable[[], str]) -> None:
+    """strftime("%Y") wrote year 1 as "1-01-01T...", a file that does not import (and
+    COPY text the store refused); a start near the end of 9999 wrote the file and then
+    crashed (or died half way): refused before anything is written."""
+    params: dict[str, Any] = dict(seed=4, accounts=5, symbols=3, days=3)
+    year1 = datetime(1, 1, 1, tzinfo=UTC)
+    n, key = simulate.stream_jsonl(tmp_path / "y1.jsonl", start=year1, **params)
+    assert key["params"]["start"] == "0001-01-01T00:00:00.000000Z"
+    simulate.write_jsonl(simulate.generate(start=year1, **params), tmp_path / "slow.jsonl")
+    assert (tmp_path / "slow.jsonl").read_bytes() == (tmp_path / "y1.jsonl").read_bytes()
+    with Store(make_database()) as a, Store(make_database()) as b:
+        assert a.import_jsonl(tmp_path / "y1.jsonl").added == n
+        result, _ = simulate.stream_to_store(b, start=year1, **params)
+        assert result.added == n
+        assert _stored(a) == _stored(b)
+    # the last trading day may be 9999-12-30 (the morning after it still in 9999)
+    last = datetime(9999, 12, 28, tzinfo=UTC)  # a Tuesday
+    n, key = simulate.stream_jsonl(tmp_path / "y9.jsonl", start=last, **params)
+    assert key["params"]["end"] == "9999-12-31T00:00:00.000000Z"
+    for start, days in [(last, 4), (datetime(9999, 12, 27, tzinfo=UTC), 5), (last, 30)]:
+        out = tmp_path / "late.jsonl"
+        with pytest.raises(ValueError, match="past the year 9999"):
+            simulate.stream_jsonl(out, seed=4, accounts=5, symbols=3, days=days, start=start)
+        assert not out.exists()
+        args = ["--start", start.date().isoformat(), "--days", str(days), "--out", str(out)]
+        assert simulate.cli([*args, "-q"]) == 2
+        assert not out.exists()
+    with pytest.raises(ValueError, match="past the year 9999"):
+        simulate.generate(accounts=5, symbols=3, start=datetime(9999, 12, 31, tzinfo=UTC))
+
+
+def test_huge_sizes_are_refused_at_once(tmp_path: Path) -> None:
+    """--days 1000000000 and --events 10000000000000 were accepted and hung."""
+    out = tmp_path / "x.jsonl"
+    for args in (
+        ["--days", "1000000000"],
+        ["--events", "10000000000000"],
+        ["--accounts", "1000000000000"],
+        ["--symbols", "1000000000000"],
+        ["--events", "500000000", "--start", "9000-01-01"],  # 20,000 years of days
+    ):
+        assert simulate.cli([*args, "--out", str(out), "-q"]) == 2, args
+        assert not out.exists()
+    with pytest.raises(ValueError, match="days must be at most"):
+        simulate.generate(days=10**9)
+    with pytest.raises(ValueError, match="events must be at most"):
+        simulate.generate(events=simulate.MAX_EVENTS + 1)
+
+
+def test_output_paths_are_checked_before_generating(tmp_path: Path) -> None:
+    """A bad --key was found only after the whole history had been written."""
+    out = tmp_path / "x.jsonl"
+    args = ["--seed", "2", "--accounts", "5", "--symbols", "3", "--days", "3", "-q"]
+    for bad in (["--key", "/nonexistent/dir/k.json"], ["--key", str(tmp_path)]):
+        assert simulate.cli([*args, "--out", str(out), *bad]) == 2
+        assert not out.exists() and not (tmp_path / "x.key.json").exists()
+    (tmp_path / "x.key.json").mkdir()  # where the history's own key would go
+    assert simulate.cli([*args, "--out", str(out)]) == 2
+    assert not out.exists()
+    assert simulate.cli([*args, "--out", str(tmp_path / "nowhere" / "x.jsonl")]) == 2
+    assert simulate.cli([*args, "--dsn", "postgresql://", "--key", "/nonexistent/k.json"]) == 2

@@ -116,8 +116,10 @@ def test_exposure_explorer_follows_its_controls(sample: riskbook.History) -> Non
 
 def test_incidents_lists_violations_and_blocks_with_their_limit(sample: riskbook.History) -> None:
     found = widgets.incidents(sample)
-    assert found.height == 6
-    block = found.filter(pl.col("event_type") == "AccountBlocked").row(0, named=True)
+    assert found.height == 7  # five violations; the fat finger and the spiral blocked
+    blocks = found.filter(pl.col("event_type") == "AccountBlocked")
+    assert blocks["limit_type"].to_list() == ["MaxPositionSize", "MaxDrawdown"]
+    block = blocks.row(0, named=True)
     assert block["event_id"] == FAT_FINGER["block_event_id"]
     assert (block["limit_type"], block["symbol"]) == ("MaxPositionSize", "ACME")
     assert "BLOCKED" in block["label"]
