@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,21 @@ def test_two_processes_refreshing_the_same_events_cache_them_once(
             k.stdin.close()
             k.wait(timeout=60)
             k.stdout.close()
+
+
+def test_a_cache_that_creates_the_home_creates_it_as_the_server_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a load before any `riskbook db start` must not decide where the server's files go
+    from riskbook._home import home_mode, make_private_dirs
+
+    home = tmp_path / "above" / "home"
+    monkeypatch.setenv("RISKBOOK_HOME", str(home))
+    umask = os.umask(0)
+    os.umask(umask)
+    make_private_dirs(home / "cache" / "store" / "seg-1")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "above") == 0o777 & ~umask  # above the home: the default
+    assert mode(home) == home_mode()  # 0711 as root: the server's user can reach its files
+    for folder in (home / "cache", home / "cache" / "store", home / "cache" / "store" / "seg-1"):
+        assert mode(folder) == 0o700

@@ -393,6 +393,13 @@ def test_unknown_event_type_in_the_database_is_read_raw(fresh_store: Store) -> N
     assert msgspec.json.decode(line)["payload"]["nested"] == {"a": [1]}
 
 
+def test_import_lines_takes_text_lines_too(fresh_store: Store) -> None:
+    lines = [line.decode() for line in _envelope_lines(n_accounts=1, per_account=3)]
+    lines[0] = "\ufeff" + lines[0]  # a byte order mark read as text
+    assert fresh_store.import_lines(lines).added == 3
+    assert fresh_store.import_lines(lines[1:]).skipped == 2
+
+
 def test_an_exported_envelope_imports_again_as_already_present(fresh_store: Store) -> None:
     # a whole-second time and metadata holding time-like strings: exported as stored
     meta = {"timestamp": "2024-03-01T09:30:00Z", "nested": {"executed_at": "2024-01-01T00:00:00Z"}}
@@ -756,6 +763,8 @@ def _trade_envelope(**changes: object) -> riskbook.Envelope:
 BAD_ENVELOPES: list[tuple[dict[str, object], str]] = [
     ({"aggregate_type": "Instrument"}, "TradeExecuted.aggregate_type: TradeExecuted belongs to"),
     ({"aggregate_type": ""}, "TradeExecuted.aggregate_type"),
+    ({"aggregate_type": None}, "TradeExecuted.aggregate_type: must be a str"),
+    ({"aggregate_id": None}, "TradeExecuted.aggregate_id: must be a str"),
     ({"event_id": "not-a-uuid"}, "TradeExecuted.event_id: must be a uuid.UUID"),
     ({"event_id": str(uuid.uuid4())}, "TradeExecuted.event_id: must be a uuid.UUID"),
     ({"causation_id": "nope"}, "TradeExecuted.causation_id: must be a uuid.UUID"),

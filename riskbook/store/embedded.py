@@ -66,7 +66,7 @@ from urllib.parse import quote
 
 import psutil
 
-from riskbook._home import riskbook_home
+from riskbook._home import home_mode, riskbook_home
 from riskbook.errors import EmbeddedServerError
 
 __all__ = [
@@ -209,7 +209,7 @@ def _traverse_blocker(path: Path, user: _User | None, *, home: Path | None = Non
         except FileNotFoundError:
             if user is not None and user.uid == os.geteuid():
                 return None
-            mode = _home_mode() if folder == home else 0o777 & ~_umask()
+            mode = home_mode() if folder == home else 0o777 & ~_umask()
             if not mode & stat.S_IXOTH:
                 return folder
             continue
@@ -231,13 +231,6 @@ def _traverse_blocker(path: Path, user: _User | None, *, home: Path | None = Non
 def _can_traverse(path: Path, user: _User | None) -> bool:
     """Whether ``user`` can search every folder from ``/`` down to ``path`` (inclusive)."""
     return path.exists() and _traverse_blocker(path, user) is None
-
-
-def _home_mode() -> int:
-    """The mode of a riskbook home that riskbook creates: private to its owner, except
-    that as root the server user must be able to traverse it to reach the server files
-    (0711: enter, not list)."""
-    return 0o711 if os.geteuid() == 0 else 0o700
 
 
 def _check_home(home: Path) -> None:
@@ -600,15 +593,15 @@ def _check_layout(layout: _Layout) -> None:
 
 
 def _make_home(home: Path) -> None:
-    """Create ``home`` (mode :func:`_home_mode`) and its missing parents (default mode)."""
+    """Create ``home`` (mode :func:`riskbook._home.home_mode`) and its missing parents (default mode)."""
     try:
         home.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.mkdir(home, _home_mode())
+            os.mkdir(home, home_mode())
         except FileExistsError:
             pass
         else:
-            os.chmod(home, _home_mode())  # the umask may have narrowed it; our own new folder
+            os.chmod(home, home_mode())  # the umask may have narrowed it; our own new folder
     except OSError as exc:
         raise EmbeddedServerError(f"cannot create RISKBOOK_HOME {home}: {exc}") from exc
     _check_home(home)

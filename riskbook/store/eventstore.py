@@ -897,6 +897,9 @@ def _envelope_record(n: int, env: Envelope) -> _Record:
         raise InvalidEvent("?", "envelope", f"must be an Envelope, got {type(env).__name__}")
     payload = env.payload
     kind = payload.type_name() if isinstance(payload, Event | RawEvent) else "?"
+    for name in ("aggregate_id", "aggregate_type"):
+        if not isinstance(getattr(env, name), str):
+            raise InvalidEvent(kind, name, f"must be a str, got {getattr(env, name)!r}")
     check_for_aggregate([payload], env.aggregate_id)  # type: ignore[list-item]  # checked here
     assert isinstance(payload, Event)  # check_for_aggregate refuses anything else
     _check_aggregate(payload, env.aggregate_id, env.aggregate_type)
@@ -933,7 +936,9 @@ def _without_bom(lines: Iterable[bytes]) -> Iterator[bytes]:
     first = next(it, None)
     if first is None:
         return it
-    return itertools.chain((first[3:] if first.startswith(_UTF8_BOM) else first,), it)
+    if isinstance(first, str):  # text lines (import_lines takes str too): U+FEFF
+        return itertools.chain((first.removeprefix("\ufeff"),), it)
+    return itertools.chain((first.removeprefix(_UTF8_BOM),), it)
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
