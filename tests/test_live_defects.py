@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -10,6 +11,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import psycopg
 import pytest
@@ -273,3 +276,170 @@ def test_a_role_that_may_not_write_stops_live_with_one_line(
         time.sleep(0.05)
     assert isinstance(p.error, StoreError) and p.status.startswith("failed: permission denied")
     p.stop()
+
+
+# ------------------------------------------------------------------ 6. review: scheduled limits
+
+
+def _envelopes(events: list[object]) -> list[Envelope]:
+    """Envelopes in the given order (positions 1, 2, ...); an ``(event, recorded)`` pair
+    is recorded then, a bare event at its business time."""
+    out = []
+    for i, item in enumerate(events):
+        event, recorded = item if isinstance(item, tuple) else (item, None)
+        out.append(Envelope(uuid.uuid4(), event.aggregate_id, event.aggregate_type, 1,  # type: ignore[attr-defined]
+                            recorded or event.business_time or T0, event, f"c{i}",  # type: ignore[attr-defined]
+                            position=i + 1))  # fmt: skip
+    return out
+
+
+def _engine_over(envelopes: list[Envelope]) -> Engine:
+    engine = Engine()
+    engine.apply(History.from_envelopes(envelopes), written=False)  # as check(store=) does
+    return engine
+
+
+def test_check_refuses_more_exposure_while_leverage_stays_infinite() -> None:
+    """Equity <= 0: leverage is infinite before and after any trade that keeps it so; a
+    trade adding gross exposure takes it further (refused), one reducing it does not."""
+    engine = _engine_over(_envelopes([
+        fund("A", 1000.0), limit("A", "MaxLeverage", 5.0, T0),
+        trade("A", "Buy", 100, 10.0, at(1)),
+        PriceMarked(symbol="X", price=0.5, marked_at=at(2)),
+        fund("A", -100.0, at(3)),  # equity -50: leverage infinite
+        AccountBlocked(account_id="A", reason="critical", blocked_by="riskbook-live",
+                       blocked_at=at(3)),
+        AccountUnblocked(account_id="A", reason="to de-risk", unblocked_by="cro",
+                         unblocked_at=at(4)),
+    ]))  # fmt: skip
+    assert not engine.blocked["A"]
+    running: Any = SimpleNamespace(engine=engine)
+    more = check("A", "Y", "Buy", 1_000_000, 0.5, processor=running, at=at(10))
+    assert not more.accepted
+    assert [r.message for r in more.reasons] == [
+        "MaxLeverage: infinite (equity <= 0) > limit 5 (by infinite)"
+    ]
+    assert not check("A", "X", "Buy", 10, 0.5, processor=running, at=at(10)).accepted
+    less = check("A", "X", "Sell", 50, 0.5, processor=running, at=at(10))
+    assert less.accepted, less
+
+
+def _effects_in(envelopes: list[Envelope], cuts: list[int]) -> list[tuple[object, ...]]:
+    """The effects of folding ``envelopes`` cut into batches at ``cuts``, as (kind,
+    account, limit type, symbol, cause (index of the event), time)."""
+    engine, effects = Engine(), []
+    bounds = [0, *cuts, len(envelopes)]
+    for lo, hi in itertools.pairwise(bounds):
+        if hi > lo:
+            effects += engine.apply(History.from_envelopes(envelopes[lo:hi]))
+    index = {str(e.event_id): i for i, e in enumerate(envelopes)}
+    return [
+        (e.kind, e.account_id, e.limit_type, e.symbol, index[e.causation_id],
+         getattr(e.event, "detected_at", None) or getattr(e.event, "blocked_at", None))
+        for e in effects
+    ]  # fmt: skip
+
+
+def _random_history(seed: int) -> list[Envelope]:
+    """Two accounts' trades, marks, fundings and limits, some limits scheduled: recorded
+    (at an earlier event's time) before their set_at."""
+    import random
+
+    rng = random.Random(seed)
+    plain: list[tuple[object, datetime]] = [(fund(a, 10_000.0), T0) for a in "AB"]
+    scheduled = []
+    minute = 0.0
+    for _ in range(rng.randint(5, 40)):
+        minute += rng.choice([0.0, 0.5, 1.0, 600.0])
+        t, acc, sym = at(minute), rng.choice("AB"), rng.choice("XY")
+        kind = rng.choice(["trade"] * 6 + ["mark", "limit", "fund", "scheduled"])
+        if kind == "trade":
+            event: object = trade(acc, rng.choice(["Buy", "Sell"]), float(rng.randint(1, 80)),
+                                  float(rng.randint(5, 15)), t, symbol=sym)  # fmt: skip
+        elif kind == "mark":
+            event = PriceMarked(symbol=sym, price=float(rng.randint(5, 15)), marked_at=t)
+        elif kind == "fund":
+            event = fund(acc, float(rng.randint(-500, 500) or 1), t)
+        else:
+            lt, v = rng.choice([("MaxPositionSize", 60.0), ("MaxPositionSize", 100.0),
+                                ("MaxDailyVolume", 150.0), ("MaxLeverage", 0.05),
+                                ("MaxDrawdown", 0.001)])  # fmt: skip
+            by_symbol = lt == "MaxPositionSize" and rng.random() < 0.5
+            event = limit(acc, lt, v, t, sym if by_symbol else None)
+            if kind == "scheduled":
+                scheduled.append(event)
+                continue
+        plain.append((event, t))
+    for s in scheduled:
+        assert isinstance(s, LimitSet)
+        earlier = [i for i, (_, ts) in enumerate(plain) if ts < s.set_at]
+        i = rng.choice(earlier) if earlier else 0
+        plain.insert(i + 1, (s, plain[i][1] if earlier else T0 - DAY))
+    return _envelopes(plain)  # type: ignore[arg-type]
+
+
+def test_scheduled_limits_give_the_same_effects_in_any_batching() -> None:
+    """A released scheduled limit's breach is ordered where it takes effect (its set_at),
+    among the other breaches and the stored block events of the same batch, so one
+    batch and one-event batches decide the same violations and blocks."""
+    hand = [
+        _envelopes([  # the Y limit acts on day 3, after the critical X trade of day 2
+            fund("A", 1e6), limit("A", "MaxPositionSize", 100.0, T0),
+            (limit("A", "MaxPositionSize", 10.0, T0 + 3 * DAY, symbol="Y"), T0),
+            trade("A", "Buy", 50, 10.0, T0 + DAY, symbol="Y"),
+            trade("A", "Buy", 150, 10.0, T0 + 2 * DAY),
+            fund("B", 1.0, T0 + 4 * DAY),
+        ]),
+        _envelopes([  # the limit acts at minute 10, after the unblock of minute 5
+            fund("A", 1e6),
+            AccountBlocked(account_id="A", reason="manual", blocked_by="ops", blocked_at=at(0)),
+            trade("A", "Buy", 150, 10.0, at(1)),
+            (limit("A", "MaxPositionSize", 100.0, at(10)), at(2)),
+            AccountUnblocked(account_id="A", reason="ok", unblocked_by="ops",
+                             unblocked_at=at(5)),
+            trade("B", "Buy", 1, 10.0, at(20)),
+        ]),
+    ]  # fmt: skip
+    one = _effects_in(hand[0], [])
+    assert [(k, s, c) for k, _, _, s, c, _ in one] == [
+        ("LimitViolationDetected", "X", 4), ("AccountBlocked", "X", 4),
+        ("LimitViolationDetected", "Y", 2),
+    ]  # fmt: skip
+    assert [k for k, *_ in _effects_in(hand[1], [])] == [
+        "LimitViolationDetected", "AccountBlocked",
+    ]  # fmt: skip
+    histories = [*hand, *(_random_history(seed) for seed in range(0, 61, 3)),
+                 _random_history(9), _random_history(24)]  # fmt: skip
+    for envelopes in histories:
+        whole = _effects_in(envelopes, [])
+        assert whole == _effects_in(envelopes, list(range(1, len(envelopes))))
+        assert whole == _effects_in(envelopes, [len(envelopes) // 2])
+
+
+def test_check_counts_a_scheduled_limit_due_by_its_time(fresh_store: Store) -> None:
+    """A limit recorded for tomorrow, with no event since: a check after its set_at sees
+    the breach it starts before the trade (as the trade's own fold does), so a trade
+    reducing that breach is accepted and one taking it further is refused."""
+    events = [fund("A", 1e6), trade("A", "Buy", 150, 10.0, at(1)),
+              (limit("A", "MaxPositionSize", 100.0, T0 + DAY), at(2))]  # fmt: skip
+    envelopes = _envelopes(events)
+    # From a running engine (a processor's): its state is not changed by the check.
+    engine = Engine(critical=10.0)
+    assert engine.apply(History.from_envelopes(envelopes)) == []
+    running: Any = SimpleNamespace(engine=engine)
+    assert check("A", "X", "Sell", 10, 10.0, processor=running, at=T0 + 2 * DAY).accepted
+    more = check("A", "X", "Buy", 10, 10.0, processor=running, at=T0 + 2 * DAY)
+    assert [r.message for r in more.reasons] == ["MaxPositionSize X: 160 > limit 100 (by 60)"]
+    assert engine.scheduled.height == 1 and engine.open_now.get("MaxPositionSize") is None
+    # Before its set_at the limit is not in force: both are accepted.
+    assert check("A", "X", "Buy", 10, 10.0, processor=running, at=at(30)).accepted
+    # From the store.
+    fresh_store.import_envelopes(
+        [
+            Envelope(uuid.uuid4(), "A", "Account", i + 1, e.timestamp, e.payload, f"c{i}")
+            for i, e in enumerate(envelopes)
+        ]
+    )
+    assert check("A", "X", "Sell", 10, 10.0, store=fresh_store, at=T0 + 2 * DAY).accepted
+    refused = check("A", "X", "Buy", 10, 10.0, store=fresh_store, at=T0 + 2 * DAY)
+    assert [r.kind for r in refused.reasons] == ["limit"]

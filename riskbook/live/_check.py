@@ -147,7 +147,9 @@ def check(
         price=float(price),
         executed_at=when,
     )
-    engine = _engine_for(account, store, processor)
+    # The state before the trade: with the scheduled limits due by then in force, as in
+    # the trade's own fold (so a trade reducing a breach they start is not refused).
+    engine = _engine_for(account, store, processor).as_of(when)
     trial = engine.copy()
     envelope = Envelope(
         event_id=uuid.uuid4(),
@@ -179,7 +181,9 @@ def check(
         value = _metric(trial, name, account, key_symbol)
         before = _metric(engine, name, account, key_symbol, day_of=trial)
         was_open = _is_open(engine, name, account, key_symbol)
-        if value is None or (was_open and before is not None and value <= before):
+        if value is None or (
+            was_open and before is not None and not _further(value, before, trial, engine, account)
+        ):
             continue
         limit = row["limit_value_at_end"]
         if limit is None:
@@ -216,6 +220,29 @@ def _metric(
         if other.height and other["day"][0] != row["day"]:
             return 0.0  # a new day: yesterday's volume does not count
     return float(row["value"])
+
+
+def _further(value: float, before: float, trial: Engine, engine: Engine, account: str) -> bool:
+    """Did the trade take the metric further? Higher, or -- an infinite leverage staying
+    infinite (equity <= 0) -- with more gross exposure than before."""
+    if math.isinf(value) and math.isinf(before) and value > 0 and before > 0:
+        return _gross(trial, account) > _gross(engine, account)
+    return value > before
+
+
+def _gross(engine: Engine, account: str) -> float:
+    """The account's gross exposure in the engine's state: ``sum(|q * mark|)``, a
+    position with no mark valued at its own average cost (as the projections do)."""
+    state = engine.projection
+    rows = state.positions.filter(pl.col("account_id").cast(pl.String) == account)
+    if rows.height == 0:
+        return 0.0
+    marks = state.marks.select(pl.col("symbol").cast(pl.String), "mark_price")
+    priced = rows.with_columns(pl.col("symbol").cast(pl.String)).join(
+        marks, on="symbol", how="left"
+    )
+    price = pl.coalesce("mark_price", "avg_price")
+    return float(priced.select((pl.col("quantity") * price).abs().sum()).item())
 
 
 def _is_open(engine: Engine, name: str, account: str, symbol: str | None) -> bool:

@@ -18,8 +18,15 @@ A live engine cannot go back in time, so
   case -- nothing changes;
 * a LimitSet recorded before its set_at (a scheduled limit change) does not move the
   clock: it is held, and takes effect at its set_at once the clock gets there (the first
-  event at or after it), as :func:`riskbook.breaches` applies it. A LimitSet the store
-  learns at or after its set_at acts like any other event (on arrival);
+  event at or after it), as :func:`riskbook.breaches` applies it. Its breaches are
+  ordered where it takes effect (at its set_at, among the events and block events of
+  that time), not where it was recorded. A LimitSet the store learns at or after its
+  set_at acts like any other event (on arrival). Known limitation: the live engine has
+  no clock of its own, so a scheduled limit takes effect only when an event at or
+  after its set_at arrives -- a store that goes quiet reports nothing for it until then
+  -- whereas :func:`riskbook.breaches` applies it at its set_at (the breach's time and
+  cause are the same once it is reported; :meth:`Engine.as_of` gives the state with it
+  in force, as the pre-trade check uses);
 * a late mark older than the symbol's latest mark is stale and is ignored;
 * a TradeCancelled (bust) takes its trade out: the account's state is refolded from
   its events without the trade, and each metric of the account is re-evaluated at the
@@ -192,6 +199,28 @@ class Engine:
         out.open_now = dict(self.open_now)
         out._segments = list(self._segments)
         out._tiers = list(self._tiers)
+        return out
+
+    def as_of(self, when: datetime) -> Engine:
+        """A copy with the scheduled limits due by ``when`` in force, as this engine will
+        have them once an event at or after ``when`` arrives (each folded at its set_at;
+        the effects it decides are thrown away). Nothing due: a plain copy.
+
+        The pre-trade check's state "before" a trade at ``when``: a limit whose set_at
+        has come counts there as in the trade's own fold.
+        """
+        out = self.copy()
+        released = out._release(when)
+        if released.height == 0:
+            return out
+        nothing = History.empty()
+        nothing.start, nothing.horizon = out.projection, out.horizon
+        out._keep(nothing)  # so that a type activated here sees everything folded
+        with shared_timelines():
+            out._activate_for(released)
+            for name in out.active:
+                metric = get(name).metric(nothing)
+                out._evaluate(name, metric, out._limit_rows(released, name), when)
         return out
 
     # ------------------------------------------------------------------ the fold
@@ -496,19 +525,24 @@ class Engine:
             corr = pl.concat(
                 [corr, released.select(trigger_event_id="event_id", _corr="correlation_id")]
             )
+        # In the order they happen: by business time, then position. The part's events
+        # have times monotone in position (see _in_processing_order), so for them this is
+        # the position order; a released scheduled limit was recorded earlier (a smaller
+        # position) but acts at its set_at, among the events of that time.
         starts = starts.join(corr, on="trigger_event_id", how="left").sort(
-            "trigger_position", "limit_type", pl.col("symbol").cast(pl.String), "level",
-            nulls_last=False,
+            "started_at", "trigger_position", "limit_type", pl.col("symbol").cast(pl.String),
+            "level", nulls_last=False,
         )  # fmt: skip
         stored = part.blocks.sort("position").select(
-            pl.col("account_id").cast(pl.String), "blocked", "position", "causation_id"
+            pl.col("account_id").cast(pl.String), "blocked", "at", "position", "causation_id"
         )
         pending = stored.iter_rows()
         next_stored = next(pending, None)
         effects: list[Effect] = []
         for row in starts.iter_rows(named=True):
-            while next_stored is not None and next_stored[2] < row["trigger_position"]:
-                self._note_block(next_stored[0], next_stored[1], next_stored[3])
+            when = (row["started_at"], row["trigger_position"])
+            while next_stored is not None and (next_stored[2], next_stored[3]) < when:
+                self._note_block(next_stored[0], next_stored[1], next_stored[4])
                 next_stored = next(pending, None)
             account = str(row["account_id"])
             symbol = None if row["symbol"] is None else str(row["symbol"])
@@ -548,7 +582,7 @@ class Engine:
                     self.pending[account] = str(row["trigger_event_id"])
                     self.blocked[account] = True
         while next_stored is not None:
-            self._note_block(next_stored[0], next_stored[1], next_stored[3])
+            self._note_block(next_stored[0], next_stored[1], next_stored[4])
             next_stored = next(pending, None)
         return effects
 
