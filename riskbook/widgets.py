@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import html
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -157,6 +158,17 @@ class TimeSlider(widgets.HBox):
     def at_end(self) -> bool:
         """True when the slider is at its right end (for ``known_at``: "everything")."""
         return bool(self.value >= self.end)
+
+
+def _figure(v: float) -> str:
+    """A limit or metric value for people: 81,000 and 97,900 (not 8.1e+04), 0.148, 2.5."""
+    if not math.isfinite(v):
+        return "infinite" if v > 0 else str(v)
+    if v >= sys.float_info.max:
+        return "infinite"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}" if v == round(v) else f"{v:,.2f}"
+    return f"{v:.4g}"
 
 
 def html_table(
@@ -413,11 +425,10 @@ class ExposureExplorer:
                 "open_positions",
             )
         fmt = {"leverage": ".3f", "drawdown": ".2%", "quantity": ",.0f", "trades": ",d"}
-        known = (
-            "everything recorded"
-            if self.k is None
-            else f"recorded by {self.k:%Y-%m-%d %H:%M:%S} UTC"
-        )
+        # K at its right end is the History's own bound: everything it holds
+        loaded = getattr(getattr(self.history, "filters", None), "known_at", None)
+        k = self.k if self.k is not None else loaded
+        known = "everything recorded" if k is None else f"recorded by {k:%Y-%m-%d %H:%M:%S} UTC"
         self.caption.value = (
             f"<b>At {self.at.value:%Y-%m-%d %H:%M:%S} UTC</b>, as known: {known}. "
             f"Total equity {frame['equity'].sum():,.0f}, gross exposure "
@@ -1064,16 +1075,19 @@ class IncidentPanel:
             over = metric is not None and metric > lim["value"]
             verdict = (
                 f"<p><b>{html.escape(self.current['limit_type'])}</b> in force: "
-                f"<b>{lim['value']:,.4g}</b> ({lim['scope']}-wide"
-                f"{' for ' + html.escape(lim['symbol']) if lim['symbol'] else ''}), set by "
+                f"<b>{_figure(lim['value'])}</b> ("
+                f"{'for ' + html.escape(lim['symbol']) + ' only' if lim['symbol'] else lim['scope'] + '-wide'}"
+                "), set by "
                 f"<b>{html.escape(lim['set_by'] or '?')}</b> at {lim['set_at']:%Y-%m-%d %H:%M:%S} UTC "
                 f"(recorded {lim['recorded_at']:%Y-%m-%d %H:%M:%S}).<br>"
-                f"Engine's metric at T: <b>{metric if metric is None else format(metric, ',.4g')}</b>"
+                f"Engine's metric at T: <b>{metric if metric is None else _figure(metric)}</b>"
                 f" — <b style='color:{'#c0392b' if over else '#27ae60'}'>"
                 f"{'over the limit' if over else 'within the limit'}</b>.</p>"
             )
         self.limit_box.value = verdict + html_table(
-            self.limits.drop("event_id"), formats={"value": ",.4g"}
+            self.limits.drop("event_id").with_columns(
+                pl.col("value").map_elements(_figure, return_dtype=pl.String)
+            )
         )
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
@@ -1345,6 +1359,9 @@ class LimitLab:
         finite = self.metric.filter(pl.col("value").is_finite())["value"]
         lo = 0.0 if low is None else float(low)
         hi = float(high) if high is not None else float(finite.max() or 1.0)  # type: ignore[arg-type]
+        # the value asked for is the one backtested: the slider's range widens to hold it
+        # (a FloatSlider would clamp it into its range without a word)
+        lo, hi = min(lo, float(value)), max(hi, float(value))
         hi = hi if hi > lo else lo + 1.0
         step = step if step is not None else (hi - lo) / 50
         self._format = _number_format(step)

@@ -417,3 +417,30 @@ def test_live_monitor_shows_a_block_as_it_arrives_and_its_forms_act(
         p.stop()
     assert p.on_commit == seen.append  # unhooked: the processor's own callback is back
     assert monitor._thread is not None and not monitor._thread.is_alive()
+
+
+def test_limit_lab_backtests_the_value_asked_for(sample: riskbook.History) -> None:
+    # the slider's range (up to the largest metric) widens instead of clamping the value
+    lab = widgets.LimitLab(sample, "MaxLeverage", value=50.0)
+    assert lab.value.value == 50.0 and lab.value.max >= 50.0
+
+
+def test_exposure_explorer_says_what_its_history_knew(make_database: Callable[[], str]) -> None:
+    store = riskbook.Store(make_database())
+    try:
+        store.import_jsonl(SAMPLE)
+        k = datetime(2024, 1, 9, 16, 20, tzinfo=UTC)
+        panel = widgets.ExposureExplorer(riskbook.load(store, known_at=k, cache=False))
+        assert "recorded by 2024-01-09 16:20:00 UTC" in panel.caption.value
+        assert "everything recorded" not in panel.caption.value
+    finally:
+        store.close()
+
+
+def test_incident_panel_writes_large_limits_as_people_read_them(
+    sample: riskbook.History,
+) -> None:
+    panel = widgets.IncidentPanel(sample)
+    panel.incident.value = BUSTED["violation_event_id"]  # MaxPositionSize 89,000 on ACME
+    box = panel.limit_box.value
+    assert "89,000" in box and "e+04" not in box

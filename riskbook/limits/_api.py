@@ -367,7 +367,7 @@ def breaches(
     k = _time(known_at, "known_at")
     rows = stored_limits(history, known_at=k) if limits is None else hypothetical_limits(limits)
     if types is not None:
-        chosen = list(types)
+        chosen = [types] if isinstance(types, str) else list(types)  # one name, or several
         for name in chosen:
             get(name)
         rows = rows.filter(pl.col("limit_type").is_in(chosen))

@@ -283,6 +283,11 @@ def _metric_rows(
 ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The metric frame checked, typed and in business order; and its business time,
     recorded time, position (nulls 0) and value as arrays."""
+    if not isinstance(metric, pl.DataFrame):
+        raise TypeError(
+            f"the metric of limit type {definition.name} returned a "
+            f"{type(metric).__module__}.{type(metric).__qualname__}, expected a polars DataFrame"
+        )
     need = ["account_id", "time", "timestamp", "position", "value"] + (
         ["symbol"] if by_symbol else []
     )
@@ -309,6 +314,12 @@ def _metric_rows(
             ).alias("event_id"),
         ]
     )
+    for column in ("account_id", "time"):  # who and when: a null is a bug of the metric
+        if nulls := out[column].null_count():
+            raise ValueError(
+                f"the metric of limit type {definition.name} has {nulls:,} row(s) with a null"
+                f" {column!r} (a left join, say): every row needs its account and business time"
+            )
     if out["value"].null_count():
         out = out.with_columns(pl.col("value").fill_null(float("nan")))
     bt, ts, pos = (
