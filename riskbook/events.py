@@ -113,20 +113,28 @@ class LimitType(StrEnum):
 
 
 _limit_type_names: set[str] = {t.value for t in LimitType}
+# Limit types with one limit per account: a LimitSet of one names no symbol.
+_account_wide_types: set[str] = {"MaxDailyVolume", "MaxDrawdown", "MaxLeverage"}
 # True while decoding what the store holds: a limit type registered by another
 # process (a notebook's) is still a valid stored fact.
 _reading_stored: ContextVar[bool] = ContextVar("_reading_stored", default=False)
 
 
-def register_limit_type_name(name: str) -> None:
+def register_limit_type_name(name: str, *, per_symbol: bool = True) -> None:
     """Make ``name`` acceptable as a ``limit_type`` in LimitSet / LimitViolationDetected.
 
     The limits layer calls this when a limit type is registered; events name limit
-    types by string so that a type defined in a notebook can be stored.
+    types by string so that a type defined in a notebook can be stored. ``per_symbol``
+    False (a type with one limit per account): a LimitSet of it may not name a symbol,
+    which would otherwise be shown in force and never evaluated.
     """
     if not isinstance(name, str) or not name or not name.isidentifier():
         raise ValueError(f"a limit type name must be a non-empty identifier, got {name!r}")
     _limit_type_names.add(name)
+    if per_symbol:
+        _account_wide_types.discard(name)
+    else:
+        _account_wide_types.add(name)
 
 
 def known_limit_types() -> frozenset[str]:
@@ -283,16 +291,19 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
                 raise InvalidEvent(name, spec[2], _OUT_OF_RANGE.format(t.isoformat())) from None
             msgspec.structs.force_setattr(self, spec[2], utc)
         limit_type = getattr(self, "limit_type", None)
-        if (
-            limit_type is not None
-            and limit_type not in _limit_type_names
-            and not _reading_stored.get()
-        ):
-            raise InvalidEvent(
-                name,
-                "limit_type",
-                f"unknown limit type {limit_type!r} (known: {', '.join(sorted(_limit_type_names))})",
-            )
+        if limit_type is not None and not _reading_stored.get():
+            if limit_type not in _limit_type_names:
+                raise InvalidEvent(
+                    name,
+                    "limit_type",
+                    f"unknown limit type {limit_type!r} (known: {', '.join(sorted(_limit_type_names))})",
+                )
+            if name == "LimitSet" and limit_type in _account_wide_types and self.symbol is not None:  # type: ignore[attr-defined]
+                raise InvalidEvent(
+                    name,
+                    "symbol",
+                    f"{limit_type} is a limit per account: a symbol does not apply (leave it out)",
+                )
 
 
 class TradeExecuted(Event, frozen=True, kw_only=True):

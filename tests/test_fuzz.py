@@ -373,14 +373,23 @@ EVENTS = st.one_of(
         reason=TEXT,
         updated_at=TIMES,
     ),
-    st.builds(
+    st.builds(  # a symbol only where the type is per symbol
         riskbook.LimitSet,
         account_id=IDS,
         limit_type=st.sampled_from(riskbook.LimitType).map(str),
         value=st.floats(min_value=0, allow_nan=False, allow_infinity=False),
         set_by=IDS,
         set_at=TIMES,
-        symbol=st.none() | IDS,
+        symbol=st.none(),
+    ),
+    st.builds(
+        riskbook.LimitSet,
+        account_id=IDS,
+        limit_type=st.just("MaxPositionSize"),
+        value=st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+        set_by=IDS,
+        set_at=TIMES,
+        symbol=IDS,
     ),
     st.builds(
         riskbook.AccountBlocked, account_id=IDS, reason=TEXT, blocked_by=IDS, blocked_at=TIMES

@@ -1342,3 +1342,23 @@ def test_types_takes_one_name_or_several() -> None:
     one = limits.breaches(h, types="MaxGrossNotional", levels=1.0)
     assert one["limit_type"].cast(pl.String).to_list() == ["MaxGrossNotional"]
     assert one.equals(limits.breaches(h, types=["MaxGrossNotional"], levels=1.0))
+
+
+def test_a_symbol_on_a_limit_per_account_is_refused() -> None:
+    # it was shown in force and never evaluated: a mistyped limit that protects nothing
+    with pytest.raises(
+        riskbook.InvalidEvent, match=r"LimitSet\.symbol: MaxLeverage is a limit per account"
+    ):
+        riskbook.LimitSet(account_id="A", limit_type="MaxLeverage", value=0.1, set_by="x",
+                          set_at=at(0), symbol="ACME")  # fmt: skip
+    limits.register(GROSS, replace=True)
+    with pytest.raises(riskbook.InvalidEvent, match="MaxGrossNotional is a limit per account"):
+        riskbook.LimitSet(account_id="A", limit_type="MaxGrossNotional", value=1.0, set_by="x",
+                          set_at=at(0), symbol="ACME")  # fmt: skip
+    with pytest.raises(ValueError, match="MaxGrossNotional is a limit per account"):
+        limits.hypothetical_limits(
+            [{"account_id": "*", "limit_type": "MaxGrossNotional", "value": 100, "symbol": "X"}]
+        )
+    # a per-symbol type keeps its symbol overrides
+    riskbook.LimitSet(account_id="A", limit_type="MaxPositionSize", value=1.0, set_by="x",
+                      set_at=at(0), symbol="ACME")  # fmt: skip

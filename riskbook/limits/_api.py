@@ -180,7 +180,16 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
     if rows["account_id"].null_count():
         raise ValueError("every hypothetical limit needs an account_id (or '*')")
     for name in rows["limit_type"].unique().to_list():
-        get(name)  # KeyError for a type that is not registered
+        scope = get(name).scope  # KeyError for a type that is not registered
+        if "symbol" not in scope:
+            with_symbol = rows.filter(
+                (pl.col("limit_type") == name) & pl.col("symbol").is_not_null()
+            )
+            if with_symbol.height:
+                raise ValueError(
+                    f"{name} is a limit per account (scope {scope}): a symbol does not apply"
+                    f" ({with_symbol.row(0, named=True)})"
+                )
     return rows
 
 

@@ -169,7 +169,7 @@ def register(definition: LimitDefinition, *, replace: bool = False) -> LimitDefi
                 f"limit type {definition.name!r} is already registered to a different "
                 "definition (pass replace=True to replace it)"
             )
-        register_limit_type_name(definition.name)
+        register_limit_type_name(definition.name, per_symbol="symbol" in definition.scope)
         _registry[definition.name] = definition
     return definition
 
