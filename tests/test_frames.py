@@ -165,13 +165,16 @@ def random_history(store: Store, n: int = 400, seed: int = 5) -> None:
                 account_id=a, amount=rng.choice([1, -1]) * rng.uniform(1e3, 1e5), funded_at=t
             )
         elif r < 0.9:
+            kind = rng.choice(list(riskbook.LimitType)).value
+            value, by = rng.uniform(1, 1000), rng.choice(["alice", "bob"])
+            symbol = rng.choice([None, *symbols])  # drawn always: the same stream of choices
             e = riskbook.LimitSet(
                 account_id=a,
-                limit_type=rng.choice(list(riskbook.LimitType)).value,
-                value=rng.uniform(1, 1000),
-                set_by=rng.choice(["alice", "bob"]),
+                limit_type=kind,
+                value=value,
+                set_by=by,
                 set_at=t,
-                symbol=rng.choice([None, *symbols]),
+                symbol=symbol if kind == "MaxPositionSize" else None,  # per symbol only there
             )
         else:
             e = riskbook.PositionUpdated(
