@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from riskbook.events import STORED_INFINITY
 from riskbook.store import ImportResult, Store, connect, redact
 
 __all__ = ["NOTEBOOKS", "SAMPLE", "lab_command", "lab_env", "open_sample", "run"]
@@ -287,15 +288,13 @@ SELECT b.aggregate_id, b.payload->>'blocked_at', b.payload->>'reason',
  ORDER BY b.position
 """
 
-_LARGEST = 1.7976931348623157e308  # how the processor stores an infinite metric (JSON has no inf)
-
 
 def _number(raw: Any) -> str:
     try:
         value = float(raw)
     except (TypeError, ValueError):
         return "?" if raw is None else str(raw)
-    if value >= _LARGEST:
+    if value >= STORED_INFINITY:
         return "infinite"
     return f"{value:,.2f}"
 

@@ -54,6 +54,7 @@ __all__ = [
     "EVENT_TYPES",
     "INSTRUMENT",
     "MAX_SEQUENCE",
+    "STORED_INFINITY",
     "AccountBlocked",
     "AccountFunded",
     "AccountUnblocked",
@@ -111,6 +112,11 @@ class LimitType(StrEnum):
     MaxDrawdown = "MaxDrawdown"
     MaxLeverage = "MaxLeverage"
 
+
+STORED_INFINITY = 1.7976931348623157e308  # sys.float_info.max
+"""How an infinite metric is written in an event (``current_value`` of a violation:
+leverage with equity <= 0): the largest finite double, since events (and JSON) hold
+finite numbers only. Read back, a value this large means infinite."""
 
 _limit_type_names: set[str] = {t.value for t in LimitType}
 # Limit types with one limit per account: a LimitSet of one names no symbol.

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import html
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,7 +49,7 @@ from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
 from riskbook.errors import RiskbookError
-from riskbook.events import Envelope
+from riskbook.events import STORED_INFINITY, Envelope
 from riskbook.frames import History
 from riskbook.live import CheckResult, Commit, Processor
 from riskbook.live import check as live_check
@@ -164,7 +163,7 @@ def _figure(v: float) -> str:
     """A limit or metric value for people: 81,000 and 97,900 (not 8.1e+04), 0.148, 2.5."""
     if not math.isfinite(v):
         return "infinite" if v > 0 else str(v)
-    if v >= sys.float_info.max:
+    if v >= STORED_INFINITY:
         return "infinite"
     if abs(v) >= 1000:
         return f"{v:,.0f}" if v == round(v) else f"{v:,.2f}"

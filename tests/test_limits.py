@@ -1083,7 +1083,8 @@ def test_the_audit_trail_at_t_is_the_changes_that_apply_by_t() -> None:
 # ============================================================================ reconciliation
 
 
-def test_reconcile_matches_reports_and_explains_the_rest() -> None:
+def reconciled_history() -> History:
+    """Reports matched, busted (B, known at 30), missing (C) and without a cause (A's second)."""
     b = Book()
     b.limit("A", "MaxPositionSize", 100, at(0))
     b.limit("B", "MaxPositionSize", 100, at(0))
@@ -1100,11 +1101,15 @@ def test_reconcile_matches_reports_and_explains_the_rest() -> None:
     b.fund("C", 100, at(3))
     b.trade("C", "Y", "Buy", 20, 10, at(4))  # leverage 2: never reported
     b.trade("A", "X", "Sell", 100, 10, at(5))
-    b.trade("A", "X", "Buy", 100, 10, at(6))  # a second breach, reported without a cause
+    b.trade("A", "X", "Buy", 100, 10, at(6))  # a second breach, reported 2 s later, without a cause
     b.add(LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
                                  current_value=150, limit_value=100,
                                  detected_at=at(6) + timedelta(seconds=2)))  # fmt: skip
-    h = b.history()
+    return b.history()
+
+
+def test_reconcile_matches_reports_and_explains_the_rest() -> None:
+    h = reconciled_history()
     rec = limits.reconcile(h)
     got = rec.select("status", pl.col("account_id").cast(pl.String), "started_at", "reason").rows()
     assert [g[:3] for g in got] == [
@@ -1124,27 +1129,7 @@ def test_reconcile_matches_reports_and_explains_the_rest() -> None:
 def test_reconcile_at_t_takes_the_breaches_and_reports_by_t() -> None:
     from polars.testing import assert_frame_equal
 
-    b = Book()
-    b.limit("A", "MaxPositionSize", 100, at(0))
-    b.limit("B", "MaxPositionSize", 100, at(0))
-    b.limit("C", "MaxLeverage", 1.0, at(0))
-    over = b.trade("A", "X", "Buy", 150, 10, at(1))
-    b.add(LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
-                                 current_value=150, limit_value=100, detected_at=at(1)),
-          causation_id=uuid.UUID(over))  # fmt: skip
-    busted = b.trade("B", "X", "Buy", 150, 10, at(2), trade_id="T-BAD")
-    b.add(LimitViolationDetected(account_id="B", limit_type="MaxPositionSize", symbol="X",
-                                 current_value=150, limit_value=100, detected_at=at(2)),
-          causation_id=uuid.UUID(busted))  # fmt: skip
-    b.cancel("B", "T-BAD", at(3), recorded=at(30))
-    b.fund("C", 100, at(3))
-    b.trade("C", "Y", "Buy", 20, 10, at(4))  # leverage 2: never reported
-    b.trade("A", "X", "Sell", 100, 10, at(5))
-    b.trade("A", "X", "Buy", 100, 10, at(6))  # a second breach, reported 2 s later
-    b.add(LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
-                                 current_value=150, limit_value=100,
-                                 detected_at=at(6) + timedelta(seconds=2)))  # fmt: skip
-    h = b.history()
+    h = reconciled_history()
 
     def got(**kw: Any) -> list[tuple[Any, ...]]:
         rec = limits.reconcile(h, **kw)

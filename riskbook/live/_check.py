@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -13,6 +12,7 @@ import polars as pl
 
 from riskbook.errors import ConcurrencyConflict, RiskbookError
 from riskbook.events import (
+    STORED_INFINITY,
     AccountUnblocked,
     Envelope,
     Side,
@@ -70,7 +70,7 @@ class CheckResult:
         for reason in out["reasons"]:
             for key in ("value", "excess"):
                 if isinstance(reason[key], float) and math.isinf(reason[key]):
-                    reason[key] = math.copysign(sys.float_info.max, reason[key])
+                    reason[key] = math.copysign(STORED_INFINITY, reason[key])
         out["at"] = format_time(self.at)
         out["decision"] = "accept" if self.accepted else "reject"
         return out

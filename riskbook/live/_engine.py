@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from riskbook.events import AccountBlocked, LimitViolationDetected
+from riskbook.events import STORED_INFINITY, AccountBlocked, LimitViolationDetected
 from riskbook.frames import EVENTS_SCHEMA, KINDS, History
 from riskbook.limits import BreachState, evaluate, get, names, shared_timelines
 from riskbook.limits._evaluate import _limit_frame
@@ -73,7 +72,6 @@ _MIN = np.iinfo(np.int64).min
 _FANOUT = 16  # segments of a tier merged into one of the next
 _WHOLE = 1 << 30  # the tier of a segment that holds everything before it: never merged
 _TIME = pl.Datetime("us", "UTC")
-_LARGEST = sys.float_info.max
 _WHY_INFINITE = {"MaxLeverage": "equity <= 0"}
 
 
@@ -505,7 +503,7 @@ class Engine:
 
         An infinite metric (leverage with equity <= 0 and a position, DESIGN.md §4)
         cannot be stored (events hold finite numbers only): the violation's
-        ``current_value`` is then the largest finite double (``sys.float_info.max``,
+        ``current_value`` is then :data:`riskbook.events.STORED_INFINITY` (the largest double,
         greater than any limit), the block's reason says "infinite", and the
         :class:`Effect`'s ``value`` keeps ``inf``. ``riskbook.reconcile`` matches
         violations by cause and limit, so the clamped value reconciles as any other.
@@ -562,7 +560,7 @@ class Engine:
                 event: Any = LimitViolationDetected(
                     account_id=account,
                     limit_type=name,
-                    current_value=min(value, _LARGEST),
+                    current_value=min(value, STORED_INFINITY),
                     limit_value=row["limit_value"],
                     detected_at=row["started_at"],
                     symbol=symbol,

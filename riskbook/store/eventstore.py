@@ -1633,6 +1633,8 @@ SELECT coalesce(sum(n - 1), 0)
 # The first line that repeats an earlier line's event id with other content (any
 # column the import keeps, the sequence where both give one), and the line of the
 # id's first appearance.
+_CONTENT_LIST = ", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)
+
 _TWIN_SQL = f"""
 WITH firsts AS (
     SELECT DISTINCT ON (event_id) *
@@ -1662,10 +1664,10 @@ SELECT s.line_no, s.event_id
 _DIFFERING_SQL = f"""
 SELECT {_differing("f", "s")}
   FROM riskbook_import s,
-       LATERAL (SELECT {", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)}, sequence
+       LATERAL (SELECT {_CONTENT_LIST}, sequence
                   FROM riskbook_import WHERE line_no = %(first)s
                  UNION ALL
-                SELECT {", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)}, sequence
+                SELECT {_CONTENT_LIST}, sequence
                   FROM events WHERE %(first)s::bigint IS NULL AND event_id = s.event_id) f
  WHERE s.line_no = %(line)s
  LIMIT 1
