@@ -18,11 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from riskbook._home import make_private_dirs, riskbook_home
 from riskbook.events import STORED_INFINITY
 from riskbook.store import ImportResult, Store, connect, redact
 
@@ -61,11 +63,17 @@ def _sample_file(sample: Path | None) -> Path:
     # Installed without the repository's data/: make the same sample on the fly.
     from riskbook import simulate
 
-    out = Path.home() / ".riskbook" / "sample.jsonl.gz"
+    out = riskbook_home() / "sample.jsonl.gz"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(out.parent)
         _say(f"generating the sample history into {out} ...")
-        simulate.write_jsonl(simulate.generate(**simulate.SAMPLE_PARAMS), out)
+        # Made aside and moved in, key first: an interrupted run or a second demo at the
+        # same time never leaves a half-written sample where the next run would use it.
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sample-") as tmp:
+            made = Path(tmp) / out.name
+            key = simulate.write_jsonl(simulate.generate(**simulate.SAMPLE_PARAMS), made)
+            os.replace(key, simulate.key_path(out))
+            os.replace(made, out)
     return out
 
 

@@ -245,3 +245,20 @@ def test_the_demo_gives_jupyterlab_an_absolute_home(tmp_path: Path) -> None:
     assert env["RISKBOOK_CACHE"] == str(tmp_path.resolve() / "c")
     assert env["X"] == "1" and "RISKBOOK_DSN" not in env
     assert demo.lab_env("postgresql:///x", {})["RISKBOOK_DSN"] == "postgresql:///x"
+
+
+def test_the_demo_makes_its_sample_in_the_riskbook_home(tmp_path: Path, monkeypatch) -> None:
+    # Installed without the repository's data/, the demo makes the sample on the fly: in
+    # RISKBOOK_HOME (it went to ~/.riskbook whatever the home), with its answer key, and
+    # the same bytes as the bundled one; nothing half-made is left beside it.
+    from riskbook import demo
+
+    bundled = demo.SAMPLE
+    monkeypatch.setattr(demo, "SAMPLE", tmp_path / "absent" / "sample.jsonl.gz")
+    monkeypatch.setenv("RISKBOOK_HOME", str(tmp_path / "home"))
+    made = demo._sample_file(None)
+    assert made == tmp_path / "home" / "sample.jsonl.gz"
+    assert made.read_bytes() == bundled.read_bytes()
+    assert demo._answer_key(made) == demo._answer_key(bundled)
+    assert sorted(p.name for p in made.parent.iterdir()) == ["sample.jsonl.gz", "sample.key.json"]
+    assert demo._sample_file(None) == made  # made once
