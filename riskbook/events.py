@@ -159,12 +159,21 @@ def format_time(t: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 time that carries a zone; the result is in UTC."""
+    """Parse an RFC 3339 time that carries a zone; the result is in UTC.
+
+    Times are kept to the microsecond: digits past the sixth are dropped, never rounded
+    up, so a bound such as ``at`` or ``known_at`` never reaches past the time it names.
+    """
+    if isinstance(text, str):
+        text = _FINER_THAN_MICROSECONDS.sub(r"\1", text, count=1)
     try:
         t = msgspec.json.decode(msgspec.json.encode(text), type=_AwareTime)
     except msgspec.ValidationError as exc:
         raise ValueError(f"{text!r} is not an RFC 3339 time with a zone") from exc
     return _in_utc(t)
+
+
+_FINER_THAN_MICROSECONDS = re.compile(r"(:\d\d\.\d{6})\d+")
 
 
 def _in_utc(t: datetime) -> datetime:

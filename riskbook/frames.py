@@ -215,7 +215,9 @@ class Filters:
       recorded before its trade comes in with the trade, on refresh too), and the
       account-level events that apply to every symbol (funding, blocks, account-wide
       limits and violations);
-    * ``since`` / ``until``: business time in ``[since, until]``;
+    * ``since`` / ``until``: business time in ``[since, until]``, except busts: a bust
+      acts as soon as it is known whatever its ``cancelled_at`` (DESIGN §4), so every
+      bust is kept (one whose trade is outside the window changes nothing);
     * ``known_at``: recorded time ``<= known_at`` -- what the engine knew then.
     """
 
@@ -313,11 +315,14 @@ class Filters:
     def _times(self, parts: list[str], params: list[Any]) -> tuple[list[str], list[Any]]:
         """The business and recorded time conditions on ``f``, added to ``parts``."""
         parts, params = list(parts), list(params)
+        # A bust acts as soon as it is known, whatever its cancelled_at (DESIGN §4): the
+        # business-time window does not apply to it, or a trade inside the window whose
+        # bust says a later time would count again.
         if self.since is not None:
-            parts.append("f.occurred_at >= %s")
+            parts.append("(f.occurred_at >= %s OR f.event_type = 'TradeCancelled')")
             params.append(self.since)
         if self.until is not None:
-            parts.append("f.occurred_at <= %s")
+            parts.append("(f.occurred_at <= %s OR f.event_type = 'TradeCancelled')")
             params.append(self.until)
         if self.known_at is not None:
             parts.append('f."timestamp" <= %s')
@@ -349,10 +354,11 @@ class Filters:
             elif symbol not in self.symbols:
                 return False
         t = env.business_time
-        if self.since is not None and (t is None or t < self.since):
-            return False
-        if self.until is not None and (t is None or t > self.until):
-            return False
+        if kind != "TradeCancelled":  # a bust is outside the business-time window, as in SQL
+            if self.since is not None and (t is None or t < self.since):
+                return False
+            if self.until is not None and (t is None or t > self.until):
+                return False
         return not (self.known_at is not None and env.timestamp > self.known_at)
 
 
@@ -1320,7 +1326,7 @@ def _cache_root() -> Path:
 # _MAX_SEGMENTS they are merged into one.
 _MAX_SEGMENTS = 8
 # the cache's own layout (not the export's): older entries are misses. 2: the ranges
-_CACHE_FORMAT = "arrow-ipc-2"
+_CACHE_FORMAT = "arrow-ipc-3"  # 3: busts outside since/until kept
 
 
 def _segments(directory: Path) -> list[tuple[Path, int, int]]:

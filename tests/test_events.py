@@ -103,6 +103,21 @@ def test_times_are_rfc3339_utc_with_microseconds() -> None:
         ev.parse_time("2024-01-01T00:00:00")
 
 
+def test_a_bound_finer_than_a_microsecond_is_cut_not_rounded_up() -> None:
+    # .NET writes seven digits ("o"): 100 ns before a trade must not take the trade in.
+    last = datetime(2024, 3, 1, 20, 0, 59, 999999, tzinfo=UTC)
+    assert ev.parse_time("2024-03-01T20:00:59.9999999Z") == last
+    assert ev.parse_time("2024-03-01T21:00:59.999999999+01:00") == last
+    assert ev.parse_time("2024-03-01T20:00:59.1234565Z").microsecond == 123456
+    trade = ev.TradeExecuted(
+        trade_id="T", account_id="A", symbol="S", side=ev.Side.Buy, quantity=1.0, price=1.0,
+        executed_at=last + timedelta(microseconds=1),
+    )  # fmt: skip
+    h = riskbook.History.from_events(trade)
+    assert riskbook.positions(h, at="2024-03-01T20:00:59.9999999Z").height == 0
+    assert riskbook.positions(h, at="2024-03-01T20:01:00.0000000Z").height == 1
+
+
 def test_python_construction_validates_and_normalizes() -> None:
     t = datetime(2024, 3, 1, 10, 30, tzinfo=timezone(timedelta(hours=1)))
     trade = riskbook.TradeExecuted(

@@ -237,12 +237,50 @@ def test_filters_give_exactly_the_matching_events(populated: Store, filters: Fil
             continue
         if filters.symbols and sym is None and e.event_type in ("PositionUpdated",):
             continue
-        if filters.since and p.business_time < filters.since:  # type: ignore[union-attr]
+        busted = e.event_type == "TradeCancelled"  # a bust: whatever its business time
+        if not busted and filters.since and p.business_time < filters.since:  # type: ignore[union-attr]
             continue
-        if filters.until and p.business_time > filters.until:  # type: ignore[union-attr]
+        if not busted and filters.until and p.business_time > filters.until:  # type: ignore[union-attr]
             continue
         expected.add(str(e.event_id))
     assert set(h.events["event_id"].to_list()) == expected
+
+
+def test_a_window_keeps_the_busts_that_say_a_later_time(fresh_store: Store) -> None:
+    # A trade inside [since, until] busted with a cancelled_at after until: the bust acts
+    # as soon as it is known, whatever its cancelled_at (DESIGN §4), so the window's
+    # positions are those of the whole history at until. The window dropped the bust
+    # and the fat finger counted again, in load, in memory and in exports.
+    t = T0 + timedelta(hours=1)
+
+    def buy(trade_id: str, quantity: float) -> riskbook.TradeExecuted:
+        return riskbook.TradeExecuted(
+            trade_id=trade_id, account_id="ACC-1", symbol="AAPL", side=riskbook.Side.Buy,
+            quantity=quantity, price=10.0, executed_at=t,
+        )  # fmt: skip
+
+    def bust(trade_id: str, when: datetime) -> riskbook.TradeCancelled:
+        return riskbook.TradeCancelled(
+            trade_id=trade_id, account_id="ACC-1", reason="bust", cancelled_at=when
+        )
+
+    fresh_store.append(
+        "ACC-1",
+        [buy("good", 100), buy("fat", 900), bust("fat", t + timedelta(hours=2)),
+         bust("none", T0 - timedelta(days=1))],
+    )  # fmt: skip
+    until = t + timedelta(minutes=1)
+    whole = riskbook.positions(load(fresh_store, cache=False), at=until)
+    assert whole["quantity"].to_list() == [100.0]
+    envs = fresh_store.read_all()
+    for since in (None, t - timedelta(minutes=1)):
+        filters = Filters(since=since, until=until)
+        for h in (
+            load(fresh_store, since=since, until=until, cache=False),
+            History.from_envelopes(envs, filters=filters),
+        ):
+            assert riskbook.positions(h)["quantity"].to_list() == [100.0]
+            assert h.cancels.height == 2  # both busts; the one of no trade changes nothing
 
 
 def test_known_at_keeps_what_was_recorded_by_then(populated: Store) -> None:

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -1347,3 +1347,26 @@ def test_a_symbol_on_a_limit_per_account_is_refused() -> None:
     # a per-symbol type keeps its symbol overrides
     riskbook.LimitSet(account_id="A", limit_type="MaxPositionSize", value=1.0, set_by="x",
                       set_at=at(0), symbol="ACME")  # fmt: skip
+
+
+def test_a_hypothetical_set_at_needs_a_time_zone() -> None:
+    # Read as UTC, a notebook's local naive time moved the limit by the writer's offset,
+    # where every other time parameter refuses it.
+    naive = datetime(2024, 3, 1, 20, 2)
+    one = {"account_id": "A", "limit_type": "MaxPositionSize", "value": 50.0}
+    with pytest.raises(ValueError, match="set_at has no time zone"):
+        limits.hypothetical_limits([{**one, "set_at": naive}])
+    with pytest.raises(ValueError, match="set_at has no time zone"):
+        limits.hypothetical_limits(pl.DataFrame([{**one, "set_at": naive}]))
+    east = timezone(timedelta(hours=2))
+    for when in (naive.replace(tzinfo=east), "2024-03-01T20:02:00+02:00"):
+        rows = limits.hypothetical_limits([{**one, "set_at": when}])
+        assert rows["set_at"].to_list() == [datetime(2024, 3, 1, 18, 2, tzinfo=UTC)]
+        assert rows.schema["set_at"] == pl.Datetime("us", "UTC")
+    zoned = pl.DataFrame([{**one, "set_at": naive}]).with_columns(
+        pl.col("set_at").dt.replace_time_zone("Europe/Paris")
+    )
+    assert limits.hypothetical_limits(zoned)["set_at"].to_list() == [
+        datetime(2024, 3, 1, 19, 2, tzinfo=UTC)
+    ]
+    assert limits.hypothetical_limits([one])["set_at"].to_list() == [None]  # from the start

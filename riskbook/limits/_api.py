@@ -162,6 +162,14 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
             )
     if "set_at" in frame.columns and frame.schema["set_at"] == pl.String:
         frame = frame.with_columns(pl.col("set_at").map_elements(parse_time, return_dtype=_TIME))
+    elif "set_at" in frame.columns and isinstance(frame.schema["set_at"], pl.Datetime):
+        zone = frame.schema["set_at"].time_zone  # type: ignore[union-attr]
+        if zone is None and frame["set_at"].null_count() < frame.height:
+            # as every other time parameter: a naive time in a notebook is local time
+            # to its writer, and read as UTC it would move the limit by the offset
+            raise ValueError("set_at has no time zone: give UTC explicitly")
+        if zone is not None:
+            frame = frame.with_columns(pl.col("set_at").dt.convert_time_zone("UTC"))
     frame = frame.with_columns(
         (pl.col("set_by") if "set_by" in frame.columns else pl.lit(None, pl.String))
         .cast(pl.String)
