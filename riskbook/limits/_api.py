@@ -163,7 +163,7 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
     if "set_at" in frame.columns and frame.schema["set_at"] == pl.String:
         frame = frame.with_columns(pl.col("set_at").map_elements(parse_time, return_dtype=_TIME))
     elif "set_at" in frame.columns and isinstance(frame.schema["set_at"], pl.Datetime):
-        zone = frame.schema["set_at"].time_zone  # type: ignore[union-attr]
+        zone = frame.schema["set_at"].time_zone
         if zone is None and frame["set_at"].null_count() < frame.height:
             # as every other time parameter: a naive time in a notebook is local time
             # to its writer, and read as UTC it would move the limit by the offset
