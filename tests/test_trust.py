@@ -566,6 +566,66 @@ def test_grants_refuse_what_cannot_be_made_least_privilege(history: Store, role:
         roles.grant_reader(history, role)
 
 
+def test_grants_see_column_privileges_inherited_from_a_group(history: Store, role: str) -> None:
+    # UPDATE (position) on the checkpoints through a group: the reader could rewind the
+    # live processor, and the grant said "can read ... and nothing else".
+    group = f"{role}_team"
+    with psycopg.connect(history.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(group)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+            sql.Identifier(role), sql.Identifier(group)))  # fmt: skip
+        conn.execute(sql.SQL("GRANT UPDATE (position) ON processor_checkpoints TO {}").format(
+            sql.Identifier(group)))  # fmt: skip
+    try:
+        with pytest.raises(StoreError, match="UPDATE on columns of processor_checkpoints"):
+            roles.grant_reader(history, role)
+    finally:
+        with psycopg.connect(history.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(group)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(group)))
+
+
+def test_a_role_without_grants_is_told_to_ask_for_one(history: Store, role: str) -> None:
+    with psycopg.connect(history.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    parts = psycopg.conninfo.conninfo_to_dict(history.dsn)
+    parts["user"] = role
+    parts.pop("password", None)
+    stranger = psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=rf"role '{role}' may not read this store.*grant-reader"):
+        Store(stranger)  # it was told the schema was at version 0 and to upgrade it
+
+
+def test_a_reader_finds_a_store_kept_outside_public(
+    make_database: Callable[[], str], role: str
+) -> None:
+    # The owner keeps the store in a schema of its own: the printed DSN reached nothing
+    # (and where the role could create in public, connecting made an empty store there).
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:  # "$user", first on the path
+        me = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(me)))
+        conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # as PostgreSQL <= 14 did
+    owner = Store(dsn)
+    try:
+        owner.append("A", [funded("A")])
+        grant = roles.grant_reader(owner, role)
+        reader = Store(grant.dsn)
+        try:
+            assert reader.count() == 1 and reader.schema_version() == migrations.head()
+        finally:
+            reader.close()
+        with psycopg.connect(dsn) as conn:
+            schemas = conn.execute(
+                "SELECT relnamespace::regnamespace::text FROM pg_class WHERE relname = 'events'"
+            ).fetchall()
+        assert schemas == [(me,)]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the role fixture cleans the other
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        owner.close()
+
+
 def test_cli_grant_reader_reads_the_password_from_stdin(history: Store, role: str) -> None:
     password = "Pa55-word;DROP ROLE x--'"
     done = run("db", "grant-reader", role, "--password", "--dsn", history.dsn, stdin=password)

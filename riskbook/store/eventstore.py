@@ -202,7 +202,7 @@ class Store:
             max_overflow=16,
         )
         if migrate:
-            self.migrate()
+            self.migrate(create=False)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -283,17 +283,19 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def migrate(self, *, target: int | None = None) -> list[int]:
+    def migrate(self, *, target: int | None = None, create: bool = True) -> list[int]:
         """Bring the schema to ``target`` (default: newest); return the versions applied.
 
         Nothing is written when the schema is already there, so a role that may only
         read (``riskbook db grant-reader``) can connect to a current store; to one that
-        is behind, it gets an error saying who must upgrade it.
+        is behind, it gets an error saying who must upgrade it. ``create`` False (what
+        connecting does): refuse to make a new store when the database holds one in a
+        schema this connection's search_path does not reach.
         """
         conn = _connect(self._dsn, autocommit=True)
         try:
             with conn:
-                return migrations.migrate(conn, target=target)
+                return migrations.migrate(conn, target=target, create=create)
         except psycopg.errors.InsufficientPrivilege:
             raise StoreError(self._behind(target)) from None
         except psycopg.Error as exc:
@@ -303,6 +305,12 @@ class Store:
         try:
             with _connect(self._dsn) as conn:
                 have = max(migrations.applied_versions(conn), default=0)
+        except psycopg.errors.InsufficientPrivilege:
+            return (
+                f"the role {self._role()!r} may not read this store: ask its owner for "
+                "`riskbook db grant-reader` (or grant-processor), and connect with the DSN "
+                "it prints"
+            )
         except (StoreError, psycopg.Error):
             have = 0
         want = migrations.head() if target is None else target
@@ -509,7 +517,11 @@ class Store:
                         return
                     wait = min(wait, left)
                 notified = max(
-                    (int(n.payload) for n in conn.notifies(timeout=wait, stop_after=1)), default=0
+                    (
+                        _notified_position(n.payload)
+                        for n in conn.notifies(timeout=wait, stop_after=1)
+                    ),
+                    default=0,
                 )
                 # Notified of a position we cannot read yet: an older transaction is still
                 # open below it. Re-check soon, backing off, instead of waiting a full period.
@@ -866,6 +878,15 @@ def _open_maybe_gzip(path: Path) -> Iterator[Iterable[bytes]]:
                 yield inflated
         else:
             yield fh
+
+
+def _notified_position(payload: str) -> int:
+    """The position a NOTIFY on the events channel names; 0 (a plain wake-up) for any
+    other payload: every role that can connect may NOTIFY, and must not stop followers."""
+    try:
+        return int(payload)
+    except ValueError:
+        return 0
 
 
 # One envelope on its way to COPY: line number, aggregate, given sequence, column values.

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 from riskbook.errors import StoreError
 
-__all__ = ["Migration", "applied_versions", "available", "head", "migrate"]
+__all__ = ["Migration", "applied_versions", "available", "head", "migrate", "store_schema"]
 
 _LOCK_KEY = 0x7269736B626F6F6B & 0x7FFFFFFFFFFFFFFF  # "riskbook"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -57,20 +58,76 @@ def applied_versions(conn: psycopg.Connection) -> list[int]:
     return [r[0] for r in conn.execute("SELECT version FROM riskbook_migrations ORDER BY version")]
 
 
-def migrate(conn: psycopg.Connection, *, target: int | None = None) -> list[int]:
+def store_schema(conn: psycopg.Connection) -> str | None:
+    """The schema of the store this connection's search_path finds (None: none)."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass('riskbook_migrations')"
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _stores_elsewhere(conn: psycopg.Connection) -> list[str]:
+    """The schemas of this database that hold a riskbook store (whether or not this role
+    may use them: the catalogue is readable by all)."""
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname = 'riskbook_migrations' AND c.relkind IN ('r', 'p') ORDER BY 1"
+        )
+    ]
+
+
+def migrate(
+    conn: psycopg.Connection, *, target: int | None = None, create: bool = True
+) -> list[int]:
     """Bring the database to ``target`` (default: the newest schema); return what ran.
 
     ``conn`` must be in autocommit mode; each migration commits on its own, so a failure
-    leaves the database at the last good version.
+    leaves the database at the last good version. Every migration runs in the schema of
+    the store the search_path finds, even if another schema now comes first on the path
+    (a user's own schema made later): an upgrade never starts a second, empty store there.
+
+    A new store is made in the first schema of the search_path, unless this database
+    already holds a store in a schema the search_path does not reach (a role whose path
+    misses the store would otherwise make and own an empty one): that is refused unless
+    ``create`` (``riskbook db upgrade`` asks for it explicitly).
+
+    Raises
+    ------
+    StoreError
+        A store elsewhere (see above); a migration that fails, named; a database newer
+        than this riskbook.
     """
     migrations = available()
     target = len(migrations) if target is None else target
     ran: list[int] = []
     if set(applied_versions(conn)) >= {m.version for m in migrations[:target]}:
         migrations = []  # nothing to do: skip the lock on the common path
+    schema = store_schema(conn) if migrations[:target] else None
+    if migrations[:target] and schema is None:
+        current = conn.execute("SELECT current_schema()").fetchone()
+        schema = None if current is None else current[0]
+        path = conn.execute("SHOW search_path").fetchone()[0]  # type: ignore[index]
+        if schema is None:
+            raise StoreError(
+                f"no schema on this connection's search_path ({path}) exists to make the "
+                "store in: create one, or set search_path in the DSN (options=-csearch_path=...)"
+            )
+        others = _stores_elsewhere(conn)
+        if others and not create:
+            raise StoreError(
+                f"this database holds a riskbook store in schema {others[0]!r}, which this "
+                f"connection's search_path ({path}) does not reach: add "
+                f"options=-csearch_path={others[0]} to the DSN (the DSNs that riskbook db "
+                f"grant-reader and grant-processor print do), or run `riskbook db upgrade` "
+                f"to make a second, empty store in schema {schema!r}"
+            )
     for m in migrations[:target]:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(str(schema))))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS riskbook_migrations ("
                 " version int PRIMARY KEY, name text NOT NULL,"
@@ -81,7 +138,15 @@ def migrate(conn: psycopg.Connection, *, target: int | None = None) -> list[int]
             ).fetchone()
             if done:
                 continue
-            conn.execute(m.sql.encode())
+            try:
+                conn.execute(m.sql.encode())
+            except psycopg.errors.InsufficientPrivilege:
+                raise  # the caller says who may upgrade
+            except psycopg.Error as exc:
+                raise StoreError(
+                    f"migration {m.version:04d}_{m.name} failed, the schema stays at version "
+                    f"{m.version - 1}: {exc.diag.message_primary or exc}"
+                ) from None
             conn.execute(
                 "INSERT INTO riskbook_migrations (version, name) VALUES (%s, %s)",
                 (m.version, m.name),

@@ -137,6 +137,14 @@ def _apply(conn: psycopg.Connection, role: str, kind: Kind, password: str | None
         )
     )
     conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), ident))
+    # The role finds the store whatever its default search_path ("$user", public): a
+    # store kept outside public was not found, and where the role may create in public
+    # (PostgreSQL <= 14) connecting made it an empty store of its own.
+    conn.execute(
+        sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path TO {}").format(
+            ident, sql.Identifier(conn.info.dbname), sql.Identifier(schema)
+        )
+    )
     present = [
         r[0]
         for r in conn.execute(
@@ -155,6 +163,9 @@ def _apply(conn: psycopg.Connection, role: str, kind: Kind, password: str | None
     return found is None
 
 
+_COLUMN_PRIVILEGES = frozenset({"INSERT", "UPDATE", "REFERENCES"})
+
+
 def _check(
     conn: psycopg.Connection, role: str, kind: Kind, present: list[str], writes: dict[str, str]
 ) -> None:
@@ -171,6 +182,12 @@ def _check(
             ).fetchone()
             if row and row[0]:
                 leaks.append(f"{privilege} on {rel}")
+            elif privilege in _COLUMN_PRIVILEGES:  # e.g. UPDATE (position) via a group
+                row = conn.execute(
+                    "SELECT has_any_column_privilege(%s, %s, %s)", (role, rel, privilege)
+                ).fetchone()
+                if row and row[0]:
+                    leaks.append(f"{privilege} on columns of {rel}")
     if leaks:
         raise StoreError(
             f"role {role!r} would still have {', '.join(leaks)} (inherited from a role it is a "

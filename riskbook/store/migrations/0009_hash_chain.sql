@@ -48,7 +48,14 @@ ALTER TABLE events ADD COLUMN hash bytea;
 
 -- Upgrade in place: chain the events already stored. UPDATE on events is refused by
 -- the append-only trigger; this migration is the one writer allowed to set the column.
+-- An UPDATE checks every row against the table's CHECKs, NOT VALID ones included: the
+-- aggregate-type rule of 0008 is set aside meanwhile, so that old rows written otherwise
+-- (which 0008 lets stay) do not stop the upgrade, and put back as it was after.
 ALTER TABLE events DISABLE TRIGGER events_append_only;
+CREATE TEMP TABLE riskbook_0009_check ON COMMIT DROP AS
+SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint  -- "... NOT VALID" if so
+ WHERE conrelid = 'events'::regclass AND conname = 'events_aggregate_type_matches';
+ALTER TABLE events DROP CONSTRAINT IF EXISTS events_aggregate_type_matches;
 UPDATE events e
    SET hash = c.hash
   FROM (SELECT position,
@@ -59,6 +66,13 @@ UPDATE events e
           FROM events) c
  WHERE e.position = c.position;
 ALTER TABLE events ENABLE TRIGGER events_append_only;
+DO $$
+DECLARE c record;
+BEGIN
+    FOR c IN SELECT def FROM riskbook_0009_check LOOP
+        EXECUTE 'ALTER TABLE events ADD CONSTRAINT events_aggregate_type_matches ' || c.def;
+    END LOOP;
+END $$;
 
 ALTER TABLE events ALTER COLUMN hash SET NOT NULL;
 ALTER TABLE events ADD CONSTRAINT events_hash_length CHECK (octet_length(hash) = 32);

@@ -1,0 +1,165 @@
+"""Migrations in odd databases: the store's schema not first on the search_path, a
+store in a schema the connection does not reach, old rows written by raw SQL, and
+followers woken by strangers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import riskbook
+from riskbook.errors import StoreError
+from riskbook.store import Store, migrations
+
+
+def with_options(dsn: str, options: str) -> str:
+    parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    parts["options"] = options
+    return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
+
+
+def tables_named(dsn: str, name: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.relname = %s ORDER BY 1",
+                (name,),
+            )
+        ]
+
+
+def funded(account: str) -> riskbook.AccountFunded:
+    return riskbook.AccountFunded(
+        account_id=account, amount=5.0, funded_at=datetime(2024, 1, 1, tzinfo=UTC)
+    )
+
+
+def test_an_upgrade_stays_in_the_stores_schema(make_database: Callable[[], str]) -> None:
+    # A schema named after the role ("$user", first on the default path) made after the
+    # store: the upgrade made a second, empty store there and the history disappeared.
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=migrations.head() - 1)
+    old.append("A", [funded("A")])
+    old.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        me = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(me)))
+    store = Store(dsn)
+    try:
+        assert store.schema_version() == migrations.head()
+        assert store.count() == 1 and store.read("A")[0].payload == funded("A")
+        assert tables_named(dsn, "events") == ["public"]
+        assert tables_named(dsn, "riskbook_migrations") == ["public"]
+        store.append("A", [funded("A")], expected_version=1)
+        assert riskbook.verify(store).ok
+    finally:
+        store.close()
+
+
+def test_a_store_the_search_path_misses_is_not_made_again(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA rk")
+    kept = Store(with_options(dsn, "-csearch_path=rk"))
+    kept.append("A", [funded("A")])
+    kept.close()
+    with pytest.raises(StoreError, match=r"store in schema 'rk'.*options=-csearch_path=rk"):
+        Store(dsn)
+    assert tables_named(dsn, "events") == ["rk"]  # nothing was made in public
+    second = Store(dsn, migrate=False)  # what `riskbook db upgrade` does: asked for
+    try:
+        assert second.migrate() == list(range(1, migrations.head() + 1))
+        assert second.count() == 0 and tables_named(dsn, "events") == ["public", "rk"]
+    finally:
+        second.close()
+
+
+def test_old_rows_of_another_aggregate_type_do_not_stop_the_upgrade(
+    make_database: Callable[[], str],
+) -> None:
+    # The seed article's writer says "Account" for every event, marks included: such a
+    # row, stored before the rule existed (0008), stopped every upgrade for good (and
+    # it cannot be corrected: the log is append-only).
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=7)
+    old.close()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'PriceMarked', 'X', 'Account',"
+            ' 1, \'c\', \'{"type":"PriceMarked","symbol":"X","price":2.0,'
+            '"marked_at":"2024-01-01T00:00:00Z"}\')'
+        )
+        conn.commit()
+    store = Store(dsn)
+    try:
+        assert store.schema_version() == migrations.head()
+        assert riskbook.verify(store).ok
+        assert riskbook.load(store, cache=False).marks["price"].to_list() == [2.0]
+        with (
+            pytest.raises(psycopg.errors.CheckViolation, match="events_aggregate_type_matches"),
+            psycopg.connect(dsn) as conn,  # new rows still keep the rule
+        ):
+            conn.execute(
+                "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type,"
+                " sequence, correlation_id, payload) VALUES (gen_random_uuid(),"
+                " 'PriceMarked', 'Y', 'Account', 1, 'c', '{\"type\":\"PriceMarked\"}')"
+            )
+    finally:
+        store.close()
+
+
+def test_a_failed_migration_is_named(make_database: Callable[[], str]) -> None:
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=2)
+    old.close()
+    with psycopg.connect(dsn) as conn:  # a value 0003's typed copy cannot take
+        conn.execute(
+            "INSERT INTO events (event_id, event_type, aggregate_id, aggregate_type, sequence,"
+            " correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded', 'A',"
+            ' \'Account\', 1, \'c\', \'{"type":"AccountFunded","account_id":"A",'
+            '"amount":"1,000","funded_at":"2024-01-01T00:00:00Z"}\')'
+        )
+        conn.commit()
+    with pytest.raises(
+        StoreError, match=r"migration 0003_\w+ failed, the schema stays at version 2"
+    ):
+        Store(dsn)
+
+
+def test_a_stranger_notify_does_not_stop_a_follower(fresh_store: Store) -> None:
+    # Any role that can connect may NOTIFY on the channel: a payload that is not a
+    # position killed every follower with a ValueError.
+    fresh_store.append("A", [funded("A")])
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            for batch in fresh_store.follow(max_wait=0.2, idle_timeout=3.0):
+                seen.extend(e.sequence for e in batch)
+                if len(seen) == 2:
+                    return
+        except BaseException as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.3)
+    with psycopg.connect(fresh_store.dsn, autocommit=True) as conn:
+        conn.execute("NOTIFY riskbook_events, 'not a position'")
+    time.sleep(0.3)
+    fresh_store.append("A", [funded("A")], expected_version=1)
+    thread.join(10)
+    assert not errors and seen == [1, 2]
