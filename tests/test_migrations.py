@@ -151,7 +151,7 @@ def test_a_stranger_notify_does_not_stop_a_follower(fresh_store: Store) -> None:
                 seen.extend(e.sequence for e in batch)
                 if len(seen) == 2:
                     return
-        except BaseException as exc:  # noqa: BLE001 -- reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     thread = threading.Thread(target=follow)
