@@ -281,9 +281,13 @@ def _commit(m: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the benchmarks; ``prog`` names the command in --help (``riskbook bench``)."""
+    description = __doc__ or ""
+    if prog is not None:  # the examples as that command spells them
+        description = description.replace("uv run --group bench python benchmarks/run_all.py", prog)
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "--events", type=int, default=None, help=f"history size (default {DEFAULT_EVENTS:,})"

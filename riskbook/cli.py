@@ -215,6 +215,7 @@ def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-de
             tbl_hide_dataframe_shape=True,
             tbl_hide_column_data_types=True,
             float_precision=6,
+            fmt_str_lengths=100,  # ids whole: an auditor copies them from here
         ):
             text = f"{frame}\n" if frame.height else "(nothing at that time)\n"
     if args.output is None:
@@ -398,7 +399,7 @@ def cmd_bench(argv: list[str]) -> int:
     sys.path.insert(0, str(here))
     import run_all
 
-    return int(run_all.main(argv))
+    return int(run_all.main(argv, prog="riskbook bench"))
 
 
 # ----------------------------------------------------------------------- parser
@@ -438,7 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--home", default=None, help="riskbook home (default: $RISKBOOK_HOME or ~/.riskbook)"
         )
         sp.set_defaults(func=func)
-    up = dbsub.add_parser("upgrade", help="apply schema migrations (also done on every connect)")
+    up = dbsub.add_parser(
+        "upgrade",
+        help="apply schema migrations (also done on every connect)",
+        description="Bring the store's schema to this riskbook's version, in place (every "
+        "connect does it too). Unlike a connect, it also makes a new store where the "
+        "search_path finds none even if the database holds one in another schema.",
+    )
     dsn_option(up)
     up.set_defaults(func=cmd_db_upgrade)
     ref = dbsub.add_parser(

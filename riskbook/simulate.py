@@ -2433,11 +2433,19 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--start", default=None, help="first trading day, YYYY-MM-DD (default 2024-01-02)"
     )
-    where = parser.add_mutually_exclusive_group()
+    # Where to is always said: a history written into a store stays there (the log is
+    # append-only), so the default store is never written by omission.
+    where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--out", default=None, help="write FILE.jsonl or FILE.jsonl.gz (+ FILE.key.json)"
     )
-    where.add_argument("--dsn", default=None, help="write into this PostgreSQL database")
+    where.add_argument("--dsn", default=None, help="write into the store at this PostgreSQL DSN")
+    where.add_argument(
+        "--store",
+        action="store_true",
+        help="write into the store riskbook uses by default ($RISKBOOK_DSN, else the "
+        "embedded server); the events stay there for good",
+    )
     parser.add_argument("--key", default=None, help="also write the answer key to this file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     try:

@@ -262,3 +262,24 @@ def test_the_demo_makes_its_sample_in_the_riskbook_home(tmp_path: Path, monkeypa
     assert demo._answer_key(made) == demo._answer_key(bundled)
     assert sorted(p.name for p in made.parent.iterdir()) == ["sample.jsonl.gz", "sample.key.json"]
     assert demo._sample_file(None) == made  # made once
+
+
+def test_tables_show_event_ids_whole(fresh_store: Store) -> None:
+    # an auditor copies the id of the event that set a limit from the default table;
+    # it was cut to 30 characters ("4f561c45-6661-4747-ad21-db4315…")
+    limit = riskbook.LimitSet(
+        account_id="ACC-1", limit_type="MaxLeverage", value=2.0, set_by="risk",
+        set_at=datetime(2024, 3, 1, tzinfo=UTC),
+    )  # fmt: skip
+    fresh_store.append("ACC-1", [limit])
+    event_id = str(fresh_store.read("ACC-1")[0].event_id)
+    shown = run("limits", "history", "--dsn", fresh_store.dsn)
+    assert shown.returncode == 0, shown.stderr
+    assert event_id in shown.stdout, shown.stdout
+
+
+def test_bench_help_names_its_command() -> None:
+    shown = run("bench", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: riskbook bench"), shown.stdout[:200]
+    assert "benchmarks/run_all.py --events" not in shown.stdout

@@ -28,4 +28,8 @@ def test_the_python_tour_runs(
     assert 1_000 < trades.height < 18_000  # the sample, as known on the morning of the 9th
     assert str(trades["timestamp"].max()) <= "2024-01-09 16:20:00+00:00"
     assert (tmp_path / "audit-copy" / "history.json").exists()
+    for block in blocks[1:]:  # the live tour goes on from the same store
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["answer"].account_id == "ACC-1"  # type: ignore[attr-defined]
+    assert not scope["p"].running  # type: ignore[attr-defined]
     scope["store"].close()  # type: ignore[attr-defined]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -582,6 +585,17 @@ def test_cli_writes_a_file_or_a_store(tmp_path: Path, make_database: Callable[[]
     assert (tmp_path / "k.json").read_bytes() == (tmp_path / "x.key.json").read_bytes()
     assert simulate.cli(["--accounts", "2", "--out", str(out)]) == 2
     assert simulate.cli(["--start", "tomorrow", "--out", str(out)]) == 2
+    # no target said: refused, where it wrote into the default store for good
+    other = make_database()
+    env = {**os.environ, "RISKBOOK_DSN": other}
+    cmd = [sys.executable, "-m", "riskbook.simulate", *args]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--out --dsn --store" in refused.stderr, refused.stderr
+    with Store(other) as store:
+        assert store.count() == 0
+        ok = subprocess.run([*cmd, "--store"], env=env, capture_output=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert store.count() == len(sim.envelopes)
 
 
 def test_sizing_by_events() -> None:
