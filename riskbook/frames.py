@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -51,7 +52,15 @@ import polars as pl
 
 from riskbook._columns import Unsupported
 from riskbook.errors import RiskbookError, StoreError
-from riskbook.events import Envelope, Event, RawEvent, as_time, format_time, parse_time
+from riskbook.events import (
+    EVENT_TYPES,
+    Envelope,
+    Event,
+    RawEvent,
+    as_time,
+    format_time,
+    parse_time,
+)
 from riskbook.store import Store, connect, redact
 from riskbook.store.eventstore import _connect, scrub
 
@@ -227,6 +236,13 @@ class Filters:
     until: datetime | None = None
     known_at: datetime | None = None
 
+    @property
+    def payload_filtered(self) -> bool:
+        """Whether the filters look at the payload (all but ``known_at`` do)."""
+        return not (self.accounts is None and self.symbols is None) or not (
+            self.since is None and self.until is None
+        )
+
     def key(self) -> str:
         """A stable hash of the filters (names a cache entry)."""
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -332,6 +348,10 @@ class Filters:
     def matches(self, env: Envelope, trade_symbols: dict[tuple[str, str], str]) -> bool:
         """The same rule in Python, for histories built from envelopes."""
         p = env.payload
+        if isinstance(p, RawEvent) and self.payload_filtered:
+            # kept raw (an unknown type, or a known one that breaks the catalogue's
+            # rules): none of its fields is trusted, so a filter on them leaves it out
+            return False
         account = getattr(p, "account_id", None)
         symbol = getattr(p, "symbol", None)
         kind = env.event_type
@@ -374,6 +394,223 @@ def _ids(v: str | Iterable[str] | None) -> tuple[str, ...] | None:
 
 
 _time = as_time
+
+
+# --------------------------------------------------------------------------- rules
+#
+# A row of a known type whose payload breaks the catalogue's rules can be in a store:
+# written by raw SQL before migration 0013 (its constraints are NOT VALID, old rows
+# stay) or breaking a rule 0013 does not check (a trade without a symbol). riskbook.read
+# keeps such an event raw (RawEvent); load does the same with it: it is left out of the
+# typed frames and stays in ``events`` with no business time, as an unknown type does.
+# The rules are those riskbook.events applies when it decodes a stored payload (its
+# fields' types, then Event.__post_init__); finding that a load breaks none costs a
+# few null counts, minima and maxima per frame.
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A rule of a kind's column (``field``: the payload's name for it): ``broken`` is
+    true (never null) on the rows that break it; ``suspect`` an aggregate, true if some
+    row may (None: the rule is that the column has no nulls)."""
+
+    column: str
+    field: str
+    problem: str
+    broken: pl.Expr
+    suspect: pl.Expr | None
+
+
+_FIRST_TIME = datetime(1, 1, 1, tzinfo=UTC)  # a payload's time is a Python datetime
+_LAST_TIME = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+@functools.cache
+def _rules(name: str) -> tuple[_Rule, ...]:
+    """The rules of kind ``name``'s columns, from its event class's field types."""
+    import msgspec.inspect
+
+    kind = KINDS[name]
+    info = msgspec.inspect.type_info(EVENT_TYPES[kind.event_types[0]])
+    fields = {f.name: f for f in info.fields}  # type: ignore[attr-defined]
+    actor = next((f for f in fields if f in ("set_by", "blocked_by", "unblocked_by")), None)
+    time_field = EVENT_TYPES[kind.event_types[0]].time_field
+    out: list[_Rule] = []
+    for col, (dtype, src) in kind.columns.items():
+        if col == "blocked":
+            continue
+        field_name = {"occurred_at": time_field, "actor": actor}.get(src) or src
+        f = fields[field_name]
+        c = pl.col(col)
+        if len(kind.event_types) > 1 and field_name.startswith("blocked_"):
+            field_name = "(un)" + field_name  # AccountBlocked and AccountUnblocked alike
+        if isinstance(dtype, pl.Enum):
+            values = ", ".join(dtype.categories)
+            out.append(
+                _Rule(col, field_name, f"is missing or not one of {values}", c.is_null(), None)
+            )
+            continue
+        if f.required:
+            out.append(_Rule(col, field_name, "is missing", c.is_null(), None))
+        t = f.type
+        if isinstance(t, msgspec.inspect.UnionType):  # optional: X | None
+            t = next(a for a in t.types if not isinstance(a, msgspec.inspect.NoneType))
+        if isinstance(t, msgspec.inspect.FloatType):
+            out.append(
+                _Rule(
+                    col,
+                    field_name,
+                    "must be a finite number",
+                    ~c.is_finite().fill_null(True),
+                    (c.nan_max() < float("inf")).not_() | (c.min() > float("-inf")).not_(),
+                )
+            )
+            if t.gt is not None:
+                above = t.gt
+                out.append(
+                    _Rule(col, field_name, f"must be > {above}", (c <= above).fill_null(False),
+                          c.min() <= above)
+                )  # fmt: skip
+            if t.ge is not None:
+                least = t.ge
+                out.append(
+                    _Rule(col, field_name, f"must be >= {least}", (c < least).fill_null(False),
+                          c.min() < least)
+                )  # fmt: skip
+            if kind.name == "funding" and col == "amount":  # AccountFunded.__post_init__
+                out.append(
+                    _Rule(
+                        col, field_name, "must not be 0", (c == 0).fill_null(False), (c == 0).any()
+                    )
+                )
+        elif isinstance(t, msgspec.inspect.StrType) and (t.min_length or t.max_length):
+            if isinstance(dtype, pl.Categorical):
+                chars = bytes_ = c.cat.len_chars()
+            else:  # more bytes than characters: the bytes' lengths (offsets) say enough
+                chars, bytes_ = c.str.len_chars(), c.str.len_bytes()
+            if t.min_length:
+                if t.min_length != 1:
+                    raise AssertionError(f"{field_name}: a minimum length other than 1")
+                out.append(
+                    _Rule(
+                        col,
+                        field_name,
+                        "must not be empty",
+                        (bytes_ == 0).fill_null(False),
+                        bytes_.min() == 0,
+                    )
+                )
+            if t.max_length:
+                out.append(
+                    _Rule(
+                        col,
+                        field_name,
+                        f"is longer than {t.max_length} characters",
+                        (chars > t.max_length).fill_null(False),
+                        bytes_.max() > t.max_length,
+                    )
+                )
+        elif isinstance(t, msgspec.inspect.DateTimeType):
+            out.append(
+                _Rule(
+                    col,
+                    field_name,
+                    "is outside the years 1 to 9999 (UTC)",
+                    ((c < _FIRST_TIME) | (c > _LAST_TIME)).fill_null(False),
+                    (c.min() < _FIRST_TIME) | (c.max() > _LAST_TIME),
+                )
+            )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Events of known types a read left out of the typed frames: how many, the first."""
+
+    count: int
+    position: int
+    event_type: str
+    problem: str
+
+    def __add__(self, other: _Malformed | None) -> _Malformed:
+        if other is None:
+            return self
+        first = self if self.position <= other.position else other
+        return _Malformed(self.count + other.count, first.position, first.event_type, first.problem)
+
+    def message(self) -> str:
+        if self.count == 1:
+            some, verb, which, them = "1 event of a known type", "breaks", "it is", "it"
+        else:
+            some, verb = f"{self.count:,} events of known types", "break"
+            which, them = "the first", "them"
+        left = "is" if self.count == 1 else "are"
+        return (
+            f"{some} {verb} the catalogue's rules and {left} left out of the typed frames"
+            f" (kept in `events`, without a business time, as an unknown type is):"
+            f" {which} at position {self.position} ({self.event_type}), whose"
+            f" {self.problem}. riskbook.read returns {them} raw (RawEvent)."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> _Malformed | None:
+        try:
+            return cls(
+                int(data["count"]),
+                int(data["position"]),
+                str(data["event_type"]),
+                str(data["problem"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _combined(a: _Malformed | None, b: _Malformed | None) -> _Malformed | None:
+    return b if a is None else a + b
+
+
+def _warn(malformed: _Malformed | None, *, stacklevel: int = 3) -> None:
+    if malformed is not None:
+        warnings.warn(malformed.message(), stacklevel=stacklevel)
+
+
+def _set_aside(frame: pl.DataFrame, kind: Kind) -> tuple[pl.DataFrame, _Malformed | None]:
+    """The kind's frame with the business time of each row that breaks a rule made null,
+    and a report of them (None: none). :func:`_typed` then leaves those rows out, and
+    the ``events`` frame, made from the envelopes, keeps them without a business time."""
+    if frame.height == 0:
+        return frame, None
+    rules = _rules(kind.name)
+    suspects = [r for r in rules if r.suspect is not None]
+    maybe = (
+        frame.select([r.suspect.alias(f"r{i}") for i, r in enumerate(suspects)]).row(0)  # type: ignore[union-attr]
+        if suspects
+        else ()
+    )
+    fired = [r for r in rules if r.suspect is None and frame[r.column].null_count()]
+    fired += [r for r, m in zip(suspects, maybe, strict=True) if m]
+    if not fired:
+        return frame, None
+    mask = frame.select(pl.any_horizontal([r.broken for r in fired]).alias("m"))["m"]
+    bad = frame.filter(mask)
+    if bad.height == 0:
+        return frame, None
+    first = bad.sort("position").head(1)
+    wrong = first.select([r.broken.alias(f"r{i}") for i, r in enumerate(fired)]).row(0)
+    problem = "; ".join(
+        dict.fromkeys(f"{r.field} {r.problem}" for r, w in zip(fired, wrong, strict=True) if w)
+    )
+    if kind.name == "blocks":
+        event_type = "AccountBlocked" if first["blocked"][0] else "AccountUnblocked"
+    else:
+        event_type = kind.event_types[0]
+    report = _Malformed(bad.height, int(first["position"][0]), event_type, problem)
+    time = kind.time
+    kept = frame.with_columns(pl.when(pl.lit(mask)).then(None).otherwise(pl.col(time)).alias(time))
+    return kept, report
 
 
 # --------------------------------------------------------------------------- History
@@ -421,6 +658,9 @@ class History:
     _synced: int | None = field(default=None, repr=False, compare=False)
     """The cache's horizon when this History last matched it (None: not known to):
     while only empty deltas were read since, the next delta continues that cache."""
+    _malformed: _Malformed | None = field(default=None, repr=False, compare=False)
+    """The events of known types its reads left out of the typed frames (they break the
+    catalogue's rules), if any."""
 
     # ---------------------------------------------------------------- access
 
@@ -470,6 +710,14 @@ class History:
             for e in envs
             if e.event_type == "TradeExecuted" and not isinstance(e.payload, RawEvent)
         }
+        for e in envs:
+            # a trade kept raw still brings in its bust under a symbols filter, as in SQL
+            # (which reads its fields from event_fields)
+            if e.event_type == "TradeExecuted" and isinstance(e.payload, RawEvent):
+                data = e.payload.data
+                key, symbol = (data.get("account_id"), data.get("trade_id")), data.get("symbol")
+                if all(isinstance(v, str) for v in (*key, symbol)):
+                    trade_symbols.setdefault(key, symbol)
         rows: dict[str, list[dict[str, Any]]] = {n: [] for n in [*KINDS, "events"]}
         top = 0
         for n, env in enumerate(envs, 1):
@@ -557,6 +805,12 @@ class History:
         Returns how many events were added. Gap-safe: reads up to the store's
         visibility fence, so nothing committed later can land below the new horizon.
         """
+        delta = self._refresh(progress)
+        _warn(delta._malformed)
+        return delta.events.height
+
+    def _refresh(self, progress: bool | None) -> History:
+        """:meth:`refresh`, without its warning; the delta read."""
         if self._store is None:
             raise RiskbookError(
                 "this History is not attached to a store (built in memory or from files)"
@@ -567,7 +821,7 @@ class History:
         if self._cache_dir is not None and delta.events.height:
             delta.store_id = self.store_id
             _cache_segment(self, delta, after, self._cache_dir)
-        return delta.events.height
+        return delta
 
     def _extend(self, delta: History) -> None:
         for name in [*KINDS, "events"]:
@@ -581,6 +835,7 @@ class History:
                 else:
                     setattr(self, name, pl.concat([old, new], rechunk=False))
         self.horizon = max(self.horizon, delta.horizon)
+        self._malformed = _combined(self._malformed, delta._malformed)
 
     # ---------------------------------------------------------------- files
 
@@ -619,6 +874,7 @@ def _meta(history: History) -> dict[str, Any]:
         "store_id": history.store_id,
         "rows": {n: f.height for n, f in history.frames().items()},
         "written_at": format_time(datetime.now(UTC)),
+        **({} if history._malformed is None else {"malformed": history._malformed.to_json()}),
     }
 
 
@@ -667,12 +923,13 @@ def load(
         history._cache_dir = cache_dir
         if cache_dir is not None:
             _write_cache(history, cache_dir)
-        return history
-    history, anything_new = hit
-    history._store = store
-    history._cache_dir = cache_dir
-    if anything_new:  # else the check just made is the empty delta's read
-        history.refresh(progress=progress)
+    else:
+        history, anything_new = hit
+        history._store = store
+        history._cache_dir = cache_dir
+        if anything_new:  # else the check just made is the empty delta's read
+            history._refresh(progress)
+    _warn(history._malformed)  # once per load, cached or read: what it left out
     return history
 
 
@@ -800,7 +1057,16 @@ def _read(
     events = _Events(cuts, {t[0] for t in tasks}, big) if big else None
     bar = _Progress(progress)
     route = _route("large" if big else "small" if small else "medium")
-    parts = _run(store, tasks, bar, route=route, workers=_WORKERS if big else 1, events=events)
+    reports: list[_Malformed] = []
+    parts = _run(
+        store,
+        tasks,
+        bar,
+        route=route,
+        workers=_WORKERS if big else 1,
+        events=events,
+        malformed=reports,
+    )
     bar.close()
     frames: dict[str, pl.DataFrame] = {}
     for name in KINDS:
@@ -813,12 +1079,38 @@ def _read(
         envelopes = [_envelope_of(frames[name], kind) for name, kind in KINDS.items()]
         frames["events"] = _merged(envelopes + [f for _, f in parts.get("events", [])])
     if late:  # all below ``after``: they go first
-        busts = _run(store, [late_task], _Progress(False), route=_route("small"), workers=1)
+        busts = _run(
+            store,
+            [late_task],
+            _Progress(False),
+            route=_route("small"),
+            workers=1,
+            malformed=reports,
+        )
         frame = busts["cancels"][0][1]
         frames["cancels"] = pl.concat([frame, frames["cancels"]], rechunk=False)
         envelope = _envelope_of(frame, KINDS["cancels"])
         frames["events"] = pl.concat([envelope, frames["events"]], rechunk=False)
-    return History(**frames, horizon=fence, filters=filters)  # type: ignore[arg-type]
+    malformed = functools.reduce(_combined, reports, None)
+    if malformed is not None:
+        frames = _without_malformed(frames, filters)
+    return History(**frames, horizon=fence, filters=filters, _malformed=malformed)  # type: ignore[arg-type]
+
+
+def _without_malformed(
+    frames: dict[str, pl.DataFrame], filters: Filters
+) -> dict[str, pl.DataFrame]:
+    """The frames of a read without the rows :func:`_set_aside` marked: out of the typed
+    frames; in ``events`` they stay (no business time, as an unknown type) unless a
+    filter looks at the payload, which, as for an unknown type, leaves them out (see
+    :meth:`Filters.matches`)."""
+    out = {name: _typed(frames[name], kind) for name, kind in KINDS.items()}
+    events = frames["events"]
+    if filters.payload_filtered:
+        # every other event a filter on the payload lets through has a business time
+        events = events.filter(pl.col("occurred_at").is_not_null())
+    out["events"] = events
+    return out
 
 
 class _Events:
@@ -913,6 +1205,10 @@ def _plan(conn: Any, after: int, fence: int) -> tuple[list[int], set[str]]:
     return [after, *inner, fence], big
 
 
+# a task's frame: its name, part, rows, and a report of the rows it set aside
+_Result = tuple[str, int, pl.DataFrame, _Malformed | None]
+
+
 def _run(
     store: Store,
     tasks: list[tuple[str, int, str]],
@@ -921,9 +1217,11 @@ def _run(
     route: str,
     workers: int,
     events: _Events | None = None,
+    malformed: list[_Malformed] | None = None,
 ) -> dict[str, list[tuple[int, pl.DataFrame]]]:
     """Run the tasks' queries on ``workers`` connections of their own (see
-    :func:`_reader`); their frames by name.
+    :func:`_reader`); their frames by name. The reports of rows set aside (see
+    :func:`_set_aside`) go to ``malformed``.
 
     Each worker reads, types and orders a part on its own connection, so one part's
     decoding in this process overlaps the server's COPY of another (the compiled
@@ -931,18 +1229,21 @@ def _run(
     """
     out: dict[str, list[tuple[int, pl.DataFrame]]] = {}
 
-    def read(conn: _Read, task: tuple[str, int, str]) -> tuple[str, int, pl.DataFrame]:
+    def read(conn: _Read, task: tuple[str, int, str]) -> _Result:
         name, part, query = task
+        report = None
         if name == "events":
             raw = conn(query, None)
             frame = raw.select([pl.col(c).cast(t) for c, t in EVENTS_SCHEMA.items()])
         else:
             kind = KINDS[name]
-            frame = _read_kind(conn(query, _categories(kind)), kind)
-        return name, part, frame
+            frame, report = _read_kind(conn(query, _categories(kind)), kind)
+        return name, part, frame, report
 
-    def done(result: tuple[str, int, pl.DataFrame]) -> list[int]:
-        name, part, frame = result
+    def done(result: _Result) -> list[int]:
+        name, part, frame, report = result
+        if report is not None and malformed is not None:
+            malformed.append(report)
         out.setdefault(name, []).append((part, frame))
         bar.update(frame.height)
         return events.add(name, part, frame) if events is not None else []
@@ -1028,10 +1329,24 @@ def _categories(kind: Kind) -> dict[int, pl.DataType]:
     }
 
 
-def _read_kind(raw: pl.DataFrame, kind: Kind) -> pl.DataFrame:
+def _read_kind(raw: pl.DataFrame, kind: Kind) -> tuple[pl.DataFrame, _Malformed | None]:
+    """A kind's rows as read (any route) in its frame's types and in order, the rows
+    that break the catalogue's rules set aside (see :func:`_set_aside`)."""
     names = [*ENVELOPE, *kind.columns]
     raw = raw.rename(dict(zip(raw.columns, names, strict=True)))
-    return _in_order(raw.select([pl.col(c).cast(t) for c, t in kind.schema.items()]))
+    # an Enum column (side) read as text: a value outside it becomes null, set aside
+    frame = raw.select(
+        [pl.col(c).cast(t, strict=not isinstance(t, pl.Enum)) for c, t in kind.schema.items()]
+    )
+    frame, malformed = _set_aside(frame, kind)
+    return _in_order(frame), malformed
+
+
+def _typed(frame: pl.DataFrame, kind: Kind) -> pl.DataFrame:
+    """A kind's frame without the rows :func:`_set_aside` marked (no business time)."""
+    if frame[kind.time].null_count():
+        return frame.filter(pl.col(kind.time).is_not_null())
+    return frame
 
 
 def _in_order(frame: pl.DataFrame) -> pl.DataFrame:
@@ -1094,10 +1409,12 @@ def read_frames(
     :func:`psycopg_literal`)."""
     parts: dict[str, list[pl.DataFrame]] = {n: [] for n in [*KINDS, "events"]}
     bar = _Progress(progress)
+    reports: list[_Malformed] = []
     for wide in _fetch(store, query):
-        _split(wide, parts)
+        _split(wide, parts, reports)
         bar.update(wide.height)
     bar.close()
+    _warn(functools.reduce(_combined, reports, None))
     return {
         n: (
             pl.concat(parts[n], rechunk=False)
@@ -1190,6 +1507,12 @@ def _reader(store: Store, route: str) -> Iterator[_Read]:
                 return read_rows(conns["pg"], query, categories)
             except Unsupported:
                 return via_adbc(query)
+            except pl.exceptions.InvalidOperationError:
+                # a value outside an Enum (a side "buy" stored by raw SQL): read as text
+                # instead, for the caller to set aside. The COPY may have stopped midway:
+                # its connection is not used again.
+                conns.pop("pg").close()
+                return via_adbc(query)
 
         yield read
 
@@ -1257,17 +1580,14 @@ def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:
             yield frame.rename(dict(zip(frame.columns, _WIDE_NAMES, strict=True)))
 
 
-def _split(wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]]) -> None:
-    """Cut a batch of wide rows into the frames of its kinds."""
+def _split(
+    wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]], malformed: list[_Malformed]
+) -> None:
+    """Cut a batch of wide rows into the frames of its kinds; the rows that break the
+    catalogue's rules stay in ``events`` only, without a business time (reported to
+    ``malformed``), as in :func:`load`."""
     head = [pl.col(c).cast(t) for c, t in ENVELOPE.items()]
-    parts["events"].append(
-        wide.select(
-            *head,
-            pl.col("event_type").cast(_CAT),
-            pl.col("aggregate_type").cast(_CAT),
-            pl.col("occurred_at").cast(_TIME),
-        )
-    )
+    aside: list[pl.Series] = []
     for kind in KINDS.values():
         rows = wide.filter(pl.col("event_type").is_in(list(kind.event_types)))
         if rows.height == 0:
@@ -1275,8 +1595,28 @@ def _split(wide: pl.DataFrame, parts: dict[str, list[pl.DataFrame]]) -> None:
         cols = []
         for col, (dtype, src) in kind.columns.items():
             expr = (pl.col("event_type") == "AccountBlocked") if col == "blocked" else pl.col(src)
-            cols.append(expr.cast(dtype).alias(col))
-        parts[kind.name].append(rows.select(*head, *cols))
+            cols.append(expr.cast(dtype, strict=not isinstance(dtype, pl.Enum)).alias(col))
+        frame, report = _set_aside(rows.select(*head, *cols), kind)
+        if report is not None:
+            malformed.append(report)
+            aside.append(frame.filter(pl.col(kind.time).is_null())["position"])
+            frame = _typed(frame, kind)
+        parts[kind.name].append(frame)
+    occurred_at = pl.col("occurred_at").cast(_TIME)
+    if aside:
+        occurred_at = (
+            pl.when(pl.col("position").is_in(pl.concat(aside).implode()))
+            .then(None)
+            .otherwise(occurred_at)
+        )
+    parts["events"].append(
+        wide.select(
+            *head,
+            pl.col("event_type").cast(_CAT),
+            pl.col("aggregate_type").cast(_CAT),
+            occurred_at.alias("occurred_at"),
+        )
+    )
 
 
 class _Progress:
@@ -1326,7 +1666,8 @@ def _cache_root() -> Path:
 # _MAX_SEGMENTS they are merged into one.
 _MAX_SEGMENTS = 8
 # the cache's own layout (not the export's): older entries are misses. 2: the ranges
-_CACHE_FORMAT = "arrow-ipc-3"  # 3: busts outside since/until kept
+# 3: busts outside since/until kept; 4: events that break the catalogue's rules set aside
+_CACHE_FORMAT = "arrow-ipc-4"
 
 
 def _segments(directory: Path) -> list[tuple[Path, int, int]]:
@@ -1447,6 +1788,7 @@ def _read_folder(directory: Path, suffix: str, read: Callable[[Path], pl.DataFra
         horizon=int(meta["horizon"]),
         filters=Filters.from_json(meta["filters"]),
         store_id=meta.get("store_id"),
+        _malformed=_Malformed.from_json(meta.get("malformed")),
     )
 
 

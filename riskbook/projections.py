@@ -477,12 +477,41 @@ def _gather(perm: np.ndarray, column: np.ndarray) -> np.ndarray:
     return out
 
 
+# The columns of each frame the fold reads, which it cannot take null: an id's null
+# would reach the compiled passes as code -1, an index they do not check (a crash of the
+# process, or a trade booked to another symbol). riskbook.load never gives one (it sets
+# such events aside, as riskbook.read keeps them raw); a History built by hand may.
+_FOLD_COLUMNS = {
+    "trades": ("account_id", "symbol", "side", "quantity", "price", "executed_at"),
+    "adjustments": ("account_id", "symbol", "previous_quantity", "new_quantity", "updated_at"),
+    "marks": ("symbol", "price", "marked_at"),
+    "funding": ("account_id", "amount", "funded_at"),
+}
+
+
+def _check_foldable(history: History) -> None:
+    """Raise ValueError, naming the frame and column, if a column the fold reads holds a
+    null (a null count: no pass over the rows)."""
+    for name, columns in _FOLD_COLUMNS.items():
+        frame = history.frame(name)
+        for column in columns:
+            nulls = frame[column].null_count() if column in frame.columns else 0
+            if nulls:
+                first = frame.filter(pl.col(column).is_null())["position"][0]
+                raise ValueError(
+                    f"History.{name}: column {column!r} has {nulls:,} null value(s) (the"
+                    f" first at position {first}); every {name} row needs one. riskbook.load"
+                    " leaves such events out; drop these rows from a History built by hand"
+                )
+
+
 def _build_book(
     history: History,
     extra_pairs: Sequence[tuple[str, str]] = (),
     extra_accounts: Sequence[str] = (),
     extra_symbols: Sequence[str] = (),
 ) -> _Book:
+    _check_foldable(history)
     tr, adj, mk, fd, cx = (
         history.trades,
         history.adjustments,
