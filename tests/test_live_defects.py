@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import polars as pl
 import psycopg
 import pytest
 
@@ -443,3 +444,34 @@ def test_check_counts_a_scheduled_limit_due_by_its_time(fresh_store: Store) -> N
     assert check("A", "X", "Sell", 10, 10.0, store=fresh_store, at=T0 + 2 * DAY).accepted
     refused = check("A", "X", "Buy", 10, 10.0, store=fresh_store, at=T0 + 2 * DAY)
     assert [r.kind for r in refused.reasons] == ["limit"]
+
+
+# ------------------------------------------------------------ a block does not move time
+
+
+def test_an_unblock_at_the_wall_clock_leaves_a_replayed_history_on_its_days(
+    fresh_store: Store,
+) -> None:
+    # An operator's unblock says now (2026); the history is of 2024. It moved the
+    # processor's clock to now, so every later trade was "late", landed on today, and
+    # three days of 60 each made a daily volume of 180: a false violation and block.
+    s = fresh_store
+    s.append("A", [fund("A", 1e6), limit("A", "MaxPositionSize", 100.0, T0),
+                   limit("A", "MaxDailyVolume", 100.0, T0)])  # fmt: skip
+    s.append("A", [trade("A", "Buy", 130, 10.0, at(1))])  # critical: blocked
+    p = Processor(s, name="replay")
+    try:
+        first = p.catch_up()
+        assert "AccountBlocked" in [e.kind for e in first]
+        unblock("A", by="op", reason="unwound", store=s)  # at = now
+        for day in (1, 2, 3):  # 60 a day: within 100 a day
+            s.append("A", [trade("A", "Buy", 30, 10.0, T0 + day * DAY),
+                           trade("A", "Sell", 30, 10.0, T0 + day * DAY + timedelta(minutes=1))])  # fmt: skip
+        assert p.catch_up() == []
+    finally:
+        p.stop()
+    later = riskbook.breaches(riskbook.load(s, cache=False), levels=1.0).filter(
+        (pl.col("limit_type") == "MaxDailyVolume") & (pl.col("started_at") > T0 + DAY / 2)
+    )
+    assert later.height == 0  # the analytics agree: nothing after the first day
+    assert len(stored(s, "AccountBlocked")) == 1

@@ -27,6 +27,9 @@ A live engine cannot go back in time, so
   -- whereas :func:`riskbook.breaches` applies it at its set_at (the breach's time and
   cause are the same once it is reported; :meth:`Engine.as_of` gives the state with it
   in force, as the pre-trade check uses);
+* a block or unblock (a decision about the account, not a market fact) acts at the
+  clock and does not move it: an operator's unblock recorded at the wall-clock time
+  leaves a history replayed from the past on its own days;
 * a late mark older than the symbol's latest mark is stale and is ignored;
 * a TradeCancelled (bust) takes its trade out: the account's state is refolded from
   its events without the trade, and each metric of the account is re-evaluated at the
@@ -73,6 +76,7 @@ _FANOUT = 16  # segments of a tier merged into one of the next
 _WHOLE = 1 << 30  # the tier of a segment that holds everything before it: never merged
 _TIME = pl.Datetime("us", "UTC")
 _WHY_INFINITE = {"MaxLeverage": "equity <= 0"}
+_BLOCK_TYPES = ("AccountBlocked", "AccountUnblocked")
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,13 @@ class Engine:
         early = np.zeros(bt.shape[0], bool)
         if batch.limits.height:
             early = (ev["event_type"].cast(pl.String) == "LimitSet").to_numpy() & (bt > ts)
-        c_bt = np.maximum.accumulate(np.maximum(np.where(early, _MIN, bt), self.clock))
+        # A block or unblock is a decision about the account, not a market fact: it acts
+        # at the clock and does not move it. An operator's unblock says the wall-clock
+        # time; in a history replayed from the past it put every later event on today.
+        still = early
+        if batch.blocks.height:
+            still = early | ev["event_type"].is_in(_BLOCK_TYPES).to_numpy()
+        c_bt = np.maximum.accumulate(np.maximum(np.where(still, _MIN, bt), self.clock))
         c_ts = np.maximum.accumulate(np.maximum(ts, self.recorded))
         held = early & (bt > c_bt)
         self.clock, self.recorded = int(c_bt[-1]), int(c_ts[-1])
