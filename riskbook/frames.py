@@ -938,7 +938,8 @@ def _store_id(store: Store) -> str:
         row = conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
     if row is None:
         raise StoreError(
-            "the store has no identity row (riskbook_store): run `riskbook db upgrade`"
+            "the store has no identity row (riskbook_store, deleted): run `riskbook db upgrade`"
+            " as the store's owner to make a new one"
         )
     return str(row[0])
 

@@ -163,3 +163,16 @@ def test_a_stranger_notify_does_not_stop_a_follower(fresh_store: Store) -> None:
     fresh_store.append("A", [funded("A")], expected_version=1)
     thread.join(10)
     assert not errors and seen == [1, 2]
+
+
+def test_db_upgrade_makes_a_deleted_identity_anew(fresh_store: Store) -> None:
+    # load refused without it and sent the owner to `riskbook db upgrade`, which said
+    # "up to date" and did nothing, for ever
+    fresh_store.append("A", [funded("A")])
+    with psycopg.connect(fresh_store.dsn) as conn:
+        conn.execute("DELETE FROM riskbook_store")
+        conn.commit()
+    with pytest.raises(StoreError, match=r"no identity row.*riskbook db upgrade"):
+        riskbook.load(fresh_store, cache=False)
+    assert fresh_store.migrate() == []
+    assert riskbook.load(fresh_store, cache=False).funding.height == 1

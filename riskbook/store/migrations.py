@@ -152,6 +152,12 @@ def migrate(
                 (m.version, m.name),
             )
             ran.append(m.version)
+    if create and target >= 4 and store_schema(conn) is not None:
+        # the store's identity (0004), deleted by hand: loads refuse to key a cache
+        # without it and send the owner here, so this is where a new one is made
+        conn.execute(
+            "INSERT INTO riskbook_store SELECT WHERE NOT EXISTS (SELECT 1 FROM riskbook_store)"
+        )
     newer = [v for v in applied_versions(conn) if v > head()]
     if newer:
         raise StoreError(
