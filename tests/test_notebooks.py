@@ -264,6 +264,125 @@ print(json.dumps({
     assert has_chart(nb) >= 1
 
 
+# ------------------------------------------------------- a store with a history of its own
+
+
+def run_in_one_kernel(
+    probes: dict[str, str], *, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Run notebooks one after the other in one kernel (one start, one import of riskbook).
+
+    Each gets its probe appended; returns per notebook what its cells printed and the
+    probe's JSON. A cell that raises fails the test with its error (CellExecutionError).
+    """
+    monkeypatch.setenv("RISKBOOK_DSN", dsn)
+    monkeypatch.setenv("RISKBOOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    client = NotebookClient(
+        nbformat.v4.new_notebook(),
+        timeout=CELL_TIMEOUT,
+        startup_timeout=60,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    with client.setup_kernel():
+        for name, probe in probes.items():
+            nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+            nb.cells.append(nbformat.v4.new_code_cell(probe))
+            client.nb = nb
+            for index, cell in enumerate(nb.cells):
+                client.execute_cell(cell, index)
+            printed = [
+                "".join(
+                    o.get("text", "")
+                    for o in cell.get("outputs", [])
+                    if o["output_type"] == "stream"
+                )
+                for cell in nb.cells
+            ]
+            out[name] = ("".join(printed[:-1]), json.loads(printed[-1].strip().splitlines()[-1]))
+    return out
+
+
+@pytest.mark.slow
+def test_notebooks_run_on_a_store_with_a_history_of_its_own(
+    make_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`riskbook demo` opens the notebooks on any store: not empty, so no sample is imported.
+
+    One funded account, a trade and a mark: no block, no violation, no ACC-001. Every
+    cell runs; where there is nothing to show, the notebook says so.
+    """
+    from riskbook import AccountFunded, PriceMarked, Store, TradeExecuted
+
+    dsn = make_database()
+    t = "2024-03-01T14:30:00Z"
+    with Store(dsn) as store:
+        store.append(
+            "ACC-1",
+            [
+                AccountFunded(account_id="ACC-1", amount=1e6, funded_at=t),
+                TradeExecuted(
+                    trade_id="T-1",
+                    account_id="ACC-1",
+                    symbol="AAPL",
+                    side="Buy",
+                    quantity=100.0,
+                    price=187.5,
+                    executed_at=t,
+                ),
+            ],
+        )
+        store.append(
+            "AAPL", [PriceMarked(symbol="AAPL", price=190.0, marked_at="2024-03-01T15:00:00Z")]
+        )
+    got = run_in_one_kernel(
+        {
+            "incident_reconstruction.ipynb": """
+import json
+print(json.dumps({"imported": imported is not None, "block": block, "chain": chain,
+                  "panel": panel, "alarms": corrections.height}))
+""",
+            "exposure_explorer.ipynb": """
+import json
+print(json.dumps({"accounts": explorer.account_names, "hottest": hottest, "deepest": deepest,
+                  "picked": explorer.picked, "at": explorer.at.value.isoformat(),
+                  "positions": explorer.positions_at.height}))
+""",
+            "limit_lab.ipynb": """
+import json
+print(json.dumps({"found": found.height, "leveraged": leveraged, "final": final.height}))
+""",
+        },
+        dsn=dsn,
+        tmp_path=tmp_path,
+        monkeypatch=monkeypatch,
+    )
+    printed, incident = got["incident_reconstruction.ipynb"]
+    assert "nothing to reconstruct: this store has no AccountBlocked" in printed
+    assert incident == {
+        "imported": False,  # the store's own history, as it is
+        "block": None,
+        "chain": None,
+        "panel": None,
+        "alarms": 0,
+    }
+    printed, explorer = got["exposure_explorer.ipynb"]
+    assert "this store has no AccountBlocked: showing ACC-1" in printed
+    assert explorer == {
+        "accounts": ["ACC-1"],
+        "hottest": "ACC-1",
+        "deepest": "ACC-1",
+        "picked": "ACC-1",  # at its largest gross exposure: after the mark
+        "at": "2024-03-01T15:00:00+00:00",
+        "positions": 1,
+    }
+    printed, lab = got["limit_lab.ipynb"]
+    assert "150% for no account" in printed
+    assert lab == {"found": 0, "leveraged": [], "final": 0}
+
+
 # ----------------------------------------------------------------------------- demo
 
 
