@@ -59,6 +59,13 @@ def trade_json(**fields: object) -> str:
         ("TradeExecuted", trade_json(quantity=-5.0)),
         ("TradeExecuted", trade_json(price=0.0)),
         ("TradeExecuted", trade_json(quantity=None)),
+        ("TradeExecuted", trade_json(symbol=None)),  # 0014: the fold crashed on it
+        ("TradeExecuted", trade_json(executed_at=None)),
+        ("TradeExecuted", trade_json(account_id=None)),
+        ("TradeCancelled", '{"type": "TradeCancelled", "account_id": "A", "reason": "bust",'
+                           ' "cancelled_at": "2024-03-01T14:00:00Z"}'),
+        ("LimitSet", '{"type": "LimitSet", "account_id": "A", "value": 1, "set_by": "x",'
+                     ' "set_at": "2024-03-01T14:00:00Z"}'),
         ("PriceMarked", '{"type": "PriceMarked", "symbol": "X", "price": -1,'
                         ' "marked_at": "2024-03-01T14:00:00Z"}'),
         ("AccountFunded", '{"type": "AccountFunded", "account_id": "A", "amount": 0,'
