@@ -475,3 +475,61 @@ def test_an_unblock_at_the_wall_clock_leaves_a_replayed_history_on_its_days(
     )
     assert later.height == 0  # the analytics agree: nothing after the first day
     assert len(stored(s, "AccountBlocked")) == 1
+
+
+# ------------------------------------------- a user type that does not go on from a state
+
+
+def _trades_per_day(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
+    """The account's trades so far in the UTC day, read from the frames (not incremental)."""
+    count = (pl.int_range(pl.len()) + 1).over("account_id", pl.col("executed_at").dt.date())
+    return (
+        history.trades.sort("executed_at", "timestamp", "position")
+        .with_columns(value=count.cast(pl.Float64))
+        .select("account_id", "timestamp", "position", "event_id", "value", time="executed_at")
+    )
+
+
+def test_a_user_metric_of_the_frames_sees_everything_folded_in_every_batch() -> None:
+    # It was given each batch alone: four fills of one day, one per batch, never made a
+    # count over 1, and the processor reported none of the breach breaches() finds.
+    from riskbook import limits
+
+    spec = limits.LimitSpec("MaxTradesPerDayLive", "account_day", "trades", _trades_per_day)
+    limits.register(spec, replace=True)
+    events: list[riskbook.Event] = [limit("A", "MaxTradesPerDayLive", 2.0, T0)]
+    events += [trade("A", "Buy", 1.0, 10.0, at(i)) for i in range(1, 5)]
+    events += [trade("A", "Buy", 1.0, 10.0, at(i) + DAY) for i in range(1, 3)]  # a new day
+    envelopes = [
+        Envelope(uuid.uuid4(), e.aggregate_id, e.aggregate_type, i + 1, e.business_time, e,
+                 f"c{i}", position=i + 1)
+        for i, e in enumerate(events)
+    ]  # fmt: skip
+    starts = riskbook.breaches(riskbook.History.from_envelopes(envelopes), levels=1.0)
+    want = starts["trigger_event_id"].to_list()
+    assert len(want) == 1
+    for size in (1, 2, len(envelopes)):
+        engine = Engine()
+        got = []
+        for lo in range(0, len(envelopes), size):
+            batch = riskbook.History.from_envelopes(envelopes[lo : lo + size])
+            effects = engine.apply(batch)
+            got += [str(e.causation_id) for e in effects if e.kind == "LimitViolationDetected"]
+        assert got == want, size
+
+
+def test_the_engine_says_which_stored_limit_types_it_cannot_evaluate() -> None:
+    # a LimitSet of a type defined in a notebook, read by a processor that does not have
+    # it: silently never evaluated
+    riskbook.events.register_limit_type_name("MaxGrossNotionalElsewhere")  # stored, not defined
+    events = [limit("A", "MaxGrossNotionalElsewhere", 1.0, T0), trade("A", "Buy", 5, 10.0, at(1))]
+    envelopes = [
+        Envelope(uuid.uuid4(), e.aggregate_id, e.aggregate_type, i + 1, e.business_time, e,
+                 f"c{i}", position=i + 1)
+        for i, e in enumerate(events)
+    ]  # fmt: skip
+    engine = Engine()
+    with pytest.warns(UserWarning, match="MaxGrossNotionalElsewhere not registered here"):
+        assert engine.apply(riskbook.History.from_envelopes(envelopes[:1])) == []
+    engine.apply(riskbook.History.from_envelopes(envelopes[1:]))  # once: no second warning
+    assert engine.unregistered == {"MaxGrossNotionalElsewhere"}

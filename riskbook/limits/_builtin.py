@@ -146,6 +146,7 @@ MAX_POSITION_SIZE = LimitSpec(
     position_size,
     description="|position| per (account, symbol); a limit with a symbol overrides the "
     "account-wide one for that symbol",
+    incremental=True,
 )
 MAX_DAILY_VOLUME = LimitSpec(
     "MaxDailyVolume",
@@ -153,6 +154,7 @@ MAX_DAILY_VOLUME = LimitSpec(
     "quantity",
     daily_volume,
     description="sum of |quantity| of the account's trades in the UTC calendar day",
+    incremental=True,
 )
 MAX_DRAWDOWN = LimitSpec(
     "MaxDrawdown",
@@ -160,8 +162,14 @@ MAX_DRAWDOWN = LimitSpec(
     "fraction",
     drawdown,
     description="(peak - equity) / peak, 0.2 = 20%",
+    incremental=True,
 )
 MAX_LEVERAGE = LimitSpec(
-    "MaxLeverage", "account", "ratio", leverage, description="gross exposure / equity"
+    "MaxLeverage",
+    "account",
+    "ratio",
+    leverage,
+    description="gross exposure / equity",
+    incremental=True,
 )
 BUILT_INS = (MAX_POSITION_SIZE, MAX_DAILY_VOLUME, MAX_DRAWDOWN, MAX_LEVERAGE)

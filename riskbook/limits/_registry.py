@@ -70,6 +70,17 @@ class LimitDefinition(Protocol):
     Events recorded after ``known_at`` and busted trades known by then must not count:
     build it from :func:`riskbook.position_timeline` / :func:`riskbook.account_timeline`
     (they do both) or filter the frames yourself.
+
+    An optional attribute ``incremental`` (default False) says that the metric also
+    takes a History that goes on from a projection state (``history.start`` not None:
+    the live engine's batches): its rows are then the metric after each of that
+    History's own events, with what came before taken from ``history.start``. The
+    built-ins are. Metrics that are point-in-time functions of the timelines (a
+    position, an exposure) are too; one that sums or counts over a window (trades per
+    day, a day's loss) must read the window so far from ``history.start``, as
+    MaxDailyVolume does. A type that does not say so is given everything folded so far
+    by the live engine, and the rows of the batch kept: right for any metric, and slower
+    on a long history.
     """
 
     @property
@@ -113,6 +124,9 @@ class LimitSpec:
     unit: str
     metric: Callable[..., pl.DataFrame]
     description: str = ""
+    incremental: bool = False
+    """The metric takes a History going on from ``history.start`` (see
+    :class:`LimitDefinition`); the live engine then gives it each batch alone."""
 
     def __post_init__(self) -> None:
         _check(self)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,7 @@ from riskbook.events import STORED_INFINITY, AccountBlocked, LimitViolationDetec
 from riskbook.frames import EVENTS_SCHEMA, KINDS, History
 from riskbook.limits import BreachState, evaluate, get, names, shared_timelines
 from riskbook.limits._evaluate import _limit_frame
+from riskbook.limits._registry import ENTRY_POINT_GROUP
 from riskbook.projections import ProjectionState, _epoch_us
 
 __all__ = ["DEFAULT_CRITICAL", "Effect", "Engine"]
@@ -152,6 +154,9 @@ class Engine:
     open_now: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False)
     """Per limit type: the breaches open after the last fold (with ``limit_value_at_end``,
     the limit in force now)."""
+    unregistered: set[str] = field(default_factory=set)
+    """Limit types of stored LimitSets that no registered definition evaluates here (a
+    type defined in a notebook that is not running this engine): warned about once."""
     _segments: list[History] = field(default_factory=list, repr=False)
     """Everything folded, in order, in a few chunks (see :meth:`_keep`)."""
     _tiers: list[int] = field(default_factory=list, repr=False)
@@ -195,6 +200,7 @@ class Engine:
         """A copy to fold on while the original is kept (states are never mutated)."""
         out = copy.copy(self)
         out.breach = dict(self.breach)
+        out.unregistered = set(self.unregistered)
         out.blocked = dict(self.blocked)
         out.pending = dict(self.pending)
         out.mark_times = dict(self.mark_times)
@@ -414,6 +420,15 @@ class Engine:
         limited = set(limits["limit_type"].cast(pl.String).unique().to_list())
         for name in sorted(limited & self._candidates() - set(self.breach)):
             self._activate(name)
+        unknown = limited - set(names()) - self.unregistered
+        if unknown:
+            self.unregistered |= unknown
+            warnings.warn(
+                f"limit type(s) {', '.join(sorted(unknown))} not registered here: their "
+                "stored limits are not evaluated (register them, e.g. by an entry point "
+                f"in the group {ENTRY_POINT_GROUP!r}, where this engine runs)",
+                stacklevel=2,
+            )
 
     def _fold(self, part: History, written: bool) -> list[Effect]:
         part.start = self.projection
@@ -426,9 +441,16 @@ class Engine:
         found = []
         with shared_timelines():
             self._activate_for(limits)
+            whole = None
             for name in self.active:
                 definition = get(name)
-                metric = definition.metric(part)
+                if getattr(definition, "incremental", False):
+                    metric = definition.metric(part)
+                else:  # everything folded (this part included), the part's rows kept
+                    whole = self._whole() if whole is None else whole
+                    metric = definition.metric(whole)
+                    first = int(part.events["position"].min())  # type: ignore[arg-type]
+                    metric = metric.filter(pl.col("position") >= first)
                 found.append(self._evaluate(name, metric, self._limit_rows(limits, name), through))
         self.projection = ProjectionState.after(part)
         return self._effects(part, found, written, released)
