@@ -114,7 +114,7 @@ import polars as pl
 from riskbook._memory import empty as _empty
 from riskbook._memory import with_large_arrays
 from riskbook.errors import RiskbookError
-from riskbook.events import as_time
+from riskbook.events import as_time, format_time
 from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
 
 if TYPE_CHECKING:
@@ -1110,9 +1110,34 @@ class _Cache:
 _cache = _Cache(size=2)
 
 
-def _check_history(history: History) -> None:
+def _check_history(
+    history: History, what: str | None = None, *, every_symbol: bool = False
+) -> None:
+    """A History, whole enough for ``what`` (a function's name; None: any History).
+
+    Figures fold every earlier event: a History loaded with ``since`` has lost the state
+    before it (cash, positions, the limits in force) and would give wrong figures with
+    no error; account figures (``every_symbol``) need every symbol of the account, which
+    a ``symbols`` filter leaves out. ``until``, ``known_at`` and ``accounts`` keep
+    everything the figures need.
+    """
     if not isinstance(history, History):
         raise TypeError(f"expected a riskbook History, got {type(history).__name__}")
+    f = history.filters
+    if what is None or history.start is not None:
+        return
+    if f.since is not None:
+        raise RiskbookError(
+            f"{what} needs every earlier event: this History was loaded with since="
+            f"{format_time(f.since)}, so what came before (cash, positions, limits) is "
+            "missing; load it without since (and pass at= for a time)"
+        )
+    if every_symbol and f.symbols is not None:
+        raise RiskbookError(
+            f"{what} needs every symbol of an account: this History was loaded with "
+            f"symbols={list(f.symbols)}; load it without symbols (positions() gives the "
+            "per-symbol figures of this one)"
+        )
 
 
 # ----------------------------------------------------------------------------- frames out
@@ -1324,7 +1349,7 @@ def positions(history: History, *, at: TimeLike = None, known_at: TimeLike = Non
     >>> positions(h, at=t - timedelta(seconds=1)).height
     0
     """
-    _check_history(history)
+    _check_history(history, "positions")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     return _state_frames(tl, tl.book.cut(_bound(at, "at")))[0]
 
@@ -1357,7 +1382,7 @@ def accounts(history: History, *, at: TimeLike = None, known_at: TimeLike = None
     │ ACC-1      ┆ 1000.0 ┆ 1000.0 ┆ 0.0      ┆ 1000.0      │
     └────────────┴────────┴────────┴──────────┴─────────────┘
     """
-    _check_history(history)
+    _check_history(history, "accounts", every_symbol=True)
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     return _state_frames(tl, tl.book.cut(_bound(at, "at")))[1]
 
@@ -1388,7 +1413,7 @@ def marks(history: History, *, at: TimeLike = None, known_at: TimeLike = None) -
     │ ACME   ┆ 10.0       │
     └────────┴────────────┘
     """
-    _check_history(history)
+    _check_history(history, "marks")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
     if history.start is not None:
@@ -1522,7 +1547,7 @@ def position_timeline(
     │ -100.0          ┆ 9.0   ┆ -50.0    ┆ 9.0       ┆ 500.0        │
     └─────────────────┴───────┴──────────┴───────────┴──────────────┘
     """
-    _check_history(history)
+    _check_history(history, "position_timeline")
     names = _wanted(columns, POSITION_TIMELINE_COLUMNS, "position_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
@@ -1602,7 +1627,7 @@ def account_timeline(
     │ AccountFunded ┆ 500.0  ┆ 1300.0 ┆ 1500.0      ┆ 0.133333 │
     └───────────────┴────────┴────────┴─────────────┴──────────┘
     """
-    _check_history(history)
+    _check_history(history, "account_timeline", every_symbol=True)
     names = _wanted(columns, ACCOUNT_TIMELINE_COLUMNS, "account_timeline")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
@@ -1699,7 +1724,7 @@ def adjustment_mismatches(
     │ 90.0              ┆ 100.0              ┆ -10.0      │
     └───────────────────┴────────────────────┴────────────┘
     """
-    _check_history(history)
+    _check_history(history, "adjustment_mismatches")
     tl = _cache.timelines(history, _bound(known_at, "known_at"))
     book = tl.book
     n = _rows_by(tl.p_ev, book, at)
