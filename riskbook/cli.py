@@ -186,8 +186,12 @@ def _state(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return state_at(_store(args.dsn), args.at, accounts=args.account, known_at=args.known_at)
 
 
-def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    """Write a frame to --output or stdout in --format (one row per position or account)."""
+def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int:  # type: ignore[no-untyped-def]
+    """Write a frame to --output or stdout in --format (one row per position or account).
+
+    ``empty``: what a table with no rows says (default: that there is nothing at the
+    --at time, or nothing found when no --at was given).
+    """
     import polars as pl
 
     frame = frame.with_columns(pl.col(pl.Categorical).cast(pl.String))
@@ -217,7 +221,10 @@ def _emit(frame, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-de
             float_precision=6,
             fmt_str_lengths=100,  # ids whole: an auditor copies them from here
         ):
-            text = f"{frame}\n" if frame.height else "(nothing at that time)\n"
+            if empty is None:
+                given = getattr(args, "at", None) is not None
+                empty = "(nothing at that time)" if given else "(nothing found)"
+            text = f"{frame}\n" if frame.height else f"{empty}\n"
     if args.output is None:
         sys.stdout.write(text)
     else:
@@ -268,12 +275,26 @@ def _history(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_breaches(args: argparse.Namespace) -> int:
+    import warnings
+
     from riskbook.limits import breaches
+    from riskbook.limits._api import _UnregisteredTypes
 
     _writable_file(args.output, "--output")
     levels = tuple(args.level) if args.level else (0.8, 0.9, 1.0)
-    found = breaches(_history(args), at=args.at, known_at=args.known_at, levels=levels)
-    return _emit(found, args)
+    history = _history(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", _UnregisteredTypes)
+        found = breaches(history, at=args.at, known_at=args.known_at, levels=levels)
+    for w in caught:
+        if isinstance(w.message, _UnregisteredTypes):  # one plain line, no source location
+            _err(
+                "not evaluated, no definition is installed for the limit type(s) "
+                f"{', '.join(w.message.names)} (entry-point group riskbook.limit_types)"
+            )
+        else:  # anything else, as it would have been shown
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return _emit(found, args, empty="(no breaches)")
 
 
 def cmd_limits_history(args: argparse.Namespace) -> int:

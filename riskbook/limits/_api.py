@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import polars as pl
@@ -30,7 +35,7 @@ __all__ = [
 ]
 
 TimeLike = datetime | str | None
-Limits = pl.DataFrame | Iterable[LimitSet | Mapping[str, Any]]
+Limits = pl.DataFrame | LimitSet | Mapping[str, Any] | Iterable[LimitSet | Mapping[str, Any]]
 
 _TIME = pl.Datetime("us", "UTC")
 _CAT = pl.Categorical()
@@ -97,18 +102,26 @@ def stored_limits(
 def hypothetical_limits(limits: Limits) -> pl.DataFrame:
     """Limits that were never stored, as limit rows (what ``limits=`` accepts).
 
-    ``limits`` is a frame, or an iterable of :class:`~riskbook.LimitSet` events or of
-    mappings, with the columns (keys)
+    ``limits`` is a frame (polars; or pandas, if it is installed), one
+    :class:`~riskbook.LimitSet` event or mapping, or an iterable of them, with the
+    columns (keys)
 
     ==========  ===============================================================
     account_id  the account, or ``"*"`` for every account (an account's own row
                 wins over ``"*"`` from the same time)
     limit_type  a registered limit type's name
-    value       the limit (>= 0)
+    value       the limit (a number >= 0)
     symbol      optional: for a per-symbol limit type, this symbol only
-    set_at      optional: the business time it applies from (null: from the start)
+    set_at      optional: the business time it applies from (null: from the start),
+                a datetime with a time zone or RFC 3339 text
     set_by      optional: who (default ``"backtest"``)
     ==========  ===============================================================
+
+    and no others, but for those of the envelope that ``history.limits`` and
+    :func:`effective_limits` carry beside them (``timestamp``, ``position``,
+    ``event_id``, ...): their frames can be given back as they are, and those columns
+    are ignored. A column or key that is none of these (a typo: ``symbl``) is refused,
+    as is a value of the wrong type, naming the record (from 0) and its key.
 
     A limit applies from its ``set_at`` until the next limit of the same (account,
     limit_type, symbol), exactly as a stored LimitSet does.
@@ -126,56 +139,13 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
     │ *          ┆ MaxLeverage ┆ 2.5   ┆ backtest ┆ null              │
     └────────────┴─────────────┴───────┴──────────┴───────────────────┘
     """
-    if isinstance(limits, pl.DataFrame):
-        frame = limits
-    else:
-        records = []
-        for item in limits:
-            if isinstance(item, LimitSet):
-                records.append(
-                    {
-                        "account_id": item.account_id,
-                        "limit_type": item.limit_type,
-                        "symbol": item.symbol,
-                        "value": item.value,
-                        "set_by": item.set_by,
-                        "set_at": item.set_at,
-                    }
-                )
-            elif isinstance(item, Mapping):
-                records.append(dict(item))
-            else:
-                raise TypeError(
-                    f"limits must be a frame, LimitSet events or mappings, got {type(item).__name__}"
-                )
-        frame = (
-            pl.DataFrame(records)
-            if records
-            else pl.DataFrame(
-                schema={"account_id": pl.String, "limit_type": pl.String, "value": pl.Float64}
-            )
-        )
-    for need in ("account_id", "limit_type", "value"):
-        if need not in frame.columns:
-            raise ValueError(
-                f"hypothetical limits need a {need!r} column (they have {frame.columns})"
-            )
-    if "set_at" in frame.columns and frame.schema["set_at"] == pl.String:
-        frame = frame.with_columns(pl.col("set_at").map_elements(parse_time, return_dtype=_TIME))
-    elif "set_at" in frame.columns and isinstance(frame.schema["set_at"], pl.Datetime):
-        zone = frame.schema["set_at"].time_zone
-        if zone is None and frame["set_at"].null_count() < frame.height:
-            # as every other time parameter: a naive time in a notebook is local time
-            # to its writer, and read as UTC it would move the limit by the offset
-            raise ValueError("set_at has no time zone: give UTC explicitly")
-        if zone is not None:
-            frame = frame.with_columns(pl.col("set_at").dt.convert_time_zone("UTC"))
+    frame = _limits_frame(limits)
     frame = frame.with_columns(
         (pl.col("set_by") if "set_by" in frame.columns else pl.lit(None, pl.String))
         .cast(pl.String)
         .fill_null("backtest")
         .alias("set_by")
-    ).drop("timestamp", "position", "event_id", strict=False)
+    ).drop(*_ignored_columns(), strict=False)
     rows = pl.concat(
         [frame.select(pl.col("limit_type").cast(pl.String)), _limit_frame(frame)],
         how="horizontal",
@@ -187,6 +157,8 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
         raise ValueError(f"limit values must be finite and >= 0: {bad.row(0, named=True)}")
     if rows["account_id"].null_count():
         raise ValueError("every hypothetical limit needs an account_id (or '*')")
+    if rows["limit_type"].null_count():
+        raise ValueError("every hypothetical limit needs a limit_type")
     for name in rows["limit_type"].unique().to_list():
         scope = get(name).scope  # KeyError for a type that is not registered
         if "symbol" not in scope:
@@ -199,6 +171,165 @@ def hypothetical_limits(limits: Limits) -> pl.DataFrame:
                     f" ({with_symbol.row(0, named=True)})"
                 )
     return rows
+
+
+_TEXT_KEYS = ("account_id", "limit_type", "symbol", "set_by")
+_LIMIT_KEYS = ("account_id", "limit_type", "value", "symbol", "set_at", "set_by")
+"""The columns (keys) of a hypothetical limit."""
+_NEEDED_KEYS = ("account_id", "limit_type", "value")
+_LIMIT_KEY_SCHEMA = pl.Schema(
+    {
+        "account_id": pl.String(),
+        "limit_type": pl.String(),
+        "value": pl.Float64(),
+        "symbol": pl.String(),
+        "set_at": _TIME,
+        "set_by": pl.String(),
+    }
+)
+
+
+@functools.cache
+def _ignored_columns() -> tuple[str, ...]:
+    """The envelope columns of ``history.limits`` (a superset of those of
+    :func:`effective_limits`): given back with a frame of limits, and ignored."""
+    return tuple(c for c in History.empty().limits.columns if c not in _LIMIT_KEYS)
+
+
+def _accepted() -> str:
+    return ", ".join(_LIMIT_KEYS) + f" (and {', '.join(_ignored_columns())}, ignored)"
+
+
+def _limits_frame(limits: Any) -> pl.DataFrame:
+    """What :func:`hypothetical_limits` is given, as a frame of its columns: each
+    checked and typed (set_at in UTC), the envelope columns still there."""
+    if isinstance(limits, pl.LazyFrame):
+        limits = limits.collect()
+    elif _is_pandas_frame(limits):
+        limits = pl.from_pandas(limits)
+    if isinstance(limits, pl.DataFrame):
+        return _checked_frame(limits)
+    if isinstance(limits, LimitSet | Mapping):  # one limit
+        limits = [limits]
+    elif isinstance(limits, str | bytes) or not isinstance(limits, Iterable):
+        raise TypeError(
+            "limits must be a frame, a LimitSet event or mapping, or an iterable of them,"
+            f" got {type(limits).__name__}"
+        )
+    columns: dict[str, list[Any]] = {c: [] for c in _LIMIT_KEY_SCHEMA}
+    for i, item in enumerate(limits):
+        if isinstance(item, LimitSet):
+            record = _checked_record(i, {c: getattr(item, c) for c in _LIMIT_KEYS})
+        elif isinstance(item, Mapping):
+            record = _checked_record(i, item)
+        else:
+            raise TypeError(
+                "limits must be a frame, LimitSet events or mappings; limit "
+                f"{i} is a {type(item).__name__}"
+            )
+        for c, values in columns.items():
+            values.append(record.get(c))
+    return pl.DataFrame(columns, schema=_LIMIT_KEY_SCHEMA)
+
+
+def _is_pandas_frame(limits: Any) -> bool:
+    pandas = sys.modules.get("pandas")  # not imported: it cannot be a pandas frame
+    return pandas is not None and isinstance(limits, pandas.DataFrame)
+
+
+def _checked_record(i: int, item: Mapping[Any, Any]) -> dict[str, Any]:
+    """One mapping as a record of :data:`_LIMIT_KEY_SCHEMA`'s Python values, or a
+    ValueError naming it (``i``) and the key."""
+    unknown = [k for k in item if k not in _LIMIT_KEYS and k not in _ignored_columns()]
+    if unknown:
+        raise ValueError(
+            f"hypothetical limit {i}: unknown key(s) {', '.join(map(repr, unknown))}"
+            f" (the keys are {_accepted()})"
+        )
+    missing = [k for k in _NEEDED_KEYS if k not in item]
+    if missing:
+        raise ValueError(
+            f"hypothetical limit {i} lacks the key(s) {', '.join(map(repr, missing))}"
+            f" (it has {', '.join(map(repr, item))})"
+        )
+    record: dict[str, Any] = {}
+    for key in _LIMIT_KEYS:
+        value = item.get(key)
+        if value is None:
+            record[key] = None
+        elif key in _TEXT_KEYS:
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"hypothetical limit {i}: {key!r} must be a string, got "
+                    f"{type(value).__name__} {value!r}"
+                )
+            record[key] = value
+        elif key == "value":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
+                raise ValueError(
+                    f"hypothetical limit {i}: 'value' must be a number, got "
+                    f"{type(value).__name__} {value!r}"
+                )
+            record[key] = float(value)
+        else:  # set_at
+            try:
+                record[key] = as_time(value, "set_at")
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"hypothetical limit {i}: {exc}") from None
+    return record
+
+
+def _checked_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """A frame of limits with its columns checked and typed (set_at in UTC)."""
+    unknown = [c for c in frame.columns if c not in _LIMIT_KEYS and c not in _ignored_columns()]
+    if unknown:
+        raise ValueError(
+            f"hypothetical limits: unknown column(s) {', '.join(map(repr, unknown))}"
+            f" (the columns are {_accepted()})"
+        )
+    for need in _NEEDED_KEYS:
+        if need not in frame.columns:
+            raise ValueError(
+                f"hypothetical limits need a {need!r} column (they have {frame.columns})"
+            )
+    schema = frame.schema
+    for c in _TEXT_KEYS:
+        dtype = schema.get(c)
+        if dtype is not None and not (
+            dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
+        ):
+            raise ValueError(f"hypothetical limits: column {c!r} is {dtype}, expected String")
+    if not (schema["value"].is_numeric() or schema["value"] == pl.Null):
+        raise ValueError(
+            f"hypothetical limits: column 'value' is {schema['value']}, expected a number"
+        )
+    frame = frame.with_columns(
+        pl.col(c).cast(pl.String) for c in _TEXT_KEYS if c in frame.columns
+    ).with_columns(pl.col("value").cast(pl.Float64))
+    set_at = schema.get("set_at")
+    if set_at == pl.String:
+        times = []
+        for i, text in enumerate(frame["set_at"].to_list()):
+            try:
+                times.append(None if text is None else parse_time(text))
+            except ValueError as exc:
+                raise ValueError(f"hypothetical limit {i}: set_at: {exc}") from None
+        frame = frame.with_columns(pl.Series("set_at", times, dtype=_TIME))
+    elif isinstance(set_at, pl.Datetime):
+        if set_at.time_zone is None and frame["set_at"].null_count() < frame.height:
+            # as every other time parameter: a naive time in a notebook is local time
+            # to its writer, and read as UTC it would move the limit by the offset
+            raise ValueError("set_at has no time zone: give UTC explicitly")
+        frame = frame.with_columns(
+            pl.col("set_at").dt.convert_time_zone("UTC")
+            if set_at.time_zone is not None
+            else pl.col("set_at").cast(_TIME)
+        )
+    elif set_at is not None and set_at not in (pl.Date, pl.Null):
+        raise ValueError(
+            f"hypothetical limits: column 'set_at' is {set_at}, expected Datetime(UTC)"
+        )
+    return frame
 
 
 # ----------------------------------------------------------------------------- breaches
@@ -220,6 +351,29 @@ def _levels(levels: Sequence[float] | float) -> tuple[float, ...]:
     return _check_levels((levels,) if isinstance(levels, int | float) else tuple(levels))
 
 
+class _UnregisteredTypes(UserWarning):
+    """Limits of limit types with no registered definition were skipped (``names``)."""
+
+    def __init__(self, message: str, names: Sequence[str]) -> None:
+        super().__init__(message)
+        self.names = tuple(names)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep  # riskbook/, as code names it
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    point at the first frame outside riskbook: the user's call, however many riskbook
+    functions and wrappers (:func:`~riskbook._memory.with_large_arrays`) are between."""
+    level = 1
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def _evaluate_scenarios(
     history: History,
     scenarios: dict[str, pl.DataFrame],
@@ -236,9 +390,12 @@ def _evaluate_scenarios(
     unknown = [n for n in wanted if n not in registered]
     if unknown:
         warnings.warn(
-            f"limits of unregistered limit types are not evaluated: {', '.join(unknown)} "
-            "(register their definitions with riskbook.limits.register)",
-            stacklevel=3,
+            _UnregisteredTypes(
+                f"limits of unregistered limit types are not evaluated: {', '.join(unknown)} "
+                "(register their definitions with riskbook.limits.register)",
+                unknown,
+            ),
+            stacklevel=_caller_level(),
         )
     found: dict[str, list[pl.DataFrame]] = {s: [] for s in scenarios}
     horizons = {s: _horizon(history, rows, at, known_at) for s, rows in scenarios.items()}
@@ -683,9 +840,10 @@ def reconcile(
         pairs.append((None, ri, _no_breach_reason(history, report_rows[ri], causes, known, k)))
     for bi, b in enumerate(found_rows):
         if bi not in used_b:
-            late = b["trigger_recorded_at"] - b["started_at"]
+            recorded = b["trigger_recorded_at"]
+            late = None if recorded is None else recorded - b["started_at"]
             why = "no LimitViolationDetected for this breach"
-            if late > tolerance:
+            if late is not None and late > tolerance:
                 why += f"; its trigger was recorded {late} after it happened"
             pairs.append((bi, None, why))
     out = []

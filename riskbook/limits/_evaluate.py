@@ -278,6 +278,58 @@ def _grow_to(a: np.ndarray, n: int, fill: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- inputs
 
 
+_METRIC_COLUMNS: dict[str, tuple[pl.DataType, str]] = {
+    "account_id": (_CAT, "String"),
+    "symbol": (_CAT, "String"),
+    "time": (_TIME, "Datetime(UTC)"),
+    "timestamp": (_TIME, "Datetime(UTC)"),
+    "position": (pl.Int64(), "Int64"),
+    "value": (pl.Float64(), "Float64"),
+    "event_id": (pl.String(), "String"),
+}
+"""The metric columns: the type each is read as, and what it is said to expect."""
+
+
+def _metric_column(metric: pl.DataFrame, column: str, definition: LimitDefinition) -> pl.Series:
+    """A metric column checked and cast to its type, or a ValueError naming the limit
+    type and the column: text for the account and symbol, a time with a zone for the
+    business and recorded times (a naive one is refused, as every time riskbook is
+    given), a number for the position and the value."""
+    s = metric[column]
+    dtype = s.dtype
+    target, expected = _METRIC_COLUMNS[column]
+    if dtype == pl.Null:
+        ok = True
+    elif column in ("account_id", "symbol"):
+        ok = dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+    elif column in ("time", "timestamp"):
+        ok = isinstance(dtype, pl.Datetime)
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone is None and s.null_count() < s.len():
+            raise ValueError(
+                f"the metric of limit type {definition.name}: column {column!r} has no time"
+                " zone: give UTC explicitly (.dt.replace_time_zone('UTC') if it is UTC)"
+            )
+    elif column == "position":
+        ok = dtype.is_integer() or dtype.is_float()
+    elif column == "value":
+        ok = dtype.is_numeric()
+    else:  # event_id: anything that reads as text
+        ok = True
+    if ok:
+        try:
+            return s.cast(target).alias(column)
+        except pl.exceptions.PolarsError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"the metric of limit type {definition.name}: column {column!r} ({dtype}) does"
+                f" not read as {expected}: {first}"
+            ) from None
+    raise ValueError(
+        f"the metric of limit type {definition.name}: column {column!r} is {dtype},"
+        f" expected {expected}"
+    )
+
+
 def _metric_rows(
     metric: pl.DataFrame, definition: LimitDefinition, by_symbol: bool
 ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -301,24 +353,30 @@ def _metric_rows(
     # Series by Series (cheaper than a select on a small frame).
     out = pl.DataFrame(
         [
-            metric["account_id"].cast(_CAT).alias("account_id"),
-            (metric["symbol"].cast(_CAT) if by_symbol else _null(_CAT, n)).alias("symbol"),
-            metric["time"].cast(_TIME).alias("time"),
-            metric["timestamp"].cast(_TIME).alias("timestamp"),
-            metric["position"].cast(pl.Int64).alias("position"),
-            metric["value"].cast(pl.Float64).alias("value"),
+            _metric_column(metric, "account_id", definition),
             (
-                metric["event_id"].cast(pl.String)
+                _metric_column(metric, "symbol", definition)
+                if by_symbol
+                else _null(_CAT, n).alias("symbol")
+            ),
+            _metric_column(metric, "time", definition),
+            _metric_column(metric, "timestamp", definition),
+            _metric_column(metric, "position", definition),
+            _metric_column(metric, "value", definition),
+            (
+                _metric_column(metric, "event_id", definition)
                 if "event_id" in metric.columns
-                else _null(pl.String(), n)
-            ).alias("event_id"),
+                else _null(pl.String(), n).alias("event_id")
+            ),
         ]
     )
-    for column in ("account_id", "time"):  # who and when: a null is a bug of the metric
+    # who, when and when recorded: a null is a bug of the metric
+    for column in ("account_id", "time", "timestamp"):
         if nulls := out[column].null_count():
             raise ValueError(
                 f"the metric of limit type {definition.name} has {nulls:,} row(s) with a null"
-                f" {column!r} (a left join, say): every row needs its account and business time"
+                f" {column!r} (a left join, say): every row needs its account, business time"
+                " and recorded time"
             )
     if out["value"].null_count():
         out = out.with_columns(pl.col("value").fill_null(float("nan")))
@@ -726,8 +784,9 @@ def evaluate(
     ----------
     definition : the limit type (or its registered name).
     metric : metric rows of this batch (see :class:`~riskbook.limits.LimitDefinition`).
-    limits : limit rows of this batch (:data:`LIMIT_ROWS_SCHEMA`; ``history.limits`` of
-        this type has the right columns).
+    limits : limit rows of this batch (:data:`LIMIT_ROWS_SCHEMA`). If they have a
+        ``limit_type`` column (``history.limits`` has the right columns), only the rows
+        of this definition's type are used: the others, of other types, are left out.
     levels : fractions of the limit; a breach at level x is metric > x * limit.
     state : where the previous batch left off (None: the beginning). Rows of a key that
         come before what that key already folded raise ``ValueError``.
@@ -793,6 +852,8 @@ def evaluate(
     if c is None or not c.matches(state, by_symbol, len(lv)):
         c = _derive(state, by_symbol, lv)
     rows, m_bt, m_ts, m_pos, m_val = _metric_rows(metric, d, by_symbol)
+    if "limit_type" in limits.columns:  # history.limits, say: only this type's rows
+        limits = limits.filter(pl.col("limit_type").cast(pl.String) == d.name)
     lim = _limit_frame(limits)
     cut = _MAX if through is None else _us(through)
     if through is not None:
