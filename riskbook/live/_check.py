@@ -88,8 +88,19 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def _engine_for(account: str, store: Store | str | None, processor: Processor | None) -> Engine:
+def _engine_for(
+    account: str, store: Store | str | None, processor: Processor | None, wait: float
+) -> Engine:
     if processor is not None:
+        if isinstance(processor, Processor) and not processor.wait_ready(wait):
+            # Never from a state that is not current: a check must not fail open.
+            why = processor.status
+            if processor.running:
+                why += f"; not ready after {wait:g} s"
+            raise RiskbookError(
+                f"processor {processor.name!r} cannot answer a pre-trade check ({why}): its"
+                " state is not current (start it and wait for it, or check from the store)"
+            )
         return processor.engine
     if isinstance(store, Store):
         history = load(store, accounts=[account], progress=False)
@@ -111,6 +122,7 @@ def check(
     store: Store | str | None = None,
     processor: Processor | None = None,
     at: datetime | str | None = None,
+    wait: float = 5.0,
 ) -> CheckResult:
     """Would this trade be accepted now? Accept, or reject with every reason.
 
@@ -128,8 +140,14 @@ def check(
     account, symbol, side, quantity, price : the proposed trade (validated like a
         TradeExecuted: ``InvalidEvent`` names a bad field).
     store : where the history is (default store) when no ``processor`` is given.
-    processor : a running :class:`~riskbook.live.Processor` to take the state from.
+    processor : a running :class:`~riskbook.live.Processor` to take the state from
+        (or one caught up by its ``catch_up``). Until it is ready (attached, its state
+        rebuilt) the check waits, at most ``wait`` seconds, then raises
+        :class:`~riskbook.RiskbookError` naming it and its status; a stopped or failed
+        processor is refused at once. The check never answers from a state that is not
+        current.
     at : the trade's business time (default: now).
+    wait : seconds to wait for ``processor`` to be ready (default 5).
 
     Examples
     --------
@@ -149,7 +167,7 @@ def check(
     )
     # The state before the trade: with the scheduled limits due by then in force, as in
     # the trade's own fold (so a trade reducing a breach they start is not refused).
-    engine = _engine_for(account, store, processor).as_of(when)
+    engine = _engine_for(account, store, processor, wait).as_of(when)
     trial = engine.copy()
     envelope = Envelope(
         event_id=uuid.uuid4(),

@@ -56,11 +56,14 @@ def cmd_live(args: argparse.Namespace) -> int:
     )
     if args.once:
         try:
-            processor.catch_up()
+            processor.catch_up()  # refuses at once while another of that name works
         finally:
             processor.stop()
+        held = sum(len(c.already_stored) for c in processor.commits)
         print(f"caught up: {processor.engine.events_seen:,} events, horizon "
-              f"{processor.engine.horizon}", file=sys.stderr)  # fmt: skip
+              f"{processor.engine.horizon}"
+              + (f"; {held:,} effects already stored, not appended again" if held else ""),
+              file=sys.stderr)  # fmt: skip
         return 0
     stop = threading.Event()
 
@@ -69,15 +72,35 @@ def cmd_live(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    print(f"riskbook live {args.name!r}: following the store (Ctrl-C stops)", file=sys.stderr)
     processor.start()
-    while not stop.wait(0.5):
+    said: list[str] = []
+    while not stop.wait(0.1):
+        _say_status(args.name, processor.status, said)
         if not processor.running:
             break
     processor.stop()
     if processor.error is not None:
         raise processor.error
     return 0
+
+
+def _say_status(name: str, status: str, said: list[str]) -> None:
+    """Say on stderr what the processor does when that changes: waiting for another
+    processor of its name (it holds the lock), rebuilding its state, following the
+    store. ``said``: what was said so far (the last one last)."""
+    kind = status.split(":")[0].split(" ")[0]
+    if kind not in ("waiting", "rebuilding", "running") or (said and said[-1] == kind):
+        return
+    if kind == "waiting":
+        text = (f"waiting: another processor named {name!r} is working on this store; this"
+                " one takes over when it stops (Ctrl-C stops)")  # fmt: skip
+    elif kind == "rebuilding":
+        text = status
+    else:
+        got = "got the lock; " if "waiting" in said else ""
+        text = f"{got}following the store (Ctrl-C stops)"
+    print(f"riskbook live {name!r}: {text}", file=sys.stderr, flush=True)
+    said.append(kind)
 
 
 def _never() -> dict[str, float | None]:

@@ -8,13 +8,21 @@ everything there is (a micro-batch), so the cost per event falls as the load ris
 
 Exactly once: the checkpoint row is locked and compared in the committing transaction,
 and only one processor of a name works at a time (a session advisory lock; a second
-one waits). On start the engine's state is rebuilt by folding everything below the
-checkpoint without effects (the same fold, so the same state). A crash anywhere
-leaves either the old checkpoint and no effects, or the new one and all of them.
+one waits, :meth:`Processor.catch_up` refuses). On start the engine's state is rebuilt
+by folding everything below the checkpoint without effects (the same fold, so the same
+state). A crash anywhere leaves either the old checkpoint and no effects, or the new
+one and all of them. An effect the store already holds -- the same kind, account and
+trigger (causation id), and for a violation the same limit type and symbol, recorded
+after its trigger: a history imported with its alarms, another processor's -- is not
+appended again (it counts as written: a block the store holds blocks, as one written).
+
 A lost connection (a PostgreSQL restart) is retried with backoff, and the processor
-resumes from the checkpoint; a statement the database refuses (a role that may not
-write the checkpoint, say) stops it with a :class:`~riskbook.errors.StoreError` saying
-why, in one line and without the password.
+resumes from the checkpoint; a commit that fails for a reason that passes (a deadlock
+with another writer, a serialization failure, a lock or statement timeout, a cancelled
+query) is rolled back and the batch retried, with backoff and a log line. A statement
+the database refuses (a role that may not write the checkpoint, a constraint) stops it
+with a :class:`~riskbook.errors.StoreError` saying why, in one line and without the
+password.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from riskbook.errors import RiskbookError, StoreError
 from riskbook.frames import Filters, History, _read
 from riskbook.live._engine import DEFAULT_CRITICAL, Effect, Engine
 from riskbook.store import Store, connect
-from riskbook.store.eventstore import NOTIFY_CHANNEL, _read_after
+from riskbook.store.eventstore import NOTIFY_CHANNEL, TransientStoreError, _read_after
 
 __all__ = ["Commit", "Processor"]
 
@@ -55,6 +63,12 @@ class _Lost(StoreError):
     """The processor's connection was lost or refused: it reconnects and goes on."""
 
 
+class _Transient(StoreError):
+    """A statement failed for a reason that passes (a deadlock, a serialization failure,
+    a timeout, a cancel) on a connection that is fine: the transaction is rolled back and
+    the batch retried on the same connection, after a pause."""
+
+
 class _Refused(StoreError):
     """The database refused a statement of the processor (a role without the privilege,
     say): retrying cannot help, the processor stops with this error."""
@@ -70,8 +84,12 @@ class Commit:
     """Every event below this position is processed."""
     events: int
     effects: tuple[Effect, ...]
+    """The effects appended."""
     seconds: float
     """From the read to the commit."""
+    already_stored: tuple[Effect, ...] = ()
+    """Effects decided that the store already held (recorded after their trigger, by an
+    import of a history with its alarms or another processor): not appended again."""
 
 
 class Processor:
@@ -81,7 +99,8 @@ class Processor:
     ----------
     store : a :class:`~riskbook.Store`, a DSN, or None (the default store).
     name : the checkpoint's name: processors of different names keep separate
-        checkpoints (and each appends its own effects).
+        checkpoints (each appends the effects it decides that the store does not hold
+        yet: see the module docstring).
     critical : factor of the limit over which a breach blocks the account (one for
         every type, or per type; None for a type: never blocks). Default 1.2.
     types : the limit types to evaluate (default: every registered one).
@@ -100,6 +119,7 @@ class Processor:
     --------
     >>> import riskbook  # doctest: +SKIP
     >>> p = riskbook.live.Processor(start="head").start()  # a thread  # doctest: +SKIP
+    >>> p.wait_ready()  # attached, its state rebuilt  # doctest: +SKIP
     >>> p.commits[-1].effects  # doctest: +SKIP
     >>> p.stop()  # doctest: +SKIP
     """
@@ -141,6 +161,8 @@ class Processor:
         self.status = "stopped"
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the state is current: see wait_ready
+        self._in_run = False
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
 
@@ -166,9 +188,12 @@ class Processor:
     def stop(self, timeout: float | None = 10.0) -> None:
         """Ask the loop to stop after its current batch; wait for it."""
         self._stop.set()
+        self._ready.clear()  # from now on its state is not kept current: no check from it
         if self._thread is not None:
             self._thread.join(timeout)
-        self._close()
+        self._close(unlock=not self.running)  # a thread still in a statement holds conn
+        if not self.running and not self.status.startswith("failed"):
+            self.status = "stopped"
         if self._owns_store:
             self.store.close()
 
@@ -176,10 +201,34 @@ class Processor:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def ready(self) -> bool:
+        """Is the state current? Attached (the lock held, the state rebuilt) and not
+        stopped or failed since; or caught up by :meth:`catch_up`."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float = 5.0) -> bool:
+        """Wait until :attr:`ready`, at most ``timeout`` seconds; False if it is not.
+
+        A processor that is not working (never started, stopped, failed) will not get
+        ready: False at once. The pre-trade check waits this way before it answers from
+        the processor's state (never from a state that is not current).
+        """
+        deadline = time.monotonic() + timeout
+        while not self._ready.is_set():
+            if not (self.running or self._in_run):
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._ready.wait(min(left, 0.05))
+        return True
+
     def _run_catching(self) -> None:
         try:
             self.run()
         except BaseException as exc:  # reported on the object; the thread ends
+            self._ready.clear()
             self.error = exc
             self.status = f"failed: {exc}"
             if isinstance(exc, RiskbookError):  # says why in its message: no traceback
@@ -189,61 +238,136 @@ class Processor:
 
     def run(self, *, idle_timeout: float | None = None, max_wait: float = 1.0) -> None:
         """The loop, in this thread, until :meth:`stop` (or ``idle_timeout`` seconds
-        with nothing new). Connection losses are retried with backoff."""
+        with nothing new). Waits for the lock while another processor of this name
+        works; connection losses and commits that fail for a reason that passes are
+        retried with backoff."""
         backoff = 0.1
         idle_since = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self._attach()
-                backoff = 0.1
-                while not self._stop.is_set():
-                    if self.step():
-                        idle_since = time.monotonic()
-                        continue
-                    if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
-                        return
-                    self._wait(max_wait)
-            except _Refused:
-                raise
-            except (psycopg.OperationalError, StoreError, _Moved) as exc:
-                self.status = f"reconnecting: {_first_line(exc)}"
-                log.warning("riskbook live %s: %s; retrying in %.1f s", self.name, exc, backoff)
-                self._close()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                if self._stop.is_set():
+        self._in_run = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._attach()
+                    while not self._stop.is_set():
+                        if self.step():
+                            backoff = 0.1
+                            idle_since = time.monotonic()
+                            continue
+                        backoff = 0.1
+                        if idle_timeout is not None and (
+                            time.monotonic() - idle_since > idle_timeout
+                        ):
+                            return
+                        self._wait(max_wait)
+                except _Refused:
+                    raise
+                except _Transient as exc:  # rolled back, the connection fine: retry on it
+                    self.status = f"retrying: {_first_line(exc)}"
+                    log.warning(
+                        "riskbook live %s: %s; retrying the batch in %.1f s",
+                        self.name, exc, backoff,
+                    )  # fmt: skip
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    if self._conn is not None:
+                        self.status = "running"
+                except (psycopg.OperationalError, StoreError, _Moved) as exc:
+                    self.status = f"reconnecting: {_first_line(exc)}"
+                    log.warning("riskbook live %s: %s; retrying in %.1f s", self.name, exc, backoff)
                     self._close()
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                finally:
+                    if self._stop.is_set():
+                        self._close()
+        finally:
+            self._in_run = False
+        self._ready.clear()
         self.status = "stopped"
 
-    def catch_up(self) -> list[Effect]:
-        """Process everything committed so far, once, in this thread; return the effects."""
-        self._attach()
+    def catch_up(self, *, wait: float = 1.0) -> list[Effect]:
+        """Process everything committed so far, once, in this thread, then let go of the
+        lock and the connection; return the effects decided, in order (those appended,
+        and those the store already held: see :attr:`Commit.already_stored`).
+
+        Raises :class:`~riskbook.RiskbookError` if another processor of this name is
+        working on the store (``wait``: seconds to wait for it to let go first -- one
+        that just stopped holds the lock for a moment). A commit that fails for a reason
+        that passes (a deadlock, say) is retried a few times. The state stays current
+        for the pre-trade check (:attr:`ready`) until :meth:`stop`.
+        """
+        if self.running:
+            raise RiskbookError(
+                f"processor {self.name!r} is running in its thread: it catches up by itself"
+                " (catch_up is for a processor that is not started)"
+            )
         found: list[Effect] = []
-        while self.step():
-            found += self.commits[-1].effects
+        try:
+            self._attach(wait=wait)
+            tries = 0
+            while True:
+                try:
+                    decided = self._step()
+                except _Transient as exc:
+                    tries += 1
+                    if tries > 8:
+                        raise
+                    pause = min(0.1 * 2**tries, 5.0)
+                    log.warning("riskbook live %s: %s; retrying the batch in %.1f s",
+                                self.name, exc, pause)  # fmt: skip
+                    time.sleep(pause)
+                    continue
+                if decided is None:
+                    break
+                tries = 0
+                found += decided
+        except BaseException as exc:
+            self._ready.clear()
+            self.status = f"failed: {_first_line(exc)}"
+            raise
+        finally:
+            self._close()
+        self.status = f"caught up to position {self.engine.horizon}"
         return found
 
     # ------------------------------------------------------------------ the loop
 
     def _db(self, work: Callable[[], _T]) -> _T:
         """``work()`` on the processor's own connection, its psycopg errors riskbook's:
-        :class:`_Lost` (retried) for a lost or refused connection, :class:`_Refused`
-        otherwise; one line, no password (the store's translation)."""
+        :class:`_Lost` (reconnect) for a lost or refused connection, :class:`_Transient`
+        (retry on it) for a failure that passes, :class:`_Refused` otherwise; one line,
+        no password (the store's translation)."""
         try:
             return work()
         except psycopg.Error as exc:
-            message = str(self.store._translate(exc))
-            lost = isinstance(exc, psycopg.OperationalError)
-            failure: StoreError = _Lost(message) if lost else _Refused(message)
+            translated = self.store._translate(exc)
+            retry = isinstance(translated, TransientStoreError) or isinstance(
+                exc, psycopg.OperationalError
+            )  # an OperationalError that does not pass (a disk full) is waited out too
+            failure = self._failure(str(translated), retry=retry)
         raise failure  # here, so that it carries no psycopg exception (nor its message)
 
-    def _attach(self) -> None:
-        """Connect, take the lock (waiting for it), load the checkpoint, rebuild the state."""
+    def _failure(self, message: str, *, retry: bool) -> StoreError:
+        if not retry:
+            return _Refused(message)
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            return _Lost(message)
+        return _Transient(message)
+
+    def _attach(self, *, wait: float | None = None) -> None:
+        """Connect, take the lock, load the checkpoint, rebuild the state; then
+        :attr:`ready`.
+
+        ``wait``: None waits for the lock until it is free (or :meth:`stop`), saying so
+        in :attr:`status` and the log; a number waits that many seconds at most, then
+        raises :class:`~riskbook.RiskbookError` (another processor of this name works).
+        """
         if self._conn is not None and not self._conn.closed:
             return
         self.status = "connecting"
         conn = self._db(lambda: psycopg.connect(self.store.dsn, autocommit=True))
+        deadline = None if wait is None else time.monotonic() + wait
 
         def lock_and_load() -> int | None:
             key = f"riskbook.live:{self.name}"
@@ -251,12 +375,17 @@ class Processor:
             while not conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
             ).fetchone()[0]:  # type: ignore[index]
+                if deadline is not None and time.monotonic() >= deadline:
+                    return -1
                 if not waited:
+                    self._ready.clear()  # another one works: this state falls behind
                     self.status = "waiting: another processor of this name is working"
                     log.info("riskbook live %s: %s", self.name, self.status)
                     waited = True
-                if self._stop.wait(0.5):
+                if self._stop.wait(0.5 if deadline is None else 0.1):
                     return None
+            if waited:
+                log.info("riskbook live %s: got the lock", self.name)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
             return self._checkpoint(conn)
 
@@ -265,13 +394,21 @@ class Processor:
         except BaseException:
             conn.close()
             raise
-        if checkpoint is None:  # stopped while waiting
+        if checkpoint is None or checkpoint < 0:  # stopped while waiting, or busy
             conn.close()
-            return
+            if checkpoint is None:
+                return
+            self.status = "stopped"
+            raise RiskbookError(
+                f"another processor named {self.name!r} is working on this store (it holds"
+                " the lock of that name): stop it first, or give this one another name"
+            )
         self._conn = conn
         if checkpoint != self.engine.horizon:
+            self._ready.clear()  # until the state is rebuilt
             self._rebuild(checkpoint)
         self.status = "running"
+        self._ready.set()
 
     def _checkpoint(self, conn: psycopg.Connection) -> int:
         row = conn.execute(
@@ -296,24 +433,36 @@ class Processor:
         them; the others were written and are read back in the history): they count for
         nothing, and the blocks of this processor written at or after the checkpoint --
         the commits before it wrote them, and they are not read back yet -- count as
-        its pending blocks, as they did before the restart.
+        its pending blocks, as they did before the restart; so do the blocks the fold
+        decides that the store holds at or after the checkpoint (the commits before
+        found them stored and counted them as written: see :meth:`_not_stored`).
         """
         self.status = f"rebuilding the state below position {checkpoint}"
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
+        decided: list[Effect] = []
         if checkpoint > 0:
             history = _read(self.store, Filters(), after=0, before=checkpoint, progress=False)
-            engine.apply(history, written=False)
+            decided = engine.apply(history, written=False)
         engine.horizon = checkpoint
         conn = self._conn
         assert conn is not None
-        own = self._db(lambda: conn.execute(_OWN_BLOCKS_SQL, (checkpoint, self.name)).fetchall())
-        for account, cause in own:
-            engine.expect_block(account, cause)
+        blocks = {(e.account_id, _uuid(e.causation_id)) for e in decided
+                  if e.kind == "AccountBlocked"}  # fmt: skip
+        causes = sorted({cause for _, cause in blocks})
+        params = {"checkpoint": checkpoint, "name": self.name, "causes": causes}
+        ahead = self._db(lambda: conn.execute(_AHEAD_BLOCKS_SQL, params).fetchall())
+        for account, cause, own in ahead:
+            if own or (account, cause) in blocks:
+                engine.expect_block(account, cause)
         self.engine = engine
         gc.freeze()  # what the rebuild left is long-lived: keep it out of every collection
 
     def step(self) -> bool:
         """Read, fold and commit one micro-batch; False if there was nothing new."""
+        return self._step() is not None
+
+    def _step(self) -> list[Effect] | None:
+        """:meth:`step`; the effects decided (None: nothing new)."""
         conn = self._conn
         if conn is None:
             raise StoreError("the processor is not attached (call run, start or catch_up)")
@@ -322,26 +471,30 @@ class Processor:
         limit = self.max_batch or _SMALL
         envelopes = self._db(lambda: _read_after(conn, horizon - 1, limit))
         if not envelopes:
-            return False
+            return None
         if self.max_batch is not None or len(envelopes) < _SMALL:
             batch = History.from_envelopes(envelopes)
         else:  # a backlog: everything below the fence in one read
             batch = _read(self.store, Filters(), after=horizon, progress=False)
         engine = self.engine.copy()
         effects = engine.apply(batch)
-        self._db(lambda: self._commit(conn, horizon, engine.horizon, effects))
+        written = self._db(lambda: self._commit(conn, horizon, engine.horizon, effects))
         self.engine = engine
-        done = Commit(time.time(), engine.horizon, batch.events.height, tuple(effects),
-                      time.perf_counter() - began)  # fmt: skip
+        appended = {id(e) for e in written}
+        held = tuple(e for e in effects if id(e) not in appended)
+        done = Commit(time.time(), engine.horizon, batch.events.height, tuple(written),
+                      time.perf_counter() - began, held)  # fmt: skip
         self.commits.append(done)
-        self.effects.extend(effects)
+        self.effects.extend(written)
         if self.on_commit is not None:
             self.on_commit(done)
-        return True
+        return effects
 
     def _commit(
         self, conn: psycopg.Connection, expected: int, horizon: int, effects: list[Effect]
-    ) -> None:
+    ) -> list[Effect]:
+        """Move the checkpoint and append the effects the store does not hold yet, in
+        one transaction; return those appended."""
         with conn.transaction():
             # Moves the checkpoint only from where this processor left it (and locks its
             # row until the commit): the check and the move in one round trip.
@@ -358,6 +511,8 @@ class Processor:
                     f"checkpoint {self.name!r} is at {None if row is None else row[0]}, "
                     f"expected {expected}: another processor moved it"
                 )
+            if effects:  # rare: the lookup costs nothing to the batches without
+                effects = self._not_stored(conn, effects)
             for e in effects:
                 try:
                     self.store.append_in(
@@ -368,12 +523,42 @@ class Processor:
                         causation_id=uuid.UUID(e.causation_id),
                         metadata={"processor": self.name},
                     )
-                except StoreError as exc:  # translated by the store: lost, or refused?
-                    if conn.broken or conn.closed:
-                        raise
-                    raise _Refused(str(exc)) from None
+                except StoreError as exc:  # translated by the store: passes, or refused?
+                    retry = isinstance(exc, TransientStoreError) or conn.broken or conn.closed
+                    raise self._failure(str(exc), retry=retry) from None
             if self.before_commit is not None:
                 self.before_commit(effects)
+        return effects
+
+    def _not_stored(self, conn: psycopg.Connection, effects: list[Effect]) -> list[Effect]:
+        """The effects the store does not hold yet: one the store holds (the same kind,
+        account and trigger, and for a violation the same limit type and symbol,
+        recorded after the trigger) is not appended again. The engine decided it as
+        written, so it counts as written -- a block pending until read back -- as it
+        is: the store holds it after the trigger, so the engine reads it back later.
+
+        One lookup by causation id (index ``events_causation_idx``), in the committing
+        transaction.
+        """
+        causes = sorted({_uuid(e.causation_id) for e in effects})
+        rows = conn.execute(_STORED_EFFECTS_SQL, (causes,)).fetchall()
+        if not rows:
+            return effects
+        stored: dict[tuple[str, str, str, str | None, str | None], int] = {}
+        for kind, account, cause, limit_type, symbol, position in rows:
+            key = (kind, account, cause, limit_type, symbol)
+            stored[key] = max(position, stored.get(key, position))
+        fresh = []
+        for e in effects:
+            violation = e.kind == "LimitViolationDetected"
+            key = (e.kind, e.account_id, _uuid(e.causation_id),
+                   e.limit_type if violation else None, e.symbol if violation else None)  # fmt: skip
+            if stored.get(key, -1) > e.trigger_position:
+                log.info("riskbook live %s: %s %s caused by %s is stored already: not appended",
+                         self.name, e.kind, e.account_id, e.causation_id)  # fmt: skip
+                continue
+            fresh.append(e)
+        return fresh
 
     def _wait(self, max_wait: float) -> None:
         conn = self._conn
@@ -386,19 +571,45 @@ class Processor:
 
         self._db(wait)
 
-    def _close(self) -> None:
+    def _close(self, *, unlock: bool = True) -> None:
+        """Let go of the lock (``unlock``: at once; a closed session's backend lets go of
+        it only once it has exited) and the connection."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                if unlock and idle and not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(psycopg.Error):
                 conn.close()
 
 
-_OWN_BLOCKS_SQL = """
-SELECT aggregate_id, causation_id::text FROM events
- WHERE position >= %s AND event_type = 'AccountBlocked' AND metadata->>'processor' = %s
+_AHEAD_BLOCKS_SQL = """
+SELECT aggregate_id, causation_id::text, coalesce(metadata->>'processor' = %(name)s, false)
+  FROM events
+ WHERE position >= %(checkpoint)s AND event_type = 'AccountBlocked'
+   AND (metadata->>'processor' = %(name)s OR causation_id = ANY(%(causes)s::uuid[]))
  ORDER BY position
 """
-"""The blocks a processor wrote that its checkpoint has not passed (not read back yet)."""
+"""The blocks that a processor's checkpoint has not passed (not read back yet): the
+processor's own, and those with the causes given (of blocks its rebuild decides)."""
+
+_STORED_EFFECTS_SQL = """
+SELECT event_type, aggregate_id, causation_id::text,
+       CASE WHEN event_type = 'LimitViolationDetected' THEN payload->>'limit_type' END,
+       CASE WHEN event_type = 'LimitViolationDetected' THEN payload->>'symbol' END,
+       position
+  FROM events
+ WHERE causation_id = ANY(%s::uuid[])
+   AND event_type IN ('LimitViolationDetected', 'AccountBlocked')
+"""
+"""The violations and blocks stored with the causes given (served by the partial index
+``events_causation_idx``)."""
+
+
+def _uuid(text: str) -> str:
+    """A causation id as PostgreSQL prints a uuid (lower case, with hyphens)."""
+    return str(uuid.UUID(str(text)))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -136,6 +136,41 @@ def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     raise StoreError(message)
 
 
+class TransientStoreError(StoreError):
+    """A statement failed for a reason that passes: a lost connection, a deadlock, a
+    serialization failure, a lock or statement timeout, a cancelled query. The same work,
+    retried (in a new transaction), can succeed; the live processor retries it.
+
+    Raised by :meth:`Store._translate` (so by :meth:`Store.append_in` and the store's
+    connections) in place of a plain :class:`~riskbook.errors.StoreError`; ``sqlstate``
+    is PostgreSQL's error code (``"40P01"`` a deadlock; None: no answer from the server).
+    """
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+_LOST_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+"""Shutdowns and idle timeouts: the server ended the session (a lost connection too)."""
+_TRANSIENT_STATES = frozenset({"40000", "40001", "40003", "40P01", "55P03", "57014", "53300"})
+"""Transaction rollback (serialization failure, deadlock, ...), lock not available,
+query cancelled (a timeout, a cancel), too many connections."""
+
+
+def _lost(exc: psycopg.Error) -> bool:
+    """A lost or refused connection (not a statement the server refused)?"""
+    state = exc.sqlstate
+    return isinstance(exc, psycopg.OperationalError) and (
+        state is None or state.startswith("08") or state in _LOST_STATES
+    )
+
+
+def _transient(exc: psycopg.Error) -> bool:
+    """Would the same work, retried, succeed? (See :class:`TransientStoreError`.)"""
+    return _lost(exc) or exc.sqlstate in _TRANSIENT_STATES
+
+
 def _one_line(text: str) -> str:
     """A driver's message on one line: libpq puts its hints on lines of their own."""
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -239,9 +274,15 @@ class Store:
             fairy.close()
 
     def _translate(self, exc: psycopg.Error) -> StoreError:
-        if isinstance(exc, psycopg.OperationalError):
-            return StoreError(
-                f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}"
+        """psycopg's error as riskbook's, in one line without the password: a
+        :class:`TransientStoreError` for one that passes (lost connection, deadlock, ...:
+        retrying can succeed), else a :class:`~riskbook.errors.StoreError`; each worded
+        by what happened (PostgreSQL's own message: "deadlock detected", "canceling
+        statement due to lock timeout", ...)."""
+        if _lost(exc):
+            return TransientStoreError(
+                f"lost or refused connection to {redact(self._dsn)}: {self._clean(exc)}",
+                exc.sqlstate,
             )
         diag = exc.diag
         msg = scrub(diag.message_primary or "", self._dsn) or self._clean(exc)
@@ -252,6 +293,8 @@ class Store:
             )
         if diag.message_hint:
             msg += f" (hint: {scrub(diag.message_hint, self._dsn)})"
+        if _transient(exc):
+            return TransientStoreError(_one_line(msg), exc.sqlstate)
         return StoreError(_one_line(msg))
 
     def _role(self) -> str:
@@ -374,7 +417,10 @@ class Store:
     ) -> list[Envelope]:
         """:meth:`append` inside the caller's transaction on ``conn`` (not committed).
 
-        Used by the live processor to commit effects and its checkpoint together.
+        Used by the live processor to commit effects and its checkpoint together. A
+        failure that passes (a deadlock with another writer, a serialization failure, a
+        lock or statement timeout, a lost connection) raises :class:`TransientStoreError`
+        (a StoreError): roll the transaction back and retry it.
         """
         batch = _AppendBatch(
             aggregate_id, events, expected_version, correlation_id, causation_id, metadata
