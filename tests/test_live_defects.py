@@ -533,3 +533,16 @@ def test_the_engine_says_which_stored_limit_types_it_cannot_evaluate() -> None:
         assert engine.apply(riskbook.History.from_envelopes(envelopes[:1])) == []
     engine.apply(riskbook.History.from_envelopes(envelopes[1:]))  # once: no second warning
     assert engine.unregistered == {"MaxGrossNotionalElsewhere"}
+
+
+def test_riskbook_unblock_takes_the_business_time(fresh_store: Store, capsys) -> None:
+    # without it an operator could only unblock "now", which a replayed history's
+    # processor read as the wall clock
+    s = fresh_store
+    s.append("A", [AccountBlocked(account_id="A", reason="r", blocked_by="engine", blocked_at=T0)])
+    dsn = ["--dsn", s.dsn]
+    assert main(["unblock", "A", "--by", "op", "--reason", "ok", "--at", "yesterday", *dsn]) != 0
+    assert "at:" in capsys.readouterr().err and s.count() == 1  # nothing written
+    when = "2024-03-01T15:00:00+01:00"
+    assert main(["unblock", "A", "--by", "op", "--reason", "ok", "--at", when, *dsn]) == 0
+    assert stored(s, "AccountUnblocked")[0].payload.unblocked_at == at(0)  # type: ignore[union-attr]

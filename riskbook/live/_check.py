@@ -131,9 +131,17 @@ def check(
     the trade would breach: after the trade the metric is over the limit in force, and
     the trade took it there or further (a trade that reduces a breach is not refused for
     it). The state is the running ``processor``'s if given, else the account's stored
-    history folded the way the processor folds it; the metric after the trade comes from
-    the limit types' own metric functions and :func:`riskbook.limits.evaluate`, as for
-    a real trade.
+    history (and every mark) folded the way the processor folds it; the metric after the
+    trade comes from the limit types' own metric functions and
+    :func:`riskbook.limits.evaluate`, as for a real trade.
+
+    One difference remains from the store: the processor takes a late event (business
+    time before the latest it has folded, of any account) as happening on arrival, and
+    folding one account cannot see how far other accounts' events had moved that clock.
+    A fill booked late for this account after another account's next-day events counts
+    in its own day here and in the next day for the processor, so a MaxDailyVolume check
+    from the store can accept what the processor then flags. Give ``processor=`` for its
+    exact state.
 
     Parameters
     ----------

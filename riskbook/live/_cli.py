@@ -124,7 +124,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_unblock(args: argparse.Namespace) -> int:
     from riskbook.live import unblock
 
-    env = unblock(args.account, by=args.by, reason=args.reason, store=args.dsn)
+    env = unblock(args.account, by=args.by, reason=args.reason, store=args.dsn, at=args.at)
     print(f"unblocked {args.account} (event {env.event_id}, sequence {env.sequence})")
     return 0
 
@@ -176,4 +176,7 @@ def add_live_commands(
     ub.add_argument("account")
     ub.add_argument("--by", required=True, help="who unblocks it")
     ub.add_argument("--reason", required=True, help="why")
+    ub.add_argument(
+        "--at", default=None, help="the unblock's business time, RFC 3339 (default: now)"
+    )
     dsn_option(ub)
