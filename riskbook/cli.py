@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from riskbook.errors import RiskbookError
+from riskbook.events import STORED_INFINITY
 
 __all__ = ["main"]
 
@@ -177,6 +178,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- positions / exposure
 
 _FORMATS = ("table", "csv", "json", "parquet")
+_FORMAT_HELP = (
+    "default: table; in json an infinite figure (leverage with equity <= 0) is the largest "
+    "double, 1.7976931348623157e+308, as in stored events"
+)
 
 
 def _state(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -203,10 +208,21 @@ def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int: 
     if args.format == "csv":
         text = frame.write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
     elif args.format == "json":
-        # JSON has no infinity: an infinite leverage (equity <= 0 with exposure) is null.
+        # JSON has no infinity: an infinite leverage (equity <= 0 with exposure) is the
+        # largest double, as in a stored violation and `riskbook check` (null would read
+        # as "no value"); NaN is null.
         floats = pl.col(pl.Float64)
         text = (
-            frame.with_columns(pl.when(floats.is_finite()).then(floats).otherwise(None))
+            frame.with_columns(
+                pl.when(floats.is_nan())
+                .then(None)
+                .when(floats == float("inf"))
+                .then(STORED_INFINITY)
+                .when(floats == float("-inf"))
+                .then(-STORED_INFINITY)
+                .otherwise(floats)
+                .name.keep()
+            )
             .with_columns(pl.col(pl.Datetime).dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))
             .write_json()
             + "\n"
@@ -219,7 +235,7 @@ def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int: 
             tbl_hide_dataframe_shape=True,
             tbl_hide_column_data_types=True,
             float_precision=6,
-            fmt_str_lengths=100,  # ids whole: an auditor copies them from here
+            fmt_str_lengths=256,  # ids whole (up to 256 characters): an auditor copies them
         ):
             if empty is None:
                 given = getattr(args, "at", None) is not None
@@ -518,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--account", action="append", default=None, help="only this account (repeatable)"
         )
-        sp.add_argument("--format", choices=_FORMATS, default="table", help="default: table")
+        sp.add_argument("--format", choices=_FORMATS, default="table", help=_FORMAT_HELP)
         sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
         dsn_option(sp)
 
@@ -529,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--account", action="append", default=None, help="only this account (repeatable)"
         )
-        sp.add_argument("--format", choices=_FORMATS, default="table", help="default: table")
+        sp.add_argument("--format", choices=_FORMATS, default="table", help=_FORMAT_HELP)
         sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
         dsn_option(sp)
 

@@ -998,6 +998,9 @@ def test_cli_positions_and_exposure(fresh_store: Store, tmp_path: Any) -> None:
     rows = json.loads(out.stdout)
     assert [r["account_id"] for r in rows] == ["ACC-1"]
     assert rows[0]["equity"] == 1020.0 and rows[0]["gross_exposure"] == 120.0
+    out = cli("exposure", "--dsn", dsn, "--format", "json", "--account", "ACC-2")
+    (short,) = json.loads(out.stdout)  # equity -20 with exposure: infinite leverage
+    assert short["equity"] == -20.0 and short["leverage"] == 1.7976931348623157e308  # not null
     out = cli("exposure", "--dsn", dsn)
     assert out.returncode == 0 and "ACC-1" in out.stdout and "leverage" in out.stdout
     target = tmp_path / "p.parquet"
