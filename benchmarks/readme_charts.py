@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("breaches.png: skipped (riskbook.limits.breaches is not available)")
     else:
-        charts["breaches.png"] = viz.breach_chart(breaches(history))
+        # an open breach runs to the history's last event, not to its own start
+        horizon = history.events["occurred_at"].max()
+        charts["breaches.png"] = viz.breach_chart(breaches(history), horizon=horizon)
     for name, chart in charts.items():
         started = time.perf_counter()
         path = viz.save_png(chart, args.out / name)

@@ -63,6 +63,7 @@ __all__ = [
     "LIVE_COMMITS_SCHEMA",
     "LIVE_EFFECTS_SCHEMA",
     "MAX_ROWS",
+    "QUANTITY_FORMAT",
     "breach_chart",
     "downsample",
     "equity_chart",
@@ -84,6 +85,9 @@ __all__ = [
 
 MAX_ROWS = 4_000
 """Default cap on the rows a chart carries (Altair refuses more than 5,000 per dataset)."""
+
+QUANTITY_FORMAT = ",.8~f"
+"""How charts write a quantity: separators, and the decimals it has (0.25 BTC, 1,500)."""
 
 MEASURES: dict[str, str] = {
     "gross_exposure": "Gross exposure",
@@ -415,6 +419,7 @@ def exposure_chart(
     frame = timeline.select("account_id", "occurred_at", measure)  # ids cast after the cut
     if accounts is not None:
         frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    shown = frame.height  # the rows of the accounts drawn, before the cut
     frame = downsample(frame, x="occurred_at", y=measure, by="account_id", max_rows=max_rows)
     data = plot_frame(frame.rename({"occurred_at": "t"}))
     pick = alt.selection_point(fields=["account_id"], bind="legend")
@@ -446,7 +451,7 @@ def exposure_chart(
             height=height,
             title=_title(
                 f"{MEASURES[measure]} by account",
-                f"{n} account{'s' if n != 1 else ''}, {timeline.height:,} timeline rows"
+                f"{n} account{'s' if n != 1 else ''}, {shown:,} timeline rows"
                 f" drawn as {data.height:,}",
             ),
         )
@@ -454,22 +459,38 @@ def exposure_chart(
 
 
 def exposure_at_chart(
-    positions: pl.DataFrame, *, at: TimeLike = None, value: str = "market_value"
+    positions: pl.DataFrame,
+    *,
+    at: TimeLike = None,
+    value: str = "market_value",
+    max_rows: int = MAX_ROWS,
 ) -> alt.TopLevelMixin:
     """Exposure by account at one moment, stacked by symbol (from :func:`riskbook.positions`).
 
     Longs to the right of zero and shorts to the left, so gross exposure is the bar's
     whole length and net exposure its balance.
+
+    At most ``max_rows`` bars are drawn: beyond it each account keeps its largest
+    positions (by ``|value|``) and the rest of its longs and of its shorts are summed
+    into "other" bars; with more accounts than that allows, the accounts with the
+    largest gross exposure are drawn. The subtitle says so.
     """
-    frame = plot_frame(
-        positions.filter(pl.col("quantity") != 0).select(
-            "account_id", "symbol", "quantity", "avg_price", "mark_price", value
-        )
+    frame = positions.filter(pl.col("quantity") != 0).select(
+        pl.col("account_id").cast(pl.String),
+        pl.col("symbol").cast(pl.String),
+        "quantity",
+        "avg_price",
+        "mark_price",
+        value,
     )
     when = _time(at)
     sub = f"at {when:%Y-%m-%d %H:%M:%S} UTC" if when else "latest"
+    if frame.height > max_rows:
+        frame, note = _cap_positions(frame, value, max_rows)
+        sub += f"; {note}"
+    data = plot_frame(frame)
     return (
-        alt.Chart(frame)
+        alt.Chart(data)
         .mark_bar()
         .encode(
             y=alt.Y("account_id:N", title=None, sort="ascending"),
@@ -482,7 +503,7 @@ def exposure_at_chart(
             tooltip=[
                 "account_id:N",
                 "symbol:N",
-                alt.Tooltip("quantity:Q", format=",.0f"),
+                alt.Tooltip("quantity:Q", format=QUANTITY_FORMAT),
                 alt.Tooltip("avg_price:Q", format=",.2f"),
                 alt.Tooltip("mark_price:Q", format=",.2f"),
                 alt.Tooltip(f"{value}:Q", format=",.0f"),
@@ -494,6 +515,53 @@ def exposure_at_chart(
             title=_title("Positions by account and symbol", sub),
         )
     )
+
+
+def _cap_positions(frame: pl.DataFrame, value: str, max_rows: int) -> tuple[pl.DataFrame, str]:
+    """Position rows cut to ``max_rows`` bars, and a note saying how."""
+    total = frame.height
+    accounts = frame["account_id"].n_unique()
+    note = ""
+    # every account: its top k positions, its other longs and its other shorts
+    k = max_rows // accounts - 2
+    if k < 1:
+        keep = max(1, max_rows // 3)
+        top = (
+            frame.group_by("account_id")
+            .agg(pl.col(value).abs().sum().alias("_gross"))
+            .sort("_gross", "account_id", descending=[True, False])
+            .head(keep)["account_id"]
+        )
+        frame = frame.filter(pl.col("account_id").is_in(top.implode()))
+        note = f"the {keep:,} accounts of {accounts:,} with the largest gross exposure; "
+        k = 1
+    ranked = frame.with_columns(
+        pl.int_range(pl.len())
+        .sort_by([pl.col(value).abs(), pl.col("symbol")], descending=[True, False])
+        .arg_sort()
+        .over("account_id")
+        .alias("_rank")
+    )
+    rest = (
+        ranked.filter(pl.col("_rank") >= k)
+        .group_by("account_id", (pl.col(value) >= 0).alias("_long"))
+        .agg(pl.col(value).sum())
+        .select(
+            "account_id",
+            pl.lit("other").alias("symbol"),
+            pl.lit(None, pl.Float64).alias("quantity"),
+            pl.lit(None, pl.Float64).alias("avg_price"),
+            pl.lit(None, pl.Float64).alias("mark_price"),
+            pl.col(value),
+        )
+    )
+    kept = ranked.filter(pl.col("_rank") < k).drop("_rank")
+    out = pl.concat([kept, rest.cast(kept.schema)])
+    note += (
+        f"{total:,} positions drawn as {out.height:,} bars: per account its {k:,} largest,"
+        ' the rest summed as "other"'
+    )
+    return out, note
 
 
 def position_chart(
@@ -537,7 +605,7 @@ def position_chart(
             tooltip=[
                 "symbol:N",
                 _tip_time("t", "at"),
-                alt.Tooltip("quantity:Q", format=",.0f"),
+                alt.Tooltip("quantity:Q", format=QUANTITY_FORMAT),
                 alt.Tooltip("avg_price:Q", format=",.2f"),
                 "trade_id:N",
             ],
@@ -556,7 +624,7 @@ def position_chart(
                 detail="series:N",
                 tooltip=[
                     alt.Tooltip("scope:N", title="limit on"),
-                    alt.Tooltip("value:Q", title="MaxPositionSize", format=",.0f"),
+                    alt.Tooltip("value:Q", title="MaxPositionSize", format=QUANTITY_FORMAT),
                     "set_by:N",
                     _tip_time("t", "set at"),
                 ],
@@ -737,7 +805,9 @@ def leverage_chart(
     """Leverage over time against MaxLeverage (a step line from the LimitSet events).
 
     Timeline rows where leverage is over the limit in force (as known at ``known_at``)
-    are marked red; an infinite leverage (equity <= 0) is drawn as a gap.
+    are marked red; an infinite leverage (equity <= 0 with positions open) breaks the
+    line and is marked by a red triangle pinned at the top of the plot, its tooltip
+    reading "∞ (equity ≤ 0)".
     """
     frame = (
         timeline.filter(pl.col("account_id").cast(pl.String) == account)
@@ -762,14 +832,20 @@ def leverage_chart(
         )
     else:
         frame = frame.with_columns(pl.lit(None, pl.Float64).alias("limit"))
+    infinite = pl.col("leverage").is_infinite() & (pl.col("leverage") > 0)
     frame = frame.with_columns(
-        (pl.col("leverage") > pl.col("limit")).fill_null(False).alias("over")
+        (pl.col("leverage") > pl.col("limit")).fill_null(False).alias("over"),
+        infinite.cast(pl.Float64).alias("infinite"),  # a plotted column: kept by the cut
+        pl.when(infinite)
+        .then(pl.lit("∞ (equity ≤ 0)"))
+        .otherwise(pl.col("leverage").round(3).cast(pl.String))
+        .alias("leverage_text"),
     )
-    small = downsample(frame, x="occurred_at", y="leverage", max_rows=max_rows)
+    small = downsample(frame, x="occurred_at", y=["leverage", "infinite"], max_rows=max_rows)
     data = plot_frame(small.rename({"occurred_at": "t"}))
     tips = [
         _tip_time("t", "at"),
-        alt.Tooltip("leverage:Q", format=".3f"),
+        alt.Tooltip("leverage_text:N", title="leverage"),
         alt.Tooltip("limit:Q", title="MaxLeverage", format=".2f"),
         alt.Tooltip("gross_exposure:Q", title="gross", format=",.0f"),
         alt.Tooltip("equity:Q", format=",.0f"),
@@ -789,9 +865,20 @@ def leverage_chart(
         .encode(x=_x(), y="leverage:Q", tooltip=tips)
     )
     n_over = int(frame["over"].sum())
+    n_infinite = int(frame["infinite"].sum())
     layers: list[alt.Chart] = [line, over] if data["over"].any() else [line]
+    if n_infinite:
+        layers.append(
+            alt.Chart(data)
+            .transform_filter("datum.infinite > 0")
+            .mark_point(shape="triangle-up", filled=True, color="#d62728", size=70, opacity=0.9)
+            .encode(x=_x(), y=alt.value(4), tooltip=tips)
+        )
     if steps.height:
         layers.append(_limit_line(steps, "MaxLeverage", ".2f"))
+    subtitle = f"dashed: the limit in force; red: {n_over:,} timeline rows over it"
+    if n_infinite:
+        subtitle += f" (▲ at the top: {n_infinite:,} with leverage ∞, equity ≤ 0)"
     param, rule = _cursor(at)
     return (
         alt.layer(*layers, rule)
@@ -799,10 +886,7 @@ def leverage_chart(
         .properties(
             width=_WIDTH,
             height=220,
-            title=_title(
-                f"{account}: leverage against MaxLeverage",
-                f"dashed: the limit in force; red: {n_over:,} timeline rows over it",
-            ),
+            title=_title(f"{account}: leverage against MaxLeverage", subtitle),
         )
     )
 
@@ -838,23 +922,44 @@ def breach_chart(
     start: TimeLike = None,
     end: TimeLike = None,
     at: TimeLike = None,
+    horizon: TimeLike = None,
+    max_rows: int = MAX_ROWS,
 ) -> alt.TopLevelMixin:
     """Breach intervals as a Gantt chart: one lane per account and limit type.
 
     ``breaches`` has the columns of :func:`riskbook.breaches` (``account_id,
     limit_type, symbol, level, started_at, ended_at, peak_value, limit_value,
-    trigger_event_id``). Bars run from ``started_at`` to ``ended_at`` (an open breach
-    to ``end``, or to the latest time in the frame); warning levels are drawn beneath
-    the breaches, each level in its own colour whichever others are shown
-    (:data:`LEVEL_COLORS`: 80% amber, 90% orange, breaches red; other levels on a
+    trigger_event_id``). Bars run from ``started_at`` to ``ended_at``; a breach still
+    open runs to ``horizon`` (the end of the history it was found in), else to ``end``,
+    else to the latest time in the frame, and its tooltip says "open". Warning levels
+    are drawn beneath the breaches, each level in its own colour whichever others are
+    shown (:data:`LEVEL_COLORS`: 80% amber, 90% orange, breaches red; other levels on a
     ramp between and beyond them); a tick marks each start, so a breach of a few
     seconds on a chart of weeks is still seen.
 
     Parameters
     ----------
     breaches : the breach rows.
-    start, end : the time axis (None: from the data).
+    start, end : the time axis (None: from the bars drawn).
     at : where to draw the time rule.
+    horizon : where an open breach ends on the chart: the history's last business
+        time (e.g. ``history.events["occurred_at"].max()``); None: ``end``, or the
+        latest time in the frame.
+    max_rows : the cap on the intervals drawn. Beyond it each lane keeps its breaches
+        before its warnings, then its longest and most recent intervals, as many as
+        fit (lanes with few intervals keep them all); the subtitle says how many of
+        how many are drawn.
+
+    Examples
+    --------
+    >>> t = datetime(2024, 1, 9, 14, 0, tzinfo=UTC)
+    >>> found = pl.DataFrame({"account_id": ["A"], "limit_type": ["MaxLeverage"],
+    ...     "symbol": [None], "level": [1.0], "started_at": [t], "ended_at": [None],
+    ...     "peak_value": [3.2], "limit_value": [3.0], "trigger_event_id": ["e1"]},
+    ...     schema_overrides={"symbol": pl.String, "ended_at": pl.Datetime("us", "UTC")})
+    >>> bar = breach_chart(found, horizon=t + timedelta(hours=2)).to_dict()["datasets"]
+    >>> [(r["t2"] - r["t"]) / 3.6e6 for rs in bar.values() for r in rs if "lane" in r]
+    [2.0]
     """
     frame = breaches.with_columns(
         pl.col("account_id").cast(pl.String),
@@ -862,26 +967,34 @@ def breach_chart(
         pl.col("symbol").cast(pl.String),
         pl.col("level").cast(pl.Float64),
     )
-    stop = _time(end)
-    if stop is None and frame.height:
+    until = _time(horizon) or _time(end)
+    if until is None and frame.height:
         latest = frame.select(
             pl.max_horizontal(pl.col("started_at").max(), pl.col("ended_at").max())
         ).item()
-        stop = latest
+        until = latest
     open_ = pl.col("ended_at").is_null()
+    time_type = frame.schema["started_at"]
     frame = frame.with_columns(
         open_.alias("open"),
         (
-            pl.col("ended_at").fill_null(pl.lit(stop).cast(frame.schema["started_at"]))
-            if stop is not None
+            pl.col("ended_at").fill_null(pl.lit(until).cast(time_type))
+            if until is not None
             else pl.col("ended_at")
         ).alias("until"),
         (pl.col("account_id") + " · " + pl.col("limit_type")).alias("lane"),
         pl.col("level")
         .map_elements(lambda v: LEVEL_NAMES.get(v, f"level {v:.0%}"), return_dtype=pl.String)
         .alias("severity"),
-        ((pl.col("ended_at") - pl.col("started_at")).dt.total_seconds() / 60).alias("minutes"),
-    ).sort("level")
+        pl.when(open_)
+        .then(pl.lit("open"))
+        .otherwise(pl.col("ended_at").dt.strftime("%Y-%m-%d %H:%M:%S%.3f"))
+        .alias("ended"),
+    ).with_columns(
+        ((pl.col("until") - pl.col("started_at")).dt.total_microseconds() / 6e7).alias("minutes")
+    )
+    total, n = frame.height, frame.filter(pl.col("level") >= 1.0).height
+    frame = _cap_intervals(frame, max_rows).sort("level")
     data = plot_frame(frame.rename({"started_at": "t", "until": "t2"}))
     levels = sorted(frame["level"].unique().to_list()) if frame.height else [0.8, 0.9, 1.0]
     names = [LEVEL_NAMES.get(v, f"level {v:.0%}") for v in levels]
@@ -892,7 +1005,10 @@ def breach_chart(
         scale=alt.Scale(domain=names, range=[_level_color(v) for v in levels]),
     )
     lo_t = _time(start) or (frame["started_at"].min() if frame.height else None)
-    hi_t = stop
+    hi_t = _time(end)
+    if hi_t is None:  # what is drawn: an open breach reaches the horizon
+        latest_drawn = frame["until"].max() if frame.height else None
+        hi_t = latest_drawn if isinstance(latest_drawn, datetime) else until
     domain: Any = alt.Undefined
     if isinstance(lo_t, datetime) and isinstance(hi_t, datetime) and hi_t > lo_t:
         pad = (hi_t - lo_t) * 0.03 if start is None or end is None else timedelta(0)
@@ -903,8 +1019,8 @@ def breach_chart(
         "symbol:N",
         "severity:N",
         _tip_time("t", "started"),
-        _tip_time("t2", "ended (or still open)"),
-        alt.Tooltip("minutes:Q", format=",.1f"),
+        alt.Tooltip("ended:N", title="ended"),
+        alt.Tooltip("minutes:Q", title="minutes (open: so far)", format=",.1f"),
         alt.Tooltip("peak_value:Q", title="peak", format=",.4~f"),
         alt.Tooltip("limit_value:Q", title="limit", format=",.4~f"),
         alt.Tooltip("trigger_event_id:N", title="trigger event"),
@@ -921,19 +1037,64 @@ def breach_chart(
         alt.Chart(data).mark_tick(thickness=2, size=16).encode(x=x, y=y, color=color, tooltip=tips)
     )
     param, rule = _cursor(at)
-    n = frame.filter(pl.col("level") >= 1.0).height
+    subtitle = f"{n:,} breach intervals at 100%, warnings beneath; a tick marks each start"
+    if frame.height < total:
+        subtitle += (
+            f"; {frame.height:,} of {total:,} intervals drawn (per lane its breaches, then"
+            " its longest and most recent)"
+        )
     return (
         alt.layer(bars, ticks, rule)
         .add_params(param)
         .properties(
             width=_WIDTH,
             height=alt.Step(22),
-            title=_title(
-                "Limit breaches",
-                f"{n} breach intervals at 100%, warnings beneath; a tick marks each start",
-            ),
+            title=_title("Limit breaches", subtitle),
         )
     )
+
+
+def _cap_intervals(frame: pl.DataFrame, max_rows: int) -> pl.DataFrame:
+    """At most ``max_rows`` breach rows, shared out between the lanes.
+
+    Within a lane the rows are ranked by level (breaches first), length (``minutes``,
+    open ones to the horizon) and start (latest first); every lane keeps its first
+    ``r`` rows, ``r`` as large as the cap allows (a lane with fewer keeps them all).
+    """
+    if frame.height <= max_rows:
+        return frame
+    ranked = frame.with_columns(
+        pl.int_range(pl.len())
+        .sort_by(
+            [pl.col("level"), pl.col("minutes").fill_null(0.0), pl.col("started_at")],
+            descending=True,
+        )
+        .arg_sort()
+        .over("lane")
+        .alias("_rank")
+    )
+    sizes = sorted(ranked.group_by("lane").len()["len"].to_list())
+    # the largest r with sum(min(size, r)) <= max_rows
+    r, used, lanes_left = 0, 0, len(sizes)
+    for size in sizes:
+        fits = (max_rows - used) // lanes_left if lanes_left else 0
+        if size <= fits:
+            used += size
+            lanes_left -= 1
+            r = size
+        else:
+            r = max(r, fits)
+            break
+    else:
+        r = sizes[-1] if sizes else 0
+    kept = ranked.filter(pl.col("_rank") < r)
+    if kept.height == 0:  # more lanes than the cap: each lane's first row, the cap's worth
+        kept = (
+            ranked.filter(pl.col("_rank") == 0)
+            .sort("level", "minutes", descending=True, nulls_last=True)
+            .head(max_rows)
+        )
+    return kept.drop("_rank")
 
 
 # ----------------------------------------------------------------------------- limit lab
@@ -976,6 +1137,7 @@ def metric_chart(
     frame = metric.select("account_id", "time", "value")
     if accounts is not None:
         frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    shown = frame.height  # the rows of the accounts drawn, before the cut
     frame = downsample(frame, x="time", y="value", by="account_id", max_rows=max_rows)
     data = plot_frame(frame.rename({"time": "t"}))
     pick = alt.selection_point(fields=["account_id"], bind="legend")
@@ -1018,7 +1180,7 @@ def metric_chart(
             height=height,
             title=_title(
                 f"{name} by account",
-                f"{n} account{'s' if n != 1 else ''}, {metric.height:,} metric rows drawn as"
+                f"{n} account{'s' if n != 1 else ''}, {shown:,} metric rows drawn as"
                 f" {data.height:,}; dashed: the limit, red: rows over it",
             ),
         )
@@ -1157,6 +1319,7 @@ def event_lanes(
     accounts: Sequence[str] | None = None,
     symbols: Sequence[str] | None = None,
     max_rows: int = MAX_ROWS,
+    keep: Sequence[str] = (),
 ) -> pl.DataFrame:
     """The events between two business times, each with a lane and a one-line summary.
 
@@ -1166,7 +1329,11 @@ def event_lanes(
     start, end : the business-time window (inclusive).
     accounts : only events of these accounts (marks are kept for ``symbols``).
     symbols : the symbols whose marks and trades to show (None: all).
-    max_rows : the cap; beyond it the marks are thinned first, then everything.
+    max_rows : the cap; beyond it the marks are thinned first, then the other events.
+        Violations, blocks, limit changes and the events in ``keep`` are never thinned
+        away (a window that must show every event narrows its times instead: see
+        :class:`riskbook.widgets.IncidentPanel`).
+    keep : event ids that stay whatever the cap (the incident being looked at).
 
     Returns
     -------
@@ -1343,7 +1510,14 @@ def event_lanes(
         .with_columns(pl.col("event_type").replace_strict(_LANE_OF, default="other").alias("lane"))
     )
     if out.height > max_rows:
-        out = out.gather_every(math.ceil(out.height / max_rows))
+        protected = pl.col("lane").is_in(["limit", "violation", "block"]) | pl.col(
+            "event_id"
+        ).is_in(list(keep))
+        fixed = out.filter(protected)
+        rest = out.filter(~protected)
+        room = max(0, max_rows - fixed.height)
+        rest = rest.gather_every(math.ceil(rest.height / room)) if room else rest.clear()
+        out = pl.concat([fixed, rest]).sort("position")
     return out.select(
         "event_id",
         "event_type",

@@ -70,6 +70,7 @@ __all__ = [
     "incident_metric",
     "incidents",
     "limit_in_force",
+    "limit_metric_at",
     "limit_sweep",
     "limits_in_force",
 ]
@@ -170,10 +171,20 @@ def _figure(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _quantity(v: float) -> str:
+    """A quantity as people write it: 1,500 and 0.25 (BTC), never 0 for a fraction."""
+    if not math.isfinite(v):
+        return str(v)
+    text = f"{v:,.8f}".rstrip("0").rstrip(".")
+    if text in ("0", "-0") and v != 0:  # smaller than the eighth decimal
+        return f"{v:.4g}"
+    return "0" if text == "-0" else text
+
+
 def html_table(
     frame: pl.DataFrame,
     *,
-    formats: dict[str, str] | None = None,
+    formats: dict[str, str | Callable[[Any], str]] | None = None,
     highlight: str | None = None,
     max_rows: int = 200,
 ) -> str:
@@ -182,7 +193,8 @@ def html_table(
     Parameters
     ----------
     frame : what to show.
-    formats : Python format specs per column (default ``,.2f`` for floats).
+    formats : per column, a Python format spec or a function of the value giving its
+        text (default ``,.2f`` for floats).
     highlight : a boolean column; its true rows are shaded red (and it is not shown).
     max_rows : rows shown at most (a note says how many were left out).
     """
@@ -197,9 +209,9 @@ def html_table(
             if v is None:
                 text, align = "", "left"
             elif isinstance(v, float):
-                text, align = format(v, formats.get(c, ",.2f")), "right"
+                text, align = _formatted(v, formats.get(c, ",.2f")), "right"
             elif isinstance(v, int) and not isinstance(v, bool):
-                text, align = format(v, formats.get(c, ",d")), "right"
+                text, align = _formatted(v, formats.get(c, ",d")), "right"
             elif isinstance(v, datetime):
                 text, align = f"{v:%Y-%m-%d %H:%M:%S.%f}"[:-3], "left"
             else:
@@ -219,6 +231,10 @@ def html_table(
         "th{text-align:left;border-bottom:1px solid #999}</style>"
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
     )
+
+
+def _formatted(v: Any, spec: str | Callable[[Any], str]) -> str:
+    return spec(v) if callable(spec) else format(v, spec)
 
 
 def _chart_widget(chart: Any) -> alt.JupyterChart:
@@ -255,6 +271,36 @@ def _pin_param(chart: alt.JupyterChart, name: str, want: Callable[[], float | No
 
 def _ms(t: datetime | None) -> float | None:
     return None if t is None else (t - _EPOCH) / timedelta(milliseconds=1)
+
+
+def _some(names: Sequence[str], noun: str, shown: int = 5) -> str:
+    """``"3 accounts: 'A', 'B', 'C'"``, ``"40 accounts: 'A', ... (and 35 more)"`` (errors)."""
+    count = f"{len(names):,} {noun}{'' if len(names) == 1 else 's'}"
+    if not names:
+        return f"no {noun}s"
+    listed = ", ".join(repr(n) for n in names[:shown])
+    more = f" (and {len(names) - shown:,} more)" if len(names) > shown else ""
+    return f"{count}: {listed}{more}"
+
+
+def _shift(t: datetime, by: timedelta) -> datetime:
+    """``t + by``, held within the years datetime can write (1 to 9999)."""
+    try:
+        return t + by
+    except OverflowError:
+        return (
+            datetime.max.replace(tzinfo=UTC)
+            if by > timedelta(0)
+            else datetime.min.replace(tzinfo=UTC)
+        )
+
+
+def _duration(span: timedelta) -> str:
+    """``15 min``, ``2.5 min``, ``12.345 s`` (a window's half-width, for people)."""
+    seconds = span.total_seconds()
+    if seconds >= 60:
+        return f"{seconds / 60:,.3g} min"
+    return f"{seconds:,.3f}".rstrip("0").rstrip(".") + " s"
 
 
 def _heading(text: str) -> widgets.HTML:
@@ -295,6 +341,8 @@ class ExposureExplorer:
     ) -> None:
         if history.events.height == 0:
             raise ValueError("the history is empty: nothing to explore")
+        if measure not in viz.MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(viz.MEASURES)}; got {measure!r}")
         self.history = history
         self.max_rows = max_rows
         events = history.events
@@ -305,6 +353,10 @@ class ExposureExplorer:
         assert isinstance(recorded, datetime)
         names = sorted(P.accounts(history)["account_id"].cast(pl.String).to_list())
         self.account_names = names
+        if account is not None and account not in names:
+            raise ValueError(
+                f"account {account!r} is not in this history, which has {_some(names, 'account')}"
+            )
 
         # the widget tree
         self.measure = widgets.Dropdown(
@@ -374,26 +426,34 @@ class ExposureExplorer:
         )
 
     def _compute_state(self) -> None:
+        self.accounts_at, self.positions_at = self._state()
+
+    def _state(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The accounts and the positions at T as known at K (not yet the panel's)."""
         t, k = self.at.value, self.k
-        self.accounts_at = P.accounts(self.history, at=t, known_at=k)
+        accounts_at = P.accounts(self.history, at=t, known_at=k)
         positions = P.positions(self.history, at=t, known_at=k)
         if self.picked:
             positions = positions.filter(pl.col("account_id").cast(pl.String) == self.picked)
-        self.positions_at = positions
+        return accounts_at, positions
 
     # ---------------------------------------------------------------- drawing
 
-    def _overview_chart(self) -> Any:
+    def _overview_chart(self, timeline: pl.DataFrame | None = None) -> Any:
         return viz.exposure_chart(
-            self.timeline,
+            self.timeline if timeline is None else timeline,
             measure=self.measure.value,
             accounts=[self.picked] if self.picked else None,
             at=self.at.value,
             max_rows=self.max_rows,
         )
 
-    def _snapshot_chart(self) -> Any:
-        return viz.exposure_at_chart(self.positions_at, at=self.at.value)
+    def _snapshot_chart(self, positions: pl.DataFrame | None = None) -> Any:
+        return viz.exposure_at_chart(
+            self.positions_at if positions is None else positions,
+            at=self.at.value,
+            max_rows=self.max_rows,
+        )
 
     def _draw_table(self) -> None:
         frame = self.accounts_at
@@ -423,7 +483,12 @@ class ExposureExplorer:
                 "unrealized_pnl",
                 "open_positions",
             )
-        fmt = {"leverage": ".3f", "drawdown": ".2%", "quantity": ",.0f", "trades": ",d"}
+        fmt: dict[str, str | Callable[[Any], str]] = {
+            "leverage": ".3f",
+            "drawdown": ".2%",
+            "quantity": _quantity,
+            "trades": ",d",
+        }
         # K at its right end is the History's own bound: everything it holds
         loaded = getattr(getattr(self.history, "filters", None), "known_at", None)
         k = self.k if self.k is not None else loaded
@@ -488,19 +553,28 @@ class ExposureExplorer:
 
     # ---------------------------------------------------------------- updates
 
+    # Each update computes its frames and charts first and takes them as the panel's
+    # only once they are drawn: a failure leaves the frames and the caption as they were.
+
     def on_at(self) -> None:
         """T moved: the state at T, its table and bars; the rules move in place."""
-        self._compute_state()
-        self.snapshot.chart = self._snapshot_chart()
+        accounts_at, positions_at = self._state()
+        self.snapshot.chart = self._snapshot_chart(positions_at)
+        self.accounts_at, self.positions_at = accounts_at, positions_at
         self._draw_table()
         self._move_rules()
 
     def on_known_at(self) -> None:
         """K moved: everything is recomputed as known at K."""
-        self._compute_timeline()
-        self._compute_state()
-        self.overview.chart = self._overview_chart()
-        self.snapshot.chart = self._snapshot_chart()
+        k = self.k
+        timeline = P.account_timeline(self.history, known_at=k)
+        position_timeline = P.position_timeline(self.history, known_at=k) if self.picked else None
+        accounts_at, positions_at = self._state()
+        overview, snapshot = self._overview_chart(timeline), self._snapshot_chart(positions_at)
+        self.overview.chart = overview
+        self.snapshot.chart = snapshot
+        self.timeline, self.position_timeline = timeline, position_timeline
+        self.accounts_at, self.positions_at = accounts_at, positions_at
         self._draw_table()
         self._draw_details()
 
@@ -509,9 +583,11 @@ class ExposureExplorer:
 
     def on_account(self) -> None:
         """Drill into an account (or back to all)."""
-        self._compute_state()
-        self.overview.chart = self._overview_chart()
-        self.snapshot.chart = self._snapshot_chart()
+        accounts_at, positions_at = self._state()
+        overview, snapshot = self._overview_chart(), self._snapshot_chart(positions_at)
+        self.overview.chart = overview
+        self.snapshot.chart = snapshot
+        self.accounts_at, self.positions_at = accounts_at, positions_at
         self._draw_table()
         self._draw_details()
 
@@ -676,7 +752,9 @@ def compare_states(
     One row per figure: the account's ``equity, cash, gross_exposure, net_exposure,
     leverage, drawdown``, its daily volume, then the quantity of each of its positions
     (``position <symbol>``), each with ``engine`` (at T, known at K), ``corrected`` (at
-    T, everything known now) and ``difference`` (corrected - engine).
+    T, everything known now) and ``difference`` (corrected - engine). A position one
+    side holds and the other does not (a trade busted later, a position closed) is 0
+    on the side without it.
     """
 
     def figures(k: datetime | None) -> dict[str, float]:
@@ -705,11 +783,16 @@ def compare_states(
 
     engine, corrected = figures(known_at), figures(None)
     names = list(dict.fromkeys([*engine, *corrected]))
+
+    def value(side: dict[str, float], name: str) -> float | None:
+        flat = 0.0 if name.startswith("position ") else None  # no position: none held
+        return side.get(name, flat)
+
     return pl.DataFrame(
         {
             "figure": names,
-            "engine": [engine.get(n) for n in names],
-            "corrected": [corrected.get(n) for n in names],
+            "engine": [value(engine, n) for n in names],
+            "corrected": [value(corrected, n) for n in names],
         },
         schema={"figure": pl.String, "engine": pl.Float64, "corrected": pl.Float64},
     ).with_columns((pl.col("corrected") - pl.col("engine")).alias("difference"))
@@ -722,22 +805,82 @@ def incident_metric(
 
     Returns ``(engine, corrected)``: ``|position|`` of ``symbol`` for MaxPositionSize,
     leverage, drawdown, or the day's volume; None where the figure is absent (no
-    position, unknown limit type).
+    position, or a limit type other than the built-ins: :func:`limit_metric_at`
+    computes any registered type's metric).
     """
-    figure = {
-        "MaxPositionSize": f"position {symbol}",
-        "MaxLeverage": "leverage",
-        "MaxDrawdown": "drawdown",
-        "MaxDailyVolume": "daily_volume",
-    }.get(limit_type or "")
+    figure = _BUILT_IN_FIGURES.get(limit_type or "")
+    if figure is None:
+        return None, None
+    if limit_type == "MaxPositionSize":
+        figure = f"position {symbol}"
     row = compare.filter(pl.col("figure") == figure)
-    if figure is None or row.height == 0:
+    if row.height == 0:
         return None, None
     engine, corrected = row["engine"][0], row["corrected"][0]
     if limit_type == "MaxPositionSize":
         engine = None if engine is None else abs(engine)
         corrected = None if corrected is None else abs(corrected)
     return engine, corrected
+
+
+_BUILT_IN_FIGURES = {
+    "MaxPositionSize": "position",
+    "MaxLeverage": "leverage",
+    "MaxDrawdown": "drawdown",
+    "MaxDailyVolume": "daily_volume",
+}
+"""The figure of :func:`compare_states` each built-in limit type is checked against."""
+
+
+def limit_metric_at(
+    history: History,
+    limit_type: str,
+    *,
+    account: str,
+    symbol: str | None = None,
+    at: datetime,
+    known_at: datetime | None = None,
+    metric: pl.DataFrame | None = None,
+) -> float | None:
+    """A registered limit type's metric for one account (and symbol) at T as known at K.
+
+    The last row at or before ``at`` of the type's metric timeline
+    (``riskbook.limits.get(limit_type).metric(history, known_at=known_at)``, as
+    :func:`riskbook.breaches` evaluates it), in business order; for a ``*_day`` scope,
+    0 when that row is from an earlier UTC day (the metric starts again at midnight).
+
+    Parameters
+    ----------
+    metric : the metric timeline as known at ``known_at``, when it is already computed.
+
+    Returns
+    -------
+    float | None
+        The value, or None when it is not available: the type is not registered, it is
+        per symbol and no symbol is given, or the key has no metric row by then.
+    """
+    try:
+        definition = L.get(limit_type)
+    except KeyError:
+        return None
+    scope = str(definition.scope)
+    rows = metric if metric is not None else definition.metric(history, known_at=known_at)
+    rows = rows.filter(pl.col("account_id").cast(pl.String) == account)
+    if "symbol" in scope:
+        if symbol is None or "symbol" not in rows.columns:
+            return None
+        rows = rows.filter(pl.col("symbol").cast(pl.String) == symbol)
+    rows = rows.filter(pl.col("time") <= at)
+    if known_at is not None and "timestamp" in rows.columns:
+        rows = rows.filter(pl.col("timestamp") <= known_at)
+    order = [c for c in ("time", "timestamp", "position") if c in rows.columns]
+    if rows.height == 0:
+        return None
+    last = rows.sort(order).row(-1, named=True)
+    if scope.endswith("_day") and last["time"].astimezone(UTC).date() != at.astimezone(UTC).date():
+        return 0.0
+    value = last["value"]
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def causation_chain(history: History, event_id: str) -> pl.DataFrame:
@@ -761,12 +904,8 @@ def causation_chain(history: History, event_id: str) -> pl.DataFrame:
         "correlation_id",
         pl.col("aggregate_id").cast(pl.String),
     )
-    by_id = {
-        r["event_id"]: r
-        for r in ev.filter(pl.col("event_id").is_in(_linked_ids(ev, event_id))).iter_rows(
-            named=True
-        )
-    }
+    linked = ev.filter(pl.col("event_id").is_in(_linked_ids(ev, event_id)))
+    by_id = {r["event_id"]: r for r in linked.iter_rows(named=True)}
     if event_id not in by_id:
         raise KeyError(f"no event {event_id} in this history")
     relation: dict[str, str] = {event_id: "this"}
@@ -776,18 +915,17 @@ def causation_chain(history: History, event_id: str) -> pl.DataFrame:
         cause = by_id[cause]["causation_id"]
     ancestors = [i for i, r in relation.items() if r == "cause"]
     for roots, name in (([event_id], "effect"), (ancestors, "same cause")):
-        frontier = list(roots)
+        frontier = set(roots)
         while frontier:
-            nxt = [
+            nxt = {
                 i for i, r in by_id.items() if r["causation_id"] in frontier and i not in relation
-            ]
+            }
             relation.update(dict.fromkeys(nxt, name))
             frontier = nxt
     for i in by_id:
         relation.setdefault(i, "correlated")
-    rows = pl.DataFrame(list(by_id.values())).with_columns(
-        pl.col("event_id").replace_strict(relation).alias("relation")
-    )
+    # from the frame itself: its schema holds however many rows share the correlation
+    rows = linked.with_columns(pl.col("event_id").replace_strict(relation).alias("relation"))
     lo, hi = rows["occurred_at"].min(), rows["occurred_at"].max()
     assert isinstance(lo, datetime) and isinstance(hi, datetime)
     summaries = viz.event_lanes(
@@ -845,6 +983,12 @@ class IncidentPanel:
     business time and K on its recorded time), ``prev`` / ``next`` buttons, and the
     ``at`` (T) and ``known_at`` (K) sliders, which can also be moved on their own.
 
+    The window is ``window`` either side of the incident's business time: the account's
+    events, with the trades and marks of the incident's symbol (or, for an account-wide
+    limit, of every symbol the account held or traded then). It holds every event
+    there, one step each; when that is more than ``max_rows``, the window narrows
+    around the incident until it fits, and the header says so.
+
     Kept as frames / values: ``current`` (the incident's row of :func:`incidents`),
     ``window`` (:func:`riskbook.viz.event_lanes` around it), ``compare``
     (:func:`compare_states` at T and K), ``limit`` (:func:`limit_in_force` for the
@@ -859,12 +1003,21 @@ class IncidentPanel:
         *,
         incident: str | None = None,
         window: timedelta = timedelta(minutes=15),
+        max_rows: int = viz.MAX_ROWS,
     ) -> None:
         self.history = history
         self.window_size = window
+        self.max_rows = max_rows
+        self._metrics: dict[tuple[str, datetime], pl.DataFrame] = {}
         self.incidents = incidents(history)
         if self.incidents.height == 0:
             raise ValueError("this history has no LimitViolationDetected or AccountBlocked")
+        ids = self.incidents["event_id"].to_list()
+        if incident is not None and incident not in ids:
+            raise ValueError(
+                f"incident {incident!r} is not a violation or block of this history, which"
+                f" has {_some(ids, 'incident', shown=3)}"
+            )
         options = list(zip(self.incidents["label"], self.incidents["event_id"], strict=True))
         blocks = self.incidents.filter(pl.col("event_type") == "AccountBlocked")
         first = incident or (blocks if blocks.height else self.incidents)["event_id"][0]
@@ -939,16 +1092,27 @@ class IncidentPanel:
         self.current = row
         t0: datetime = row["occurred_at"]
         k0: datetime = row["timestamp"]
-        lo, hi = t0 - self.window_size, t0 + self.window_size
-        symbols = [row["symbol"]] if row["symbol"] else self._held(row["account_id"], t0)
-        self.window = viz.event_lanes(
-            self.history, start=lo, end=hi, accounts=[row["account_id"]], symbols=symbols
+        lo, hi = _shift(t0, -self.window_size), _shift(t0, self.window_size)
+        symbols = [row["symbol"]] if row["symbol"] else self._symbols(row["account_id"], t0, lo, hi)
+        whole = viz.event_lanes(
+            self.history,
+            start=lo,
+            end=hi,
+            accounts=[row["account_id"]],
+            symbols=symbols,
+            max_rows=max(1, self.history.events.height),  # every event: narrowed below
         )
-        # limit changes of the account are part of the story even outside its symbols
+        self.window, lo, hi = self._narrow(whole, row["event_id"], t0, lo, hi)
         self.chain = causation_chain(self.history, row["event_id"])
         self.at = TimeSlider(lo, hi, value=t0, description="at (T)")
+        # K reaches every recording of the window: a step onto a late one is not clamped
+        ends = (self.window["timestamp"].min(), self.window["timestamp"].max())
+        recorded = [k0, *(t for t in ends if isinstance(t, datetime))]
         self.known_at = TimeSlider(
-            min(lo, k0), max(hi, k0) + self.window_size, value=k0, description="known at (K)"
+            min(lo, *recorded),
+            max(_shift(max(hi, k0), self.window_size), *recorded),
+            value=k0,
+            description="known at (K)",
         )
         self.at.observe(lambda _: self.on_time(), "value")
         self.known_at.observe(lambda _: self.on_time(), "value")
@@ -961,13 +1125,23 @@ class IncidentPanel:
             self.step.value = int(mine["i"][0]) if mine.height else 0
         finally:
             self._stepping = False
+        if self.window.height < whole.height:
+            span = (
+                f" Window: {self.window.height:,} events of the account within"
+                f" ±{_duration(max(t0 - lo, hi - t0))} (narrowed from"
+                f" ±{_duration(self.window_size)}, which holds {whole.height:,}: too many to"
+                " step through)."
+            )
+        else:
+            span = (
+                f" Window: {self.window.height:,} events of the account within"
+                f" ±{_duration(self.window_size)}."
+            )
         self.header.value = (
             f"<b>{html.escape(row['event_type'])}</b> of <b>{html.escape(row['account_id'])}</b>"
             f" ({html.escape(row['limit_type'] or 'no limit named')}"
             f"{' on ' + html.escape(row['symbol']) if row['symbol'] else ''}),"
-            f" business time {t0:%Y-%m-%d %H:%M:%S.%f} UTC, recorded {k0:%H:%M:%S.%f}."
-            f" Window: {self.window.height} events of the account within"
-            f" ±{self.window_size.total_seconds() / 60:.0f} min."
+            f" business time {t0:%Y-%m-%d %H:%M:%S.%f} UTC, recorded {k0:%H:%M:%S.%f}." + span
         )
         self.chain_box.value = html_table(
             self.chain.drop("causation_id", "position"),
@@ -1033,11 +1207,44 @@ class IncidentPanel:
 
     # ---------------------------------------------------------------- pieces
 
-    def _held(self, account: str, at: datetime) -> list[str]:
+    def _symbols(self, account: str, at: datetime, lo: datetime, hi: datetime) -> list[str]:
+        """An account-wide incident's symbols: those held at T and those traded or
+        adjusted in the window (a trade that flattened a position can be its cause)."""
         pos = P.positions(self.history, at=at).filter(
             (pl.col("account_id").cast(pl.String) == account) & (pl.col("quantity") != 0)
         )
-        return pos["symbol"].cast(pl.String).to_list()
+        found = set(pos["symbol"].cast(pl.String).to_list())
+        h = self.history
+        for frame, column in ((h.trades, "executed_at"), (h.adjustments, "updated_at")):
+            mine = frame.filter(
+                (pl.col("account_id").cast(pl.String) == account)
+                & pl.col(column).is_between(lo, hi)
+            )
+            found.update(mine["symbol"].cast(pl.String).to_list())
+        return sorted(found)
+
+    def _narrow(
+        self, whole: pl.DataFrame, event_id: str, t0: datetime, lo: datetime, hi: datetime
+    ) -> tuple[pl.DataFrame, datetime, datetime]:
+        """The window cut to ``max_rows`` events by narrowing it around ``t0``.
+
+        Keeps every event nearer to ``t0`` than the first one that does not fit, so the
+        steps stay consecutive; returns the events and the narrowed bounds.
+        """
+        if whole.height <= self.max_rows:
+            return whole, lo, hi
+        distance = (pl.col("occurred_at") - pl.lit(t0).cast(whole.schema["occurred_at"])).abs()
+        cut = whole.select(distance.alias("d")).sort("d")["d"][self.max_rows]
+        if cut > timedelta(0):
+            reach = cut - timedelta(microseconds=1)
+            narrowed = whole.filter(distance <= reach)
+            return narrowed, max(lo, _shift(t0, -reach)), min(hi, _shift(t0, reach))
+        # more events at the incident's very time than fit: those nearest it in order
+        same = whole.filter(distance == timedelta(0)).with_row_index("i")
+        me = same.filter(pl.col("event_id") == event_id)
+        centre = int(me["i"][0]) if me.height else 0
+        begin = max(0, min(centre - self.max_rows // 2, same.height - self.max_rows))
+        return same.slice(begin, self.max_rows).drop("i"), t0, t0
 
     def _describe_step(self) -> None:
         if self.window.height == 0:
@@ -1055,8 +1262,35 @@ class IncidentPanel:
         )
 
     def _metric(self) -> float | None:
-        """The incident's metric at T as the engine saw it (known at K)."""
-        return incident_metric(self.compare, self.current["limit_type"], self.current["symbol"])[0]
+        """The incident's metric at T as the engine saw it (known at K); None if unknown."""
+        limit_type, symbol = self.current["limit_type"], self.current["symbol"]
+        if limit_type is None:
+            return None
+        if limit_type in _BUILT_IN_FIGURES:
+            engine = incident_metric(self.compare, limit_type, symbol)[0]
+            if engine is None and limit_type == "MaxPositionSize" and symbol is not None:
+                return 0.0  # no position in the symbol
+            return engine
+        # a registered type of the user's: its own metric, as riskbook.breaches computes it
+        k = self.known_at.value
+        key = (limit_type, k)
+        if key not in self._metrics:
+            try:
+                definition = L.get(limit_type)
+            except KeyError:
+                return None
+            if len(self._metrics) > 8:
+                self._metrics.clear()
+            self._metrics[key] = definition.metric(self.history, known_at=k)
+        return limit_metric_at(
+            self.history,
+            limit_type,
+            account=self.current["account_id"],
+            symbol=symbol,
+            at=self.at.value,
+            known_at=k,
+            metric=self._metrics[key],
+        )
 
     def _draw_tables(self) -> None:
         self.compare_box.value = html_table(
@@ -1072,16 +1306,25 @@ class IncidentPanel:
             verdict = "<p>No limit of this type was in force at T as known at K.</p>"
         else:
             over = metric is not None and metric > lim["value"]
+            if metric is None:
+                judged = (
+                    "Engine's metric at T: <b>not available</b> <span style='color:#777'>"
+                    "(no value of this limit type's metric for the account at T as known"
+                    " at K)</span>"
+                )
+            else:
+                judged = (
+                    f"Engine's metric at T: <b>{_figure(metric)}</b>"
+                    f" — <b style='color:{'#c0392b' if over else '#27ae60'}'>"
+                    f"{'over the limit' if over else 'within the limit'}</b>"
+                )
             verdict = (
                 f"<p><b>{html.escape(self.current['limit_type'])}</b> in force: "
                 f"<b>{_figure(lim['value'])}</b> ("
                 f"{'for ' + html.escape(lim['symbol']) + ' only' if lim['symbol'] else lim['scope'] + '-wide'}"
                 "), set by "
                 f"<b>{html.escape(lim['set_by'] or '?')}</b> at {lim['set_at']:%Y-%m-%d %H:%M:%S} UTC "
-                f"(recorded {lim['recorded_at']:%Y-%m-%d %H:%M:%S}).<br>"
-                f"Engine's metric at T: <b>{metric if metric is None else _figure(metric)}</b>"
-                f" — <b style='color:{'#c0392b' if over else '#27ae60'}'>"
-                f"{'over the limit' if over else 'within the limit'}</b>.</p>"
+                f"(recorded {lim['recorded_at']:%Y-%m-%d %H:%M:%S}).<br>{judged}.</p>"
             )
         self.limit_box.value = verdict + html_table(
             self.limits.drop("event_id").with_columns(
@@ -1275,11 +1518,19 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
 
 
-def _number_format(step: float) -> str:
-    """A format showing a value on a grid of ``step``: ``,.2f`` for 0.05, ``,.0f`` for 250,000."""
+def _number_format(step: float, *values: float) -> str:
+    """A format showing a value on a grid of ``step``: ``,.2f`` for 0.05, ``,.0f`` for 250,000.
+
+    A grid finer than a millionth, or a value (``values``) that would read as 0, is
+    written with significant digits instead (``.4g``: 2.5e-09), never as 0.0000000.
+    """
+    if 0 < step < 1e-6:
+        return ".4g"
     decimals = 0 if step <= 0 or step >= 1 else min(6, math.ceil(-math.log10(step) - 1e-9))
     if step > 0 and round(step, decimals) != step:
         decimals += 1
+    if any(v != 0 and round(v, decimals) == 0 for v in values):
+        return ".4g"
     return f",.{decimals}f"
 
 
@@ -1309,7 +1560,8 @@ class LimitLab:
     value : the slider's first value.
     low, high, step : the slider's range and step (default: 0 to the metric's largest
         finite value, in 50 steps).
-    accounts : the accounts the limit applies to (None: every account, ``"*"``).
+    accounts : the accounts the limit applies to (None: every account, ``"*"``; one
+        account may be given as a string).
     known_at : backtest the history as known at this recorded time.
     sweep : compute ``sweep`` and draw ``sweep_view`` (one backtest per slider step, for
         up to 400 steps).
@@ -1325,12 +1577,22 @@ class LimitLab:
         low: float | None = None,
         high: float | None = None,
         step: float | None = None,
-        accounts: Sequence[str] | None = None,
+        accounts: str | Sequence[str] | None = None,
         known_at: datetime | None = None,
         sweep: bool = True,
         max_rows: int = viz.MAX_ROWS,
     ) -> None:
+        for what, number in (("value", value), ("low", low), ("high", high), ("step", step)):
+            if number is not None and not (
+                isinstance(number, int | float) and math.isfinite(number)
+            ):
+                raise ValueError(f"LimitLab's {what} must be a finite number; got {number!r}")
+        if step is not None and step <= 0:
+            raise ValueError(f"LimitLab's step must be greater than 0; got {step!r}")
         self.history = history
+        self.max_rows = max_rows
+        if isinstance(accounts, str):  # one account, as riskbook.load takes it
+            accounts = [accounts]
         self.accounts = list(accounts) if accounts is not None else None
         self._bt = _Backtest(
             history, limit_type, accounts=self.accounts, known_at=known_at, levels=(1.0,)
@@ -1341,9 +1603,8 @@ class LimitLab:
             raise ValueError("the history is empty: nothing to backtest")
         self.horizon: datetime = self._bt.horizon
         name = self.definition.name
-        existing = L.breaches(history, known_at=known_at, levels=1.0).filter(
-            pl.col("limit_type").cast(pl.String) != name
-        )
+        # every stored limit's breaches, this type's too (drawn in a lane of their own)
+        existing = L.breaches(history, known_at=known_at, levels=1.0)
         if self.accounts is not None:
             existing = existing.filter(pl.col("account_id").cast(pl.String).is_in(self.accounts))
         self.existing = existing.select(L.BREACH_COLUMNS)
@@ -1363,14 +1624,14 @@ class LimitLab:
         lo, hi = min(lo, float(value)), max(hi, float(value))
         hi = hi if hi > lo else lo + 1.0
         step = step if step is not None else (hi - lo) / 50
-        self._format = _number_format(step)
+        self._format = _number_format(step, float(value), lo, hi)
         self.value = widgets.FloatSlider(
             value=value,
             min=lo,
             max=hi,
             step=step,
             description=name,
-            readout_format=self._format,
+            readout_format=self._format,  # d3 reads it as Python does
             continuous_update=True,
             layout=widgets.Layout(width="620px"),
             style={"description_width": "130px"},
@@ -1383,8 +1644,8 @@ class LimitLab:
         self.caption = widgets.HTML()
         self.table = widgets.HTML()
         self.step_ms = 0.0
-        self._compute()
-        self.timeline = _chart_widget(self._timeline_chart())
+        self.breaches, self.summary = self._compute(self.value.value)
+        self.timeline = _chart_widget(self._timeline_chart(self.breaches))
         self.metric_view = _chart_widget(
             viz.metric_chart(
                 self.metric,
@@ -1421,21 +1682,29 @@ class LimitLab:
         self.widget = widgets.VBox(parts)
         self.value.observe(lambda _: self.on_value(), "value")
 
-    def _compute(self) -> None:
-        self.breaches = self._bt.run(self.value.value)
-        per = breach_summary(self.breaches, horizon=self.horizon, accounts=self.account_names)
-        self.summary = per.join(
-            self._existing_per_account, on="account_id", how="left"
-        ).with_columns(pl.col("existing_breaches").fill_null(0))
-
-    def _timeline_chart(self) -> Any:
-        both = pl.concat(
-            [
-                self.breaches.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS),
-                self.existing.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS),
-            ]
+    def _compute(self, value: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The backtest at ``value``: its breaches and the per-account summary."""
+        found = self._bt.run(value)
+        per = breach_summary(found, horizon=self.horizon, accounts=self.account_names)
+        summary = per.join(self._existing_per_account, on="account_id", how="left").with_columns(
+            pl.col("existing_breaches").fill_null(0)
         )
-        return viz.breach_chart(both, start=self.start, end=self.horizon)
+        return found, summary
+
+    def _timeline_chart(self, found: pl.DataFrame) -> Any:
+        name = self.definition.name
+        stored = self.existing.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS)
+        # the stored limits of the type being tuned get a lane beside the hypothetical one
+        stored = stored.with_columns(
+            pl.when(pl.col("limit_type") == name)
+            .then(pl.lit(f"{name} (stored)"))
+            .otherwise(pl.col("limit_type"))
+            .alias("limit_type")
+        )
+        both = pl.concat([found.with_columns(pl.col(c).cast(pl.String) for c in _CAT_COLS), stored])
+        return viz.breach_chart(
+            both, start=self.start, end=self.horizon, horizon=self.horizon, max_rows=self.max_rows
+        )
 
     def _draw_table(self) -> None:
         name, v = self.definition.name, self.value.value
@@ -1458,11 +1727,18 @@ class LimitLab:
         )
 
     def on_value(self) -> None:
-        """The value moved: backtest at it, redraw the breaches and the table, move the rules."""
+        """The value moved: backtest at it, redraw the breaches and the table, move the rules.
+
+        All is computed and drawn before anything the panel holds changes: a failure
+        leaves the breaches, the summary, the caption and the chart of the last value.
+        """
         started = time.perf_counter()
-        self._compute()
-        self.timeline.chart = self._timeline_chart()
         v = float(self.value.value)
+        found, summary = self._compute(v)
+        chart = self._timeline_chart(found)
+        chart.to_dict()  # validated (row caps, schema) before it replaces the old one
+        self.timeline.chart = chart
+        self.breaches, self.summary = found, summary
         self.metric_view.params.limit = v  # type: ignore[attr-defined]
         if self.sweep_view is not None:
             self.sweep_view.params.value = v  # type: ignore[attr-defined]

@@ -376,3 +376,170 @@ def test_limit_sweep_chart_draws_both_measures_and_a_movable_rule(tmp_path: Path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = viz.save_svg(chart, tmp_path / "sweep.svg").read_text()
     assert "accounts in breach" in svg and "hours in breach" in svg
+
+
+def _many_breaches(short: int, long: int) -> pl.DataFrame:
+    """Lane A: ``short`` one-minute breaches and ``long`` hour-long ones; lane B: three."""
+    starts = [T0 + timedelta(minutes=2 * i) for i in range(short + long)] + [T0] * 3
+    lengths = [timedelta(minutes=1)] * short + [timedelta(hours=1)] * long + [timedelta(1)] * 3
+    n = len(starts)
+    return pl.DataFrame(
+        {
+            "account_id": ["A"] * (short + long) + ["B"] * 3,
+            "limit_type": ["MaxPositionSize"] * n,
+            "symbol": ["ACME"] * n,
+            "level": [1.0] * n,
+            "started_at": starts,
+            "ended_at": [s + d for s, d in zip(starts, lengths, strict=True)],
+            "peak_value": [2.0] * n,
+            "limit_value": [1.0] * n,
+            "trigger_event_id": [f"e{i}" for i in range(n)],
+        }
+    )
+
+
+def test_breach_chart_caps_its_rows_keeping_each_lanes_longest() -> None:
+    chart = viz.breach_chart(_many_breaches(short=6_000, long=20))
+    rows = [r for rs in datasets(chart).values() for r in rs if "lane" in r]
+    assert len(rows) == viz.MAX_ROWS  # Altair refuses more than 5,000
+    assert sum(r["lane"] == "B · MaxPositionSize" for r in rows) == 3  # a small lane: all
+    assert sum(r["minutes"] == 60 for r in rows) == 20  # the long ones survive
+    subtitle = chart.to_dict()["title"]["subtitle"]
+    assert "6,023 breach intervals" in subtitle and "4,000 of 6,023 intervals drawn" in subtitle
+    small = viz.breach_chart(_many_breaches(short=10, long=2), max_rows=8)
+    assert total_rows(small) <= 8 + 1
+
+
+def test_breach_chart_draws_an_open_breach_to_the_horizon() -> None:
+    found = _breaches().filter(pl.col("trigger_event_id") == "e4")  # open, started T0 + 2 h
+    horizon = T0 + timedelta(hours=50)
+    chart = viz.breach_chart(found, horizon=horizon)
+    (row,) = [r for rs in datasets(chart).values() for r in rs if "lane" in r]
+    assert row["t2"] - row["t"] == 48 * 3_600_000 and row["ended"] == "open"
+    assert row["minutes"] == 48 * 60
+    closed = viz.breach_chart(_breaches(), horizon=horizon)
+    ended = {
+        r["trigger_event_id"]: r["ended"]
+        for rs in datasets(closed).values()
+        for r in rs
+        if "lane" in r
+    }
+    assert ended["e3"] == "2024-01-09 15:18:00.000" and ended["e4"] == "open"
+
+
+def test_exposure_at_chart_caps_its_bars_summing_the_rest() -> None:
+    accounts, symbols = 30, 12
+    positions = pl.DataFrame(
+        {
+            "account_id": [f"A{a:02d}" for a in range(accounts) for _ in range(symbols)],
+            "symbol": [f"S{s:02d}" for _ in range(accounts) for s in range(symbols)],
+            "quantity": [
+                float(s + 1) * (-1 if s == 0 else 1)
+                for _ in range(accounts)
+                for s in range(symbols)
+            ],
+            "avg_price": [10.0] * (accounts * symbols),
+            "mark_price": [10.0] * (accounts * symbols),
+        }
+    ).with_columns((pl.col("quantity") * pl.col("mark_price")).alias("market_value"))
+    chart = viz.exposure_at_chart(positions, max_rows=100)
+    rows = [r for rs in datasets(chart).values() for r in rs]
+    assert len(rows) <= 100
+    mine = [r for r in rows if r["account_id"] == "A03"]
+    assert sum(r["market_value"] for r in mine) == pytest.approx(
+        sum(10.0 * (s + 1) * (-1 if s == 0 else 1) for s in range(symbols))
+    )
+    assert {r["symbol"] for r in mine} >= {"S11", "other"}  # the largest kept by name
+    assert "360 positions drawn as" in chart.to_dict()["title"]["subtitle"]
+    few = viz.exposure_at_chart(positions, max_rows=30)  # fewer bars than accounts
+    few_rows = [r for rs in datasets(few).values() for r in rs]
+    assert len(few_rows) <= 30 and "the 10 accounts of 30" in few.to_dict()["title"]["subtitle"]
+
+
+def test_subtitles_count_the_rows_of_the_accounts_shown() -> None:
+    tl = pl.DataFrame(
+        {
+            "account_id": ["A"] * 10 + ["B"] * 990,
+            "occurred_at": [T0 + timedelta(seconds=i) for i in range(1000)],
+            "gross_exposure": [float(i) for i in range(1000)],
+        }
+    )
+    chart = viz.exposure_chart(tl, accounts=["A"])
+    assert "1 account, 10 timeline rows" in chart.to_dict()["title"]["subtitle"]
+    metric = tl.select("account_id", time="occurred_at", value="gross_exposure")
+    chart = viz.metric_chart(metric, accounts=["A"])
+    assert "1 account, 10 metric rows" in chart.to_dict()["title"]["subtitle"]
+
+
+def test_leverage_chart_draws_infinite_leverage_at_the_top() -> None:
+    t = T0
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=100.0, funded_at=t),
+        riskbook.LimitSet(
+            account_id="A", limit_type="MaxLeverage", value=2.0, set_by="cro", set_at=t
+        ),
+        riskbook.TradeExecuted(
+            trade_id="T1",
+            account_id="A",
+            symbol="ACME",
+            side=riskbook.Side.Buy,
+            quantity=100.0,
+            price=10.0,
+            executed_at=t + timedelta(minutes=1),
+        ),
+        *[
+            riskbook.PriceMarked(symbol="ACME", price=p, marked_at=t + timedelta(minutes=k))
+            for p, k in ((9.5, 2), (8.0, 3), (7.0, 4))
+        ],
+    )
+    chart = viz.leverage_chart(riskbook.account_timeline(h), h.limits, account="A")
+    spec = chart.to_dict()
+    infinite = [r for rs in spec["datasets"].values() for r in rs if r.get("infinite")]
+    assert len(infinite) == 2 and {r["leverage_text"] for r in infinite} == {"∞ (equity ≤ 0)"}
+    pinned = [
+        layer for layer in spec["layer"] if layer.get("mark", {}).get("shape") == "triangle-up"
+    ]
+    assert pinned and pinned[0]["encoding"]["y"] == {"value": 4}
+    assert "2 with leverage ∞" in spec["title"]["subtitle"]
+
+
+def test_event_lanes_never_thin_away_incidents_limits_or_kept_events() -> None:
+    events: list[Any] = [riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0)]
+    events += [
+        riskbook.TradeExecuted(
+            trade_id=f"T{i}",
+            account_id="A",
+            symbol="ACME",
+            side=riskbook.Side.Buy,
+            quantity=1.0,
+            price=5.0,
+            executed_at=T0 + timedelta(seconds=i + 1),
+        )
+        for i in range(300)
+    ]
+    events += [
+        riskbook.LimitSet(
+            account_id="A",
+            limit_type="MaxPositionSize",
+            value=5.0 + i,
+            set_by="cro",
+            set_at=T0 + timedelta(seconds=10 * i + 5),
+        )
+        for i in range(10)
+    ]
+    events.append(
+        riskbook.LimitViolationDetected(
+            account_id="A",
+            limit_type="MaxPositionSize",
+            symbol="ACME",
+            current_value=7.0,
+            limit_value=5.0,
+            detected_at=T0 + timedelta(seconds=7),
+        )
+    )
+    h = riskbook.History.from_events(*events)
+    wanted = h.events.filter(pl.col("event_type") == "TradeExecuted")["event_id"][137]
+    lanes = viz.event_lanes(h, start=T0, end=T0 + timedelta(hours=1), max_rows=50, keep=[wanted])
+    assert lanes.height <= 50 and wanted in lanes["event_id"].to_list()
+    assert (lanes["lane"] == "limit").sum() == 10 and (lanes["lane"] == "violation").sum() == 1
+    assert lanes["position"].is_sorted()

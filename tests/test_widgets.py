@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +17,7 @@ import traitlets
 from polars.testing import assert_frame_equal
 
 import riskbook
-from riskbook import limits, widgets
+from riskbook import limits, viz, widgets
 from riskbook.demo import SAMPLE
 
 KEY = json.loads(SAMPLE.with_name("sample.key.json").read_text())
@@ -444,3 +446,345 @@ def test_incident_panel_writes_large_limits_as_people_read_them(
     panel.incident.value = BUSTED["violation_event_id"]  # MaxPositionSize 89,000 on ACME
     box = panel.limit_box.value
     assert "89,000" in box and "e+04" not in box
+
+
+# ----------------------------------------------------------------------------- small histories
+
+T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+
+
+def _at(minutes: float = 0.0, **more: float) -> datetime:
+    return T0 + timedelta(minutes=minutes, **more)
+
+
+def _fill(
+    i: int | str, quantity: float, t: datetime, *, account: str = "A", symbol: str = "ACME"
+) -> riskbook.TradeExecuted:
+    side = riskbook.Side.Buy if quantity > 0 else riskbook.Side.Sell
+    return riskbook.TradeExecuted(
+        trade_id=f"T{i}",
+        account_id=account,
+        symbol=symbol,
+        side=side,
+        quantity=abs(quantity),
+        price=5.0,
+        executed_at=t,
+    )
+
+
+def _limit(limit_type: str, value: float, t: datetime = T0) -> riskbook.LimitSet:
+    return riskbook.LimitSet(
+        account_id="A", limit_type=limit_type, value=value, set_by="cro", set_at=t
+    )
+
+
+def _violation(
+    limit_type: str, value: float, limit: float, t: datetime, symbol: str | None = None
+) -> riskbook.LimitViolationDetected:
+    return riskbook.LimitViolationDetected(
+        account_id="A",
+        limit_type=limit_type,
+        symbol=symbol,
+        current_value=value,
+        limit_value=limit,
+        detected_at=t,
+    )
+
+
+class _Envelopes:
+    """Envelopes built one by one: recorded when they happened unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.items: list[riskbook.Envelope] = []
+
+    def add(
+        self,
+        event: Any,
+        *,
+        recorded: datetime | None = None,
+        cause: riskbook.Envelope | None = None,
+        correlation: str | None = None,
+    ) -> riskbook.Envelope:
+        env = riskbook.Envelope(
+            event_id=uuid.uuid4(),
+            aggregate_id=event.aggregate_id,
+            aggregate_type=event.aggregate_type,
+            sequence=len(self.items) + 1,
+            timestamp=recorded or event.business_time,
+            payload=event,
+            correlation_id=correlation or str(uuid.uuid4()),
+            causation_id=None if cause is None else cause.event_id,
+        )
+        self.items.append(env)
+        return env
+
+    def history(self) -> riskbook.History:
+        return riskbook.History.from_envelopes(self.items)
+
+
+def _text(html_text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub("<[^>]+>", " ", html_text))
+
+
+def test_causation_chain_of_more_than_a_hundred_correlated_events() -> None:
+    # a day's fills appended as one batch share one correlation_id
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0), correlation="b")
+    fills = [e.add(_fill(i, 10.0, _at(seconds=i + 1)), correlation="b") for i in range(150)]
+    v = e.add(
+        _violation("MaxPositionSize", 1010.0, 1000.0, fills[100].payload.business_time, "ACME"),
+        cause=fills[100],
+        correlation="b",
+    )
+    h = e.history()
+    chain = widgets.causation_chain(h, str(v.event_id))
+    assert chain.height == 152
+    assert chain.filter(pl.col("relation") == "cause")["event_id"].to_list() == [
+        str(fills[100].event_id)
+    ]
+    assert chain.filter(pl.col("relation") == "correlated").height == 150
+    panel = widgets.IncidentPanel(h)
+    assert panel.chain.height == 152
+
+
+def test_incident_panel_narrows_a_busy_window_and_keeps_the_incident() -> None:
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e9, funded_at=T0))
+    e.add(_limit("MaxPositionSize", 1000.0))
+    for i in range(4_400):  # 5 fills a second, more than a chart's rows
+        fill = e.add(
+            _fill(
+                i,
+                (1 if i % 2 == 0 else -1) * (2000.0 if i == 2201 else 10.0),
+                _at(1, milliseconds=200 * i),
+            )
+        )
+        if i == 2201:
+            t = fill.payload.business_time
+            v = e.add(_violation("MaxPositionSize", 2000.0, 1000.0, t, "ACME"), cause=fill)
+    panel = widgets.IncidentPanel(e.history())
+    assert panel.window.height <= viz.MAX_ROWS
+    ids = panel.window["event_id"].to_list()
+    assert str(v.event_id) in ids and panel.step_event["event_id"] == str(v.event_id)
+    focus = [r for r in rows(panel.timeline) if r.get("focus")] if panel.timeline else []
+    assert focus and all(r["event_id"] == str(v.event_id) for r in focus)
+    # consecutive: every event of the account between the window's ends is a step
+    lo, hi = panel.window["occurred_at"].min(), panel.window["occurred_at"].max()
+    between = panel.history.events.filter(pl.col("occurred_at").is_between(lo, hi))
+    assert panel.window.height == between.height
+    panel.next.click()
+    assert panel.step_event["event_id"] == ids[ids.index(str(v.event_id)) + 1]
+    header = _text(panel.header.value)
+    assert f"{panel.window.height:,} events" in header and "narrowed from ±15 min" in header
+    assert "holds 4,403" in header  # the fills, the violation, the funding, the limit
+
+
+def test_incident_panel_shows_the_trades_behind_an_account_wide_incident() -> None:
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0))
+    e.add(_limit("MaxDailyVolume", 100.0))
+    e.add(_fill(1, 60.0, _at(1)))
+    trigger = e.add(_fill(2, -60.0, _at(2)))  # flat again at the incident
+    e.add(_violation("MaxDailyVolume", 120.0, 100.0, _at(2)), cause=trigger)
+    panel = widgets.IncidentPanel(e.history())
+    assert panel.window["event_type"].to_list().count("TradeExecuted") == 2
+    assert str(trigger.event_id) in panel.window["event_id"].to_list()
+    assert "over the limit" in panel.limit_box.value
+
+
+def test_incident_panel_step_onto_a_late_recording_puts_k_on_it() -> None:
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0))
+    e.add(_limit("MaxPositionSize", 5.0))
+    fill = e.add(_fill(1, 10.0, _at(1)))
+    e.add(_violation("MaxPositionSize", 10.0, 5.0, _at(1), "ACME"), cause=fill)
+    late = e.add(_fill(2, -8.0, _at(6)), recorded=_at(120))  # learnt two hours later
+    panel = widgets.IncidentPanel(e.history())
+    panel.step.value = panel.window["event_id"].to_list().index(str(late.event_id))
+    assert panel.known_at.value == late.timestamp
+    row = panel.compare.filter(pl.col("figure") == "position ACME")
+    assert row["engine"][0] == 2.0
+
+
+def _gross_metric(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
+    return riskbook.account_timeline(history, known_at=known_at).select(
+        "account_id",
+        "timestamp",
+        "position",
+        "event_id",
+        time="occurred_at",
+        value="gross_exposure",
+    )
+
+
+def _nothing_metric(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
+    return _gross_metric(history, known_at=known_at).filter(pl.col("account_id") == "nobody")
+
+
+def test_incident_panel_judges_a_registered_limit_type_by_its_own_metric() -> None:
+    limits.register(
+        limits.LimitSpec("MaxGrossPanel", "account", "USD", _gross_metric), replace=True
+    )
+    limits.register(
+        limits.LimitSpec("MaxNothingPanel", "account", "USD", _nothing_metric), replace=True
+    )
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1000.0, funded_at=T0),
+        _limit("MaxGrossPanel", 40.0),
+        _limit("MaxNothingPanel", 40.0),
+        _fill(1, 10.0, _at(1)),  # 10 @ 5: a gross exposure of 50
+        _violation("MaxGrossPanel", 50.0, 40.0, _at(1)),
+        _violation("MaxNothingPanel", 50.0, 40.0, _at(1)),
+    )
+    found = widgets.incidents(h)
+    panel = widgets.IncidentPanel(h, incident=found["event_id"][0])
+    text = _text(panel.limit_box.value)
+    assert "Engine's metric at T: 50 — over the limit" in text
+    assert widgets.limit_metric_at(h, "MaxGrossPanel", account="A", at=_at(1)) == 50.0
+    assert widgets.limit_metric_at(h, "MaxGrossPanel", account="A", at=T0) == 0.0
+    panel.step.value = 0  # before the fill: back within
+    assert "0 — within the limit" in _text(panel.limit_box.value)
+
+    panel.incident.value = found["event_id"][1]  # a metric with no value: no verdict
+    text = _text(panel.limit_box.value)
+    assert "not available" in text and "within the limit" not in text
+    assert "over the limit" not in text
+
+
+def test_compare_states_counts_a_busted_position_as_zero() -> None:
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0))
+    e.add(_fill(1, 10.0, _at(1)))
+    e.add(
+        riskbook.TradeCancelled(trade_id="T1", account_id="A", reason="bust", cancelled_at=_at(2)),
+        recorded=_at(30),
+    )
+    compare = widgets.compare_states(e.history(), account="A", at=_at(5), known_at=_at(5))
+    row = compare.filter(pl.col("figure") == "position ACME").row(0, named=True)
+    assert (row["engine"], row["corrected"], row["difference"]) == (10.0, 0.0, -10.0)
+
+
+def test_incident_panel_near_the_ends_of_the_calendar() -> None:
+    for t in (datetime(9999, 12, 31, 23, 59, tzinfo=UTC), datetime(1, 1, 1, 0, 1, tzinfo=UTC)):
+        h = riskbook.History.from_events(
+            riskbook.AccountFunded(account_id="A", amount=1e3, funded_at=t),
+            _limit("MaxPositionSize", 5.0, t),
+            _fill(1, 10.0, t),
+            _violation("MaxPositionSize", 10.0, 5.0, t, "ACME"),
+        )
+        panel = widgets.IncidentPanel(h)
+        assert panel.at.value == t and panel.window.height == 4
+
+
+def test_limit_lab_keeps_the_stored_breaches_of_its_own_type() -> None:
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0),
+        _limit("MaxPositionSize", 5.0),
+        _fill(1, 10.0, _at(1)),
+        _fill(2, -10.0, _at(61)),
+    )
+    lab = widgets.LimitLab(h, "MaxPositionSize", value=8.0, sweep=False)
+    assert lab.existing.height == 1 and lab.summary["existing_breaches"].to_list() == [1]
+    assert "The stored limits: 1 breach." in _text(lab.caption.value)
+    lanes = {r["lane"] for r in rows(lab.timeline) if "lane" in r}
+    assert lanes == {"A · MaxPositionSize", "A · MaxPositionSize (stored)"}
+
+
+def _flipping(n: int) -> riskbook.History:
+    """An account going 10 long and flat again ``n`` times: a breach each time under 10."""
+    return riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0),
+        *[_fill(i, 10.0 if i % 2 == 0 else -10.0, _at(seconds=i + 1)) for i in range(2 * n)],
+    )
+
+
+def test_limit_lab_caps_its_breach_chart_and_updates_all_or_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lab = widgets.LimitLab(_flipping(80), "MaxPositionSize", value=20.0, sweep=False, max_rows=50)
+    lab.value.value = 5.0  # 80 breaches, a chart of 50 rows at most
+    assert lab.breaches.height == 80 and len(rows(lab.timeline)) <= 50 + 1
+    assert "50 of 80 intervals drawn" in lab.timeline.chart.to_dict()["title"]["subtitle"]
+
+    state = (lab.breaches, lab.summary, lab.caption.value, lab.timeline.chart)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(widgets.viz, "breach_chart", broken)
+    with pytest.raises(RuntimeError):
+        lab.value.value = 15.0
+    assert (lab.breaches, lab.summary, lab.caption.value, lab.timeline.chart) == state
+
+
+def test_limit_lab_writes_tiny_limits_with_significant_digits() -> None:
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1.0, funded_at=T0),
+        *[_fill(i, 1e-9, _at(i + 1), symbol="DUST") for i in range(5)],
+    )
+    lab = widgets.LimitLab(h, "MaxPositionSize", value=2.5e-9)
+    assert "&le; 2.5e-09</b>" in lab.caption.value
+    assert format(lab.value.value, lab.value.readout_format) == "2.5e-09"
+
+
+def test_exposure_explorer_keeps_the_decimals_of_a_quantity() -> None:
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1e5, funded_at=T0),
+        _limit("MaxPositionSize", 0.4),
+        _fill(1, 0.25, T0, symbol="BTC"),
+    )
+    panel = widgets.ExposureExplorer(h, account="A")
+    assert ">0.25</td>" in panel.table.value
+    spec = json.dumps(panel.snapshot.chart.to_dict()) + json.dumps(
+        panel.positions.chart.to_dict() if panel.positions else {}
+    )
+    quantity_formats = re.findall(r'"field": "(?:quantity|value)"[^}]*"format": "([^"]+)"', spec)
+    assert quantity_formats and set(quantity_formats) == {viz.QUANTITY_FORMAT}
+
+
+def test_exposure_explorer_draws_thousands_of_positions() -> None:
+    events: list[Any] = [
+        riskbook.AccountFunded(account_id=f"A{a}", amount=1e6, funded_at=T0) for a in range(251)
+    ]
+    events += [
+        _fill(f"{a}-{s}", 10.0 + s, _at(seconds=1), account=f"A{a}", symbol=f"S{s}")
+        for a in range(251)
+        for s in range(20)
+    ]
+    panel = widgets.ExposureExplorer(riskbook.History.from_events(*events))
+    drawn = rows(panel.snapshot)
+    assert len(drawn) <= viz.MAX_ROWS
+    per_account = {}
+    for r in drawn:
+        per_account[r["account_id"]] = per_account.get(r["account_id"], 0.0) + r["market_value"]
+    assert per_account["A7"] == pytest.approx(sum(5.0 * (10.0 + s) for s in range(20)))
+    assert "other" in {r["symbol"] for r in drawn}
+    assert "5,020 positions drawn as" in panel.snapshot.chart.to_dict()["title"]["subtitle"]
+
+
+def test_panels_refuse_bad_arguments_in_one_line() -> None:
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="ACC-1", amount=1e6, funded_at=T0),
+        riskbook.LimitSet(
+            account_id="ACC-1", limit_type="MaxPositionSize", value=5.0, set_by="cro", set_at=T0
+        ),
+        _fill(1, 10.0, _at(1), account="ACC-1"),
+    )
+    with pytest.raises(ValueError, match=r"^account 'ACC-9' .* 1 account: 'ACC-1'$"):
+        widgets.ExposureExplorer(h, account="ACC-9")
+    with pytest.raises(ValueError, match=r"^measure must be one of gross_exposure, .*'pnl'$"):
+        widgets.ExposureExplorer(h, measure="pnl")
+    e = _Envelopes()
+    for event in (
+        riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0),
+        _violation("MaxPositionSize", 10.0, 5.0, _at(1), "ACME"),
+    ):
+        e.add(event)
+    with pytest.raises(ValueError, match=r"^incident 'no-such-id' .* 1 incident: '"):
+        widgets.IncidentPanel(e.history(), incident="no-such-id")
+    with pytest.raises(ValueError, match="step must be greater than 0"):
+        widgets.LimitLab(h, "MaxPositionSize", value=1.0, step=0.0)
+    with pytest.raises(ValueError, match="value must be a finite number; got nan"):
+        widgets.LimitLab(h, "MaxPositionSize", value=float("nan"))
+    lab = widgets.LimitLab(h, "MaxPositionSize", value=1.0, accounts="ACC-1", sweep=False)
+    assert lab.accounts == ["ACC-1"] and lab.summary["account_id"].to_list() == ["ACC-1"]
