@@ -16,11 +16,12 @@ from typing import Any
 import polars as pl
 
 from riskbook._memory import with_large_arrays
-from riskbook.events import LimitSet, as_time, parse_time
+from riskbook.errors import RiskbookError
+from riskbook.events import LimitSet, as_time, format_time, parse_time
 from riskbook.frames import History
 from riskbook.limits._builtin import shared_timelines
 from riskbook.limits._evaluate import _levels as _check_levels
-from riskbook.limits._evaluate import _limit_frame, evaluate
+from riskbook.limits._evaluate import _limit_frame, _metric_rows, evaluate
 from riskbook.limits._registry import get, names
 
 __all__ = [
@@ -65,9 +66,61 @@ _SCENARIO = pl.Enum(["actual", "hypothetical"])
 _time = as_time
 
 
-def _check_history(history: History) -> None:
+def _check_history(
+    history: History,
+    what: str | None = None,
+    *,
+    kinds: Iterable[str] = (),
+    limits_only: bool = False,
+    avoid: str | None = None,
+) -> None:
+    """A History, whole enough for ``what`` (a function's name; None: any History).
+
+    Breaches fold every earlier event against the limits then in force: a History
+    loaded with ``since`` has lost the state before it and the LimitSets set before it,
+    and would give no breaches or false ones with no error (``limits_only``: ``what``
+    reads only the LimitSets, which it lost too). A limit type per account (one of
+    ``kinds``, the limit types ``what`` evaluates, whose scope has no symbol) needs
+    every symbol of the account, which a ``symbols`` filter leaves out; ``avoid`` says
+    how else to call ``what`` (default: with the limit types per symbol of ``kinds``
+    only, ``types=``). ``until``, ``known_at`` and ``accounts`` keep everything the
+    breaches need, and so does a History going on from a projection state
+    (``history.start``: the live engine's batches).
+    """
     if not isinstance(history, History):
         raise TypeError(f"expected a riskbook History, got {type(history).__name__}")
+    f = history.filters
+    if what is None or history.start is not None:
+        return
+    if f.since is not None:
+        lost = (
+            "the limits set before it are"
+            if limits_only
+            else "what came before (cash, positions, limits) is"
+        )
+        raise RiskbookError(
+            f"{what} needs every earlier {'LimitSet' if limits_only else 'event'}: this "
+            f"History was loaded with since={format_time(f.since)}, so {lost} missing; "
+            "load it without since (and pass at= for a time)"
+        )
+    if f.symbols is None:
+        return
+    registered = set(names())
+    chosen = sorted({k for k in kinds if k in registered})
+    wide = [k for k in chosen if "symbol" not in get(k).scope]
+    if wide:
+        per_symbol = [k for k in chosen if k not in wide]
+        if avoid is None:
+            avoid = (
+                f"or pass types={per_symbol}, its limit types per symbol"
+                if per_symbol
+                else "or pass types= naming limit types per symbol only"
+            )
+        raise RiskbookError(
+            f"{what} evaluates limits per account ({', '.join(wide)}), which need every "
+            f"symbol of an account: this History was loaded with symbols={list(f.symbols)};"
+            f" load it without symbols ({avoid})"
+        )
 
 
 def _known(frame: pl.DataFrame, known_at: datetime | None) -> pl.DataFrame:
@@ -536,7 +589,7 @@ def breaches(
     │ 1.0   ┆ 2024-03-01 14:32:00 UTC ┆ 2024-03-01 14:33:00 UTC ┆ 115.0      ┆ 100.0       │
     └───────┴─────────────────────────┴─────────────────────────┴────────────┴─────────────┘
     """
-    _check_history(history)
+    _check_history(history, "breaches")
     t = _time(at, "at")
     k = _time(known_at, "known_at")
     rows = stored_limits(history, known_at=k) if limits is None else hypothetical_limits(limits)
@@ -545,6 +598,7 @@ def breaches(
         for name in chosen:
             get(name)
         rows = rows.filter(pl.col("limit_type").is_in(chosen))
+    _check_history(history, "breaches", kinds=rows["limit_type"].unique().to_list())
     return _evaluate_scenarios(history, {"run": rows}, at=t, known_at=k, levels=_levels(levels))[
         "run"
     ]
@@ -596,11 +650,14 @@ def backtest(
     │ hypothetical ┆ 2024-03-01 14:31:00 UTC ┆ 50.0        │
     └──────────────┴─────────────────────────┴─────────────┘
     """
-    _check_history(history)
+    _check_history(history, "backtest")
     t = _time(at, "at")
     k = _time(known_at, "known_at")
     hyp = hypothetical_limits(limits)
     kinds = hyp["limit_type"].unique().to_list()
+    _check_history(
+        history, "backtest", kinds=kinds, avoid="or backtest limit types per symbol only"
+    )
     actual = stored_limits(history, known_at=k).filter(pl.col("limit_type").is_in(kinds))
     found = _evaluate_scenarios(
         history, {"actual": actual, "hypothetical": hyp}, at=t, known_at=k, levels=_levels(levels)
@@ -650,7 +707,7 @@ def limit_history(
     │ MaxLeverage ┆ 3.0       ┆ 4.0       ┆ cro    │
     └─────────────┴───────────┴───────────┴────────┘
     """
-    _check_history(history)
+    _check_history(history, "limit_history", limits_only=True)
     lim = _by(_known(history.limits, _time(known_at, "known_at")), "set_at", _time(at, "at"))
     return lim.sort("set_at", "timestamp", "position").select(
         "account_id",
@@ -708,7 +765,7 @@ def effective_limits(
     │ MaxPositionSize ┆ ACME   ┆ 50.0   │
     └─────────────────┴────────┴────────┘
     """
-    _check_history(history)
+    _check_history(history, "effective_limits", limits_only=True)
     lim = _by(_known(history.limits, _time(known_at, "known_at")), "set_at", _time(at, "at"))
     return (
         lim.sort("set_at", "timestamp", "position")
@@ -754,19 +811,28 @@ def reconcile(
     are what had happened by T: the breaches that started by T (open if they ended
     after T) and the reports made by T. A
     report and a breach **match** when they have the same account, limit type and
-    symbol and either the report's ``causation_id`` is the breach's trigger event, or
-    (for reports without a matching cause) its ``detected_at`` is within ``tolerance``
-    of the breach's start (nearest first, each breach and report matched once).
+    symbol (for a limit type per symbol) and either the report's ``causation_id`` is
+    the breach's trigger event, or (for reports without a matching cause) its
+    ``detected_at`` is within ``tolerance`` of the breach's start (nearest first), or
+    else its ``detected_at`` is inside the breach (``started_at <= detected_at <
+    ended_at``): the recomputed breach began earlier than the engine saw it, as when a
+    trigger recorded late moved its start (the earliest such report). Each breach and
+    report is matched once.
 
     Returns
     -------
     pl.DataFrame
         One row per breach and per report: ``status`` -- ``matched``,
         ``not_reported`` (a breach the engine never reported) or ``no_breach`` (a
-        report with no breach in the recomputed history) -- and ``reason`` (for
-        ``no_breach``: the trigger was busted, is unknown, or the limit the engine used
-        differs from the one in force; for ``not_reported``: whether the trigger was
-        recorded late), then ``account_id, limit_type, symbol, started_at, ended_at,
+        report with no breach of its own in the recomputed history) -- and ``reason``
+        (for ``matched``: how -- by cause, by the time from the start, or "the
+        recomputed breach began ... before the report", with its trigger's delay if it
+        was recorded late -- and whether the engine's limit differs from the one in
+        force; for ``no_breach``: the trigger was busted, is unknown, the limit the
+        engine used differs from the one in force, the report is a second one inside a
+        breach already matched, or the metric recomputed at ``detected_at`` and the
+        limit then; for ``not_reported``: whether the trigger was recorded late), then
+        ``account_id, limit_type, symbol, started_at, ended_at,
         trigger_event_id, peak_value, limit_value`` of the breach and
         ``violation_event_id, detected_at, reported_value, reported_limit,
         causation_id`` of the report (null where there is none), sorted by time.
@@ -777,9 +843,20 @@ def reconcile(
     >>> rec = reconcile(riskbook.load())  # doctest: +SKIP
     >>> rec.filter(pl.col("status") != "matched").select("status", "reason")  # doctest: +SKIP
     """
-    _check_history(history)
+    _check_history(history, "reconcile")
     t = _time(at, "at")
     k = _time(known_at, "known_at")
+    kinds = {
+        kind
+        for frame in (history.limits, history.violations)
+        for kind in _known(frame, k)["limit_type"].cast(pl.String).unique().to_list()
+    }
+    _check_history(
+        history,
+        "reconcile",
+        kinds=kinds,
+        avoid="breaches(types=...) naming limit types per symbol gives the breaches of this one",
+    )
     found = breaches(history, at=t, known_at=k, levels=1.0)
     reports = _by(_known(history.violations, k), "detected_at", t).select(
         pl.col("account_id").cast(pl.String),
@@ -800,9 +877,15 @@ def reconcile(
     matched: list[tuple[int, int, str]] = []
     used_b: set[int] = set()
     used_r: set[int] = set()
+    registered = set(names())
+    per_symbol = {
+        kind: kind not in registered or "symbol" in get(kind).scope
+        for kind in {row["limit_type"] for row in (*found_rows, *report_rows)}
+    }
 
     def scope(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-        return row["account_id"], row["limit_type"], row["symbol"]
+        kind = row["limit_type"]
+        return row["account_id"], kind, row["symbol"] if per_symbol[kind] else None
 
     def match(bi: int, ri: int, why: str) -> None:
         b, r = found_rows[bi], report_rows[ri]
@@ -832,12 +915,45 @@ def reconcile(
     for gap, bi, ri in candidates:
         if bi not in used_b and ri not in used_r:
             match(bi, ri, f"detected {gap.total_seconds():g} s from the start")
+    # a report made inside a breach that began earlier than the engine saw it (a late
+    # trigger moved its start): the earliest such report is that breach's
+    by_scope: dict[tuple[Any, Any, Any], list[int]] = {}
+    for bi, b in enumerate(found_rows):
+        by_scope.setdefault(scope(b), []).append(bi)
+    inside: dict[int, int] = {}  # report -> the breach it was made in
+    for ri in sorted(
+        (ri for ri in range(len(report_rows)) if ri not in used_r),
+        key=lambda ri: report_rows[ri]["detected_at"],
+    ):
+        r = report_rows[ri]
+        for bi in by_scope.get(scope(r), []):
+            b = found_rows[bi]
+            if b["started_at"] <= r["detected_at"] and (
+                b["ended_at"] is None or r["detected_at"] < b["ended_at"]
+            ):
+                if bi in used_b:
+                    inside[ri] = bi
+                else:
+                    match(bi, ri, _began_earlier(b, r, tolerance))
+                break
     pairs: list[tuple[int | None, int | None, str]] = list(matched)
     unmatched = [ri for ri in range(len(report_rows)) if ri not in used_r]
     wanted = {report_rows[ri]["causation_id"] for ri in unmatched} - {None}
     causes, known = _causes(history, wanted, k)
+    metrics: dict[str, pl.DataFrame] = {}
+    by_report = {ri: bi for bi, ri, _ in matched}
     for ri in unmatched:
-        pairs.append((None, ri, _no_breach_reason(history, report_rows[ri], causes, known, k)))
+        if ri in inside:
+            b = found_rows[inside[ri]]
+            other = report_rows[by_report[inside[ri]]]["event_id"]
+            why = (
+                f"a second report of the recomputed breach that began "
+                f"{format_time(b['started_at'])}, matched to report {other}: recomputed, "
+                "the breach did not end in between"
+            )
+        else:
+            why = _no_breach_reason(history, report_rows[ri], causes, known, k, metrics)
+        pairs.append((None, ri, why))
     for bi, b in enumerate(found_rows):
         if bi not in used_b:
             recorded = b["trigger_recorded_at"]
@@ -922,7 +1038,10 @@ def _no_breach_reason(
     causes: Mapping[str, Mapping[str, Any]],
     known: set[str],
     known_at: datetime | None,
+    metrics: dict[str, pl.DataFrame],
 ) -> str:
+    """Why a report matched no recomputed breach; the metric at its time, if nothing
+    else explains it."""
     cause = report["causation_id"]
     if report["limit_type"] not in names():
         return f"limit type {report['limit_type']} is not registered: not recomputed"
@@ -940,7 +1059,12 @@ def _no_breach_reason(
         (pl.col("account_id").cast(pl.String) == report["account_id"])
         & (pl.col("limit_type").cast(pl.String) == report["limit_type"])
     )
-    specific = mine.filter(pl.col("symbol").cast(pl.String) == report["symbol"])
+    per_symbol = "symbol" in get(report["limit_type"]).scope
+    specific = (
+        mine.filter(pl.col("symbol").cast(pl.String).eq_missing(report["symbol"]))
+        if per_symbol and report["symbol"] is not None
+        else mine.clear()
+    )
     general = mine.filter(pl.col("symbol").is_null())
     in_force = (specific if specific.height else general)["value"]
     if in_force.len() == 0:
@@ -950,4 +1074,55 @@ def _no_breach_reason(
             f"no breach recomputed; the engine's limit {report['limit_value']:g} differs "
             f"from the limit in force {in_force[0]:g}"
         )
-    return "no breach recomputed near the report (the metric was within the limit)"
+    value = _metric_at(history, report, known_at, metrics)
+    if value is None or math.isnan(value):
+        return "no breach recomputed: the metric had no value at the time of the report"
+    if value > in_force[0]:
+        return (
+            f"no breach recomputed, yet the metric was {value:g} at the report, over the "
+            f"limit in force {in_force[0]:g}"
+        )
+    return (
+        f"no breach recomputed near the report: the metric was {value:g} then, within the "
+        f"limit {in_force[0]:g} (the engine reported {report['current_value']:g})"
+    )
+
+
+def _began_earlier(
+    breach: Mapping[str, Any], report: Mapping[str, Any], tolerance: timedelta
+) -> str:
+    """Why a report made inside a breach is that breach's: it began earlier."""
+    why = f"the recomputed breach began {report['detected_at'] - breach['started_at']} before the report"
+    recorded = breach["trigger_recorded_at"]
+    late = None if recorded is None else recorded - breach["started_at"]
+    if late is not None and late > tolerance:
+        why += f" (a late trigger, recorded {late} after it happened)"
+    return why + ": the report was made inside it"
+
+
+def _metric_at(
+    history: History,
+    report: Mapping[str, Any],
+    known_at: datetime | None,
+    metrics: dict[str, pl.DataFrame],
+) -> float | None:
+    """The metric of the report's limit type and key at its ``detected_at`` as known at
+    ``known_at`` (None: no metric row by then); ``metrics`` keeps each type's rows."""
+    definition = get(report["limit_type"])
+    per_symbol = "symbol" in definition.scope
+    if definition.name not in metrics:
+        with shared_timelines():
+            rows = definition.metric(history, known_at=known_at)
+        metrics[definition.name] = _metric_rows(rows, definition, per_symbol)[0]
+    mine = metrics[definition.name].filter(
+        (pl.col("account_id").cast(pl.String) == report["account_id"])
+        & (pl.col("time") <= report["detected_at"])
+    )
+    if per_symbol:
+        mine = mine.filter(pl.col("symbol").cast(pl.String).eq_missing(report["symbol"]))
+    if mine.height == 0:
+        return None
+    last = mine.row(-1, named=True)
+    if definition.scope.endswith("_day") and last["time"].date() != report["detected_at"].date():
+        return 0.0  # a new UTC day: the metric started again from zero
+    return float(last["value"])
