@@ -129,7 +129,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from riskbook.store import connect
 
     store = connect(args.dsn, migrate=False)
-    ran = store.migrate()
+    said: list[str] = []
+    ran = store.migrate(notices=said)
+    for text in said:
+        print(f"riskbook: warning: {text}", file=sys.stderr)
     print(
         f"schema version {store.schema_version()}"
         + (f" (applied {ran})" if ran else " (up to date)")

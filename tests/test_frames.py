@@ -145,7 +145,7 @@ def random_history(store: Store, n: int = 400, seed: int = 5) -> None:
             continue
         a = rng.choice(accounts)
         if r < 0.65:
-            tid = f"T{i}"
+            tid = f"T{seed}-{i}"  # one fill per id, however many histories a store gets
             trades[a].append(tid)
             e: riskbook.Event = riskbook.TradeExecuted(
                 trade_id=tid,
@@ -440,8 +440,11 @@ def test_a_bust_recorded_before_its_trade_comes_in_with_the_trade(
         assert want.cancels["position"].is_sorted() and want.events["position"].is_sorted()
         assert riskbook.positions(a).filter(pl.col("quantity") != 0).height == 0
     assert plain[0].cancels.height == 3 and plain[1].cancels.height == 2
-    # another trade of the same id: the bust is in already, not brought in again
-    s.append("ACC-1", [_trade("T-9", "MSFT")])
+    # a trade of the same id again is refused (one fill per id); another trade of the
+    # symbol comes in alone: the busts are in already, not brought in again
+    with pytest.raises(riskbook.InvalidEvent, match="is stored already"):
+        s.append("ACC-1", [_trade("T-9", "MSFT")])
+    s.append("ACC-1", [_trade("T-10", "MSFT")])
     for f, a, b in zip(filters, cached, plain, strict=True):
         assert a.refresh() == b.refresh() == 1
         assert_same(a, load(s, **f, cache=False))

@@ -34,6 +34,7 @@ def test_a_load_cut_into_ranges_equals_one_read(
     random_history(fresh_store, n=600, seed=7)
     whole = load(fresh_store, cache=False)
     # every sampled page makes ranges, and every kind is read range by range
+    monkeypatch.setattr("riskbook.frames._SMALL_ROWS", 100)  # else 600 rows are one read
     monkeypatch.setattr("riskbook.frames._SAMPLE", 100.0)
     monkeypatch.setattr("riskbook.frames._PART_ROWS", 40)
     monkeypatch.setattr("riskbook.frames._WORKERS", 3)

@@ -176,3 +176,30 @@ def test_db_upgrade_makes_a_deleted_identity_anew(fresh_store: Store) -> None:
         riskbook.load(fresh_store, cache=False)
     assert fresh_store.migrate() == []
     assert riskbook.load(fresh_store, cache=False).funding.height == 1
+
+
+def test_an_upgrade_says_what_it_could_not_make_unique(make_database: Callable[[], str]) -> None:
+    # 0015 makes trade ids unique only where no two fills share one; the warning it
+    # gave otherwise was dropped, so the store silently kept the defect it fixes
+    dsn = make_database()
+    old = Store(dsn, migrate=False)
+    old.migrate(target=14)
+    fill = riskbook.TradeExecuted(trade_id="T-1", account_id="A", symbol="X",
+                                  side=riskbook.Side.Buy, quantity=1.0, price=1.0,
+                                  executed_at=datetime(2024, 1, 1, tzinfo=UTC))  # fmt: skip
+    old.append("A", [fill, fill])
+    said: list[str] = []
+    assert old.migrate(notices=said) == [15]
+    assert said == [
+        "migration 0015_one_fill_per_trade_id: trade id T-1 of account A names more than one"
+        " fill: trade ids are not made unique in this store"
+    ]
+    old.close()
+    assert tables_named(dsn, "event_fields_trade_key") == []
+    dsn2 = make_database()
+    other = Store(dsn2, migrate=False)
+    other.migrate(target=14)
+    other.append("A", [fill, fill])
+    with pytest.warns(UserWarning, match="trade ids are not made unique"):
+        other.migrate()  # no list given: a warning
+    other.close()

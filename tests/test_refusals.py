@@ -139,3 +139,63 @@ def _envelope(account: str) -> riskbook.Envelope:
         payload=riskbook.AccountFunded(account_id=account, amount=1.0, funded_at=T0),
         correlation_id="c",
     )
+
+
+# ------------------------------------------------------------------ one fill per trade id
+
+
+def _fill(trade_id: str, qty: float = 5.0, account: str = "A") -> riskbook.TradeExecuted:
+    return riskbook.TradeExecuted(
+        trade_id=trade_id, account_id=account, symbol="X", side=riskbook.Side.Buy,
+        quantity=qty, price=10.0, executed_at=T0,
+    )  # fmt: skip
+
+
+def test_a_trade_id_names_one_fill(fresh_store: Store, tmp_path) -> None:
+    # A fill booked again under a busted id (or two fills sharing one) vanished with the
+    # bust: a bust cancels its trade by (account, trade id).
+    s = fresh_store
+    s.append("A", [_fill("T-1", 1000.0)])
+    s.append("A", [riskbook.TradeCancelled(trade_id="T-1", account_id="A", reason="fat finger",
+                                           cancelled_at=T0)])  # fmt: skip
+    with pytest.raises(riskbook.InvalidEvent, match=r"'T-1' of account 'A' is stored already"):
+        s.append("A", [_fill("T-1", 100.0)])
+    with pytest.raises(riskbook.InvalidEvent, match="trade_id"):
+        s.append("B", [_fill("T-2", account="B"), _fill("T-2", account="B")])
+    assert s.count() == 2  # nothing of either batch
+    s.append("B", [_fill("T-1", account="B")])  # ids are per account
+    lines = [riskbook.events.encode_envelope(riskbook.Envelope(
+        uuid.uuid4(), "C", "Account", i + 1, T0, _fill(tid, account="C"), "c"))
+        for i, tid in enumerate(["T-7", "T-8", "T-7"])]  # fmt: skip
+    path = tmp_path / "twins.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(
+        riskbook.ImportFailed, match=r"line 3: trade id 'T-7' of account 'C' is line 1's too"
+    ):
+        s.import_jsonl(path)
+    path.write_bytes(lines[0] + b"\n")
+    assert s.import_jsonl(path).added == 1
+    again = riskbook.events.encode_envelope(riskbook.Envelope(
+        uuid.uuid4(), "C", "Account", 2, T0, _fill("T-7", account="C"), "c"))  # fmt: skip
+    path.write_bytes(lines[0] + b"\n" + again + b"\n")  # the stored line again, then a twin
+    with pytest.raises(
+        riskbook.ImportFailed, match=r"line 2: trade id 'T-7' .* a stored trade's too"
+    ):
+        s.import_jsonl(path)
+    assert s.count() == 4
+
+
+def test_an_import_into_an_empty_store_names_twin_trade_ids(fresh_store: Store, tmp_path) -> None:
+    # the empty store's road builds its indexes at the end: a twin fails the unique one
+    lines = [riskbook.events.encode_envelope(riskbook.Envelope(
+        uuid.uuid4(), "C", "Account", i + 1, T0, _fill(tid, account="C"), "c"))
+        for i, tid in enumerate(["T-1", "T-2", "T-3", "T-2"])]  # fmt: skip
+    path = tmp_path / "twins.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(
+        riskbook.ImportFailed, match=r"line 4: trade id 'T-2' of account 'C' is line 2's too"
+    ):
+        fresh_store.import_jsonl(path)
+    assert fresh_store.count() == 0
+    path.write_bytes(b"\n".join(lines[:3]) + b"\n")
+    assert fresh_store.import_jsonl(path).added == 3

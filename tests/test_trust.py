@@ -726,3 +726,12 @@ def test_the_cli_never_prints_the_password(
         captured = capsys.readouterr()
         assert SECRET not in captured.out + captured.err, argv
         assert SECRET.replace("-", "%2D") not in captured.out + captured.err, argv
+
+
+def test_a_reader_may_run_db_upgrade_on_a_current_store(history: Store, role: str) -> None:
+    grant = roles.grant_reader(history, role)
+    reader = Store(grant.dsn, migrate=False)
+    try:
+        assert reader.migrate() == []  # what `riskbook db upgrade` does: nothing to write
+    finally:
+        reader.close()

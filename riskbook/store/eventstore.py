@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -326,23 +327,33 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def migrate(self, *, target: int | None = None, create: bool = True) -> list[int]:
+    def migrate(
+        self, *, target: int | None = None, create: bool = True, notices: list[str] | None = None
+    ) -> list[int]:
         """Bring the schema to ``target`` (default: newest); return the versions applied.
 
         Nothing is written when the schema is already there, so a role that may only
         read (``riskbook db grant-reader``) can connect to a current store; to one that
         is behind, it gets an error saying who must upgrade it. ``create`` False (what
         connecting does): refuse to make a new store when the database holds one in a
-        schema this connection's search_path does not reach.
+        schema this connection's search_path does not reach. What a migration says it
+        could not do goes to ``notices`` if given, else is a warning.
         """
         conn = _connect(self._dsn, autocommit=True)
+        said: list[str] = []
         try:
             with conn:
-                return migrations.migrate(conn, target=target, create=create)
+                ran = migrations.migrate(conn, target=target, create=create, notices=said)
         except psycopg.errors.InsufficientPrivilege:
             raise StoreError(self._behind(target)) from None
         except psycopg.Error as exc:
             raise self._translate(exc) from None
+        for text in said:  # e.g. a guarantee a migration could not give this store
+            if notices is None:
+                warnings.warn(f"riskbook: {text}", stacklevel=2)
+            else:
+                notices.append(text)
+        return ran
 
     def _behind(self, target: int | None) -> str:
         try:
@@ -357,6 +368,8 @@ class Store:
         except (StoreError, psycopg.Error):
             have = 0
         want = migrations.head() if target is None else target
+        if have >= want:
+            return f"the role {self._role()!r} may not do what the upgrade needed here"
         return (
             f"the database schema is at version {have} and this riskbook needs {want}; the "
             f"role {self._role()!r} may not upgrade it: run `riskbook db upgrade` as the "
@@ -447,6 +460,8 @@ class Store:
                 else:
                     rows = conn.execute(batch.statement, batch.params).fetchall()
             except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == _TRADE_KEY:
+                    raise _trade_id_taken(exc) from None
                 if exc.diag.constraint_name != "events_aggregate_sequence_key":
                     raise self._translate(exc) from None
                 if batch.expected is not None:
@@ -1543,11 +1558,32 @@ def _fields_differing(conn: psycopg.Connection, line: int, first: int | None) ->
     return f"{', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}"
 
 
+_TRADE_KEY = "event_fields_trade_key"  # one fill per (account_id, trade_id): 0015
+_TRADE_ID_RULE = "a trade id names one fill (a bust cancels it by its id): a corrected fill needs an id of its own"
+
+
+def _trade_id_taken(exc: psycopg.errors.UniqueViolation) -> InvalidEvent:
+    """An append's error for a TradeExecuted whose (account, trade id) is stored."""
+    detail = exc.diag.message_detail or ""
+    m = re.search(r"=\((.*), (.*)\) already exists", detail)
+    what = f"{m.group(2)!r} of account {m.group(1)!r}" if m else "(see: " + detail + ")"
+    return InvalidEvent("TradeExecuted", "trade_id", f"{what} is stored already; {_TRADE_ID_RULE}")
+
+
 def _sequence_taken(
     conn: psycopg.Connection, exc: psycopg.errors.UniqueViolation, source: str, unit: str
 ) -> ImportFailed:
     """The import's error for a UNIQUE violation of its insert: the line whose sequence
-    is taken, and by what."""
+    is taken, or whose trade id is, and by what."""
+    if exc.diag.constraint_name == _TRADE_KEY:
+        twin = conn.execute(_TRADE_TAKEN_SQL).fetchone()
+        if twin is not None:
+            line, other, account, trade_id = twin
+            where = f"{unit} {other}" if other is not None else "a stored trade"
+            return ImportFailed(
+                f"{source}: {unit} {line}: trade id {trade_id!r} of account {account!r} is "
+                f"{where}'s too; {_TRADE_ID_RULE}; nothing was written"
+            )
     found = None
     if exc.diag.constraint_name == "events_aggregate_sequence_key":
         found = conn.execute(_SEQUENCE_TAKEN_SQL).fetchone()
@@ -1758,6 +1794,31 @@ WITH new AS (
         ON a.aggregate_id = b.aggregate_id AND a.sequence = b.sequence AND a.line_no < b.line_no
 )
 SELECT line_no, other, aggregate_id, sequence, event_id FROM taken
+ ORDER BY line_no, other NULLS FIRST, other
+ LIMIT 1
+"""
+
+# The first staged TradeExecuted whose (account, trade id) is stored, or staged on an
+# earlier line for another event (a line repeating an event is not a second fill).
+_TRADE_TAKEN_SQL = """
+WITH new AS (
+    SELECT DISTINCT ON (s.event_id) s.line_no, s.event_id,
+           s.payload->>'account_id' AS account_id, s.payload->>'trade_id' AS trade_id
+      FROM riskbook_import s
+     WHERE s.event_type = 'TradeExecuted'
+       AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
+     ORDER BY s.event_id, s.line_no
+), taken AS (
+    SELECT n.line_no, NULL::bigint AS other, n.account_id, n.trade_id
+      FROM new n JOIN event_fields f
+        ON f.event_type = 'TradeExecuted' AND f.account_id = n.account_id
+       AND f.trade_id = n.trade_id
+    UNION ALL
+    SELECT b.line_no, a.line_no, b.account_id, b.trade_id
+      FROM new a JOIN new b
+        ON a.account_id = b.account_id AND a.trade_id = b.trade_id AND a.line_no < b.line_no
+)
+SELECT line_no, other, account_id, trade_id FROM taken
  ORDER BY line_no, other NULLS FIRST, other
  LIMIT 1
 """

@@ -80,7 +80,11 @@ def _stores_elsewhere(conn: psycopg.Connection) -> list[str]:
 
 
 def migrate(
-    conn: psycopg.Connection, *, target: int | None = None, create: bool = True
+    conn: psycopg.Connection,
+    *,
+    target: int | None = None,
+    create: bool = True,
+    notices: list[str] | None = None,
 ) -> list[int]:
     """Bring the database to ``target`` (default: the newest schema); return what ran.
 
@@ -94,6 +98,9 @@ def migrate(
     misses the store would otherwise make and own an empty one): that is refused unless
     ``create`` (``riskbook db upgrade`` asks for it explicitly).
 
+    ``notices``: where the warnings a migration gives go (one that could not do all it
+    would, e.g. 0015 on a store holding two fills of one trade id), named by migration.
+
     Raises
     ------
     StoreError
@@ -105,7 +112,14 @@ def migrate(
     ran: list[int] = []
     if set(applied_versions(conn)) >= {m.version for m in migrations[:target]}:
         migrations = []  # nothing to do: skip the lock on the common path
-    schema = store_schema(conn) if migrations[:target] else None
+    schema = None
+    if migrations[:target]:
+        # under the lock: a first connection migrating at the same time has made the
+        # store (or is making it, and this waits) before this one looks for it
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            schema = store_schema(conn)
+            others = [] if schema is not None else _stores_elsewhere(conn)
     if migrations[:target] and schema is None:
         current = conn.execute("SELECT current_schema()").fetchone()
         schema = None if current is None else current[0]
@@ -115,7 +129,6 @@ def migrate(
                 f"no schema on this connection's search_path ({path}) exists to make the "
                 "store in: create one, or set search_path in the DSN (options=-csearch_path=...)"
             )
-        others = _stores_elsewhere(conn)
         if others and not create:
             raise StoreError(
                 f"this database holds a riskbook store in schema {others[0]!r}, which this "
@@ -124,6 +137,14 @@ def migrate(
                 f"grant-reader and grant-processor print do), or run `riskbook db upgrade` "
                 f"to make a second, empty store in schema {schema!r}"
             )
+    said: list[str] = []
+
+    def hear(notice: psycopg.errors.Diagnostic) -> None:
+        if notice.severity_nonlocalized == "WARNING" and notice.message_primary:
+            said.append(notice.message_primary)
+
+    if notices is not None:
+        conn.add_notice_handler(hear)
     for m in migrations[:target]:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -152,12 +173,17 @@ def migrate(
                 (m.version, m.name),
             )
             ran.append(m.version)
+            if notices is not None:
+                notices += [f"migration {m.version:04d}_{m.name}: {text}" for text in said]
+                said.clear()
     if create and target >= 4 and store_schema(conn) is not None:
         # the store's identity (0004), deleted by hand: loads refuse to key a cache
-        # without it and send the owner here, so this is where a new one is made
-        conn.execute(
-            "INSERT INTO riskbook_store SELECT WHERE NOT EXISTS (SELECT 1 FROM riskbook_store)"
-        )
+        # without it and send the owner here, so this is where a new one is made (only
+        # then: an INSERT needs the privilege even when it adds nothing, and a role that
+        # may only read can run this on a current store)
+        missing = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM riskbook_store)").fetchone()
+        if missing and missing[0]:
+            conn.execute("INSERT INTO riskbook_store DEFAULT VALUES")
     newer = [v for v in applied_versions(conn) if v > head()]
     if newer:
         raise StoreError(
