@@ -290,3 +290,62 @@ def test_replaying_the_sample_adds_no_effect(fresh_store: Store) -> None:
     for account in ("ACC-001", "ACC-002"):
         verdict = check(account, "BOLT", "Buy", 1, 100.0, store=s)
         assert "blocked" not in [r.kind for r in verdict.reasons]
+
+
+# ------------------------------------------------------------------ a review's findings
+
+
+def test_a_block_folded_before_any_other_event_is_noted() -> None:
+    # A block stored before the account's first trade (a compliance system) made the
+    # engine's clock overflow: check() and the processor died with a Rust panic.
+    block = riskbook.AccountBlocked(account_id="A", reason="kyc", blocked_by="compliance",
+                                    blocked_at=T0)  # fmt: skip
+    env = Envelope(uuid.uuid4(), "A", "Account", 1, T0, block, "c", position=1)
+    engine = Engine()
+    assert engine.apply(riskbook.History.from_envelopes([env])) == []
+    assert engine.blocked == {"A": True}
+
+
+def test_a_check_from_a_processor_caught_up_earlier_catches_it_up_again(
+    fresh_store: Store,
+) -> None:
+    s = fresh_store
+    s.append("A", [fund("A"), limit("A", 100.0), trade("A", "Buy", 10, 1)])
+    p = Processor(s, name="once")
+    p.catch_up()
+    assert not p.ready  # current when it returned, not as the store moves on
+    s.append("A", [trade("A", "Buy", 200, 2)])  # critical: the account is blocked
+    answer = check("A", "ACME", "Buy", 1, 10.0, processor=p, at=T0 + timedelta(minutes=3))
+    assert {r.kind for r in answer.reasons} == {"blocked", "limit"}  # it accepted
+    assert [e.event_type for e in effects_of(s)] == list(EFFECT_TYPES)  # committed by it
+    p.stop()
+    with pytest.raises(RiskbookError, match="cannot answer"):
+        check("A", "ACME", "Buy", 1, 10.0, processor=p)
+
+
+def test_a_processor_retrying_a_commit_is_not_ready(fresh_store: Store) -> None:
+    # Retrying a commit (a lock timeout here) it stayed "ready", and a check from it
+    # accepted a trade of an account it was about to block.
+    s = fresh_store
+    dbname = psycopg.conninfo.conninfo_to_dict(s.dsn)["dbname"]
+    with psycopg.connect(s.dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{dbname}\" SET lock_timeout = '200ms'")
+    s.append("A", [fund("A"), limit("A", 100.0), trade("A", "Buy", 10, 1)])
+    store = Store(s.dsn)  # new sessions take the timeout
+    p = Processor(store, name="stuck").start()
+    holder = psycopg.connect(s.dsn)
+    try:
+        assert p.wait_ready(10)
+        holder.execute("LOCK TABLE processor_checkpoints IN EXCLUSIVE MODE")
+        store.append("A", [trade("A", "Buy", 200, 2)])
+        wait_for(lambda: p.status.startswith("retrying"), timeout=20)
+        assert not p.ready
+        with pytest.raises(RiskbookError, match="retrying"):
+            check("A", "ACME", "Buy", 1, 10.0, processor=p, wait=0.5)
+        holder.rollback()
+        assert p.wait_ready(20)
+        wait_for(lambda: len(effects_of(s)) == 2, timeout=20)
+    finally:
+        holder.close()
+        p.stop()
+        store.close()

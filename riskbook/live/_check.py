@@ -92,6 +92,9 @@ def _engine_for(
     account: str, store: Store | str | None, processor: Processor | None, wait: float
 ) -> Engine:
     if processor is not None:
+        if isinstance(processor, Processor) and not processor.running and processor.caught_up:
+            processor.catch_up(wait=wait)  # a processor caught up before: current again
+            return processor.engine
         if isinstance(processor, Processor) and not processor.wait_ready(wait):
             # Never from a state that is not current: a check must not fail open.
             why = processor.status
@@ -149,8 +152,10 @@ def check(
         TradeExecuted: ``InvalidEvent`` names a bad field).
     store : where the history is (default store) when no ``processor`` is given.
     processor : a running :class:`~riskbook.live.Processor` to take the state from
-        (or one caught up by its ``catch_up``). Until it is ready (attached, its state
-        rebuilt) the check waits, at most ``wait`` seconds, then raises
+        (or one caught up by its ``catch_up``, which the check repeats first, so that it
+        commits what has come since). Until a running one is ready (attached, its state
+        rebuilt, its last commit through) the check waits, at most ``wait`` seconds,
+        then raises
         :class:`~riskbook.RiskbookError` naming it and its status; a stopped or failed
         processor is refused at once. The check never answers from a state that is not
         current.

@@ -311,12 +311,16 @@ class Engine:
         # at the clock and does not move it. An operator's unblock says the wall-clock
         # time; in a history replayed from the past it put every later event on today.
         still = early
+        blocks = np.zeros(bt.shape[0], bool)
         if batch.blocks.height:
-            still = early | ev["event_type"].is_in(_BLOCK_TYPES).to_numpy()
+            blocks = ev["event_type"].is_in(_BLOCK_TYPES).to_numpy()
+            still = early | blocks
         c_bt = np.maximum.accumulate(np.maximum(np.where(still, _MIN, bt), self.clock))
         c_ts = np.maximum.accumulate(np.maximum(ts, self.recorded))
         held = early & (bt > c_bt)
         self.clock, self.recorded = int(c_bt[-1]), int(c_ts[-1])
+        if blocks.any():  # a block before any clock at all keeps its own time
+            c_bt = np.where(blocks & (c_bt == _MIN), bt, c_bt)
         late = bool((c_bt != bt).any() or (c_ts != ts).any())
         if not late and batch.marks.height == 0:
             return batch  # the common case: in order, nothing to drop

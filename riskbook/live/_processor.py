@@ -162,6 +162,9 @@ class Processor:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()  # the state is current: see wait_ready
+        self.caught_up = False
+        """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
+        answers from this processor)."""
         self._in_run = False
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
@@ -189,6 +192,7 @@ class Processor:
         """Ask the loop to stop after its current batch; wait for it."""
         self._stop.set()
         self._ready.clear()  # from now on its state is not kept current: no check from it
+        self.caught_up = False
         if self._thread is not None:
             self._thread.join(timeout)
         self._close(unlock=not self.running)  # a thread still in a statement holds conn
@@ -203,8 +207,9 @@ class Processor:
 
     @property
     def ready(self) -> bool:
-        """Is the state current? Attached (the lock held, the state rebuilt) and not
-        stopped or failed since; or caught up by :meth:`catch_up`."""
+        """Is the state current? Running, attached (the lock held, the state rebuilt),
+        its last commit through (not retrying one, not reconnecting), and not stopped or
+        failed since."""
         return self._ready.is_set()
 
     def wait_ready(self, timeout: float = 5.0) -> bool:
@@ -249,7 +254,9 @@ class Processor:
                 try:
                     self._attach()
                     while not self._stop.is_set():
-                        if self.step():
+                        stepped = self.step()
+                        self._ready.set()  # a batch committed (or nothing new): current
+                        if stepped:
                             backoff = 0.1
                             idle_since = time.monotonic()
                             continue
@@ -262,6 +269,7 @@ class Processor:
                 except _Refused:
                     raise
                 except _Transient as exc:  # rolled back, the connection fine: retry on it
+                    self._ready.clear()  # events it has not folded wait: no check from it
                     self.status = f"retrying: {_first_line(exc)}"
                     log.warning(
                         "riskbook live %s: %s; retrying the batch in %.1f s",
@@ -272,6 +280,7 @@ class Processor:
                     if self._conn is not None:
                         self.status = "running"
                 except (psycopg.OperationalError, StoreError, _Moved) as exc:
+                    self._ready.clear()
                     self.status = f"reconnecting: {_first_line(exc)}"
                     log.warning("riskbook live %s: %s; retrying in %.1f s", self.name, exc, backoff)
                     self._close()
@@ -293,14 +302,16 @@ class Processor:
         Raises :class:`~riskbook.RiskbookError` if another processor of this name is
         working on the store (``wait``: seconds to wait for it to let go first -- one
         that just stopped holds the lock for a moment). A commit that fails for a reason
-        that passes (a deadlock, say) is retried a few times. The state stays current
-        for the pre-trade check (:attr:`ready`) until :meth:`stop`.
+        that passes (a deadlock, say) is retried a few times. Its state is current when
+        it returns, and falls behind as the store moves on: a pre-trade check given this
+        processor catches it up again first (:func:`riskbook.live.check`).
         """
         if self.running:
             raise RiskbookError(
                 f"processor {self.name!r} is running in its thread: it catches up by itself"
                 " (catch_up is for a processor that is not started)"
             )
+        self._stop.clear()  # stopped before: this catch-up is asked for
         found: list[Effect] = []
         try:
             self._attach(wait=wait)
@@ -327,6 +338,8 @@ class Processor:
             raise
         finally:
             self._close()
+            self._ready.clear()  # current now, not as the store moves on
+        self.caught_up = True
         self.status = f"caught up to position {self.engine.horizon}"
         return found
 
