@@ -173,7 +173,7 @@ def parse_time(text: str) -> datetime:
     return _in_utc(t)
 
 
-_FINER_THAN_MICROSECONDS = re.compile(r"(:\d\d\.\d{6})\d+")
+_FINER_THAN_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 
 
 def _in_utc(t: datetime) -> datetime:

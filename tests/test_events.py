@@ -109,6 +109,8 @@ def test_a_bound_finer_than_a_microsecond_is_cut_not_rounded_up() -> None:
     assert ev.parse_time("2024-03-01T20:00:59.9999999Z") == last
     assert ev.parse_time("2024-03-01T21:00:59.999999999+01:00") == last
     assert ev.parse_time("2024-03-01T20:00:59.1234565Z").microsecond == 123456
+    with pytest.raises(ValueError, match="RFC 3339"):  # only ASCII digits are cut away
+        ev.parse_time("2024-03-01T14:30:00.123456\u0663Z")
     trade = ev.TradeExecuted(
         trade_id="T", account_id="A", symbol="S", side=ev.Side.Buy, quantity=1.0, price=1.0,
         executed_at=last + timedelta(microseconds=1),

@@ -155,7 +155,8 @@ def test_one_mapping_or_limitset_alone_is_one_limit() -> None:
 
 
 def test_a_pandas_frame_is_read_as_a_frame() -> None:
-    pd = pytest.importorskip("pandas")
+    import pandas as pd  # the bench group, installed by default (pyproject: default-groups)
+
     given = pd.DataFrame([{**ONE, "set_at": "2024-03-01T20:05:00Z"}, {**ONE, "value": 7}])
     rows = limits.hypothetical_limits(given)
     assert rows.select("account_id", "value", "set_at").rows() == [
@@ -300,3 +301,16 @@ def test_cli_breaches_names_skipped_types_on_one_line(make_database: Callable[[]
     assert out.stdout == "(no breaches)\n"  # not "(nothing at that time)": no --at given
     csv = run("breaches", "--format", "csv")
     assert csv.stdout.startswith("account_id,limit_type,") and len(csv.stdout.splitlines()) == 1
+
+
+def test_a_pandas_sheet_with_empty_optional_columns_is_read() -> None:
+    # pd.read_csv makes an empty optional column float NaN, its missing value
+    import pandas as pd  # the bench group, installed by default (pyproject: default-groups)
+
+    sheet = pd.DataFrame({"account_id": ["A", "B"], "limit_type": ["MaxLeverage"] * 2,
+                          "value": [2.5, 3.0], "symbol": [float("nan")] * 2,
+                          "set_at": [float("nan")] * 2})  # fmt: skip
+    rows = limits.hypothetical_limits(sheet)
+    assert rows["symbol"].to_list() == [None, None] and rows["set_at"].to_list() == [None, None]
+    records = limits.hypothetical_limits(sheet.to_dict("records"))
+    assert records["value"].to_list() == [2.5, 3.0] and records["symbol"].null_count() == 2

@@ -230,6 +230,7 @@ _TEXT_KEYS = ("account_id", "limit_type", "symbol", "set_by")
 _LIMIT_KEYS = ("account_id", "limit_type", "value", "symbol", "set_at", "set_by")
 """The columns (keys) of a hypothetical limit."""
 _NEEDED_KEYS = ("account_id", "limit_type", "value")
+_OPTIONAL_KEYS = ("symbol", "set_at", "set_by")
 _LIMIT_KEY_SCHEMA = pl.Schema(
     {
         "account_id": pl.String(),
@@ -259,7 +260,14 @@ def _limits_frame(limits: Any) -> pl.DataFrame:
     if isinstance(limits, pl.LazyFrame):
         limits = limits.collect()
     elif _is_pandas_frame(limits):
-        limits = pl.from_pandas(limits)
+        # pandas' missing value in a column read from a sheet is NaN (a float column
+        # for an empty optional one): it is a missing value here too
+        limits = pl.from_pandas(limits, nan_to_null=True)
+        limits = limits.with_columns(
+            pl.col(c).cast(_LIMIT_KEY_SCHEMA[c])
+            for c in _OPTIONAL_KEYS
+            if c in limits.columns and limits[c].null_count() == limits.height
+        )
     if isinstance(limits, pl.DataFrame):
         return _checked_frame(limits)
     if isinstance(limits, LimitSet | Mapping):  # one limit
@@ -285,6 +293,14 @@ def _limits_frame(limits: Any) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=_LIMIT_KEY_SCHEMA)
 
 
+def _is_missing(value: Any) -> bool:
+    """A missing value as pandas writes one (NaN, NaT, NA) in an optional key."""
+    if isinstance(value, float):
+        return value != value
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and (value is pandas.NaT or value is pandas.NA)
+
+
 def _is_pandas_frame(limits: Any) -> bool:
     pandas = sys.modules.get("pandas")  # not imported: it cannot be a pandas frame
     return pandas is not None and isinstance(limits, pandas.DataFrame)
@@ -308,7 +324,7 @@ def _checked_record(i: int, item: Mapping[Any, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for key in _LIMIT_KEYS:
         value = item.get(key)
-        if value is None:
+        if value is None or (key in _OPTIONAL_KEYS and _is_missing(value)):
             record[key] = None
         elif key in _TEXT_KEYS:
             if not isinstance(value, str):
