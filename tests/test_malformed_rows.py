@@ -61,13 +61,13 @@ MARKED = {"type": "PriceMarked", "symbol": "X", "price": 3.0, "marked_at": "2024
 
 # (name, the malformed payload, what the warning says is wrong with it)
 CASES = [
-    ("no symbol", trade(trade_id="T-2", symbol=None), "symbol is missing"),
-    ("no executed_at", trade(trade_id="T-2", executed_at=None), "executed_at is missing"),
-    ("side in lower case", trade(trade_id="T-2", side="buy"), "side is missing or not one of"),
-    ("no side", trade(trade_id="T-2", side=None), "side is missing or not one of"),
-    ("a price of 0", trade(trade_id="T-2", price=0.0), "price must be > 0"),
-    ("an empty account", trade(trade_id="T-2", account_id=""), "account_id must not be empty"),
-    ("a NaN quantity", trade(trade_id="T-2", quantity="NaN"), "quantity must be a finite"),
+    ("no symbol", trade(trade_id="T-2a", symbol=None), "symbol is missing"),
+    ("no executed_at", trade(trade_id="T-2b", executed_at=None), "executed_at is missing"),
+    ("side in lower case", trade(trade_id="T-2c", side="buy"), "side is missing or not one of"),
+    ("no side", trade(trade_id="T-2d", side=None), "side is missing or not one of"),
+    ("a price of 0", trade(trade_id="T-2e", price=0.0), "price must be > 0"),
+    ("an empty account", trade(trade_id="T-2f", account_id=""), "account_id must not be empty"),
+    ("a NaN quantity", trade(trade_id="T-2g", quantity="NaN"), "quantity must be a finite"),
     ("a LimitSet without limit_type", limit(limit_type=None), "limit_type is missing"),
     ("a funding of 0", {**FUNDED, "amount": 0}, "amount must not be 0"),
 ]
