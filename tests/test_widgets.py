@@ -606,24 +606,14 @@ def test_incident_panel_step_onto_a_late_recording_puts_k_on_it() -> None:
     assert row["engine"][0] == 2.0
 
 
-def _gross_metric(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
-    return riskbook.account_timeline(history, known_at=known_at).select(
-        "account_id",
-        "timestamp",
-        "position",
-        "event_id",
-        time="occurred_at",
-        value="gross_exposure",
-    )
-
 
 def _nothing_metric(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
-    return _gross_metric(history, known_at=known_at).filter(pl.col("account_id") == "nobody")
+    return gross_notional(history, known_at=known_at).filter(pl.col("account_id") == "nobody")
 
 
 def test_incident_panel_judges_a_registered_limit_type_by_its_own_metric() -> None:
     limits.register(
-        limits.LimitSpec("MaxGrossPanel", "account", "USD", _gross_metric), replace=True
+        limits.LimitSpec("MaxGrossPanel", "account", "USD", gross_notional), replace=True
     )
     limits.register(
         limits.LimitSpec("MaxNothingPanel", "account", "USD", _nothing_metric), replace=True
