@@ -606,7 +606,6 @@ def test_incident_panel_step_onto_a_late_recording_puts_k_on_it() -> None:
     assert row["engine"][0] == 2.0
 
 
-
 def _nothing_metric(history: riskbook.History, *, known_at: Any = None) -> pl.DataFrame:
     return gross_notional(history, known_at=known_at).filter(pl.col("account_id") == "nobody")
 

@@ -256,6 +256,8 @@ class Processor:
                     while not self._stop.is_set():
                         stepped = self.step()
                         self._ready.set()  # a batch committed (or nothing new): current
+                        if self.status.startswith("retrying"):
+                            self.status = "running"
                         if stepped:
                             backoff = 0.1
                             idle_since = time.monotonic()
@@ -276,9 +278,7 @@ class Processor:
                         self.name, exc, backoff,
                     )  # fmt: skip
                     self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    if self._conn is not None:
-                        self.status = "running"
+                    backoff = min(backoff * 2, 5.0)  # "retrying" until a commit goes through
                 except (psycopg.OperationalError, StoreError, _Moved) as exc:
                     self._ready.clear()
                     self.status = f"reconnecting: {_first_line(exc)}"
