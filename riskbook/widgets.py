@@ -842,45 +842,13 @@ def limit_metric_at(
     known_at: datetime | None = None,
     metric: pl.DataFrame | None = None,
 ) -> float | None:
-    """A registered limit type's metric for one account (and symbol) at T as known at K.
-
-    The last row at or before ``at`` of the type's metric timeline
-    (``riskbook.limits.get(limit_type).metric(history, known_at=known_at)``, as
-    :func:`riskbook.breaches` evaluates it), in business order; for a ``*_day`` scope,
-    0 when that row is from an earlier UTC day (the metric starts again at midnight).
-
-    Parameters
-    ----------
-    metric : the metric timeline as known at ``known_at``, when it is already computed.
-
-    Returns
-    -------
-    float | None
-        The value, or None when it is not available: the type is not registered, it is
-        per symbol and no symbol is given, or the key has no metric row by then.
-    """
-    try:
-        definition = L.get(limit_type)
-    except KeyError:
-        return None
-    scope = str(definition.scope)
-    rows = metric if metric is not None else definition.metric(history, known_at=known_at)
-    rows = rows.filter(pl.col("account_id").cast(pl.String) == account)
-    if "symbol" in scope:
-        if symbol is None or "symbol" not in rows.columns:
-            return None
-        rows = rows.filter(pl.col("symbol").cast(pl.String) == symbol)
-    rows = rows.filter(pl.col("time") <= at)
-    if known_at is not None and "timestamp" in rows.columns:
-        rows = rows.filter(pl.col("timestamp") <= known_at)
-    order = [c for c in ("time", "timestamp", "position") if c in rows.columns]
-    if rows.height == 0:
-        return None
-    last = rows.sort(order).row(-1, named=True)
-    if scope.endswith("_day") and last["time"].astimezone(UTC).date() != at.astimezone(UTC).date():
-        return 0.0
-    value = last["value"]
-    return None if value is None or math.isnan(value) else float(value)
+    """A registered limit type's metric for one account (and symbol) at T as known at
+    K: :func:`riskbook.limits.metric_at`, which the incident panel shows for a limit
+    type other than the built-ins."""
+    return L.metric_at(
+        history, limit_type, account=account, symbol=symbol, at=at, known_at=known_at,
+        metric=metric,
+    )  # fmt: skip
 
 
 def causation_chain(history: History, event_id: str) -> pl.DataFrame:

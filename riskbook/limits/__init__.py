@@ -101,6 +101,7 @@ from riskbook.limits._api import (
     effective_limits,
     hypothetical_limits,
     limit_history,
+    metric_at,
     reconcile,
     stored_limits,
 )
@@ -150,6 +151,7 @@ __all__ = [
     "get",
     "hypothetical_limits",
     "limit_history",
+    "metric_at",
     "names",
     "reconcile",
     "register",

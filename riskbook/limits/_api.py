@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "effective_limits",
     "hypothetical_limits",
     "limit_history",
+    "metric_at",
     "reconcile",
     "stored_limits",
 ]
@@ -1090,7 +1091,14 @@ def _no_breach_reason(
             f"no breach recomputed; the engine's limit {report['limit_value']:g} differs "
             f"from the limit in force {in_force[0]:g}"
         )
-    value = _metric_at(history, report, known_at, metrics)
+    name = report["limit_type"]
+    if name not in metrics:  # each type's timeline once per reconcile
+        with shared_timelines():
+            metrics[name] = get(name).metric(history, known_at=known_at)
+    value = metric_at(
+        history, name, account=report["account_id"], symbol=report["symbol"],
+        at=report["detected_at"], known_at=known_at, metric=metrics[name],
+    )  # fmt: skip
     if value is None or math.isnan(value):
         return "no breach recomputed: the metric had no value at the time of the report"
     if value > in_force[0]:
@@ -1116,29 +1124,52 @@ def _began_earlier(
     return why + ": the report was made inside it"
 
 
-def _metric_at(
+def metric_at(
     history: History,
-    report: Mapping[str, Any],
-    known_at: datetime | None,
-    metrics: dict[str, pl.DataFrame],
+    limit_type: str,
+    *,
+    account: str,
+    symbol: str | None = None,
+    at: datetime,
+    known_at: datetime | None = None,
+    metric: pl.DataFrame | None = None,
 ) -> float | None:
-    """The metric of the report's limit type and key at its ``detected_at`` as known at
-    ``known_at`` (None: no metric row by then); ``metrics`` keeps each type's rows."""
-    definition = get(report["limit_type"])
+    """A registered limit type's metric for one account (and symbol) at T as known at K.
+
+    The last row at or before ``at`` of the type's metric timeline
+    (``get(limit_type).metric(history, known_at=known_at)``, as :func:`breaches`
+    evaluates it), in business order; for a ``*_day`` scope, 0 when that row is from an
+    earlier UTC day (the metric starts again at midnight).
+
+    Parameters
+    ----------
+    metric : the metric timeline as known at ``known_at``, when it is already computed.
+
+    Returns
+    -------
+    float | None
+        The value, or None when it is not available: the type is not registered, it is
+        per symbol and no symbol is given, or the key has no metric row (or a NaN) by
+        then.
+    """
+    try:
+        definition = get(limit_type)
+    except KeyError:
+        return None
     per_symbol = "symbol" in definition.scope
-    if definition.name not in metrics:
+    if per_symbol and symbol is None:
+        return None
+    if metric is None:
         with shared_timelines():
-            rows = definition.metric(history, known_at=known_at)
-        metrics[definition.name] = _metric_rows(rows, definition, per_symbol)[0]
-    mine = metrics[definition.name].filter(
-        (pl.col("account_id").cast(pl.String) == report["account_id"])
-        & (pl.col("time") <= report["detected_at"])
-    )
+            metric = definition.metric(history, known_at=known_at)
+    rows = _metric_rows(metric, definition, per_symbol)[0]  # checked, in business order
+    mine = rows.filter((pl.col("account_id").cast(pl.String) == account) & (pl.col("time") <= at))
     if per_symbol:
-        mine = mine.filter(pl.col("symbol").cast(pl.String).eq_missing(report["symbol"]))
+        mine = mine.filter(pl.col("symbol").cast(pl.String) == symbol)
     if mine.height == 0:
         return None
     last = mine.row(-1, named=True)
-    if definition.scope.endswith("_day") and last["time"].date() != report["detected_at"].date():
+    if definition.scope.endswith("_day") and last["time"].date() != at.astimezone(UTC).date():
         return 0.0  # a new UTC day: the metric started again from zero
-    return float(last["value"])
+    value = last["value"]
+    return None if value is None or math.isnan(value) else float(value)
