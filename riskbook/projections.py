@@ -1111,7 +1111,11 @@ _cache = _Cache(size=2)
 
 
 def _check_history(
-    history: History, what: str | None = None, *, every_symbol: bool = False
+    history: History,
+    what: str | None = None,
+    *,
+    every_symbol: bool = False,
+    limits_only: bool = False,
 ) -> None:
     """A History, whole enough for ``what`` (a function's name; None: any History).
 
@@ -1126,11 +1130,16 @@ def _check_history(
     f = history.filters
     if what is None or history.start is not None:
         return
-    if f.since is not None:
+    if f.since is not None:  # limits_only: ``what`` reads only the LimitSets
+        needs, lost = (
+            ("LimitSet", "the limits set before it are")
+            if limits_only
+            else ("event", "what came before (cash, positions, limits) is")
+        )
         raise RiskbookError(
-            f"{what} needs every earlier event: this History was loaded with since="
-            f"{format_time(f.since)}, so what came before (cash, positions, limits) is "
-            "missing; load it without since (and pass at= for a time)"
+            f"{what} needs every earlier {needs}: this History was loaded with since="
+            f"{format_time(f.since)}, so {lost} missing; load it without since (and pass "
+            "at= for a time)"
         )
     if every_symbol and f.symbols is not None:
         raise RiskbookError(

@@ -23,6 +23,7 @@ from riskbook.limits._builtin import shared_timelines
 from riskbook.limits._evaluate import _levels as _check_levels
 from riskbook.limits._evaluate import _limit_frame, _metric_rows, evaluate
 from riskbook.limits._registry import get, names
+from riskbook.projections import _check_history as _whole_enough
 
 __all__ = [
     "BREACH_COLUMNS",
@@ -88,23 +89,9 @@ def _check_history(
     breaches need, and so does a History going on from a projection state
     (``history.start``: the live engine's batches).
     """
-    if not isinstance(history, History):
-        raise TypeError(f"expected a riskbook History, got {type(history).__name__}")
+    _whole_enough(history, what, limits_only=limits_only)  # a History; no since
     f = history.filters
-    if what is None or history.start is not None:
-        return
-    if f.since is not None:
-        lost = (
-            "the limits set before it are"
-            if limits_only
-            else "what came before (cash, positions, limits) is"
-        )
-        raise RiskbookError(
-            f"{what} needs every earlier {'LimitSet' if limits_only else 'event'}: this "
-            f"History was loaded with since={format_time(f.since)}, so {lost} missing; "
-            "load it without since (and pass at= for a time)"
-        )
-    if f.symbols is None:
+    if what is None or history.start is not None or f.symbols is None:
         return
     registered = set(names())
     chosen = sorted({k for k in kinds if k in registered})
