@@ -832,23 +832,10 @@ _BUILT_IN_FIGURES = {
 """The figure of :func:`compare_states` each built-in limit type is checked against."""
 
 
-def limit_metric_at(
-    history: History,
-    limit_type: str,
-    *,
-    account: str,
-    symbol: str | None = None,
-    at: datetime,
-    known_at: datetime | None = None,
-    metric: pl.DataFrame | None = None,
-) -> float | None:
-    """A registered limit type's metric for one account (and symbol) at T as known at
-    K: :func:`riskbook.limits.metric_at`, which the incident panel shows for a limit
-    type other than the built-ins."""
-    return L.metric_at(
-        history, limit_type, account=account, symbol=symbol, at=at, known_at=known_at,
-        metric=metric,
-    )  # fmt: skip
+limit_metric_at = L.metric_at
+"""A registered limit type's metric for one account (and symbol) at T as known at K:
+:func:`riskbook.limits.metric_at`, which the incident panel shows for a limit type other
+than the built-ins."""
 
 
 def causation_chain(history: History, event_id: str) -> pl.DataFrame:
