@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         start=at - timedelta(minutes=15),
         end=at + timedelta(minutes=30),
         accounts=[block["account_id"]],
-        symbols=[block["symbol"]],
+        symbols=[block["symbol"]] if block["symbol"] else None,
     )
     charts = {
         "exposure.png": viz.exposure_chart(timeline, measure="gross_exposure"),

@@ -27,7 +27,9 @@ Charts stay small whatever the history: a timeline is cut down by :func:`downsam
 (per series, equal-count buckets; in each bucket the rows holding the minimum and the
 maximum of every plotted column and the bucket's last row are kept, so spikes and the
 final state survive) to at most ``max_rows`` rows before it reaches Altair. Times are
-handed to Vega as epoch milliseconds and shown in UTC.
+handed to Vega as epoch milliseconds and shown in UTC. A time parameter (``at``,
+``known_at``, ``start`` ...) is a datetime with a time zone or RFC 3339 text, checked as
+the projections check theirs (:func:`riskbook.events.as_time`).
 
 Rendering is offline: :func:`setup` switches Altair to its Jupyter widget renderer with
 the JavaScript bundled by vl-convert (no CDN), and :func:`save_png` / :func:`save_svg`
@@ -49,13 +51,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import altair as alt
 import polars as pl
+
+from riskbook.events import as_time
 
 __all__ = [
     "LEVEL_COLORS",
@@ -162,21 +167,58 @@ def save_svg(chart: alt.TopLevelMixin, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- data
 
 
-def _time(value: TimeLike) -> datetime | None:
+def _ms(t: datetime | None) -> int | None:
+    return None if t is None else (t - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _ids(value: str | Iterable[str] | None, name: str) -> list[str] | None:
+    """Ids given as one string or a collection of strings; None stays None (no filter).
+
+    One id may be given as a string, as :func:`riskbook.load` takes it: it is not split
+    into its characters. An empty collection stays empty (nothing matches it).
+    """
     if value is None:
         return None
     if isinstance(value, str):
-        from riskbook.events import parse_time
+        return [value]
+    try:
+        ids = list(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a string or a collection of strings, got {type(value).__name__}"
+        ) from None
+    for x in ids:
+        if not isinstance(x, str):
+            raise TypeError(f"{name} must hold strings, got {x!r} ({type(x).__name__})")
+    return ids
 
-        return parse_time(value)
-    if value.tzinfo is None:
-        raise ValueError("a time without a time zone is ambiguous: give UTC explicitly")
-    return value.astimezone(UTC)
+
+def _frame(value: Any, name: str) -> pl.DataFrame:
+    """``value`` if it is a Polars DataFrame; a TypeError naming ``name`` otherwise."""
+    if isinstance(value, pl.DataFrame):
+        return value
+    kind = type(value)
+    hint = (
+        ": call .collect() first"
+        if isinstance(value, pl.LazyFrame)
+        else ": convert it with polars.from_pandas"
+        if kind.__module__.startswith("pandas")
+        else ""
+    )
+    raise TypeError(
+        f"{name} must be a polars DataFrame, got {kind.__module__}.{kind.__qualname__}{hint}"
+    )
 
 
-def _ms(value: TimeLike) -> int | None:
-    t = _time(value)
-    return None if t is None else (t - _EPOCH) // timedelta(milliseconds=1)
+def _cap(max_rows: Any) -> int:
+    """``max_rows`` checked: a whole number of rows, at least one."""
+    try:
+        n = operator.index(max_rows)
+    except TypeError:
+        raise TypeError(f"max_rows must be an integer, got {type(max_rows).__name__}") from None
+    if n < 1:
+        raise ValueError(f"max_rows must be at least 1; got {n}")
+    return n
 
 
 def plot_frame(frame: pl.DataFrame) -> pl.DataFrame:
@@ -192,6 +234,7 @@ def plot_frame(frame: pl.DataFrame) -> pl.DataFrame:
     ...     "leverage": [math.inf]})).row(0)
     (1704067200000, None)
     """
+    frame = _frame(frame, "frame")
     exprs: list[pl.Expr] = []
     for name, dtype in frame.schema.items():
         col = pl.col(name)
@@ -233,6 +276,7 @@ def downsample(
     pl.DataFrame
         The kept rows, whole (all columns), sorted by ``by`` then ``x``.
     """
+    frame, max_rows = _frame(frame, "frame"), _cap(max_rows)
     ys = [y] if isinstance(y, str) else list(y)
     keys = [] if by is None else [by] if isinstance(by, str) else list(by)
     if frame.height <= max_rows:
@@ -293,7 +337,8 @@ def limit_steps(
     pl.DataFrame
         ``set_at, value, set_by, timestamp, scope`` (``"account"`` or the symbol).
     """
-    k = _time(known_at)
+    limits = _frame(limits, "limits")
+    k, stop = as_time(known_at, "known_at"), as_time(end, "end")
     rows = limits.filter(
         (pl.col("account_id").cast(pl.String) == account)
         & (pl.col("limit_type").cast(pl.String) == limit_type)
@@ -323,7 +368,6 @@ def limit_steps(
         .with_columns(pl.col("symbol").fill_null("account").alias("scope"))
         .select("set_at", "value", "set_by", "timestamp", "scope")
     )
-    stop = _time(end)
     if stop is not None and steps.height and steps["set_at"].max() < stop:  # type: ignore[operator]
         last = steps.tail(1).with_columns(pl.lit(stop).cast(steps.schema["set_at"]).alias("set_at"))
         steps = pl.concat([steps, last])
@@ -362,7 +406,7 @@ def _tip_time(field: str, title: str) -> alt.Tooltip:
     return alt.Tooltip(f"{field}:T", title=title, format=_TIME_FORMAT, formatType="utc")
 
 
-def _cursor(at: TimeLike, name: str = "at") -> tuple[alt.Parameter, alt.Chart]:
+def _cursor(at: datetime | None, name: str = "at") -> tuple[alt.Parameter, alt.Chart]:
     """A variable parameter holding a time (epoch ms) and a rule drawn at it.
 
     Widgets move the rule by setting ``JupyterChart.params.<name>``: no data is resent.
@@ -394,7 +438,7 @@ def exposure_chart(
     timeline: pl.DataFrame,
     *,
     measure: str = "gross_exposure",
-    accounts: Sequence[str] | None = None,
+    accounts: str | Iterable[str] | None = None,
     at: TimeLike = None,
     max_rows: int = MAX_ROWS,
     height: int = 280,
@@ -411,14 +455,16 @@ def exposure_chart(
     timeline : rows of :func:`riskbook.account_timeline` (``account_id, occurred_at``
         and the measure).
     measure : one of :data:`MEASURES`.
-    accounts : only these accounts (None: all).
+    accounts : only these accounts (None: all; one account may be given as a string).
     at : where to draw the time rule (None: no rule).
     """
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}; got {measure!r}")
-    frame = timeline.select("account_id", "occurred_at", measure)  # ids cast after the cut
-    if accounts is not None:
-        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    ids, when, max_rows = _ids(accounts, "accounts"), as_time(at, "at"), _cap(max_rows)
+    frame = _frame(timeline, "timeline")
+    frame = frame.select("account_id", "occurred_at", measure)  # ids cast after the cut
+    if ids is not None:
+        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(ids))
     shown = frame.height  # the rows of the accounts drawn, before the cut
     frame = downsample(frame, x="occurred_at", y=measure, by="account_id", max_rows=max_rows)
     data = plot_frame(frame.rename({"occurred_at": "t"}))
@@ -441,7 +487,7 @@ def exposure_chart(
         )
         .add_params(pick, zoom)
     )
-    param, rule = _cursor(at)
+    param, rule = _cursor(when)
     n = data["account_id"].n_unique()
     return (
         alt.layer(lines, rule)
@@ -475,15 +521,19 @@ def exposure_at_chart(
     into "other" bars; with more accounts than that allows, the accounts with the
     largest gross exposure are drawn. The subtitle says so.
     """
-    frame = positions.filter(pl.col("quantity") != 0).select(
-        pl.col("account_id").cast(pl.String),
-        pl.col("symbol").cast(pl.String),
-        "quantity",
-        "avg_price",
-        "mark_price",
-        value,
+    when, max_rows = as_time(at, "at"), _cap(max_rows)
+    frame = (
+        _frame(positions, "positions")
+        .filter(pl.col("quantity") != 0)
+        .select(
+            pl.col("account_id").cast(pl.String),
+            pl.col("symbol").cast(pl.String),
+            "quantity",
+            "avg_price",
+            "mark_price",
+            value,
+        )
     )
-    when = _time(at)
     sub = f"at {when:%Y-%m-%d %H:%M:%S} UTC" if when else "latest"
     if frame.height > max_rows:
         frame, note = _cap_positions(frame, value, max_rows)
@@ -569,7 +619,7 @@ def position_chart(
     *,
     account: str,
     limits: pl.DataFrame | None = None,
-    symbols: Sequence[str] | None = None,
+    symbols: str | Iterable[str] | None = None,
     at: TimeLike = None,
     known_at: TimeLike = None,
     max_rows: int = MAX_ROWS,
@@ -583,14 +633,22 @@ def position_chart(
     account : the account.
     limits : the History's ``limits`` frame: MaxPositionSize drawn as ± step lines
         (dashed; per symbol where a symbol-specific limit overrides the account's).
-    symbols : only these symbols (None: all the account traded).
+    symbols : only these symbols (None: all the account traded; one may be given as a
+        string).
     at : where to draw the time rule. known_at : limits as known then.
     """
-    frame = position_timeline.filter(pl.col("account_id").cast(pl.String) == account).select(
-        pl.col("symbol").cast(pl.String), "occurred_at", "quantity", "avg_price", "trade_id"
+    ids, when, max_rows = _ids(symbols, "symbols"), as_time(at, "at"), _cap(max_rows)
+    known_at = as_time(known_at, "known_at")
+    limits = None if limits is None else _frame(limits, "limits")
+    frame = (
+        _frame(position_timeline, "position_timeline")
+        .filter(pl.col("account_id").cast(pl.String) == account)
+        .select(
+            pl.col("symbol").cast(pl.String), "occurred_at", "quantity", "avg_price", "trade_id"
+        )
     )
-    if symbols is not None:
-        frame = frame.filter(pl.col("symbol").is_in(list(symbols)))
+    if ids is not None:
+        frame = frame.filter(pl.col("symbol").is_in(ids))
     end = _last_time(frame)
     small = downsample(frame, x="occurred_at", y="quantity", by="symbol", max_rows=max_rows)
     data = plot_frame(small.rename({"occurred_at": "t"}))
@@ -659,7 +717,7 @@ def position_chart(
                     .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
                     .encode(y="neg:Q", color=color)
                 )
-    param, rule = _cursor(at)
+    param, rule = _cursor(when)
     return (
         alt.layer(*layers, rule)
         .add_params(param)
@@ -720,8 +778,18 @@ def equity_chart(
     limits : the History's ``limits`` frame; its MaxDrawdown is drawn as a step line.
     at : where to draw the time rule. known_at : limits as known then.
     """
-    frame = timeline.filter(pl.col("account_id").cast(pl.String) == account).select(
-        "occurred_at", "equity", "peak_equity", "drawdown", pl.col("event_type").cast(pl.String)
+    when, known_at, max_rows = as_time(at, "at"), as_time(known_at, "known_at"), _cap(max_rows)
+    limits = None if limits is None else _frame(limits, "limits")
+    frame = (
+        _frame(timeline, "timeline")
+        .filter(pl.col("account_id").cast(pl.String) == account)
+        .select(
+            "occurred_at",
+            "equity",
+            "peak_equity",
+            "drawdown",
+            pl.col("event_type").cast(pl.String),
+        )
     )
     small = downsample(frame, x="occurred_at", y=["equity", "drawdown"], max_rows=max_rows)
     data = plot_frame(small.rename({"occurred_at": "t"}))
@@ -748,7 +816,7 @@ def equity_chart(
         .encode(y="equity:Q", tooltip=tips)
         .add_params(zoom)
     )
-    param, rule = _cursor(at)
+    param, rule = _cursor(when)
     top = alt.layer(gap, peak, equity, rule).properties(
         width=_WIDTH,
         height=220,
@@ -771,7 +839,7 @@ def equity_chart(
         )
         if steps.height:
             dd_layers.append(_limit_line(steps, "MaxDrawdown", ".0%"))
-    _, rule2 = _cursor(at)
+    _, rule2 = _cursor(when)
     bottom = alt.layer(*dd_layers, rule2).properties(width=_WIDTH, height=110)
     return alt.vconcat(top, bottom, spacing=6).add_params(param)
 
@@ -809,8 +877,11 @@ def leverage_chart(
     line and is marked by a red triangle pinned at the top of the plot, its tooltip
     reading "∞ (equity ≤ 0)".
     """
+    when, known_at, max_rows = as_time(at, "at"), as_time(known_at, "known_at"), _cap(max_rows)
+    limits = _frame(limits, "limits")
     frame = (
-        timeline.filter(pl.col("account_id").cast(pl.String) == account)
+        _frame(timeline, "timeline")
+        .filter(pl.col("account_id").cast(pl.String) == account)
         .select(
             "occurred_at",
             "leverage",
@@ -879,7 +950,7 @@ def leverage_chart(
     subtitle = f"dashed: the limit in force; red: {n_over:,} timeline rows over it"
     if n_infinite:
         subtitle += f" (▲ at the top: {n_infinite:,} with leverage ∞, equity ≤ 0)"
-    param, rule = _cursor(at)
+    param, rule = _cursor(when)
     return (
         alt.layer(*layers, rule)
         .add_params(param)
@@ -961,13 +1032,15 @@ def breach_chart(
     >>> [(r["t2"] - r["t"]) / 3.6e6 for rs in bar.values() for r in rs if "lane" in r]
     [2.0]
     """
-    frame = breaches.with_columns(
+    lo_t, hi_t = as_time(start, "start"), as_time(end, "end")
+    when, max_rows = as_time(at, "at"), _cap(max_rows)
+    until = as_time(horizon, "horizon") or hi_t
+    frame = _frame(breaches, "breaches").with_columns(
         pl.col("account_id").cast(pl.String),
         pl.col("limit_type").cast(pl.String),
         pl.col("symbol").cast(pl.String),
         pl.col("level").cast(pl.Float64),
     )
-    until = _time(horizon) or _time(end)
     if until is None and frame.height:
         latest = frame.select(
             pl.max_horizontal(pl.col("started_at").max(), pl.col("ended_at").max())
@@ -1004,8 +1077,9 @@ def breach_chart(
         sort=names,
         scale=alt.Scale(domain=names, range=[_level_color(v) for v in levels]),
     )
-    lo_t = _time(start) or (frame["started_at"].min() if frame.height else None)
-    hi_t = _time(end)
+    if lo_t is None:
+        earliest = frame["started_at"].min() if frame.height else None
+        lo_t = earliest if isinstance(earliest, datetime) else None
     if hi_t is None:  # what is drawn: an open breach reaches the horizon
         latest_drawn = frame["until"].max() if frame.height else None
         hi_t = latest_drawn if isinstance(latest_drawn, datetime) else until
@@ -1036,7 +1110,7 @@ def breach_chart(
     ticks = (
         alt.Chart(data).mark_tick(thickness=2, size=16).encode(x=x, y=y, color=color, tooltip=tips)
     )
-    param, rule = _cursor(at)
+    param, rule = _cursor(when)
     subtitle = f"{n:,} breach intervals at 100%, warnings beneath; a tick marks each start"
     if frame.height < total:
         subtitle += (
@@ -1106,7 +1180,7 @@ def metric_chart(
     limit: float | None = None,
     name: str = "metric",
     unit: str = "",
-    accounts: Sequence[str] | None = None,
+    accounts: str | Iterable[str] | None = None,
     max_rows: int = MAX_ROWS,
     height: int = 260,
 ) -> alt.TopLevelMixin:
@@ -1123,7 +1197,7 @@ def metric_chart(
         value``, one row per event that moves it).
     limit : where to draw the limit (None: no rule).
     name, unit : the limit type's name and unit (titles).
-    accounts : only these accounts (None: all).
+    accounts : only these accounts (None: all; one account may be given as a string).
 
     Examples
     --------
@@ -1134,9 +1208,10 @@ def metric_chart(
     >>> [p["value"] for p in spec["params"] if p["name"] == "limit"]
     [1.0]
     """
-    frame = metric.select("account_id", "time", "value")
-    if accounts is not None:
-        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(list(accounts)))
+    ids, max_rows = _ids(accounts, "accounts"), _cap(max_rows)
+    frame = _frame(metric, "metric").select("account_id", "time", "value")
+    if ids is not None:
+        frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(ids))
     shown = frame.height  # the rows of the accounts drawn, before the cut
     frame = downsample(frame, x="time", y="value", by="account_id", max_rows=max_rows)
     data = plot_frame(frame.rename({"time": "t"}))
@@ -1204,7 +1279,9 @@ def limit_sweep_chart(
     value : the value being looked at (None: no rule).
     name, unit : the limit type's name and unit (titles).
     """
-    data = plot_frame(sweep.select("value", "breaches", "accounts", "hours_in_breach"))
+    data = plot_frame(
+        _frame(sweep, "sweep").select("value", "breaches", "accounts", "hours_in_breach")
+    )
     x = alt.X("value:Q", title=f"{name} value ({unit})" if unit else f"{name} value")
     tips = [
         alt.Tooltip("value:Q", title="limit", format=",.4~f"),
@@ -1316,8 +1393,8 @@ def event_lanes(
     *,
     start: TimeLike,
     end: TimeLike,
-    accounts: Sequence[str] | None = None,
-    symbols: Sequence[str] | None = None,
+    accounts: str | Iterable[str] | None = None,
+    symbols: str | Iterable[str] | None = None,
     max_rows: int = MAX_ROWS,
     keep: Sequence[str] = (),
 ) -> pl.DataFrame:
@@ -1327,8 +1404,10 @@ def event_lanes(
     ----------
     history : a :class:`riskbook.History`.
     start, end : the business-time window (inclusive).
-    accounts : only events of these accounts (marks are kept for ``symbols``).
-    symbols : the symbols whose marks and trades to show (None: all).
+    accounts : only events of these accounts (marks are kept for ``symbols``; None: all;
+        one account may be given as a string).
+    symbols : the symbols whose marks and trades to show (None: all; one may be given as
+        a string).
     max_rows : the cap; beyond it the marks are thinned first, then the other events.
         Violations, blocks, limit changes and the events in ``keep`` are never thinned
         away (a window that must show every event narrows its times instead: see
@@ -1341,11 +1420,11 @@ def event_lanes(
         ``event_id, event_type, lane, account_id, symbol, occurred_at, timestamp,
         position, causation_id, correlation_id, summary``, in global order.
     """
-    lo, hi = _time(start), _time(end)
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     if lo is None or hi is None:
         raise ValueError("event_lanes needs both start and end")
-    accs = None if accounts is None else [str(a) for a in accounts]
-    syms = None if symbols is None else [str(s) for s in symbols]
+    accs, syms = _ids(accounts, "accounts"), _ids(symbols, "symbols")
+    max_rows = _cap(max_rows)
     head = ["event_id", "timestamp", "position", "causation_id", "correlation_id"]
     f = _fmt
 
@@ -1564,7 +1643,8 @@ def event_chart(
     store recorded more than a second after it happened gets an orange line from its
     business time to its recorded time (late trades, busts learnt later).
     """
-    frame = events.with_columns(
+    when = as_time(cursor, "cursor")
+    frame = _frame(events, "events").with_columns(
         ((pl.col("timestamp") - pl.col("occurred_at")).dt.total_milliseconds() / 1000).alias(
             "latency_s"
         ),
@@ -1643,7 +1723,7 @@ def event_chart(
             .mark_text(align="left", dx=14, dy=-12, fontSize=11, fontWeight="bold")
             .encode(x=x, y=y, text="summary:N")
         )
-    param, rule = _cursor(cursor)
+    param, rule = _cursor(when)
     layers.append(rule)
     return (
         alt.layer(*layers)
@@ -1676,7 +1756,7 @@ def ratio_chart(
     first appearance), ``text`` (if given) is printed beyond the end of each bar.
     Ratios must be finite and positive (cap an infinite one and say so in its text).
     """
-    data = frame.select(
+    data = _frame(frame, "frame").select(
         pl.col(label).alias("label"),
         pl.col(ratio).cast(pl.Float64).alias("ratio"),
         pl.lit(1.0).alias("one"),
@@ -1786,8 +1866,11 @@ def live_chart(
     >>> [len(rows) for rows in spec["datasets"].values()]
     [2, 0, 2]
     """
+    stop, max_rows = as_time(end, "end"), _cap(max_rows)
+    commits = _frame(commits, "commits")
+    effects = None if effects is None else _frame(effects, "effects")
     last = _last_time(commits, "committed_at") if commits.height else None
-    stop = _time(end) or last or datetime.now(UTC)
+    stop = stop or last or datetime.now(UTC)
     first = commits["committed_at"].min() if commits.height else None
     begin = stop - window
     if isinstance(first, datetime) and first - timedelta(seconds=1) > begin:

@@ -49,7 +49,7 @@ from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
 from riskbook.errors import RiskbookError
-from riskbook.events import STORED_INFINITY, Envelope
+from riskbook.events import STORED_INFINITY, Envelope, as_time
 from riskbook.frames import History
 from riskbook.live import CheckResult, Commit, Processor
 from riskbook.live import check as live_check
@@ -82,10 +82,12 @@ _ALL = "all accounts"
 # ----------------------------------------------------------------------------- controls
 
 
-def _utc(t: datetime) -> datetime:
-    if t.tzinfo is None:
-        raise ValueError("a time without a time zone is ambiguous: give UTC explicitly")
-    return t.astimezone(UTC)
+def _time(value: datetime | str, name: str) -> datetime:
+    """A time that must be given, in UTC (:func:`riskbook.events.as_time`'s check)."""
+    t = as_time(value, name)
+    if t is None:
+        raise TypeError(f"{name} must be a datetime or an RFC 3339 string, got None")
+    return t
 
 
 class TimeSlider(widgets.HBox):
@@ -97,9 +99,9 @@ class TimeSlider(widgets.HBox):
 
     Parameters
     ----------
-    start, end : the range (UTC datetimes).
+    start, end : the range (datetimes with a time zone, or RFC 3339 text).
     value : the first value (default ``end``).
-    step : the slider's resolution.
+    step : the slider's resolution (a positive timedelta).
     description : the label in front of it.
     """
 
@@ -107,15 +109,20 @@ class TimeSlider(widgets.HBox):
 
     def __init__(
         self,
-        start: datetime,
-        end: datetime,
+        start: datetime | str,
+        end: datetime | str,
         *,
-        value: datetime | None = None,
+        value: datetime | str | None = None,
         step: timedelta = timedelta(seconds=1),
         description: str = "at",
         continuous_update: bool = True,
     ) -> None:
-        self.start, self.end, self.step = _utc(start), _utc(end), step
+        if not isinstance(step, timedelta):
+            raise TypeError(f"a TimeSlider's step must be a timedelta, got {type(step).__name__}")
+        if step <= timedelta(0):
+            raise ValueError(f"a TimeSlider's step must be greater than 0; got {step!r}")
+        self.start, self.end, self.step = _time(start, "start"), _time(end, "end"), step
+        first = as_time(value, "value")
         steps = max(1, int((self.end - self.start) / step))
         self.slider = widgets.IntSlider(
             min=0,
@@ -131,7 +138,7 @@ class TimeSlider(widgets.HBox):
         self._syncing = False
         super().__init__([self.slider, self.label])
         self.slider.observe(self._dragged, "value")
-        self.value = self.end if value is None else value
+        self.value = self.end if first is None else first
 
     def _dragged(self, change: dict[str, Any]) -> None:
         if not self._syncing:
@@ -142,7 +149,7 @@ class TimeSlider(widgets.HBox):
         v = proposal["value"]
         if not isinstance(v, datetime):
             raise traitlets.TraitError(f"a TimeSlider's value is a datetime, not {v!r}")
-        return min(max(_utc(v), self.start), self.end)
+        return min(max(_time(v, "value"), self.start), self.end)
 
     @traitlets.observe("value")
     def _moved(self, change: dict[str, Any]) -> None:
@@ -336,15 +343,16 @@ class ExposureExplorer:
         *,
         measure: str = "gross_exposure",
         account: str | None = None,
-        at: datetime | None = None,
+        at: datetime | str | None = None,
         max_rows: int = viz.MAX_ROWS,
     ) -> None:
+        at = as_time(at, "at")
         if history.events.height == 0:
             raise ValueError("the history is empty: nothing to explore")
         if measure not in viz.MEASURES:
             raise ValueError(f"measure must be one of {', '.join(viz.MEASURES)}; got {measure!r}")
         self.history = history
-        self.max_rows = max_rows
+        self.max_rows = viz._cap(max_rows)
         events = history.events
         first = events["occurred_at"].min()
         last = events["occurred_at"].max()
@@ -665,8 +673,8 @@ def limits_in_force(
     limits: pl.DataFrame,
     *,
     account: str,
-    at: datetime | None = None,
-    known_at: datetime | None = None,
+    at: datetime | str | None = None,
+    known_at: datetime | str | None = None,
 ) -> pl.DataFrame:
     """The limits of an account in force at T as known at K, and who set them.
 
@@ -675,7 +683,8 @@ def limits_in_force(
     time, position). Returns ``limit_type, symbol`` (null: account-wide), ``value,
     set_by, set_at, recorded_at, event_id``.
     """
-    rows = limits.filter(pl.col("account_id").cast(pl.String) == account)
+    at, known_at = as_time(at, "at"), as_time(known_at, "known_at")
+    rows = viz._frame(limits, "limits").filter(pl.col("account_id").cast(pl.String) == account)
     if at is not None:
         rows = rows.filter(pl.col("set_at") <= at)
     if known_at is not None:
@@ -704,8 +713,8 @@ def limit_in_force(
     account: str,
     limit_type: str,
     symbol: str | None = None,
-    at: datetime | None = None,
-    known_at: datetime | None = None,
+    at: datetime | str | None = None,
+    known_at: datetime | str | None = None,
 ) -> dict[str, Any] | None:
     """The one limit that applied: a symbol's own MaxPositionSize overrides the account's.
 
@@ -724,10 +733,15 @@ def limit_in_force(
 
 
 def daily_volume(
-    history: History, *, account: str, at: datetime, known_at: datetime | None = None
+    history: History,
+    *,
+    account: str,
+    at: datetime | str,
+    known_at: datetime | str | None = None,
 ) -> float:
     """Σ|quantity| of the account's trades in T's UTC day up to T, as known at K (busts out)."""
-    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    at, known_at = _time(at, "at"), as_time(known_at, "known_at")
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
     trades = history.trades.filter(
         (pl.col("account_id").cast(pl.String) == account)
         & pl.col("executed_at").is_between(day, at)
@@ -744,8 +758,8 @@ def compare_states(
     history: History,
     *,
     account: str,
-    at: datetime,
-    known_at: datetime | None,
+    at: datetime | str,
+    known_at: datetime | str | None,
 ) -> pl.DataFrame:
     """The account as the engine saw it (known at K) beside the corrected history.
 
@@ -756,12 +770,13 @@ def compare_states(
     side holds and the other does not (a trade busted later, a position closed) is 0
     on the side without it.
     """
+    t, known = _time(at, "at"), as_time(known_at, "known_at")
 
     def figures(k: datetime | None) -> dict[str, float]:
-        acc = P.accounts(history, at=at, known_at=k).filter(
+        acc = P.accounts(history, at=t, known_at=k).filter(
             pl.col("account_id").cast(pl.String) == account
         )
-        pos = P.positions(history, at=at, known_at=k).filter(
+        pos = P.positions(history, at=t, known_at=k).filter(
             pl.col("account_id").cast(pl.String) == account
         )
         out: dict[str, float] = {}
@@ -776,12 +791,12 @@ def compare_states(
                 "drawdown",
             ):
                 out[name] = float(row[name])
-        out["daily_volume"] = daily_volume(history, account=account, at=at, known_at=k)
+        out["daily_volume"] = daily_volume(history, account=account, at=t, known_at=k)
         for sym, q in pos.select(pl.col("symbol").cast(pl.String), "quantity").iter_rows():
             out[f"position {sym}"] = float(q)
         return out
 
-    engine, corrected = figures(known_at), figures(None)
+    engine, corrected = figures(known), figures(None)
     names = list(dict.fromkeys([*engine, *corrected]))
 
     def value(side: dict[str, float], name: str) -> float | None:
@@ -960,9 +975,15 @@ class IncidentPanel:
         window: timedelta = timedelta(minutes=15),
         max_rows: int = viz.MAX_ROWS,
     ) -> None:
+        if not isinstance(window, timedelta):  # as LiveMonitor's window: no bare seconds
+            raise TypeError(
+                f"IncidentPanel's window must be a timedelta, got {type(window).__name__}"
+            )
+        if window < timedelta(0):
+            raise ValueError(f"IncidentPanel's window must not be negative; got {window!r}")
         self.history = history
         self.window_size = window
-        self.max_rows = max_rows
+        self.max_rows = viz._cap(max_rows)
         self._metrics: dict[tuple[str, datetime], pl.DataFrame] = {}
         self.incidents = incidents(history)
         if self.incidents.height == 0:
@@ -1297,8 +1318,8 @@ class IncidentPanel:
 def breach_summary(
     breaches: pl.DataFrame,
     *,
-    horizon: datetime,
-    accounts: Iterable[str] | None = None,
+    horizon: datetime | str,
+    accounts: str | Iterable[str] | None = None,
     level: float = 1.0,
 ) -> pl.DataFrame:
     """Per account: how many breaches, how long in breach, the longest, the peak.
@@ -1309,7 +1330,8 @@ def breach_summary(
         those at ``level`` count).
     horizon : the end of the history: a breach still open counts until then.
     accounts : give every one of these accounts a row, with zeros where it had no
-        breach (None: only accounts with a breach).
+        breach (None: only accounts with a breach; one account may be given as a
+        string).
     level : the level counted (1.0: breaches, not warnings).
 
     Returns
@@ -1337,7 +1359,8 @@ def breach_summary(
     │ C          ┆ 0        ┆ 0.0             ┆ 0.0           ┆ 0          │
     └────────────┴──────────┴─────────────────┴───────────────┴────────────┘
     """
-    end = pl.lit(horizon).cast(breaches.schema["started_at"])
+    breaches, ids = viz._frame(breaches, "breaches"), viz._ids(accounts, "accounts")
+    end = pl.lit(as_time(horizon, "horizon")).cast(breaches.schema["started_at"])
     hours = (
         pl.col("ended_at").fill_null(end) - pl.col("started_at")
     ).dt.total_microseconds() / 3.6e9
@@ -1354,10 +1377,8 @@ def breach_summary(
             pl.col("started_at").min().alias("first_started_at"),
         )
     )
-    if accounts is not None:
-        every = pl.DataFrame(
-            {"account_id": sorted(set(accounts))}, schema={"account_id": pl.String}
-        )
+    if ids is not None:
+        every = pl.DataFrame({"account_id": sorted(set(ids))}, schema={"account_id": pl.String})
         per = every.join(per, on="account_id", how="left").with_columns(
             pl.col("breaches", "still_open").fill_null(0),
             pl.col("hours_in_breach", "longest_hours").fill_null(0.0),
@@ -1401,8 +1422,10 @@ class _Backtest:
             events = events.filter(pl.col("timestamp") <= known_at)
         last = events["occurred_at"].max()
         self.horizon: datetime | None = last if isinstance(last, datetime) else None
+        # None is every account ("*"); an empty list is no account (not every one)
+        scope = ["*"] if accounts is None else accounts
         self.rows = L.hypothetical_limits(
-            [{"account_id": a, "limit_type": name, "value": 0.0} for a in (accounts or ["*"])]
+            [{"account_id": a, "limit_type": name, "value": 0.0} for a in scope]
         ).drop("limit_type")
 
     def run(self, value: float) -> pl.DataFrame:
@@ -1422,14 +1445,16 @@ def limit_sweep(
     limit_type: str | L.LimitDefinition,
     values: Iterable[float],
     *,
-    accounts: Sequence[str] | None = None,
-    known_at: datetime | None = None,
+    accounts: str | Iterable[str] | None = None,
+    known_at: datetime | str | None = None,
 ) -> pl.DataFrame:
     """The backtest of a limit type at every value: how many breaches, for how long.
 
-    Each value is a hypothetical limit for every account (or for each of
-    ``accounts``), evaluated over the whole history as :func:`riskbook.limits.backtest`
-    does (its metric computed once for all values).
+    Each value (a finite number >= 0, as :func:`riskbook.limits.backtest` takes a
+    limit) is a hypothetical limit for every account (or for each of ``accounts``: one
+    account may be given as a string; an empty list is no account), evaluated over the
+    whole history as :func:`riskbook.limits.backtest` does (its metric computed once
+    for all values).
 
     Returns
     -------
@@ -1439,8 +1464,18 @@ def limit_sweep(
         one row per value, sorted by value. Time in breach never falls as the limit
         tightens; the number of breaches can, when breaches merge.
     """
-    bt = _Backtest(history, limit_type, accounts=accounts, known_at=known_at, levels=(1.0,))
-    return _sweep(bt, values)
+    tried = [float(v) for v in values]
+    for v in tried:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"limit_sweep's values must be finite and >= 0; got {v!r}")
+    bt = _Backtest(
+        history,
+        limit_type,
+        accounts=viz._ids(accounts, "accounts"),
+        known_at=as_time(known_at, "known_at"),
+        levels=(1.0,),
+    )
+    return _sweep(bt, tried)
 
 
 def _sweep(bt: _Backtest, values: Iterable[float]) -> pl.DataFrame:
@@ -1512,11 +1547,11 @@ class LimitLab:
     ----------
     history : the History.
     limit_type : a registered limit type (its name or its definition).
-    value : the slider's first value.
+    value : the slider's first value (a limit: finite and >= 0).
     low, high, step : the slider's range and step (default: 0 to the metric's largest
-        finite value, in 50 steps).
+        finite value, in 50 steps; ``low`` >= 0 and below ``high``).
     accounts : the accounts the limit applies to (None: every account, ``"*"``; one
-        account may be given as a string).
+        account may be given as a string; not empty).
     known_at : backtest the history as known at this recorded time.
     sweep : compute ``sweep`` and draw ``sweep_view`` (one backtest per slider step, for
         up to 400 steps).
@@ -1532,8 +1567,8 @@ class LimitLab:
         low: float | None = None,
         high: float | None = None,
         step: float | None = None,
-        accounts: str | Sequence[str] | None = None,
-        known_at: datetime | None = None,
+        accounts: str | Iterable[str] | None = None,
+        known_at: datetime | str | None = None,
         sweep: bool = True,
         max_rows: int = viz.MAX_ROWS,
     ) -> None:
@@ -1542,13 +1577,21 @@ class LimitLab:
                 isinstance(number, int | float) and math.isfinite(number)
             ):
                 raise ValueError(f"LimitLab's {what} must be a finite number; got {number!r}")
+            if what != "step" and number is not None and number < 0:  # as backtest's limits
+                raise ValueError(f"LimitLab's {what} must be >= 0 (a limit value); got {number!r}")
         if step is not None and step <= 0:
             raise ValueError(f"LimitLab's step must be greater than 0; got {step!r}")
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"LimitLab's low must be less than its high; got {low!r} and {high!r}")
+        self.accounts = viz._ids(accounts, "accounts")  # one account may be a string
+        if self.accounts == []:
+            raise ValueError(
+                "LimitLab's accounts is empty: give the accounts the limit applies to,"
+                " or None for every account"
+            )
+        known_at = as_time(known_at, "known_at")
         self.history = history
-        self.max_rows = max_rows
-        if isinstance(accounts, str):  # one account, as riskbook.load takes it
-            accounts = [accounts]
-        self.accounts = list(accounts) if accounts is not None else None
+        self.max_rows = viz._cap(max_rows)
         self._bt = _Backtest(
             history, limit_type, accounts=self.accounts, known_at=known_at, levels=(1.0,)
         )

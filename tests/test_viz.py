@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -543,3 +543,117 @@ def test_event_lanes_never_thin_away_incidents_limits_or_kept_events() -> None:
     assert lanes.height <= 50 and wanted in lanes["event_id"].to_list()
     assert (lanes["lane"] == "limit").sum() == 10 and (lanes["lane"] == "violation").sum() == 1
     assert lanes["position"].is_sorted()
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _two_accounts() -> riskbook.History:
+    """ACC-1 trading ACME and BOLT, ACC-2 trading ACME, both funded at T0."""
+
+    def fill(i: int, account: str, symbol: str, minutes: int) -> riskbook.TradeExecuted:
+        return riskbook.TradeExecuted(
+            trade_id=f"T{i}",
+            account_id=account,
+            symbol=symbol,
+            side=riskbook.Side.Buy,
+            quantity=100.0,
+            price=10.0,
+            executed_at=T0 + timedelta(minutes=minutes),
+        )
+
+    return riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="ACC-1", amount=1e4, funded_at=T0),
+        riskbook.AccountFunded(account_id="ACC-2", amount=1e4, funded_at=T0),
+        fill(1, "ACC-1", "ACME", 1),
+        fill(2, "ACC-2", "ACME", 2),
+        fill(3, "ACC-1", "BOLT", 3),
+    )
+
+
+def drawn(chart: alt.TopLevelMixin, field: str) -> set[Any]:
+    return {r[field] for rows in datasets(chart).values() for r in rows if field in r}
+
+
+def test_builders_take_one_id_as_a_string_not_its_characters() -> None:
+    h = _two_accounts()
+    timeline = riskbook.account_timeline(h)
+    assert drawn(viz.exposure_chart(timeline, accounts="ACC-1"), "account_id") == {"ACC-1"}
+    assert drawn(viz.exposure_chart(timeline, accounts=[]), "account_id") == set()
+    metric = riskbook.limits.get("MaxLeverage").metric(h)
+    assert drawn(viz.metric_chart(metric, limit=1.0, accounts="ACC-2"), "account_id") == {"ACC-2"}
+    chart = viz.position_chart(riskbook.position_timeline(h), account="ACC-1", symbols="BOLT")
+    assert drawn(chart, "symbol") == {"BOLT"}
+    end = T0 + timedelta(hours=1)
+    one = viz.event_lanes(h, start=T0, end=end, accounts="ACC-1", symbols="ACME")
+    assert one.equals(viz.event_lanes(h, start=T0, end=end, accounts=["ACC-1"], symbols=["ACME"]))
+    assert one["summary"].str.contains("ACME").any() and set(one["account_id"]) == {"ACC-1"}
+    with pytest.raises(TypeError, match=r"^accounts must hold strings, got 1 \(int\)$"):
+        viz.exposure_chart(timeline, accounts=["ACC-1", 1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"^symbols must be a string or a collection of strings"):
+        viz.event_lanes(h, start=T0, end=end, symbols=5)  # type: ignore[arg-type]
+
+
+def test_builders_check_their_times_as_the_projections_do() -> None:
+    h = _two_accounts()
+    timeline = riskbook.account_timeline(h)
+    found = pl.DataFrame(
+        {"account_id": ["ACC-1"], "limit_type": ["MaxLeverage"], "symbol": [None], "level": [1.0],
+         "started_at": [T0], "ended_at": [None], "peak_value": [3.0], "limit_value": [2.0],
+         "trigger_event_id": ["e1"]},
+        schema_overrides={"symbol": pl.String, "ended_at": pl.Datetime("us", "UTC")},
+    )  # fmt: skip
+    lanes = viz.event_lanes(h, start=T0, end=T0 + timedelta(hours=1))
+    commits = pl.DataFrame(schema=viz.LIVE_COMMITS_SCHEMA)
+    calls: list[tuple[str, Callable[[Any], Any]]] = [
+        ("at", lambda v: viz.exposure_chart(timeline, at=v)),
+        ("at", lambda v: viz.exposure_at_chart(riskbook.positions(h), at=v)),
+        ("start", lambda v: viz.breach_chart(found, start=v)),
+        ("horizon", lambda v: viz.breach_chart(found, horizon=v)),
+        ("end", lambda v: viz.event_lanes(h, start=T0, end=v)),
+        ("known_at", lambda v: viz.equity_chart(timeline, account="ACC-1", known_at=v)),
+        ("end", lambda v: viz.limit_steps(h.limits, account="A", limit_type="X", end=v)),
+        ("cursor", lambda v: viz.event_chart(lanes, cursor=v)),
+        ("end", lambda v: viz.live_chart(commits, end=v)),
+    ]
+    for name, call in calls:
+        for bad, error, says in (
+            (date(2024, 1, 9), TypeError, "must be a datetime or an RFC 3339 string, got date"),
+            (np.datetime64("2024-01-09T15:00"), TypeError, "must be .* string, got datetime64"),
+            (datetime(2024, 1, 9, 15), ValueError, "has no time zone: give UTC explicitly"),
+        ):
+            with pytest.raises(error, match=f"^{name} {says}$"):
+                call(bad)
+        call("2024-01-09T15:00:00Z")  # RFC 3339 text, as every projection takes it
+    spec = viz.exposure_chart(timeline, at="2024-01-09T14:35:00+00:00").to_dict()
+    at = T0 + timedelta(minutes=5)
+    assert [p["value"] for p in spec["params"] if p["name"] == "at"] == [at.timestamp() * 1000]
+
+
+def test_builders_refuse_a_cap_below_one_and_frames_of_another_kind() -> None:
+    import pandas as pd  # the bench group, installed by default (pyproject: default-groups)
+
+    timeline = riskbook.account_timeline(_two_accounts())
+    for call in (
+        lambda n: viz.exposure_chart(timeline, max_rows=n),
+        lambda n: viz.downsample(timeline, x="occurred_at", y="equity", max_rows=n),
+        lambda n: viz.event_lanes(_two_accounts(), start=T0, end=T0, max_rows=n),
+    ):
+        with pytest.raises(ValueError, match=r"^max_rows must be at least 1; got 0$"):
+            call(0)
+        with pytest.raises(TypeError, match=r"^max_rows must be an integer, got float$"):
+            call(2.5)
+    numpy_int: Any = np.int64(3)  # a whole number of rows, as before
+    assert total_rows(viz.exposure_chart(timeline, max_rows=numpy_int)) > 0
+    with pytest.raises(
+        TypeError,
+        match=r"^timeline must be a polars DataFrame, got polars\..*LazyFrame: call \.collect\(\)",
+    ):
+        viz.exposure_chart(timeline.lazy())  # type: ignore[arg-type]
+    pandas_frame: Any = pd.DataFrame({"a": [1]})
+    with pytest.raises(
+        TypeError, match=r"^limits must be a polars DataFrame, got pandas\..*from_pandas$"
+    ):
+        viz.limit_steps(pandas_frame, account="A", limit_type="MaxLeverage")
+    with pytest.raises(TypeError, match=r"^breaches must be a polars DataFrame"):
+        viz.breach_chart(timeline.lazy())  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -777,3 +778,101 @@ def test_panels_refuse_bad_arguments_in_one_line() -> None:
         widgets.LimitLab(h, "MaxPositionSize", value=float("nan"))
     lab = widgets.LimitLab(h, "MaxPositionSize", value=1.0, accounts="ACC-1", sweep=False)
     assert lab.accounts == ["ACC-1"] and lab.summary["account_id"].to_list() == ["ACC-1"]
+
+
+def _levered() -> riskbook.History:
+    """ACC-1 at leverage 3 from T0 + 1 min, ACC-2 at 0.5 from T0 + 2 min (MaxLeverage 2)."""
+    return riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="ACC-1", amount=1e3, funded_at=T0),
+        riskbook.AccountFunded(account_id="ACC-2", amount=1e3, funded_at=T0),
+        riskbook.LimitSet(
+            account_id="ACC-1", limit_type="MaxLeverage", value=2.0, set_by="cro", set_at=T0
+        ),
+        _fill(1, 600.0, _at(1), account="ACC-1"),
+        _fill(2, 100.0, _at(2), account="ACC-2"),
+    )
+
+
+def test_limit_lab_helpers_take_one_account_as_a_string_and_an_empty_list_as_none() -> None:
+    h = _levered()
+    one = widgets.limit_sweep(h, "MaxLeverage", [1.0], accounts="ACC-1")
+    assert one.equals(widgets.limit_sweep(h, "MaxLeverage", [1.0], accounts=["ACC-1"]))
+    assert one.select("breaches", "accounts").row(0) == (1, 1)
+    none = widgets.limit_sweep(h, "MaxLeverage", [0.1], accounts=[])
+    assert none.select("breaches", "accounts").row(0) == (0, 0)
+    found = riskbook.breaches(h)
+    summary = widgets.breach_summary(found, horizon=_at(10), accounts="ACC-2")
+    assert summary.select("account_id", "breaches").rows() == [("ACC-2", 0)]
+    with pytest.raises(TypeError, match=r"^accounts must hold strings, got 1 \(int\)$"):
+        widgets.breach_summary(found, horizon=_at(10), accounts=[1])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"^LimitLab's accounts is empty: .* None for every"):
+        widgets.LimitLab(h, "MaxLeverage", value=1.0, accounts=[], sweep=False)
+
+
+def test_incident_helpers_check_their_times_as_the_projections_do() -> None:
+    h = _levered()
+    t = _at(5)
+    text, naive = "2024-03-01T14:35:00Z", t.replace(tzinfo=None)
+    assert widgets.daily_volume(h, account="ACC-1", at=text, known_at=text) == 600.0
+    assert widgets.compare_states(h, account="ACC-1", at=text, known_at=text).equals(
+        widgets.compare_states(h, account="ACC-1", at=t, known_at=t)
+    )
+    assert widgets.limits_in_force(h.limits, account="ACC-1", at=text, known_at=text).height == 1
+    limit = widgets.limit_in_force(
+        h.limits, account="ACC-1", limit_type="MaxLeverage", at=text, known_at=text
+    )
+    assert limit is not None and limit["value"] == 2.0
+    found = riskbook.breaches(h)
+    assert widgets.breach_summary(found, horizon=text).equals(
+        widgets.breach_summary(found, horizon=t)
+    )
+    assert widgets.limit_sweep(h, "MaxLeverage", [1.0], known_at=text)["accounts"][0] == 1
+    slider = widgets.TimeSlider("2024-03-01T14:30:00Z", text, value="2024-03-01T15:31:00+01:00")
+    assert (slider.start, slider.end, slider.value) == (T0, t, _at(1))
+    calls: list[tuple[str, Callable[[Any], Any]]] = [
+        ("at", lambda v: widgets.daily_volume(h, account="ACC-1", at=v)),
+        ("at", lambda v: widgets.compare_states(h, account="ACC-1", at=v, known_at=None)),
+        ("known_at", lambda v: widgets.compare_states(h, account="ACC-1", at=t, known_at=v)),
+        ("at", lambda v: widgets.limits_in_force(h.limits, account="ACC-1", at=v)),
+        (
+            "known_at",
+            lambda v: widgets.limit_in_force(
+                h.limits, account="ACC-1", limit_type="MaxLeverage", known_at=v
+            ),
+        ),
+        ("horizon", lambda v: widgets.breach_summary(found, horizon=v)),
+        ("known_at", lambda v: widgets.limit_sweep(h, "MaxLeverage", [1.0], known_at=v)),
+        ("known_at", lambda v: widgets.LimitLab(h, "MaxLeverage", value=1.0, known_at=v)),
+        ("at", lambda v: widgets.ExposureExplorer(h, at=v)),
+        ("start", lambda v: widgets.TimeSlider(v, t)),
+    ]
+    for name, call in calls:
+        with pytest.raises(ValueError, match=f"^{name} has no time zone: give UTC explicitly$"):
+            call(naive)
+        with pytest.raises(TypeError, match=f"^{name} must be a datetime or an RFC 3339 string"):
+            call(t.date())
+        with pytest.raises(ValueError, match=f"^{name}: 'soon' is not an RFC 3339 time"):
+            call("soon")
+
+
+def test_limit_lab_and_panels_refuse_values_backtest_refuses() -> None:
+    h = _levered()
+    for bad in (-1.0, float("nan"), math.inf):
+        with pytest.raises(ValueError, match=r"^limit_sweep's values must be finite and >= 0"):
+            widgets.limit_sweep(h, "MaxLeverage", [1.0, bad])
+    with pytest.raises(ValueError, match=r"^LimitLab's value must be >= 0 \(a limit value\)"):
+        widgets.LimitLab(h, "MaxLeverage", value=-1.0, sweep=False)
+    with pytest.raises(ValueError, match=r"^LimitLab's low must be >= 0"):
+        widgets.LimitLab(h, "MaxLeverage", value=1.0, low=-2.0, sweep=False)
+    with pytest.raises(ValueError, match=r"^LimitLab's low must be less than its high; got 5"):
+        widgets.LimitLab(h, "MaxLeverage", value=1.0, low=5.0, high=1.0, sweep=False)
+    with pytest.raises(TypeError, match=r"^IncidentPanel's window must be a timedelta, got int$"):
+        widgets.IncidentPanel(h, window=900)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^IncidentPanel's window must not be negative"):
+        widgets.IncidentPanel(h, window=timedelta(minutes=-15))
+    with pytest.raises(ValueError, match=r"^max_rows must be at least 1; got 0$"):
+        widgets.IncidentPanel(h, max_rows=0)
+    with pytest.raises(ValueError, match=r"^a TimeSlider's step must be greater than 0"):
+        widgets.TimeSlider(T0, _at(10), step=timedelta(0))
+    with pytest.raises(TypeError, match=r"^a TimeSlider's step must be a timedelta, got int$"):
+        widgets.TimeSlider(T0, _at(10), step=60)  # type: ignore[arg-type]
