@@ -41,6 +41,8 @@ from riskbook.events import (
     parse_time,
 )
 from riskbook.frames import History
+from riskbook.store import Store
+from tests.test_projections import settle
 
 T0 = datetime(2024, 3, 1, 20, 0, tzinfo=UTC)  # four hours before midnight
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -233,7 +235,7 @@ class Reference:
         values = [q * self.mark.get(s, self.avg[acct][s]) for s, q in self.q.get(acct, {}).items()]
         net = sum(values)
         gross = sum(abs(v) for v in values)
-        equity = self.cash.get(acct, 0.0) + net
+        equity = settle(self.cash.get(acct, 0.0), net)
         self.peak[acct] = max(self.peak.get(acct, 0.0), equity)
         peak = self.peak[acct]
         figures = {
@@ -260,12 +262,12 @@ class Reference:
                 s = p.quantity if p.side == Side.Buy else -p.quantity
                 if q == 0 or (q > 0) == (s > 0):
                     a = (q * a + s * p.price) / (q + s)
-                elif abs(s) <= abs(q):
-                    a = a if q + s != 0 else 0.0
-                else:
+                elif settle(q, s) == 0:
+                    a = 0.0
+                elif abs(s) > abs(q):
                     a = p.price
-                book[p.symbol], avg[p.symbol] = q + s, a
-                self.cash[p.account_id] = self.cash.get(p.account_id, 0.0) - s * p.price
+                book[p.symbol], avg[p.symbol] = settle(q, s), a
+                self.cash[p.account_id] = settle(self.cash.get(p.account_id, 0.0), -(s * p.price))
                 day = t.date()
                 self.volume[(p.account_id, day)] = (
                     self.volume.get((p.account_id, day), 0.0) + p.quantity
@@ -282,8 +284,8 @@ class Reference:
             self.check("MaxPositionSize", *key, t, cause)
             self.account_moved(p.account_id, t, cause)
         elif isinstance(p, AccountFunded):
-            self.cash[p.account_id] = self.cash.get(p.account_id, 0.0) + p.amount
-            self.peak[p.account_id] = self.peak.get(p.account_id, 0.0) + p.amount
+            self.cash[p.account_id] = settle(self.cash.get(p.account_id, 0.0), p.amount)
+            self.peak[p.account_id] = settle(self.peak.get(p.account_id, 0.0), p.amount)
             self.account_moved(p.account_id, t, cause)
         elif isinstance(p, PriceMarked):
             self.mark[p.symbol] = p.price

@@ -119,6 +119,13 @@ FIGURES = (
 )
 
 
+def settle(x: float, d: float) -> float:
+    """``x + d``; exactly 0 where it cancels to rounding (0.1 + 0.2 - 0.3): below 1e-12 of
+    its terms. Positions, cash and the peak are such sums."""
+    y = x + d
+    return 0.0 if abs(y) <= 1e-12 * max(abs(x), abs(d)) and abs(y) < math.inf else y
+
+
 def reference_fold(
     events: list[Ev],
     *,
@@ -160,15 +167,14 @@ def reference_fold(
                 else:  # reducing, closing or flipping
                     closed = min(abs(s), abs(p.q))
                     p.r += closed * (price - p.a) * (1.0 if p.q > 0 else -1.0)
-                    if abs(s) <= abs(p.q):
-                        p.q = p.q + s
-                        if p.q == 0:
-                            p.a = 0.0
-                    else:
-                        p.q = p.q + s
+                    flipped = abs(s) > abs(p.q)
+                    p.q = settle(p.q, s)
+                    if p.q == 0:
+                        p.a = 0.0
+                    elif flipped:
                         p.a = price
                 p.trades += 1
-                f.cash[e.account] = f.cash.get(e.account, 0.0) - s * price
+                f.cash[e.account] = settle(f.cash.get(e.account, 0.0), -(s * price))
             else:
                 if not math.isclose(e.previous, p.q, rel_tol=1e-9, abs_tol=1e-9):
                     f.mismatches.append((e.event_id, e.previous, p.q))
@@ -180,8 +186,8 @@ def reference_fold(
             moved = [e.account]
         elif e.kind == "fund":
             assert e.account is not None
-            f.cash[e.account] = f.cash.get(e.account, 0.0) + e.amount
-            f.peak[e.account] = f.peak.get(e.account, 0.0) + e.amount
+            f.cash[e.account] = settle(f.cash.get(e.account, 0.0), e.amount)
+            f.peak[e.account] = settle(f.peak.get(e.account, 0.0), e.amount)
             moved = [e.account]
         else:
             assert e.symbol is not None
@@ -192,7 +198,7 @@ def reference_fold(
             net = sum(values)
             gross = sum(abs(v) for v in values)
             cash = f.cash.get(account, 0.0)
-            equity = cash + net
+            equity = settle(cash, net)
             f.peak[account] = max(f.peak.get(account, 0.0), equity)
             peak = f.peak[account]
             fig = {
@@ -465,6 +471,46 @@ def test_short_positions_close_to_zero_and_reopen() -> None:
         (0.0, 0.0, 20.0),
         (10.0, 7.0, 20.0),
     ]
+
+
+
+def test_fractional_fills_that_close_a_position_leave_no_dust() -> None:
+    """0.1 + 0.2 - 0.3 is 5.6e-17 in doubles: that was an open position, revalued at every
+    mark, with 5e-16 of realized PnL."""
+    rec = Recorder()
+    rec.trade("A", "X", "Buy", 0.1, 10, minutes(1))
+    rec.trade("A", "X", "Buy", 0.2, 10, minutes(2))
+    rec.trade("A", "X", "Sell", 0.3, 10, minutes(3))
+    rec.trade("A", "Y", "Sell", 0.3, 10, minutes(4))  # the other way round: a short
+    rec.trade("A", "Y", "Buy", 0.1, 10, minutes(5))
+    rec.trade("A", "Y", "Buy", 0.2, 10, minutes(6))
+    rec.mark("X", 5, minutes(7))
+    h = rec.history()
+    pos = P.positions(h).sort("symbol")
+    assert pos.select("quantity", "avg_price", "market_value").rows() == [(0.0, 0.0, 0.0)] * 2
+    assert pos["realized_pnl"].abs().max() < 1e-12  # type: ignore[operator]
+    acct = P.accounts(h)
+    assert acct.select("open_positions", "cash", "drawdown").row(0) == (0, 0.0, 0.0)
+    # the flat position is not revalued by the mark
+    assert P.account_timeline(h)["event_type"].to_list().count("PriceMarked") == 0
+
+
+def test_funding_that_cancels_to_dust_leaves_no_peak() -> None:
+    """Deposits of 0.1 and 0.2 and a withdrawal of 0.3 left a peak of 5.6e-17: the next
+    loss was a drawdown of 9e16 (a MaxDrawdown breach, and a block in live)."""
+    rec = Recorder()
+    rec.fund("A", 0.1, minutes(0))
+    rec.fund("A", 0.2, minutes(1))
+    rec.fund("A", -0.3, minutes(2))
+    rec.trade("A", "X", "Buy", 1, 10, minutes(3))
+    rec.mark("X", 5, minutes(4))
+    tl = P.account_timeline(rec.history())
+    assert tl.select("cash", "peak_equity", "drawdown").rows()[2:] == [
+        (0.0, 0.0, 0.0),
+        (-10.0, 0.0, 0.0),
+        (-10.0, 0.0, 0.0),
+    ]
+    assert settle(1e9, -(1e9 - 0.5)) == 0.5  # a real remainder is kept, however small
 
 
 def test_split_keeps_the_cost_basis_and_mismatches_are_reported() -> None:

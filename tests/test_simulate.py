@@ -43,6 +43,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store
+from tests.test_projections import settle
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_ARGS = ["--seed", "7", "--accounts", "12", "--symbols", "8", "--days", "18"]
@@ -128,13 +129,13 @@ def reference_fold(envelopes: Iterable[Envelope]) -> Fold:
         check(acct, "MaxPositionSize", sym, abs(qty[(acct, sym)]), pos_limit(acct, sym), t, ev)
 
     def check_account(acct: str, t: datetime, ev: Envelope) -> None:
-        equity = cash.get(acct, 0.0)
-        gross = 0.0
+        net = gross = 0.0
         for (a, sym), q in qty.items():
             if a == acct and q:
                 value = q * marks.get(sym, avg[(a, sym)])
-                equity += value
+                net += value
                 gross += abs(value)
+        equity = settle(cash.get(acct, 0.0), net)
         peak[acct] = max(peak.get(acct, 0.0), equity)
         p = peak[acct]
         drawdown = (p - equity) / p if p > 0 else 0.0
@@ -169,12 +170,12 @@ def reference_fold(envelopes: Iterable[Envelope]) -> Fold:
             s = p.quantity if p.side == Side.Buy else -p.quantity
             if q == 0 or (q > 0) == (s > 0):
                 a = (q * a + s * p.price) / (q + s)
-            elif abs(s) <= abs(q):
-                a = a if q + s != 0 else 0.0
-            else:
+            elif settle(q, s) == 0:
+                a = 0.0
+            elif abs(s) > abs(q):
                 a = p.price
-            qty[key2], avg[key2] = q + s, a
-            cash[acct] = cash.get(acct, 0.0) - s * p.price
+            qty[key2], avg[key2] = settle(q, s), a
+            cash[acct] = settle(cash.get(acct, 0.0), -(s * p.price))
             day = (acct, t.date())
             volume[day] = volume.get(day, 0.0) + p.quantity
             check_position(acct, p.symbol, t, ev)
@@ -196,8 +197,8 @@ def reference_fold(envelopes: Iterable[Envelope]) -> Fold:
             avg[key2] = q * a / p.new_quantity if p.new_quantity else 0.0
             check_position(acct, p.symbol, t, ev)
         elif isinstance(p, AccountFunded):
-            cash[acct] = cash.get(acct, 0.0) + p.amount
-            peak[acct] = peak.get(acct, 0.0) + p.amount
+            cash[acct] = settle(cash.get(acct, 0.0), p.amount)
+            peak[acct] = settle(peak.get(acct, 0.0), p.amount)
         elif isinstance(p, LimitSet):
             limits[(acct, p.limit_type, p.symbol)] = p.value
             if p.limit_type == "MaxPositionSize":
