@@ -472,3 +472,92 @@ def test_figures_refuse_a_history_that_lost_what_they_fold(fresh_store: Store) -
     assert_frame_equal(
         riskbook.accounts(until), riskbook.accounts(whole, at=T0 + timedelta(seconds=2))
     )
+
+
+def _funded(amount: float, account: str = "ACC-1") -> list[riskbook.Event]:
+    return [riskbook.AccountFunded(account_id=account, amount=amount, funded_at=T0)]
+
+
+def test_refresh_refuses_a_store_whose_history_was_rewritten(fresh_store: Store) -> None:
+    # A restored older backup keeps the store's identity, not its history: refreshed,
+    # the History chained the two histories and cached the mixture for every load.
+    s = fresh_store
+    s.append("ACC-1", _funded(1.0))
+    s.append("ACC-1", _funded(1000.0))
+    h = load(s)  # cached
+    with psycopg.connect(s.dsn) as conn:  # as the backup had it: the first event only
+        conn.execute("SET session_replication_role = replica")  # past the append-only guards
+        last = h.events["position"][-1]
+        conn.execute("DELETE FROM event_fields WHERE position = %s", (last,))
+        conn.execute("DELETE FROM events WHERE position = %s", (last,))
+        conn.commit()
+    s.append("ACC-2", _funded(7.0, "ACC-2"))  # trading goes on
+    with pytest.raises(riskbook.RiskbookError, match=r"rewritten or replaced.*Load it again"):
+        h.refresh()
+    assert h.funding["amount"].to_list() == [1.0, 1000.0]  # nothing was added
+    fresh = load(s, cache=False)
+    assert fresh.funding["amount"].to_list() == [1.0, 7.0]
+    assert_same(load(s), fresh)  # nor cached
+    # a History with no events yet checks the identity alone, and refreshes as before
+    empty = load(s, accounts=["nobody"])
+    s.append("ACC-3", _funded(3.0, "ACC-3"))
+    assert empty.refresh() == 0 and empty.horizon > fresh.horizon
+
+
+def test_refresh_refuses_a_database_dropped_and_created_again(
+    make_database: Callable[[], str],
+) -> None:
+    dsn = make_database()
+    store = Store(dsn)
+    store.append("OLD", _funded(100.0, "OLD"))
+    h = load(store)
+    store.close()
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, dbname="postgres")) as admin:
+        admin.autocommit = True
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    again = Store(dsn)  # the same DSN, a new store
+    again.append("NEW", _funded(5.0, "NEW"))
+    with pytest.raises(riskbook.RiskbookError, match="rewritten or replaced"):
+        h.refresh()
+    assert h.funding["account_id"].cast(pl.String).to_list() == ["OLD"]
+    assert_same(load(again), load(again, cache=False))
+    again.close()
+    store.close()  # the connection the refresh opened
+
+
+def _trade_of(**changes: object) -> riskbook.TradeExecuted:
+    fields: dict[str, object] = {
+        "trade_id": "T-1",
+        "account_id": "ACC-1",
+        "symbol": "AAPL",
+        "side": riskbook.Side.Buy,
+        "quantity": 3.0,
+        "price": 10.0,
+        "executed_at": T0,
+    }
+    return riskbook.TradeExecuted(**(fields | changes))  # type: ignore[arg-type]
+
+
+def test_histories_built_in_memory_check_events_as_append_does() -> None:
+    # a quantity given as text was taken (as 3.0), which append refuses; a time given
+    # as RFC 3339 text, which append takes, failed with a raw Polars error
+    for bad, field_name in (
+        (_trade_of(quantity="3"), "quantity"),
+        (_trade_of(executed_at=T0.date()), "executed_at"),
+        (_trade_of(side="buy"), "side"),
+    ):
+        with pytest.raises(riskbook.InvalidEvent, match=f"TradeExecuted.{field_name}"):
+            History.from_events(bad)
+        envelope = riskbook.Envelope(uuid.uuid4(), "ACC-1", "Account", 1, T0, bad, "c")
+        with pytest.raises(riskbook.InvalidEvent, match=f"TradeExecuted.{field_name}"):
+            History.from_envelopes([envelope])
+    text = _trade_of(executed_at="2024-03-04T15:30:00+01:00")
+    h = History.from_events(text)
+    assert h.trades["executed_at"].to_list() == [T0] and h.events["timestamp"].to_list() == [T0]
+    envelope = riskbook.Envelope(uuid.uuid4(), "ACC-1", "Account", 1, T0, text, "c")
+    same = riskbook.Envelope(envelope.event_id, "ACC-1", "Account", 1, T0, _trade_of(), "c")
+    assert_same(History.from_envelopes([envelope]), History.from_envelopes([same]))
+    filtered = History.from_envelopes([envelope], filters=Filters(until=T0))
+    assert filtered.trades.height == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 import riskbook
@@ -246,3 +248,53 @@ def test_a_cache_that_creates_the_home_creates_it_as_the_server_would(
     assert mode(home) == home_mode()  # 0711 as root: the server's user can reach its files
     for folder in (home / "cache", home / "cache" / "store", home / "cache" / "store" / "seg-1"):
         assert mode(folder) == 0o700
+
+
+def test_the_cache_never_takes_frames_a_caller_changed(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past _MAX_SEGMENTS refreshes, the segments were merged from the refreshing
+    # History's own frames: a notebook's narrowed copy became every later load's.
+    monkeypatch.setattr("riskbook.frames._MAX_SEGMENTS", 3)
+    random_history(fresh_store, n=40, seed=15)
+    entry = _entry(fresh_store)
+    h = load(fresh_store)
+    h.trades = h.trades.filter(pl.col("account_id") == "ACC-1")  # a notebook narrows its copy
+    narrowed = h.trades.height
+    for i in range(3):  # the third merges the segments
+        fresh_store.append(f"ACC-{i}", one_of_each(f"ACC-{i}", symbol=f"S-{i}"))
+        assert h.refresh() == 9
+    assert len(json.loads((entry / "segments.json").read_text())["segments"]) == 1
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
+    assert h.trades.height == narrowed + 3 * 2  # the caller's own, and what was new
+    warm = load(fresh_store)
+    other = dataclasses.replace(warm, marks=warm.marks.head(0))  # another way to change one
+    for i in range(3, 6):
+        fresh_store.append(f"ACC-{i}", one_of_each(f"ACC-{i}", symbol=f"S-{i}"))
+        assert other.refresh() == 9
+    assert len(json.loads((entry / "segments.json").read_text())["segments"]) == 1
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
+    assert other.marks.height == 0
+
+
+def test_a_cache_file_that_makes_polars_panic_is_a_miss(fresh_store: Store) -> None:
+    # dictionary codes past the dictionary (a few flipped bytes): Polars panicked, and
+    # load() raised pyo3's PanicException (a BaseException) instead of reading afresh
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    random_history(fresh_store, n=30, seed=16)
+    load(fresh_store)
+    path = next(_entry(fresh_store).glob("seg-*")) / "events.arrow"
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    i = table.schema.get_field_index("aggregate_id")
+    codes = table.column(i).chunk(0)
+    bad = pa.DictionaryArray.from_arrays(
+        pa.array([99] * len(codes), codes.indices.type), codes.dictionary, safe=False
+    )
+    table = table.set_column(i, table.schema.field(i), bad)
+    with pa.OSFile(str(path) + ".new", "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    os.replace(str(path) + ".new", path)
+    assert_same(load(fresh_store), load(fresh_store, cache=False))
