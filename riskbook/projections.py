@@ -109,7 +109,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -119,9 +119,7 @@ from riskbook._memory import with_large_arrays
 from riskbook.errors import RiskbookError
 from riskbook.events import as_time, format_time
 from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
-
-if TYPE_CHECKING:
-    from riskbook.store import Store
+from riskbook.store import Store, connect
 
 __all__ = [
     "ACCOUNT_TIMELINE_COLUMNS",
@@ -1776,6 +1774,17 @@ def _ids(value: str | Iterable[str] | None, name: str) -> list[str] | None:
     return out
 
 
+def _opened(store: object) -> Store:
+    """A store opened on ``store``, a DSN or None (``RISKBOOK_DSN``, else the embedded
+    server), as :func:`riskbook.load` takes it; the caller closes it. Anything else (a
+    History given for the store, say) is refused, naming what it is."""
+    if store is None or isinstance(store, str):
+        return connect(store)
+    raise TypeError(
+        f"store must be a Store, a DSN or None (the default store), got {type(store).__name__}"
+    )
+
+
 def _store_id(store: Store) -> str | None:
     with store.connection() as conn:
         row = conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
@@ -1788,7 +1797,7 @@ def _dt(us: int) -> datetime:
 
 @with_large_arrays
 def write_snapshots(
-    store: Store,
+    store: Store | str | None = None,
     history: History | None = None,
     *,
     at: TimeLike | Iterable[datetime | str] = None,
@@ -1804,7 +1813,8 @@ def write_snapshots(
 
     Parameters
     ----------
-    store : the store to write to (and to read the history from if none is given).
+    store : the store to write to (and to read the history from if none is given): a
+        :class:`~riskbook.Store`, a DSN, or None (the default store).
     history : the store's history, loaded without symbol, time or known_at filters (an
         accounts filter is fine); default: loaded now.
     at : write one snapshot per account at business time ``at`` (or at each of several
@@ -1827,6 +1837,9 @@ def write_snapshots(
     """
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be a positive number of events, got {every!r}")
+    if not isinstance(store, Store):
+        with _opened(store) as opened:
+            return write_snapshots(opened, history, at=at, every=every)
     from riskbook.frames import load
 
     if history is None:
@@ -2033,7 +2046,7 @@ _STATE_SQL = (
 
 @with_large_arrays
 def state_at(
-    store: Store,
+    store: Store | str | None,
     at: TimeLike,
     *,
     accounts: str | Iterable[str] | None = None,
@@ -2057,7 +2070,7 @@ def state_at(
 
     Parameters
     ----------
-    store : the store.
+    store : a :class:`~riskbook.Store`, a DSN, or None (the default store).
     at : business time T (datetime with a zone or RFC 3339); None: everything.
     accounts : an account id or several; default every account in the store.
     known_at : recorded time K; None: everything recorded.
@@ -2074,6 +2087,9 @@ def state_at(
     >>> pos, acc = state_at(riskbook.connect(), "2024-03-01T15:00:00Z")  # doctest: +SKIP
     >>> acc.select("account_id", "equity", "leverage", "drawdown")  # doctest: +SKIP
     """
+    if not isinstance(store, Store):
+        with _opened(store) as opened:
+            return state_at(opened, at, accounts=accounts, known_at=known_at)
     t_us = _bound(at, "at")
     k_us = _bound(known_at, "known_at")
     t_dt = _as_time(at, "at") or _LATEST
@@ -2243,12 +2259,18 @@ def _fold_from_snapshots(
 # ----------------------------------------------------------------------------- the view
 
 
-def refresh_account_positions(store: Store, *, concurrently: bool = True) -> int:
+def refresh_account_positions(
+    store: Store | str | None = None, *, concurrently: bool = True
+) -> int:
     """Refresh the ``account_positions`` materialized view; return its number of rows.
 
+    ``store`` is a :class:`~riskbook.Store`, a DSN, or None (the default store).
     ``concurrently`` (default) lets readers go on reading the old content meanwhile
     (the view has a unique index for that).
     """
+    if not isinstance(store, Store):
+        with _opened(store) as opened:
+            return refresh_account_positions(opened, concurrently=concurrently)
     with store.connection() as conn:
         conn.execute(
             "REFRESH MATERIALIZED VIEW "
@@ -2260,13 +2282,17 @@ def refresh_account_positions(store: Store, *, concurrently: bool = True) -> int
     return int(row[0]) if row else 0
 
 
-def account_positions(store: Store) -> pl.DataFrame:
+def account_positions(store: Store | str | None = None) -> pl.DataFrame:
     """The ``account_positions`` materialized view as it was last refreshed.
 
+    ``store`` is a :class:`~riskbook.Store`, a DSN, or None (the default store).
     Columns: ``account_id, symbol, net_quantity, trade_count, bought_quantity,
     sold_quantity, buy_vwap, sell_vwap, last_trade_at, last_recorded_at,
     last_adjusted_at``, sorted by account and symbol.
     """
+    if not isinstance(store, Store):
+        with _opened(store) as opened:
+            return account_positions(opened)
     with store.connection() as conn:
         cur = conn.execute("SELECT * FROM account_positions ORDER BY account_id, symbol")
         names = [d.name for d in cur.description or []]

@@ -36,6 +36,7 @@ import html
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -853,7 +854,7 @@ limit_metric_at = L.metric_at
 than the built-ins."""
 
 
-def causation_chain(history: History, event_id: str) -> pl.DataFrame:
+def causation_chain(history: History, event_id: str | uuid.UUID) -> pl.DataFrame:
     """The events linked to one: its causes, its effects, and those of its correlation.
 
     Walks ``causation_id`` up to the first cause and down to every effect, adds the
@@ -864,6 +865,12 @@ def causation_chain(history: History, event_id: str) -> pl.DataFrame:
     occurred_at, timestamp, position, event_id, causation_id, summary``, in global
     order.
     """
+    if not isinstance(event_id, str | uuid.UUID):
+        raise TypeError(f"event_id must be a UUID or its text, got {type(event_id).__name__}")
+    try:  # the frames hold ids as lower-case text
+        event_id = str(uuid.UUID(str(event_id)))
+    except ValueError:
+        raise KeyError(f"no event {event_id} in this history: it is not a UUID") from None
     ev = history.events.select(
         "event_id",
         pl.col("event_type").cast(pl.String),

@@ -350,8 +350,9 @@ def reference_breaches(
                           e.get("set_by", "backtest"), None, t)  # fmt: skip
         else:
             ref.apply(e)
-    times = [e.business_time for e in known] + [h["set_at"] for h in hypothetical or []
-                                                 if h.get("set_at") is not None]  # fmt: skip
+    # a bust acts when it is known, whatever its cancelled_at: no time of the history
+    times = [e.business_time for e in known if not isinstance(e.payload, TradeCancelled)] + [
+        h["set_at"] for h in hypothetical or [] if h.get("set_at") is not None]  # fmt: skip
     horizon = at if at is not None else max(times, default=None)
     if horizon is not None:
         ref.end_days(horizon)
@@ -501,6 +502,65 @@ def test_daily_volume_counts_only_the_day_and_survives_no_event() -> None:
     got = limits.breaches(b.history(), levels=1.0)
     assert show(rows(got)) == [("MaxDailyVolume", None, 1.0, at(260), None, 90.0, 80.0)]
     assert rows(got) == reference_breaches(b.envelopes, levels=(1.0,))
+
+
+def test_a_bust_booked_the_next_day_does_not_end_the_days_breach() -> None:
+    # the horizon was the latest business time of every event, a bust's cancelled_at
+    # too: a bust booked the next day closed the day's open breach at midnight
+    b = Book()
+    b.limit("A", "MaxDailyVolume", 10, at(0))
+    b.trade("A", "X", "Buy", 20, 10, at(10), trade_id="T-1")
+    b.trade("A", "X", "Buy", 1, 10, at(20), trade_id="T-2")
+    b.cancel("A", "T-2", at(300))  # the next day (midnight is at(240))
+    got = limits.breaches(b.history(), levels=1.0)
+    assert show(rows(got)) == [("MaxDailyVolume", None, 1.0, at(10), None, 20.0, 10.0)]
+    assert rows(got) == reference_breaches(b.envelopes, levels=(1.0,))
+    # the next day's own events end it, as before
+    b.fund("A", 1, at(300))
+    assert limits.breaches(b.history(), levels=1.0)["ended_at"].to_list() == [at(240)]
+
+
+def test_a_scheduled_limit_after_every_event_takes_effect_at_its_set_at() -> None:
+    # the horizon includes it (the live engine's docstring: breaches applies it at its
+    # set_at even if no later event comes), and so the day it is set in has come
+    b = Book()
+    b.limit("A", "MaxDailyVolume", 10, at(0))
+    b.trade("A", "X", "Buy", 20, 10, at(10))
+    b.limit("A", "MaxPositionSize", 5, at(300), recorded=at(11))  # the next day
+    got = limits.breaches(b.history(), levels=1.0)
+    assert show(rows(got)) == [
+        ("MaxDailyVolume", None, 1.0, at(10), at(240), 20.0, 10.0),
+        ("MaxPositionSize", "X", 1.0, at(300), None, 20.0, 5.0),
+    ]
+    assert rows(got) == reference_breaches(b.envelopes, levels=(1.0,))
+
+
+def test_a_history_loaded_until_u_ends_nothing_after_u(fresh_store: Store) -> None:
+    # a History loaded with until=U keeps every bust whatever its cancelled_at: one
+    # booked after U moved the horizon past U, and a daily breach open at U ended at
+    # a midnight after it; a hypothetical limit set after U did too
+    u = at(30)
+    fresh_store.append("A", [
+        LimitSet(account_id="A", limit_type="MaxDailyVolume", value=10.0, set_by="cro",
+                 set_at=at(0)),
+        TradeExecuted(trade_id="T-1", account_id="A", symbol="X", side=Side.Buy,
+                      quantity=20.0, price=10.0, executed_at=at(10)),
+        TradeCancelled(trade_id="NOPE", account_id="A", reason="typo", cancelled_at=at(300)),
+        AccountFunded(account_id="A", amount=1.0, funded_at=at(400)),
+    ])  # fmt: skip
+    cols = ["limit_type", "started_at", "ended_at", "ended_by_event_id"]
+    whole = riskbook.load(fresh_store, cache=False, progress=False)
+    until_u = riskbook.load(fresh_store, until=u, cache=False, progress=False)
+    assert until_u.cancels.height == 1  # kept, though after U
+    expected = limits.breaches(whole, at=u, levels=1.0).select(cols)
+    assert expected.rows() == [("MaxDailyVolume", at(10), None, None)]
+    assert limits.breaches(until_u, levels=1.0).select(cols).equals(expected)
+    assert limits.breaches(whole, levels=1.0)["ended_at"].to_list() == [at(240)]
+    later = [{"account_id": "A", "limit_type": "MaxDailyVolume", "value": 10.0},
+             {"account_id": "A", "limit_type": "MaxPositionSize", "value": 1.0,
+              "set_at": at(300)}]  # fmt: skip
+    what_if = limits.breaches(until_u, limits=later, levels=1.0)
+    assert what_if.select(cols).rows() == [("MaxDailyVolume", at(10), None, None)]
 
 
 def test_drawdown_open_close_reopen_and_a_raise_mid_breach() -> None:

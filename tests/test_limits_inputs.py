@@ -4,10 +4,12 @@ limits of an unregistered type were skipped."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import polars as pl
@@ -19,6 +21,7 @@ from riskbook.events import (
     AccountFunded,
     Event,
     LimitSet,
+    LimitViolationDetected,
     PriceMarked,
     Side,
     TradeExecuted,
@@ -314,3 +317,101 @@ def test_a_pandas_sheet_with_empty_optional_columns_is_read() -> None:
     assert rows["symbol"].to_list() == [None, None] and rows["set_at"].to_list() == [None, None]
     records = limits.hypothetical_limits(sheet.to_dict("records"))
     assert records["value"].to_list() == [2.5, 3.0] and records["symbol"].null_count() == 2
+
+
+# ============================================================================ arguments
+
+
+def _reported(at_seconds: float) -> History:
+    """A breach at minute 1 and the engine's report of it, without a cause: matched by
+    time only."""
+    return History.from_events(
+        limit("A", "MaxPositionSize", 100, at(0)),
+        trade("A", "X", 150, 10, at(1)),
+        LimitViolationDetected(account_id="A", limit_type="MaxPositionSize", symbol="X",
+                               current_value=150.0, limit_value=100.0,
+                               detected_at=at(1) + timedelta(seconds=at_seconds)),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "error", "told"),
+    [
+        (60, TypeError, "tolerance must be a timedelta, got int 60"),
+        (60.0, TypeError, "tolerance must be a timedelta, got float 60.0"),
+        ("1m", TypeError, "tolerance must be a timedelta, got str '1m'"),
+        (None, TypeError, "tolerance must be a timedelta, got NoneType None"),
+        (timedelta(seconds=-1), ValueError, "tolerance must be >= 0, got -1 s"),
+    ],
+)
+def test_reconcile_refuses_a_tolerance_that_is_not_a_timedelta_of_zero_or_more(
+    tolerance: Any, error: type[Exception], told: str
+) -> None:
+    # a number or text failed deep inside with "'<=' not supported between timedelta and
+    # int", and only when a report had to be matched by time; a negative one matched no
+    # report by time, silently
+    h = _reported(30)
+    assert limits.reconcile(h)["status"].to_list() == ["matched"]
+    assert limits.reconcile(h, tolerance=timedelta(0))["status"].to_list() == ["matched"]
+    with pytest.raises(error, match=f"^{re.escape(told)}$"):
+        limits.reconcile(h, tolerance=tolerance)
+    with pytest.raises(error, match=r"^tolerance"):  # refused with nothing to match, too
+        limits.reconcile(History.empty(), tolerance=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("levels", "told"),
+    [
+        ("1.0", "levels must be a number or a sequence of numbers (fractions of the limit), "
+                "got str '1.0'"),
+        (None, "levels must be a number or a sequence of numbers (fractions of the limit), "
+               "got NoneType None"),
+        (True, "got bool True"),
+        ([0.5, "1"], "levels must be numbers (fractions of the limit), got str '1' in "
+                     "(0.5, '1')"),
+    ],
+)  # fmt: skip
+def test_levels_must_be_a_number_or_numbers(levels: Any, told: str) -> None:
+    # "1.0" was read as the levels "1", "." and "0" (a ValueError about '.'), "1" as 1.0,
+    # None failed with "'NoneType' object is not iterable"
+    h = _reported(0)
+    with pytest.raises(TypeError, match=re.escape(told)):
+        limits.breaches(h, levels=levels)
+    with pytest.raises(TypeError, match=re.escape(told)):
+        limits.backtest(h, [ONE], levels=levels)
+
+
+def test_levels_may_be_one_number_of_any_numeric_type() -> None:
+    import numpy as np
+
+    h = _reported(0)
+    one = limits.breaches(h, levels=1.0)
+    assert one.height == 1
+    for levels in (1, np.float64(1.0), Decimal("1"), (1,), [np.int64(1)]):
+        assert limits.breaches(h, levels=levels).equals(one), levels  # type: ignore[arg-type]
+
+
+def test_metric_at_takes_its_times_as_every_projection_does() -> None:
+    # RFC 3339 text failed with a polars InvalidOperationError, a naive datetime with a
+    # SchemaError, and a date was taken as midnight, silently
+    h = History.from_events(
+        fund("A", 1_000, at(0)), limit("A", "MaxLeverage", 2.0, at(0)),
+        trade("A", "X", 100, 10.0, at(1)),
+    )  # fmt: skip
+    value = limits.metric_at(h, "MaxLeverage", account="A", at=at(2))
+    assert value == 1.0
+    text = "2024-03-01T20:02:00Z"
+    assert limits.metric_at(h, "MaxLeverage", account="A", at=text) == value
+    assert limits.metric_at(h, "MaxLeverage", account="A", at=text, known_at=text) == value
+    assert limits.metric_at(h, "MaxLeverage", account="A", at="2024-03-01T20:00:30Z") == 0.0
+    with pytest.raises(ValueError, match=r"^at has no time zone: give UTC explicitly$"):
+        limits.metric_at(h, "MaxLeverage", account="A", at=datetime(2024, 3, 1, 21))
+    with pytest.raises(ValueError, match=r"^at: 'yesterday' is not an RFC 3339 time"):
+        limits.metric_at(h, "MaxLeverage", account="A", at="yesterday")
+    with pytest.raises(TypeError, match=r"^at must be a datetime or an RFC 3339 string, got date"):
+        limits.metric_at(h, "MaxLeverage", account="A", at=date(2024, 3, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^known_at has no time zone"):
+        limits.metric_at(h, "MaxLeverage", account="A", at=at(2),
+                         known_at=datetime(2024, 3, 1, 21))  # fmt: skip
+    with pytest.raises(TypeError, match=r"^metric_at needs at"):
+        limits.metric_at(h, "MaxLeverage", account="A", at=None)  # type: ignore[arg-type]

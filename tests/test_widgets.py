@@ -162,6 +162,12 @@ def test_causation_chain_of_the_block(sample: riskbook.History) -> None:
     assert rel[FAT_FINGER["violation_event_id"]] == "same cause"
     with pytest.raises(KeyError):
         widgets.causation_chain(sample, "no-such-event")
+    # a UUID, or its text in capitals, names the same event (a polars TypeError before)
+    block = uuid.UUID(FAT_FINGER["block_event_id"])
+    assert widgets.causation_chain(sample, block).equals(chain)
+    assert widgets.causation_chain(sample, str(block).upper()).equals(chain)
+    with pytest.raises(TypeError, match="event_id must be a UUID"):
+        widgets.causation_chain(sample, 7)  # type: ignore[arg-type]
 
 
 def test_incident_panel_engine_view_limit_and_steps(sample: riskbook.History) -> None:

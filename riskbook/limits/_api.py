@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,8 +20,7 @@ from riskbook.errors import RiskbookError
 from riskbook.events import LimitSet, as_time, format_time, parse_time
 from riskbook.frames import History
 from riskbook.limits._builtin import shared_timelines
-from riskbook.limits._evaluate import _levels as _check_levels
-from riskbook.limits._evaluate import _limit_frame, _metric_rows, evaluate
+from riskbook.limits._evaluate import _levels, _limit_frame, _metric_rows, evaluate
 from riskbook.limits._registry import get, names
 from riskbook.projections import _check_history as _whole_enough
 
@@ -392,20 +391,35 @@ def _checked_frame(frame: pl.DataFrame) -> pl.DataFrame:
 # ----------------------------------------------------------------------------- breaches
 
 
+def _latest_event(history: History, known_at: datetime | None) -> datetime | None:
+    """The latest business time of the events known by ``known_at``, busts left out
+    (see :func:`_horizon`)."""
+    events = _known(history.events, known_at)
+    return events.select(
+        pl.col("occurred_at").filter(pl.col("event_type") != "TradeCancelled").max()
+    ).item()
+
+
 def _horizon(
-    history: History, rows: pl.DataFrame, at: datetime | None, known_at: datetime | None
+    history: History, rows: pl.DataFrame, at: datetime | None, latest: datetime | None
 ) -> datetime | None:
     """The end of what is known: ``at``; else the latest business time of the events
-    known, or of the limits (a hypothetical one can be set after the last event)."""
+    known (``latest``: :func:`_latest_event`) or of the limits (a hypothetical one can be
+    set after the last event, and a stored one scheduled: :func:`breaches` applies it at
+    its set_at), but not past the ``until`` a History was loaded with.
+
+    A bust's cancelled_at is no such time: a bust acts as soon as it is known, whatever
+    its cancelled_at (DESIGN.md §4), and a History loaded with ``until`` keeps every
+    bust, later ones too. Counted, a bust booked the next day (or after ``until``) would
+    end the day's open daily breaches at a midnight nothing else reached.
+    """
     if at is not None:
         return at
-    times = [_known(history.events, known_at)["occurred_at"].max(), rows["set_at"].max()]
-    found = [t for t in times if isinstance(t, datetime)]
-    return max(found) if found else None
-
-
-def _levels(levels: Sequence[float] | float) -> tuple[float, ...]:
-    return _check_levels((levels,) if isinstance(levels, int | float) else tuple(levels))
+    found = [t for t in (latest, rows["set_at"].max()) if isinstance(t, datetime)]
+    if not found:
+        return None
+    until = history.filters.until
+    return max(found) if until is None else min(max(found), until)
 
 
 class _UnregisteredTypes(UserWarning):
@@ -455,7 +469,8 @@ def _evaluate_scenarios(
             stacklevel=_caller_level(),
         )
     found: dict[str, list[pl.DataFrame]] = {s: [] for s in scenarios}
-    horizons = {s: _horizon(history, rows, at, known_at) for s, rows in scenarios.items()}
+    latest = _latest_event(history, known_at) if at is None else None
+    horizons = {s: _horizon(history, rows, at, latest) for s, rows in scenarios.items()}
     events = None
     with shared_timelines():
         for name in (n for n in wanted if n in registered):
@@ -817,7 +832,8 @@ def reconcile(
     report and a breach **match** when they have the same account, limit type and
     symbol (for a limit type per symbol) and either the report's ``causation_id`` is
     the breach's trigger event, or (for reports without a matching cause) its
-    ``detected_at`` is within ``tolerance`` of the breach's start (nearest first), or
+    ``detected_at`` is within ``tolerance`` (a timedelta >= 0; default one minute) of
+    the breach's start (nearest first), or
     else its ``detected_at`` is inside the breach (``started_at <= detected_at <
     ended_at``): the recomputed breach began earlier than the engine saw it, as when a
     trigger recorded late moved its start (the earliest such report). Each breach and
@@ -847,6 +863,12 @@ def reconcile(
     >>> rec = reconcile(riskbook.load())  # doctest: +SKIP
     >>> rec.filter(pl.col("status") != "matched").select("status", "reason")  # doctest: +SKIP
     """
+    if not isinstance(tolerance, timedelta):  # as every window in riskbook: no bare seconds
+        raise TypeError(
+            f"tolerance must be a timedelta, got {type(tolerance).__name__} {tolerance!r}"
+        )
+    if tolerance < timedelta(0):  # it would match no report by time, silently
+        raise ValueError(f"tolerance must be >= 0, got {tolerance.total_seconds():g} s")
     _check_history(history, "reconcile")
     t = _time(at, "at")
     k = _time(known_at, "known_at")
@@ -1117,8 +1139,8 @@ def metric_at(
     *,
     account: str,
     symbol: str | None = None,
-    at: datetime,
-    known_at: datetime | None = None,
+    at: datetime | str,
+    known_at: TimeLike = None,
     metric: pl.DataFrame | None = None,
 ) -> float | None:
     """A registered limit type's metric for one account (and symbol) at T as known at K.
@@ -1130,6 +1152,8 @@ def metric_at(
 
     Parameters
     ----------
+    at : business time T (a datetime with a zone, or RFC 3339 text).
+    known_at : recorded time K (likewise); None: everything recorded.
     metric : the metric timeline as known at ``known_at``, when it is already computed.
 
     Returns
@@ -1139,6 +1163,10 @@ def metric_at(
         per symbol and no symbol is given, or the key has no metric row (or a NaN) by
         then.
     """
+    t = _time(at, "at")
+    if t is None:
+        raise TypeError("metric_at needs at: the business time of the value")
+    k = _time(known_at, "known_at")
     try:
         definition = get(limit_type)
     except KeyError:
@@ -1148,15 +1176,15 @@ def metric_at(
         return None
     if metric is None:
         with shared_timelines():
-            metric = definition.metric(history, known_at=known_at)
+            metric = definition.metric(history, known_at=k)
     rows = _metric_rows(metric, definition, per_symbol)[0]  # checked, in business order
-    mine = rows.filter((pl.col("account_id").cast(pl.String) == account) & (pl.col("time") <= at))
+    mine = rows.filter((pl.col("account_id").cast(pl.String) == account) & (pl.col("time") <= t))
     if per_symbol:
         mine = mine.filter(pl.col("symbol").cast(pl.String) == symbol)
     if mine.height == 0:
         return None
     last = mine.row(-1, named=True)
-    if definition.scope.endswith("_day") and last["time"].date() != at.astimezone(UTC).date():
+    if definition.scope.endswith("_day") and last["time"].date() != t.date():  # t in UTC
         return 0.0  # a new UTC day: the metric started again from zero
     value = last["value"]
     return None if value is None or math.isnan(value) else float(value)

@@ -15,9 +15,11 @@ for the keys new in its batch. The frames stay the state's meaning: a state made
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -137,7 +139,9 @@ class BreachState:
     _derived: _Derived | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, definition: LimitDefinition | str, levels: Sequence[float]) -> BreachState:
+    def empty(
+        cls, definition: LimitDefinition | str, levels: Sequence[float] | float
+    ) -> BreachState:
         """The state before anything: no limits, no metric, nothing open."""
         d = get(definition) if isinstance(definition, str) else definition
         return cls(
@@ -234,13 +238,33 @@ class _Derived:
         )  # fmt: skip
 
 
-def _levels(levels: Sequence[float]) -> tuple[float, ...]:
+def _levels(levels: Sequence[float] | float) -> tuple[float, ...]:
+    """``levels``: one fraction of the limit or several, as distinct positive floats."""
+    if _is_number(levels):
+        levels = (levels,)  # type: ignore[assignment]
+    elif isinstance(levels, str | bytes) or not isinstance(levels, Iterable):
+        # text is iterable: "1.0" would be read as the levels "1", "." and "0"
+        raise TypeError(
+            "levels must be a number or a sequence of numbers (fractions of the limit), "
+            f"got {type(levels).__name__} {levels!r}"
+        )
+    levels = tuple(levels)  # type: ignore[arg-type]
+    for x in levels:
+        if not _is_number(x):
+            raise TypeError(
+                f"levels must be numbers (fractions of the limit), got {type(x).__name__}"
+                f" {x!r} in {levels!r}"
+            )
     out = tuple(float(x) for x in levels)
     if not out or not all(np.isfinite(x) and x > 0 for x in out):
         raise ValueError(f"levels must be positive fractions of the limit, got {levels!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"levels must be distinct, got {levels!r}")
     return out
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real | Decimal) and not isinstance(x, bool)
 
 
 def _us(t: datetime) -> int:
@@ -774,7 +798,7 @@ def evaluate(
     metric: pl.DataFrame,
     limits: pl.DataFrame,
     *,
-    levels: Sequence[float] = (0.8, 0.9, 1.0),
+    levels: Sequence[float] | float = (0.8, 0.9, 1.0),
     state: BreachState | None = None,
     through: datetime | None = None,
 ) -> tuple[pl.DataFrame, BreachState]:
@@ -787,7 +811,8 @@ def evaluate(
     limits : limit rows of this batch (:data:`LIMIT_ROWS_SCHEMA`). If they have a
         ``limit_type`` column (``history.limits`` has the right columns), only the rows
         of this definition's type are used: the others, of other types, are left out.
-    levels : fractions of the limit; a breach at level x is metric > x * limit.
+    levels : fractions of the limit (one, or several); a breach at level x is metric >
+        x * limit.
     state : where the previous batch left off (None: the beginning). Rows of a key that
         come before what that key already folded raise ``ValueError``.
     through : the business time the batch is complete through: rows after it are left

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, cast
 
 import polars as pl
 
@@ -19,8 +21,9 @@ from riskbook.events import (
     TradeExecuted,
     as_time,
     format_time,
+    validate,
 )
-from riskbook.frames import History, load
+from riskbook.frames import Filters, History, load
 from riskbook.live._engine import Engine, describe
 from riskbook.live._processor import Processor
 from riskbook.store import Store, connect
@@ -169,15 +172,19 @@ def check(
     >>> r.accepted, [x.message for x in r.reasons]  # doctest: +SKIP
     """
     when = as_time(at, "at") or datetime.now(UTC)
-    trade = TradeExecuted(
+    # Validated as the store validates an appended event (InvalidEvent names the field:
+    # a side "buy", a quantity "10" or None, an account 7); a number of another type
+    # (numpy's, from a frame) is taken as the float it is.
+    proposed = TradeExecuted(
         trade_id=f"pre-trade-check-{uuid.uuid4()}",
         account_id=account,
         symbol=symbol,
-        side=Side(side),
-        quantity=float(quantity),
-        price=float(price),
+        side=side,  # type: ignore[arg-type]  # validate makes the Side
+        quantity=_number(quantity),
+        price=_number(price),
         executed_at=when,
     )
+    trade = cast(TradeExecuted, validate(proposed))
     # The state before the trade: with the scheduled limits due by then in force, as in
     # the trade's own fold (so a trade reducing a breach they start is not refused).
     engine = _engine_for(account, store, processor, wait).as_of(when)
@@ -192,7 +199,7 @@ def check(
         correlation_id="pre-trade-check",
         position=max(engine.horizon, 1),
     )
-    trial.apply(History.from_envelopes([envelope]), written=False)
+    trial.apply(History._of_envelopes([envelope], Filters()), written=False)  # checked above
     reasons: list[Reason] = []
     if engine.blocked.get(account):
         reasons.append(Reason("blocked", f"account {account} is blocked"))
@@ -234,6 +241,13 @@ def check(
         )
     return CheckResult(not reasons, account, symbol, trade.side.value, trade.quantity,
                        trade.price, when, tuple(reasons))  # fmt: skip
+
+
+def _number(value: Any) -> Any:
+    """A real number as a float; anything else as it is, for validation to refuse."""
+    if isinstance(value, numbers.Real | Decimal) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _metric(

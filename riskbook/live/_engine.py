@@ -164,7 +164,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         if self.types is not None:
-            self.types = tuple(self.types)
+            self.types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
             for name in self.types:
                 get(name)  # KeyError for a type that is not registered
                 self._levels(name)  # ValueError for a bad critical factor

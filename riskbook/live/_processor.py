@@ -103,7 +103,8 @@ class Processor:
         yet: see the module docstring).
     critical : factor of the limit over which a breach blocks the account (one for
         every type, or per type; None for a type: never blocks). Default 1.2.
-    types : the limit types to evaluate (default: every registered one).
+    types : the limit types to evaluate: one name or several (default: every registered
+        one).
     start : where a processor with no checkpoint yet starts: ``"beginning"`` (every
         stored event is processed, effects included) or ``"head"`` (the stored history
         only builds the state; effects start with the next event).
@@ -130,7 +131,7 @@ class Processor:
         *,
         name: str = "live",
         critical: float | Mapping[str, float | None] = DEFAULT_CRITICAL,
-        types: Iterable[str] | None = None,
+        types: str | Iterable[str] | None = None,
         start: Literal["beginning", "head"] = "beginning",
         actor: str = "riskbook-live",
         on_commit: Callable[[Commit], None] | None = None,
@@ -143,16 +144,19 @@ class Processor:
             raise ValueError("a processor's name must have 1 to 200 characters")
         if start not in ("beginning", "head"):
             raise ValueError(f"start must be 'beginning' or 'head', got {start!r}")
-        self._owns_store = not isinstance(store, Store)
-        self.store = store if isinstance(store, Store) else connect(store)
-        self.name = name
-        self.start_at = start
+        if isinstance(types, str):
+            types = (types,)  # one name, as breaches(types=) takes it: not its letters
         self._engine_args = {
             "critical": critical,
             "types": None if types is None else tuple(types),
             "actor": actor,
         }
+        # before connecting: a bad type or factor leaves no store open behind it
         self.engine = Engine(**self._engine_args)  # type: ignore[arg-type]
+        self._owns_store = not isinstance(store, Store)
+        self.store = store if isinstance(store, Store) else connect(store)
+        self.name = name
+        self.start_at = start
         self.on_commit = on_commit
         self.max_batch = max_batch
         self.before_commit = before_commit
@@ -486,7 +490,7 @@ class Processor:
         if not envelopes:
             return None
         if self.max_batch is not None or len(envelopes) < _SMALL:
-            batch = History.from_envelopes(envelopes)
+            batch = History._of_envelopes(envelopes, Filters())  # decoded, so checked
         else:  # a backlog: everything below the fence in one read
             batch = _read(self.store, Filters(), after=horizon, progress=False)
         engine = self.engine.copy()
