@@ -144,8 +144,31 @@ def register_limit_type_name(name: str, *, per_symbol: bool = True) -> None:
 
 
 def known_limit_types() -> frozenset[str]:
-    """The limit type names events may carry."""
+    """The limit type names events may carry (installed plugins' included)."""
+    if _limit_type_loader is not None:
+        _limit_type_loader()
     return frozenset(_limit_type_names)
+
+
+# The limits layer's loader of the limit types installed packages add (entry points):
+# events, the lowest layer, cannot import it, so the limits layer installs it here when
+# it is imported. It runs on the first limit type not known yet (and loads only once),
+# so that a plugin's type is known to construction, append and import without anything
+# having asked the limits registry first.
+_limit_type_loader: Callable[[], object] | None = None
+
+
+def _install_limit_type_loader(loader: Callable[[], object]) -> None:
+    global _limit_type_loader
+    _limit_type_loader = loader
+
+
+def _is_limit_type(name: str) -> bool:
+    if name in _limit_type_names:
+        return True
+    if _limit_type_loader is not None:
+        _limit_type_loader()
+    return name in _limit_type_names
 
 
 # --------------------------------------------------------------------------- times
@@ -250,12 +273,24 @@ def _field_kinds(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], str]:
     return result
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class Event(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="type",
+    tag=True,
+    forbid_unknown_fields=True,
+):
     """Base of every event payload. Subclasses are immutable and validated on creation.
 
     ``aggregate_type`` says which kind of aggregate the event belongs to
     (``"Account"`` or ``"Instrument"``); :attr:`aggregate_id` is the id of that
     aggregate, taken from the payload; :attr:`business_time` is its ``*_at`` field.
+
+    Decoding refuses a key that is not a field (``"venue"``, a misspelt ``"Symbol"``):
+    written, it would be lost or change what the event means. Reading what is stored
+    (:func:`read_payload`) passes over such keys instead: a newer riskbook's payload
+    still reads.
     """
 
     aggregate_type: ClassVar[str] = ACCOUNT
@@ -307,7 +342,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
             msgspec.structs.force_setattr(self, spec[2], utc)
         limit_type = getattr(self, "limit_type", None)
         if limit_type is not None and not _reading_stored.get():
-            if limit_type not in _limit_type_names:
+            if not _is_limit_type(limit_type):
                 raise InvalidEvent(
                     name,
                     "limit_type",
@@ -481,10 +516,59 @@ _decoders: dict[str, msgspec.json.Decoder[Any]] = {
 _any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()
 
+# msgspec rounds a fraction finer than a microsecond to the nearest one; riskbook cuts
+# it, as parse_time does: a fill at 23:59:59.9999999 stays on its day, and a time never
+# moves past the one given. No time riskbook writes has such a fraction, so decoding
+# looks for one with a search of the text first (cheap next to the decoding) and
+# rewrites the times only where there is one (floats with many digits match too: they
+# are only read once more).
+_FINER_FRACTION = re.compile(rb"\.[0-9]{7}")
+_FINER_FRACTION_TEXT = re.compile(r"\.[0-9]{7}")
+_TIME_FIELDS = tuple(sorted({cls.time_field for cls in EVENT_TYPES.values()}))
+
+
+def _cut_time(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``data`` with the fraction of its time ``key`` cut to microseconds (a copy, if it
+    has digits past the sixth; else ``data`` itself)."""
+    value = data.get(key)
+    if value.__class__ is str and len(value) > 27 and _FINER_THAN_MICROSECONDS.search(value):
+        return {**data, key: _FINER_THAN_MICROSECONDS.sub(r"\1", value, count=1)}
+    return data
+
+
+def _exact_times(data: bytes | str, *, envelope: bool) -> bytes | str:
+    """The JSON text of an envelope line (of a payload, ``envelope`` False) with its
+    times' digits past the sixth cut: the recorded time and the payload's business
+    time, nothing else (metadata is kept as given). Text with none comes back as is."""
+    if isinstance(data, str):
+        if _FINER_FRACTION_TEXT.search(data) is None:
+            return data
+    elif _FINER_FRACTION.search(data) is None:
+        return data
+    try:
+        obj = msgspec.json.decode(data)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return data  # not JSON: the decoder says what is wrong
+    if not isinstance(obj, dict):
+        return data
+    exact = _cut_time(obj, "timestamp") if envelope else obj
+    payload = exact.get("payload") if envelope else exact
+    if isinstance(payload, Mapping):
+        cut = payload
+        for key in _TIME_FIELDS:
+            cut = _cut_time(cut, key)
+        if cut is not payload:
+            exact = {**exact, "payload": cut} if envelope else cut
+    return data if exact is obj else msgspec.json.encode(exact)
+
 
 def _field_of(path: str) -> str:
     # msgspec reports "... - at `$.payload.quantity`"; keep the part after "$." .
     return path.split("$.", 1)[1].rstrip("`") if "$." in path else "?"
+
+
+def _not_a_field(what: str, fields: Iterable[str]) -> str:
+    return f"is not a field of {what} (its fields: {', '.join(fields)})"
 
 
 def _invalid(event_type: str, exc: Exception, *, prefix: str = "") -> InvalidEvent:
@@ -502,6 +586,18 @@ def _invalid(event_type: str, exc: Exception, *, prefix: str = "") -> InvalidEve
         missing = reason.split("`")[1] if "`" in reason else "?"
         field_name = f"{field_name}.{missing}" if field_name != "?" else missing
         reason = "is missing"
+    elif reason.startswith("Object contains unknown field"):
+        # refused, not dropped: a newer writer's field would be lost, a misspelt one
+        # ("Symbol") would change what the event means
+        unknown = reason.partition("`")[2][:-1]  # the key as given, backticks and all
+        if not unknown.isidentifier():
+            unknown = json.dumps(unknown)  # "" (an empty key), "a b", ...
+        cls = EVENT_TYPES.get(event_type)
+        if field_name in ("?", "payload") and cls is not None:
+            reason = _not_a_field(event_type, cls.__struct_fields__)
+        else:
+            reason = "is not a field riskbook knows"
+        field_name = f"{field_name}.{unknown}" if field_name != "?" else unknown
     if reason[1:2].islower():  # "Expected ..." -> "expected ...", but "JSON ..." stays
         reason = reason[:1].lower() + reason[1:]
     return InvalidEvent(event_type, prefix + field_name, reason)
@@ -544,14 +640,16 @@ def _six_digits(data: bytes) -> bytes:
 
 
 def decode_event(data: bytes | str, *, event_type: str | None = None) -> Event:
-    """Decode and validate a payload. Raises :class:`InvalidEvent` naming the field."""
+    """Decode and validate a payload. Raises :class:`InvalidEvent` naming the field (a
+    key that is not one of the event's fields too). Digits of its time past the sixth
+    are dropped, as :func:`parse_time` drops them."""
     try:
         if event_type is None:
-            return _any_decoder.decode(data)
+            return _any_decoder.decode(_exact_times(data, envelope=False))
         decoder = _decoders.get(event_type)
         if decoder is None:
             raise InvalidEvent(event_type, "type", f"unknown event type {event_type!r}")
-        return decoder.decode(data)
+        return decoder.decode(_exact_times(data, envelope=False))
     except RecursionError:
         raise InvalidEvent(event_type or "?", "payload", "nested too deeply") from None
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
@@ -579,8 +677,9 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     event_type = data.get("type")
     if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         raise InvalidEvent(str(event_type or "?"), "type", f"unknown event type {event_type!r}")
+    cls = EVENT_TYPES[event_type]
     try:
-        return msgspec.convert(data, EVENT_TYPES[event_type], strict=True)
+        return msgspec.convert(_cut_time(data, cls.time_field), cls, strict=True)
     except (msgspec.ValidationError, InvalidEvent) as exc:
         raise _invalid(event_type, exc) from None
 
@@ -598,7 +697,8 @@ def validate(event: Event) -> Event:
     for f in event.__struct_fields__:
         data[f] = getattr(event, f)
     try:
-        return msgspec.convert(data, type(event), strict=True)
+        # a time given as text (Python does not check types) is cut like a decoded one
+        return msgspec.convert(_cut_time(data, event.time_field), type(event), strict=True)
     except (msgspec.ValidationError, InvalidEvent) as exc:
         raise _invalid(type(event).__name__, exc) from None
 
@@ -660,8 +760,11 @@ MAX_SEQUENCE = 2**63 - 1
 _BOM = "\ufeff"
 
 
-class _EnvelopeIn(msgspec.Struct, kw_only=True):
-    # The import layout: event_type and sequence may be absent.
+class _EnvelopeIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # The import layout: event_type and sequence may be absent. A key that is not a field
+    # is refused, as in a payload ("causationId" would be dropped: no causation). The
+    # envelope's position may be given (an export that kept it) but is not kept: it is
+    # the order of commits in the store that writes the event (and not hashed).
     event_id: uuid.UUID
     aggregate_id: _Id
     aggregate_type: _Id
@@ -672,6 +775,7 @@ class _EnvelopeIn(msgspec.Struct, kw_only=True):
     sequence: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQUENCE)] | None = None
     causation_id: uuid.UUID | None = None
     metadata: dict[str, Any] = {}
+    position: int | None = None
 
 
 _envelope_decoder = msgspec.json.Decoder(_EnvelopeIn)
@@ -689,6 +793,10 @@ class _EnvelopeOut(msgspec.Struct):
     correlation_id: str
     metadata: Mapping[str, Any]
     payload: Any
+
+
+# those of _EnvelopeIn, in the article's order
+_ENVELOPE_FIELDS = (*_EnvelopeOut.__struct_fields__, "position")
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
@@ -728,14 +836,23 @@ def decode_envelope(line: bytes | str) -> tuple[Envelope, bool]:
     """Decode and validate one envelope line of the import format.
 
     Returns the envelope and whether its ``sequence`` was given (an absent sequence is
-    returned as 0, to be assigned by the store). Raises :class:`InvalidEvent`.
+    returned as 0, to be assigned by the store). Raises :class:`InvalidEvent`, also for
+    a key that is not a field of the envelope or of its payload. Times are kept to the
+    microsecond as :func:`parse_time` keeps them: digits past the sixth are dropped.
     """
     try:
-        raw = _envelope_decoder.decode(line)
+        raw = _envelope_decoder.decode(_exact_times(line, envelope=True))
     except RecursionError:
         raise InvalidEvent("?", "line", "nested too deeply") from None
     except UnicodeDecodeError as exc:  # msgspec's, for bytes in a string that are not UTF-8
-        raise InvalidEvent("?", "line", f"not valid UTF-8 (at byte {exc.start})") from None
+        # msgspec counts from the start of that string: the offset in the line is Python's
+        start = exc.start
+        if isinstance(line, bytes):
+            try:
+                line.decode()
+            except UnicodeDecodeError as in_line:
+                start = in_line.start
+        raise InvalidEvent("?", "line", f"not valid UTF-8 (at byte {start})") from None
     except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent) as exc:
         raise _envelope_error(line, exc) from None
     return check_envelope(raw), raw.sequence is not None
@@ -761,8 +878,13 @@ def _envelope_error(line: bytes | str, exc: Exception) -> InvalidEvent:
         kind = obj["event_type"]
     cause = exc.__cause__ or exc.__context__
     err = _invalid(kind, exc, prefix="payload." if isinstance(cause, InvalidEvent) else "")
+    if err.field == "payload.type" and not (isinstance(payload, Mapping) and "type" in payload):
+        return InvalidEvent(kind, "payload.type", "is missing")
     if err.field == "payload.type" or (err.field == "payload" and kind not in EVENT_TYPES):
         return InvalidEvent(kind, "payload.type", f"unknown event type {kind!r}")
+    if str(exc).startswith("Object contains unknown field `") and " - at " not in str(exc):
+        # a key of the envelope itself
+        return InvalidEvent(kind, err.field, _not_a_field("the envelope", _ENVELOPE_FIELDS))
     return err
 
 
@@ -870,7 +992,10 @@ def check_for_aggregate(events: Iterable[Event], aggregate_id: str) -> list[Even
 
 
 def read_payload(event_type: str, payload: bytes | str | Mapping[str, Any]) -> Event | RawEvent:
-    """Decode a stored payload; anything riskbook cannot interpret comes back raw."""
+    """Decode a stored payload; anything riskbook cannot interpret comes back raw.
+
+    Keys that are not fields of the event (written by a newer riskbook) are passed over.
+    """
     cls = EVENT_TYPES.get(event_type)
     data = msgspec.json.decode(payload) if isinstance(payload, bytes | str) else payload
     if not isinstance(data, Mapping):
@@ -885,7 +1010,18 @@ def read_payload(event_type: str, payload: bytes | str | Mapping[str, Any]) -> E
         return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"})
     token = _reading_stored.set(True)
     try:
-        return msgspec.convert(data, cls, strict=False)
+        data = _cut_time(data, cls.time_field)
+        try:
+            return msgspec.convert(data, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            if not str(exc).startswith("Object contains unknown field"):
+                raise
+        # A field this riskbook does not know (a newer one wrote it): passed over, as a
+        # reader must; only writing refuses it.
+        known = cls.__struct_fields__
+        return msgspec.convert(
+            {k: v for k, v in data.items() if k in known or k == "type"}, cls, strict=False
+        )
     except (msgspec.ValidationError, InvalidEvent) as exc:
         return RawEvent(event_type, {k: v for k, v in data.items() if k != "type"}, str(exc))
     finally:

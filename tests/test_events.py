@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -469,3 +472,143 @@ def test_a_stored_payload_that_is_not_an_object_is_read_raw(
     assert isinstance(raw, riskbook.RawEvent) and raw.type == event_type
     assert raw.data == {"value": msgspec.json.decode(stored)}
     assert raw.error is not None and f"JSON {what}, not an object" in raw.error
+
+
+# ----------------------------------------------------------------------- decoding, exactly
+
+
+def test_every_decoding_cuts_a_time_finer_than_a_microsecond_as_parse_time_does() -> None:
+    # msgspec rounds: 23:59:59.9999999 was decoded as the next day's midnight
+    given = "2024-03-01T23:59:59.9999999Z"
+    last = datetime(2024, 3, 1, 23, 59, 59, 999999, tzinfo=UTC)
+    assert ev.parse_time(given) == last
+    data = payload("TradeExecuted", executed_at=given, quantity=12.1234567)
+    text = msgspec.json.encode(data)
+    trades = [
+        ev.decode_event(text),
+        ev.decode_event(text.decode(), event_type="TradeExecuted"),
+        ev.event_from_dict(data),
+        ev.read_payload("TradeExecuted", text),
+    ]
+    typed = ev.TradeExecuted(**{k: v for k, v in data.items() if k != "type"})
+    trades.append(ev.validate(typed))  # what append writes of a time given as text
+    for trade in trades:
+        assert isinstance(trade, ev.TradeExecuted)
+        assert trade.executed_at == last, trade
+        assert trade.quantity == 12.1234567  # a number with many digits is no time
+    env = {
+        "event_id": str(uuid.uuid4()), "aggregate_id": "ACC-1", "aggregate_type": "Account",
+        "timestamp": "2024-03-01T09:30:00.1234569+01:00", "correlation_id": "c",
+        "metadata": {"timestamp": given, "note": "12:00:00.12345678"}, "payload": data,
+    }  # fmt: skip
+    for line in (msgspec.json.encode(env), msgspec.json.encode(env).decode()):
+        decoded, _ = ev.decode_envelope(line)
+        assert decoded.timestamp == datetime(2024, 3, 1, 8, 30, 0, 123456, tzinfo=UTC)
+        assert decoded.business_time == last
+        assert decoded.metadata == env["metadata"]  # not a time of the envelope: as given
+
+
+def test_writing_refuses_a_key_that_is_not_a_field_and_reading_passes_it_over() -> None:
+    # they were dropped: a newer writer's "venue" lost, a misspelt "Symbol" made an
+    # account-wide limit, "causationId" no causation
+    venue = payload("TradeExecuted", venue="XNAS")
+    fields = "its fields: trade_id, account_id, symbol, side, quantity, price, executed_at"
+    with pytest.raises(
+        InvalidEvent, match=f"TradeExecuted.venue: is not a field of TradeExecuted \\({fields}\\)"
+    ):
+        ev.decode_event(msgspec.json.encode(venue))
+    misspelt = {**payload("LimitSet", symbol=_MISSING), "Symbol": "AAPL"}
+    with pytest.raises(InvalidEvent, match=r"LimitSet\.Symbol: is not a field of LimitSet"):
+        ev.event_from_dict(misspelt)
+    env = {
+        "event_id": str(uuid.uuid4()), "aggregate_id": "ACC-1", "aggregate_type": "Account",
+        "timestamp": T0, "correlation_id": "c", "payload": misspelt,
+    }  # fmt: skip
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(msgspec.json.encode(env))
+    assert (info.value.event_type, info.value.field) == ("LimitSet", "payload.Symbol")
+    cause = {**env, "payload": payload("LimitSet"), "causationId": str(uuid.uuid4())}
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(msgspec.json.encode(cause))
+    assert str(info.value).startswith("LimitSet.causationId: is not a field of the envelope")
+    # what is stored reads, whoever wrote it
+    read = ev.read_payload("TradeExecuted", msgspec.json.encode(venue))
+    assert read == ev.event_from_dict(payload("TradeExecuted"))
+    broken = ev.read_payload("TradeExecuted", msgspec.json.encode({**venue, "price": -1}))
+    assert isinstance(broken, riskbook.RawEvent) and "price" in (broken.error or "")
+
+
+def test_a_payload_without_its_type_is_told_missing_not_unknown() -> None:
+    env = {
+        "event_id": str(uuid.uuid4()), "event_type": "AccountFunded", "aggregate_id": "ACC-1",
+        "aggregate_type": "Account", "timestamp": T0, "correlation_id": "c",
+        "payload": payload("AccountFunded", type=_MISSING),
+    }  # fmt: skip
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(msgspec.json.encode(env))
+    assert str(info.value) == "AccountFunded.payload.type: is missing"
+    del env["event_type"]
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(msgspec.json.encode(env))
+    assert str(info.value) == "?.payload.type: is missing"
+    env["payload"] = payload("AccountFunded", type="Gift")  # there, but no type riskbook has
+    with pytest.raises(InvalidEvent, match=r"Gift\.payload\.type: unknown event type 'Gift'"):
+        ev.decode_envelope(msgspec.json.encode(env))
+
+
+def test_bytes_that_are_not_utf8_are_told_at_their_offset_in_the_line() -> None:
+    env = {
+        "event_id": str(uuid.uuid4()), "aggregate_id": "ACC-1", "aggregate_type": "Account",
+        "timestamp": T0, "correlation_id": "caf\xe9", "payload": payload("AccountFunded"),
+    }  # fmt: skip
+    line = msgspec.json.encode(env).replace("\xe9".encode(), b"\xe9")  # Latin-1
+    offset = line.index(b"\xe9")  # 150 or so; msgspec said 3, counting in the string
+    with pytest.raises(InvalidEvent) as info:
+        ev.decode_envelope(line)
+    assert info.value.reason == f"not valid UTF-8 (at byte {offset})"
+
+
+@pytest.fixture
+def installed_limit_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A limit type in a distribution on sys.path (an entry point in riskbook.limit_types,
+    as a pip-installed plugin has), which nothing has loaded yet."""
+    name, module = "MaxPluginConcentration", f"rb_plugin_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "from riskbook import limits\n"
+        f"SPEC = limits.LimitSpec({name!r}, 'account', 'fraction', lambda h, **k: None)\n"
+    )
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[riskbook.limit_types]\nc = {module}:SPEC\n")
+    registry: Any = importlib.import_module("riskbook.limits._registry")
+    # as in a new process: entry points not loaded; whatever the test registers goes
+    # with the monkeypatched copies
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(ev, "_limit_type_names", set(ev._limit_type_names))
+    monkeypatch.setattr(ev, "_account_wide_types", set(ev._account_wide_types))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    assert name not in ev._limit_type_names
+    return name
+
+
+@pytest.mark.parametrize("first", ["import", "construction"])
+def test_an_installed_limit_type_is_known_to_events_without_asking_the_registry(
+    installed_limit_type: str, fresh_store: riskbook.Store, first: str
+) -> None:
+    # it was "unknown" to construction, append and `riskbook import` until something
+    # had called limits.names()
+    name = installed_limit_type
+    limit = payload("LimitSet", limit_type=name, symbol=_MISSING)
+    if first == "import":
+        line = {
+            "event_id": str(uuid.uuid4()), "aggregate_id": "ACC-1", "aggregate_type": "Account",
+            "timestamp": T0, "correlation_id": "c", "payload": limit,
+        }  # fmt: skip
+        assert fresh_store.import_lines([msgspec.json.encode(line)]).added == 1
+    else:
+        ev.LimitSet(**{k: v for k, v in limit.items() if k != "type"})
+    assert name in ev.known_limit_types()
+    assert fresh_store.append("ACC-1", [ev.event_from_dict(limit)])[-1].event_type == "LimitSet"

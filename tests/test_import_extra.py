@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -115,6 +116,32 @@ def test_fast_and_reference_readings_agree(tmp_path: Path) -> None:
     slow = [eventstore._checked_record(n, line, "x") for n, line in enumerate(lines, 1)]
     assert fast == slow
     assert fast[0][3][4] == "2024-03-01T09:30:00.500000Z"
+
+
+def test_both_readings_cut_times_finer_than_a_microsecond(tmp_path: Path) -> None:
+    # msgspec rounded them: 23:59:59.9999999 became the next day, on both roads
+    lines = _lines(4)
+    for n, (recorded, executed) in enumerate(
+        [
+            ("2024-03-01T23:59:59.9999999Z", "2024-03-01T23:59:59.99999999Z"),
+            ("2024-03-02T00:59:59.9999995+01:00", "2024-03-01 23:59:59.1234567z"),
+        ]
+    ):
+        d = msgspec.json.decode(lines[n])
+        d["timestamp"], d["payload"]["executed_at"] = recorded, executed
+        d["payload"]["price"] = 10.1234567  # seven digits, no time: kept
+        lines[n] = msgspec.json.encode(d)
+    text: Any = lines[1].decode()
+    lines[2] = text  # a text line (import_lines takes them): the other road of the fast one
+    fast = list(eventstore._records_from_lines(lines, "x", None))
+    slow = [eventstore._checked_record(n, line, "x") for n, line in enumerate(lines, 1)]
+    assert fast == slow
+    values = [(r[3][4], msgspec.json.decode(r[3][8])) for r in fast[:3]]
+    assert [(t, p["executed_at"], p["price"]) for t, p in values] == [
+        ("2024-03-01T23:59:59.999999Z", "2024-03-01T23:59:59.999999Z", 10.1234567),
+        ("2024-03-01T23:59:59.999999Z", "2024-03-01T23:59:59.123456Z", 10.1234567),
+        ("2024-03-01T23:59:59.999999Z", "2024-03-01T23:59:59.123456Z", 10.1234567),
+    ]
 
 
 def test_a_mismatched_event_type_is_told_as_before(tmp_path: Path) -> None:

@@ -703,6 +703,112 @@ def test_one_sequence_given_twice_in_a_file_is_refused_naming_both_lines(
     assert fresh_store.count() == before
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["into an empty store", "into a store"])
+def test_a_gap_in_given_sequences_is_refused_naming_the_line_that_opens_it(
+    fresh_store: Store, tmp_path: Path, stored: bool
+) -> None:
+    # it named the aggregate only (highest, count), and no line
+    if stored:
+        fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", _envelope_lines(with_seq=True)))
+    before = fresh_store.count()
+    base = 5 if stored else 0  # ACC-1's stored versions
+    lines = _new_ids(_envelope_lines(n_accounts=3, per_account=4, with_seq=True), "gap")
+    lines = [
+        _tweaked(line, sequence=base + msgspec.json.decode(line)["sequence"]) for line in lines
+    ]
+    # ACC-1 (lines 2, 5, 8, 11) gets base + 1, 2, 4, 5; ACC-2 (line 12) a gap later
+    lines[7] = _tweaked(lines[7], sequence=base + 5)
+    lines[10] = _tweaked(lines[10], sequence=base + 4)
+    lines[11] = _tweaked(lines[11], sequence=base + 9)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "gap.jsonl", lines))
+    assert str(info.value) == (
+        f"{tmp_path / 'gap.jsonl'}: line 11: aggregate 'ACC-1' gets sequence {base + 4} where "
+        f"{base + 3} comes next: sequences must continue the stored ones as 1, 2, 3, ... "
+        "(no gaps)"
+    ), str(info.value)
+    assert fresh_store.count() == before
+    envelopes = [
+        _trade_envelope(sequence=1),
+        _trade_envelope(sequence=3, payload=trade("E-1", 2)),
+    ]
+    with pytest.raises(
+        riskbook.ImportFailed,
+        match=r"^envelopes: envelope 2: aggregate 'E-1' gets sequence 3 where 2 comes next",
+    ):
+        fresh_store.import_envelopes(envelopes)
+    # and the envelopes of a batch are numbered as envelopes when they mix sequences too
+    envelopes[1] = _trade_envelope(sequence=0, payload=trade("E-1", 2))
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_envelopes(envelopes)
+    assert str(info.value) == (
+        "envelopes: envelope 2: aggregate 'E-1' mixes envelopes with and without a sequence; "
+        "give all or none"
+    )
+    assert fresh_store.count() == before
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["into an empty store", "into a store"])
+def test_an_import_cuts_times_finer_than_a_microsecond_instead_of_rounding_them(
+    fresh_store: Store, tmp_path: Path, stored: bool
+) -> None:
+    # a fill at 23:59:59.9999999 (.NET writes seven digits) was stored on the next day
+    if stored:
+        fresh_store.append("ACC-9", [funded("ACC-9")])
+    finer = "2024-03-01T23:59:59.9999999Z"
+    line = _tweaked(_envelope_lines(n_accounts=1, per_account=1)[0], timestamp=finer)
+    d = msgspec.json.decode(line)
+    d["payload"]["funded_at"] = "2024-03-02T00:59:59.99999951+01:00"
+    lines = [line.replace(b"2024-03-01T", b"2024-02-01T"), msgspec.json.encode(d)]
+    lines[0] = _tweaked(lines[0], event_id=str(uuid.uuid4()))
+    assert fresh_store.import_jsonl(_write(tmp_path / "finer.jsonl", lines)).added == 2
+    env = fresh_store.read("ACC-0")[-1]
+    last = datetime(2024, 3, 1, 23, 59, 59, 999999, tzinfo=UTC)
+    assert (env.timestamp, env.business_time) == (last, last)
+    assert riskbook.verify(fresh_store).ok
+    assert fresh_store.import_jsonl(tmp_path / "finer.jsonl").skipped == 2  # the same, again
+
+
+def test_an_import_refuses_keys_that_are_not_fields_naming_line_and_field(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # they were dropped: "venue" lost, a misspelt "Symbol" an account-wide limit,
+    # "causationId" no causation
+    lines = _envelope_lines(n_accounts=1, per_account=3)
+    d = msgspec.json.decode(lines[1])
+    d["payload"]["venue"] = "XNAS"
+    cases = [
+        (msgspec.json.encode(d), "line 2: AccountFunded.payload.venue: is not a field of "
+         "AccountFunded (its fields: account_id, amount, funded_at)"),
+        (_tweaked(lines[1], causationId=str(uuid.uuid4())), "line 2: AccountFunded.causationId: "
+         "is not a field of the envelope (its fields: event_id, event_type, aggregate_id, "),
+    ]  # fmt: skip
+    for bad, told in cases:
+        with pytest.raises(riskbook.ImportFailed) as info:
+            fresh_store.import_jsonl(_write(tmp_path / "keys.jsonl", [lines[0], bad, lines[2]]))
+        assert told in str(info.value), str(info.value)
+    assert fresh_store.count() == 0
+    # an envelope's position is one of its fields (an export may keep it): the store's
+    # own is assigned
+    exported = [_tweaked(line, position=7 + n) for n, line in enumerate(lines)]
+    assert fresh_store.import_jsonl(_write(tmp_path / "exported.jsonl", exported)).added == 3
+    assert [e.position for e in fresh_store.read_all()] != [7, 8, 9]
+
+
+@pytest.mark.parametrize("dsn", [5, b"postgresql://", Path("x")], ids=lambda d: type(d).__name__)
+def test_a_dsn_that_is_not_a_string_is_a_type_error(dsn: object) -> None:
+    # it failed with AttributeError: 'int' object has no attribute 'startswith'
+    for open_store in (Store, riskbook.connect):
+        with pytest.raises(
+            TypeError, match=f"dsn must be a DSN string or None, got {type(dsn).__name__}"
+        ):
+            open_store(dsn)  # type: ignore[arg-type]
+    history = riskbook.History.from_events(funded("A"))
+    for use in (riskbook.load, riskbook.verify):
+        with pytest.raises(TypeError, match="dsn must be a DSN string or None, got History"):
+            use(history)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("sequence", [2**63, 2**64, -1])
 def test_a_sequence_out_of_the_stores_range_is_refused_before_writing(
     fresh_store: Store, tmp_path: Path, sequence: int

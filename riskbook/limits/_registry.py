@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import polars as pl
 
-from riskbook.events import register_limit_type_name
+from riskbook.events import _install_limit_type_loader, register_limit_type_name
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -207,6 +207,12 @@ def _load_entry_points() -> None:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+
+
+# Events refuse a limit type they do not know: before they do, the installed ones are
+# loaded (a plugin's type is then valid in an event, an append or an import, without
+# anything having asked this registry first).
+_install_limit_type_loader(_load_entry_points)
 
 
 def names() -> list[str]:

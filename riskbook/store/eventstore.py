@@ -37,6 +37,7 @@ from psycopg.copy import FileWriter
 
 from riskbook.errors import ConcurrencyConflict, ImportFailed, InvalidEvent, StoreError
 from riskbook.events import (
+    _FINER_FRACTION,
     EVENT_TYPES,
     MAX_SEQUENCE,
     Envelope,
@@ -45,6 +46,7 @@ from riskbook.events import (
     _check_aggregate,
     _envelope_decoder,
     _EnvelopeIn,
+    _exact_times,
     canonical_fields,
     canonical_json,
     canonical_payload,
@@ -224,6 +226,8 @@ class Store:
     """
 
     def __init__(self, dsn: str | None = None, *, migrate: bool = True) -> None:
+        if dsn is not None and not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a DSN string or None, got {type(dsn).__name__}")
         if dsn is None:
             dsn = os.environ.get("RISKBOOK_DSN") or None
         if dsn is None:
@@ -600,7 +604,8 @@ class Store:
         """Import a JSON Lines file of envelopes, plain or gzip (told by its first bytes).
 
         Keeps each envelope's ``event_id`` and ``timestamp``; assigns ``sequence`` per
-        aggregate in file order where absent; events already in the store (same
+        aggregate in file order where absent, and ``position`` always (a given one, from
+        an export, is the order of another store); events already in the store (same
         event_id, same content) are skipped, so importing a file twice adds nothing, and
         so is a line that repeats an earlier line exactly (counted apart:
         :attr:`ImportResult.repeated`). Same content means every field the store keeps:
@@ -723,7 +728,9 @@ class Store:
         try:
             with self.connection() as conn, _gc_paused():
                 empty = _lock_if_empty(conn)
-                outcome = _load_into_empty(conn, records(), source, progress) if empty else None
+                outcome = (
+                    _load_into_empty(conn, records(), source, progress, unit) if empty else None
+                )
                 if outcome is None:
                     if empty:  # the input repeats event ids: take the general road
                         conn.rollback()
@@ -1039,11 +1046,15 @@ def _records_from_lines(
     lines: Iterable[bytes], source: str, progress: Progress | None
 ) -> Iterator[_Record]:
     decode = _envelope_decoder.decode
+    finer = _FINER_FRACTION.search  # (inline: a call per line would cost as much again)
     for lineno, line in enumerate(lines, 1):
         if not line or line.isspace():
             continue
         try:
-            record = _fast_record(lineno, decode(line))
+            if line.__class__ is bytes and finer(line) is None:
+                record = _fast_record(lineno, decode(line))
+            else:  # times finer than microseconds are cut, not rounded by msgspec
+                record = _fast_record(lineno, decode(_exact_times(line, envelope=True)))
         except (
             msgspec.ValidationError,
             msgspec.DecodeError,
@@ -1327,6 +1338,7 @@ def _load_into_empty(
     records: Iterator[_Record],
     source: str,
     progress: Progress | None,
+    unit: str = "line",
 ) -> tuple[int, int, int] | None:
     """COPY straight into the (locked, empty) events table, indexes built at the end.
 
@@ -1338,7 +1350,7 @@ def _load_into_empty(
     conn.execute("ALTER TABLE events DISABLE TRIGGER events_chained")  # hashes are given
     base = _scalar(conn, "SELECT riskbook_reserve_positions(0)")
     heads: dict[str, tuple[int, bytes]] = {}  # aggregate -> (version, hash) so far
-    stream = _Checked(records, source, progress)
+    stream = _Checked(records, source, progress, unit)
     sha256 = hashlib.sha256
 
     def rows() -> Iterator[tuple[Any, ...]]:
@@ -1513,7 +1525,7 @@ def _load_general(
     earlier record of the same input exactly (kept once).
     """
     conn.execute(_STAGE_SQL)
-    stream = _Checked(records, source, progress)
+    stream = _Checked(records, source, progress, unit)
     rows = ((lineno, seq, *values) for lineno, _, seq, values in stream)
     _copy_rows(
         conn, f"COPY riskbook_import (line_no, sequence, {_IMPORT_COLUMNS}) FROM STDIN", rows
@@ -1544,10 +1556,19 @@ def _load_general(
     if with_seq:
         bad = conn.execute(_GAP_SQL, (with_seq,)).fetchone()
         if bad:
+            # (the line is looked for only now: the check above is the cheap one)
+            gap = conn.execute(_GAP_LINE_SQL, (with_seq,)).fetchone()
+            if gap is None:  # cannot be (a gap is opened by a new event): said without line
+                raise ImportFailed(
+                    f"{source}: aggregate {bad[0]!r} would have versions with gaps "
+                    f"(highest {bad[1]}, count {bad[2]}): sequences must continue the stored "
+                    "ones as 1, 2, 3, ..."
+                )
+            line, agg, sequence, expected = gap
             raise ImportFailed(
-                f"{source}: aggregate {bad[0]!r} would have versions with gaps or duplicates "
-                f"(highest {bad[1]}, count {bad[2]}): sequences must continue the stored ones "
-                "as 1, 2, 3, ..."
+                f"{source}: {unit} {line}: aggregate {agg!r} gets sequence {sequence} where "
+                f"{expected} comes next: sequences must continue the stored ones as 1, 2, 3, "
+                "... (no gaps)"
             )
     return stream.count, added, repeated
 
@@ -1609,9 +1630,12 @@ class _Checked:
     """Records on their way to COPY: counted, progress reported, and per aggregate
     either all with a sequence or all without."""
 
-    def __init__(self, records: Iterator[_Record], source: str, progress: Progress | None):
+    def __init__(
+        self, records: Iterator[_Record], source: str, progress: Progress | None, unit: str
+    ):
         self.records = records
         self.source = source
+        self.unit = unit  # what a record is called in errors: "line", "envelope"
         self.progress = progress
         self.given: dict[str, bool] = {}
         self.count = 0
@@ -1620,7 +1644,7 @@ class _Checked:
         for record in self.records:
             lineno, agg, seq, _ = record
             if self.given.setdefault(agg, seq is not None) != (seq is not None):
-                raise _mixed(self.source, lineno, agg)
+                raise _mixed(self.source, lineno, agg, self.unit)
             self.count += 1
             yield record
             if self.progress is not None and self.count % 100_000 == 0:
@@ -1631,9 +1655,9 @@ class _TakeGeneralRoad(Exception):
     pass
 
 
-def _mixed(source: str, lineno: int, agg: str) -> ImportFailed:
+def _mixed(source: str, lineno: int, agg: str, unit: str) -> ImportFailed:
     return ImportFailed(
-        f"{source}: line {lineno}: aggregate {agg!r} mixes envelopes with and without a "
+        f"{source}: {unit} {lineno}: aggregate {agg!r} mixes envelopes with and without a "
         "sequence; give all or none"
     )
 
@@ -1866,5 +1890,21 @@ _GAP_SQL = """
 SELECT aggregate_id, max(sequence), count(*)
   FROM events WHERE aggregate_id = ANY(%s)
  GROUP BY aggregate_id HAVING max(sequence) <> count(*)
+ LIMIT 1
+"""
+
+# Where the gap opens: in each aggregate, the lowest sequence that is not its rank (the
+# stored ones are 1, 2, ..., v: it is a new event's), and the line that gives it; the
+# earliest such line of all the aggregates.
+_GAP_LINE_SQL = """
+SELECT (SELECT min(s.line_no) FROM riskbook_import s WHERE s.event_id = g.event_id) AS line_no,
+       g.aggregate_id, g.sequence, g.expected
+  FROM (SELECT DISTINCT ON (aggregate_id) aggregate_id, sequence, expected, event_id
+          FROM (SELECT aggregate_id, sequence, event_id,
+                       row_number() OVER (PARTITION BY aggregate_id ORDER BY sequence) AS expected
+                  FROM events WHERE aggregate_id = ANY(%s)) r
+         WHERE sequence <> expected
+         ORDER BY aggregate_id, sequence) g
+ ORDER BY line_no
  LIMIT 1
 """
