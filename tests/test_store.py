@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import multiprocessing
+import os
+import tempfile
 import threading
 import time
 import uuid
@@ -578,6 +580,24 @@ def test_import_of_a_missing_file_is_a_clear_error(fresh_store: Store, tmp_path:
         fresh_store.import_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(riskbook.ImportFailed, match="is a directory, not a file"):
         fresh_store.import_jsonl(tmp_path)
+
+
+def test_import_reads_a_pipe_even_where_it_must_read_twice(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    """`zcat f | riskbook import /dev/stdin` said "no such file". A line repeated into an
+    empty store makes the import start again on the general road: a pipe is read once."""
+    lines = _envelope_lines()
+    data = gzip.compress(b"\n".join([*lines, lines[0]]) + b"\n")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    spools = set(Path(tempfile.gettempdir()).glob("riskbook-import-*"))
+    writer = threading.Thread(target=fifo.write_bytes, args=(data,))
+    writer.start()
+    result = fresh_store.import_jsonl(fifo)
+    writer.join()
+    assert (result.read, result.added, result.repeated) == (16, 15, 1)
+    assert set(Path(tempfile.gettempdir()).glob("riskbook-import-*")) == spools  # gone
 
 
 def _tweaked(line: bytes, **changes: object) -> bytes:

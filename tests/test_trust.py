@@ -681,6 +681,28 @@ def test_failed_connections_never_show_the_password(
     assert SECRET not in caplog.text
 
 
+def test_a_password_is_starred_where_a_message_quotes_it_not_wherever_its_text_appears() -> None:
+    from riskbook.store.eventstore import redact, scrub
+
+    # the password "riskbook" starred every "riskbook" of a message, and so told what it was
+    dsn = "postgresql://riskbook:riskbook@127.0.0.1:1/x"
+    message = 'FATAL:  password authentication failed for user "riskbook"'
+    assert scrub(message, dsn) == message
+    assert scrub(f"bad {dsn}", dsn) == "bad postgresql://riskbook:***@127.0.0.1:1/x"
+    assert scrub("at host=h password='a b' port=1", dsn) == "at host=h password=*** port=1"
+    # libpq's errors about the DSN's syntax quote pieces of it: there, every appearance
+    assert (
+        scrub('missing "=" after "riskbook" in', dsn, fragments=True)
+        == 'missing "=" after "***" in'
+    )
+    # the passphrase of the client key is a password too
+    with_key = f"host=127.0.0.1 port=1 user=u sslpassword={SECRET} dbname=x"
+    assert SECRET not in redact(with_key) and "sslpassword=***" in redact(with_key)
+    with pytest.raises(StoreError) as info:
+        Store(with_key)
+    no_secret(info.value)
+
+
 def test_adbc_connection_errors_never_show_the_password() -> None:
     from riskbook.frames import _adbc
 

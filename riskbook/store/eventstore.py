@@ -15,6 +15,8 @@ import itertools
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -79,24 +81,32 @@ class _JsonBytesLoader(Loader):
         return bytes(data)
 
 
+_PASSWORD_KEYS = ("password", "sslpassword")  # sslpassword: the client key's passphrase
+
+
 def redact(dsn: str) -> str:
-    """A DSN with its password replaced by ``***`` (safe to print or log)."""
+    """A DSN with its passwords replaced by ``***`` (safe to print or log)."""
     try:
         parts = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn))
     except psycopg.ProgrammingError:
         return "<unparseable DSN>"
-    if parts.get("password"):
-        parts["password"] = "***"
+    for key in _PASSWORD_KEYS:
+        if parts.get(key):
+            parts[key] = "***"
     return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
 
 
 # The password in a URL (postgresql://user:PASSWORD@host) or in key=value form.
 _URL_PASSWORD = re.compile(r"^[A-Za-z0-9+.-]*://[^/?#@]*?:([^@/?#]*)@")
-_KV_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+_KV_PASSWORD = re.compile(r"(?:^|\s)(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+# Where a message quotes a connection string, whole or in part: password=... (key=value
+# or a URL's query), and the user:password@ of a URL.
+_QUOTED_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.I)
+_QUOTED_USERINFO = re.compile(r"(://[^/?#@:\s\"]*:)[^@/?#\s\"]*(?=@)")
 
 
 def _secrets(dsn: str) -> list[str]:
-    """Every form in which the password of ``dsn`` could appear in a message."""
+    """Every form in which a password of ``dsn`` could appear in a message."""
     found: set[str] = set()
     m = _URL_PASSWORD.match(dsn)
     if m and m.group(1):
@@ -105,24 +115,35 @@ def _secrets(dsn: str) -> list[str]:
         raw = m.group(1)
         found |= {raw, raw.strip("'"), raw.strip("'").replace("\\'", "'").replace("\\\\", "\\")}
     try:
-        password = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn)).get("password")
+        parts = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn))
     except psycopg.ProgrammingError:
-        password = None
-    if password:
-        found |= {str(password), quote(str(password), safe="")}
+        parts = {}
+    for key in _PASSWORD_KEYS:
+        if password := parts.get(key):
+            found |= {str(password), quote(str(password), safe="")}
     return sorted((f for f in found if f), key=len, reverse=True)
 
 
-def scrub(text: str, dsn: str | None) -> str:
-    """``text`` with every appearance of ``dsn``'s password replaced by ``***``.
+def scrub(text: str, dsn: str | None, *, fragments: bool = False) -> str:
+    """``text`` with the passwords it quotes replaced by ``***``.
 
-    For messages that may quote a connection string (libpq's errors do, in part).
+    A message quotes one as part of a connection string (``password=...``,
+    ``user:...@host``); those are starred whatever the password. Starring every
+    appearance of the password's text would garble ordinary messages ("password
+    authentication failed" with the password "password") and tell which words it is.
+    ``fragments`` is for libpq's errors about the DSN's own syntax, which quote pieces of
+    it (``missing "=" after "..."``): there every appearance of ``dsn``'s passwords goes.
     """
-    if not dsn:
-        return text
-    for secret in _secrets(dsn):
-        text = text.replace(secret, "***")
+    text = _QUOTED_USERINFO.sub(r"\1***", _QUOTED_PASSWORD.sub(r"\1***", text))
+    if fragments and dsn:
+        for secret in _secrets(dsn):
+            text = text.replace(secret, "***")
     return text
+
+
+def _about_the_dsn(exc: BaseException) -> bool:
+    """A libpq error about the connection string's syntax (no SQLSTATE: not the server's)."""
+    return isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None
 
 
 def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
@@ -135,7 +156,8 @@ def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, **kwargs)
     except psycopg.Error as exc:
-        message = f"cannot connect to {redact(dsn)}: {scrub(_one_line(str(exc)), dsn)}"
+        text = scrub(_one_line(str(exc)), dsn, fragments=_about_the_dsn(exc))
+        message = f"cannot connect to {redact(dsn)}: {text}"
     raise StoreError(message)
 
 
@@ -252,7 +274,7 @@ class Store:
         return conn
 
     def _clean(self, exc: BaseException) -> str:
-        return scrub(_one_line(str(exc)), self._dsn)
+        return scrub(_one_line(str(exc)), self._dsn, fragments=_about_the_dsn(exc))
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -621,22 +643,23 @@ class Store:
         takes the ``events`` table for itself and builds its indexes once at the end
         (like ``pg_restore``): readers wait until it commits.
         """
-        path = Path(path)
-        if path.is_dir():
-            raise ImportFailed(f"{path}: is a directory, not a file")
-        if not path.is_file():
-            raise ImportFailed(f"{path}: no such file")
+        given = Path(path)
+        if given.is_dir():
+            raise ImportFailed(f"{given}: is a directory, not a file")
+        if not given.exists():
+            raise ImportFailed(f"{given}: no such file")
+        with _regular_file(given) as path:
 
-        def open_lines() -> Iterator[_Record]:
-            try:
-                with _open_maybe_gzip(path) as fh:
-                    yield from _records_from_lines(_without_bom(fh), str(path), progress)
-            except (OSError, EOFError, zlib.error) as exc:
-                # zlib's own errors are what a damaged deflate stream raises through gzip
-                what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
-                raise ImportFailed(f"{path}: {what}: {exc}; nothing was written") from None
+            def open_lines() -> Iterator[_Record]:
+                try:
+                    with _open_maybe_gzip(path) as fh:
+                        yield from _records_from_lines(_without_bom(fh), str(given), progress)
+                except (OSError, EOFError, zlib.error) as exc:
+                    # zlib's own errors are what a damaged deflate stream raises through gzip
+                    what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
+                    raise ImportFailed(f"{given}: {what}: {exc}; nothing was written") from None
 
-        return self._bulk_write(open_lines, source=str(path), progress=progress)
+            return self._bulk_write(open_lines, source=str(given), progress=progress)
 
     def import_lines(
         self, lines: Iterable[bytes], *, progress: Progress | None = None, source: str = "input"
@@ -946,6 +969,28 @@ def _open_maybe_gzip(path: Path) -> Iterator[Iterable[bytes]]:
                 yield inflated
         else:
             yield fh
+
+
+@contextmanager
+def _regular_file(path: Path) -> Iterator[Path]:
+    """``path``, or a pipe's content (``/dev/stdin``, ``<(zcat ...)``) kept in a temporary
+    file for the while: an import may read its input twice (into an empty store, when
+    the input repeats an event id, it starts again on the general road)."""
+    if path.is_file():
+        yield path
+        return
+    try:
+        with (
+            open(path, "rb") as pipe,
+            tempfile.NamedTemporaryFile(prefix="riskbook-import-", delete=False) as kept,
+        ):
+            shutil.copyfileobj(pipe, kept, 1 << 20)
+    except OSError as exc:
+        raise ImportFailed(f"{path}: cannot read: {exc}; nothing was written") from None
+    try:
+        yield Path(kept.name)
+    finally:
+        os.unlink(kept.name)
 
 
 def _notified_position(payload: str) -> int:
