@@ -8,11 +8,14 @@ progress of long work goes to stderr too, so stdout stays clean for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from riskbook.errors import RiskbookError
 from riskbook.events import STORED_INFINITY
@@ -26,6 +29,53 @@ def _err(msg: str) -> None:
     print(f"riskbook: {text}", file=sys.stderr)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one plain ``riskbook: ...`` line on stderr, whatever raised it (a
+    command, or the live processor's thread): no source path and line of riskbook's
+    code, which say nothing to the user of the command."""
+    from riskbook.limits._api import _UnregisteredTypes
+
+    if isinstance(message, _UnregisteredTypes):
+        _err(
+            "not evaluated, no definition is installed for the limit type(s) "
+            f"{', '.join(message.names)} (entry-point group riskbook.limit_types)"
+        )
+        return
+    text = str(message)
+    _err(f"warning: {text.removeprefix('riskbook: ')}")
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null: its reader went away (``riskbook ... | head``). What
+    is still buffered, or printed later, goes nowhere instead of failing again (at exit,
+    Python's own flush would print an "Exception ignored" traceback)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+        pass
+
+
+def _write_data(text: str) -> None:
+    """csv or json to stdout: UTF-8, whatever stdout's encoding (a data format, read by
+    a program, not a console)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text stream only (an embedding program's): as it takes text
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()  # what was written as text first
+    buffer.write(text.encode("utf-8"))
+    buffer.flush()
+
+
 def _os_error(exc: OSError) -> str:
     """An OS error as ``PATH: what went wrong`` (Python's own text starts with
     ``[Errno 2]`` and quotes the path at the end)."""
@@ -36,6 +86,14 @@ def _os_error(exc: OSError) -> str:
     )
     paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     return f"{' -> '.join(paths)}: {what}"
+
+
+def _identifier(text: str) -> str:
+    """argparse type of --account and --symbol: an id, never empty (an empty one matched
+    nothing in some commands and was refused, or ignored, in others)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _writable_file(path: str | None, option: str) -> None:
@@ -172,7 +230,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         cache=False,
         progress=None if not args.quiet else False,
     )
-    out = history.to_parquet(args.directory)
+    import polars as pl
+
+    try:
+        out = history.to_parquet(args.directory)
+    except pl.exceptions.PolarsError as exc:  # a full disk, said polars' way
+        raise ValueError(f"{args.directory}: {exc}") from None
     counts = ", ".join(f"{n} {f.height:,}" for n, f in history.frames().items())
     print(f"{out}: {counts}")
     return 0
@@ -206,7 +269,13 @@ def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int: 
     if args.format == "parquet":
         if args.output is None:
             raise ValueError("--format parquet needs --output FILE")
-        _write_output(args.output, lambda: frame.write_parquet(args.output))
+        output = args.output
+
+        def write() -> None:
+            with open(output, "wb") as file:  # polars takes no path that is not UTF-8
+                frame.write_parquet(file)
+
+        _write_output(output, write)
         return 0
     if args.format == "csv":
         text = frame.write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
@@ -231,7 +300,16 @@ def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int: 
             + "\n"
         )
     else:
+        # A console that cannot show the box-drawing characters (cp1252) gets ASCII ones;
+        # a file is UTF-8.
+        encoding = "utf-8" if args.output is not None else sys.stdout.encoding or "utf-8"
+        try:
+            "┌─┬╞═│".encode(encoding)
+            borders = {}
+        except (UnicodeEncodeError, LookupError):
+            borders = {"tbl_formatting": "ASCII_FULL_CONDENSED"}
         with pl.Config(
+            **borders,  # type: ignore[arg-type]
             tbl_rows=-1,
             tbl_cols=-1,
             tbl_width_chars=400,
@@ -244,10 +322,12 @@ def _emit(frame, args: argparse.Namespace, *, empty: str | None = None) -> int: 
                 given = getattr(args, "at", None) is not None
                 empty = "(nothing at that time)" if given else "(nothing found)"
             text = f"{frame}\n" if frame.height else f"{empty}\n"
-    if args.output is None:
-        sys.stdout.write(text)
+    if args.output is not None:
+        _write_output(args.output, lambda: Path(args.output).write_text(text, encoding="utf-8"))
+    elif args.format == "table":
+        sys.stdout.write(text)  # what stdout's encoding lacks is escaped: see _run
     else:
-        _write_output(args.output, lambda: Path(args.output).write_text(text))
+        _write_data(text)
     return 0
 
 
@@ -294,25 +374,13 @@ def _history(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_breaches(args: argparse.Namespace) -> int:
-    import warnings
-
     from riskbook.limits import breaches
-    from riskbook.limits._api import _UnregisteredTypes
 
     _writable_file(args.output, "--output")
     levels = tuple(args.level) if args.level else (0.8, 0.9, 1.0)
     history = _history(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", _UnregisteredTypes)
-        found = breaches(history, at=args.at, known_at=args.known_at, levels=levels)
-    for w in caught:
-        if isinstance(w.message, _UnregisteredTypes):  # one plain line, no source location
-            _err(
-                "not evaluated, no definition is installed for the limit type(s) "
-                f"{', '.join(w.message.names)} (entry-point group riskbook.limit_types)"
-            )
-        else:  # anything else, as it would have been shown
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    # limit types without a definition here: one line on stderr (_show_warning)
+    found = breaches(history, at=args.at, known_at=args.known_at, levels=levels)
     return _emit(found, args, empty="(no breaches)")
 
 
@@ -504,10 +572,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp = add("export", cmd_export, "write the history as Parquet files an auditor can reload")
     exp.add_argument("directory", metavar="DIR")
     exp.add_argument(
-        "--account", action="append", default=None, help="only this account (repeatable)"
+        "--account",
+        action="append",
+        type=_identifier,
+        default=None,
+        help="only this account (repeatable)",
     )
     exp.add_argument(
-        "--symbol", action="append", default=None, help="only this symbol (repeatable)"
+        "--symbol",
+        action="append",
+        type=_identifier,
+        default=None,
+        help="only this symbol (repeatable)",
     )
     exp.add_argument("--since", default=None, help="business time from (RFC 3339)")
     exp.add_argument("--until", default=None, help="business time to (RFC 3339)")
@@ -535,7 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--known-at", default=None, help="only what was recorded by then (RFC 3339)"
         )
         sp.add_argument(
-            "--account", action="append", default=None, help="only this account (repeatable)"
+            "--account",
+            action="append",
+            type=_identifier,
+            default=None,
+            help="only this account (repeatable)",
         )
         sp.add_argument("--format", choices=_FORMATS, default="table", help=_FORMAT_HELP)
         sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
@@ -546,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--known-at", default=None, help="only what was recorded by then (RFC 3339)"
         )
         sp.add_argument(
-            "--account", action="append", default=None, help="only this account (repeatable)"
+            "--account",
+            action="append",
+            type=_identifier,
+            default=None,
+            help="only this account (repeatable)",
         )
         sp.add_argument("--format", choices=_FORMATS, default="table", help=_FORMAT_HELP)
         sp.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
@@ -636,6 +720,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(call: Callable[[], int]) -> int:
+    # Text for a reader (a table, a message, a path) goes out whatever stdout's encoding:
+    # what it cannot encode is escaped (\u8d26, as Python does on stderr) instead of
+    # failing once the work is done.
+    stdout = sys.stdout
+    strict = getattr(stdout, "errors", None) == "strict" and hasattr(stdout, "reconfigure")
+    if strict:
+        stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    try:
+        with warnings.catch_warnings():
+            # each warning once, as one line (also from the live processor's thread),
+            # whatever the filters of a host that runs main() (pytest's "error"); a
+            # user's own -W or PYTHONWARNINGS still rules
+            if not sys.warnoptions:
+                warnings.simplefilter("default", UserWarning)
+            warnings.showwarning = _show_warning
+            return _run_command(call)
+    finally:
+        if strict and not stdout.closed:
+            with contextlib.suppress(OSError):  # a broken pipe flushed: nothing to say
+                stdout.reconfigure(errors="strict")  # type: ignore[union-attr]
+
+
+def _run_command(call: Callable[[], int]) -> int:
     try:
         return call()
     except (RiskbookError, ValueError) as exc:  # ValueError: a bad time or id given
@@ -644,7 +751,8 @@ def _run(call: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (`riskbook positions | head`): quietly
+        _stdout_gone()
         return 0
     except OSError as exc:  # a file to read or write: missing, a directory, not allowed
         _err(_os_error(exc))

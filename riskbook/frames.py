@@ -869,16 +869,31 @@ class History:
     # ---------------------------------------------------------------- files
 
     def to_parquet(self, directory: str | os.PathLike[str]) -> Path:
-        """Write a self-contained copy: one Parquet file per frame plus ``history.json``."""
+        """Write a self-contained copy: one Parquet file per frame plus ``history.json``.
+
+        A write that fails leaves no temporary file behind, nor the folders it made
+        (with what it wrote there).
+        """
         out = Path(directory)
+        made = [p for p in (out, *out.parents) if not p.exists()]  # the top one last
         out.mkdir(parents=True, exist_ok=True)
         tmp_suffix = f".tmp-{uuid.uuid4().hex[:8]}"
-        for name, frame in self.frames().items():
-            tmp = out / f"{name}.parquet{tmp_suffix}"
-            frame.write_parquet(tmp, compression="zstd", statistics=True)
-            tmp.replace(out / f"{name}.parquet")
-        (out / f"history.json{tmp_suffix}").write_text(json.dumps(_meta(self), indent=2))
-        (out / f"history.json{tmp_suffix}").replace(out / "history.json")
+        tmp = out / f"history.json{tmp_suffix}"
+        try:
+            for name, frame in self.frames().items():
+                tmp = out / f"{name}.parquet{tmp_suffix}"
+                with open(tmp, "wb") as file:  # polars takes no path that is not UTF-8
+                    frame.write_parquet(file, compression="zstd", statistics=True)
+                tmp.replace(out / f"{name}.parquet")
+            tmp = out / f"history.json{tmp_suffix}"
+            tmp.write_text(json.dumps(_meta(self), indent=2))
+            tmp.replace(out / "history.json")
+        except BaseException:
+            if made:  # a folder of its own: nothing of a copy that is not whole stays
+                shutil.rmtree(made[-1], ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
         return out
 
     @classmethod

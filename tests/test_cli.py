@@ -11,6 +11,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 import riskbook
 from riskbook.events import Envelope, encode_envelope
 from riskbook.store import Store
@@ -283,3 +285,126 @@ def test_bench_help_names_its_command() -> None:
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("usage: riskbook bench"), shown.stdout[:200]
     assert "benchmarks/run_all.py --events" not in shown.stdout
+
+
+# ------------------------------------------------------------------ a bug hunt's findings
+
+
+def _funded(dsn: str) -> None:
+    """ACC-1, funded (in this process: faster than `riskbook import`)."""
+    store = Store(dsn)
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+    store.append("ACC-1", [riskbook.AccountFunded(account_id="ACC-1", amount=10.0, funded_at=t0)])
+    store.close()
+
+
+def test_outputs_go_to_paths_that_are_not_utf8(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # Legal on Linux: polars took no such path ("TypeError: Object does not have a .write()
+    # method", a traceback), and export left an empty folder behind.
+    dsn = make_database()
+    _funded(dsn)
+    parquet = os.fsdecode(bytes(tmp_path) + b"/p\xff.parquet")  # a surrogate-escaped str
+    out = run("exposure", "--format", "parquet", "-o", parquet, "--dsn", dsn)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    with open(parquet, "rb") as file:
+        import polars as pl
+
+        assert pl.read_parquet(file)["account_id"].to_list() == ["ACC-1"]
+    folder = os.fsdecode(bytes(tmp_path) + b"/x\xff")
+    said = subprocess.run([sys.executable, "-m", "riskbook.cli", "export", folder, "-q",
+                           "--dsn", dsn], capture_output=True, timeout=120)  # fmt: skip
+    assert said.returncode == 0 and said.stderr == b"", said.stderr
+    assert b"funding 1" in said.stdout  # the path as the locale shows it: bytes, or escaped
+    assert sorted(os.listdir(os.fsencode(folder)))[:2] == [
+        b"adjustments.parquet",
+        b"blocks.parquet",
+    ]
+
+
+def test_an_export_that_fails_leaves_nothing_behind(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # A folder path so long that a file in it cannot be named (ENAMETOOLONG): the folders
+    # are made, the first write fails; they were left behind, empty.
+    dsn = make_database()
+    _funded(dsn)
+    top = tmp_path / "deep"
+    folder = top
+    while len(str(folder)) < 4070:
+        folder /= "d" * min(200, 4070 - len(str(folder)) - 1)
+    out = run("export", str(folder), "-q", "--dsn", dsn)
+    assert "trades.parquet.tmp-" in one_line_error(out) and "file name too long" in out.stderr
+    assert not top.exists()
+
+
+def test_every_command_says_a_warning_on_one_line(make_database: Callable[[], str]) -> None:
+    # `breaches` said a limit type without a definition here in one plain line; `check`
+    # printed Python's raw UserWarning, with a path, a line number and a line of code.
+    dsn = make_database()
+    name = f"MaxCliElsewhere{uuid.uuid4().hex[:8]}"
+    riskbook.events.register_limit_type_name(name)  # stored, defined in another process
+    store = Store(dsn)
+    store.append("ACC-1", [riskbook.LimitSet(account_id="ACC-1", limit_type=name, value=1.0,
+                                             set_by="nb", set_at=datetime(2024, 3, 1, tzinfo=UTC))])  # fmt: skip
+    store.close()
+    out = run("check", "ACC-1", "AAPL", "Buy", "1", "10", "--dsn", dsn)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        f"riskbook: warning: limit type(s) {name} not registered here: their stored limits are"
+        " not evaluated (register them, e.g. by an entry point in the group"
+        " 'riskbook.limit_types', where this engine runs)"
+    ]
+
+
+def _non_ascii_book(dsn: str) -> None:
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+    store = Store(dsn)
+    store.append("账户-1", [
+        riskbook.AccountFunded(account_id="账户-1", amount=1000.0, funded_at=t0),
+        riskbook.TradeExecuted(trade_id="T-1", account_id="账户-1", symbol="ÆØÅ",
+                               side=riskbook.Side.Buy, quantity=2, price=10.0, executed_at=t0),
+    ])  # fmt: skip
+    store.close()
+
+
+def test_outputs_to_a_stdout_that_is_not_utf8(make_database: Callable[[], str]) -> None:
+    # "'charmap' codec can't encode characters": csv and json are UTF-8 (data formats,
+    # written alike), a table shows what the console lacks escaped, with ASCII borders
+    dsn = make_database()
+    _non_ascii_book(dsn)
+    cp1252 = {"PYTHONIOENCODING": "cp1252"}
+    csv = run("positions", "--format", "csv", "--dsn", dsn, env=cp1252)
+    assert csv.returncode == 0, csv.stderr
+    assert csv.stdout.splitlines()[1].startswith("账户-1,ÆØÅ,2.0,10.0,")
+    table = subprocess.run([sys.executable, "-m", "riskbook.cli", "positions", "--dsn", dsn],
+                           capture_output=True, timeout=120, env={**os.environ, **cp1252})  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    text = table.stdout.decode("cp1252")
+    assert "\\u8d26\\u6237-1" in text and "ÆØÅ" in text and text.startswith("+-"), text
+
+
+def test_a_critical_factor_must_be_finite() -> None:
+    # "--critical inf" was refused with "must be >= 1, got inf"
+    from riskbook.live import Engine
+
+    out = run("live", "--critical", "inf", "--once")
+    assert out.returncode == 2 and "--critical: must be a finite number >= 1" in out.stderr
+    assert "--no-block" in out.stderr
+    with pytest.raises(ValueError, match="must be a finite number >= 1, got inf"):
+        Engine(critical=float("inf"))
+
+
+def test_an_empty_account_or_symbol_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # refused by some commands, "(no breaches)" in others, ignored by export
+    from riskbook.cli import main
+
+    for args in (["positions", "--account", ""], ["exposure", "--account=", "--account", "A"],
+                 ["breaches", "--account", ""], ["limits", "history", "--account", ""],
+                 ["export", "out", "--account", ""], ["export", "out", "--symbol", ""]):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        flag = "--symbol" if "--symbol" in args else "--account"
+        assert exited.value.code == 2, args
+        assert f"error: argument {flag}: must not be empty" in capsys.readouterr().err, args

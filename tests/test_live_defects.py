@@ -546,3 +546,88 @@ def test_riskbook_unblock_takes_the_business_time(fresh_store: Store, capsys) ->
     when = "2024-03-01T15:00:00+01:00"
     assert main(["unblock", "A", "--by", "op", "--reason", "ok", "--at", when, *dsn]) == 0
     assert stored(s, "AccountUnblocked")[0].payload.unblocked_at == at(0)  # type: ignore[union-attr]
+
+
+# ------------------------------------------- riskbook live: a bug hunt's findings
+
+
+def _riskbook(*args: str, **popen: Any) -> Any:
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "riskbook.cli", *args], text=True, **popen)
+
+
+def test_live_goes_on_past_a_stored_limit_of_a_type_not_registered_here(
+    fresh_store: Store,
+) -> None:
+    # A notebook registered a limit type and stored a LimitSet of it; `riskbook live`, a
+    # process without its definition, died on it ("LimitSet.limit_type: unknown limit type")
+    # in every small batch, and again on every restart. It warns once, and goes on.
+    import subprocess
+
+    s = fresh_store
+    name = f"MaxLiveElsewhere{uuid.uuid4().hex[:8]}"
+    riskbook.events.register_limit_type_name(name)  # here only, as the notebook's process
+    s.append("A", [fund("A", 1e6), limit("A", "MaxPositionSize", 100.0, T0)])
+    s.append("A", [limit("A", name, 1.0, at(1))])
+    s.append("A", [trade("A", "Buy", 150, 10.0, at(2))])  # over the limit: after it
+    out = _riskbook("live", "--once", "--max-batch", "2", "--dsn", s.dsn,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    stdout, stderr = out.communicate(timeout=120)
+    assert out.returncode == 0, stderr
+    warned = [line for line in stderr.splitlines() if name in line]
+    assert warned == [
+        f"riskbook: warning: limit type(s) {name} not registered here: their stored limits are"
+        " not evaluated (register them, e.g. by an entry point in the group"
+        " 'riskbook.limit_types', where this engine runs)"
+    ], stderr
+    assert stdout.startswith("VIOLATION A MaxPositionSize X: 150"), stdout
+    assert [e.payload.limit_type for e in stored(s, "LimitViolationDetected")] == [  # type: ignore[union-attr]
+        "MaxPositionSize"
+    ]
+    assert len(stored(s, "AccountBlocked")) == 1
+
+
+def test_live_says_a_warning_of_its_thread_on_one_line(fresh_store: Store) -> None:
+    # following the store, the processor works in a thread: its warnings came out raw
+    # (a path, a line number and a line of riskbook's code)
+    import signal
+    import subprocess
+
+    s = fresh_store
+    name = f"MaxThreadElsewhere{uuid.uuid4().hex[:8]}"
+    riskbook.events.register_limit_type_name(name)
+    s.append("A", [fund("A", 1e6), limit("A", name, 1.0, T0)])
+    live = _riskbook("live", "--dsn", s.dsn, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    timer = threading.Timer(60, live.send_signal, (signal.SIGINT,))  # should it never warn
+    timer.start()
+    try:
+        assert live.stderr is not None
+        lines = []
+        while not lines or name not in lines[-1]:
+            lines.append(live.stderr.readline())
+            assert lines[-1], lines  # not the end of its output
+        live.send_signal(signal.SIGINT)
+        _, rest = live.communicate(timeout=60)
+    finally:
+        timer.cancel()
+    assert live.returncode == 0, rest
+    assert lines[-1].startswith(f"riskbook: warning: limit type(s) {name} not registered here")
+    assert "Warning" not in "".join(lines) + rest and "_engine.py" not in "".join(lines) + rest
+
+
+def test_live_stops_quietly_when_its_reader_goes_away(fresh_store: Store) -> None:
+    # `riskbook live | head -1`: the processor's thread died on the print, and a
+    # BrokenPipeError traceback went to stderr. What it decided is committed all the same.
+    import subprocess
+
+    s = fresh_store
+    s.append("A", [fund("A", 1e6), limit("A", "MaxPositionSize", 100.0, T0),
+                   trade("A", "Buy", 110, 10.0, at(1))])  # fmt: skip
+    live = _riskbook("live", "--dsn", s.dsn, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert live.stdout is not None
+    live.stdout.close()  # the reader is gone before the processor has said anything
+    _, stderr = live.communicate(timeout=60)  # it stops by itself
+    assert live.returncode == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert len(stored(s, "LimitViolationDetected")) == 1

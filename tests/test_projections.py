@@ -473,7 +473,6 @@ def test_short_positions_close_to_zero_and_reopen() -> None:
     ]
 
 
-
 def test_fractional_fills_that_close_a_position_leave_no_dust() -> None:
     """0.1 + 0.2 - 0.3 is 5.6e-17 in doubles: that was an open position, revalued at every
     mark, with 5e-16 of realized PnL."""

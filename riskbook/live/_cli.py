@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -30,14 +31,23 @@ def _describe(effect: Any) -> str:
 
 
 def cmd_live(args: argparse.Namespace) -> int:
+    from riskbook.cli import _stdout_gone
     from riskbook.live import Commit, Processor
 
     started = time.monotonic()
     shown = [started, 0]
+    stop = threading.Event()
 
-    def report(commit: Commit) -> None:
-        for effect in commit.effects:
-            print(_describe(effect), flush=True)
+    def report(commit: Commit) -> None:  # in the processor's thread (unless --once)
+        try:
+            for effect in commit.effects:
+                print(_describe(effect), flush=True)
+        except BrokenPipeError:  # the reader went away (`riskbook live | head`): stop
+            _stdout_gone()  # the batch is committed: nothing is lost
+            stop.set()
+            if args.once:
+                raise  # ends the catch-up; the command exits quietly (cli._run)
+            return
         now = time.monotonic()
         if now - shown[0] >= 5 or args.once:
             done = processor.engine.events_seen
@@ -65,7 +75,6 @@ def cmd_live(args: argparse.Namespace) -> int:
               + (f"; {held:,} effects already stored, not appended again" if held else ""),
               file=sys.stderr)  # fmt: skip
         return 0
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
@@ -101,6 +110,19 @@ def _say_status(name: str, status: str, said: list[str]) -> None:
         text = f"{got}following the store (Ctrl-C stops)"
     print(f"riskbook live {name!r}: {text}", file=sys.stderr, flush=True)
     said.append(kind)
+
+
+def _critical(text: str) -> float:
+    """argparse type of --critical: a finite factor >= 1."""
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 1, got {text!r} (--no-block: never block)"
+        )
+    return factor
 
 
 def _never() -> dict[str, float | None]:
@@ -142,7 +164,7 @@ def add_live_commands(
     lv.add_argument("--name", default="live", help="the checkpoint's name (default: live)")
     lv.add_argument(
         "--critical",
-        type=float,
+        type=_critical,
         default=1.2,
         help="block the account when a metric goes over this many times its limit (default 1.2)",
     )

@@ -193,7 +193,10 @@ class Engine:
     def _levels(self, limit_type: str) -> tuple[float, ...]:
         f = self.factor(limit_type)
         if f is not None and not (np.isfinite(f) and f >= 1.0):
-            raise ValueError(f"the critical factor of {limit_type} must be >= 1, got {f!r}")
+            raise ValueError(
+                f"the critical factor of {limit_type} must be a finite number >= 1, got {f!r}"
+                " (None: never block; riskbook live --no-block)"
+            )
         return (1.0,) if f is None or f == 1.0 else (1.0, float(f))
 
     def copy(self) -> Engine:
