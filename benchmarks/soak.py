@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,10 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from riskbook.store.embedded import EmbeddedServer
 
 ACCOUNTS = 6
 SYMBOLS = 3
@@ -178,12 +183,23 @@ def _processor(dsn: str) -> subprocess.Popen[bytes]:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    import riskbook
-    from riskbook.live import Engine
-    from riskbook.store.embedded import EmbeddedServer
+    from riskbook.store.embedded import EmbeddedServer, _remove_outside_files
 
     home = Path(args.home or tempfile.mkdtemp(prefix="riskbook-soak-"))
     server = EmbeddedServer(home)
+    try:
+        return _soak(args, server)
+    finally:
+        server.stop()
+        _remove_outside_files(server)  # as root, a whole cluster under /var/lib/riskbook
+        if not args.home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _soak(args: argparse.Namespace, server: EmbeddedServer) -> dict[str, object]:
+    import riskbook
+    from riskbook.live import Engine
+
     dsn = server.start()
     store = riskbook.connect(dsn)
     for a in range(ACCOUNTS):

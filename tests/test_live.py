@@ -372,7 +372,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[riskbook.store.embedded.EmbeddedServer]:  # type: ignore[name-defined]
-    from riskbook.store.embedded import EmbeddedServer
+    from riskbook.store.embedded import EmbeddedServer, _remove_outside_files
 
     server = EmbeddedServer(tmp_path / "pg-restart")
     server.start()
@@ -380,6 +380,7 @@ def own_server(tmp_path: Path) -> Iterator[riskbook.store.embedded.EmbeddedServe
         yield server
     finally:
         server.stop()
+        _remove_outside_files(server)  # as root, a whole cluster under /var/lib/riskbook
 
 
 @pytest.mark.skipif(bool(os.environ.get("RISKBOOK_DSN")), reason="restarts an embedded server")

@@ -28,10 +28,14 @@ created. The private ``/tmp`` socket folder used for long or comma paths is remo
 when the server stops.
 
 A process that uses the server *attaches* to it (its pid and process start time go
-to ``holders.json``) and *detaches* at exit; the last holder to detach stops the
-server unless it was *pinned* by :meth:`EmbeddedServer.start`. Dead holders (killed
-with SIGKILL, for instance) are pruned whenever the list is read. All decisions are
-taken under an exclusive ``flock`` on ``lock``.
+to ``holders.json``) and *detaches* at exit (multiprocessing workers too, which end
+with ``os._exit``); the last holder to detach stops the server unless it was *pinned*
+by :meth:`EmbeddedServer.start`. Dead holders (killed with SIGKILL, for instance) are
+pruned whenever the list is read. An attach or start that fails after starting the
+server stops it again, unless it is held or pinned. All decisions are taken under an
+exclusive ``flock`` on ``lock``. The pid in ``postmaster.pid`` counts only if it is
+this cluster's postmaster: after a crash it may name any process, which riskbook then
+neither reports as the server nor signals.
 """
 
 from __future__ import annotations
@@ -94,7 +98,25 @@ _PGDATA_MARGIN = 128  # bytes PostgreSQL appends inside PGDATA (pg_replslot/<63>
 _START_TIMEOUT = 30  # seconds, for pg_ctl -t
 _LOCK_TIMEOUT = 180.0  # seconds to wait for another process's start/stop
 _HOLDER_TIME_SLACK = 1.0  # seconds; psutil derives create_time from a boot time that can drift
+_POSTMASTER_TIME_SLACK = 5.0  # seconds between a postmaster's fork and the start time it records
+_START_WAIT = 2.0  # seconds to wait for the postmaster of an interrupted `pg_ctl start`
 _SHELL_UNSAFE = frozenset('"$`\\\n')  # pg_ctl puts the log path inside "..." of a sh -c line
+# Connection settings of the embedded URI that override the PG* environment variables
+# (an empty value overrides too): no TLS or GSS on a Unix socket, no channel binding
+# (trust authentication), no TCP host address, any server peer user, any session type,
+# no session options.
+_PORTABLE_SETTINGS = (
+    "sslmode=disable&gssencmode=disable&channel_binding=disable&hostaddr="
+    "&requirepeer=&target_session_attrs=any&options="
+)
+# (libpq version, setting): settings older clients refuse as unknown.
+_NEWER_SETTINGS = (
+    (160000, "require_auth=none"),
+    (160000, "sslcertmode=disable"),
+    (170000, "sslnegotiation=postgres"),
+)
+_PATH_TEXT: dict[str, Any] = {"encoding": "utf-8", "errors": "surrogateescape"}
+"""How riskbook's own files and PostgreSQL's lock files hold paths, which need not be UTF-8."""
 _SERVER_SETTINGS = {
     "max_connections": "200",
     "shared_buffers": "128MB",
@@ -408,7 +430,8 @@ def _run_as(
     would wait for the server to exit.
     """
     switch = not user.is_self
-    with tempfile.TemporaryFile("w+") as out:
+    # errors="replace": initdb and pg_ctl quote paths, which need not be UTF-8
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
         try:
             proc = subprocess.run(
                 cmd,
@@ -449,6 +472,41 @@ def _process_alive(pid: int, create_time: float | None = None) -> bool:
 
 def _create_time(pid: int) -> float:
     return float(psutil.Process(pid).create_time())
+
+
+def _is_postmaster_of(pid: int, data: Path, user: _User | None, started: float | None) -> bool:
+    """Whether ``pid`` is the postmaster of the cluster in ``data``, run by ``user``.
+
+    postmaster.pid outlives a postmaster that crashed; its pid may then belong to any
+    process, even another cluster's postmaster or backend (named ``postgres`` too). A
+    postmaster of ``data`` runs as ``user``, works in ``data`` (postgres changes into its
+    data folder) and is no postgres process's child (a backend is its postmaster's).
+    Where the working folder cannot be read (no right to trace the process), its start
+    time must match ``started``, the one postmaster.pid records.
+    """
+    if user is None:  # the server user does not exist: nothing runs as that user
+        return False
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE or "postgres" not in proc.name():
+                return False
+            if proc.uids().real != user.uid:
+                return False
+            ppid, create_time = proc.ppid(), proc.create_time()
+        try:
+            if proc.cwd() != os.path.realpath(data):
+                return False
+        except psutil.AccessDenied:
+            if started is None or abs(create_time - started) > _POSTMASTER_TIME_SLACK:
+                return False
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False  # gone, or another user's process we may not even inspect
+    try:
+        parent = psutil.Process(ppid)
+        return not ("postgres" in parent.name() and parent.uids().real == user.uid)
+    except psutil.Error:  # gone, or hidden from us: no postgres of the server user
+        return True
 
 
 def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
@@ -497,15 +555,25 @@ class _Layout:
     def socket_dir(self) -> Path:
         """``files/sock``, or a private /tmp folder if that cannot be used.
 
-        That is if the socket path would be too long, or if the folder has a comma in
-        its path (libpq reads ``host`` as a comma-separated list, with no escape).
+        That is if the socket path would be too long, if the folder has a comma in its
+        path (libpq reads ``host`` as a comma-separated list, with no escape), or if its
+        path is not UTF-8 (psycopg decodes the ``host`` it is given as UTF-8).
         """
         sock = self.files / "sock"
         too_long = len(os.fsencode(sock)) + len(f"/.s.PGSQL.{PORT}") > _MAX_SOCKET_PATH
-        if not too_long and "," not in str(sock):
+        if not too_long and "," not in str(sock) and _is_utf8(sock):
             return sock
         uid = self.user.uid if self.user is not None else os.geteuid()
         return Path("/tmp") / f"riskbook-{uid}-{_home_hash(self.home)}"
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (a path that is not holds surrogate escapes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept as surrogates
+        return False
+    return True
 
 
 def _home_hash(home: Path) -> str:
@@ -514,7 +582,7 @@ def _home_hash(home: Path) -> str:
 
 def _read_pointer(pointer: Path) -> Path | None:
     try:
-        text = pointer.read_text().strip()
+        text = pointer.read_text(**_PATH_TEXT).strip()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError):
@@ -581,7 +649,7 @@ def _check_layout(layout: _Layout) -> None:
             '" $ ` \\ or a newline, which pg_ctl cannot pass safely to the shell; '
             "choose another RISKBOOK_HOME"
         )
-    longest = len(os.fsencode(layout.files / "data.initdb"))  # initdb's scratch PGDATA
+    longest = len(os.fsencode(layout.files / "data.initdb.XXXXXXXX"))  # initdb's scratch PGDATA
     if longest + _PGDATA_MARGIN >= _MAXPGPATH:
         size = len(os.fsencode(layout.home))
         most = _MAXPGPATH - _PGDATA_MARGIN - 1 - (longest - size)
@@ -650,6 +718,7 @@ def _make_private_dir(path: Path, user: _User) -> None:
 _STATE_LOCK = threading.RLock()
 _ATTACHED: dict[Path, int] = {}  # home -> pid of the process that attached (fork-safe)
 _ATEXIT_REGISTERED: set[Path] = set()
+_FINALIZER_REGISTERED: dict[Path, int] = {}  # home -> pid that registered a finalizer
 _SIGTERM_INSTALLED = False
 
 
@@ -684,34 +753,61 @@ class EmbeddedServer:
         Returns
         -------
         str
-            The libpq URI of database ``riskbook``.
+            The libpq URI of database ``riskbook`` for this process's psycopg: :meth:`url`
+            plus the settings only libpq 16 and later know (see :meth:`url`).
 
         Raises
         ------
         EmbeddedServerError
-            If the server cannot be initialized, started or reached.
+            If the server cannot be initialized, started or reached. A server this call
+            started is stopped again (unless pinned or held by another process), as on
+            any other exception (a KeyboardInterrupt, say) before it returns.
         """
         with _STATE_LOCK:
             layout = self._layout(create=True)
+            me = os.getpid()
             if (
-                _ATTACHED.get(self.home) == os.getpid()
+                _ATTACHED.get(self.home) == me
                 and self._postmaster(layout) is not None
-                and os.getpid() in self._listed_pids(layout)
+                and me in self._listed_pids(layout)
             ):
-                return self.url()
+                return self._client_url()
+            self._register_detach_at_exit()
             with self._flock(layout):
                 holders = self._read_holders(layout)
-                self._ensure_running(layout)
-                me = os.getpid()
-                if not any(h["pid"] == me for h in holders):
-                    holders.append({"pid": me, "create_time": _create_time(me)})
-                self._write_holders(layout, holders)
-            _ATTACHED[self.home] = os.getpid()
-            if self.home not in _ATEXIT_REGISTERED:
-                atexit.register(self._detach_at_exit)
-                _ATEXIT_REGISTERED.add(self.home)
+                was_running = self._postmaster(layout) is not None
+                attached = _ATTACHED.get(self.home)
+                try:
+                    self._ensure_running(layout)
+                    if not any(h["pid"] == me for h in holders):
+                        self._write_holders(
+                            layout, [*holders, {"pid": me, "create_time": _create_time(me)}]
+                        )
+                    _ATTACHED[self.home] = me
+                except BaseException as exc:
+                    self._write_holders(layout, holders)
+                    if attached is None:
+                        _ATTACHED.pop(self.home, None)
+                    if not was_running:
+                        self._stop_unheld(layout, exc)
+                    raise
             _install_sigterm_handler()
-            return self.url()
+            return self._client_url()
+
+    def _register_detach_at_exit(self) -> None:
+        """Detach when this process exits: atexit, and multiprocessing's own finalizers.
+
+        A multiprocessing worker (fork or forkserver) ends with ``os._exit``, which skips
+        atexit; its finalizers run, but a forked child starts with none of its parent's.
+        """
+        if self.home not in _ATEXIT_REGISTERED:
+            atexit.register(self._detach_at_exit)
+            _ATEXIT_REGISTERED.add(self.home)
+        if _FINALIZER_REGISTERED.get(self.home) != os.getpid():
+            import multiprocessing.util
+
+            multiprocessing.util.Finalize(None, self._detach_at_exit, exitpriority=10)
+            _FINALIZER_REGISTERED[self.home] = os.getpid()
 
     def detach(self) -> None:
         """Unregister this process; stop the server if no live holder remains and not pinned.
@@ -745,8 +841,14 @@ class EmbeddedServer:
             layout = self._layout(create=True)
             with self._flock(layout):
                 self._write_holders(layout, self._read_holders(layout))
-                self._ensure_running(layout)
-                _write_file(layout.pinned, f"{time.time()}\n")
+                was_running = self._postmaster(layout) is not None
+                try:
+                    self._ensure_running(layout)
+                    _write_file(layout.pinned, f"{time.time()}\n")
+                except BaseException as exc:
+                    if not was_running:
+                        self._stop_unheld(layout, exc)
+                    raise
             return self.url()
 
     def stop(self) -> bool:
@@ -801,10 +903,30 @@ class EmbeddedServer:
         )
 
     def url(self, database: str = DATABASE) -> str:
-        """The libpq URI of ``database``: ``postgresql://postgres@/<db>?host=<socket dir>``."""
+        """The libpq URI of ``database``, for any client (psql, another driver).
+
+        ``postgresql://postgres@/<db>?host=<socket dir>&port=5432&...``: the settings
+        after the port make it self-contained, so that libpq environment variables meant
+        for another server (``PGSSLMODE``, ``PGGSSENCMODE``, ``PGCHANNELBINDING``,
+        ``PGHOSTADDR``, ``PGREQUIREPEER``, ``PGTARGETSESSIONATTRS``, ``PGOPTIONS``) do not
+        apply to this one. ``PGREQUIREAUTH``, ``PGSSLNEGOTIATION`` and ``PGSSLCERTMODE``
+        have settings only libpq 16 or 17 knows, which older clients (psql 15, say)
+        refuse in a URI: the URI :meth:`attach` returns adds them for psycopg's libpq.
+        """
         layout = self._layout(create=False)
-        host = quote(str(self._recorded_socket_dir(layout)), safe="")
-        return f"postgresql://{PG_SUPERUSER}@/{quote(database, safe='')}?host={host}&port={PORT}"
+        host = quote(os.fsencode(self._recorded_socket_dir(layout)), safe="")
+        return (
+            f"postgresql://{PG_SUPERUSER}@/{quote(database, safe='')}?host={host}&port={PORT}"
+            f"&{_PORTABLE_SETTINGS}"
+        )
+
+    def _client_url(self, database: str = DATABASE) -> str:
+        """:meth:`url` with the settings psycopg's libpq knows beyond the portable ones."""
+        import psycopg
+
+        version = psycopg.pq.version()
+        extra = "".join(f"&{s}" for since, s in _NEWER_SETTINGS if version >= since)
+        return self.url(database) + extra
 
     # ---------------------------------------------------------------- internals
 
@@ -908,28 +1030,24 @@ class EmbeddedServer:
 
     def _recorded_socket_dir(self, layout: _Layout) -> Path:
         try:
-            recorded = layout.socket_record.read_text().rstrip("\n")
+            recorded = layout.socket_record.read_text(**_PATH_TEXT).rstrip("\n")
         except OSError:
             recorded = ""
         return Path(recorded) if recorded else layout.socket_dir()
 
     def _postmaster(self, layout: _Layout) -> tuple[int, Path | None] | None:
-        """(pid, socket dir) of the live postmaster of ``layout.data``, or None."""
-        try:
-            lines = (layout.data / "postmaster.pid").read_text().splitlines()
-            pid = int(lines[0])
-        except (OSError, ValueError, IndexError):
+        """(pid, socket dir) of the live postmaster of ``layout.data``, or None.
+
+        None too when postmaster.pid is stale: its pid is not this cluster's postmaster
+        (see :func:`_is_postmaster_of`), whatever process it names now.
+        """
+        lines = _lock_file_lines(layout.data / "postmaster.pid")
+        if lines is None or not _is_postmaster_of(
+            int(lines[0]), layout.data, layout.user, _lock_file_start(lines)
+        ):
             return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE or "postgres" not in proc.name():
-                return None
-        except psutil.NoSuchProcess:
-            return None
-        except psutil.AccessDenied:
-            pass
         sock = Path(lines[4].split(",")[0].strip()) if len(lines) > 4 and lines[4] else None
-        return pid, sock
+        return int(lines[0]), sock
 
     def _server_user(self, layout: _Layout) -> _User:
         if layout.user is None:  # only status() builds such a layout
@@ -943,6 +1061,7 @@ class EmbeddedServer:
         return env
 
     def _ensure_initdb(self, layout: _Layout, user: _User, pginstall: Path) -> None:
+        self._remove_initdb_leftovers(layout)
         version_file = layout.data / "PG_VERSION"
         if layout.data.is_dir():
             try:
@@ -958,12 +1077,17 @@ class EmbeddedServer:
                     f"PostgreSQL {_PG_MAJOR}. Dump it with PostgreSQL {major} and restore it."
                 )
             return
-        # initdb into a scratch folder, then rename: a killed initdb never leaves a
-        # half-made data folder behind.
-        scratch = layout.files / "data.initdb"
-        if scratch.exists():
-            shutil.rmtree(scratch)
-        os.mkdir(scratch, 0o700)
+        # initdb into a scratch folder of its own, then rename: a killed initdb never
+        # leaves a half-made data folder behind, and an orphaned one (its riskbook
+        # process was killed) cannot clean up into the folder of the next attempt.
+        scratch = Path(tempfile.mkdtemp(prefix="data.initdb.", dir=layout.files))
+        try:
+            self._initdb(layout, user, pginstall, scratch)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+    def _initdb(self, layout: _Layout, user: _User, pginstall: Path, scratch: Path) -> None:
         if not user.is_self:
             os.chown(scratch, user.uid, user.gid)
         cmd = [
@@ -981,15 +1105,39 @@ class EmbeddedServer:
             cmd += ["-c", f"{name}={value}"]
         started = time.time()
         proc = _run_as(user, cmd, env=self._env(layout, pginstall), timeout=300)
-        with open(layout.files / "initdb.log", "a") as log:
+        with open(layout.files / "initdb.log", "a", **_PATH_TEXT) as log:
             log.write(
                 f"--- initdb by pid {os.getpid()} at {time.ctime(started)}, "
                 f"exit {proc.returncode}, {time.time() - started:.2f} s\n{proc.stdout}"
             )
         if proc.returncode != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
             raise EmbeddedServerError(f"initdb failed (exit {proc.returncode}):\n{proc.stdout}")
         os.rename(scratch, layout.data)
+
+    def _remove_initdb_leftovers(self, layout: _Layout) -> None:
+        """Remove the scratch folders of initdb runs that never finished (under the lock).
+
+        Their riskbook process died (SIGKILL, say) before removing them; its initdb may
+        still run, orphaned (it has a session of its own). Nobody will rename its result,
+        and no live riskbook process runs it (the lock says so): its process group is
+        killed first, so that its own cleanup cannot race with the removal.
+        """
+        leftovers = [p for p in layout.files.glob("data.initdb*") if p.is_dir()]
+        if not leftovers:
+            return
+        names = {str(p) for p in leftovers}
+        for proc in psutil.process_iter(["cmdline"]):
+            if not names.intersection(proc.info["cmdline"] or ()):
+                continue
+            with contextlib.suppress(psutil.Error, OSError):
+                group = [proc, *proc.children(recursive=True)]
+                if os.getpgid(proc.pid) == proc.pid:  # initdb leads its own group
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+                psutil.wait_procs(group, timeout=10)
+        for scratch in leftovers:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _prepare_socket_dir(self, layout: _Layout, user: _User) -> Path:
         sock = layout.socket_dir()
@@ -1037,6 +1185,27 @@ class EmbeddedServer:
             except psutil.NoSuchProcess:
                 return
             time.sleep(0.02)
+
+    def _remove_stale_lock_files(self, layout: _Layout, sock: Path) -> None:
+        """Remove postmaster.pid and the socket's lock file if their pid is reused.
+
+        PostgreSQL itself ignores a lock file whose pid is dead, but refuses to start
+        ("lock file already exists") while that pid is alive under the server's user,
+        whatever that process is now. Called when :meth:`_postmaster` found no
+        postmaster: a lock file naming a live process that is not this cluster's
+        postmaster is stale. A zombie is left alone (see :meth:`_wait_stale_postmaster`).
+        """
+        for lock in (layout.data / "postmaster.pid", sock / f".s.PGSQL.{PORT}.lock"):
+            lines = _lock_file_lines(lock)
+            if lines is None:
+                continue
+            pid = int(lines[0])
+            if not _process_alive(pid) or _is_postmaster_of(  # dead, a zombie, or ours
+                pid, layout.data, layout.user, _lock_file_start(lines)
+            ):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
 
     def _log_tail(self, layout: _Layout, lines: int = 30) -> str:
         try:
@@ -1088,10 +1257,20 @@ class EmbeddedServer:
         # yet reaped: kill(pid, 0) succeeds) or while its children still run and use the
         # old shared memory: wait for those, then retry for a few seconds.
         self._wait_stale_postmaster(layout)
+        self._remove_stale_lock_files(layout, sock)
         deadline = time.monotonic() + 15
         while True:
             offset = self._log_size(layout)
-            proc = _run_as(user, cmd, env=env, timeout=_START_TIMEOUT + 30)
+            try:
+                proc = _run_as(user, cmd, env=env, timeout=_START_TIMEOUT + 30)
+            except BaseException:
+                # Interrupted (Ctrl-C) or timed out: the postmaster pg_ctl forked runs on.
+                # Give it a moment to write postmaster.pid, so that the caller finds it
+                # and stops it.
+                wait_until = time.monotonic() + _START_WAIT
+                while self._postmaster(layout) is None and time.monotonic() < wait_until:
+                    time.sleep(0.02)
+                raise
             pm = self._postmaster(layout)
             if proc.returncode == 0 and pm is not None:
                 break
@@ -1112,7 +1291,9 @@ class EmbeddedServer:
         import psycopg.errors
 
         try:
-            with psycopg.connect(self.url("postgres"), autocommit=True, connect_timeout=10) as conn:
+            with psycopg.connect(
+                self._client_url("postgres"), autocommit=True, connect_timeout=10
+            ) as conn:
                 row = conn.execute(
                     "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
                 ).fetchone()
@@ -1123,15 +1304,36 @@ class EmbeddedServer:
                     ):
                         conn.execute(f'CREATE DATABASE "{DATABASE}"')
         except psycopg.Error as exc:
+            url = self._client_url("postgres")
+            if _refused_by_client(exc):
+                names = sorted(k for k in os.environ if k.startswith("PG"))
+                hint = (
+                    f"; the environment sets {', '.join(names)}, which libpq applies to every "
+                    "connection that does not set them: unset those meant for another server"
+                    if names
+                    else ""
+                )
+                raise EmbeddedServerError(
+                    f"the client (libpq) refused to connect to the embedded server at {url}: "
+                    f"{_one_line(str(exc))}{hint}"
+                ) from exc
             raise EmbeddedServerError(
-                f"the server runs but does not accept connections at {self.url('postgres')}: "
+                f"the server runs but does not accept connections at {url}: "
                 f"{exc}\nlast lines of {layout.log}:\n{self._log_tail(layout)}"
             ) from exc
 
     def _stop_server(self, layout: _Layout) -> bool:
-        """Stop the postmaster if it runs (under the lock). True if it was running."""
+        """Stop the postmaster if it runs (under the lock). True if it was running.
+
+        Only a process :meth:`_postmaster` recognizes is signalled, through a handle
+        that refuses to signal a reused pid.
+        """
         pm = self._postmaster(layout)
         if pm is None:
+            return False
+        try:
+            proc = psutil.Process(pm[0])
+        except psutil.NoSuchProcess:
             return False
         user = self._server_user(layout)
         pginstall = _pginstall_for(user)
@@ -1145,17 +1347,30 @@ class EmbeddedServer:
             still = self._postmaster(layout) if failed else None
             if still is not None and still[0] == pm[0]:
                 # pg_ctl could not reach PGDATA, say: the same request by signal
-                with contextlib.suppress(OSError):
-                    os.kill(pm[0], signum)
-            if self._wait_gone(pm[0], 5.0):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signum)
+            if self._wait_gone(proc, 5.0):
                 self._remove_private_socket_dir(layout, pm[1])
                 return True
         with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pm[0]).kill()
-        if not self._wait_gone(pm[0], 5.0):
+            proc.kill()
+        if not self._wait_gone(proc, 5.0):
             raise EmbeddedServerError(f"could not stop the server (pid {pm[0]})")
         self._remove_private_socket_dir(layout, pm[1])
         return True
+
+    def _stop_unheld(self, layout: _Layout, exc: BaseException) -> None:
+        """Stop the server that a failed attach or start started (under the lock).
+
+        Unless a live holder or the pin keeps it: nobody else would ever stop it. A
+        failure to stop it is added to ``exc`` as a note, not raised in its place.
+        """
+        if self._read_holders(layout) or layout.pinned.exists():
+            return
+        try:
+            self._stop_server(layout)
+        except Exception as failure:
+            exc.add_note(f"the server it started could not be stopped either: {failure}")
 
     def _remove_private_socket_dir(self, layout: _Layout, sock: Path | None) -> None:
         """Remove the private /tmp socket folder of a stopped server, if it is ours and empty.
@@ -1176,26 +1391,83 @@ class EmbeddedServer:
             pass
 
     @staticmethod
-    def _wait_gone(pid: int, timeout: float) -> bool:
+    def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+        """Wait until ``proc`` exits (or is a zombie); False on timeout."""
         deadline = time.monotonic() + timeout
-        while _process_alive(pid):
+        while _process_alive(proc.pid, proc.create_time()):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
         return True
 
     def _detach_at_exit(self) -> None:
+        # This process is on its way out: a SIGTERM now (multiprocessing's
+        # Pool.terminate sends one to workers that are already leaving) must not cut the
+        # detach short, leaving a dead holder and a server that nobody stops.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is _raise_system_exit
+        ):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             self.detach()
         except Exception as exc:  # at exit there is nobody left to raise to
             print(f"riskbook: could not detach from {self.home}: {exc}", file=sys.stderr)
 
 
+# What libpq says when it could not reach the server or the server ended the attempt;
+# any other connection failure without a server message ("FATAL:") is libpq refusing.
+_NOT_THE_CLIENT = (
+    "FATAL:",
+    "Connection refused",
+    "No such file or directory",
+    "timeout expired",
+    "server closed the connection",
+    "Resource temporarily unavailable",
+)
+
+
+def _refused_by_client(exc: Exception) -> bool:
+    """Whether a failed psycopg connect is libpq's own refusal (it asked for TLS, GSS,
+    channel binding, an authentication method, a peer user... the server does not do)."""
+    import psycopg
+
+    text = str(exc)
+    return (
+        isinstance(exc, psycopg.OperationalError)
+        and exc.sqlstate is None
+        and not any(s in text for s in _NOT_THE_CLIENT)
+    )
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _lock_file_lines(path: Path) -> list[str] | None:
+    """The lines of a PostgreSQL lock file (postmaster.pid, .s.PGSQL.5432.lock) whose
+    first line is a pid, or None."""
+    try:
+        lines = path.read_text(**_PATH_TEXT).splitlines()
+        int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return lines
+
+
+def _lock_file_start(lines: list[str]) -> float | None:
+    """The postmaster's start time a lock file records (its third line), or None."""
+    try:
+        return float(lines[2])
+    except (IndexError, ValueError):
+        return None
+
+
 def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` to ``path`` atomically (temporary file + rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", **_PATH_TEXT) as f:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -1213,6 +1485,24 @@ def _install_sigterm_handler() -> None:
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_system_exit)
         _SIGTERM_INSTALLED = True
+
+
+def _remove_outside_files(server: EmbeddedServer) -> None:
+    """Remove what the stopped ``server`` keeps outside its home, for a throwaway home.
+
+    That is its files folder under /var/lib/riskbook (as root, for a home the server
+    user cannot reach: a whole cluster per home) and its private /tmp socket folder.
+    For tests and benchmarks; the home itself is the caller's to remove.
+    """
+    status = server.status()
+    if status.running:
+        raise EmbeddedServerError(f"the server of {server.home} runs: stop it first")
+    files = status.data_dir.parent
+    if files.parent == VAR_LIB and files.is_dir():
+        shutil.rmtree(files)
+    sock = status.socket_dir
+    if sock.parent == Path("/tmp") and sock.name.startswith("riskbook-"):
+        shutil.rmtree(sock, ignore_errors=True)
 
 
 _DEFAULT: dict[Path, EmbeddedServer] = {}
