@@ -263,7 +263,8 @@ def _overview(store: Store) -> None:
     with store.connection() as conn:
         by_type = conn.execute(
             "SELECT event_type, count(*), count(DISTINCT aggregate_id),"
-            ' min("timestamp")::date, max("timestamp")::date'
+            " (min(\"timestamp\") AT TIME ZONE 'UTC')::date,"
+            " (max(\"timestamp\") AT TIME ZONE 'UTC')::date"
             " FROM events GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
     _say("\nWhat the store holds:")

@@ -482,8 +482,16 @@ class _Params:
 def _params(
     seed: int, accounts: int, symbols: int, days: int, events: int | None, start: datetime | None
 ) -> _Params:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    for name, value in (("seed", seed), ("accounts", accounts), ("symbols", symbols),
+                        ("days", days), ("events", events)):  # fmt: skip
+        if (value is not None or name != "events") and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if seed < 0:  # Random(-3) is Random(3): the same history, the same event ids
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if start is not None and not isinstance(start, datetime):
+        raise ValueError(f"start must be a datetime, got {type(start).__name__}")
     if accounts < 5:
         raise ValueError(f"accounts must be >= 5 (five planted incidents), got {accounts}")
     if symbols < 3:
@@ -2423,7 +2431,7 @@ def cli(argv: list[str] | None = None) -> int:
             "and its answer key, into a JSON Lines file or a store."
         ),
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default 0)")
     parser.add_argument("--accounts", type=int, default=8, help="accounts, >= 5 (default 8)")
     parser.add_argument("--symbols", type=int, default=6, help="symbols, >= 3 (default 6)")
     parser.add_argument("--days", type=int, default=5, help="trading days, >= 3 (default 5)")
@@ -2457,6 +2465,12 @@ def cli(argv: list[str] | None = None) -> int:
         for option, path in outputs:
             if path is not None and (why := _unwritable(path)) is not None:
                 parser.error(f"{option} {path}: {why}")
+        if (
+            args.out is not None
+            and args.key is not None
+            and (Path(args.key).resolve() == Path(args.out).resolve())
+        ):
+            parser.error(f"--key {args.key}: is the --out file (the key would replace it)")
     except SystemExit as exc:  # --help, or bad arguments (argparse printed why)
         return exc.code if isinstance(exc.code, int) else 2
     err = sys.stderr

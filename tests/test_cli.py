@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import riskbook
@@ -213,9 +214,20 @@ def test_demo_summary_names_the_event_that_caused_each_block(
     store.close()
     assert blocked == {"ACC-1", "ACC-2", "ACC-3", "ACC-4"}
 
+    # the days it says events were recorded are UTC days, whatever the session's zone:
+    # a zone 12 hours away puts every event of this test on another local day
+    now = datetime.now(UTC)
+    zone, local = ("Etc/GMT+12", now - timedelta(hours=12))  # POSIX signs: UTC-12
+    if now.hour >= 12:
+        zone, local = ("Etc/GMT-12", now + timedelta(hours=12))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET timezone = '{zone}'")
     result = run("demo", "--summary-only", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    overview = result.stdout.split("What the store holds:")[1].split("\n\n")[0]
+    assert now.date().isoformat() in overview, overview
+    assert local.date().isoformat() not in overview, overview
     lines = {
         line.split()[0]: line
         for line in result.stdout.split("caused them")[1].splitlines()

@@ -785,6 +785,33 @@ def test_huge_sizes_are_refused_at_once(tmp_path: Path) -> None:
         simulate.generate(events=simulate.MAX_EVENTS + 1)
 
 
+def test_a_negative_seed_and_sizes_that_are_not_ints_are_refused(tmp_path: Path) -> None:
+    """Random(-3) is Random(3): --seed -3 made the history of 3, event ids and all."""
+    out = tmp_path / "x.jsonl"
+    assert simulate.cli(["--seed", "-3", "--out", str(out), "-q"]) == 2
+    assert not out.exists()
+    for kwargs, match in (
+        ({"seed": -3}, "seed must be >= 0"),
+        ({"days": 3.5}, "days must be an int"),
+        ({"events": 1000.5}, "events must be an int"),
+        ({"accounts": "5"}, "accounts must be an int"),
+        ({"start": "2024-01-01"}, "start must be a datetime"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            simulate.generate(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_key_may_not_replace_the_history(tmp_path: Path) -> None:
+    """--key naming the --out file wrote the key over the history it had just written."""
+    args = ["--seed", "2", "--accounts", "5", "--symbols", "3", "--days", "3", "-q"]
+    for name in ("same.jsonl", "same.jsonl.gz"):
+        out = tmp_path / name
+        assert simulate.cli([*args, "--out", str(out), "--key", str(out)]) == 2
+        assert not out.exists()
+    out = tmp_path / "h.jsonl"  # its own key file, named again, is the same content: fine
+    assert simulate.cli([*args, "--out", str(out), "--key", str(simulate.key_path(out))]) == 0
+
+
 def test_output_paths_are_checked_before_generating(tmp_path: Path) -> None:
     """A bad --key was found only after the whole history had been written."""
     out = tmp_path / "x.jsonl"
