@@ -419,11 +419,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from riskbook.verify import verify
 
     _writable_file(args.save_heads, "--save-heads")
-    report = verify(
-        _store(args.dsn), heads=args.heads, progress=None if args.quiet else _Progress()
-    )
+    store = _store(args.dsn)
+    try:
+        report = verify(store, heads=args.heads, progress=None if args.quiet else _Progress())
+    finally:
+        store.close()
     print(report)
-    if args.save_heads:
+    if args.save_heads and not report.ok:
+        # heads of a history found tampered with would vouch for it at the next check
+        # (a nightly `--heads F --save-heads F` would pass from then on)
+        print(
+            f"heads not written to {args.save_heads}: verify found problems (the heads kept"
+            " there, if any, still hold what was checked before)",
+            file=sys.stderr,
+        )
+    elif args.save_heads:
         report.save_heads(args.save_heads)
         print(f"heads of {len(report.heads):,} aggregates written to {args.save_heads}")
     return 0 if report.ok else 1
@@ -469,7 +479,10 @@ def _add_trust_commands(
         "--heads", default=None, metavar="FILE", help="heads saved earlier: each must still hold"
     )
     ver.add_argument(
-        "--save-heads", default=None, metavar="FILE", help="write each aggregate's head to FILE"
+        "--save-heads",
+        default=None,
+        metavar="FILE",
+        help="write each aggregate's head to FILE (only if every chain holds)",
     )
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     dsn_option(ver)

@@ -14,7 +14,22 @@ and names each aggregate and sequence where it breaks:
   or a head recorded earlier (``heads=``) is gone;
 * **reordered** -- an event sits at a sequence other than the one it was written with
   (two events swapped, say);
-* **duplicate** -- two events share a sequence.
+* **duplicate** -- two events share a sequence;
+* **back-dated** -- (with ``heads=`` taken by this version) an event the heads do not
+  hold, recorded at or before the moment they were taken: written since, with a past
+  recorded time (an import of history does that too), it changes what
+  ``riskbook.load(known_at=K)`` says for a K before then.
+
+Besides the chains, two things that would make ``riskbook.load`` and the live processor
+read less than the chains vouch for are reported as altered: an event whose position
+lies beyond any the server has handed out (positions are ``transaction id << 28`` plus a
+count, so every committed event sits below the snapshot's ``xmax << 28``; one above it
+is past every reader's fence), and riskbook's own SQL functions in the store's schema
+(``riskbook_position_fence()`` bounds what every reader reads) when their source or
+settings are not what the migrations installed, when one is missing, or when another
+function of one of their names stands on the search path beside them (on a store whose
+schema is behind this riskbook's, that they cannot be checked). A problem with the
+functions belongs to no aggregate: its ``aggregate_id`` is empty and its sequence 0.
 
 The scan reads the table once, in one snapshot, in whatever order the server finds
 fastest (chains are put back in order as they stream by), with the canonical encoding
@@ -29,6 +44,29 @@ removing an aggregate's latest events leaves a shorter, valid chain). Against th
 the heads (``VerifyReport.heads``, ``riskbook verify --save-heads FILE``) somewhere the
 database's superuser cannot write, and pass them back (``heads=``, ``--heads FILE``):
 every head recorded then must still be there, with the same hash.
+
+The heads file (:meth:`VerifyReport.save_heads`) is JSON::
+
+    {"heads": {"<aggregate>": [<sequence>, "<hash, hex>"], ...},
+     "taken_at": "<the server's time at the scan's snapshot, UTC, ISO 8601, ...Z>",
+     "xmax": <the snapshot's xmax>, "running": [<the snapshot's xip>, ...],
+     "next_xid": <the next transaction id to be assigned, read just after>}
+
+(transaction ids as 64-bit numbers, as ``pg_snapshot_xmax`` gives them). Files written
+by older versions are the ``"heads"`` mapping alone (``{"<aggregate>": [<sequence>,
+"<hash>"], ...}``): they are still read, without the check for back-dated events (they
+do not say when they were taken), as is a plain mapping passed as ``heads=``.
+
+That check looks at each event beyond the heads (a later sequence of an aggregate they
+list, or any event of one they do not) and at its transaction (``position >> 28``):
+one that had ended before the heads were taken (below ``xmax``, not ``running``)
+should be in them: the event is reported whatever its recorded time; one that was
+running then (``running``, or from ``xmax`` up to ``next_xid``) had not committed, and
+may have recorded its events before: not reported; one that began after is reported
+if its recorded time is at or before ``taken_at`` (riskbook's writers take an event's
+position, and with it a transaction id, before its recorded time, so theirs are
+later). A server clock set back since ``taken_at`` would make honest events look
+back-dated; a transaction that was running then may still add events recorded before.
 """
 
 from __future__ import annotations
@@ -37,8 +75,9 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +85,9 @@ from psycopg import sql
 
 from riskbook.events import canonical_fields
 from riskbook.store import Store, connect
+from riskbook.store.migrations import applied_versions, head
 
-__all__ = ["Problem", "VerifyReport", "read_heads", "verify"]
+__all__ = ["Heads", "Problem", "VerifyReport", "read_heads", "verify"]
 
 Progress = Callable[[str, int], None]
 
@@ -125,20 +165,125 @@ SELECT coalesce(d.aggregate_id, f.aggregate_id), coalesce(d.sequence, f.sequence
            f.reason)
 """
 
+# The scan's first statement takes its snapshot: export it (for the typed-copy check),
+# and note what kept heads need -- when (this statement's start, no later than the
+# snapshot) and which transactions had begun by then: those below the snapshot's xmax
+# had ended (their events are in it) unless running (its xip); those below next_xid
+# (the next transaction id to be assigned, read after the snapshot: age() of a
+# transaction id counts from it) may have been running; the others began after. No
+# committed event's position reaches the snapshot's xmax << 28.
+_SNAPSHOT_SQL = (
+    "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.statement_timestamp(),"
+    " x::text::bigint, x::text::bigint + pg_catalog.age(pg_catalog.xid(x)),"
+    " ARRAY(SELECT r::text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS r)"
+    " FROM (SELECT s, pg_catalog.pg_snapshot_xmax(s) AS x"
+    " FROM (SELECT pg_catalog.pg_current_snapshot() AS s) a) b"
+)
+# A position is (transaction id << 28) + n (riskbook_reserve_positions, migration 0001).
+_POSITION_SHIFT = 28
+
+# riskbook's own SQL functions, as this connection finds them: those of the store's
+# schema, and any of the same name in a schema of the search path (which could stand in
+# for them). What each is made of, in a form that does not depend on the store's schema,
+# is digested in Python (_function_digest).
+_STORE_SCHEMA_SQL = (
+    "SELECT n.nspname, pg_catalog.quote_ident(n.nspname),"
+    " pg_catalog.array_position(pg_catalog.current_schemas(true), n.nspname)"
+    " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.oid = pg_catalog.to_regclass('events')"
+)
+_FUNCTIONS_SQL = """
+SELECT n.nspname, p.proname, pg_catalog.oidvectortypes(p.proargtypes),
+       pg_catalog.array_position(pg_catalog.current_schemas(true), n.nspname),
+       pg_catalog.pg_get_function_identity_arguments(p.oid),
+       pg_catalog.pg_get_function_result(p.oid), l.lanname, p.prokind, p.prosecdef,
+       p.provolatile, p.proisstrict, p.proparallel, p.prosrc, p.probin, p.proconfig,
+       t.proname, pg_catalog.format_type(a.aggtranstype, NULL), a.agginitval, f.proname
+  FROM pg_catalog.pg_proc p
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+  LEFT JOIN pg_catalog.pg_aggregate a ON a.aggfnoid = p.oid
+  LEFT JOIN pg_catalog.pg_proc t ON t.oid = a.aggtransfn
+  LEFT JOIN pg_catalog.pg_proc f ON f.oid = a.aggfinalfn
+ WHERE p.proname LIKE 'riskbook\\_%%'
+   AND (n.nspname = %s OR n.nspname = ANY (pg_catalog.current_schemas(true)))
+"""
+
+# What the migrations install (each function's _function_digest), after the newest one.
+# A migration that adds or replaces a function changes this table: the test
+# test_verify_knows_the_functions_the_migrations_install says so, and prints it anew.
+_FUNCTIONS: dict[str, str] = {
+    "riskbook_chain(bytea, bytea)": "f239e470076c2988913150cfd5f7418b",
+    "riskbook_chain_event()": "7d4a237a8b25d077eaf7106f090761f0",
+    "riskbook_chain_step(bytea, bytea, bytea)": "40acb6284deded489c077e9923273012",
+    "riskbook_event_digest(uuid, text, text, text, bigint, timestamp with time zone, uuid,"
+    " text, jsonb, jsonb)": "4a1a146b90a3045d7a5835a5a472e715",
+    "riskbook_events_inserted()": "d413ef89bd42c54055c5ea8aaed4bd4f",
+    "riskbook_fill_event_fields(bigint, bigint)": "58856cd9325faa352d98782a8139c83e",
+    "riskbook_next_position()": "f637ab154e52e077210e7cdb2cbd7d45",
+    "riskbook_position_fence()": "df5072fdbf06b756f8c2b53a73b4b979",
+    "riskbook_refuse_change()": "6c185fb18bed8e4ef2aaa657acfe784d",
+    "riskbook_reserve_positions(bigint)": "98fa304b36e62b9461d339db10352e5d",
+    "riskbook_time_field(text)": "0027a2c53f68623efeeea9e4af45f77d",
+}
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
-    """Where a chain breaks: an aggregate, a sequence, what is wrong there."""
+    """Where a chain breaks: an aggregate, a sequence, what is wrong there.
+
+    A problem of the store rather than of an event (riskbook's SQL functions) has an
+    empty ``aggregate_id`` and sequence 0.
+    """
 
     aggregate_id: str
     sequence: int
     kind: str
-    """``altered``, ``removed``, ``reordered`` or ``duplicate``."""
+    """``altered``, ``removed``, ``reordered``, ``duplicate`` or ``back-dated``."""
     detail: str = field(compare=False)
     position: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
+        if not self.aggregate_id:
+            return f"the store: {self.kind} ({self.detail})"
         return f"{self.aggregate_id!r} sequence {self.sequence}: {self.kind} ({self.detail})"
+
+
+class Heads(dict[str, tuple[int, str]]):
+    """Each aggregate's last sequence and its hash (hex), as :func:`verify` found them,
+    and when: ``taken_at`` (the server's time at the scan's snapshot, UTC), and which
+    transactions had begun by then (``xmax``, ``next_xid``, ``running``: see the
+    module's documentation). A plain mapping of heads (or an old heads file) does not
+    say when: ``taken_at`` is None, and :func:`verify` cannot tell back-dated events."""
+
+    def __init__(
+        self,
+        heads: Mapping[str, tuple[int, str]] | Iterable[tuple[str, tuple[int, str]]] = (),
+        *,
+        taken_at: datetime | None = None,
+        xmax: int = 0,
+        next_xid: int = 0,
+        running: Iterable[int] = (),
+    ) -> None:
+        super().__init__(heads)
+        if taken_at is not None and (taken_at.tzinfo is None or not 0 < xmax <= next_xid):
+            raise ValueError(
+                "heads taken at a time need an aware taken_at and 0 < xmax <= next_xid"
+            )
+        self.taken_at = taken_at
+        self.xmax = xmax
+        self.next_xid = next_xid
+        self.running = frozenset(running)
+
+    def to_json(self) -> str:
+        """The heads file's text (see the module's documentation)."""
+        data: dict[str, Any] = {"heads": {a: list(h) for a, h in sorted(self.items())}}
+        if self.taken_at is not None:
+            data["taken_at"] = f"{self.taken_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ}"
+            data["xmax"] = self.xmax
+            data["next_xid"] = self.next_xid
+            data["running"] = sorted(self.running)
+        return json.dumps(data) + "\n"
 
 
 @dataclass(frozen=True)
@@ -151,15 +296,15 @@ class VerifyReport:
     aggregates : aggregates read
     seconds : wall time of the scan
     problems : every break found, ordered by aggregate and sequence (empty: all holds)
-    heads : each aggregate's last sequence and its hash (hex), to keep and pass back to
-        a later :func:`verify` (``heads=``)
+    heads : each aggregate's last sequence and its hash (hex), and when they were taken
+        (:class:`Heads`), to keep and pass back to a later :func:`verify` (``heads=``)
     """
 
     events: int
     aggregates: int
     seconds: float
     problems: tuple[Problem, ...]
-    heads: Mapping[str, tuple[int, str]] = field(repr=False)
+    heads: Heads = field(repr=False)
 
     @property
     def ok(self) -> bool:
@@ -171,9 +316,13 @@ class VerifyReport:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
     def save_heads(self, path: str | Path) -> Path:
-        """Write :attr:`heads` as JSON (``{aggregate: [sequence, hash]}``)."""
+        """Write :attr:`heads` as JSON (``{"heads": {aggregate: [sequence, hash]},
+        "taken_at": ..., "xmax": ..., "running": [...], "next_xid": ...}``: see the
+        module's documentation). It writes them whatever :attr:`ok` says; ``riskbook
+        verify --save-heads`` only when every chain holds (heads of a history found
+        tampered with would vouch for it at the next check)."""
         path = Path(path)
-        path.write_text(json.dumps({a: list(h) for a, h in sorted(self.heads.items())}) + "\n")
+        path.write_text(self.heads.to_json())
         return path
 
     def __str__(self) -> str:
@@ -184,18 +333,36 @@ class VerifyReport:
         )
         if self.ok:
             return summary + "every chain holds"
-        broken = len({p.aggregate_id for p in self.problems})
+        broken = len({p.aggregate_id for p in self.problems if p.aggregate_id})
+        where = f"{broken:,} aggregate(s)"
+        if any(not p.aggregate_id for p in self.problems):
+            where += " and in riskbook's SQL functions"
         lines = [str(p) for p in self.problems]
-        return "\n".join(
-            [*lines, summary + f"{len(self.problems):,} problem(s) in {broken:,} aggregate(s)"]
-        )
+        return "\n".join([*lines, summary + f"{len(self.problems):,} problem(s) in {where}"])
 
 
-def read_heads(path: str | Path) -> dict[str, tuple[int, str]]:
-    """Heads saved by :meth:`VerifyReport.save_heads`."""
+def read_heads(path: str | Path) -> Heads:
+    """Heads saved by :meth:`VerifyReport.save_heads` (by this version, or an older one:
+    without ``taken_at``)."""
     try:
         data = json.loads(Path(path).read_text())
-        return {str(a): (int(h[0]), str(h[1])) for a, h in data.items()}
+        if isinstance(data, dict) and isinstance(data.get("heads"), dict):
+            taken = data.get("taken_at")
+            taken_at = None if taken is None else datetime.fromisoformat(taken)
+            if taken_at is not None and taken_at.tzinfo is None:
+                raise ValueError(f"taken_at {taken!r} has no time zone")
+            when: dict[str, Any] = {}
+            if taken_at is not None:
+                when = {
+                    "taken_at": taken_at,
+                    "xmax": int(data["xmax"]),
+                    "next_xid": int(data["next_xid"]),
+                    "running": [int(x) for x in data["running"]],
+                }
+            return Heads(
+                ((str(a), (int(h[0]), str(h[1]))) for a, h in data["heads"].items()), **when
+            )
+        return Heads((str(a), (int(h[0]), str(h[1]))) for a, h in data.items())
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ValueError(f"{path}: not a heads file written by riskbook verify ({exc})") from None
 
@@ -212,8 +379,10 @@ def verify(
     ----------
     store_or_dsn : a :class:`~riskbook.Store`, a DSN, or None (``RISKBOOK_DSN``, else the
         embedded server).
-    heads : heads of an earlier report (a mapping, or the path of a file written by
-        :meth:`VerifyReport.save_heads`): each must still be there, with the same hash.
+    heads : heads of an earlier report (its :attr:`VerifyReport.heads`, a mapping, or the
+        path of a file written by :meth:`VerifyReport.save_heads`): each must still be
+        there, with the same hash; and, when they say when they were taken, no event
+        beyond them may be back-dated to before then.
     progress : called with ("verified", events so far) every 100,000 events.
 
     Examples
@@ -222,15 +391,29 @@ def verify(
     >>> report.ok, report.events_per_second  # doctest: +SKIP
     (True, 185000.0)
     """
-    store = store_or_dsn if isinstance(store_or_dsn, Store) else connect(store_or_dsn)
-    expected_heads = read_heads(heads) if isinstance(heads, str | Path) else dict(heads or {})
+    if not isinstance(store_or_dsn, Store):
+        store = connect(store_or_dsn)
+        try:
+            return verify(store, heads=heads, progress=progress)
+        finally:
+            store.close()  # opened here: its connections go with it
+    store = store_or_dsn
+    if isinstance(heads, Heads):
+        expected_heads = heads
+    elif isinstance(heads, str | Path):
+        expected_heads = read_heads(heads)
+    else:
+        expected_heads = Heads(heads or {})
     started = time.perf_counter()
     scan = _Scan(expected_heads)
     sha256 = hashlib.sha256
     with store.connection() as conn:
         # one snapshot for the whole scan, and nothing it could write
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        found = conn.execute(_SNAPSHOT_SQL).fetchone()
+        snapshot, taken_at, xmax, next_xid, running = found  # type: ignore[misc]
+        beyond = xmax << _POSITION_SHIFT  # no committed event's position reaches it
+        dated = scan.since is not None  # heads that say when they were taken
         typed = _TypedCopyCheck(store, snapshot)  # the server works on it meanwhile
         typed.start()
         try:
@@ -241,11 +424,16 @@ def verify(
                     scan.add(row[2], row[4], row[10], digest, row[11])
                     if row[12] is not None:
                         scan.impossible_time(row[2], row[4], row[12], row[11])
+                    if row[11] >= beyond:
+                        scan.future_position(row[2], row[4], row[11], xmax)
+                    if dated:
+                        scan.check_recorded(row[2], row[4], row[5], row[11])
                     if progress is not None and n % 100_000 == 0:
                         progress("verified", n)
             scan.finish()
             if scan.suspects:
                 _explain(conn, scan)
+            scan.problems += _check_functions(conn)
         finally:
             typed.join()
         scan.problems += typed.result()
@@ -256,7 +444,13 @@ def verify(
         aggregates=len(scan.chains),
         seconds=seconds,
         problems=tuple(sorted(unique.values())),
-        heads={a: (c[0] - 1, c[1].hex()) for a, c in scan.chains.items()},
+        heads=Heads(
+            ((a, (c[0] - 1, c[1].hex())) for a, c in scan.chains.items()),
+            taken_at=taken_at.astimezone(UTC),
+            xmax=xmax,
+            next_xid=next_xid,
+            running=running,
+        ),
     )
 
 
@@ -298,7 +492,7 @@ class _Scan:
     event after it.
     """
 
-    def __init__(self, expected_heads: dict[str, tuple[int, str]]) -> None:
+    def __init__(self, expected_heads: Heads) -> None:
         self.chains: dict[str, tuple[int, bytes]] = {}
         self.pending: dict[str, dict[int, tuple[bytes, bytes, int]]] = {}
         self.problems: list[Problem] = []
@@ -310,6 +504,47 @@ class _Scan:
         # positions of events whose recorded time riskbook cannot have written: told as
         # such, not again as a content that does not hash (which it may well not)
         self.impossible_times: set[int] = set()
+        # when the heads were taken, as the scan writes recorded times (None: unknown)
+        taken_at = expected_heads.taken_at
+        self.since = (
+            None if taken_at is None else f"{taken_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ}"
+        )
+
+    def future_position(self, agg: str, seq: int, pos: int, xmax: int) -> None:
+        self.problems.append(
+            Problem(
+                agg,
+                seq,
+                "altered",
+                f"its position ({pos}) is beyond any the server has handed out (every "
+                f"transaction so far writes below {xmax << _POSITION_SHIFT}): riskbook.load "
+                "and the live processor do not read it",
+                pos,
+            )
+        )
+
+    def check_recorded(self, agg: str, seq: int, recorded: str | None, pos: int) -> None:
+        """An event beyond the heads: back-dated unless its transaction was running when
+        they were taken, or began after and recorded it after (see the module's text)."""
+        head = self.expected_heads.get(agg)
+        if head is not None and seq <= head[0]:
+            return
+        heads = self.expected_heads
+        xid = pos >> _POSITION_SHIFT
+        if xid < heads.xmax and xid not in heads.running:
+            detail = (
+                f"written by a transaction that had ended when the heads were taken "
+                f"({self.since}), yet they do not hold it"
+            )
+        elif xid >= heads.next_xid and recorded is not None and recorded <= str(self.since):
+            detail = (
+                f"recorded at {recorded}, at or before the heads were taken ({self.since}), "
+                "yet written after: what riskbook.load(known_at=...) says of a time before "
+                "then has changed"
+            )
+        else:
+            return
+        self.problems.append(Problem(agg, seq, "back-dated", detail, pos))
 
     def impossible_time(self, agg: str, seq: int, recorded: str, pos: int) -> None:
         shown = recorded if recorded.endswith("infinity") else f"{recorded} UTC"
@@ -476,3 +711,90 @@ def _explain(conn: Any, scan: _Scan) -> None:
                     "the link to the event before it was changed"
                 )
                 scan.problems.append(Problem(agg, seq, "altered", detail, pos))
+
+
+def _function_digest(store_schema: str, row: tuple[Any, ...]) -> str:
+    """md5 of what a function is made of (``_FUNCTIONS_SQL``'s columns from the fifth
+    on), the store's schema written as ``$store`` wherever a setting names it."""
+    *made_of, config, transfn, transtype, initval, finalfn = row[4:]
+    settings = []
+    for entry in config or ():
+        name, _, value = entry.partition("=")
+        if name == "search_path" and (
+            value == store_schema or value.startswith(store_schema + ",")
+        ):
+            value = "$store" + value[len(store_schema) :]
+        settings.append(f"{name}={value}")
+    made = [*made_of, settings, transfn, transtype, initval, finalfn]
+    return hashlib.md5(json.dumps(made, default=str).encode()).hexdigest()
+
+
+def _installed_functions(conn: Any) -> tuple[str, dict[str, str], list[Problem]]:
+    """The store's schema, the digest of each riskbook function in it (by signature),
+    and any function of one of their names elsewhere on the search path that could
+    stand in for it (before the store's schema, or another signature)."""
+    found = conn.execute(_STORE_SCHEMA_SQL).fetchone()
+    if found is None:  # the scan read events: cannot happen, but say so plainly
+        raise RuntimeError("the events table cannot be found on this connection's search path")
+    schema, quoted, store_place = found
+    names = {key.partition("(")[0] for key in _FUNCTIONS}
+    digests: dict[str, str] = {}
+    strangers: list[Problem] = []
+    for row in conn.execute(_FUNCTIONS_SQL, (schema,)):
+        nsp, name, args, place = row[:4]
+        key = f"{name}({args})"
+        if nsp == schema:
+            digests[key] = _function_digest(quoted, row)
+            continue
+        if name in names and (
+            key not in _FUNCTIONS or store_place is None or place is None or place < store_place
+        ):
+            strangers.append(
+                _store_problem(
+                    f"the function {nsp}.{key}, of the name of riskbook's {name} (schema "
+                    f"{schema!r}), is on the search path too: calls of {name} may reach it"
+                )
+            )
+    return schema, digests, strangers
+
+
+def _store_problem(detail: str) -> Problem:
+    return Problem("", 0, "altered", detail)
+
+
+def _check_functions(conn: Any) -> list[Problem]:
+    """riskbook's SQL functions must be what the migrations installed: replacing
+    riskbook_position_fence() alone, say, hides the latest events from every reader."""
+    schema, digests, problems = _installed_functions(conn)
+    applied = applied_versions(conn)
+    if applied != list(range(1, head() + 1)):  # a store opened with migrate=False, say
+        return [
+            *problems,
+            _store_problem(
+                f"the store's schema is at version {max(applied, default=0)}, this riskbook's "
+                f"at {head()}: riskbook's SQL functions cannot be checked (riskbook db upgrade)"
+            ),
+        ]
+    for key, expected in _FUNCTIONS.items():
+        actual = digests.get(key)
+        if actual is None:
+            problems.append(
+                _store_problem(f"riskbook's SQL function {key} is missing from schema {schema!r}")
+            )
+        elif actual != expected:
+            problems.append(
+                _store_problem(
+                    f"riskbook's SQL function {key} (schema {schema!r}) is not the one the "
+                    "migrations installed: its source or settings were replaced"
+                )
+            )
+    names = {key.partition("(")[0] for key in _FUNCTIONS}
+    for key in sorted(digests.keys() - _FUNCTIONS.keys()):
+        if key.partition("(")[0] in names:  # an overload can take riskbook's calls
+            problems.append(
+                _store_problem(
+                    f"the function {key} (schema {schema!r}) takes the name of one of "
+                    "riskbook's, which the migrations did not install: calls may reach it"
+                )
+            )
+    return problems

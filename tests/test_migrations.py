@@ -189,7 +189,7 @@ def test_an_upgrade_says_what_it_could_not_make_unique(make_database: Callable[[
                                   executed_at=datetime(2024, 1, 1, tzinfo=UTC))  # fmt: skip
     old.append("A", [fill, fill])
     said: list[str] = []
-    assert old.migrate(notices=said) == [15]
+    assert old.migrate(target=15, notices=said) == [15]
     assert said == [
         "migration 0015_one_fill_per_trade_id: trade id T-1 of account A names more than one"
         " fill: trade ids are not made unique in this store"
@@ -203,3 +203,49 @@ def test_an_upgrade_says_what_it_could_not_make_unique(make_database: Callable[[
     with pytest.warns(UserWarning, match="trade ids are not made unique"):
         other.migrate()  # no list given: a warning
     other.close()
+
+
+def test_the_functions_the_insert_trigger_runs_see_no_temporary_tables(
+    make_database: Callable[[], str],
+) -> None:
+    # 0016: pg_temp was searched first for the tables they name (events, event_fields),
+    # so a session's temporary tables stood in for the store's inside the trigger, which
+    # runs with the owner's rights. They now search the store's schema, whatever it is
+    # called, then pg_temp.
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "Rk"')
+    dsn = with_options(dsn, '-csearch_path="Rk"')
+    old = Store(dsn, migrate=False)
+    old.migrate(target=15)
+    old.append("A", [funded("A")])
+    assert old.migrate() == [16]
+    old.close()
+    with psycopg.connect(dsn) as conn:
+        pinned = conn.execute(
+            "SELECT proname FROM pg_proc WHERE pronamespace = '\"Rk\"'::regnamespace"
+            " AND 'search_path=\"Rk\", pg_temp' = ANY (proconfig) ORDER BY 1"
+        ).fetchall()
+        assert [r[0] for r in pinned] == [
+            "riskbook_chain_event", "riskbook_events_inserted", "riskbook_fill_event_fields",
+            "riskbook_refuse_change",
+        ]  # fmt: skip
+        conn.execute('CREATE TEMP TABLE events AS SELECT * FROM "Rk".events WITH NO DATA')
+        conn.execute(
+            'CREATE TEMP TABLE event_fields AS SELECT * FROM "Rk".event_fields WITH NO DATA'
+        )
+        conn.execute(  # raw SQL: the triggers chain it and make its typed copy
+            'INSERT INTO "Rk".events (event_id, event_type, aggregate_id, aggregate_type,'
+            " sequence, correlation_id, payload) VALUES (gen_random_uuid(), 'AccountFunded',"
+            ' \'A\', \'Account\', 2, \'c\', \'{"type": "AccountFunded", "account_id": "A",'
+            ' "amount": 5.0, "funded_at": "2024-01-01T00:00:00Z"}\')'
+        )
+        assert conn.execute("SELECT count(*) FROM pg_temp.event_fields").fetchone() == (0,)
+        conn.commit()
+    store = Store(dsn)
+    try:
+        report = riskbook.verify(store)  # chains, typed copy and riskbook's functions
+        assert report.ok, report
+        assert riskbook.load(store, cache=False).funding["amount"].to_list() == [5.0, 5.0]
+    finally:
+        store.close()

@@ -4,9 +4,11 @@ superuser would do it, with the append-only trigger disabled."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +23,7 @@ from riskbook import cli, simulate
 from riskbook.errors import StoreError
 from riskbook.events import Envelope, chain_hash, encode_envelope, event_digest
 from riskbook.store import Store, migrations, roles
-from riskbook.verify import VerifyReport, read_heads
+from riskbook.verify import _FUNCTIONS, VerifyReport, _installed_functions, read_heads
 
 T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
 
@@ -464,6 +466,197 @@ def test_cli_verify_prints_its_rate_and_fails_on_tampering(history: Store) -> No
     assert "'A' sequence 1: removed" in done.stdout and "problem(s)" in done.stdout
 
 
+def test_cli_verify_keeps_the_heads_when_it_finds_tampering(
+    history: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a nightly `--heads F --save-heads F` wrote the heads of the history it had just
+    # found tampered with: every later night passed
+    kept = tmp_path / "heads.json"
+    assert cli.main(["verify", "-q", "--dsn", history.dsn, "--save-heads", str(kept)]) == 0
+    saved = kept.read_text()
+    as_superuser(
+        history,
+        "DELETE FROM events WHERE aggregate_id = 'A' AND sequence = 5",
+        "DELETE FROM event_fields WHERE aggregate_id = 'A' AND sequence = 5",
+    )
+    capsys.readouterr()
+    for _night in range(2):
+        argv = [
+            "verify",
+            "-q",
+            "--dsn",
+            history.dsn,
+            "--heads",
+            str(kept),
+            "--save-heads",
+            str(kept),
+        ]
+        assert cli.main(argv) == 1
+        out, err = capsys.readouterr()
+        assert "'A' sequence 5: removed" in out and f"heads not written to {kept}" in err
+        assert kept.read_text() == saved
+
+
+def test_verify_names_an_event_moved_past_every_fence(history: Store) -> None:
+    # Position is not hashed: moved past any transaction id the server has reached, an
+    # event is never read by riskbook.load or the live processor, and every chain holds.
+    heads = riskbook.verify(history).heads
+    far = (1 << 62) + 1
+    where = "WHERE aggregate_id = 'B' AND sequence = 3"
+    as_superuser(
+        history,
+        f"UPDATE events SET position = {far} {where}",
+        f"UPDATE event_fields SET position = {far} {where}",
+    )
+    assert riskbook.load(history, cache=False).trades.height == 5  # of 6
+    report = riskbook.verify(history, heads=heads)
+    assert broken(report) == {("B", 3, "altered")}
+    assert f"its position ({far}) is beyond any the server has handed out" in str(report)
+
+
+def store_problems(report: VerifyReport) -> list[str]:
+    return [p.detail for p in report.problems if not p.aggregate_id and p.sequence == 0]
+
+
+def test_verify_names_a_replaced_or_shadowed_sql_function(history: Store) -> None:
+    # riskbook_position_fence() bounds what every reader reads: replaced, it hid the
+    # latest events from riskbook.load while verify (which reads without it) said all held
+    as_superuser(
+        history,
+        "CREATE OR REPLACE FUNCTION riskbook_position_fence() RETURNS bigint"
+        " LANGUAGE sql STABLE AS $$ SELECT 0::bigint $$",
+    )
+    assert riskbook.load(history, cache=False).trades.height == 0
+    report = riskbook.verify(history)
+    assert not report.ok and broken(report) == {("", 0, "altered")}
+    assert "the store: altered (riskbook's SQL function riskbook_position_fence()" in str(report)
+    assert "in 0 aggregate(s) and in riskbook's SQL functions" in str(report)
+    # a setting counts: without its search_path the insert trigger finds temporary tables
+    as_superuser(history, "ALTER FUNCTION riskbook_events_inserted() RESET search_path")
+    assert any("riskbook_events_inserted()" in d for d in store_problems(riskbook.verify(history)))
+    # an overload takes calls that fit it better; so does a function of the same name in a
+    # schema the search path reaches first (a schema named after the user, say)
+    with psycopg.connect(history.dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION riskbook_reserve_positions(n integer) RETURNS bigint"
+            " LANGUAGE sql AS $$ SELECT 1::bigint $$"
+        )
+        conn.execute("CREATE SCHEMA shadow")
+        conn.execute(
+            "CREATE FUNCTION shadow.riskbook_position_fence() RETURNS bigint"
+            " LANGUAGE sql STABLE AS $$ SELECT 0::bigint $$"
+        )
+    found = store_problems(riskbook.verify(history))
+    assert any("riskbook_reserve_positions(integer)" in d for d in found)
+    assert not any("shadow." in d for d in found)  # not on this connection's path
+    parts = psycopg.conninfo.conninfo_to_dict(history.dsn)
+    parts["options"] = "-csearch_path=shadow,public"
+    shadowed = riskbook.verify(psycopg.conninfo.make_conninfo(**parts))  # type: ignore[arg-type]
+    assert any("shadow.riskbook_position_fence()" in d for d in store_problems(shadowed))
+
+
+def test_verify_knows_the_functions_the_migrations_install(fresh_store: Store) -> None:
+    # verify.py's table of riskbook's SQL functions is what the newest migration leaves
+    with fresh_store.connection() as conn:
+        _, digests, strangers = _installed_functions(conn)
+    table = "\n".join(f'    "{key}": "{digest}",' for key, digest in sorted(digests.items()))
+    assert digests == _FUNCTIONS, f"riskbook/verify.py's _FUNCTIONS is stale; now:\n{table}"
+    assert strangers == [] and riskbook.verify(fresh_store).ok
+
+
+def test_verify_says_it_cannot_check_the_functions_of_a_store_behind(
+    make_database: Callable[[], str],
+) -> None:
+    old = Store(make_database(), migrate=False)
+    try:
+        old.migrate(target=migrations.head() - 1)
+        old.append("A", [funded("A")])
+        report = riskbook.verify(old)
+        assert broken(report) == {("", 0, "altered")}
+        behind = f"version {migrations.head() - 1}, this riskbook's at {migrations.head()}"
+        assert behind in str(report)
+    finally:
+        old.close()
+
+
+def test_kept_heads_catch_events_back_dated_to_before_they_were_taken(
+    history: Store, tmp_path: Path
+) -> None:
+    # After the heads were kept, events recorded before then (an import keeps given
+    # recorded times) changed what load(known_at=K) says for an earlier K, and verify
+    # --heads said every chain held.
+    first = riskbook.verify(history)
+    path = first.save_heads(tmp_path / "heads.json")
+    kept = read_heads(path)
+    assert kept == dict(first.heads) and kept.taken_at == first.heads.taken_at is not None
+    taken = first.heads
+    assert (kept.xmax, kept.next_xid, kept.running) == (taken.xmax, taken.next_xid, taken.running)
+    known = riskbook.load(history, known_at=first.heads.taken_at, cache=False).funding.height
+    history.append("B", [trade("B", 3)])  # recorded now: fine
+    history.import_lines([envelope_line("A", 5), envelope_line("N", 0)])  # recorded in 2024
+    assert (
+        riskbook.load(history, known_at=first.heads.taken_at, cache=False).funding.height
+        == known + 2
+    )
+    with psycopg.connect(history.dsn) as conn:  # and one given a position from the past
+        xid = conn.execute("SELECT min(position) >> 28 FROM events").fetchone()[0]  # type: ignore[index]
+    as_superuser(
+        history,
+        "INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type,"
+        ' sequence, "timestamp", correlation_id, payload, hash)'
+        " SELECT p, i, 'MarginCalled', 'Z', 'Account', 1, t, 'c', m,"
+        "        sha256(riskbook_event_digest(i, 'MarginCalled', 'Z', 'Account', 1, t, NULL,"
+        "                                     'c', '{}', m))"
+        f"  FROM (SELECT ({xid} << 28) + 1000 AS p, gen_random_uuid() AS i,"
+        '               clock_timestamp() AS t, \'{"type": "MarginCalled"}\'::jsonb AS m) v',
+        f"SELECT riskbook_fill_event_fields(({xid} << 28) + 1000, ({xid} << 28) + 1000)",
+    )
+    assert riskbook.verify(history).ok  # every chain holds: only the heads can tell
+    expected = {("A", 6, "back-dated"), ("N", 1, "back-dated"), ("Z", 1, "back-dated")}
+    for heads in (path, first.heads):
+        report = riskbook.verify(history, heads=heads)
+        assert broken(report) == expected, report
+    assert "recorded at 2024-03-01T09:30:05.000007Z, at or before the heads were taken" in str(
+        report
+    )
+    assert "a transaction that had ended when the heads were taken" in str(report)
+
+
+def test_events_of_a_transaction_running_when_the_heads_are_taken_are_not_back_dated(
+    history: Store,
+) -> None:
+    with history.connection() as busy:  # the live processor, in the middle of a batch
+        history.append_in(busy, "B", [trade("B", 3)])
+        xid = busy.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]  # type: ignore[index]
+        heads = riskbook.verify(history).heads  # taken after that event's recorded time
+        assert heads["B"][0] == 3  # not committed yet
+        assert xid in heads.running or heads.xmax <= xid < heads.next_xid
+        busy.commit()
+    with history.connection() as idle:  # a transaction begun before, writing after
+        idle.execute("SELECT 1")
+        later = riskbook.verify(history).heads
+        history.append_in(idle, "B", [trade("B", 4)])
+        idle.commit()
+    history.append("A", [trade("A", 5)])
+    for kept in (heads, later):
+        report = riskbook.verify(history, heads=kept)
+        assert report.ok, report
+
+
+def test_heads_files_of_older_versions_are_still_read(history: Store, tmp_path: Path) -> None:
+    heads = riskbook.verify(history).heads
+    old = tmp_path / "old.json"  # what riskbook verify --save-heads wrote before
+    old.write_text(json.dumps({a: list(h) for a, h in heads.items()}))
+    kept = read_heads(old)
+    assert kept == dict(heads) and kept.taken_at is None
+    history.import_lines([envelope_line("N", 0)])  # when they were taken is not known
+    assert riskbook.verify(history, heads=old).ok
+    assert riskbook.verify(history, heads=dict(heads)).ok
+    (tmp_path / "bad.json").write_text('{"heads": {"A": [1, "ab"]}, "taken_at": "2024-01-01"}')
+    with pytest.raises(ValueError, match="not a heads file written by riskbook verify"):
+        read_heads(tmp_path / "bad.json")
+
+
 # ----------------------------------------------------------------------- roles
 
 
@@ -535,6 +728,83 @@ def test_a_processor_appends_and_keeps_its_checkpoint_only(history: Store, role:
     # made a reader again, it loses what it could write
     assert not roles.grant_reader(history, role).created
     raw_refused(grant.dsn, "INSERT INTO processor_checkpoints (name) VALUES ('q')")
+
+
+PROCESSOR_INSERT = (
+    "INSERT INTO {} (position, event_id, event_type, aggregate_id, aggregate_type, sequence,"
+    " \"timestamp\", correlation_id, payload) VALUES (%s, %s, 'TradeExecuted', 'A',"
+    " 'Account', %s, {}, 'c', %s)"
+)
+
+
+def fill(account: str, quantity: float, i: int = 9) -> str:
+    return json.dumps({
+        "type": "TradeExecuted", "trade_id": f"T-{i}", "account_id": account,
+        "symbol": "AAPL", "side": "Buy", "quantity": quantity, "price": 100.0,
+        "executed_at": "2024-03-01T09:31:00Z",
+    })  # fmt: skip
+
+
+def test_a_processor_cannot_shadow_the_stores_tables_with_temporary_ones(
+    history: Store, role: str
+) -> None:
+    # The insert trigger runs with the owner's rights, and pg_temp was searched first for
+    # the tables it names: a temporary `events` fed it forged rows for the typed copy
+    # (load said 1,000,000 where events held 1), a temporary `event_fields` took the
+    # typed copy and its checks away (a trade of -5 was stored).
+    grant = roles.grant_processor(history, role)
+    with psycopg.connect(grant.dsn) as conn:
+        conn.execute("CREATE TEMP TABLE events AS SELECT * FROM public.events WITH NO DATA")
+        position = conn.execute("SELECT riskbook_next_position()").fetchone()[0]  # type: ignore[index]
+        event_id = uuid.uuid4()
+        forged = PROCESSOR_INSERT.format("pg_temp.events", "clock_timestamp()")
+        conn.execute(forged, (position, event_id, 6, fill("A", 1e6)))
+        conn.execute(
+            PROCESSOR_INSERT.format("public.events", "clock_timestamp()"),
+            (position, event_id, 6, fill("A", 1.0)),
+        )
+        conn.commit()
+    trades = riskbook.load(history, cache=False).trades
+    assert trades.filter(trades["sequence"] == 6)["quantity"].to_list() == [1.0]
+    assert riskbook.verify(history).ok
+    with psycopg.connect(grant.dsn) as conn:
+        conn.execute("CREATE TEMP TABLE event_fields (LIKE public.event_fields)")
+        with pytest.raises(psycopg.errors.CheckViolation, match="event_fields_trade_positive"):
+            conn.execute(
+                PROCESSOR_INSERT.format("public.events", "clock_timestamp()"),
+                (conn.execute("SELECT riskbook_next_position()").fetchone()[0], uuid.uuid4(), 7,  # type: ignore[index]
+                 fill("A", -5.0, 10)),
+            )  # fmt: skip
+    assert history.count() == 9 and riskbook.verify(history).ok
+
+
+def test_a_processor_cannot_back_date_by_waiting_in_an_open_transaction(
+    history: Store, role: str
+) -> None:
+    # A transaction without a transaction id holds no reader back: opened, left idle and
+    # then inserting at transaction_timestamp(), it back-dated its event by the wait.
+    grant = roles.grant_processor(history, role)
+    processor = Store(grant.dsn)
+    try:
+        with processor.connection() as conn:
+            conn.execute("SELECT 1")  # the transaction begins; no id, nothing written
+            time.sleep(0.05)
+            with pytest.raises(psycopg.DatabaseError, match="recorded time") as info:
+                conn.execute(
+                    PROCESSOR_INSERT.format("events", "transaction_timestamp()"),
+                    (conn.execute("SELECT riskbook_next_position()").fetchone()[0],  # type: ignore[index]
+                     uuid.uuid4(), 6, fill("A", 1.0)),
+                )  # fmt: skip
+            assert info.value.sqlstate == "RK003"
+            conn.rollback()
+            conn.execute("SELECT 1")  # riskbook's own writers are not refused after a wait
+            time.sleep(0.05)
+            processor.append_in(conn, "A", [trade("A", 5)], expected_version=5)
+            processor.append_in(conn, "B", [trade("B", 3), trade("B", 4)], expected_version=3)
+            conn.commit()
+    finally:
+        processor.close()
+    assert history.count() == 11 and riskbook.verify(history).ok
 
 
 def test_a_reader_on_a_store_behind_is_told_who_must_upgrade(
