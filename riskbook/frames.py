@@ -57,6 +57,7 @@ from riskbook.events import (
     Envelope,
     Event,
     RawEvent,
+    _reading_stored,
     as_time,
     format_time,
     parse_time,
@@ -620,11 +621,16 @@ def _set_aside(frame: pl.DataFrame, kind: Kind) -> tuple[pl.DataFrame, _Malforme
 def _checked(env: Envelope) -> Envelope:
     """``env`` with its payload checked as :meth:`Store.append` checks it (a payload
     kept raw is left as it is: it is one already); replaced only where checking changed
-    it (a time given as text)."""
+    it (a time given as text). A limit type not registered here passes, as it does in
+    a read: a History, like ``load``, holds the limits of types a plugin it lacks made."""
     p = env.payload
     if isinstance(p, RawEvent):
         return env
-    checked = validate(p)
+    token = _reading_stored.set(True)
+    try:
+        checked = validate(p)
+    finally:
+        _reading_stored.reset(token)
     return env if checked == p else replace(env, payload=checked)
 
 

@@ -884,8 +884,16 @@ def _seeded(book: _Book, start: ProjectionState) -> _State:
         roots = book.tree_off[a] + 1
         state.net[a] = state.tree_net[roots]
         state.gross[a] = state.tree_gross[roots]
-        state.equity[a] = state.cash[a] + state.net[a]
+        state.equity[a] = _equity(state.cash[a], state.net[a])
     return state
+
+
+def _equity(cash: np.ndarray, net: np.ndarray) -> np.ndarray:
+    """Equity ``cash + net`` as the fold adds them (:func:`riskbook._kernels.settle`)."""
+    equity = np.empty(cash.shape[0])
+    none = np.empty(0)
+    _compiled().account_figures(cash, net, net, net, equity, none, none)  # gross, peak unread
+    return equity
 
 
 def _final_state(tl: _Timelines) -> ProjectionState:
@@ -1304,7 +1312,7 @@ def _state_frames(tl: _Timelines, cut: int) -> tuple[pl.DataFrame, pl.DataFrame]
         book,
         accts,
         tl.a_cash[rows],
-        tl.a_cash[rows] + tl.a_net[rows],  # equity: the fold's own addition
+        _equity(tl.a_cash[rows], tl.a_net[rows]),  # the fold's own addition
         tl.a_gross[rows],
         tl.a_net[rows],
         tl.a_peak[rows],

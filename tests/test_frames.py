@@ -561,3 +561,14 @@ def test_histories_built_in_memory_check_events_as_append_does() -> None:
     assert_same(History.from_envelopes([envelope]), History.from_envelopes([same]))
     filtered = History.from_envelopes([envelope], filters=Filters(until=T0))
     assert filtered.trades.height == 1
+    # but a stored limit of a type no plugin here registers reads, as in load and read
+    from riskbook.events import read_payload
+
+    stored = read_payload(
+        "LimitSet",
+        b'{"type":"LimitSet","account_id":"ACC-1","limit_type":"MaxVaRNotHere","value":5.0,'
+        b'"set_by":"r","set_at":"2024-03-04T14:30:00Z"}',
+    )
+    assert not isinstance(stored, riskbook.RawEvent)
+    read = riskbook.Envelope(uuid.uuid4(), "ACC-1", "Account", 1, T0, stored, "c")
+    assert History.from_envelopes([read]).limits["limit_type"].to_list() == ["MaxVaRNotHere"]

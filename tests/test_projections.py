@@ -512,6 +512,18 @@ def test_funding_that_cancels_to_dust_leaves_no_peak() -> None:
     assert settle(1e9, -(1e9 - 0.5)) == 0.5  # a real remainder is kept, however small
 
 
+def test_the_state_settles_equity_as_the_timeline_does() -> None:
+    """Bought 0.1 and 0.3 at 3 on no cash: equity is 0 (leverage +inf), not 2.2e-16."""
+    rec = Recorder()
+    rec.trade("A", "X", "Buy", 0.1, 3, minutes(1))
+    rec.trade("A", "X", "Buy", 0.3, 3, minutes(2))
+    rec.mark("X", 3, minutes(3))
+    h = rec.history()
+    figures = ["cash", "equity", "leverage", "drawdown"]
+    assert P.accounts(h).select(figures).row(0) == P.account_timeline(h).select(figures).row(-1)
+    assert P.accounts(h).select("equity", "leverage").row(0) == (0.0, math.inf)
+
+
 def test_split_keeps_the_cost_basis_and_mismatches_are_reported() -> None:
     rec = Recorder()
     rec.trade("A", "X", "Buy", 100, 10, minutes(1))
