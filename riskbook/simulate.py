@@ -88,7 +88,7 @@ from typing import Any
 
 import msgspec
 
-from riskbook.errors import ImportFailed, RiskbookError
+from riskbook.errors import ImportFailed, RiskbookError, StoreError
 from riskbook.events import (
     ACCOUNT,
     EVENT_TYPES,
@@ -2298,20 +2298,48 @@ def stream_to_store(
     as every write to the store does; the store's insert trigger derives what it
     derives. Used when none of the simulated aggregates exist in the store yet;
     otherwise falls back to :func:`generate` + :func:`to_store` (which skips events
-    already present). Returns (import result, answer key).
+    already present, and refuses an envelope whose sequence another event holds) --
+    also when another session writes to one of them while the copy runs (the copy
+    writes nothing then). Returns (import result, answer key).
     """
     params = _params(seed, accounts, symbols, days, events, start)
     g = _Generator(params)  # only its setup runs: the aggregates it will write
     aggregates = [a.id for a in g.accounts] + [s.name for s in g.symbols]
-    with store.connection() as conn:
-        row = conn.execute(
-            "SELECT aggregate_id FROM events WHERE aggregate_id = ANY(%s) LIMIT 1", (aggregates,)
-        ).fetchone()
-    if row is not None:
+
+    def general() -> tuple[ImportResult, dict[str, Any]]:
         sim = generate(
             seed=seed, accounts=accounts, symbols=symbols, days=days, events=events, start=start
         )
         return to_store(sim, store, progress=progress), sim.answer_key
+
+    if _any_stored(store, aggregates):
+        return general()
+    try:
+        return _copy_from_child(store, params, chunk_events, progress)
+    except StoreError as exc:
+        # Another session wrote to a simulated aggregate after the look above (nothing
+        # holds them off in between): the copy met its events, and wrote nothing. The
+        # general road skips the events stored already (the same simulation's, written
+        # at the same time) and names an envelope whose sequence another writer took.
+        if isinstance(exc, ImportFailed) or not _any_stored(store, aggregates):
+            raise
+        return general()
+
+
+def _any_stored(store: Store, aggregates: list[str]) -> bool:
+    """Does the store hold an event of any of ``aggregates``?"""
+    with store.connection() as conn:
+        row = conn.execute(
+            "SELECT aggregate_id FROM events WHERE aggregate_id = ANY(%s) LIMIT 1", (aggregates,)
+        ).fetchone()
+    return row is not None
+
+
+def _copy_from_child(
+    store: Store, params: _Params, chunk_events: int, progress: Progress | None
+) -> tuple[ImportResult, dict[str, Any]]:
+    """:func:`stream_to_store`'s fast path: a trusted copy of what a child process
+    generates."""
     started = time.perf_counter()
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)

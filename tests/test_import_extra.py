@@ -3,12 +3,15 @@ second thread while the file is read): the same guarantees as one chunk."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 
 import riskbook
@@ -201,3 +204,110 @@ def test_a_forged_repeat_or_a_taken_sequence_in_a_later_chunk_writes_nothing(
         str(info.value)
     ), str(info.value)
     assert fresh_store.count() == 0 and _typed_rows(fresh_store) == []
+
+
+def _waiting_for_a_lock(monitor: psycopg.Connection) -> bool:
+    """Does a session of the monitor's database wait for a lock?"""
+    row = monitor.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _import_held_by_an_append(
+    store: Store, path: Path, account: str, then: str | None = None
+) -> tuple[riskbook.ImportResult | None, BaseException | None]:
+    """Import ``path`` while another session's append to ``account`` is in flight: the
+    import's insert waits for that session's row; the session appends to ``then`` too
+    (if given), then commits."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = store.import_jsonl(path)
+        except BaseException as exc:  # told to the test
+            out["error"] = exc
+
+    def fund(account: str) -> list[riskbook.Event]:
+        return [riskbook.AccountFunded(account_id=account, amount=5.0, funded_at=T0)]
+
+    with store.connection() as writer, psycopg.connect(store.dsn, autocommit=True) as monitor:
+        store.append_in(writer, account, fund(account))
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and not _waiting_for_a_lock(monitor):
+            assert time.monotonic() < deadline, "the import never waited for the append"
+            time.sleep(0.02)
+        if then is not None:
+            store.append_in(writer, then, fund(then))
+        writer.commit()
+    thread.join(20)
+    assert not thread.is_alive()
+    return out.get("result"), out.get("error")
+
+
+def test_an_import_goes_after_an_append_that_overtook_it(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # The append committed while the import inserted after ACC-1's head as it was when
+    # its insert began: the import failed, saying another session "wrote the same
+    # events" (no one had), and failed again while anything appended to ACC-1.
+    s = fresh_store
+    s.append("ACC-1", [riskbook.AccountFunded(account_id="ACC-1", amount=1.0, funded_at=T0)])
+    path = _write(tmp_path / "h.jsonl", _lines(6))  # ACC-0, ACC-1, ACC-2: two each
+    result, error = _import_held_by_an_append(s, path, "ACC-1")
+    assert error is None, error
+    assert result is not None and (result.read, result.added) == (6, 6)
+    stored = s.read("ACC-1")
+    assert [e.sequence for e in stored] == [1, 2, 3, 4]
+    assert [e.event_type for e in stored] == ["AccountFunded"] * 2 + ["TradeExecuted"] * 2
+    assert s.count() == 8
+    # A sequence the file gives, taken by the append meanwhile, is still refused by line.
+    given: list[bytes] = []
+    for line in _lines(2, accounts=1):  # ACC-0's 1 and 2 (the two above are 1 and 2)
+        d = msgspec.json.decode(line)
+        d["event_id"] = str(uuid.uuid4())
+        d["payload"]["trade_id"] += "-b"
+        d["sequence"] = len(given) + 3
+        given.append(msgspec.json.encode(d))
+    result, error = _import_held_by_an_append(s, _write(tmp_path / "g.jsonl", given), "ACC-0")
+    assert isinstance(error, riskbook.ImportFailed), (result, error)
+    assert "line 1: aggregate 'ACC-0' already has sequence 3 (stored event " in str(error)
+    assert s.count() == 9 and s.version("ACC-0") == 3
+
+
+def test_an_import_in_a_deadlock_with_a_writer_tries_again(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    # The import holds ACC-0's next sequence and waits for the writer's ACC-1; the writer
+    # then waits for ACC-0: a deadlock, the import its victim (it waited first). It
+    # failed ("deadlock detected"); its savepoint gives the writer way, and it tries again.
+    s = fresh_store
+    for account in ("ACC-0", "ACC-1"):
+        s.append(account, [riskbook.AccountFunded(account_id=account, amount=1.0, funded_at=T0)])
+    path = _write(tmp_path / "h.jsonl", _lines(4, accounts=2))  # ACC-0, ACC-1, ACC-0, ACC-1
+    result, error = _import_held_by_an_append(s, path, "ACC-1", then="ACC-0")
+    assert error is None, error
+    assert result is not None and result.added == 4
+    for account in ("ACC-0", "ACC-1"):
+        stored = s.read(account)
+        assert [e.sequence for e in stored] == [1, 2, 3, 4]
+        assert [e.event_type for e in stored][2:] == ["TradeExecuted"] * 2
+
+
+def test_an_import_overtaken_every_time_says_by_what(
+    monkeypatch: pytest.MonkeyPatch, fresh_store: Store, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(eventstore, "_IMPORT_TRIES", 1)
+    s = fresh_store
+    s.append("ACC-1", [riskbook.AccountFunded(account_id="ACC-1", amount=1.0, funded_at=T0)])
+    path = _write(tmp_path / "h.jsonl", _lines(6))
+    result, error = _import_held_by_an_append(s, path, "ACC-1")
+    assert isinstance(error, riskbook.ImportFailed), (result, error)
+    assert str(error) == (
+        f"{path}: another session wrote to aggregate 'ACC-1' meanwhile, overtaking the "
+        "import's insert 1 time; nothing was written: import again"
+    )
+    assert s.count() == 2

@@ -251,6 +251,43 @@ def test_riskbook_live_says_when_it_waits_for_another_of_its_name(
         second.stderr.close()
 
 
+# ------------------------------------------------------- processors of different names
+
+
+def test_two_processors_of_different_names_append_an_effect_once(fresh_store: Store) -> None:
+    # Each looked for a stored effect before appending its own, but nothing ordered the
+    # lookup after the other's commit: both appended the violation and the block.
+    s = fresh_store
+    s.append("A", [fund("A"), limit("A", 100.0), trade("A", "Buy", 150, 1)])
+    inside, go = threading.Event(), threading.Event()
+
+    def hold(effects: list[Any]) -> None:
+        if effects:
+            inside.set()
+            go.wait(10)
+
+    alpha = Processor(s, name="alpha", before_commit=hold)
+    beta = Processor(s, name="beta")
+    first, first_out = in_thread(alpha.catch_up)
+    try:
+        assert inside.wait(10)  # alpha's effects are written, its commit held
+        second, second_out = in_thread(beta.catch_up)
+        with psycopg.connect(s.dsn, autocommit=True) as monitor:
+            wait_for(lambda: not second.is_alive() or monitor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'").fetchone()[0] > 0, timeout=10)  # type: ignore[index]  # fmt: skip
+    finally:
+        go.set()
+    first.join(10)
+    second.join(10)
+    assert "error" not in first_out and "error" not in second_out
+    assert [e.kind for e in second_out["result"]] == list(EFFECT_TYPES)  # decided, not appended
+    assert sum(len(c.effects) for c in beta.commits) == 0
+    assert sum(len(c.already_stored) for c in beta.commits) == 2
+    assert keys(effects_of(s)) == keys(effects_of(s, "alpha"))
+    assert sum(keys(effects_of(s)).values()) == 2
+
+
 # ------------------------------------------------- a history that holds the engine's effects
 
 
@@ -349,3 +386,17 @@ def test_a_processor_retrying_a_commit_is_not_ready(fresh_store: Store) -> None:
         holder.close()
         p.stop()
         store.close()
+
+
+def test_critical_none_blocks_no_type(fresh_store: Store) -> None:
+    # Documented (None: never blocks), and what riskbook live --no-block means; it was
+    # a bare TypeError (float(None)).
+    s = fresh_store
+    s.append("A", [fund("A"), limit("A", 100.0), trade("A", "Buy", 500, 1)])
+    p = Processor(s, name="noblock", critical=None)
+    try:
+        assert [e.kind for e in p.catch_up()] == ["LimitViolationDetected"]
+    finally:
+        p.stop()
+    assert Engine(critical=None).factor("MaxPositionSize") is None
+    assert [e.event_type for e in effects_of(s)] == ["LimitViolationDetected"]

@@ -243,6 +243,35 @@ def test_a_second_report_inside_a_matched_breach_says_so() -> None:
     assert "within the limit" not in reason
 
 
+def test_a_second_report_names_its_breach_s_first_report_when_the_rows_differ() -> None:
+    # The breach's row (B's, the second breach) and its first report's row (the first
+    # report) differ: the first report was looked up by the breach's row (KeyError).
+    def report(acct: str, t: datetime) -> LimitViolationDetected:
+        return LimitViolationDetected(account_id=acct, limit_type="MaxPositionSize",
+                                      symbol="ACME", current_value=150.0, limit_value=100.0,
+                                      detected_at=t)  # fmt: skip
+
+    records = envelopes(
+        limit("A", "MaxPositionSize", 100.0, T0),
+        limit("B", "MaxPositionSize", 100.0, T0),
+        trade("T-A", "A", "ACME", 150.0, at(1)),  # breach 0: never reported
+        trade("T-B", "B", "ACME", 150.0, at(2)),  # breach 1
+        report("B", at(2) + timedelta(seconds=1)),  # report 0, of breach 1
+        report("B", at(3)),  # report 1: the same breach again (a second processor)
+        causes={4: 3, 5: 3},
+    )
+    rec = limits.reconcile(History.from_envelopes(records))
+    assert rec.select("status", "account_id").rows() == [
+        ("not_reported", "A"), ("matched", "B"), ("no_breach", "B"),
+    ]  # fmt: skip
+    second = rec.row(2, named=True)
+    assert second["violation_event_id"] == str(records[5].event_id)
+    assert second["reason"].startswith(
+        "a second report of the recomputed breach that began 2024-03-01T14:02:00"
+    )
+    assert f"matched to report {records[4].event_id}:" in second["reason"]
+
+
 def test_reconcile_gives_the_metric_of_a_report_it_cannot_match() -> None:
     # "the metric was within the limit" was said without looking at the metric
     records = envelopes(

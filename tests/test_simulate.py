@@ -12,6 +12,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -687,6 +689,55 @@ def test_a_trusted_copy_into_an_empty_store_that_repeats_an_id_writes_nothing(
         assert store.count() == 0
         with psycopg.connect(store.dsn) as conn:
             assert conn.execute(_INDEXES).fetchall() == expected  # dropped and built in vain
+    finally:
+        store.close()
+
+
+def _waiting_for_a_lock(monitor: psycopg.Connection) -> bool:
+    """Does a session of the monitor's database wait for a lock?"""
+    row = monitor.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_an_append_to_a_simulated_account_as_the_copy_starts_takes_the_general_road(
+    make_database: Callable[[], str],
+) -> None:
+    # The look for simulated aggregates ran before the trusted copy's transaction: an
+    # append to one in between failed the copy with an internal error ("gets sequence 1
+    # after version 7", or a duplicate key), where the store holding the aggregate
+    # takes the general road -- which here names the sequence the append took.
+    params: dict[str, Any] = dict(seed=2, accounts=5, symbols=3, days=3)
+    t0 = datetime(2024, 1, 3, 15, 0, tzinfo=UTC)
+    store = Store(make_database())
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = simulate.stream_to_store(store, **params)
+        except BaseException as exc:  # told to the test
+            out["error"] = exc
+
+    try:
+        store.append("OTHER", [AccountFunded(account_id="OTHER", amount=1.0, funded_at=t0)])
+        with store.connection() as writer, psycopg.connect(store.dsn, autocommit=True) as monitor:
+            store.append_in(writer, "ACC-001",
+                            [AccountFunded(account_id="ACC-001", amount=1.0, funded_at=t0)])  # fmt: skip
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while thread.is_alive() and not _waiting_for_a_lock(monitor):
+                assert time.monotonic() < deadline, "the copy never met the append"
+                time.sleep(0.02)
+            writer.commit()  # the copy's ACC-001 sequence 1 is taken now
+        thread.join(60)
+        assert not thread.is_alive()
+        error = out.get("error")
+        assert isinstance(error, riskbook.ImportFailed), out
+        assert "aggregate 'ACC-001' already has sequence 1 (stored event " in str(error)
+        assert store.count() == 2  # nothing of the simulation
     finally:
         store.close()
 

@@ -967,11 +967,11 @@ def reconcile(
     wanted = {report_rows[ri]["causation_id"] for ri in unmatched} - {None}
     causes, known = _causes(history, wanted, k)
     metrics: dict[str, pl.DataFrame] = {}
-    by_report = {ri: bi for bi, ri, _ in matched}
+    first_report = {bi: ri for bi, ri, _ in matched}  # a breach -> the report matched to it
     for ri in unmatched:
         if ri in inside:
             b = found_rows[inside[ri]]
-            other = report_rows[by_report[inside[ri]]]["event_id"]
+            other = report_rows[first_report[inside[ri]]]["event_id"]
             why = (
                 f"a second report of the recomputed breach that began "
                 f"{format_time(b['started_at'])}, matched to report {other}: recomputed, "

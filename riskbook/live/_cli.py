@@ -59,7 +59,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     processor = Processor(
         args.dsn,
         name=args.name,
-        critical=_never() if args.no_block else args.critical,
+        critical=None if args.no_block else args.critical,  # None: no type blocks
         start=args.start,
         on_commit=report,
         max_batch=args.max_batch,
@@ -123,12 +123,6 @@ def _critical(text: str) -> float:
             f"must be a finite number >= 1, got {text!r} (--no-block: never block)"
         )
     return factor
-
-
-def _never() -> dict[str, float | None]:
-    from riskbook.limits import names
-
-    return dict.fromkeys(names())
 
 
 def cmd_check(args: argparse.Namespace) -> int:

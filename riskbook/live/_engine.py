@@ -119,7 +119,8 @@ class Engine:
     ----------
     critical : the factor of the limit over which a breach blocks the account: one
         number for every limit type, or a mapping from limit type to factor (None: that
-        type never blocks; types not in it get :data:`DEFAULT_CRITICAL`).
+        type never blocks; types not in it get :data:`DEFAULT_CRITICAL`), or None: no
+        type blocks (``riskbook live --no-block``), not even one registered later.
     types : the limit types to evaluate (default: every registered one, including types
         registered while it runs). A type is evaluated from its first limit (LimitSet)
         on, with its metric's state rebuilt from everything folded before, so it
@@ -128,7 +129,7 @@ class Engine:
     actor : who the engine's blocks are by.
     """
 
-    critical: float | Mapping[str, float | None] = DEFAULT_CRITICAL
+    critical: float | Mapping[str, float | None] | None = DEFAULT_CRITICAL
     types: tuple[str, ...] | None = None
     actor: str = "riskbook-live"
     horizon: int = 0
@@ -186,6 +187,8 @@ class Engine:
 
     def factor(self, limit_type: str) -> float | None:
         """The critical factor of ``limit_type`` (None: never blocks)."""
+        if self.critical is None:
+            return None
         if isinstance(self.critical, Mapping):
             return self.critical.get(limit_type, DEFAULT_CRITICAL)
         return float(self.critical)

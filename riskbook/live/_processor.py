@@ -15,6 +15,8 @@ one and all of them. An effect the store already holds -- the same kind, account
 trigger (causation id), and for a violation the same limit type and symbol, recorded
 after its trigger: a history imported with its alarms, another processor's -- is not
 appended again (it counts as written: a block the store holds blocks, as one written).
+Processors of different names that commit the same effect at once take turns on its
+account (a lock held until the commit), so the second one finds the first one's.
 
 A lost connection (a PostgreSQL restart) is retried with backoff, and the processor
 resumes from the checkpoint; a commit that fails for a reason that passes (a deadlock
@@ -102,7 +104,8 @@ class Processor:
         checkpoints (each appends the effects it decides that the store does not hold
         yet: see the module docstring).
     critical : factor of the limit over which a breach blocks the account (one for
-        every type, or per type; None for a type: never blocks). Default 1.2.
+        every type, or per type; None for a type: never blocks; None: no type blocks).
+        Default 1.2.
     types : the limit types to evaluate: one name or several (default: every registered
         one).
     start : where a processor with no checkpoint yet starts: ``"beginning"`` (every
@@ -130,7 +133,7 @@ class Processor:
         store: Store | str | None = None,
         *,
         name: str = "live",
-        critical: float | Mapping[str, float | None] = DEFAULT_CRITICAL,
+        critical: float | Mapping[str, float | None] | None = DEFAULT_CRITICAL,
         types: str | Iterable[str] | None = None,
         start: Literal["beginning", "head"] = "beginning",
         actor: str = "riskbook-live",
@@ -528,7 +531,12 @@ class Processor:
                     f"checkpoint {self.name!r} is at {None if row is None else row[0]}, "
                     f"expected {expected}: another processor moved it"
                 )
-            if effects:  # rare: the lookup costs nothing to the batches without
+            if effects:  # rare: the lock and the lookup cost nothing to the batches without
+                # Processors of other names may decide the same effects: the lookup runs
+                # once any of them holding an effect account's lock has committed (a
+                # statement of its own, so that it sees what they wrote).
+                accounts = sorted({e.account_id for e in effects})
+                conn.execute(_LOCK_EFFECT_ACCOUNTS_SQL, (accounts,))
                 effects = self._not_stored(conn, effects)
             for e in effects:
                 try:
@@ -610,6 +618,17 @@ SELECT aggregate_id, causation_id::text, coalesce(metadata->>'processor' = %(nam
 """
 """The blocks that a processor's checkpoint has not passed (not read back yet): the
 processor's own, and those with the causes given (of blocks its rebuild decides)."""
+
+_LOCK_EFFECT_ACCOUNTS_SQL = """
+SELECT pg_advisory_xact_lock(k)
+  FROM (SELECT DISTINCT hashtextextended('riskbook.effects:' || a, 0) AS k
+          FROM unnest(%s::text[]) AS a) AS keys
+ ORDER BY k
+"""
+"""Locks the accounts given, for the transaction, in the order of their keys (a
+volatile function is evaluated after the sort): two processors' commits never wait for
+each other in a circle, even when two accounts' keys collide. Advisory locks need no
+privilege (the processor's role may take them)."""
 
 _STORED_EFFECTS_SQL = """
 SELECT event_type, aggregate_id, causation_id::text,

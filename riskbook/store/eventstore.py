@@ -636,7 +636,9 @@ class Store:
         repeated with other content, a given sequence the aggregate has already (or
         that another line gives), or any bad line refuses the whole file with the line
         number and what is wrong: nothing of it is written. A UTF-8 byte order mark at
-        the start of the file is ignored.
+        the start of the file is ignored. Writes of other sessions to its aggregates
+        while it runs go first: the events it assigns sequences to follow them, and the
+        events they stored are skipped as already present.
 
         Lines are validated and streamed to PostgreSQL while the file is read, so the
         client and the server work at the same time. Into an empty store the import
@@ -1583,18 +1585,35 @@ def _load_general(
             f"{source}: {unit} {line}: event_id {event_id} appears on {unit} {first} with "
             f"different content ({_fields_differing(conn, line, first)})"
         )
-    clash = conn.execute(_CLASH_SQL).fetchone()
-    if clash:
-        line, event_id = clash
-        raise ImportFailed(
-            f"{source}: {unit} {line}: event_id {event_id} is already stored with different "
-            f"content ({_fields_differing(conn, line, None)})"
-        )
-    try:
-        with conn.transaction():  # a savepoint: on a clash, the staged lines tell which
-            added = conn.execute(_BULK_INSERT_SQL).rowcount
-    except psycopg.errors.UniqueViolation as exc:
-        raise _sequence_taken(conn, exc, source, unit) from None
+    for attempt in range(1, _IMPORT_TRIES + 1):
+        clash = conn.execute(_CLASH_SQL).fetchone()
+        if clash:
+            line, event_id = clash
+            raise ImportFailed(
+                f"{source}: {unit} {line}: event_id {event_id} is already stored with "
+                f"different content ({_fields_differing(conn, line, None)})"
+            )
+        try:
+            with conn.transaction():  # a savepoint: on a clash, the staged lines tell which
+                added = conn.execute(_BULK_INSERT_SQL).rowcount
+            break
+        except psycopg.errors.UniqueViolation as exc:
+            refused = _sequence_taken(conn, exc, source, unit)
+            if refused is not None:
+                raise refused from None
+            if attempt == _IMPORT_TRIES:
+                raise _written_meanwhile(exc, source, attempt) from None
+            # Not the file's doing: another session appended to one of its aggregates (or
+            # stored some of its events) after the insert began. A fresh statement sees
+            # that: it skips the events stored meanwhile (their content checked again
+            # above) and numbers the new ones after the heads as they are now.
+        except psycopg.errors.DeadlockDetected:
+            # Another session writing to these aggregates in another order (an import
+            # of some of the same events, a transaction appending to several): the
+            # savepoint gave back what this one held, so the other goes on; the next
+            # try waits for it and then goes after it (as above).
+            if attempt == _IMPORT_TRIES:
+                raise
     # nothing added leaves the stored versions as they were (gap-free): a re-import
     # need not scan every aggregate of the file again
     with_seq = [a for a, g in stream.given.items() if g] if added else []
@@ -1636,11 +1655,17 @@ def _trade_id_taken(exc: psycopg.errors.UniqueViolation) -> InvalidEvent:
     return InvalidEvent("TradeExecuted", "trade_id", f"{what} is stored already; {_TRADE_ID_RULE}")
 
 
+_IMPORT_TRIES = 10
+"""How many times an import's insert is tried while other sessions' writes to its
+aggregates overtake it."""
+
+
 def _sequence_taken(
     conn: psycopg.Connection, exc: psycopg.errors.UniqueViolation, source: str, unit: str
-) -> ImportFailed:
-    """The import's error for a UNIQUE violation of its insert: the line whose sequence
-    is taken, or whose trade id is, and by what."""
+) -> ImportFailed | None:
+    """The import's error for a UNIQUE violation of its insert: the line whose given
+    sequence is taken, or whose trade id is, and by what; None if the input does not
+    explain it (another session wrote meanwhile: the insert is worth another try)."""
     if exc.diag.constraint_name == _TRADE_KEY:
         twin = conn.execute(_TRADE_TAKEN_SQL).fetchone()
         if twin is not None:
@@ -1654,11 +1679,7 @@ def _sequence_taken(
     if exc.diag.constraint_name == "events_aggregate_sequence_key":
         found = conn.execute(_SEQUENCE_TAKEN_SQL).fetchone()
     if found is None:  # another session wrote the same aggregate or event meanwhile
-        return ImportFailed(
-            f"{source}: another session wrote the same events meanwhile "
-            f"({exc.diag.message_detail or exc.diag.message_primary}); nothing was written: "
-            "import again"
-        )
+        return None
     line, other, agg, sequence, event_id = found
     if other is None:
         return ImportFailed(
@@ -1668,6 +1689,27 @@ def _sequence_taken(
     return ImportFailed(
         f"{source}: {unit} {line}: aggregate {agg!r} sequence {sequence} is given on {unit} "
         f"{other} too, to another event"
+    )
+
+
+def _written_meanwhile(
+    exc: psycopg.errors.UniqueViolation, source: str, tries: int
+) -> ImportFailed:
+    """The import's error when other sessions' writes overtook its insert every time."""
+    detail = exc.diag.message_detail or ""
+    if exc.diag.constraint_name == "events_aggregate_sequence_key" and (
+        m := re.search(r"=\((.*), \d+\) already exists", detail)
+    ):
+        what = f"wrote to aggregate {m.group(1)!r}"
+    elif exc.diag.constraint_name == "events_event_id_key" and (
+        m := re.search(r"=\((.*)\) already exists", detail)
+    ):
+        what = f"stored event {m.group(1)}"
+    else:
+        what = f"wrote the same events ({detail or exc.diag.message_primary})"
+    return ImportFailed(
+        f"{source}: another session {what} meanwhile, overtaking the import's insert "
+        f"{tries} {'time' if tries == 1 else 'times'}; nothing was written: import again"
     )
 
 
