@@ -45,6 +45,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store
+from tests.test_import_extra import _waiting_for_a_lock
 from tests.test_projections import settle
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -691,15 +692,6 @@ def test_a_trusted_copy_into_an_empty_store_that_repeats_an_id_writes_nothing(
             assert conn.execute(_INDEXES).fetchall() == expected  # dropped and built in vain
     finally:
         store.close()
-
-
-def _waiting_for_a_lock(monitor: psycopg.Connection) -> bool:
-    """Does a session of the monitor's database wait for a lock?"""
-    row = monitor.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return bool(row and row[0])
 
 
 def test_an_append_to_a_simulated_account_as_the_copy_starts_takes_the_general_road(
