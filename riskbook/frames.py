@@ -848,9 +848,7 @@ class History:
         # the store must still be the one these frames came from, its history only
         # grown since: checked with the fence (see _read), or a refresh would chain
         # another history (a restored older backup, a re-created database) onto them
-        last = self.events["position"][-1] if self.events.height else None
-        last_id = self.events["event_id"][-1] if self.events.height else None
-        expect = _Expect(self.store_id, last, last_id)
+        expect = _Expect.of(self.events, self.store_id)
         delta = _read(self._store, self.filters, after=after, progress=progress, expect=expect)
         self._extend(delta)
         if self._cache_dir is not None and delta.events.height:
@@ -1042,6 +1040,21 @@ class _Expect:
     last: int | None
     last_id: str | None
 
+    @classmethod
+    def of(cls, events: pl.DataFrame, store_id: str | None) -> _Expect:
+        """What a History of these events, read from that store, expects of it."""
+        if not events.height:
+            return cls(store_id, None, None)
+        return cls(store_id, events["position"][-1], events["event_id"][-1])
+
+    def holds(self, row: tuple[Any, ...] | None) -> bool:
+        """Is the store the one expected, by its :data:`_CACHE_CHECK_SQL` row?"""
+        return (
+            row is not None
+            and (self.store_id is None or row[1] == self.store_id)
+            and (self.last is None or row[0] == self.last_id)
+        )
+
 
 def _rewritten(store: Store) -> RiskbookError:
     return RiskbookError(
@@ -1078,10 +1091,9 @@ def _read(
             anything = True
         else:
             row = conn.execute(_CACHE_CHECK_SQL, {"last": expect.last, "horizon": after}).fetchone()
-            if row is None or (expect.store_id is not None and row[1] != expect.store_id):
+            if not expect.holds(row):
                 raise _rewritten(store)
-            if expect.last is not None and row[0] != expect.last_id:
-                raise _rewritten(store)
+            assert row is not None
             fence, anything = row[2], bool(row[3])
         if before is not None:
             fence = min(fence, before)
@@ -1969,12 +1981,14 @@ def _read_cache(
     cached = _joined(_segments(directory), store_id, filters)
     if cached is None:
         return None
-    last = cached.events["position"][-1] if cached.events.height else None
-    last_id = cached.events["event_id"][-1] if cached.events.height else None
+    expect = _Expect.of(cached.events, store_id)
     with store.connection() as conn:
-        row = conn.execute(_CACHE_CHECK_SQL, {"last": last, "horizon": cached.horizon}).fetchone()
-    if row is None or row[1] != store_id or (last is not None and row[0] != last_id):
+        row = conn.execute(
+            _CACHE_CHECK_SQL, {"last": expect.last, "horizon": cached.horizon}
+        ).fetchone()
+    if not expect.holds(row):
         return None
+    assert row is not None
     anything_new = bool(row[3])
     cached._synced = cached.horizon
     if not anything_new:  # what refresh() would do with the empty delta

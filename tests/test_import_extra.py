@@ -206,13 +206,20 @@ def test_a_forged_repeat_or_a_taken_sequence_in_a_later_chunk_writes_nothing(
     assert fresh_store.count() == 0 and _typed_rows(fresh_store) == []
 
 
-def _waiting_for_a_lock(monitor: psycopg.Connection) -> bool:
-    """Does a session of the monitor's database wait for a lock?"""
-    row = monitor.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return bool(row and row[0])
+def wait_for_a_lock(
+    monitor: psycopg.Connection, thread: threading.Thread, seconds: float, what: str
+) -> None:
+    """Until a session of the monitor's database waits for a lock (or ``thread`` ends)."""
+    deadline = time.monotonic() + seconds
+    while thread.is_alive():
+        row = monitor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()
+        if row and row[0]:
+            return
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 def _import_held_by_an_append(
@@ -236,10 +243,7 @@ def _import_held_by_an_append(
         store.append_in(writer, account, fund(account))
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 10
-        while thread.is_alive() and not _waiting_for_a_lock(monitor):
-            assert time.monotonic() < deadline, "the import never waited for the append"
-            time.sleep(0.02)
+        wait_for_a_lock(monitor, thread, 10, "the import never waited for the append")
         if then is not None:
             store.append_in(writer, then, fund(then))
         writer.commit()

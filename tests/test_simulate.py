@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store
-from tests.test_import_extra import _waiting_for_a_lock
+from tests.test_import_extra import wait_for_a_lock
 from tests.test_projections import settle
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -719,10 +718,7 @@ def test_an_append_to_a_simulated_account_as_the_copy_starts_takes_the_general_r
                             [AccountFunded(account_id="ACC-001", amount=1.0, funded_at=t0)])  # fmt: skip
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
-            deadline = time.monotonic() + 30
-            while thread.is_alive() and not _waiting_for_a_lock(monitor):
-                assert time.monotonic() < deadline, "the copy never met the append"
-                time.sleep(0.02)
+            wait_for_a_lock(monitor, thread, 30, "the copy never met the append")
             writer.commit()  # the copy's ACC-001 sequence 1 is taken now
         thread.join(60)
         assert not thread.is_alive()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import numbers
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, cast
 
 import polars as pl
@@ -24,6 +22,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.frames import Filters, History, load
+from riskbook.limits._evaluate import _is_number
 from riskbook.live._engine import Engine, describe
 from riskbook.live._processor import Processor
 from riskbook.store import Store, connect
@@ -245,7 +244,7 @@ def check(
 
 def _number(value: Any) -> Any:
     """A real number as a float; anything else as it is, for validation to refuse."""
-    if isinstance(value, numbers.Real | Decimal) and not isinstance(value, bool):
+    if _is_number(value):
         return float(value)
     return value
 
