@@ -391,6 +391,71 @@ def cmd_limits_history(args: argparse.Namespace) -> int:
     return _emit(limit_history(_history(args), at=args.at, known_at=args.known_at), args)
 
 
+# ----------------------------------------------------------------------- audit
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from riskbook.audit import incidents
+    from riskbook.frames import load
+
+    _writable_file(args.output, "--output")
+    history = load(
+        _store(args.dsn),
+        accounts=args.account,
+        known_at=args.known_at,
+        cache=False,
+        progress=False,
+    )
+    found = incidents(history).select(
+        "occurred_at",
+        pl.col("timestamp").alias("recorded_at"),
+        "event_type",
+        "account_id",
+        "limit_type",
+        "symbol",
+        "event_id",
+        "causation_id",
+        "correlation_id",
+    )
+    return _emit(found, args, empty="(no violations or blocks)")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import uuid
+
+    from riskbook.audit import ACCOUNT_EVENT_TYPES, explain
+    from riskbook.frames import load
+
+    _writable_file(args.output, "--output")
+    try:
+        event_id = str(uuid.UUID(args.event_id))
+    except ValueError:
+        raise ValueError(f"{args.event_id!r} is not an event id (a UUID)") from None
+    store = _store(args.dsn)
+    with store.connection() as conn:
+        found = conn.execute(
+            "SELECT event_type, payload->>'account_id' FROM events WHERE event_id = %s",
+            (event_id,),
+        ).fetchone()
+    if found is None:
+        raise ValueError(f"no event {event_id} in this store")
+    kind, account = found
+    # an account's event: its history (and every mark) is enough; a mark: everything
+    accounts = [account] if account and kind in ACCOUNT_EVENT_TYPES else None
+    history = load(store, accounts=accounts, cache=False, progress=False)
+    incident = explain(history, event_id)
+    text = incident.to_json() + "\n" if args.format == "json" else incident.report()
+    if args.output is not None:
+        _write_output(args.output, lambda: Path(args.output).write_text(text, encoding="utf-8"))
+    elif args.format == "json":
+        _write_data(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # ----------------------------------------------------------------------- simulate / demo
 
 
@@ -674,6 +739,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--at", default=None, help="only the changes that apply by business time T (RFC 3339)"
     )
     output_options(lh)
+
+    inc = add(
+        "incidents",
+        cmd_incidents,
+        "every alarm on record: each LimitViolationDetected and AccountBlocked, with its"
+        " event id (for `riskbook explain`)",
+    )
+    output_options(inc)
+    exp_ = add(
+        "explain",
+        cmd_explain,
+        "reconstruct an alarm (or any event) from the history: its cause, the limit in force"
+        " and who set it, the metric as the engine knew it and as corrected since, the"
+        " unblock, and where the record and the history disagree",
+    )
+    exp_.add_argument("event_id", metavar="EVENT_ID", help="the event (see `riskbook incidents`)")
+    exp_.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default): a report for people; json: every part, times as RFC 3339",
+    )
+    exp_.add_argument("--output", "-o", default=None, help="write to FILE")
+    dsn_option(exp_)
 
     from riskbook.live._cli import add_live_commands
 

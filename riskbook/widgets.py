@@ -36,7 +36,6 @@ import html
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,8 +48,21 @@ import traitlets
 from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
+from riskbook.audit import (
+    _BUILT_IN_FIGURES,
+    _figure,
+    _time,
+    causation_chain,
+    compare_states,
+    daily_volume,
+    incident_metric,
+    incidents,
+    limit_in_force,
+    limit_metric_at,
+    limits_in_force,
+)
 from riskbook.errors import RiskbookError
-from riskbook.events import STORED_INFINITY, Envelope, as_time
+from riskbook.events import Envelope, as_time
 from riskbook.frames import History
 from riskbook.live import CheckResult, Commit, Processor
 from riskbook.live import check as live_check
@@ -81,14 +93,6 @@ _ALL = "all accounts"
 
 
 # ----------------------------------------------------------------------------- controls
-
-
-def _time(value: datetime | str, name: str) -> datetime:
-    """A time that must be given, in UTC (:func:`riskbook.events.as_time`'s check)."""
-    t = as_time(value, name)
-    if t is None:
-        raise TypeError(f"{name} must be a datetime or an RFC 3339 string, got None")
-    return t
 
 
 class TimeSlider(widgets.HBox):
@@ -166,17 +170,6 @@ class TimeSlider(widgets.HBox):
     def at_end(self) -> bool:
         """True when the slider is at its right end (for ``known_at``: "everything")."""
         return bool(self.value >= self.end)
-
-
-def _figure(v: float) -> str:
-    """A limit or metric value for people: 81,000 and 97,900 (not 8.1e+04), 0.148, 2.5."""
-    if not math.isfinite(v):
-        return "infinite" if v > 0 else str(v)
-    if v >= STORED_INFINITY:
-        return "infinite"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}" if v == round(v) else f"{v:,.2f}"
-    return f"{v:.4g}"
 
 
 def _quantity(v: float) -> str:
@@ -605,351 +598,6 @@ class ExposureExplorer:
 
 
 # ----------------------------------------------------------------------------- incidents
-
-
-def incidents(history: History) -> pl.DataFrame:
-    """Every LimitViolationDetected and AccountBlocked, with what it was about.
-
-    Returns ``event_id, event_type, account_id, limit_type, symbol, occurred_at,
-    timestamp, causation_id, correlation_id, label``, in global order. A block's limit
-    type and symbol are those of the violation with the same cause (or correlation),
-    when there is one.
-    """
-    v = history.violations.select(
-        "event_id",
-        pl.lit("LimitViolationDetected").alias("event_type"),
-        pl.col("account_id").cast(pl.String),
-        pl.col("limit_type").cast(pl.String),
-        pl.col("symbol").cast(pl.String),
-        pl.col("detected_at").alias("occurred_at"),
-        "timestamp",
-        "position",
-        "causation_id",
-        "correlation_id",
-        pl.format(
-            "{} > {}",
-            pl.col("current_value").round(4),
-            pl.col("limit_value").round(4),
-        ).alias("detail"),
-    )
-    b = history.blocks.filter(pl.col("blocked")).select(
-        "event_id",
-        pl.lit("AccountBlocked").alias("event_type"),
-        pl.col("account_id").cast(pl.String),
-        "causation_id",
-        "correlation_id",
-        pl.col("at").alias("occurred_at"),
-        "timestamp",
-        "position",
-        pl.col("reason").alias("detail"),
-    )
-    about = v.select("causation_id", "correlation_id", "limit_type", "symbol")
-    by_cause = b.join(
-        about.drop("correlation_id").unique("causation_id"), on="causation_id", how="left"
-    )
-    by_corr = (
-        by_cause.filter(pl.col("limit_type").is_null())
-        .drop("limit_type", "symbol")
-        .join(about.drop("causation_id").unique("correlation_id"), on="correlation_id", how="left")
-    )
-    b = pl.concat(
-        [by_cause.filter(pl.col("limit_type").is_not_null()), by_corr], how="diagonal"
-    ).select(v.columns)
-    out = pl.concat([v, b]).sort("position")
-    return out.with_columns(
-        pl.format(
-            "{} {} {}: {} {}",
-            pl.col("occurred_at").dt.strftime("%Y-%m-%d %H:%M:%S"),
-            pl.col("account_id"),
-            pl.when(pl.col("event_type") == "AccountBlocked")
-            .then(pl.lit("BLOCKED"))
-            .otherwise(pl.lit("violation")),
-            pl.col("limit_type").fill_null(""),
-            pl.col("detail").fill_null(""),
-        ).alias("label")
-    ).drop("detail", "position")
-
-
-def limits_in_force(
-    limits: pl.DataFrame,
-    *,
-    account: str,
-    at: datetime | str | None = None,
-    known_at: datetime | str | None = None,
-) -> pl.DataFrame:
-    """The limits of an account in force at T as known at K, and who set them.
-
-    The latest LimitSet per (limit_type, symbol) with ``set_at <= at`` and recorded
-    (``timestamp``) by ``known_at`` -- latest in the order (business time, recorded
-    time, position). Returns ``limit_type, symbol`` (null: account-wide), ``value,
-    set_by, set_at, recorded_at, event_id``.
-    """
-    at, known_at = as_time(at, "at"), as_time(known_at, "known_at")
-    rows = viz._frame(limits, "limits").filter(pl.col("account_id").cast(pl.String) == account)
-    if at is not None:
-        rows = rows.filter(pl.col("set_at") <= at)
-    if known_at is not None:
-        rows = rows.filter(pl.col("timestamp") <= known_at)
-    return (
-        rows.sort("set_at", "timestamp", "position")
-        .with_columns(pl.col("limit_type").cast(pl.String), pl.col("symbol").cast(pl.String))
-        .group_by("limit_type", "symbol", maintain_order=True)
-        .last()
-        .select(
-            "limit_type",
-            "symbol",
-            "value",
-            pl.col("set_by").cast(pl.String),
-            "set_at",
-            pl.col("timestamp").alias("recorded_at"),
-            "event_id",
-        )
-        .sort("limit_type", "symbol", nulls_last=False)
-    )
-
-
-def limit_in_force(
-    limits: pl.DataFrame,
-    *,
-    account: str,
-    limit_type: str,
-    symbol: str | None = None,
-    at: datetime | str | None = None,
-    known_at: datetime | str | None = None,
-) -> dict[str, Any] | None:
-    """The one limit that applied: a symbol's own MaxPositionSize overrides the account's.
-
-    Returns the row of :func:`limits_in_force` as a dict, with ``scope`` ("symbol" or
-    "account"), or None when no limit of that type was in force.
-    """
-    rows = limits_in_force(limits, account=account, at=at, known_at=known_at).filter(
-        pl.col("limit_type") == limit_type
-    )
-    if symbol is not None:
-        own = rows.filter(pl.col("symbol") == symbol)
-        if own.height:
-            return {**own.row(0, named=True), "scope": "symbol"}
-    wide = rows.filter(pl.col("symbol").is_null())
-    return {**wide.row(0, named=True), "scope": "account"} if wide.height else None
-
-
-def daily_volume(
-    history: History,
-    *,
-    account: str,
-    at: datetime | str,
-    known_at: datetime | str | None = None,
-) -> float:
-    """Σ|quantity| of the account's trades in T's UTC day up to T, as known at K (busts out)."""
-    at, known_at = _time(at, "at"), as_time(known_at, "known_at")
-    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
-    trades = history.trades.filter(
-        (pl.col("account_id").cast(pl.String) == account)
-        & pl.col("executed_at").is_between(day, at)
-    )
-    cancels = history.cancels.filter(pl.col("account_id").cast(pl.String) == account)
-    if known_at is not None:
-        trades = trades.filter(pl.col("timestamp") <= known_at)
-        cancels = cancels.filter(pl.col("timestamp") <= known_at)
-    live = trades.join(cancels.select("trade_id"), on="trade_id", how="anti")
-    return float(live["quantity"].abs().sum())
-
-
-def compare_states(
-    history: History,
-    *,
-    account: str,
-    at: datetime | str,
-    known_at: datetime | str | None,
-) -> pl.DataFrame:
-    """The account as the engine saw it (known at K) beside the corrected history.
-
-    One row per figure: the account's ``equity, cash, gross_exposure, net_exposure,
-    leverage, drawdown``, its daily volume, then the quantity of each of its positions
-    (``position <symbol>``), each with ``engine`` (at T, known at K), ``corrected`` (at
-    T, everything known now) and ``difference`` (corrected - engine). A position one
-    side holds and the other does not (a trade busted later, a position closed) is 0
-    on the side without it.
-    """
-    t, known = _time(at, "at"), as_time(known_at, "known_at")
-
-    def figures(k: datetime | None) -> dict[str, float]:
-        acc = P.accounts(history, at=t, known_at=k).filter(
-            pl.col("account_id").cast(pl.String) == account
-        )
-        pos = P.positions(history, at=t, known_at=k).filter(
-            pl.col("account_id").cast(pl.String) == account
-        )
-        out: dict[str, float] = {}
-        if acc.height:
-            row = acc.row(0, named=True)
-            for name in (
-                "equity",
-                "cash",
-                "gross_exposure",
-                "net_exposure",
-                "leverage",
-                "drawdown",
-            ):
-                out[name] = float(row[name])
-        out["daily_volume"] = daily_volume(history, account=account, at=t, known_at=k)
-        for sym, q in pos.select(pl.col("symbol").cast(pl.String), "quantity").iter_rows():
-            out[f"position {sym}"] = float(q)
-        return out
-
-    engine, corrected = figures(known), figures(None)
-    names = list(dict.fromkeys([*engine, *corrected]))
-
-    def value(side: dict[str, float], name: str) -> float | None:
-        flat = 0.0 if name.startswith("position ") else None  # no position: none held
-        return side.get(name, flat)
-
-    return pl.DataFrame(
-        {
-            "figure": names,
-            "engine": [value(engine, n) for n in names],
-            "corrected": [value(corrected, n) for n in names],
-        },
-        schema={"figure": pl.String, "engine": pl.Float64, "corrected": pl.Float64},
-    ).with_columns((pl.col("corrected") - pl.col("engine")).alias("difference"))
-
-
-def incident_metric(
-    compare: pl.DataFrame, limit_type: str | None, symbol: str | None = None
-) -> tuple[float | None, float | None]:
-    """The metric a limit type is checked against, from :func:`compare_states`' rows.
-
-    Returns ``(engine, corrected)``: ``|position|`` of ``symbol`` for MaxPositionSize,
-    leverage, drawdown, or the day's volume; None where the figure is absent (no
-    position, or a limit type other than the built-ins: :func:`limit_metric_at`
-    computes any registered type's metric).
-    """
-    figure = _BUILT_IN_FIGURES.get(limit_type or "")
-    if figure is None:
-        return None, None
-    if limit_type == "MaxPositionSize":
-        figure = f"position {symbol}"
-    row = compare.filter(pl.col("figure") == figure)
-    if row.height == 0:
-        return None, None
-    engine, corrected = row["engine"][0], row["corrected"][0]
-    if limit_type == "MaxPositionSize":
-        engine = None if engine is None else abs(engine)
-        corrected = None if corrected is None else abs(corrected)
-    return engine, corrected
-
-
-_BUILT_IN_FIGURES = {
-    "MaxPositionSize": "position",
-    "MaxLeverage": "leverage",
-    "MaxDrawdown": "drawdown",
-    "MaxDailyVolume": "daily_volume",
-}
-"""The figure of :func:`compare_states` each built-in limit type is checked against."""
-
-
-limit_metric_at = L.metric_at
-"""A registered limit type's metric for one account (and symbol) at T as known at K:
-:func:`riskbook.limits.metric_at`, which the incident panel shows for a limit type other
-than the built-ins."""
-
-
-def causation_chain(history: History, event_id: str | uuid.UUID) -> pl.DataFrame:
-    """The events linked to one: its causes, its effects, and those of its correlation.
-
-    Walks ``causation_id`` up to the first cause and down to every effect, adds the
-    other effects of its causes ("same cause": the violation beside a block, both
-    caused by one trade) and the events sharing the event's ``correlation_id`` (an
-    order, a price update). Returns ``relation`` ("cause", "this", "effect", "same
-    cause", "correlated"), ``event_type, account_id,
-    occurred_at, timestamp, position, event_id, causation_id, summary``, in global
-    order.
-    """
-    if not isinstance(event_id, str | uuid.UUID):
-        raise TypeError(f"event_id must be a UUID or its text, got {type(event_id).__name__}")
-    try:  # the frames hold ids as lower-case text
-        event_id = str(uuid.UUID(str(event_id)))
-    except ValueError:
-        raise KeyError(f"no event {event_id} in this history: it is not a UUID") from None
-    ev = history.events.select(
-        "event_id",
-        pl.col("event_type").cast(pl.String),
-        "occurred_at",
-        "timestamp",
-        "position",
-        "causation_id",
-        "correlation_id",
-        pl.col("aggregate_id").cast(pl.String),
-    )
-    linked = ev.filter(pl.col("event_id").is_in(_linked_ids(ev, event_id)))
-    by_id = {r["event_id"]: r for r in linked.iter_rows(named=True)}
-    if event_id not in by_id:
-        raise KeyError(f"no event {event_id} in this history")
-    relation: dict[str, str] = {event_id: "this"}
-    cause = by_id[event_id]["causation_id"]
-    while cause is not None and cause in by_id and cause not in relation:
-        relation[cause] = "cause"
-        cause = by_id[cause]["causation_id"]
-    ancestors = [i for i, r in relation.items() if r == "cause"]
-    for roots, name in (([event_id], "effect"), (ancestors, "same cause")):
-        frontier = set(roots)
-        while frontier:
-            nxt = {
-                i for i, r in by_id.items() if r["causation_id"] in frontier and i not in relation
-            }
-            relation.update(dict.fromkeys(nxt, name))
-            frontier = nxt
-    for i in by_id:
-        relation.setdefault(i, "correlated")
-    # from the frame itself: its schema holds however many rows share the correlation
-    rows = linked.with_columns(pl.col("event_id").replace_strict(relation).alias("relation"))
-    lo, hi = rows["occurred_at"].min(), rows["occurred_at"].max()
-    assert isinstance(lo, datetime) and isinstance(hi, datetime)
-    summaries = viz.event_lanes(
-        history, start=lo, end=hi, accounts=None, max_rows=1_000_000
-    ).filter(pl.col("event_id").is_in(rows["event_id"].implode()))
-    return (
-        rows.join(summaries.select("event_id", "account_id", "summary"), on="event_id", how="left")
-        .sort("position")
-        .select(
-            "relation",
-            "event_type",
-            pl.coalesce("account_id", "aggregate_id").alias("account_id"),
-            "occurred_at",
-            "timestamp",
-            "position",
-            "event_id",
-            "causation_id",
-            "summary",
-        )
-    )
-
-
-def _linked_ids(ev: pl.DataFrame, event_id: str) -> list[str]:
-    """Ids linked to ``event_id`` through causation (both ways) or its correlation."""
-    ids = {event_id}
-    me = ev.filter(pl.col("event_id") == event_id)
-    if me.height == 0:
-        return []
-    corr = me["correlation_id"][0]
-    if corr is not None:
-        ids.update(ev.filter(pl.col("correlation_id") == corr)["event_id"].to_list())
-    links = ev.filter(pl.col("causation_id").is_not_null()).select("event_id", "causation_id")
-    while True:
-        grown = (
-            set(
-                links.filter(
-                    pl.col("event_id").is_in(list(ids)) | pl.col("causation_id").is_in(list(ids))
-                )
-                .unpivot()
-                .get_column("value")
-                .to_list()
-            )
-            | ids
-        )
-        if grown == ids:
-            return sorted(ids)
-        ids = grown
 
 
 class IncidentPanel:

@@ -111,6 +111,7 @@ print(json.dumps({
     "alarms": corrections.height, "bust_account": bust["account_id"],
     "bust_engine": bust["engine_saw"],
     "panel_incident": panel.current["event_id"], "panel_step": panel.step_event["event_id"],
+    "story": [story.cause["event_id"], story.violation["event_id"], story.findings],
 }))
 """
     nb, got = run(
@@ -132,6 +133,9 @@ print(json.dumps({
     assert (got["bust_account"], got["bust_engine"]) == ("ACC-005", busted["value_at_trigger"])
     assert got["panel_incident"] == FAT_FINGER["block_event_id"]
     assert got["panel_step"] == FAT_FINGER["trigger_event_id"]
+    cause, violation, findings = got["story"]
+    assert (cause, violation) == (FAT_FINGER["trigger_event_id"], FAT_FINGER["violation_event_id"])
+    assert findings == []
     assert has_chart(nb) >= 2
 
 
