@@ -44,7 +44,7 @@ from riskbook.projections import (
     state_at,
 )
 from riskbook.store import ImportResult, Store, connect
-from riskbook.verify import VerifyReport, verify
+from riskbook.verify import Heads, VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "Envelope",
     "Event",
     "Filters",
+    "Heads",
     "History",
     "ImportFailed",
     "ImportResult",

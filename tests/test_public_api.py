@@ -24,6 +24,8 @@ MODULES = [
     "riskbook.store",
     "riskbook.store.embedded",
     "riskbook.errors",
+    "riskbook.audit",
+    "riskbook.verify",
 ]
 
 
