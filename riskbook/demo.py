@@ -159,7 +159,11 @@ def run(
         )
     _say(f"\ndone in {time.perf_counter() - started:.1f} s.")
     if not lab:
-        _say("Next: `riskbook demo` opens the notebooks in JupyterLab; `riskbook db url` for psql.")
+        _say(
+            "Next: `riskbook demo` opens the notebooks in JupyterLab; `riskbook incidents`"
+            " lists every alarm and `riskbook explain EVENT_ID` reconstructs one;"
+            " `riskbook db url` for psql."
+        )
         store.close()
         return 0
     store_dsn = store.dsn

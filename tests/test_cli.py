@@ -242,6 +242,7 @@ def test_demo_summary_names_the_event_that_caused_each_block(
     assert "TradeExecuted T-NOCASH-4" in lines["ACC-4"], lines["ACC-4"]
     assert "infinite > 2.00" in lines["ACC-4"], lines["ACC-4"]
     assert "1.797" not in result.stdout and "e+308" not in result.stdout
+    assert "`riskbook explain EVENT_ID` reconstructs one" in result.stdout
 
 
 def test_the_demo_gives_jupyterlab_an_absolute_home(tmp_path: Path) -> None:
