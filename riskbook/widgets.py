@@ -50,11 +50,13 @@ from riskbook import projections as P
 from riskbook import viz
 from riskbook.audit import (
     _BUILT_IN_FIGURES,
+    Incident,
     _figure,
     _time,
     causation_chain,
     compare_states,
     daily_volume,
+    explain,
     incident_metric,
     incidents,
     limit_in_force,
@@ -618,7 +620,8 @@ class IncidentPanel:
     ``window`` (:func:`riskbook.viz.event_lanes` around it), ``compare``
     (:func:`compare_states` at T and K), ``limit`` (:func:`limit_in_force` for the
     incident's limit at T as known at K), ``limits`` (all the account's limits then),
-    ``chain`` (:func:`causation_chain`), ``step_event`` (the window row of the current
+    ``chain`` (:func:`causation_chain`), ``story`` (:func:`riskbook.audit.explain`: its
+    ``findings`` are shown under the header), ``step_event`` (the window row of the current
     step). Chart: ``timeline`` (:func:`riskbook.viz.event_chart`; its rule follows T).
     """
 
@@ -672,6 +675,7 @@ class IncidentPanel:
         self.next = widgets.Button(description="next ▶", layout=widgets.Layout(width="110px"))
         self.step_info = widgets.HTML()
         self.header = widgets.HTML()
+        self.findings_box = widgets.HTML()
         self.limit_box = widgets.HTML()
         self.compare_box = widgets.HTML()
         self.chain_box = widgets.HTML()
@@ -683,6 +687,7 @@ class IncidentPanel:
             [
                 self.incident,
                 self.header,
+                self.findings_box,
                 widgets.HBox([self.step, self.prev, self.next]),
                 self.step_info,
                 self.sliders,
@@ -734,7 +739,9 @@ class IncidentPanel:
             max_rows=max(1, self.history.events.height),  # every event: narrowed below
         )
         self.window, lo, hi = self._narrow(whole, row["event_id"], t0, lo, hi)
-        self.chain = causation_chain(self.history, row["event_id"])
+        self.story: Incident = explain(self.history, row["event_id"])
+        self.chain = self.story.chain
+        self.findings_box.value = _findings_html(self.story)
         self.at = TimeSlider(lo, hi, value=t0, description="at (T)")
         # K reaches every recording of the window: a step onto a late one is not clamped
         ends = (self.window["timestamp"].min(), self.window["timestamp"].max())
@@ -965,6 +972,18 @@ class IncidentPanel:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _findings_html(story: Incident) -> str:
+    """The audit findings of an incident (:func:`riskbook.audit.explain`): where the
+    engine's record and the history rebuilt as known then disagree, or that they agree."""
+    if not story.findings:
+        return (
+            "<p style='color:#27ae60;margin:4px 0'>The engine's record agrees with the"
+            " history rebuilt as known then.</p>"
+        )
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in story.findings)
+    return f"<div style='color:#c0392b'><b>Findings</b><ul style='margin:2px 0'>{items}</ul></div>"
 
 
 # ----------------------------------------------------------------------------- limit lab

@@ -212,6 +212,9 @@ def test_incident_panel_shows_the_bust_the_engine_did_not_know(sample: riskbook.
     assert corrected is not None and corrected < BUSTED["limit_value"]
     assert panel.limit is not None and panel.limit["scope"] == "account"  # account-wide limit
     assert "fdecea" in panel.compare_box.value  # the corrected rows are shaded
+    assert panel.story.findings and "busted after the alarm" in panel.findings_box.value
+    panel.incident.value = FAT_FINGER["block_event_id"]
+    assert panel.story.findings == [] and "agrees" in panel.findings_box.value
 
 
 # ----------------------------------------------------------------------------- limit lab
