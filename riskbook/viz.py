@@ -7,13 +7,14 @@ Every builder takes the frames the projections return and gives an Altair chart:
                            account over time, with a rule at the time being looked at
 :func:`exposure_at_chart`  exposure by account and symbol at one moment (bars)
 :func:`position_chart`     an account's position per symbol over time, with its
-                           MaxPositionSize limits as step lines
+                           MaxPositionSize limits as step lines, rows over them red
 :func:`equity_chart`       equity and its running peak (the drawdown shaded), drawdown
-                           below against MaxDrawdown
+                           below against MaxDrawdown (red over it)
 :func:`leverage_chart`     leverage against MaxLeverage as a step line from LimitSet,
                            rows over the limit marked
 :func:`breach_chart`       breach intervals as a Gantt chart, one lane per account and
-                           limit type, warning levels beneath the breaches
+                           limit type and symbol, warning levels beneath the
+                           breaches, an arrow at the end of a breach still open
 :func:`metric_chart`       a limit type's metric per account against a limit value
                            that a slider moves (the limit lab)
 :func:`limit_sweep_chart`  breaches and time in breach against the limit's value
@@ -26,7 +27,10 @@ Every builder takes the frames the projections return and gives an Altair chart:
 Charts stay small whatever the history: a timeline is cut down by :func:`downsample`
 (per series, equal-count buckets; in each bucket the rows holding the minimum and the
 maximum of every plotted column and the bucket's last row are kept, so spikes and the
-final state survive) to at most ``max_rows`` rows before it reaches Altair. Times are
+final state survive) to at most ``max_rows`` rows before it reaches Altair; each series
+then gets a last row at the chart's end (``end``, by default the latest time in the
+frame given) repeating its last values, so a step line shows the value still held rather
+than stopping at the series' last event. Subtitles give the dates shown. Times are
 handed to Vega as epoch milliseconds and shown in UTC. A time parameter (``at``,
 ``known_at``, ``start`` ...) is a datetime with a time zone or RFC 3339 text, checked as
 the projections check theirs (:func:`riskbook.events.as_time`).
@@ -386,7 +390,7 @@ _AXIS_TIME = {
     "hours": "%H:%M",
     "minutes": "%H:%M",
     "seconds": "%H:%M:%S",
-    "milliseconds": "%S.%L",
+    "milliseconds": "%H:%M:%S.%L",
 }
 """24-hour clock labels at every zoom level (Vega's default is a 12-hour clock)."""
 
@@ -394,11 +398,17 @@ _AXIS_TIME = {
 def _x(
     field: str = "t", title: str | None = "business time (UTC)", domain: Any = alt.Undefined
 ) -> alt.X:
+    """A UTC time axis; a ``domain`` given is kept exactly (no rounding out to nice
+    ticks: a window of seconds stays that window, panels given one domain line up).
+
+    A tick every 90 px or so: at Vega's default (one every 40 px) a week has a tick each
+    12 hours, and hiding the labels that overlap can keep the "12:00"s, not the dates.
+    """
     return alt.X(
         f"{field}:T",
         title=title,
-        scale=alt.Scale(type="utc", domain=domain, nice=domain is not alt.Undefined),
-        axis=alt.Axis(format=_AXIS_TIME, labelOverlap=True),
+        scale=alt.Scale(type="utc", domain=domain, nice=False),
+        axis=alt.Axis(format=_AXIS_TIME, labelOverlap=True, tickCount=_WIDTH // 90),
     )
 
 
@@ -427,8 +437,137 @@ def _last_time(frame: pl.DataFrame, column: str = "occurred_at") -> datetime | N
     return last if isinstance(last, datetime) else None
 
 
-def _title(text: str, subtitle: str | None = None) -> alt.TitleParams:
+def _title(text: str, subtitle: str | list[str] | None = None) -> alt.TitleParams:
     return alt.TitleParams(text, subtitle=subtitle or "", anchor="start", fontSize=14)
+
+
+def _keys(by: str | Sequence[str] | None) -> list[str]:
+    return [] if by is None else [by] if isinstance(by, str) else list(by)
+
+
+def _window(
+    frame: pl.DataFrame,
+    *,
+    x: str,
+    by: str | Sequence[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pl.DataFrame:
+    """The rows of each series within ``[start, end]``, for a step line of that window.
+
+    Rows after ``end`` are left out. Before ``start``: a series' last row there is what
+    it held at ``start``, so it is kept, moved onto ``start`` (unless the series has a
+    row at ``start`` itself); the earlier ones are left out.
+    """
+    keys = _keys(by)
+
+    def lit(t: datetime) -> pl.Expr:  # as the column holds it (its unit and zone)
+        return pl.lit(t).cast(frame.schema[x])
+
+    if end is not None:
+        frame = frame.filter(pl.col(x) <= lit(end))
+    if start is None or frame.height == 0:
+        return frame
+    frame = frame.sort([*keys, x], maintain_order=True)
+    before = frame.filter(pl.col(x) < lit(start))
+    held = (before.group_by(keys, maintain_order=True).last() if keys else before.tail(1)).select(
+        frame.columns
+    )
+    at_start = frame.filter(pl.col(x) == lit(start)).select(keys).unique()
+    if keys:
+        held = held.join(at_start, on=keys, how="anti", nulls_equal=True)
+    elif at_start.height:
+        held = held.clear()
+    held = held.with_columns(lit(start).alias(x))
+    return pl.concat([held, frame.filter(pl.col(x) >= lit(start))]).sort(
+        [*keys, x], maintain_order=True
+    )
+
+
+def _hold(
+    frame: pl.DataFrame,
+    *,
+    x: str,
+    by: str | Sequence[str] | None = None,
+    end: datetime | None,
+) -> pl.DataFrame:
+    """Each series' last row again at ``end``, so its step line runs to the chart's end.
+
+    A step line stops at its series' last row: a position still held, an account whose
+    last event came hours before the others' would look closed (or, with one row, not
+    be drawn at all). The row repeats the last values, as :func:`limit_steps` does for a
+    limit; a series already at (or past) ``end`` gets none.
+    """
+    if end is None or frame.height == 0:
+        return frame
+    keys = _keys(by)
+    frame = frame.sort([*keys, x], maintain_order=True)
+    last = frame.group_by(keys, maintain_order=True).last() if keys else frame.tail(1)
+    stop = pl.lit(end).cast(frame.schema[x])
+    last = last.select(frame.columns).filter(pl.col(x) < stop).with_columns(stop.alias(x))
+    if last.height == 0:
+        return frame
+    return pl.concat([frame, last]).sort([*keys, x], maintain_order=True)
+
+
+def _cut(
+    frame: pl.DataFrame,
+    *,
+    x: str,
+    y: str | Sequence[str],
+    by: str | Sequence[str] | None = None,
+    max_rows: int,
+    end: datetime | None,
+) -> pl.DataFrame:
+    """:func:`downsample` then :func:`_hold`, the held rows within ``max_rows``."""
+    keys = _keys(by)
+    held = (frame.select(keys).n_unique() if keys else 1) if end is not None else 0
+    room = max(1, max_rows - held) if max_rows > held else max_rows
+    small = downsample(frame, x=x, y=y, by=by, max_rows=room)
+    return _hold(small, x=x, by=by, end=end)
+
+
+def _between(lo: datetime | None, hi: datetime | None) -> str:
+    """A time range for a subtitle, with its date: a short window's axis shows none."""
+    if lo is None or hi is None:
+        return "no rows"
+    if lo.date() == hi.date():
+        return f"{lo:%a %Y-%m-%d %H:%M} to {hi:%H:%M} UTC"
+    return f"{lo:%Y-%m-%d %H:%M} to {hi:%Y-%m-%d %H:%M} UTC"
+
+
+def _time_range(frame: pl.DataFrame, column: str, end: datetime | None = None) -> str:
+    """:func:`_between` the first time of ``column`` and ``end`` (or its last time)."""
+    first = frame[column].min() if frame.height else None
+    last = end if end is not None else _last_time(frame, column)
+    return _between(first if isinstance(first, datetime) else None, last)
+
+
+def _duration(seconds: float) -> str:
+    """A span for people: 6 s, 1.5 s, 2 min, 19 h, 3 d."""
+    s = abs(seconds)
+    if s < 10:
+        return f"{s:.3g} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7_200:
+        return f"{s / 60:.0f} min"
+    if s < 172_800:
+        return f"{s / 3_600:.0f} h"
+    return f"{s / 86_400:.0f} d"
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} timeline row{'s' if n != 1 else ''}"
+
+
+def _unknown(frame: pl.DataFrame, account: str, what: str) -> str:
+    """A subtitle for an account without rows: which accounts the frame does hold."""
+    known = sorted(frame["account_id"].cast(pl.String).unique().drop_nulls().to_list())
+    listed = ", ".join(known[:8]) + (f" and {len(known) - 8:,} more" if len(known) > 8 else "")
+    return f"no {what} of account {account!r}" + (
+        f" (this timeline holds {listed})" if known else " (the timeline is empty)"
+    )
 
 
 # ----------------------------------------------------------------------------- charts
@@ -442,13 +581,16 @@ def exposure_chart(
     at: TimeLike = None,
     max_rows: int = MAX_ROWS,
     height: int = 280,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """A measure of every account over time (from :func:`riskbook.account_timeline`).
 
     Step lines (figures hold between events), one colour per account, downsampled to
-    ``max_rows``; a dashed rule at ``at`` (the parameter ``at``, epoch ms, which a
-    widget moves without resending data). Click a legend entry to bring one account
-    forward; drag to zoom the time axis.
+    ``max_rows``, each running on to the chart's end (an account's last figure holds
+    after its last event); a dashed rule at ``at`` (the parameter ``at``, epoch ms,
+    which a widget moves without resending data). Click a legend entry to bring one
+    account forward; drag to zoom the time axis.
 
     Parameters
     ----------
@@ -457,16 +599,22 @@ def exposure_chart(
     measure : one of :data:`MEASURES`.
     accounts : only these accounts (None: all; one account may be given as a string).
     at : where to draw the time rule (None: no rule).
+    start, end : the time window drawn (None: from the first row; to the latest time in
+        ``timeline``, whichever accounts are drawn). A figure set before ``start`` is
+        drawn from ``start``.
     """
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}; got {measure!r}")
     ids, when, max_rows = _ids(accounts, "accounts"), as_time(at, "at"), _cap(max_rows)
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     frame = _frame(timeline, "timeline")
+    hi = hi or _last_time(frame)
     frame = frame.select("account_id", "occurred_at", measure)  # ids cast after the cut
     if ids is not None:
         frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(ids))
+    frame = _window(frame, x="occurred_at", by="account_id", start=lo, end=hi)
     shown = frame.height  # the rows of the accounts drawn, before the cut
-    frame = downsample(frame, x="occurred_at", y=measure, by="account_id", max_rows=max_rows)
+    frame = _cut(frame, x="occurred_at", y=measure, by="account_id", max_rows=max_rows, end=hi)
     data = plot_frame(frame.rename({"occurred_at": "t"}))
     pick = alt.selection_point(fields=["account_id"], bind="legend")
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
@@ -497,8 +645,8 @@ def exposure_chart(
             height=height,
             title=_title(
                 f"{MEASURES[measure]} by account",
-                f"{n} account{'s' if n != 1 else ''}, {shown:,} timeline rows"
-                f" drawn as {data.height:,}",
+                f"{_time_range(frame, 'occurred_at', hi)}; {n} account{'s' if n != 1 else ''},"
+                f" {shown:,} timeline rows drawn as {data.height:,}",
             ),
         )
     )
@@ -534,7 +682,16 @@ def exposure_at_chart(
             value,
         )
     )
-    sub = f"at {when:%Y-%m-%d %H:%M:%S} UTC" if when else "latest"
+    given = _frame(positions, "positions")
+    latest = _last_time(given, "last_event_at") if "last_event_at" in given.columns else None
+    if when is not None:
+        sub = f"at {when:%Y-%m-%d %H:%M:%S} UTC"
+    elif latest is not None:
+        sub = f"latest (last position change {latest:%Y-%m-%d %H:%M:%S} UTC)"
+    else:
+        sub = "latest"
+    if frame.height == 0:  # no bars: say so rather than draw a bare axis
+        sub = "no open positions " + (sub if when is not None else f"({sub})")
     if frame.height > max_rows:
         frame, note = _cap_positions(frame, value, max_rows)
         sub += f"; {note}"
@@ -624,8 +781,14 @@ def position_chart(
     known_at: TimeLike = None,
     max_rows: int = MAX_ROWS,
     height: int = 260,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """An account's position per symbol over time, with its MaxPositionSize limits.
+
+    Each symbol's step line runs on to the chart's end (a position holds after its last
+    trade); rows where ``|quantity|`` is over the MaxPositionSize in force for that
+    symbol (as known at ``known_at``) are marked red.
 
     Parameters
     ----------
@@ -636,23 +799,64 @@ def position_chart(
     symbols : only these symbols (None: all the account traded; one may be given as a
         string).
     at : where to draw the time rule. known_at : limits as known then.
+    start, end : the time window drawn (None: from the account's first row; to the
+        latest time in ``position_timeline``, the last trade of any account). A
+        position held at ``start`` is drawn from ``start``.
     """
     ids, when, max_rows = _ids(symbols, "symbols"), as_time(at, "at"), _cap(max_rows)
     known_at = as_time(known_at, "known_at")
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     limits = None if limits is None else _frame(limits, "limits")
-    frame = (
-        _frame(position_timeline, "position_timeline")
-        .filter(pl.col("account_id").cast(pl.String) == account)
-        .select(
-            pl.col("symbol").cast(pl.String), "occurred_at", "quantity", "avg_price", "trade_id"
-        )
+    given = _frame(position_timeline, "position_timeline")
+    hi = hi or _last_time(given)
+    frame = given.filter(pl.col("account_id").cast(pl.String) == account).select(
+        pl.col("symbol").cast(pl.String), "occurred_at", "quantity", "avg_price", "trade_id"
     )
     if ids is not None:
         frame = frame.filter(pl.col("symbol").is_in(ids))
-    end = _last_time(frame)
-    small = downsample(frame, x="occurred_at", y="quantity", by="symbol", max_rows=max_rows)
-    data = plot_frame(small.rename({"occurred_at": "t"}))
+    frame = _window(frame, x="occurred_at", by="symbol", start=lo, end=hi)
+    syms = sorted(frame["symbol"].unique().to_list())
+    applying = (
+        _applying_position_limits(limits, account, syms, known_at)
+        if limits is not None and frame.height
+        else None
+    )
+
+    def over_limit(rows: pl.DataFrame) -> pl.DataFrame:
+        """``limit`` (the one applying to the row's symbol) and ``over`` beside each row."""
+        if applying is None or applying.height == 0:
+            return rows.with_columns(
+                pl.lit(None, pl.Float64).alias("limit"), pl.lit(False).alias("over")
+            )
+        return (
+            rows.sort("occurred_at")
+            .join_asof(
+                applying,
+                left_on="occurred_at",
+                right_on="set_at",
+                by="symbol",
+                strategy="backward",
+                check_sortedness=False,  # sorted by time; polars cannot check it by group
+            )
+            .drop("set_at")
+            .with_columns(
+                (pl.col("quantity").abs() > pl.col("limit")).fill_null(False).alias("over")
+            )
+            .sort("symbol", "occurred_at", maintain_order=True)
+        )
+
+    n_over = int(over_limit(frame)["over"].sum())
+    small = _cut(frame, x="occurred_at", y="quantity", by="symbol", max_rows=max_rows, end=hi)
+    data = plot_frame(over_limit(small).rename({"occurred_at": "t"}))
     color = alt.Color("symbol:N", scale=alt.Scale(scheme="tableau10"))
+    tips = [
+        "symbol:N",
+        _tip_time("t", "at"),
+        alt.Tooltip("quantity:Q", format=QUANTITY_FORMAT),
+        alt.Tooltip("avg_price:Q", format=",.2f"),
+        alt.Tooltip("limit:Q", title="MaxPositionSize", format=QUANTITY_FORMAT),
+        "trade_id:N",
+    ]
     layers: list[alt.Chart] = [
         alt.Chart(data)
         .mark_line(interpolate="step-after", strokeWidth=1.4)
@@ -660,63 +864,79 @@ def position_chart(
             x=_x(),
             y=alt.Y("quantity:Q", title="position (quantity)", axis=alt.Axis(format="~s")),
             color=color,
-            tooltip=[
-                "symbol:N",
-                _tip_time("t", "at"),
-                alt.Tooltip("quantity:Q", format=QUANTITY_FORMAT),
-                alt.Tooltip("avg_price:Q", format=",.2f"),
-                "trade_id:N",
-            ],
+            tooltip=tips,
         )
     ]
-    if limits is not None and frame.height:
-        steps = _position_limit_steps(
-            limits, account, frame["symbol"].unique().to_list(), known_at, end
+    if n_over:
+        layers.append(
+            alt.Chart(data)
+            .transform_filter(alt.datum.over)
+            .mark_circle(color="#d62728", size=28)
+            .encode(x=_x(), y="quantity:Q", tooltip=tips)
         )
-        if steps.height:
-            limit_data = plot_frame(
-                steps.rename({"set_at": "t"}).with_columns(pl.col("scope").alias("symbol"))
+    steps = (
+        _position_limit_steps(limits, account, syms, known_at, _first(frame, lo), hi)
+        if limits is not None and frame.height
+        else None
+    )
+    if steps is not None and steps.height:
+        limit_data = plot_frame(
+            steps.rename({"set_at": "t"}).with_columns(pl.col("scope").alias("symbol"))
+        )
+        base = alt.Chart(limit_data).encode(
+            x=_x(),
+            detail="series:N",
+            tooltip=[
+                alt.Tooltip("scope:N", title="limit on"),
+                alt.Tooltip("value:Q", title="MaxPositionSize", format=QUANTITY_FORMAT),
+                "set_by:N",
+                _tip_time("t", "set at"),
+            ],
+        )
+        wide = alt.datum.scope == "account"
+        if (steps["scope"] == "account").any():
+            layers.append(
+                base.transform_filter(wide)
+                .mark_line(
+                    strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
+                )
+                .encode(y="value:Q")
             )
-            base = alt.Chart(limit_data).encode(
-                x=_x(),
-                detail="series:N",
-                tooltip=[
-                    alt.Tooltip("scope:N", title="limit on"),
-                    alt.Tooltip("value:Q", title="MaxPositionSize", format=QUANTITY_FORMAT),
-                    "set_by:N",
-                    _tip_time("t", "set at"),
-                ],
+            layers.append(
+                base.transform_filter(wide)
+                .transform_calculate(neg="-datum.value")
+                .mark_line(
+                    strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
+                )
+                .encode(y="neg:Q")
             )
-            wide = alt.datum.scope == "account"
-            if (steps["scope"] == "account").any():
-                layers.append(
-                    base.transform_filter(wide)
-                    .mark_line(
-                        strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
-                    )
-                    .encode(y="value:Q")
-                )
-                layers.append(
-                    base.transform_filter(wide)
-                    .transform_calculate(neg="-datum.value")
-                    .mark_line(
-                        strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after", color="#888"
-                    )
-                    .encode(y="neg:Q")
-                )
-            if (steps["scope"] != "account").any():
-                own = ~wide
-                layers.append(
-                    base.transform_filter(own)
-                    .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
-                    .encode(y="value:Q", color=color)
-                )
-                layers.append(
-                    base.transform_filter(own)
-                    .transform_calculate(neg="-datum.value")
-                    .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
-                    .encode(y="neg:Q", color=color)
-                )
+        if (steps["scope"] != "account").any():
+            own = ~wide
+            layers.append(
+                base.transform_filter(own)
+                .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
+                .encode(y="value:Q", color=color)
+            )
+            layers.append(
+                base.transform_filter(own)
+                .transform_calculate(neg="-datum.value")
+                .mark_line(strokeDash=[6, 4], strokeWidth=1.2, interpolate="step-after")
+                .encode(y="neg:Q", color=color)
+            )
+    if frame.height == 0:
+        subtitle = _unknown(given, account, "positions")
+    else:
+        subtitle = (
+            _time_range(frame, "occurred_at", hi)
+            + "; "
+            + (
+                "dashed: MaxPositionSize (grey: account-wide, coloured: that symbol's own);"
+                f" red: {_rows(n_over)} over it"
+                if steps is not None and steps.height
+                else "no MaxPositionSize set"
+                + (" (limits not given)" if limits is None else " for this account")
+            )
+        )
     param, rule = _cursor(when)
     return (
         alt.layer(*layers, rule)
@@ -724,12 +944,28 @@ def position_chart(
         .properties(
             width=_WIDTH,
             height=height,
-            title=_title(
-                f"{account}: position per symbol",
-                "dashed: MaxPositionSize (grey: account-wide, coloured: that symbol's own)",
-            ),
+            title=_title(f"{account}: position per symbol", subtitle),
         )
     )
+
+
+def _applying_position_limits(
+    limits: pl.DataFrame, account: str, symbols: Sequence[str], known_at: datetime | None
+) -> pl.DataFrame:
+    """``symbol, set_at, limit``: the MaxPositionSize applying to each symbol over time
+    (its own where it has one, else the account's), sorted by ``set_at``."""
+    parts = [
+        limit_steps(
+            limits, account=account, limit_type="MaxPositionSize", symbol=sym, known_at=known_at
+        ).select(pl.lit(sym).alias("symbol"), "set_at", pl.col("value").alias("limit"))
+        for sym in symbols
+    ]
+    frames = [p for p in parts if p.height]
+    if not frames:
+        return pl.DataFrame(
+            schema={"symbol": pl.String, "set_at": limits.schema["set_at"], "limit": pl.Float64}
+        )
+    return pl.concat(frames).sort("set_at")
 
 
 def _position_limit_steps(
@@ -737,12 +973,14 @@ def _position_limit_steps(
     account: str,
     symbols: Sequence[str],
     known_at: TimeLike,
+    start: datetime | None,
     end: datetime | None,
 ) -> pl.DataFrame:
-    """MaxPositionSize step rows: the account-wide series and each symbol's own."""
+    """MaxPositionSize step rows within the window: the account-wide series and each
+    symbol's own."""
     parts = [
         limit_steps(
-            limits, account=account, limit_type="MaxPositionSize", known_at=known_at, end=end
+            limits, account=account, limit_type="MaxPositionSize", known_at=known_at
         ).with_columns(pl.lit("account").alias("series"))
     ]
     for sym in symbols:
@@ -752,12 +990,33 @@ def _position_limit_steps(
             limit_type="MaxPositionSize",
             symbol=sym,
             known_at=known_at,
-            end=end,
             account_wide=False,
         )
         parts.append(own.with_columns(pl.lit(sym).alias("series"), pl.lit(sym).alias("scope")))
     frames = [p for p in parts if p.height]
-    return pl.concat(frames) if frames else parts[0]
+    steps = pl.concat(frames) if frames else parts[0]
+    return _steps_within(steps, start, end, by="series")
+
+
+def _first(frame: pl.DataFrame, start: datetime | None) -> datetime | None:
+    """Where a chart's limit lines begin: ``start``, else the timeline's first row (a
+    timeline filtered to an afternoon does not get limit lines from the week before)."""
+    if start is not None or frame.height == 0:
+        return start
+    first = frame["occurred_at"].min()
+    return first if isinstance(first, datetime) else None
+
+
+def _steps_within(
+    steps: pl.DataFrame,
+    start: datetime | None,
+    end: datetime | None,
+    by: str | None = None,
+) -> pl.DataFrame:
+    """Limit step rows (:func:`limit_steps`) cut to the chart's window, each series
+    running on to ``end``: a limit set after the window is not drawn in it."""
+    steps = _window(steps, x="set_at", by=by, start=start, end=end)
+    return _hold(steps, x="set_at", by=by, end=end)
 
 
 def equity_chart(
@@ -768,8 +1027,14 @@ def equity_chart(
     at: TimeLike = None,
     known_at: TimeLike = None,
     max_rows: int = MAX_ROWS,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """Equity with its running peak, the drawdown shaded; drawdown below with MaxDrawdown.
+
+    Both panels share one time axis and run on to the chart's end. The drawdown is
+    drawn grey, and red where it is over the MaxDrawdown in force (as known at
+    ``known_at``).
 
     Parameters
     ----------
@@ -777,27 +1042,42 @@ def equity_chart(
     account : the account.
     limits : the History's ``limits`` frame; its MaxDrawdown is drawn as a step line.
     at : where to draw the time rule. known_at : limits as known then.
+    start, end : the time window drawn (None: from the account's first row; to the
+        latest time in ``timeline``, whichever account it is).
     """
     when, known_at, max_rows = as_time(at, "at"), as_time(known_at, "known_at"), _cap(max_rows)
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     limits = None if limits is None else _frame(limits, "limits")
-    frame = (
-        _frame(timeline, "timeline")
-        .filter(pl.col("account_id").cast(pl.String) == account)
-        .select(
-            "occurred_at",
-            "equity",
-            "peak_equity",
-            "drawdown",
-            pl.col("event_type").cast(pl.String),
-        )
+    given = _frame(timeline, "timeline")
+    hi = hi or _last_time(given)
+    frame = given.filter(pl.col("account_id").cast(pl.String) == account).select(
+        "occurred_at",
+        "equity",
+        "peak_equity",
+        "drawdown",
+        pl.col("event_type").cast(pl.String),
     )
-    small = downsample(frame, x="occurred_at", y=["equity", "drawdown"], max_rows=max_rows)
-    data = plot_frame(small.rename({"occurred_at": "t"}))
+    frame = _window(frame, x="occurred_at", start=lo, end=hi)
+    steps = (
+        limit_steps(limits, account=account, limit_type="MaxDrawdown", known_at=known_at)
+        if limits is not None and frame.height
+        else None
+    )
+    n_over = int(_over_limit(frame, steps, "drawdown")["over"].sum())
+    small = _cut(frame, x="occurred_at", y=["equity", "drawdown"], max_rows=max_rows, end=hi)
+    data = plot_frame(
+        _over_limit(small, steps, "drawdown")
+        .with_columns(
+            pl.when(pl.col("over")).then(pl.col("drawdown")).otherwise(0.0).alias("drawdown_over")
+        )
+        .rename({"occurred_at": "t"})
+    )
     tips = [
         _tip_time("t", "at"),
         alt.Tooltip("equity:Q", format=",.0f"),
         alt.Tooltip("peak_equity:Q", title="peak", format=",.0f"),
         alt.Tooltip("drawdown:Q", format=".2%"),
+        alt.Tooltip("limit:Q", title="MaxDrawdown", format=".2%"),
         alt.Tooltip("event_type:N", title="event"),
     ]
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
@@ -817,31 +1097,60 @@ def equity_chart(
         .add_params(zoom)
     )
     param, rule = _cursor(when)
+    if frame.height == 0:
+        subtitle = _unknown(given, account, "timeline rows")
+    else:
+        subtitle = f"{_time_range(frame, 'occurred_at', hi)}; shaded: drawdown from the peak"
+        if steps is not None and steps.height:
+            subtitle += f"; below, dashed: MaxDrawdown in force, red: {_rows(n_over)} over it"
+        else:
+            subtitle += "; no MaxDrawdown set" + (
+                " (limits not given)" if limits is None else " for this account"
+            )
     top = alt.layer(gap, peak, equity, rule).properties(
         width=_WIDTH,
         height=220,
-        title=_title(f"{account}: equity and running peak", "shaded: drawdown from the peak"),
+        title=_title(f"{account}: equity and running peak", subtitle),
     )
+    dd_y = alt.Y("drawdown:Q", title="drawdown", axis=alt.Axis(format="%"))
     dd_layers: list[alt.Chart] = [
-        base.mark_area(interpolate="step-after", color="#d62728", opacity=0.55).encode(
-            x=_x(),
-            y=alt.Y("drawdown:Q", title="drawdown", axis=alt.Axis(format="%")),
-            tooltip=tips,
+        base.mark_area(interpolate="step-after", color="#8c8c8c", opacity=0.45).encode(
+            x=_x(), y=dd_y, tooltip=tips
         )
     ]
-    if limits is not None and frame.height:
-        steps = limit_steps(
-            limits,
-            account=account,
-            limit_type="MaxDrawdown",
-            known_at=known_at,
-            end=_last_time(frame),
+    if n_over:
+        dd_layers.append(
+            base.mark_area(interpolate="step-after", color="#d62728", opacity=0.7).encode(
+                x=_x(), y="drawdown_over:Q", tooltip=tips
+            )
         )
-        if steps.height:
-            dd_layers.append(_limit_line(steps, "MaxDrawdown", ".0%"))
+    if steps is not None and steps.height:
+        within = _steps_within(steps, _first(frame, lo), hi)
+        if within.height:
+            dd_layers.append(_limit_line(within, "MaxDrawdown", ".0%"))
     _, rule2 = _cursor(when)
     bottom = alt.layer(*dd_layers, rule2).properties(width=_WIDTH, height=110)
-    return alt.vconcat(top, bottom, spacing=6).add_params(param)
+    return alt.vconcat(top, bottom, spacing=6).add_params(param).resolve_scale(x="shared")
+
+
+def _over_limit(rows: pl.DataFrame, steps: pl.DataFrame | None, column: str) -> pl.DataFrame:
+    """``limit`` (the value in force, from :func:`limit_steps` rows) and ``over``
+    (``column`` above it) beside each row of a one-account timeline."""
+    if steps is None or steps.height == 0:
+        return rows.with_columns(
+            pl.lit(None, pl.Float64).alias("limit"), pl.lit(False).alias("over")
+        )
+    return (
+        rows.sort("occurred_at")
+        .join_asof(
+            steps.select(
+                pl.col("set_at").alias("occurred_at"), pl.col("value").alias("limit")
+            ).sort("occurred_at"),
+            on="occurred_at",
+            strategy="backward",
+        )
+        .with_columns((pl.col(column) > pl.col("limit")).fill_null(False).alias("over"))
+    )
 
 
 def _limit_line(steps: pl.DataFrame, name: str, fmt: str) -> alt.Chart:
@@ -869,19 +1178,25 @@ def leverage_chart(
     at: TimeLike = None,
     known_at: TimeLike = None,
     max_rows: int = MAX_ROWS,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """Leverage over time against MaxLeverage (a step line from the LimitSet events).
 
     Timeline rows where leverage is over the limit in force (as known at ``known_at``)
     are marked red; an infinite leverage (equity <= 0 with positions open) breaks the
     line and is marked by a red triangle pinned at the top of the plot, its tooltip
-    reading "∞ (equity ≤ 0)".
+    reading "∞ (equity ≤ 0)". The line runs on to the chart's end: ``start, end`` the
+    time window drawn (None: from the account's first row; to the latest time in
+    ``timeline``, whichever account it is).
     """
     when, known_at, max_rows = as_time(at, "at"), as_time(known_at, "known_at"), _cap(max_rows)
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     limits = _frame(limits, "limits")
+    given = _frame(timeline, "timeline")
+    hi = hi or _last_time(given)
     frame = (
-        _frame(timeline, "timeline")
-        .filter(pl.col("account_id").cast(pl.String) == account)
+        given.filter(pl.col("account_id").cast(pl.String) == account)
         .select(
             "occurred_at",
             "leverage",
@@ -891,29 +1206,20 @@ def leverage_chart(
         )
         .sort("occurred_at")
     )
-    end = _last_time(frame)
-    steps = limit_steps(
-        limits, account=account, limit_type="MaxLeverage", known_at=known_at, end=end
-    )
-    if steps.height:
-        frame = frame.join_asof(
-            steps.select(pl.col("set_at").alias("occurred_at"), pl.col("value").alias("limit")),
-            on="occurred_at",
-            strategy="backward",
-        )
-    else:
-        frame = frame.with_columns(pl.lit(None, pl.Float64).alias("limit"))
+    frame = _window(frame, x="occurred_at", start=lo, end=hi)
+    steps = limit_steps(limits, account=account, limit_type="MaxLeverage", known_at=known_at)
     infinite = pl.col("leverage").is_infinite() & (pl.col("leverage") > 0)
     frame = frame.with_columns(
-        (pl.col("leverage") > pl.col("limit")).fill_null(False).alias("over"),
         infinite.cast(pl.Float64).alias("infinite"),  # a plotted column: kept by the cut
         pl.when(infinite)
         .then(pl.lit("∞ (equity ≤ 0)"))
         .otherwise(pl.col("leverage").round(3).cast(pl.String))
         .alias("leverage_text"),
     )
-    small = downsample(frame, x="occurred_at", y=["leverage", "infinite"], max_rows=max_rows)
-    data = plot_frame(small.rename({"occurred_at": "t"}))
+    n_over = int(_over_limit(frame, steps, "leverage")["over"].sum())
+    n_infinite = int(frame["infinite"].sum())
+    small = _cut(frame, x="occurred_at", y=["leverage", "infinite"], max_rows=max_rows, end=hi)
+    data = plot_frame(_over_limit(small, steps, "leverage").rename({"occurred_at": "t"}))
     tips = [
         _tip_time("t", "at"),
         alt.Tooltip("leverage_text:N", title="leverage"),
@@ -935,8 +1241,6 @@ def leverage_chart(
         .mark_circle(color="#d62728", size=28)
         .encode(x=_x(), y="leverage:Q", tooltip=tips)
     )
-    n_over = int(frame["over"].sum())
-    n_infinite = int(frame["infinite"].sum())
     layers: list[alt.Chart] = [line, over] if data["over"].any() else [line]
     if n_infinite:
         layers.append(
@@ -945,9 +1249,21 @@ def leverage_chart(
             .mark_point(shape="triangle-up", filled=True, color="#d62728", size=70, opacity=0.9)
             .encode(x=_x(), y=alt.value(4), tooltip=tips)
         )
-    if steps.height:
-        layers.append(_limit_line(steps, "MaxLeverage", ".2f"))
-    subtitle = f"dashed: the limit in force; red: {n_over:,} timeline rows over it"
+    within = _steps_within(steps, _first(frame, lo), hi) if frame.height else steps.clear()
+    if within.height:
+        layers.append(_limit_line(within, "MaxLeverage", ".2f"))
+    if frame.height == 0:
+        subtitle = _unknown(given, account, "timeline rows")
+    elif steps.height:
+        subtitle = (
+            f"{_time_range(frame, 'occurred_at', hi)}; dashed: the limit in force;"
+            f" red: {_rows(n_over)} over it"
+        )
+    else:
+        subtitle = (
+            f"{_time_range(frame, 'occurred_at', hi)}; no MaxLeverage set for this account"
+            + ("" if known_at is None else f" as known at {known_at:%Y-%m-%d %H:%M:%S} UTC")
+        )
     if n_infinite:
         subtitle += f" (▲ at the top: {n_infinite:,} with leverage ∞, equity ≤ 0)"
     param, rule = _cursor(when)
@@ -996,13 +1312,16 @@ def breach_chart(
     horizon: TimeLike = None,
     max_rows: int = MAX_ROWS,
 ) -> alt.TopLevelMixin:
-    """Breach intervals as a Gantt chart: one lane per account and limit type.
+    """Breach intervals as a Gantt chart: one lane per account, limit type and symbol.
 
     ``breaches`` has the columns of :func:`riskbook.breaches` (``account_id,
     limit_type, symbol, level, started_at, ended_at, peak_value, limit_value,
-    trigger_event_id``). Bars run from ``started_at`` to ``ended_at``; a breach still
-    open runs to ``horizon`` (the end of the history it was found in), else to ``end``,
-    else to the latest time in the frame, and its tooltip says "open". Warning levels
+    trigger_event_id``). Each lane (``track``: "account · limit type · symbol", the
+    symbol left out for an account-wide limit; ``lane`` keeps "account · limit type")
+    holds one limit's intervals, so MaxPositionSize on two symbols does not overlap.
+    Bars run from ``started_at`` to ``ended_at``; a breach still open runs to
+    ``horizon`` (the end of the history it was found in), else to ``end``, else to the
+    latest time in the frame, ends in an arrow ▶, and its tooltip says "open". Warning levels
     are drawn beneath the breaches, each level in its own colour whichever others are
     shown (:data:`LEVEL_COLORS`: 80% amber, 90% orange, breaches red; other levels on a
     ramp between and beyond them); a tick marks each start, so a breach of a few
@@ -1056,6 +1375,12 @@ def breach_chart(
             else pl.col("ended_at")
         ).alias("until"),
         (pl.col("account_id") + " · " + pl.col("limit_type")).alias("lane"),
+        pl.concat_str(
+            pl.col("account_id"),
+            pl.lit(" · "),
+            pl.col("limit_type"),
+            (pl.lit(" · ") + pl.col("symbol")).fill_null(""),
+        ).alias("track"),
         pl.col("level")
         .map_elements(lambda v: LEVEL_NAMES.get(v, f"level {v:.0%}"), return_dtype=pl.String)
         .alias("severity"),
@@ -1089,8 +1414,7 @@ def breach_chart(
         domain = [_ms(lo_t - pad), _ms(hi_t + pad)]
     x = _x(domain=domain)
     tips = [
-        "lane:N",
-        "symbol:N",
+        alt.Tooltip("track:N", title="lane"),
         "severity:N",
         _tip_time("t", "started"),
         alt.Tooltip("ended:N", title="ended"),
@@ -1099,7 +1423,7 @@ def breach_chart(
         alt.Tooltip("limit_value:Q", title="limit", format=",.4~f"),
         alt.Tooltip("trigger_event_id:N", title="trigger event"),
     ]
-    y = alt.Y("lane:N", title=None, sort="ascending")
+    y = alt.Y("track:N", title=None, sort="ascending")
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
     bars = (
         alt.Chart(data)
@@ -1110,15 +1434,27 @@ def breach_chart(
     ticks = (
         alt.Chart(data).mark_tick(thickness=2, size=16).encode(x=x, y=y, color=color, tooltip=tips)
     )
+    layers = [bars, ticks]
+    n_open = int(frame.filter(pl.col("open") & pl.col("until").is_not_null()).height)
+    if n_open:  # the end of an open bar is the horizon, not an end: an arrow says so
+        layers.append(
+            alt.Chart(data)
+            .transform_filter("datum.open && datum.t2 != null")
+            .mark_point(shape="triangle-right", filled=True, size=60, color="#333", opacity=0.9)
+            .encode(x=_x("t2", domain=domain), y=y, tooltip=tips)
+        )
     param, rule = _cursor(when)
-    subtitle = f"{n:,} breach intervals at 100%, warnings beneath; a tick marks each start"
+    shown = _between(lo_t, hi_t) if isinstance(lo_t, datetime) else "no breaches"
+    subtitle = f"{shown}; {n:,} breach intervals at 100%, warnings beneath; a tick marks each start"
+    if n_open:
+        subtitle += f"; ▶ {n_open:,} still open"
     if frame.height < total:
         subtitle += (
             f"; {frame.height:,} of {total:,} intervals drawn (per lane its breaches, then"
             " its longest and most recent)"
         )
     return (
-        alt.layer(bars, ticks, rule)
+        alt.layer(*layers, rule)
         .add_params(param)
         .properties(
             width=_WIDTH,
@@ -1144,10 +1480,10 @@ def _cap_intervals(frame: pl.DataFrame, max_rows: int) -> pl.DataFrame:
             descending=True,
         )
         .arg_sort()
-        .over("lane")
+        .over("track")
         .alias("_rank")
     )
-    sizes = sorted(ranked.group_by("lane").len()["len"].to_list())
+    sizes = sorted(ranked.group_by("track").len()["len"].to_list())
     # the largest r with sum(min(size, r)) <= max_rows
     r, used, lanes_left = 0, 0, len(sizes)
     for size in sizes:
@@ -1183,10 +1519,14 @@ def metric_chart(
     accounts: str | Iterable[str] | None = None,
     max_rows: int = MAX_ROWS,
     height: int = 260,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """A limit type's metric timeline per account, against a limit value.
 
-    Step lines, one colour per account, downsampled to ``max_rows``; a dashed red rule
+    Step lines, one colour per account, downsampled to ``max_rows`` and running on to
+    the chart's end (``end``; None: the latest time in ``metric``, whichever accounts
+    are drawn; ``start``: where the window begins, None: the first row); a dashed red rule
     at the limit and red dots on the rows over it. The limit is the chart's parameter
     ``limit``: a widget moves the rule and the dots by setting it, without resending
     the data. Infinite values (equity <= 0) are drawn as gaps.
@@ -1209,11 +1549,14 @@ def metric_chart(
     [1.0]
     """
     ids, max_rows = _ids(accounts, "accounts"), _cap(max_rows)
+    lo, hi = as_time(start, "start"), as_time(end, "end")
     frame = _frame(metric, "metric").select("account_id", "time", "value")
+    hi = hi or _last_time(frame, "time")
     if ids is not None:
         frame = frame.filter(pl.col("account_id").cast(pl.String).is_in(ids))
+    frame = _window(frame, x="time", by="account_id", start=lo, end=hi)
     shown = frame.height  # the rows of the accounts drawn, before the cut
-    frame = downsample(frame, x="time", y="value", by="account_id", max_rows=max_rows)
+    frame = _cut(frame, x="time", y="value", by="account_id", max_rows=max_rows, end=hi)
     data = plot_frame(frame.rename({"time": "t"}))
     pick = alt.selection_point(fields=["account_id"], bind="legend")
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
@@ -1255,8 +1598,9 @@ def metric_chart(
             height=height,
             title=_title(
                 f"{name} by account",
-                f"{n} account{'s' if n != 1 else ''}, {shown:,} metric rows drawn as"
-                f" {data.height:,}; dashed: the limit, red: rows over it",
+                f"{_time_range(frame, 'time', hi)}; {n} account{'s' if n != 1 else ''},"
+                f" {shown:,} metric rows drawn as {data.height:,}; dashed: the limit, red:"
+                " rows over it",
             ),
         )
     )
@@ -1535,8 +1879,7 @@ def event_lanes(
         text(
             pl.col("limit_type").cast(pl.String),
             " ",
-            pl.col("symbol").cast(pl.String).fill_null(""),
-            " ",
+            (pl.col("symbol").cast(pl.String) + " ").fill_null(""),  # account-wide: none
             num("current_value"),
             " > ",
             num("limit_value"),
@@ -1617,9 +1960,7 @@ def _span(times: pl.Series) -> str:
         return "no events"
     lo, hi = times.min(), times.max()
     assert isinstance(lo, datetime) and isinstance(hi, datetime)
-    if lo.date() == hi.date():
-        return f"{lo:%a %Y-%m-%d %H:%M} to {hi:%H:%M} UTC"
-    return f"{lo:%Y-%m-%d %H:%M} to {hi:%Y-%m-%d %H:%M} UTC"
+    return _between(lo, hi)
 
 
 def event_chart(
@@ -1628,6 +1969,8 @@ def event_chart(
     focus: str | None = None,
     cursor: TimeLike = None,
     title: str | None = None,
+    start: TimeLike = None,
+    end: TimeLike = None,
 ) -> alt.TopLevelMixin:
     """The events around an incident: one lane per kind, causation links, late recordings.
 
@@ -1637,19 +1980,31 @@ def event_chart(
     focus : the event_id to ring (the violation or block being looked at).
     cursor : where to draw the time rule (the step being looked at).
     title : the chart's title.
+    start, end : the time axis (None: the events' first and last business times, padded
+        by 3% of the span, at least a second).
 
     Each event is a point at its business time in its lane; a grey line joins an
     event to its cause (``causation_id``) when both are in the frame; an event the
     store recorded more than a second after it happened gets an orange line from its
-    business time to its recorded time (late trades, busts learnt later).
+    business time to its recorded time (late trades, busts learnt later). The axis is
+    the window, whatever the recordings: a line running past its right end is cut
+    there, with a note of how late the recording was ("recorded +19 h →"). The focus's
+    label sits on the side of it with the more room, and its summary is in the
+    subtitle too.
     """
     when = as_time(cursor, "cursor")
+    lo_t, hi_t = as_time(start, "start"), as_time(end, "end")
     frame = _frame(events, "events").with_columns(
         ((pl.col("timestamp") - pl.col("occurred_at")).dt.total_milliseconds() / 1000).alias(
             "latency_s"
         ),
         (pl.col("event_id") == (focus or "")).alias("focus"),
     )
+    first, last = frame["occurred_at"].min(), frame["occurred_at"].max()
+    if isinstance(first, datetime) and isinstance(last, datetime):
+        pad = max((last - first) * 0.03, timedelta(seconds=1))
+        lo_t, hi_t = lo_t or first - pad, hi_t or last + pad
+    domain: Any = [_ms(lo_t), _ms(hi_t)] if lo_t and hi_t and hi_t > lo_t else alt.Undefined
     data = plot_frame(frame.rename({"occurred_at": "t", "timestamp": "recorded"}))
     lanes = [lane for lane in _LANES if lane in set(frame["lane"].to_list())] or _LANES
     y = alt.Y("lane:N", title=None, sort=lanes, scale=alt.Scale(domain=lanes))
@@ -1691,51 +2046,88 @@ def event_chart(
             ),
         ]
     )
-    x = _x()
+    x = _x(domain=domain)
     layers: list[alt.Chart] = []
     late = data.filter(pl.col("latency_s") > 1.0)
     if late.height:
+        right = domain[1] if domain is not alt.Undefined else None
+        late = late.with_columns(
+            (pl.min_horizontal("recorded", pl.lit(right)) if right else pl.col("recorded")).alias(
+                "recorded_drawn"
+            )
+        )
         layers.append(
             alt.Chart(late)
-            .mark_rule(color="#ff7f0e", strokeWidth=2, opacity=0.7)
-            .encode(x=x, x2="recorded:T", y=y, tooltip=tips)
+            .mark_rule(color="#ff7f0e", strokeWidth=2, opacity=0.7, clip=True)
+            .encode(x=x, x2="recorded_drawn:T", y=y, tooltip=tips)
         )
+        beyond = late.filter(pl.col("recorded") > pl.col("recorded_drawn")).with_columns(
+            pl.format(
+                "recorded +{} →",
+                pl.col("latency_s").map_elements(_duration, return_dtype=pl.String),
+            ).alias("late_note")
+        )
+        if beyond.height:
+            layers.append(
+                alt.Chart(beyond)
+                .mark_text(align="right", dx=-2, dy=-7, fontSize=10, color="#c2540a")
+                .encode(x=_x("recorded_drawn", domain=domain), y=y, text="late_note:N")
+            )
     if link_rows.height:
         layers.append(
             alt.Chart(plot_frame(link_rows))
-            .mark_line(color="#555", strokeWidth=1.2, opacity=0.8)
+            .mark_line(color="#555", strokeWidth=1.2, opacity=0.8, clip=True)
             .encode(x=x, y=y, detail="link:N")
         )
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
     layers.append(
         alt.Chart(data)
-        .mark_point(filled=True, size=60, opacity=0.85)
+        .mark_point(filled=True, size=60, opacity=0.85, clip=True)
         .encode(x=x, y=y, color=color, shape=alt.Shape("event_type:N", legend=None), tooltip=tips)
         .add_params(zoom)
     )
     focused = data.filter(pl.col("focus"))
+    subtitle = [
+        f"{_span(frame['occurred_at'])}; lines: causation links; orange: recorded later than"
+        " it happened"
+    ]
     if focused.height:
         layers.append(
-            alt.Chart(focused).mark_point(size=420, strokeWidth=2.5, color="black").encode(x=x, y=y)
+            alt.Chart(focused)
+            .mark_point(size=420, strokeWidth=2.5, color="black", clip=True)
+            .encode(x=x, y=y)
         )
+        # the label on the side with the more room, cut to it (the subtitle has it whole)
+        t_focus = focused["t"][0]
+        share = (
+            (t_focus - domain[0]) / (domain[1] - domain[0]) if domain is not alt.Undefined else 0
+        )
+        left = share > 0.5
+        room = max(60, int((share if left else 1 - share) * _WIDTH) - 20)
         layers.append(
             alt.Chart(focused)
-            .mark_text(align="left", dx=14, dy=-12, fontSize=11, fontWeight="bold")
+            .mark_text(
+                align="right" if left else "left",
+                dx=-14 if left else 14,
+                dy=-12,
+                fontSize=11,
+                fontWeight="bold",
+                limit=room,
+            )
             .encode(x=x, y=y, text="summary:N")
         )
+        summary = focused["summary"][0]
+        if summary:
+            subtitle.append(f"ringed: {focused['event_type'][0]} {summary}")
     param, rule = _cursor(when)
-    layers.append(rule)
+    layers.append(rule.mark_rule(color="#444", strokeDash=[4, 3], strokeWidth=1.5, clip=True))
     return (
         alt.layer(*layers)
         .add_params(param)
         .properties(
             width=_WIDTH,
             height=alt.Step(34),
-            title=_title(
-                title or "Events around the incident",
-                f"{_span(frame['occurred_at'])}; lines: causation links; orange: recorded"
-                " later than it happened",
-            ),
+            title=_title(title or "Events around the incident", subtitle),
         )
     )
 
@@ -1768,7 +2160,12 @@ def ratio_chart(
     x = alt.X(
         "ratio:Q", title="ratio (log scale; 1 = even)", scale=alt.Scale(type="log", domain=[lo, hi])
     )
-    y = alt.Y("label:N", title=None, sort=None, axis=alt.Axis(labelLimit=460))
+    # room for the longest label whole (Vega cuts a label at labelLimit px with "…"):
+    # about 7 px a character at the axis' 10 px font, with a margin
+    longest = int(data["label"].cast(pl.String).str.len_chars().max() or 0)  # type: ignore[arg-type]
+    y = alt.Y(
+        "label:N", title=None, sort=None, axis=alt.Axis(labelLimit=max(460, 7 * longest + 20))
+    )
     base = alt.Chart(data).encode(y=y)
     colour = (
         alt.Color(
@@ -1837,8 +2234,10 @@ def live_chart(
 ) -> alt.TopLevelMixin:
     """A live processor at work: throughput, violations and blocks, batch latency.
 
-    Three panels over the same wall-clock axis, the last ``window`` before ``end``
-    (default: the latest commit; a shorter run fills the axis): events processed per
+    Three panels over one wall-clock axis (one shared scale, exactly the window shown:
+    a violation is drawn above the batch that committed it), the last ``window`` before
+    ``end`` (default: the latest commit; a shorter run fills the axis, and the subtitle
+    gives the span shown): events processed per
     second (bars of a second, or of 250 ms over 30 s or less), each violation
     and block as it was committed (one lane per kind; the tooltip says which account,
     limit and value), and the time each micro-batch took from its read to its commit
@@ -1881,8 +2280,8 @@ def live_chart(
     stacked_x = alt.X(  # the panels above the bottom one: the same axis, unlabelled
         "t:T",
         title=None,
-        scale=alt.Scale(type="utc", domain=domain),
-        axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False),
+        scale=alt.Scale(type="utc", domain=domain, nice=False),
+        axis=alt.Axis(format=_AXIS_TIME, labels=False, ticks=False, tickCount=_WIDTH // 90),
     )
     short = stop - begin <= timedelta(seconds=30)
     bucket = timedelta(milliseconds=250) if short else timedelta(seconds=1)
@@ -1991,10 +2390,17 @@ def live_chart(
         )
         .properties(width=_WIDTH, height=100)
     )
-    return alt.vconcat(rate, marks, latency, spacing=6).properties(
-        title=_title(
-            "Live processor",
-            f"the last {window.total_seconds():,.0f} s: events processed per second; violations"
-            " and blocks as committed; each micro-batch from read to commit (red: it had effects)",
+    # one time scale for the three panels, exactly the window: an effect sits above its batch
+    return (
+        alt.vconcat(rate, marks, latency, spacing=6)
+        .resolve_scale(x="shared")
+        .properties(
+            title=_title(
+                "Live processor",
+                f"the last {_duration((stop - begin).total_seconds())}, to"
+                f" {stop:%Y-%m-%d %H:%M:%S} UTC: events processed per second; violations and"
+                " blocks as committed; each micro-batch from read to commit (red: it had"
+                " effects)",
+            )
         )
     )

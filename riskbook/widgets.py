@@ -513,6 +513,10 @@ class ExposureExplorer:
         if self.position_timeline is None:
             self.position_timeline = P.position_timeline(self.history, known_at=self.k)
         limits, t, k = self.history.limits, self.at.value, self.k
+        # every chart runs on to the history's last figure (a position's timeline has no
+        # marks: without this its lines stop at the last trade of any account)
+        last = self.timeline["occurred_at"].max()
+        end = last if isinstance(last, datetime) else None
         charts: dict[str, Any] = {
             "equity": viz.equity_chart(
                 self.timeline,
@@ -520,10 +524,17 @@ class ExposureExplorer:
                 limits=limits,
                 at=t,
                 known_at=k,
+                end=end,
                 max_rows=self.max_rows,
             ),
             "leverage": viz.leverage_chart(
-                self.timeline, limits, account=account, at=t, known_at=k, max_rows=self.max_rows
+                self.timeline,
+                limits,
+                account=account,
+                at=t,
+                known_at=k,
+                end=end,
+                max_rows=self.max_rows,
             ),
             "positions": viz.position_chart(
                 self.position_timeline,
@@ -531,6 +542,7 @@ class ExposureExplorer:
                 limits=limits,
                 at=t,
                 known_at=k,
+                end=end,
                 max_rows=self.max_rows,
             ),
         }
@@ -788,6 +800,8 @@ class IncidentPanel:
             self.window,
             focus=row["event_id"],
             cursor=t0,
+            start=lo,
+            end=hi,
             title=f"{row['account_id']}: events around the {row['event_type']}",
         )
         if self.timeline is None:

@@ -548,8 +548,12 @@ def test_event_lanes_never_thin_away_incidents_limits_or_kept_events() -> None:
 # ----------------------------------------------------------------------------- arguments
 
 
-def _two_accounts() -> riskbook.History:
-    """ACC-1 trading ACME and BOLT, ACC-2 trading ACME, both funded at T0."""
+def _two_accounts(*more: Any) -> riskbook.History:
+    """ACC-1 trading ACME and BOLT, ACC-2 trading ACME, both funded at T0 (and ``more``).
+
+    ACC-1's BOLT trade at minute 3 is the last event: ACC-1's ACME position and ACC-2
+    have nothing after minutes 1 and 2.
+    """
 
     def fill(i: int, account: str, symbol: str, minutes: int) -> riskbook.TradeExecuted:
         return riskbook.TradeExecuted(
@@ -568,6 +572,7 @@ def _two_accounts() -> riskbook.History:
         fill(1, "ACC-1", "ACME", 1),
         fill(2, "ACC-2", "ACME", 2),
         fill(3, "ACC-1", "BOLT", 3),
+        *more,
     )
 
 
@@ -657,3 +662,273 @@ def test_builders_refuse_a_cap_below_one_and_frames_of_another_kind() -> None:
         viz.limit_steps(pandas_frame, account="A", limit_type="MaxLeverage")
     with pytest.raises(TypeError, match=r"^breaches must be a polars DataFrame"):
         viz.breach_chart(timeline.lazy())  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- what is drawn
+
+
+def ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def series_ends(chart: alt.TopLevelMixin, key: str, has: str) -> dict[Any, int]:
+    """The last time drawn of each series (by ``key``) in the rows holding ``has``."""
+    ends: dict[Any, int] = {}
+    for rows in datasets(chart).values():
+        for r in rows:
+            if has in r and key in r:
+                ends[r[key]] = max(ends.get(r[key], r["t"]), r["t"])
+    return ends
+
+
+def rows_with(chart: alt.TopLevelMixin, field: str) -> list[dict[str, Any]]:
+    return [r for rows in datasets(chart).values() for r in rows if field in r]
+
+
+def subtitle(chart: alt.TopLevelMixin) -> str:
+    """A chart's subtitle as one text (a stacked chart's: its top panel's)."""
+    spec = chart.to_dict()
+    title = spec.get("title") or spec["vconcat"][0]["title"]
+    sub = title["subtitle"]
+    return " / ".join(sub) if isinstance(sub, list) else str(sub)
+
+
+def _set(limit_type: str, value: float, account: str = "ACC-1", **kw: Any) -> riskbook.LimitSet:
+    return riskbook.LimitSet(
+        account_id=account,
+        limit_type=limit_type,
+        value=value,
+        set_by="cro",
+        set_at=kw.pop("set_at", T0),
+        **kw,
+    )
+
+
+def test_step_lines_run_on_to_the_end_of_the_chart() -> None:
+    h = _two_accounts(
+        _set("MaxLeverage", 5.0, "ACC-2"),
+        _set("MaxDrawdown", 0.5, "ACC-2"),
+        _set("MaxPositionSize", 1_000.0, "ACC-2"),
+    )
+    end = ms(T0 + timedelta(minutes=3))  # ACC-1's BOLT trade: the last event
+    timeline, positions = riskbook.account_timeline(h), riskbook.position_timeline(h)
+    # ACC-2's only trade (minute 2) is still held at the end, as is ACC-1's ACME (minute 1)
+    chart = viz.position_chart(positions, account="ACC-2", limits=h.limits)
+    assert series_ends(chart, "symbol", has="quantity") == {"ACME": end}
+    assert [r["quantity"] for r in rows_with(chart, "quantity") if r["t"] == end] == [100.0]
+    assert max(r["t"] for r in rows_with(chart, "set_by")) == end  # the limit too
+    chart = viz.position_chart(positions, account="ACC-1")
+    assert series_ends(chart, "symbol", has="quantity") == {"ACME": end, "BOLT": end}
+    chart = viz.exposure_chart(timeline)
+    assert series_ends(chart, "account_id", has="gross_exposure") == {"ACC-1": end, "ACC-2": end}
+    for chart in (
+        viz.equity_chart(timeline, account="ACC-2", limits=h.limits),
+        viz.leverage_chart(timeline, h.limits, account="ACC-2"),
+    ):
+        assert max(r["t"] for r in rows_with(chart, "equity")) == end
+        assert max(r["t"] for r in rows_with(chart, "set_by")) == end
+    metric = riskbook.limits.get("MaxLeverage").metric(h)
+    chart = viz.metric_chart(metric, limit=1.0)
+    assert series_ends(chart, "account_id", has="value") == {"ACC-1": end, "ACC-2": end}
+    # an end given: every line and every limit runs to it
+    later = T0 + timedelta(hours=1)
+    for chart in (
+        viz.position_chart(positions, account="ACC-2", limits=h.limits, end=later),
+        viz.equity_chart(timeline, account="ACC-2", limits=h.limits, end=later),
+        viz.leverage_chart(timeline, h.limits, account="ACC-2", end=later),
+        viz.exposure_chart(timeline, end=later),
+        viz.metric_chart(metric, end=later),
+    ):
+        drawn = [r for r in rows_with(chart, "t") if "one" not in r]
+        assert max(r["t"] for r in drawn) == ms(later)
+        ends = {(r.get("account_id"), r.get("symbol"), "set_by" in r): r["t"] for r in drawn}
+        assert set(ends.values()) == {ms(later)}, ends  # each series' last row
+
+
+def test_position_and_leverage_charts_draw_the_window_asked_for() -> None:
+    h = _two_accounts(
+        _set("MaxPositionSize", 1_000.0),
+        _set("MaxPositionSize", 2_000.0, set_at=T0 + timedelta(minutes=10)),
+        _set("MaxLeverage", 3.0),
+        _set("MaxLeverage", 4.0, set_at=T0 + timedelta(minutes=10)),
+    )
+    start, end = T0 + timedelta(minutes=2), T0 + timedelta(minutes=5)
+    positions = riskbook.position_timeline(h)
+    chart = viz.position_chart(positions, account="ACC-1", limits=h.limits, start=start, end=end)
+    drawn = sorted((r["symbol"], r["t"], r["quantity"]) for r in rows_with(chart, "quantity"))
+    assert drawn == [
+        ("ACME", ms(start), 100.0),  # bought at minute 1: held at the window's start
+        ("ACME", ms(end), 100.0),
+        ("BOLT", ms(T0 + timedelta(minutes=3)), 100.0),
+        ("BOLT", ms(end), 100.0),
+    ]
+    limit = rows_with(chart, "set_by")  # the raise at minute 10 is after the window
+    assert {r["value"] for r in limit} == {1_000.0}
+    assert {r["t"] for r in limit} == {ms(start), ms(end)}
+    timeline = riskbook.account_timeline(h)
+    chart = viz.leverage_chart(timeline, h.limits, account="ACC-1", start=start, end=end)
+    assert {r["t"] for r in rows_with(chart, "equity")} <= set(range(ms(start), ms(end) + 1))
+    assert {r["value"] for r in rows_with(chart, "set_by")} == {3.0}
+    # a timeline filtered beforehand: the limit lines begin with its first row, not before
+    later = positions.filter(pl.col("occurred_at") >= T0 + timedelta(minutes=2))
+    chart = viz.position_chart(later, account="ACC-1", limits=h.limits)
+    first = ms(T0 + timedelta(minutes=3))  # the BOLT trade
+    assert min(r["t"] for r in rows_with(chart, "t")) == first
+    assert {r["t"] for r in rows_with(chart, "set_by")} == {first}  # no later sets in it
+
+
+def test_charts_say_when_a_limit_or_the_account_is_missing() -> None:
+    h = _two_accounts()
+    timeline, positions = riskbook.account_timeline(h), riskbook.position_timeline(h)
+    said = subtitle(viz.leverage_chart(timeline, h.limits, account="ACC-1"))
+    assert "no MaxLeverage set for this account" in said and "over it" not in said
+    said = subtitle(viz.position_chart(positions, account="ACC-1", limits=h.limits))
+    assert "no MaxPositionSize set for this account" in said and "dashed" not in said
+    said = subtitle(viz.equity_chart(timeline, account="ACC-1", limits=h.limits))
+    assert "no MaxDrawdown set for this account" in said
+    for chart, what in (
+        (viz.leverage_chart(timeline, h.limits, account="ACC-9"), "timeline rows"),
+        (viz.equity_chart(timeline, account="ACC-9"), "timeline rows"),
+        (viz.position_chart(positions, account="ACC-9", limits=h.limits), "positions"),
+    ):
+        said = subtitle(chart)
+        assert f"no {what} of account 'ACC-9' (this timeline holds ACC-1, ACC-2)" in said, said
+    empty = viz.exposure_at_chart(riskbook.positions(h).clear(), at=T0)
+    assert subtitle(empty) == "no open positions at 2024-01-09 14:30:00 UTC"
+    latest = subtitle(viz.exposure_at_chart(riskbook.positions(h)))
+    assert latest == "latest (last position change 2024-01-09 14:33:00 UTC)"
+
+
+def test_subtitles_give_the_dates_shown() -> None:
+    h = _two_accounts()
+    timeline, positions = riskbook.account_timeline(h), riskbook.position_timeline(h)
+    metric = riskbook.limits.get("MaxLeverage").metric(h)
+    for chart, first in (
+        (viz.exposure_chart(timeline), "14:30"),
+        (viz.position_chart(positions, account="ACC-1"), "14:31"),
+        (viz.equity_chart(timeline, account="ACC-1"), "14:30"),
+        (viz.leverage_chart(timeline, h.limits, account="ACC-1"), "14:30"),
+        (viz.metric_chart(metric), "14:30"),
+    ):
+        assert subtitle(chart).startswith(f"Tue 2024-01-09 {first} to 14:33 UTC; ")
+    breaches = subtitle(viz.breach_chart(_breaches(), start=T0, end=T0 + timedelta(hours=5)))
+    assert breaches.startswith("Tue 2024-01-09 14:30 to 19:30 UTC; ")
+
+
+def test_breach_chart_gives_each_symbol_its_lane_and_marks_open_breaches() -> None:
+    bolt = (
+        _breaches()
+        .filter(pl.col("trigger_event_id") == "e3")
+        .with_columns(symbol=pl.lit("BOLT"), trigger_event_id=pl.lit("e5"))
+    )  # at the same time as ACME's: one lane would draw them on each other
+    chart = viz.breach_chart(pl.concat([_breaches(), bolt]), end=T0 + timedelta(hours=5))
+    rows = rows_with(chart, "track")
+    assert {r["trigger_event_id"]: r["track"] for r in rows} == {
+        "e1": "ACC-001 · MaxPositionSize · ACME",
+        "e2": "ACC-001 · MaxPositionSize · ACME",
+        "e3": "ACC-001 · MaxPositionSize · ACME",
+        "e5": "ACC-001 · MaxPositionSize · BOLT",
+        "e4": "ACC-003 · MaxLeverage",  # account-wide: no symbol
+    }
+    assert {r["lane"] for r in rows} == {"ACC-001 · MaxPositionSize", "ACC-003 · MaxLeverage"}
+    layers = chart.to_dict()["layer"]
+    assert {layer["encoding"]["y"]["field"] for layer in layers if "y" in layer["encoding"]} == {
+        "track"
+    }
+    (arrow,) = [layer for layer in layers if layer["mark"].get("shape") == "triangle-right"]
+    assert arrow["encoding"]["x"]["field"] == "t2" and "datum.open" in json.dumps(arrow)
+    assert "▶ 1 still open" in subtitle(chart)
+    closed = viz.breach_chart(_breaches().filter(pl.col("ended_at").is_not_null()))
+    assert not [layer for layer in closed.to_dict()["layer"] if "shape" in layer["mark"]]
+
+
+def test_position_and_equity_charts_mark_rows_over_the_limit() -> None:
+    h = _two_accounts(
+        _set("MaxPositionSize", 150.0),
+        _set("MaxPositionSize", 50.0, symbol="ACME"),  # ACME's own: 100 is over it
+        _set("MaxDrawdown", 0.04),
+        riskbook.PriceMarked(symbol="ACME", price=5.0, marked_at=T0 + timedelta(minutes=4)),
+    )
+    chart = viz.position_chart(riskbook.position_timeline(h), account="ACC-1", limits=h.limits)
+    over = {(r["symbol"], r["over"]) for r in rows_with(chart, "quantity")}
+    assert over == {("ACME", True), ("BOLT", False)}
+    assert "red: 1 timeline row over it" in subtitle(chart)  # ACME's trade (then held)
+    timeline = riskbook.account_timeline(h)
+    chart = viz.equity_chart(timeline, account="ACC-1", limits=h.limits)
+    rows = rows_with(chart, "drawdown_over")
+    assert rows and all(
+        (r["drawdown_over"] > 0) == (r["drawdown"] > 0.04) and r["over"] == (r["drawdown"] > 0.04)
+        for r in rows
+    )
+    assert any(r["drawdown_over"] > 0 for r in rows)
+    red = [
+        layer
+        for layer in chart.to_dict()["vconcat"][1]["layer"]
+        if layer["encoding"].get("y", {}).get("field") == "drawdown_over"
+    ]
+    assert red and red[0]["mark"]["color"] == "#d62728"
+    assert chart.to_dict()["resolve"] == {"scale": {"x": "shared"}}
+
+
+def test_event_chart_keeps_its_window_when_an_event_was_recorded_late() -> None:
+    h = _two_accounts()
+    lanes = viz.event_lanes(h, start=T0, end=T0 + timedelta(minutes=30))
+    trade = lanes.filter(pl.col("summary").str.contains("T2")).row(0, named=True)
+    lanes = lanes.with_columns(  # T2 (minute 2) recorded 19 hours after it happened
+        pl.when(pl.col("event_id") == trade["event_id"])
+        .then(pl.col("timestamp") + timedelta(hours=19))
+        .otherwise(pl.col("timestamp"))
+        .alias("timestamp")
+    )
+    spec = viz.event_chart(lanes, focus=trade["event_id"]).to_dict()
+    pad = timedelta(minutes=3) * 0.03  # the events span three minutes
+    window = [ms(T0 - pad), ms(T0 + timedelta(minutes=3) + pad)]
+    domains = [
+        layer["encoding"]["x"]["scale"]["domain"]
+        for layer in spec["layer"]
+        if "domain" in layer["encoding"].get("x", {}).get("scale", {})
+    ]
+    assert len(domains) >= 4 and all(d == window for d in domains), domains
+    late = [r for rs in spec["datasets"].values() for r in rs if "recorded_drawn" in r]
+    assert {r["recorded_drawn"] for r in late} == {window[1]}  # cut at the right edge
+    assert {r["late_note"] for r in late if "late_note" in r} == {"recorded +19 h →"}
+    # the focus at minute 2, past the middle: its label reads leftwards from it
+    (label,) = [
+        layer
+        for layer in spec["layer"]
+        if layer["mark"]["type"] == "text" and layer["encoding"]["text"]["field"] == "summary"
+    ]
+    assert label["mark"]["align"] == "right" and label["mark"]["dx"] < 0
+    assert spec["title"]["subtitle"][1] == "ringed: TradeExecuted Buy 100 ACME @ 10 (T2)"
+
+
+def test_live_chart_panels_share_one_exact_time_axis() -> None:
+    t0 = datetime(2026, 1, 5, 9, 30, 0, 137_000, tzinfo=UTC)
+    times = [t0 + timedelta(milliseconds=97 * i) for i in range(60)]
+    commits = pl.DataFrame(
+        [(t, 100 + i, 5, int(i in (13, 41)), 0, 0.02) for i, t in enumerate(times)],
+        schema=viz.LIVE_COMMITS_SCHEMA,
+        orient="row",
+    )
+    effects = pl.DataFrame(
+        [(times[i], "LimitViolationDetected", "A", "MaxPositionSize", "X", 10.0, 5.0, 100 + i)
+         for i in (13, 41)],
+        schema=viz.LIVE_EFFECTS_SCHEMA,
+        orient="row",
+    )  # fmt: skip
+    spec = viz.live_chart(commits, effects).to_dict()
+    assert spec["resolve"] == {"scale": {"x": "shared"}}
+    window = [ms(t0 - timedelta(seconds=1)), ms(times[-1])]  # a short run fills the axis
+    for panel in spec["vconcat"]:
+        assert panel["encoding"]["x"]["scale"] == {"type": "utc", "domain": window, "nice": False}
+    axis = spec["vconcat"][-1]["encoding"]["x"]["axis"]
+    assert axis["format"]["milliseconds"] == "%H:%M:%S.%L"  # "09:30:01.500", not "01.500"
+    assert spec["title"]["subtitle"].startswith("the last 6.72 s, to 2026-01-05 09:30:05 UTC:")
+
+
+def test_ratio_chart_leaves_room_for_its_longest_label() -> None:
+    long = "load 300,000 events into a History from PostgreSQL, cold, against pandas read_sql"
+    frame = pl.DataFrame({"label": [long, "short"], "group": ["a", "b"], "ratio": [3.0, 0.5]})
+    spec = viz.ratio_chart(frame, text=None).to_dict()
+    limit = spec["layer"][0]["encoding"]["y"]["axis"]["labelLimit"]
+    assert limit >= 7 * len(long)  # Vega cuts a label longer than labelLimit px with "…"

@@ -114,6 +114,25 @@ def test_exposure_explorer_follows_its_controls(sample: riskbook.History) -> Non
     assert panel.picked is None and panel.details.children == () and panel.equity is None
 
 
+def test_exposure_explorer_draws_a_held_position_to_the_last_figure() -> None:
+    """A position held after its last trade: the line runs on to the history's last
+    figure (a mark here), not to the last trade of any account."""
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+    h = riskbook.History.from_events(
+        riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=t0),
+        riskbook.TradeExecuted(trade_id="T1", account_id="A", symbol="ACME",
+                               side=riskbook.Side.Buy, quantity=100.0, price=5.0,
+                               executed_at=t0 + timedelta(minutes=1)),
+        riskbook.PriceMarked(symbol="ACME", price=6.0, marked_at=t0 + timedelta(hours=3)),
+    )  # fmt: skip
+    panel = widgets.ExposureExplorer(h)
+    panel.account.value = "A"
+    assert panel.positions is not None
+    acme = [r for r in rows(panel.positions) if r.get("symbol") == "ACME" and "quantity" in r]
+    assert max(r["t"] for r in acme) == pytest.approx(ms(t0 + timedelta(hours=3)))
+    assert acme[-1]["quantity"] == 100.0
+
+
 # ----------------------------------------------------------------------------- incidents
 
 
