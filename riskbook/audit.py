@@ -6,20 +6,21 @@ history alone:
 
 * the event and its **causation chain** (:func:`causation_chain`): the trade or mark
   that caused it, what it caused in turn, and the events of the same correlation;
-* the **limit in force** at its business time *as known when it was recorded*, and who
-  set it (:func:`limit_in_force`; a symbol's own MaxPositionSize overrides the
-  account's);
-* the **metric** as the engine saw it (at T, known at K = the event's recorded time),
-  just before its cause was recorded, and as the corrected history has it today (a
-  trade busted later makes them differ: :func:`compare_states`);
-* what the engine **wrote** (the violation's ``current_value`` and ``limit_value``)
-  against what the history rebuilds, and the **unblock** that ended a block;
-* **findings**: each way in which the record and the rebuilt history disagree.
+* a **replay of the live engine** over what it knew when it acted -- the account's
+  events and its symbols' marks, in the store's order, up to the alarm's cause: which
+  alarms it decides there, the limit it applied and who set it, the metric just before
+  the cause and after it;
+* the metric at the cause's time in the history **as known now** (a trade busted
+  since, a late event or a limit recorded since makes it differ);
+* what the engine **wrote** (the violation's ``current_value``, ``limit_value`` and
+  ``detected_at``), and the **unblock** that ended a block;
+* **findings**: each way in which the record disagrees with the replay (an alarm the
+  replay does not decide, another value or limit, no cause on record); **notes**: what
+  is no fault (the history corrected since, a late cause, a person's block).
 
 The result, :class:`Incident`, prints as a report (``riskbook explain EVENT_ID`` prints
 the same), renders as Markdown in a notebook, and gives its parts as frames and values.
-The functions here use Polars only: :mod:`riskbook.widgets`' incident panel is built on
-them.
+:mod:`riskbook.widgets`' incident panel is built on these functions.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -37,7 +39,7 @@ from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
 from riskbook.events import STORED_INFINITY, as_time
-from riskbook.frames import History
+from riskbook.frames import KINDS, History
 
 __all__ = [
     "ACCOUNT_EVENT_TYPES",
@@ -112,14 +114,26 @@ def incidents(history: History) -> pl.DataFrame:
         "position",
         pl.col("reason").alias("detail"),
     )
-    about = v.select("causation_id", "correlation_id", "limit_type", "symbol")
-    by_cause = b.join(
-        about.drop("correlation_id").unique("causation_id"), on="causation_id", how="left"
+    # a block's limit: that of the account's violation with the same cause, else with
+    # the same correlation (the latest stored before the block)
+    about = v.select(
+        "account_id", "causation_id", "correlation_id", "limit_type", "symbol", "position"
     )
+
+    def of_the_account(key: str) -> pl.DataFrame:
+        return (
+            about.drop("correlation_id" if key == "causation_id" else "causation_id")
+            .filter(pl.col(key).is_not_null())
+            .sort("position")
+            .unique(["account_id", key], keep="last", maintain_order=True)
+            .drop("position")
+        )
+
+    by_cause = b.join(of_the_account("causation_id"), on=["account_id", "causation_id"], how="left")
     by_corr = (
         by_cause.filter(pl.col("limit_type").is_null())
         .drop("limit_type", "symbol")
-        .join(about.drop("causation_id").unique("correlation_id"), on="correlation_id", how="left")
+        .join(of_the_account("correlation_id"), on=["account_id", "correlation_id"], how="left")
     )
     b = pl.concat(
         [by_cause.filter(pl.col("limit_type").is_not_null()), by_corr], how="diagonal"
@@ -431,6 +445,9 @@ _METRIC_NAMES = {
 }
 """How the report names each built-in limit type's metric (others: "metric")."""
 
+_FLAT_WHEN_MISSING = ("MaxPositionSize", "MaxDailyVolume")
+"""Built-in types whose metric is 0 for a key with no value yet (no trade of it)."""
+
 ACCOUNT_EVENT_TYPES = frozenset(
     {
         "TradeExecuted",
@@ -449,32 +466,36 @@ to its symbol."""
 _ALARMS = ("LimitViolationDetected", "AccountBlocked")
 """The events an engine writes when a limit is breached."""
 
-_ONE_MICROSECOND = timedelta(microseconds=1)
-
 
 @dataclass(frozen=True)
 class Incident:
     """One event reconstructed from the history: see :func:`explain`.
 
     ``event``: the event (``event_id, event_type, account_id, occurred_at, timestamp,
-    position, causation_id, summary``); ``limit_type`` and ``symbol``: the limit it is
-    about (a violation's, a block's through the violation beside it, a LimitSet's own;
-    None for other events); ``chain``: :func:`causation_chain`; ``cause``: the first
-    event of the chain that caused it (None when nothing on record did).
+    position, causation_id, summary``); ``limit_type`` and ``symbol``: the limit an
+    alarm is about (a violation's own; a block's, from the engine's replayed decision);
+    ``chain``: :func:`causation_chain`; ``cause``: the event it names as its cause
+    (``causation_id``), None when it names none or the history does not hold it.
 
-    At the event's business time T, as known at its recorded time K: ``limit`` (the
-    :func:`limit_in_force`, None when no limit of the type was in force), ``limits``
-    (every limit of the account in force) and ``compare`` (:func:`compare_states`).
+    For an alarm with a cause, the engine is replayed over what it knew when it acted:
+    the account's events and the marks of its symbols, in the store's order, up to and
+    including the cause. ``replayed``: the alarms that replay decides at the cause
+    (``kind, limit_type, symbol, value, limit_value``); ``limit``: the limit it applied
+    (``limit_type, symbol, value, set_by, set_at, event_id``; None: none in force);
+    ``before`` and ``engine_saw``: its metric just before the cause and after it.
+    ``limits``: every limit of the account in force then (:func:`limits_in_force` over
+    the same events). ``replayed`` rows also give ``at``, the business time the engine
+    gives the alarm. ``corrected``: the metric at the cause's business time in the
+    history as known now, against ``corrected_limit``, the limit in force then as known
+    now. ``violation``: the LimitViolationDetected the alarm goes with (the event itself,
+    or the latest of a block's limit before it: ``event_id, detected_at, current_value,
+    limit_value, same_cause``). ``unblocked``: for a block, the first unblock after it.
+    ``compare``: :func:`compare_states` at the event's business time as known at its
+    recorded time.
 
-    The metric the limit is checked against (None where it is not available): ``before``
-    (at T, known just before the cause was recorded), ``engine_saw`` (at T, known at K),
-    ``corrected`` (at T, everything known now). ``violation``: the LimitViolationDetected
-    the alarm goes with -- the event itself, or a block's violation (``event_id,
-    detected_at, current_value, limit_value`` as the engine wrote them, and
-    ``same_cause``: False when a block came later in the breach than its start, so that
-    its figures are those of the breach's start). ``unblocked``: for a block, the unblock that ended it
-    (``event_id, at, by, reason, timestamp``) or None. ``findings``: each way in which
-    what was recorded and the rebuilt history disagree (empty when they agree).
+    ``findings``: each way in which the record disagrees with the replay (empty when
+    they agree); ``notes``: what the reader should know that is no fault (a late cause,
+    a block decided by a person, the critical factor assumed).
     """
 
     event: dict[str, Any]
@@ -482,15 +503,20 @@ class Incident:
     symbol: str | None
     chain: pl.DataFrame = field(repr=False)
     cause: dict[str, Any] | None
+    replayed: list[dict[str, Any]]
     limit: dict[str, Any] | None
     limits: pl.DataFrame = field(repr=False)
     compare: pl.DataFrame = field(repr=False)
     before: float | None
     engine_saw: float | None
     corrected: float | None
+    corrected_limit: float | None
     violation: dict[str, Any] | None
     unblocked: dict[str, Any] | None
     findings: list[str]
+    notes: list[str]
+    checked: bool
+    """Whether the alarm was checked by a replay (an alarm with its cause on record)."""
 
     @property
     def metric_name(self) -> str:
@@ -500,21 +526,22 @@ class Incident:
 
     @property
     def still_a_breach(self) -> bool | None:
-        """Whether the corrected history is over the limit at T (None: not known)."""
-        if self.limit is None or self.corrected is None:
+        """Whether the history as known now is over the limit at the cause's business
+        time (None: not known)."""
+        if self.corrected_limit is None or self.corrected is None:
             return None
-        return self.corrected > self.limit["value"]
+        return self.corrected > self.corrected_limit
 
     def report(self) -> str:
         """The reconstruction as plain text (what ``riskbook explain`` prints)."""
         ev = self.event
         lines = [f"{ev['event_type']} {ev['event_id']}"]
-        late = _duration(ev["timestamp"] - ev["occurred_at"], "later", "earlier")
+        late = _duration(ev["timestamp"], ev["occurred_at"], "later", "earlier")
         facts = [
             ("account", ev["account_id"] or "(none: the event belongs to no account)"),
             ("limit", _limit_name(self.limit_type, self.symbol) if self.limit_type else None),
             ("happened", _when(ev["occurred_at"])),
-            ("recorded", f"{_when(ev['timestamp'])} ({late})"),
+            ("recorded", f"{_when(ev['timestamp'])}" + (f" ({late})" if late else "")),
             ("what", ev["summary"]),
         ]
         lines += [f"  {k:<10}{v}" for k, v in facts if v]
@@ -522,7 +549,12 @@ class Incident:
         lines += ["", "Cause"]
         c = self.cause
         if c is None:
-            lines.append("  none on record: no event of this history is named as its cause")
+            named = ev["causation_id"]
+            lines.append(
+                f"  {named}: not in this history"
+                if named
+                else "  none on record: the event names no cause"
+            )
         else:
             lines.append(f"  {c['event_type']} {c['event_id']}")
             lines.append(
@@ -531,37 +563,46 @@ class Incident:
             if c["summary"]:
                 lines.append(f"    {c['summary']}")
 
-        if self.limit_type is not None:
-            lines += ["", "Limit in force (at the business time, as known when recorded)"]
-            lim = self.limit
-            if lim is None:
-                lines.append(f"  no {_limit_name(self.limit_type, self.symbol)} was in force")
+        if self.checked:
+            lines += ["", "The engine replayed over what it knew up to the cause"]
+            if self.replayed:
+                for r in self.replayed:
+                    what = "block" if r["kind"] == "AccountBlocked" else "violation"
+                    lines.append(
+                        f"  decides a {what}: {_limit_name(r['limit_type'], r['symbol'])},"
+                        f" {_figure(r['value'])} against {_figure(r['limit_value'])}"
+                    )
             else:
-                scope = f"for {lim['symbol']} only" if lim["symbol"] else "account-wide"
+                lines.append("  decides no alarm at the cause")
+            lim = self.limit
+            if self.limit_type is not None:
+                if lim is None:
+                    lines.append(f"  no {_limit_name(self.limit_type, self.symbol)} in force")
+                else:
+                    scope = f"for {lim['symbol']} only" if lim["symbol"] else "account-wide"
+                    lines.append(
+                        f"  limit in force: {self.limit_type} {scope}, {_figure(lim['value'])},"
+                        f" set by {lim['set_by'] or '?'}, in force from {_when(lim['set_at'])}"
+                    )
+                    lines.append(f"    (LimitSet {lim['event_id']})")
+                limit_value = None if lim is None else lim["value"]
+                lines += ["", f"Metric: {self.metric_name}"]
+                v = self.violation
+                if v is not None:
+                    label = "written by the engine" if v["same_cause"] else "the breach began"
+                    when = "" if v["same_cause"] else f" at {_when(v['detected_at'])}"
+                    lines.append(
+                        f"  {label:<26}{_figure(v['current_value'])} against a limit of"
+                        f" {_figure(v['limit_value'])}{when}"
+                        f" (LimitViolationDetected {v['event_id']})"
+                    )
+                lines.append(f"  {'before the cause':<26}{_verdict(self.before, limit_value)}")
                 lines.append(
-                    f"  {self.limit_type} {scope}: {_figure(lim['value'])}, set by"
-                    f" {lim['set_by'] or '?'}, in force from {_when(lim['set_at'])}"
+                    f"  {'after it (replayed)':<26}{_verdict(self.engine_saw, limit_value)}"
                 )
-                lines.append(f"    recorded {_when(lim['recorded_at'])}, event {lim['event_id']}")
-            lines += ["", f"Metric: {self.metric_name}"]
-            limit_value = None if lim is None else lim["value"]
-            v = self.violation
-            if v is not None:
-                label = "written by the engine" if v["same_cause"] else "the breach began"
-                when = "" if v["same_cause"] else f" at {_when(v['detected_at'])}"
                 lines.append(
-                    f"  {label:<26}{_figure(v['current_value'])} against a limit of"
-                    f" {_figure(v['limit_value'])}{when}"
-                    f" (LimitViolationDetected {v['event_id']})"
+                    f"  {'as known now':<26}{_verdict(self.corrected, self.corrected_limit)}"
                 )
-            for label, value in (
-                ("before the cause", self.before if self.cause is not None else None),
-                ("as the engine knew it", self.engine_saw),
-                ("corrected (known today)", self.corrected),
-            ):
-                if label == "before the cause" and self.cause is None:
-                    continue
-                lines.append(f"  {label:<26}{_verdict(value, limit_value)}")
 
         if ev["event_type"] == "AccountBlocked":
             u = self.unblocked
@@ -569,17 +610,23 @@ class Incident:
             if u is None:
                 lines.append("Unblocked: not on record (the account is still blocked)")
             else:
+                after = _duration(u["at"], ev["occurred_at"], "after", "before")
                 lines.append(
                     f"Unblocked {_when(u['at'])} by {u['by']}"
-                    f" ({_duration(u['at'] - ev['occurred_at'], 'after', 'before')} the block):"
-                    f" {u['reason']}"
+                    + (f" ({after} the block)" if after else "")
+                    + f": {u['reason']}"
                 )
 
-        if self.findings or ev["event_type"] in _ALARMS:
+        if ev["event_type"] in _ALARMS or self.findings:
             lines += ["", "Findings"]
-            lines += [f"  - {f}" for f in self.findings] or [
-                "  none: what was recorded agrees with the history rebuilt as known then"
-            ]
+            if self.findings:
+                lines += [f"  - {f}" for f in self.findings]
+            elif self.checked:
+                lines.append("  none: the engine replayed over what it knew decides this alarm")
+            else:
+                lines.append("  not checked: there is no cause on record to replay the engine to")
+        if self.notes:
+            lines += ["", "Notes"] + [f"  - {n}" for n in self.notes]
 
         lines += ["", "Causation chain"]
         lines += _chain_lines(self.chain)
@@ -599,6 +646,8 @@ class Incident:
             "limit_type": self.limit_type,
             "symbol": self.symbol,
             "cause": _plain(self.cause),
+            "checked": self.checked,
+            "replayed": [_plain(r) for r in self.replayed],
             "limit": _plain(self.limit),
             "limits": [_plain(r) for r in self.limits.iter_rows(named=True)],
             "metric": {
@@ -606,11 +655,13 @@ class Incident:
                 "before": _plain(self.before),
                 "engine_saw": _plain(self.engine_saw),
                 "corrected": _plain(self.corrected),
+                "corrected_limit": _plain(self.corrected_limit),
                 "violation": _plain(self.violation),
                 "still_a_breach": self.still_a_breach,
             },
             "unblocked": _plain(self.unblocked),
             "findings": list(self.findings),
+            "notes": list(self.notes),
             "compare": [_plain(r) for r in self.compare.iter_rows(named=True)],
             "chain": [_plain(r) for r in self.chain.iter_rows(named=True)],
         }
@@ -620,14 +671,31 @@ class Incident:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
 
-def explain(history: History, event_id: str | uuid.UUID) -> Incident:
+def explain(
+    history: History,
+    event_id: str | uuid.UUID,
+    *,
+    critical: float | Mapping[str, float | None] | None = None,
+) -> Incident:
     """Reconstruct one event -- a violation, a block, or any other -- from the history.
 
-    What the engine knew when it acted is the history as known at the event's recorded
-    time K, at its business time T. From it: the limit in force and who set it, the
-    metric before the cause, as the engine saw it and as corrected since, what the
-    engine wrote in its violation, the unblock that ended a block, and the findings
-    where the record and the rebuilt history disagree. See :class:`Incident`.
+    An alarm is checked by replaying the live engine (:class:`riskbook.live.Engine`)
+    over what it knew when it acted: the account's events and the marks of its symbols,
+    in the store's order, up to and including the alarm's cause. The replay's decision
+    at the cause -- which breach starts, which block -- is compared with what was
+    recorded; each disagreement is a finding. The replay also gives the limit the engine
+    applied and who set it, and the metric just before the cause and after it; the
+    history as known now gives the metric at the cause's business time (a trade busted
+    since makes the two differ). See :class:`Incident`.
+
+    Parameters
+    ----------
+    critical : the processor's critical factor (``riskbook live --critical``), for
+        blocks: default :data:`riskbook.live.DEFAULT_CRITICAL`.
+
+    The replay folds the account alone, so the engine's clock follows its own events
+    and the marks of its symbols; another account's later events do not make one of
+    its events late, as they would for a processor of the whole store.
 
     Raises KeyError when the history holds no such event (a history loaded for some
     accounts holds only theirs, and the marks).
@@ -635,6 +703,9 @@ def explain(history: History, event_id: str | uuid.UUID) -> Incident:
     >>> incident = riskbook.audit.explain(history, block_id)  # doctest: +SKIP
     >>> print(incident)                                       # doctest: +SKIP
     """
+    from riskbook.live._engine import DEFAULT_CRITICAL
+
+    factor = DEFAULT_CRITICAL if critical is None else critical
     chain = causation_chain(history, event_id)  # checks the id; KeyError when absent
     this = chain.filter(pl.col("relation") == "this").row(0, named=True)
     kind = this["event_type"]
@@ -649,102 +720,430 @@ def explain(history: History, event_id: str | uuid.UUID) -> Incident:
         "causation_id": this["causation_id"],
         "summary": this["summary"],
     }
-    t, k = event["occurred_at"], event["timestamp"]
-    causes = chain.filter(pl.col("relation") == "cause")
-    cause = causes.row(0, named=True) if causes.height else None
-
-    limit_type, symbol, violation = _about(history, event)
-    findings: list[str] = []
-    limits = compare = pl.DataFrame()
-    limit = None
-    before = engine_saw = corrected = None
-    if account is not None:
-        compare = compare_states(history, account=account, at=t, known_at=k)
-        limits = limits_in_force(history.limits, account=account, at=t, known_at=k)
-    if account is not None and limit_type is not None:
-        limit = limit_in_force(
-            history.limits, account=account, limit_type=limit_type, symbol=symbol, at=t, known_at=k
+    named = event["causation_id"]
+    found = chain.filter(pl.col("event_id") == named) if named is not None else chain.clear()
+    cause = found.row(0, named=True) if found.height else None
+    compare = limits = pl.DataFrame()
+    if account is not None and isinstance(event["occurred_at"], datetime):
+        compare = compare_states(
+            history, account=account, at=event["occurred_at"], known_at=event["timestamp"]
         )
-        try:
-            L.get(limit_type)
-        except KeyError:
-            findings.append(
-                f"no definition of the limit type {limit_type} is installed here: its metric"
-                " is not rebuilt (register it, or install the package that defines it)"
-            )
-        else:
-
-            def metric(known: datetime | None) -> float | None:
-                value = L.metric_at(
-                    history, limit_type, account=account, symbol=symbol, at=t, known_at=known
-                )
-                if value is None and limit_type == "MaxPositionSize" and symbol is not None:
-                    return 0.0  # no trade in the symbol yet: flat
-                return value
-
-            engine_saw, corrected = metric(k), metric(None)
-            if cause is not None:
-                before = metric(cause["timestamp"] - _ONE_MICROSECOND)
-
-    if kind in _ALARMS and limit_type is not None:
-        written = violation if violation is not None and violation["same_cause"] else None
-        findings += _disagreements(
-            history, event, limit_type, limit, engine_saw, corrected, written
+        limits = limits_in_force(
+            history.limits, account=account, at=event["occurred_at"], known_at=event["timestamp"]
         )
-    unblocked = _unblock(history, event) if kind == "AccountBlocked" else None
+    check = _Check(history, event, cause, factor)
+    if kind in _ALARMS and account is not None:
+        check.alarm()
     return Incident(
         event=event,
-        limit_type=limit_type,
-        symbol=symbol,
+        limit_type=check.limit_type,
+        symbol=check.symbol,
         chain=chain,
         cause=cause,
-        limit=limit,
-        limits=limits,
+        replayed=check.replayed,
+        limit=check.limit,
+        limits=check.limits if check.limits is not None else limits,
         compare=compare,
-        before=before,
-        engine_saw=engine_saw,
-        corrected=corrected,
-        violation=violation,
-        unblocked=unblocked,
-        findings=findings,
+        before=check.before,
+        engine_saw=check.after,
+        corrected=check.corrected,
+        corrected_limit=check.corrected_limit,
+        violation=check.violation,
+        unblocked=_unblock(history, event) if kind == "AccountBlocked" else None,
+        findings=check.findings,
+        notes=check.notes,
+        checked=check.checked,
     )
 
 
-def _about(
-    history: History, event: dict[str, Any]
-) -> tuple[str | None, str | None, dict[str, Any] | None]:
-    """The limit type and symbol an event is about, and the violation that says so.
+class _Check:
+    """The check of one alarm against a replay of the engine (see :func:`explain`)."""
 
-    A violation names them; a block through the violation of the same account with the
-    same cause (or, failing that, correlation); a LimitSet is its own limit."""
-    kind, eid = event["event_type"], event["event_id"]
+    def __init__(
+        self,
+        history: History,
+        event: dict[str, Any],
+        cause: dict[str, Any] | None,
+        critical: float | Mapping[str, float | None] | None,
+    ) -> None:
+        self.history, self.event, self.cause, self.critical = history, event, cause, critical
+        self.account: str = event["account_id"]
+        self.limit_type: str | None = None
+        self.symbol: str | None = None
+        self.replayed: list[dict[str, Any]] = []
+        self.limit: dict[str, Any] | None = None
+        self.limits: pl.DataFrame | None = None
+        self.before: float | None = None
+        self.after: float | None = None
+        self.corrected: float | None = None
+        self.corrected_limit: float | None = None
+        self.violation: dict[str, Any] | None = None
+        self.findings: list[str] = []
+        self.notes: list[str] = []
+        self.checked = False
+        self._acted_at = 0  # the position where the engine acted on the cause
+        if event["event_type"] == "LimitViolationDetected":
+            row = _rows_of(history.violations, event["event_id"])
+            self.limit_type, self.symbol = row["limit_type"], row["symbol"]
+            self.violation = _written(row, same_cause=True)
+
+    def alarm(self) -> None:
+        ev, cause = self.event, self.cause
+        if ev["causation_id"] is None:
+            if ev["event_type"] == "AccountBlocked":
+                by = _rows_of(self.history.blocks, ev["event_id"])["by"]
+                self.notes.append(
+                    f"a block that names no cause, by {by}: a person's decision, not one"
+                    " the engine made from an event; nothing to replay"
+                )
+            else:
+                self.findings.append(
+                    "the alarm names no cause: the engine always names the event that triggered it"
+                )
+            return
+        if cause is None:
+            self.findings.append(
+                f"its cause {ev['causation_id']} is not in this history (not in the store,"
+                " or the history was loaded without it)"
+            )
+            return
+        if cause["position"] >= ev["position"]:
+            self.findings.append(
+                "the alarm was stored before its cause: an engine appends an alarm after"
+                " the event that triggered it"
+            )
+            return
+        mine = _account_history(self.history, self.account)
+        if mine.events.filter(pl.col("event_id") == cause["event_id"]).height == 0:
+            self.findings.append(
+                f"its cause, {cause['event_type']} {cause['event_id']}, is not an event of"
+                f" {self.account} or a mark of a symbol it traded: it cannot move its figures"
+            )
+            return
+        if self.limit_type is not None and self.limit_type not in L.names():
+            self.notes.append(
+                f"no definition of the limit type {self.limit_type} is installed here (register"
+                " it, or install the package that defines it): the engine cannot be replayed"
+                " for it"
+            )
+            return
+        self.checked = True
+        self._replay(mine)
+
+    def _replay(self, mine: History) -> None:
+        from riskbook.live._engine import Engine
+
+        p = self._trigger(mine)
+        self._acted_at = p
+        engine = Engine(critical=self.critical)
+        engine.apply(_positions(mine, None, p), written=False)
+        clock = engine.clock
+        states_before = dict(engine.breach)
+        decided = engine.apply(_positions(mine, p, p + 1), written=False)
+        mine_now = [e for e in decided if e.account_id == self.account]
+        self.replayed = [
+            {
+                "kind": e.kind,
+                "limit_type": e.limit_type,
+                "symbol": e.symbol,
+                "value": e.value,
+                "limit_value": e.limit_value,
+                "at": e.event.business_time,
+            }
+            for e in mine_now
+        ]
+        kind = self.event["event_type"]
+        if kind == "AccountBlocked":
+            blocks = [e for e in self.replayed if e["kind"] == "AccountBlocked"]
+            if blocks:
+                self.limit_type, self.symbol = blocks[0]["limit_type"], blocks[0]["symbol"]
+                self.violation = _breach_start(self.history, self.event, blocks[0])
+                self._check_time("blocked_at", blocks[0]["at"])
+            else:
+                self.findings.append(
+                    "replayed over what it knew up to the cause, the engine (critical"
+                    f" factor {_factor_text(self.critical)}) decides no block here"
+                    + _why_not(self.replayed)
+                )
+        lt, sym = self.limit_type, self.symbol
+        cause_us = _us(self.cause["occurred_at"]) if self.cause else None
+        if cause_us is not None and cause_us < clock:
+            self.notes.append(
+                "its cause was late: it happened before events the engine had already"
+                " folded, and the engine acts on a late event when it arrives (at the"
+                " latest business time it had seen)"
+            )
+        if lt is None:
+            return
+        state, state_before = engine.breach.get(lt), states_before.get(lt)
+        self.after = _metric_of(state, self.account, sym, lt)
+        self.before = _metric_of(state_before, self.account, sym, lt)
+        self.limit = _applied(state, self.account, sym, lt)
+        prefix = _positions(self.history, None, p + 1)
+        self.limits = limits_in_force(prefix.limits, account=self.account)
+        at = self.cause["occurred_at"]  # type: ignore[index]
+        self.corrected = _corrected(self.history, lt, self.account, sym, at)
+        known_now = limit_in_force(
+            self.history.limits, account=self.account, limit_type=lt, symbol=sym, at=at
+        )
+        self.corrected_limit = None if known_now is None else known_now["value"]
+        if kind == "LimitViolationDetected":
+            self._check_violation(state_before)
+        self._check_today()
+
+    def _trigger(self, mine: History) -> int:
+        """The position where the engine acted on the cause: the cause's own, or for a
+        scheduled limit (a LimitSet recorded before its set_at) that of the first event
+        at or after its set_at, which made it take effect."""
+        cause = self.cause
+        assert cause is not None
+        p = int(cause["position"])
+        if cause["event_type"] != "LimitSet":
+            return p
+        row = mine.limits.filter(pl.col("event_id") == cause["event_id"]).row(0, named=True)
+        if not row["set_at"] > row["timestamp"]:
+            return p
+        then = mine.events.filter(
+            (pl.col("position") > p) & (pl.col("occurred_at") >= row["set_at"])
+        ).sort("position")
+        if then.height == 0:
+            return p
+        self.notes.append(
+            f"its cause is a scheduled limit (recorded {_when(row['timestamp'])}, in force"
+            f" from {_when(row['set_at'])}): the engine applied it when it folded the first"
+            f" event at or after that time, {then['event_type'][0]} {then['event_id'][0]};"
+            " the replay runs to there"
+        )
+        return int(then["position"][0])
+
+    def _check_violation(self, state_before: Any) -> None:
+        v = self.violation
+        assert v is not None
+        lt, sym = self.limit_type, self.symbol
+        same = [
+            r
+            for r in self.replayed
+            if r["kind"] == "LimitViolationDetected" and (r["limit_type"], r["symbol"]) == (lt, sym)
+        ]
+        if same:
+            r = same[0]
+            self._check_time("detected_at", r["at"])
+            if not _same(v["current_value"], r["value"]):
+                self.findings.append(
+                    f"the engine wrote a metric of {_exact(v['current_value'])}; replayed over"
+                    f" what it knew, it is {_exact(r['value'])}"
+                )
+            if not _same(v["limit_value"], r["limit_value"]):
+                self.findings.append(
+                    f"the engine wrote a limit of {_exact(v['limit_value'])}; the limit in"
+                    f" force as it knew it was {_exact(r['limit_value'])}"
+                    + (f" (set by {self.limit['set_by']})" if self.limit else "")
+                )
+            return
+        name = _limit_name(lt, sym)
+        if self.limit is None:
+            why = f"no {name} was in force as the engine knew it"
+        elif self.after is None:
+            why = "the replay has no value of its metric there"
+        elif not self.after > self.limit["value"]:
+            why = (
+                f"after the cause the metric was {_exact(self.after)}, within the limit"
+                f" of {_exact(self.limit['value'])}"
+            )
+        elif _was_open(state_before, self.account, sym):
+            why = (
+                f"the breach was open already before the cause (the metric was"
+                f" {_exact(self.before)} against {_exact(self.limit['value'])}): a violation"
+                " is written once, when a breach starts"
+            )
+        else:
+            why = "the replay does not start a breach there"
+        self.findings.append(f"replayed over what it knew up to the cause, {why}")
+
+    def _check_time(self, name: str, replayed: datetime) -> None:
+        """The alarm's business time is the engine's clock when it acted: at least the
+        replay's (the account's events and its symbols' marks), at most the latest
+        business time of any event the store held then (another account's event or
+        mark can move a processor's clock further than the account's own) or the time
+        the alarm was recorded."""
+        written = self.event["occurred_at"]
+        # a detection is no later than its recording (an engine that stamps the time it
+        # detected, not its clock, is within that too)
+        latest = max(_clock_bound(self.history, self._acted_at), self.event["timestamp"])
+        if not (replayed <= written <= max(replayed, latest)):
+            self.findings.append(
+                f"the engine wrote {name} {_when(written)}; replayed, it acts at"
+                f" {_when(replayed)}"
+                + ("" if latest <= replayed else f" (and no later than {_when(latest)})")
+                + ": the latest business time it had folded"
+            )
+
+    def _check_today(self) -> None:
+        if (
+            self.after is not None
+            and self.limit is not None
+            and self.after > self.limit["value"]
+            and self.corrected is not None
+            and self.corrected_limit is not None
+            and not self.corrected > self.corrected_limit
+        ):
+            busts = _busts_after(self.history, self.event)
+            if busts:
+                why = f"{busts} trade{'' if busts == 1 else 's'} of the account busted since"
+            elif not _same(self.corrected_limit, self.limit["value"]):
+                why = "a limit recorded since applies at that time"
+            else:
+                why = (
+                    "events stored after the cause, with business times at or before it,"
+                    " take it back within (a late event, or another at the same time)"
+                )
+            self.notes.append(
+                "the alarm was right on what the engine knew; the history as known now has"
+                f" no breach at the cause's time ({_exact(self.corrected)} within"
+                f" {_exact(self.corrected_limit)}): {why}"
+            )
+
+
+def _clock_bound(history: History, position: int) -> datetime:
+    """The latest business time a processor of the whole store can have reached when it
+    folded ``position``: of the events up to it, blocks, unblocks and busts left out
+    (they do not move its clock), and limits only when recorded at or after their
+    set_at (a scheduled one does not)."""
+    ev = history.events
+    moves = (
+        (pl.col("position") <= position)
+        & ~pl.col("event_type")
+        .cast(pl.String)
+        .is_in(["AccountBlocked", "AccountUnblocked", "TradeCancelled"])
+        & (
+            (pl.col("event_type").cast(pl.String) != "LimitSet")
+            | (pl.col("occurred_at") <= pl.col("timestamp"))
+        )
+    )
+    latest = ev.filter(moves)["occurred_at"].max()
+    assert isinstance(latest, datetime)
+    return latest
+
+
+def _rows_of(frame: pl.DataFrame, event_id: str) -> dict[str, Any]:
+    """One event's row of a typed frame, ids as text."""
+    row = frame.filter(pl.col("event_id") == event_id).row(0, named=True)
+    return {k: str(v) if k in _ID_COLUMNS and v is not None else v for k, v in row.items()}
+
+
+_ID_COLUMNS = ("account_id", "limit_type", "symbol", "by", "set_by")
+
+
+def _positions(history: History, lo: int | None, hi: int) -> History:
+    """The events with ``lo <= position < hi`` (``lo`` None: from the first)."""
+    inside = pl.col("position") < hi
+    if lo is not None:
+        inside = inside & (pl.col("position") >= lo)
+    frames = {n: history.frame(n).filter(inside) for n in [*KINDS, "events"]}
+    return History(**frames, horizon=hi)  # type: ignore[arg-type]
+
+
+def _account_history(history: History, account: str) -> History:
+    """The account's own events and the marks of the symbols it traded or adjusted (the
+    only marks that move its figures: DESIGN.md §4), in the store's order."""
+    mine = pl.col("account_id").cast(pl.String) == account
+    frames = {n: history.frame(n) for n in KINDS}
+    for n in KINDS:
+        if "account_id" in frames[n].columns:
+            frames[n] = frames[n].filter(mine)
+    symbols = pl.concat(
+        [frames[n]["symbol"].cast(pl.String) for n in ("trades", "adjustments")]
+    ).unique()
+    frames["marks"] = frames["marks"].filter(
+        pl.col("symbol").cast(pl.String).is_in(symbols.implode())
+    )
+    kept = pl.concat([f["position"] for f in frames.values()]).implode()
+    events = history.events.filter(pl.col("position").is_in(kept))
+    return History(**frames, events=events, horizon=history.horizon)  # type: ignore[arg-type]
+
+
+def _metric_of(state: Any, account: str, symbol: str | None, limit_type: str) -> float | None:
+    """The key's last metric value in a breach state (None: none yet; 0 for a position
+    or a day's volume with no trade)."""
+    if state is None:
+        return None
+    m = state.metrics.filter(pl.col("account_id") == account)
+    m = m.filter(pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
+    if m.height == 0:
+        return 0.0 if limit_type in _FLAT_WHEN_MISSING else None
+    value = m["value"][-1]
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _applied(
+    state: Any, account: str, symbol: str | None, limit_type: str
+) -> dict[str, Any] | None:
+    """The limit a breach state applies to the key: the symbol's own, else the
+    account's, else one for every account ("*")."""
+    if state is None:
+        return None
+    rows = state.limits
+    for acc, sym in ((account, symbol), (account, None), ("*", symbol), ("*", None)):
+        if sym is None and symbol is not None and limit_type != "MaxPositionSize":
+            continue
+        hit = rows.filter(pl.col("account_id") == acc)
+        hit = hit.filter(pl.col("symbol").is_null() if sym is None else pl.col("symbol") == sym)
+        if hit.height:
+            r = hit.row(-1, named=True)
+            return {
+                "limit_type": limit_type,
+                "symbol": r["symbol"],
+                "value": r["value"],
+                "set_by": r["set_by"],
+                "set_at": r["set_at"],
+                "event_id": r["event_id"],
+            }
+    return None
+
+
+def _was_open(state: Any, account: str, symbol: str | None) -> bool:
+    """Whether a breach of the key at the limit itself (level 1) was open in a state."""
+    if state is None:
+        return False
+    o = state.open.filter((pl.col("account_id") == account) & (pl.col("level") == 1.0))
+    o = o.filter(pl.col("symbol").is_null() if symbol is None else pl.col("symbol") == symbol)
+    return o.height > 0
+
+
+def _corrected(
+    history: History, limit_type: str, account: str, symbol: str | None, at: datetime
+) -> float | None:
+    """The metric at ``at`` in the history as known now (None: not available)."""
+    try:
+        L.get(limit_type)
+    except KeyError:
+        return None
+    value = L.metric_at(history, limit_type, account=account, symbol=symbol, at=at)
+    if value is None and limit_type in _FLAT_WHEN_MISSING:
+        return 0.0
+    return value
+
+
+def _breach_start(
+    history: History, event: dict[str, Any], block: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The violation that started the breach a block is about: the latest of the
+    account's violations of that limit type and symbol stored before the block."""
     v = history.violations.with_columns(
         pl.col("account_id").cast(pl.String),
         pl.col("limit_type").cast(pl.String),
         pl.col("symbol").cast(pl.String),
+    ).filter(
+        (pl.col("account_id") == event["account_id"])
+        & (pl.col("limit_type") == block["limit_type"])
+        & (pl.col("position") < event["position"])
     )
-    if kind == "LimitViolationDetected":
-        row = v.filter(pl.col("event_id") == eid).row(0, named=True)
-        return row["limit_type"], row["symbol"], _written(row, same_cause=True)
-    if kind == "LimitSet":
-        row = history.limits.filter(pl.col("event_id") == eid).row(0, named=True)
-        sym = row["symbol"]
-        return str(row["limit_type"]), None if sym is None else str(sym), None
-    if kind != "AccountBlocked":
-        return None, None, None
-    block = history.blocks.filter(pl.col("event_id") == eid).row(0, named=True)
-    mine = v.filter(pl.col("account_id") == event["account_id"])
-    for key in ("causation_id", "correlation_id"):
-        if block[key] is None:
-            continue
-        same = mine.filter(pl.col(key) == block[key])
-        if same.height:
-            # the violation nearest before the block in the store's order
-            earlier = same.filter(pl.col("position") < block["position"])
-            row = (earlier if earlier.height else same).sort("position").row(-1, named=True)
-            written = _written(row, same_cause=key == "causation_id")
-            return row["limit_type"], row["symbol"], written
-    return None, None, None
+    sym = block["symbol"]
+    v = v.filter(pl.col("symbol").is_null() if sym is None else pl.col("symbol") == sym)
+    if v.height == 0:
+        return None
+    row = v.sort("position").row(-1, named=True)
+    return _written(row, same_cause=row["causation_id"] == event["causation_id"])
 
 
 def _written(row: dict[str, Any], *, same_cause: bool) -> dict[str, Any]:
@@ -753,84 +1152,43 @@ def _written(row: dict[str, Any], *, same_cause: bool) -> dict[str, Any]:
     return {**{k: row[k] for k in keep}, "same_cause": same_cause}
 
 
+def _why_not(replayed: list[dict[str, Any]]) -> str:
+    violations = [r for r in replayed if r["kind"] == "LimitViolationDetected"]
+    if not violations:
+        return ""
+    r = violations[0]
+    return (
+        f" (it starts a {_limit_name(r['limit_type'], r['symbol'])} breach, at"
+        f" {_exact(r['value'])} against {_exact(r['limit_value'])}, below the critical level)"
+    )
+
+
+def _factor_text(critical: float | Mapping[str, float | None] | None) -> str:
+    if critical is None:
+        return "none: no type blocks"
+    if isinstance(critical, Mapping):
+        return ", ".join(f"{k} {v}" for k, v in critical.items())
+    return f"{critical:g}"
+
+
 def _unblock(history: History, event: dict[str, Any]) -> dict[str, Any] | None:
-    """The first AccountUnblocked of the account after a block, in the store's order."""
+    """The first AccountUnblocked of the account after a block, in the store's order
+    (blocks do not nest: one unblock ends the blocked state, however many blocks)."""
     after = history.blocks.filter(
         (pl.col("account_id").cast(pl.String) == event["account_id"])
         & (pl.col("position") > event["position"])
+        & ~pl.col("blocked")
     ).sort("position")
-    for row in after.iter_rows(named=True):
-        if row["blocked"]:
-            return None  # blocked again before any unblock: this block never ended alone
-        return {
-            "event_id": row["event_id"],
-            "at": row["at"],
-            "by": None if row["by"] is None else str(row["by"]),
-            "reason": row["reason"],
-            "timestamp": row["timestamp"],
-        }
-    return None
-
-
-def _disagreements(
-    history: History,
-    event: dict[str, Any],
-    limit_type: str,
-    limit: dict[str, Any] | None,
-    engine_saw: float | None,
-    corrected: float | None,
-    written: dict[str, Any] | None,
-) -> list[str]:
-    """The findings of an alarm: where the record and the rebuilt history disagree.
-
-    ``written``: the violation whose figures are the alarm's own (same cause), if any."""
-    out: list[str] = []
-    recorded_value = None if written is None else written["current_value"]
-    recorded_limit = None if written is None else written["limit_value"]
-    if limit is None:
-        out.append(
-            f"no {limit_type} was in force at the alarm's business time as known when it was"
-            " recorded: the history does not hold the limit the alarm is about"
-        )
-    elif recorded_limit is not None and not _same(recorded_limit, limit["value"]):
-        out.append(
-            f"the engine wrote a limit of {_figure(recorded_limit)}, but the {limit_type} in"
-            f" force then, as known then, was {_figure(limit['value'])} (set by"
-            f" {limit['set_by'] or '?'}, event {limit['event_id']})"
-        )
-    if (
-        recorded_value is not None
-        and engine_saw is not None
-        and not _same(recorded_value, engine_saw)
-    ):
-        out.append(
-            f"the engine wrote a metric of {_figure(recorded_value)}; the history as known"
-            f" then rebuilds {_figure(engine_saw)}"
-        )
-    if limit is not None and engine_saw is not None and not engine_saw > limit["value"]:
-        out.append(
-            f"as known then, the metric ({_figure(engine_saw)}) was within the limit"
-            f" ({_figure(limit['value'])}): the history does not show the breach the alarm"
-            " reports"
-        )
-    elif (
-        limit is not None
-        and engine_saw is not None
-        and corrected is not None
-        and not corrected > limit["value"]
-    ):
-        busts = _busts_after(history, event)
-        why = (
-            f": {busts} trade{'' if busts == 1 else 's'} of the account busted after the"
-            " alarm was recorded"
-            if busts
-            else ": the history was corrected after the alarm was recorded"
-        )
-        out.append(
-            f"the alarm was right on what was known, but the corrected history has no breach"
-            f" ({_figure(corrected)} within {_figure(limit['value'])}){why}"
-        )
-    return out
+    if after.height == 0:
+        return None
+    row = after.row(0, named=True)
+    return {
+        "event_id": row["event_id"],
+        "at": row["at"],
+        "by": None if row["by"] is None else str(row["by"]),
+        "reason": row["reason"],
+        "timestamp": row["timestamp"],
+    }
 
 
 def _busts_after(history: History, event: dict[str, Any]) -> int:
@@ -842,6 +1200,10 @@ def _busts_after(history: History, event: dict[str, Any]) -> int:
     )
     late = history.cancels.filter(pl.col("timestamp") > event["timestamp"])
     return late.join(trades.select("trade_id"), on="trade_id", how="semi").height
+
+
+def _us(t: datetime) -> int:
+    return (t - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -859,14 +1221,30 @@ def _limit_name(limit_type: str | None, symbol: str | None) -> str:
     return f"{limit_type} on {symbol}" if symbol else f"{limit_type} (account-wide)"
 
 
-def _when(t: datetime) -> str:
-    return f"{t:%Y-%m-%d %H:%M:%S.%f} UTC"
+def _when(t: datetime | None) -> str:
+    return "unknown" if t is None else f"{t:%Y-%m-%d %H:%M:%S.%f} UTC"
 
 
-def _duration(span: timedelta, ahead: str, behind: str) -> str:
+def _stamp(t: datetime | None) -> str:
+    """A time in a table: UTC implied by the heading; an unknown event type has none."""
+    return "unknown" if t is None else f"{t:%Y-%m-%d %H:%M:%S.%f}"
+
+
+def _exact(v: float | None) -> str:
+    """A figure in a finding: enough digits that two different ones never read alike."""
+    if v is None:
+        return "none"
+    if not math.isfinite(v) or v >= STORED_INFINITY:
+        return _figure(v)
+    return f"{v:,.10g}"
+
+
+def _duration(t1: datetime | None, t0: datetime | None, ahead: str, behind: str) -> str:
     """``1.570 ms later``, ``26 min 58 s after``, ``2.0 days earlier`` (for people):
-    ``ahead`` or ``behind`` by the sign of ``span``."""
-    s = span.total_seconds()
+    ``ahead`` or ``behind`` by the sign of ``t1 - t0``; "" when a time is unknown."""
+    if t1 is None or t0 is None:
+        return ""
+    s = (t1 - t0).total_seconds()
     way = ahead if s >= 0 else behind
     s = abs(s)
     if s < 1:
@@ -920,18 +1298,19 @@ def _chain_lines(chain: pl.DataFrame) -> list[str]:
     rows = [
         (
             r["relation"],
+            r["account_id"] or "",
             r["event_type"],
-            f"{r['occurred_at']:%Y-%m-%d %H:%M:%S.%f}",
-            f"{r['timestamp']:%Y-%m-%d %H:%M:%S.%f}",
+            _stamp(r["occurred_at"]),
+            _stamp(r["timestamp"]),
             r["summary"] or "",
             r["event_id"],
         )
         for r in chain.iter_rows(named=True)
     ]
-    head = ("relation", "event", "happened (UTC)", "recorded (UTC)", "what", "event id")
-    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(5)]
+    head = ("relation", "account", "event", "happened (UTC)", "recorded (UTC)", "what", "event id")
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(6)]
     lines = [
-        "  " + "  ".join(x[i].ljust(widths[i]) for i in range(5)) + f"  {x[5]}"
+        "  " + "  ".join(x[i].ljust(widths[i]) for i in range(6)) + f"  {x[6]}"
         for x in [head, *rows]
     ]
     if left:

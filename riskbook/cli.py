@@ -445,7 +445,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     # an account's event: its history (and every mark) is enough; a mark: everything
     accounts = [account] if account and kind in ACCOUNT_EVENT_TYPES else None
     history = load(store, accounts=accounts, cache=False, progress=False)
-    incident = explain(history, event_id)
+    incident = explain(history, event_id, critical=args.critical)
     text = incident.to_json() + "\n" if args.format == "json" else incident.report()
     if args.output is not None:
         _write_output(args.output, lambda: Path(args.output).write_text(text, encoding="utf-8"))
@@ -740,6 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output_options(lh)
 
+    from riskbook.live._cli import _critical
+
     inc = add(
         "incidents",
         cmd_incidents,
@@ -755,6 +757,13 @@ def build_parser() -> argparse.ArgumentParser:
         " unblock, and where the record and the history disagree",
     )
     exp_.add_argument("event_id", metavar="EVENT_ID", help="the event (see `riskbook incidents`)")
+    exp_.add_argument(
+        "--critical",
+        type=_critical,
+        default=None,
+        help="the processor's critical factor, for blocks (as `riskbook live --critical`;"
+        " default 1.2)",
+    )
     exp_.add_argument(
         "--format",
         choices=("text", "json"),

@@ -989,15 +989,25 @@ class IncidentPanel:
 
 
 def _findings_html(story: Incident) -> str:
-    """The audit findings of an incident (:func:`riskbook.audit.explain`): where the
-    engine's record and the history rebuilt as known then disagree, or that they agree."""
-    if not story.findings:
+    """The audit of an incident (:func:`riskbook.audit.explain`): where the engine's
+    record and a replay of the engine over what it knew disagree, or that they agree;
+    then its notes."""
+    notes = "".join(f"<p style='color:#777;margin:2px 0'>{html.escape(n)}</p>" for n in story.notes)
+    if story.findings:
+        items = "".join(f"<li>{html.escape(f)}</li>" for f in story.findings)
         return (
-            "<p style='color:#27ae60;margin:4px 0'>The engine's record agrees with the"
-            " history rebuilt as known then.</p>"
+            f"<div style='color:#c0392b'><b>Findings</b><ul style='margin:2px 0'>{items}</ul>"
+            f"</div>{notes}"
         )
-    items = "".join(f"<li>{html.escape(f)}</li>" for f in story.findings)
-    return f"<div style='color:#c0392b'><b>Findings</b><ul style='margin:2px 0'>{items}</ul></div>"
+    if not story.checked:
+        return (
+            "<p style='color:#777;margin:4px 0'>Not checked: there is no cause on record to"
+            f" replay the engine to.</p>{notes}"
+        )
+    return (
+        "<p style='color:#27ae60;margin:4px 0'>The engine's record agrees with a replay of"
+        f" the engine over what it knew when it acted.</p>{notes}"
+    )
 
 
 # ----------------------------------------------------------------------------- limit lab

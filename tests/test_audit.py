@@ -4,11 +4,14 @@ small histories built to disagree with their own record."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import riskbook
@@ -67,16 +70,19 @@ def test_every_planted_alarm_is_explained_as_the_answer_key_has_it(
     assert incident.violation["current_value"] == pytest.approx(incident.engine_saw, rel=1e-9)
     # just before its cause was recorded the account was within the limit
     assert incident.before is not None and incident.before <= key["limit_value"]
-    if kind == "busted_trade":  # right on what was known; gone from the corrected history
+    assert incident.checked and incident.findings == []  # the engine was right
+    assert [(r["kind"], r["limit_type"], r["symbol"]) for r in incident.replayed][:1] == [
+        ("LimitViolationDetected", key["limit_type"], key["symbol"])
+    ]
+    if kind == "busted_trade":  # right on what was known; gone from the history known now
         assert incident.still_a_breach is False
-        assert len(incident.findings) == 1
-        assert "1 trade of the account busted after the alarm" in incident.findings[0]
+        assert any("1 trade of the account busted since" in n for n in incident.notes)
     else:
         assert incident.still_a_breach is True
-        assert incident.findings == []
+        assert incident.notes == []
     text = incident.report()
     assert key["trigger_event_id"] in text and key["limit_set_by"] in text
-    assert ("Findings\n  none:" in text) is (kind != "busted_trade")
+    assert "Findings\n  none: the engine replayed over what it knew decides this alarm" in text
 
 
 def test_a_block_is_explained_with_its_violation_and_the_unblock(
@@ -98,6 +104,7 @@ def test_a_block_is_explained_with_its_violation_and_the_unblock(
     # found through the correlation; its figures are not the block's own
     spiral = KEY["drawdown_spiral"]
     later = audit.explain(sample, spiral["block_event_id"])
+    assert (later.limit_type, later.symbol) == ("MaxDrawdown", None)  # from the replay
     assert later.violation is not None and not later.violation["same_cause"]
     assert later.violation["event_id"] == spiral["violation_event_id"]
     assert later.findings == []
@@ -148,23 +155,63 @@ def test_findings_name_each_disagreement_between_record_and_history() -> None:
 
     wrong_metric = _alarm(55.0, 40.0)
     found = audit.explain(wrong_metric.history(), _alarm_id(wrong_metric)).findings
-    assert found == ["the engine wrote a metric of 55; the history as known then rebuilds 50"]
+    assert found == ["the engine wrote a metric of 55; replayed over what it knew, it is 50"]
 
     wrong_limit = _alarm(50.0, 45.0)
     found = audit.explain(wrong_limit.history(), _alarm_id(wrong_limit)).findings
-    assert len(found) == 1 and "wrote a limit of 45, but the MaxPositionSize in force" in found[0]
+    assert found == [
+        "the engine wrote a limit of 45; the limit in force as it knew it was 40 (set by cro)"
+    ]
 
     within = _alarm(50.0, 60.0, limit_value=60.0)  # 50 is within 60: no breach at all
     found = audit.explain(within.history(), _alarm_id(within)).findings
-    assert len(found) == 1 and "was within the limit (60)" in found[0]
+    assert found == [
+        "replayed over what it knew up to the cause, after the cause the metric was 50,"
+        " within the limit of 60"
+    ]
 
     e = _Envelopes()  # no limit in force: the violation names a limit nobody set
     fill = e.add(_fill(1, 50.0, _at(1)))
     e.add(_violation("MaxPositionSize", 50.0, 40.0, _at(1), "ACME"), cause=fill)
     incident = audit.explain(e.history(), e.items[-1].event_id)
     assert incident.limit is None
-    assert incident.findings[0].startswith("no MaxPositionSize was in force")
-    assert "no MaxPositionSize on ACME was in force" in incident.report()
+    assert incident.findings == [
+        "replayed over what it knew up to the cause, no MaxPositionSize on ACME was in force"
+        " as the engine knew it"
+    ]
+
+    again = _alarm(50.0, 40.0)  # a second violation inside the breach the first started
+    fill = again.add(_fill(2, 5.0, _at(2)))
+    again.add(_violation("MaxPositionSize", 55.0, 40.0, _at(2), "ACME"), cause=fill)
+    found = audit.explain(again.history(), _alarm_id(again)).findings
+    assert len(found) == 1 and "the breach was open already before the cause" in found[0]
+
+    e = _alarm(50.0, 40.0)  # the cause is not in the history
+    e.items[-1] = dataclasses.replace(e.items[-1], causation_id=uuid.uuid4())
+    found = audit.explain(e.history(), _alarm_id(e)).findings
+    assert len(found) == 1 and "is not in this history" in found[0]
+
+    e = _alarm(50.0, 40.0)  # detected before its cause happened
+    e.items[-1] = dataclasses.replace(
+        e.items[-1], payload=msgspec.structs.replace(e.items[-1].payload, detected_at=T0)
+    )
+    found = audit.explain(e.history(), _alarm_id(e)).findings
+    assert len(found) == 1 and found[0].startswith("the engine wrote detected_at")
+
+
+def test_same_time_fills_are_judged_at_the_one_that_triggered() -> None:
+    """Two fills of one order at the same microsecond, the first taking the position
+    over: the engine acted after the first; the second does not make it wrong."""
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0))
+    e.add(_limit("MaxPositionSize", 100.0))
+    first = e.add(_fill(1, 110.0, _at(1)))
+    e.add(_fill(2, -50.0, _at(1)))  # same business time, stored after
+    v = e.add(_violation("MaxPositionSize", 110.0, 100.0, _at(1), "ACME"), cause=first)
+    incident = audit.explain(e.history(), str(v.event_id))
+    assert incident.findings == [] and incident.engine_saw == 110.0
+    assert incident.corrected == 60.0 and incident.still_a_breach is False
+    assert "another at the same time" in incident.notes[0]
 
 
 def _alarm_id(e: _Envelopes) -> str:
@@ -180,8 +227,9 @@ def test_the_limit_is_the_one_known_when_the_alarm_was_recorded() -> None:
     incident = audit.explain(e.history(), str(e.items[3].event_id))
     assert incident.limit is not None and incident.limit["value"] == 40.0
     assert incident.corrected == 50.0 and incident.engine_saw == 50.0
-    assert incident.still_a_breach is True  # against the limit known then
+    assert incident.corrected_limit == 100.0 and incident.still_a_breach is False
     assert incident.findings == []
+    assert "a limit recorded since applies at that time" in incident.notes[0]
 
 
 def test_a_registered_limit_type_is_judged_by_its_own_metric() -> None:
@@ -201,9 +249,9 @@ def test_a_registered_limit_type_is_judged_by_its_own_metric() -> None:
     assert (incident.before, incident.engine_saw, incident.findings) == (0.0, 50.0, [])
     assert incident.metric_name == "metric"
     unknown = audit.explain(h, str(w.event_id))
-    assert unknown.engine_saw is None
-    assert "no definition of the limit type MaxNobodyKnows" in unknown.findings[0]
-    assert "not available" in unknown.report()
+    assert unknown.engine_saw is None and not unknown.checked and unknown.findings == []
+    assert "no definition of the limit type MaxNobodyKnows" in unknown.notes[0]
+    assert "not checked" in unknown.report()
 
 
 def test_a_block_with_no_unblock_says_the_account_is_still_blocked() -> None:
@@ -221,6 +269,24 @@ def test_a_block_with_no_unblock_says_the_account_is_still_blocked() -> None:
     incident = audit.explain(e.history(), str(block.event_id))
     assert incident.unblocked is None
     assert "Unblocked: not on record (the account is still blocked)" in incident.report()
+    # 50 against 40 is under the critical level (1.2 x 40 = 48 < 50: over it, in fact)
+    assert (incident.limit_type, incident.symbol, incident.findings) == (
+        "MaxPositionSize",
+        "ACME",
+        [],
+    )
+    lenient = audit.explain(e.history(), str(block.event_id), critical=2.0)
+    assert len(lenient.findings) == 1 and "critical factor 2" in lenient.findings[0]
+
+    manual = _alarm(50.0, 40.0)
+    by_hand = manual.add(
+        riskbook.AccountBlocked(
+            account_id="A", reason="compliance", blocked_by="j.doe", blocked_at=_at(5)
+        )
+    )
+    incident = audit.explain(manual.history(), str(by_hand.event_id))
+    assert not incident.checked and incident.findings == []
+    assert "a person's decision" in incident.notes[0]
 
 
 def test_to_dict_is_json_with_times_as_text_and_infinity_as_the_largest_double() -> None:
@@ -254,6 +320,11 @@ def test_incidents_and_explain_commands(sample_dsn: str, tmp_path: Path) -> None
     assert text.stdout.startswith(f"AccountBlocked {key['block_event_id']}\n")
     assert f"set by {key['limit_set_by']}" in text.stdout
     assert "Unblocked 2024-01-09 16:45:02.790691 UTC by r.silva" in text.stdout
+    assert (
+        "Findings\n  none: the engine replayed over what it knew decides this alarm" in text.stdout
+    )
+    lenient = run("explain", key["block_event_id"], "--critical", "2", "--dsn", sample_dsn)
+    assert "the engine (critical factor 2) decides no block here" in lenient.stdout
 
     out = tmp_path / "incident.json"
     as_json = run(
@@ -262,7 +333,8 @@ def test_incidents_and_explain_commands(sample_dsn: str, tmp_path: Path) -> None
     )  # fmt: skip
     assert as_json.returncode == 0 and as_json.stdout == "", as_json.stderr
     data = json.loads(out.read_text())
-    assert data["metric"]["still_a_breach"] is False and len(data["findings"]) == 1
+    assert data["metric"]["still_a_breach"] is False and data["findings"] == []
+    assert data["checked"] and len(data["notes"]) == 1
 
     for bad, said in (
         ("nope", "'nope' is not an event id (a UUID)"),

@@ -231,9 +231,11 @@ def test_incident_panel_shows_the_bust_the_engine_did_not_know(sample: riskbook.
     assert corrected is not None and corrected < BUSTED["limit_value"]
     assert panel.limit is not None and panel.limit["scope"] == "account"  # account-wide limit
     assert "fdecea" in panel.compare_box.value  # the corrected rows are shaded
-    assert panel.story.findings and "busted after the alarm" in panel.findings_box.value
-    panel.incident.value = FAT_FINGER["block_event_id"]
     assert panel.story.findings == [] and "agrees" in panel.findings_box.value
+    assert "1 trade of the account busted since" in panel.findings_box.value  # a note
+    panel.incident.value = FAT_FINGER["block_event_id"]
+    assert panel.story.findings == [] and panel.story.notes == []
+    assert "agrees" in panel.findings_box.value
 
 
 # ----------------------------------------------------------------------------- limit lab
