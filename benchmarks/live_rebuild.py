@@ -1,0 +1,154 @@
+"""The live engine's busts: a processor's rebuild at its start, and one bust after it.
+
+A processor rebuilds its state at its start by folding the whole history below its
+checkpoint in one batch (``Engine().apply(history, written=False)``), and each
+TradeCancelled in it refolds the busted account. This simulates ``--events`` events
+(with their planted busts) into a scratch database, reads them as the processor does,
+and times, in this process:
+
+* the rebuild with the engine (the account refolded from a kept state: the events
+  since the busted trade) and with the reference (``Engine(_reference=True)``, the
+  implementation before it: the account's whole history refolded at every bust), and
+  checks that both decide the same effects;
+* a batch of one bust folded on the rebuilt state (the steady state's cost of a bust):
+  of the account's latest trade, of a trade some thousand events back, of one in the
+  middle of the history, and of a trade id that is not there.
+
+    uv run python benchmarks/live_rebuild.py                       # 200,000 events
+    uv run python benchmarks/live_rebuild.py --events 30000 --repeat 5
+    uv run python benchmarks/live_rebuild.py --no-reference --events 1000000
+
+``--dsn`` uses that database (simulated into if empty, kept) instead of a scratch one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mb, simulated_store
+
+
+def _bust_batch(history: Any, horizon: int, row: dict[str, Any] | None) -> Any:
+    """A batch of one TradeCancelled after ``history`` (at ``horizon``, the engine's):
+    of the trade ``row`` (None: of a trade id that is not in it)."""
+    import riskbook
+
+    t = history.events["occurred_at"].max() + timedelta(seconds=1)
+    account = "ACC-001" if row is None else str(row["account_id"])
+    trade_id = f"T-none-{uuid.uuid4().hex[:8]}" if row is None else row["trade_id"]
+    cancel = riskbook.TradeCancelled(trade_id=trade_id, account_id=account, reason="bench",
+                                     cancelled_at=t)  # fmt: skip
+    envelope = riskbook.Envelope(uuid.uuid4(), account, "Account", 1, t, cancel, "bench",
+                                 position=horizon)  # fmt: skip
+    return riskbook.History.from_envelopes([envelope])
+
+
+def _per_bust(engine: Any, batch: Any, repeat: int) -> float:
+    """Median milliseconds to fold ``batch`` on copies of ``engine``."""
+    times = []
+    for _ in range(repeat):
+        copy = engine.copy()
+        began = time.perf_counter()
+        copy.apply(batch, written=False)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--accounts", type=int, default=20)
+    ap.add_argument("--symbols", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the engine's rebuild")
+    ap.add_argument("--reference-repeat", type=int, default=1, help="runs of the reference's")
+    ap.add_argument("--no-reference", action="store_true", help="time the engine only")
+    ap.add_argument("--busts", type=int, default=5, help="runs of each steady-state bust")
+    ap.add_argument("--dsn", default=None)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    import polars as pl
+
+    from riskbook.frames import Filters
+    from riskbook.live import Engine
+    from riskbook.live._processor import _read
+
+    out: dict[str, Any] = {"events_asked": args.events, "accounts": args.accounts}
+    with simulated_store(args.dsn, seed=args.seed, accounts=args.accounts,
+                         symbols=args.symbols, events=args.events) as store:  # fmt: skip
+        t = time.perf_counter()
+        history = _read(store, Filters(), after=0, before=2**62, progress=False)
+        print(f"read {history.events.height:,} events ({history.cancels.height} busts) in"
+              f" {time.perf_counter() - t:.1f} s")  # fmt: skip
+    out.update(events=history.events.height, busts=history.cancels.height)
+
+    def rebuild(**kwargs: Any) -> tuple[float, Any, list[Any]]:
+        engine = Engine(**kwargs)
+        began = time.perf_counter()
+        effects = engine.apply(history, written=False)
+        return time.perf_counter() - began, engine, effects
+
+    runs = [rebuild() for _ in range(args.repeat)]
+    new = statistics.median(r[0] for r in runs)
+    engine, effects = runs[-1][1], runs[-1][2]
+    busts = max(history.cancels.height, 1)
+    print(f"rebuild, engine:    {new:7.2f} s  (median of {args.repeat}: "
+          f"{', '.join(f'{r[0]:.2f}' for r in runs)}), {len(effects)} effects, "
+          f"{new / busts * 1e3:.0f} ms per bust in all")  # fmt: skip
+    out.update(rebuild_s=new, rebuild_runs_s=[r[0] for r in runs], effects=len(effects))
+    reference = None
+    if not args.no_reference:
+        ref_runs = [rebuild(_reference=True) for _ in range(args.reference_repeat)]
+        old = statistics.median(r[0] for r in ref_runs)
+        reference = ref_runs[-1][1]
+        same = ref_runs[-1][2] == effects
+        print(f"rebuild, reference: {old:7.2f} s  (median of {args.reference_repeat}), "
+              f"{old / busts * 1e3:.0f} ms per bust in all; same effects: "
+              f"{'yes' if same else 'NO'}")  # fmt: skip
+        print(f"ratio reference / engine: {old / new:.1f}x")
+        out.update(reference_s=old, ratio=old / new, same_effects=same)
+        if not same:
+            raise SystemExit("the engine and the reference decided different effects")
+
+    trades = history.trades.sort("position")
+    n = trades.height
+    cases = {
+        "the account's latest trade": trades.row(n - 1, named=True),
+        "a trade ~1,000 events back": trades.filter(
+            pl.col("position") >= int(history.events["position"].max()) - 1_000
+        ).row(0, named=True),
+        "a trade in the middle": trades.row(n // 2, named=True),
+        "a trade id not there": None,
+    }
+    print(f"one bust after the history (median of {args.busts}, ms):")
+    out["bust_ms"] = {}
+    for label, row in cases.items():
+        batch = _bust_batch(history, engine.horizon, row)
+        ms = _per_bust(engine, batch, args.busts)
+        line = f"  {label:28s} engine {ms:8.1f}"
+        figures = {"engine": ms}
+        if reference is not None:
+            ref_ms = _per_bust(reference, batch, max(1, args.busts // 2))
+            line += f"   reference {ref_ms:8.1f}   ratio {ref_ms / ms:5.1f}x"
+            figures.update(reference=ref_ms, ratio=ref_ms / ms)
+        print(line)
+        out["bust_ms"][label] = figures
+    out["peak_rss_mb"] = peak_rss_mb()
+    print(f"peak memory: {out['peak_rss_mb']:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
