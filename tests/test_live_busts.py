@@ -286,7 +286,7 @@ def _both_in_batches(data: st.DataObject, envelopes: list[Envelope]) -> None:
         both(envelopes, _cuts(data, envelopes))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_refold_from_a_kept_state_is_the_whole_history_refold(data: st.DataObject) -> None:
     _both_in_batches(data, data.draw(histories()))
@@ -331,7 +331,7 @@ def _register_user_types() -> tuple[tuple[str, float], ...]:
     return (("BustsGross", 900.0), ("BustsFills", 3.0))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_user_limit_type_at_a_bust_reads_the_account_history_as_before(
     data: st.DataObject,

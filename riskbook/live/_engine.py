@@ -1086,17 +1086,11 @@ def describe(value: float, limit_type: str | None = None) -> str:
 _NO_LIMITS = _limit_frame(History.empty().limits)
 
 
-def _slice(history: History, lo: int, hi: int) -> History:
-    """The events with ``lo <= position < hi``."""
-    inside = pl.col("position").is_between(lo, hi, closed="left")
-    frames = {n: history.frame(n).filter(inside) for n in [*KINDS, "events"]}
-    return History(**frames, horizon=hi)  # type: ignore[arg-type]
-
-
 def _slicer(history: History) -> Callable[[int, int], History]:
-    """:func:`_slice` of ``history`` for many ranges: a binary search in each frame whose
-    positions are in order (as a store reads them), not a pass over the whole batch per
-    range (a batch with a bust every few hundred events made that quadratic)."""
+    """``cut(lo, hi)``: the events of ``history`` with ``lo <= position < hi``, for many
+    ranges; a binary search in each frame whose positions are in order (as a store reads
+    them), not a pass over the whole batch per range (a batch with a bust every few
+    hundred events made that quadratic)."""
     frames = {n: history.frame(n) for n in [*KINDS, "events"]}
     at = {n: f["position"].to_numpy() for n, f in frames.items() if f.height}
     ordered = {n: bool((p[1:] >= p[:-1]).all()) for n, p in at.items()}
