@@ -30,7 +30,7 @@ import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -831,7 +831,7 @@ class _Check:
         self._replay(mine)
 
     def _replay(self, mine: History) -> None:
-        from riskbook.live._engine import Engine
+        from riskbook.live._engine import Engine, _us
 
         p = self._trigger(mine)
         self._acted_at = p
@@ -1200,10 +1200,6 @@ def _busts_after(history: History, event: dict[str, Any]) -> int:
     )
     late = history.cancels.filter(pl.col("timestamp") > event["timestamp"])
     return late.join(trades.select("trade_id"), on="trade_id", how="semi").height
-
-
-def _us(t: datetime) -> int:
-    return (t - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 # ----------------------------------------------------------------------------- formatting
