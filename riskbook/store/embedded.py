@@ -510,7 +510,34 @@ def _is_postmaster_of(pid: int, data: Path, user: _User | None, started: float |
 
 
 def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM as SystemExit, so that the detach at exit runs.
+
+    A multiprocessing worker leaving its pool runs multiprocessing's exit function, and
+    ``Pool.terminate`` may send it a SIGTERM meanwhile: the SystemExit cuts that function
+    short, before the finalizer that detaches, and the server would run on with nobody
+    to stop it. So a SIGTERM inside that function detaches first.
+    """
+    if _exiting(frame):
+        me = os.getpid()
+        for home, pid in list(_ATTACHED.items()):
+            if pid == me:
+                EmbeddedServer(home)._detach_at_exit()
     raise SystemExit(128 + signum)
+
+
+def _exiting(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside multiprocessing's exit function (the process leaves)."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return False
+    if getattr(util, "_exiting", False):
+        return True
+    exit_code = getattr(getattr(util, "_exit_function", None), "__code__", None)
+    while frame is not None:
+        if frame.f_code is exit_code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ------------------------------------------------------------------------- layout
