@@ -14,8 +14,8 @@ writes with ``--json`` (``_report.py``) and writes:
     uv run --group bench python benchmarks/run_all.py --events 5000000  # the full run
     uv run --group bench python benchmarks/run_all.py --quick           # a few thousand events
 
-``--quick`` (3,000 events, one run of each measure, no browser) proves the harness
-works end to end; its figures mean little. The README's performance section is made
+``--quick`` (3,000 events, one run of each measure, two live rates, no browser) proves
+the harness works end to end; its figures mean little. The README's performance section is made
 from report.json by ``benchmarks/readme_perf.py``. The machine is shared and noisy:
 read the ratios, and rerun on a quiet machine before quoting them.
 """
@@ -94,7 +94,13 @@ def benches(events: int, *, quick: bool, history_dsn: str) -> list[Bench]:
         ),
         Bench("limits", ["limits.py", "--events", e, "--dsn", history_dsn, *repeat]),
         Bench("notify_floor", ["notify_floor.py", "--n", "100" if quick else "500"]),
-        Bench("live", ["live.py", "--events", e]),
+        Bench(
+            "live",
+            # quick: the two rates the goals read, briefly
+            ["live.py", "--seconds", "1.5", "--rates", "5000,0", "--floor", "100"]
+            if quick
+            else ["live.py", "--events", e],
+        ),
         Bench("simulate", ["simulate.py", "--events", e, "--runs", "1"]),
         Bench("notebook", ["notebook.py", "--events", e], slow=True),
     ]

@@ -37,9 +37,10 @@ import polars as pl
 
 from riskbook import limits as L
 from riskbook import projections as P
-from riskbook import viz
+from riskbook._checks import _frame
 from riskbook.events import STORED_INFINITY, as_time
 from riskbook.frames import KINDS, History
+from riskbook.lanes import event_lanes
 
 __all__ = [
     "ACCOUNT_EVENT_TYPES",
@@ -168,7 +169,7 @@ def limits_in_force(
     set_by, set_at, recorded_at, event_id``.
     """
     at, known_at = as_time(at, "at"), as_time(known_at, "known_at")
-    rows = viz._frame(limits, "limits").filter(pl.col("account_id").cast(pl.String) == account)
+    rows = _frame(limits, "limits").filter(pl.col("account_id").cast(pl.String) == account)
     if at is not None:
         rows = rows.filter(pl.col("set_at") <= at)
     if known_at is not None:
@@ -388,9 +389,9 @@ def causation_chain(history: History, event_id: str | uuid.UUID) -> pl.DataFrame
     rows = linked.with_columns(pl.col("event_id").replace_strict(relation).alias("relation"))
     lo, hi = rows["occurred_at"].min(), rows["occurred_at"].max()
     assert isinstance(lo, datetime) and isinstance(hi, datetime)
-    summaries = viz.event_lanes(
-        history, start=lo, end=hi, accounts=None, max_rows=1_000_000
-    ).filter(pl.col("event_id").is_in(rows["event_id"].implode()))
+    summaries = event_lanes(history, start=lo, end=hi, accounts=None, max_rows=1_000_000).filter(
+        pl.col("event_id").is_in(rows["event_id"].implode())
+    )
     return (
         rows.join(summaries.select("event_id", "account_id", "summary"), on="event_id", how="left")
         .sort("position")

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,7 +63,9 @@ from typing import Any
 import altair as alt
 import polars as pl
 
+from riskbook._checks import MAX_ROWS, _cap, _frame, _ids
 from riskbook.events import as_time
+from riskbook.lanes import _LANES, event_lanes
 
 __all__ = [
     "LEVEL_COLORS",
@@ -91,9 +92,6 @@ __all__ = [
     "save_svg",
     "setup",
 ]
-
-MAX_ROWS = 4_000
-"""Default cap on the rows a chart carries (Altair refuses more than 5,000 per dataset)."""
 
 QUANTITY_FORMAT = ",.8~f"
 """How charts write a quantity: separators, and the decimals it has (0.25 BTC, 1,500)."""
@@ -173,56 +171,6 @@ def save_svg(chart: alt.TopLevelMixin, path: str | Path) -> Path:
 
 def _ms(t: datetime | None) -> int | None:
     return None if t is None else (t - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _ids(value: str | Iterable[str] | None, name: str) -> list[str] | None:
-    """Ids given as one string or a collection of strings; None stays None (no filter).
-
-    One id may be given as a string, as :func:`riskbook.load` takes it: it is not split
-    into its characters. An empty collection stays empty (nothing matches it).
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    try:
-        ids = list(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be a string or a collection of strings, got {type(value).__name__}"
-        ) from None
-    for x in ids:
-        if not isinstance(x, str):
-            raise TypeError(f"{name} must hold strings, got {x!r} ({type(x).__name__})")
-    return ids
-
-
-def _frame(value: Any, name: str) -> pl.DataFrame:
-    """``value`` if it is a Polars DataFrame; a TypeError naming ``name`` otherwise."""
-    if isinstance(value, pl.DataFrame):
-        return value
-    kind = type(value)
-    hint = (
-        ": call .collect() first"
-        if isinstance(value, pl.LazyFrame)
-        else ": convert it with polars.from_pandas"
-        if kind.__module__.startswith("pandas")
-        else ""
-    )
-    raise TypeError(
-        f"{name} must be a polars DataFrame, got {kind.__module__}.{kind.__qualname__}{hint}"
-    )
-
-
-def _cap(max_rows: Any) -> int:
-    """``max_rows`` checked: a whole number of rows, at least one."""
-    try:
-        n = operator.index(max_rows)
-    except TypeError:
-        raise TypeError(f"max_rows must be an integer, got {type(max_rows).__name__}") from None
-    if n < 1:
-        raise ValueError(f"max_rows must be at least 1; got {n}")
-    return n
 
 
 def plot_frame(frame: pl.DataFrame) -> pl.DataFrame:
@@ -1689,29 +1637,6 @@ def limit_sweep_chart(
 
 # ----------------------------------------------------------------------------- events
 
-_LANES = [
-    "limit",
-    "trade",
-    "cancel",
-    "adjustment",
-    "funding",
-    "mark",
-    "violation",
-    "block",
-    "other",
-]
-_LANE_OF = {
-    "LimitSet": "limit",
-    "TradeExecuted": "trade",
-    "TradeCancelled": "cancel",
-    "PositionUpdated": "adjustment",
-    "AccountFunded": "funding",
-    "PriceMarked": "mark",
-    "LimitViolationDetected": "violation",
-    "AccountBlocked": "block",
-    "AccountUnblocked": "block",
-}
-
 
 _EVENT_COLORS = {
     "LimitSet": "#7f7f7f",
@@ -1724,235 +1649,6 @@ _EVENT_COLORS = {
     "AccountBlocked": "#d62728",
     "AccountUnblocked": "#17becf",
 }
-
-
-def _fmt(x: float) -> str:
-    return (
-        f"{x:,.4f}".rstrip("0").rstrip(".") if abs(x) < 100 else f"{x:,.2f}".rstrip("0").rstrip(".")
-    )
-
-
-def event_lanes(
-    history: Any,
-    *,
-    start: TimeLike,
-    end: TimeLike,
-    accounts: str | Iterable[str] | None = None,
-    symbols: str | Iterable[str] | None = None,
-    max_rows: int = MAX_ROWS,
-    keep: Sequence[str] = (),
-) -> pl.DataFrame:
-    """The events between two business times, each with a lane and a one-line summary.
-
-    Parameters
-    ----------
-    history : a :class:`riskbook.History`.
-    start, end : the business-time window (inclusive).
-    accounts : only events of these accounts (marks are kept for ``symbols``; None: all;
-        one account may be given as a string).
-    symbols : the symbols whose marks and trades to show (None: all; one may be given as
-        a string).
-    max_rows : the cap; beyond it the marks are thinned first, then the other events.
-        Violations, blocks, limit changes and the events in ``keep`` are never thinned
-        away (a window that must show every event narrows its times instead: see
-        :class:`riskbook.widgets.IncidentPanel`).
-    keep : event ids that stay whatever the cap (the incident being looked at).
-
-    Returns
-    -------
-    pl.DataFrame
-        ``event_id, event_type, lane, account_id, symbol, occurred_at, timestamp,
-        position, causation_id, correlation_id, summary``, in global order.
-    """
-    lo, hi = as_time(start, "start"), as_time(end, "end")
-    if lo is None or hi is None:
-        raise ValueError("event_lanes needs both start and end")
-    accs, syms = _ids(accounts, "accounts"), _ids(symbols, "symbols")
-    max_rows = _cap(max_rows)
-    head = ["event_id", "timestamp", "position", "causation_id", "correlation_id"]
-    f = _fmt
-
-    def window(frame: pl.DataFrame, time: str) -> pl.DataFrame:
-        out = frame.filter(pl.col(time).is_between(lo, hi))
-        if accs is not None and "account_id" in out.columns:
-            out = out.filter(pl.col("account_id").cast(pl.String).is_in(accs))
-        return out
-
-    parts: list[pl.DataFrame] = []
-
-    def add(
-        frame: pl.DataFrame, kind: str, time: str, summary: pl.Expr, sym: pl.Expr | None = None
-    ) -> None:
-        if frame.height == 0:
-            return
-        parts.append(
-            frame.select(
-                *head,
-                pl.lit(kind).alias("event_type"),
-                (
-                    pl.col("account_id").cast(pl.String)
-                    if "account_id" in frame.columns
-                    else pl.lit(None, pl.String)
-                ).alias("account_id"),
-                (sym if sym is not None else pl.lit(None, pl.String)).alias("symbol"),
-                pl.col(time).alias("occurred_at"),
-                summary.alias("summary"),
-            )
-        )
-
-    def text(*pieces: pl.Expr | str) -> pl.Expr:
-        return pl.concat_str(
-            [p if isinstance(p, pl.Expr) else pl.lit(p) for p in pieces], ignore_nulls=True
-        )
-
-    def num(col: str) -> pl.Expr:
-        return pl.col(col).map_elements(f, return_dtype=pl.String)
-
-    trades = window(history.trades, "executed_at")
-    if syms is not None:
-        trades = trades.filter(pl.col("symbol").cast(pl.String).is_in(syms))
-    add(
-        trades,
-        "TradeExecuted",
-        "executed_at",
-        text(
-            pl.col("side").cast(pl.String),
-            " ",
-            num("quantity"),
-            " ",
-            pl.col("symbol").cast(pl.String),
-            " @ ",
-            num("price"),
-            " (",
-            pl.col("trade_id"),
-            ")",
-        ),
-        pl.col("symbol").cast(pl.String),
-    )
-    add(
-        window(history.cancels, "cancelled_at"),
-        "TradeCancelled",
-        "cancelled_at",
-        text("bust of ", pl.col("trade_id"), ": ", pl.col("reason")),
-    )
-    add(
-        window(history.adjustments, "updated_at"),
-        "PositionUpdated",
-        "updated_at",
-        text(
-            pl.col("symbol").cast(pl.String),
-            " ",
-            num("previous_quantity"),
-            " → ",
-            num("new_quantity"),
-            " (",
-            pl.col("reason"),
-            ")",
-        ),
-        pl.col("symbol").cast(pl.String),
-    )
-    add(
-        window(history.funding, "funded_at"),
-        "AccountFunded",
-        "funded_at",
-        text("funding ", num("amount")),
-    )
-    add(
-        window(history.limits, "set_at"),
-        "LimitSet",
-        "set_at",
-        text(
-            pl.col("limit_type").cast(pl.String),
-            " ",
-            pl.col("symbol").cast(pl.String).fill_null("(account)"),
-            " = ",
-            num("value"),
-            " by ",
-            pl.col("set_by").cast(pl.String),
-        ),
-        pl.col("symbol").cast(pl.String),
-    )
-    add(
-        window(history.violations, "detected_at"),
-        "LimitViolationDetected",
-        "detected_at",
-        text(
-            pl.col("limit_type").cast(pl.String),
-            " ",
-            (pl.col("symbol").cast(pl.String) + " ").fill_null(""),  # account-wide: none
-            num("current_value"),
-            " > ",
-            num("limit_value"),
-        ),
-        pl.col("symbol").cast(pl.String),
-    )
-    blocks = window(history.blocks, "at")
-    if blocks.height:
-        for flag, kind, word in (
-            (True, "AccountBlocked", "blocked"),
-            (False, "AccountUnblocked", "unblocked"),
-        ):
-            add(
-                blocks.filter(pl.col("blocked") == flag),
-                kind,
-                "at",
-                text(word, " by ", pl.col("by").cast(pl.String), ": ", pl.col("reason")),
-            )
-    marks = history.marks.filter(pl.col("marked_at").is_between(lo, hi))
-    if syms is not None:
-        marks = marks.filter(pl.col("symbol").cast(pl.String).is_in(syms))
-    others = sum(p.height for p in parts)
-    budget = max(0, max_rows - others)
-    if marks.height > budget:
-        marks = marks.gather_every(math.ceil(marks.height / budget)) if budget else marks.clear()
-    add(
-        marks,
-        "PriceMarked",
-        "marked_at",
-        text(pl.col("symbol").cast(pl.String), " marked ", num("price")),
-        pl.col("symbol").cast(pl.String),
-    )
-    schema: dict[str, pl.DataType] = {
-        "event_id": pl.String(),
-        "timestamp": pl.Datetime("us", "UTC"),
-        "position": pl.Int64(),
-        "causation_id": pl.String(),
-        "correlation_id": pl.String(),
-        "event_type": pl.String(),
-        "account_id": pl.String(),
-        "symbol": pl.String(),
-        "occurred_at": pl.Datetime("us", "UTC"),
-        "summary": pl.String(),
-    }
-    if not parts:
-        return pl.DataFrame(schema=schema).with_columns(pl.lit(None, pl.String).alias("lane"))
-    out = (
-        pl.concat([p.cast(schema) for p in parts])  # type: ignore[arg-type]
-        .sort("position")
-        .with_columns(pl.col("event_type").replace_strict(_LANE_OF, default="other").alias("lane"))
-    )
-    if out.height > max_rows:
-        protected = pl.col("lane").is_in(["limit", "violation", "block"]) | pl.col(
-            "event_id"
-        ).is_in(list(keep))
-        fixed = out.filter(protected)
-        rest = out.filter(~protected)
-        room = max(0, max_rows - fixed.height)
-        rest = rest.gather_every(math.ceil(rest.height / room)) if room else rest.clear()
-        out = pl.concat([fixed, rest]).sort("position")
-    return out.select(
-        "event_id",
-        "event_type",
-        "lane",
-        "account_id",
-        "symbol",
-        "occurred_at",
-        "timestamp",
-        "position",
-        "causation_id",
-        "correlation_id",
-        "summary",
-    )
 
 
 def _span(times: pl.Series) -> str:

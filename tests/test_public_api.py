@@ -6,6 +6,8 @@ import doctest
 import importlib
 import inspect
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ MODULES = [
     "riskbook.store.embedded",
     "riskbook.errors",
     "riskbook.audit",
+    "riskbook.lanes",
     "riskbook.verify",
 ]
 
@@ -49,6 +52,14 @@ def test_every_public_error_and_event_is_exported_at_the_top() -> None:
     assert set(riskbook.events.EVENT_TYPES) <= set(riskbook.__all__)
     for n in ("connect", "Store", "Envelope", "RawEvent", "Side", "LimitType"):
         assert n in riskbook.__all__
+
+
+def test_the_audit_reports_do_not_import_altair() -> None:
+    # `riskbook explain` and `riskbook incidents` print text: importing Altair for them
+    # cost a second or more per command.
+    code = "import sys, riskbook.audit, riskbook.cli; print('altair' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("name", ["riskbook.events"])
