@@ -892,7 +892,10 @@ BAD_ENVELOPES: list[tuple[dict[str, object], str]] = [
     ({"aggregate_type": None}, "TradeExecuted.aggregate_type: must be a str"),
     ({"aggregate_id": None}, "TradeExecuted.aggregate_id: must be a str"),
     ({"event_id": "not-a-uuid"}, "TradeExecuted.event_id: must be a uuid.UUID"),
-    ({"event_id": "8c1f6a52-3f4e-4f1e-9d56-2a0f5b7d9e10"}, "TradeExecuted.event_id: must be a uuid.UUID"),
+    (
+        {"event_id": "8c1f6a52-3f4e-4f1e-9d56-2a0f5b7d9e10"},
+        "TradeExecuted.event_id: must be a uuid.UUID",
+    ),
     ({"causation_id": "nope"}, "TradeExecuted.causation_id: must be a uuid.UUID"),
     ({"sequence": "1"}, "TradeExecuted.sequence: must be an int, got str"),
     ({"sequence": True}, "TradeExecuted.sequence: must be an int, got bool"),
