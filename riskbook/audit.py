@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -692,7 +693,10 @@ def explain(
     Parameters
     ----------
     critical : the processor's critical factor (``riskbook live --critical``), for
-        blocks: default :data:`riskbook.live.DEFAULT_CRITICAL`.
+        blocks. None: the factor each limit type's blocks on record state (the engine
+        writes it in a block's reason, "... > 1.5 x limit 40"), else
+        :data:`riskbook.live.DEFAULT_CRITICAL`; the notes say when that differs from
+        the default.
 
     The replay folds the account alone, so the engine's clock follows its own events
     and the marks of its symbols; another account's later events do not make one of
@@ -706,7 +710,23 @@ def explain(
     """
     from riskbook.live._engine import DEFAULT_CRITICAL
 
-    factor = DEFAULT_CRITICAL if critical is None else critical
+    factor: float | Mapping[str, float | None] | None = critical
+    read: list[str] = []
+    if critical is None:
+        on_record, mixed = _critical_on_record(history)
+        factor = on_record or DEFAULT_CRITICAL
+        if any(v != DEFAULT_CRITICAL for v in on_record.values()):
+            read.append(
+                "the critical factor is the one the engine's blocks on record state: "
+                + _factor_text(on_record)
+                + " (riskbook explain --critical F says otherwise)"
+            )
+        if mixed:
+            read.append(
+                f"the blocks on record state more than one critical factor for {', '.join(mixed)}"
+                f" (processors run with different --critical?): {DEFAULT_CRITICAL:g} is assumed"
+                " for it; riskbook explain --critical F gives the right one"
+            )
     chain = causation_chain(history, event_id)  # checks the id; KeyError when absent
     this = chain.filter(pl.col("relation") == "this").row(0, named=True)
     kind = this["event_type"]
@@ -735,6 +755,8 @@ def explain(
     check = _Check(history, event, cause, factor)
     if kind in _ALARMS and account is not None:
         check.alarm()
+        if check.checked and kind == "AccountBlocked":
+            check.notes.extend(read)
     return Incident(
         event=event,
         limit_type=check.limit_type,
@@ -1168,8 +1190,37 @@ def _factor_text(critical: float | Mapping[str, float | None] | None) -> str:
     if critical is None:
         return "none: no type blocks"
     if isinstance(critical, Mapping):
-        return ", ".join(f"{k} {v}" for k, v in critical.items())
+        from riskbook.live._engine import DEFAULT_CRITICAL
+
+        named = ", ".join(
+            f"{k} {'none' if v is None else format(v, 'g')}" for k, v in critical.items()
+        )
+        return f"{named}, any other {DEFAULT_CRITICAL:g}"
     return f"{critical:g}"
+
+
+# The reason the engine writes in a block: "critical MaxPositionSize ACME: 65 > 1.5 x
+# limit 40" (the symbol only for a per-symbol type).
+_BLOCK_REASON = re.compile(r"^critical (?P<type>\S+)(?: [^:]*)?: .* > (?P<level>\S+) x limit \S+$")
+
+
+def _critical_on_record(history: History) -> tuple[dict[str, float], list[str]]:
+    """The critical factor of each limit type as the engine's blocks on record state it,
+    and the types whose blocks state more than one (left out of the first)."""
+    reasons = history.blocks.filter(pl.col("blocked"))["reason"].drop_nulls().unique()
+    levels: dict[str, set[float]] = {}
+    for reason in reasons:
+        m = _BLOCK_REASON.match(reason)
+        if m is None:
+            continue
+        try:
+            level = float(m["level"])
+        except ValueError:
+            continue
+        if math.isfinite(level) and level >= 1.0:
+            levels.setdefault(m["type"], set()).add(level)
+    found = {t: next(iter(v)) for t, v in sorted(levels.items()) if len(v) == 1}
+    return found, sorted(t for t, v in levels.items() if len(v) > 1)
 
 
 def _unblock(history: History, event: dict[str, Any]) -> dict[str, Any] | None:

@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_critical,
         default=None,
         help="the processor's critical factor, for blocks (as `riskbook live --critical`;"
-        " default 1.2)",
+        " default: the factor its blocks on record state, else 1.2)",
     )
     exp_.add_argument(
         "--format",

@@ -289,6 +289,61 @@ def test_a_block_with_no_unblock_says_the_account_is_still_blocked() -> None:
     assert "a person's decision" in incident.notes[0]
 
 
+def _engine_wrote(e: _Envelopes, critical: float) -> None:
+    """Append what a live engine of this critical factor decides over ``e``."""
+    from riskbook.live import Engine
+
+    by_id = {str(x.event_id): x for x in e.items}
+    for effect in Engine(critical=critical).apply(e.history(), written=False):
+        e.add(effect.event, cause=by_id[effect.causation_id])
+
+
+def test_the_critical_factor_is_the_one_the_blocks_on_record_state() -> None:
+    # A processor run with --critical 1.5 blocked at 65 against 40, not at 50 (1.25x);
+    # judged with the default 1.2, its block read as one the engine would not decide.
+    e = _Envelopes()
+    e.add(riskbook.AccountFunded(account_id="A", amount=1e6, funded_at=T0))
+    e.add(_limit("MaxPositionSize", 40.0))
+    e.add(_fill(1, 50.0, _at(1)))
+    e.add(_fill(2, 15.0, _at(2)))
+    _engine_wrote(e, 1.5)
+    block = next(x for x in e.items if isinstance(x.payload, riskbook.AccountBlocked))
+    assert block.payload.reason.endswith("> 1.5 x limit 40")
+    incident = audit.explain(e.history(), str(block.event_id))
+    assert incident.checked and incident.findings == []
+    assert incident.engine_saw == 65.0 and incident.violation is not None
+    said = [n for n in incident.notes if "critical factor" in n]
+    assert said == [
+        "the critical factor is the one the engine's blocks on record state: MaxPositionSize"
+        " 1.5, any other 1.2 (riskbook explain --critical F says otherwise)"
+    ]
+    told = audit.explain(e.history(), str(block.event_id), critical=1.2)
+    assert len(told.findings) == 1 and "critical factor 1.2" in told.findings[0]
+
+    # two processors' factors on record for one type: the default, and a note saying so
+    other = _Envelopes()
+    other.items = list(e.items)
+    other.add(
+        riskbook.AccountBlocked(
+            account_id="A",
+            reason="critical MaxPositionSize ACME: 99 > 2 x limit 40",
+            blocked_by="riskbook-live",
+            blocked_at=_at(3),
+        )
+    )
+    mixed = audit.explain(other.history(), str(block.event_id))
+    assert len(mixed.findings) == 1
+    assert any("more than one critical factor for MaxPositionSize" in n for n in mixed.notes)
+
+    # the default factor on record: nothing to say
+    plain = _Envelopes()
+    plain.items = list(e.items[:4])
+    _engine_wrote(plain, 1.2)
+    block = next(x for x in plain.items if isinstance(x.payload, riskbook.AccountBlocked))
+    incident = audit.explain(plain.history(), str(block.event_id))
+    assert incident.findings == [] and not any("critical factor" in n for n in incident.notes)
+
+
 def test_to_dict_is_json_with_times_as_text_and_infinity_as_the_largest_double() -> None:
     e = _Envelopes()
     e.add(_limit("MaxLeverage", 3.0))

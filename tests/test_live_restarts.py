@@ -159,7 +159,13 @@ def test_a_deadlock_in_the_commit_is_retried_and_nothing_is_lost_or_doubled(
         s.append("A", [trade("A", "Sell", 150, 3), trade("A", "Buy", 200, 4)])
         history = riskbook.load(s, progress=False, cache=False)
         want = Counter((e.kind, e.account_id, e.causation_id) for e in Engine().apply(history))
-        wait_for(lambda: keys(effects_of(s, "dl")) == want, timeout=20)
+        try:
+            wait_for(lambda: keys(effects_of(s, "dl")) == want, timeout=60)
+        except AssertionError:
+            got = keys(effects_of(s, "dl"))
+            raise AssertionError(
+                f"missing {want - got}, extra {got - want}; {p.status}; {p.error}"
+            ) from None
         assert p.error is None and p.running and p.status == "running", p.status
         assert "deadlock detected" in caplog.text and "lost or refused" not in caplog.text
         time.sleep(0.3)
