@@ -475,6 +475,35 @@ def _cut(
     return _hold(small, x=x, by=by, end=end)
 
 
+def _split_at(rows: pl.DataFrame, times: pl.Series | None, *, x: str) -> pl.DataFrame:
+    """A one-series step timeline with a row at each of ``times`` inside it, holding the
+    values of the row before (its ``event_type`` says LimitSet).
+
+    A limit changed between two rows changes what is over it there, not at the next
+    row: without the row, the red of a drawdown over the old limit ran on past a limit
+    raised above it.
+    """
+    if times is None or rows.height == 0:
+        return rows
+    rows = rows.sort(x, maintain_order=True)
+    at = (
+        times.cast(rows.schema[x])
+        .to_frame(x)
+        .filter(pl.col(x).is_between(rows[x].min(), rows[x].max(), closed="none"))
+        .unique()
+        .join(rows.select(x), on=x, how="anti")
+        .sort(x)
+    )
+    if at.height == 0:
+        return rows
+    held = at.join_asof(rows.drop("event_type", strict=False), on=x, strategy="backward")
+    if "event_type" in rows.columns:
+        held = held.with_columns(
+            pl.lit("LimitSet").cast(rows.schema["event_type"]).alias("event_type")
+        )
+    return pl.concat([rows, held.select(rows.columns)]).sort(x, maintain_order=True)
+
+
 def _between(lo: datetime | None, hi: datetime | None) -> str:
     """A time range for a subtitle, with its date: a short window's axis shows none."""
     if lo is None or hi is None:
@@ -1013,6 +1042,7 @@ def equity_chart(
     )
     n_over = int(_over_limit(frame, steps, "drawdown")["over"].sum())
     small = _cut(frame, x="occurred_at", y=["equity", "drawdown"], max_rows=max_rows, end=hi)
+    small = _split_at(small, None if steps is None else steps["set_at"], x="occurred_at")
     data = plot_frame(
         _over_limit(small, steps, "drawdown")
         .with_columns(

@@ -870,6 +870,25 @@ def test_position_and_equity_charts_mark_rows_over_the_limit() -> None:
     assert chart.to_dict()["resolve"] == {"scale": {"x": "shared"}}
 
 
+def test_the_red_of_a_drawdown_ends_where_the_limit_is_raised_above_it() -> None:
+    # The limit went from 4% to 90% at minute 5, between two timeline rows (minutes 4
+    # and 8): the red ran on to minute 8.
+    h = _two_accounts(
+        _set("MaxDrawdown", 0.04),
+        riskbook.PriceMarked(symbol="ACME", price=5.0, marked_at=T0 + timedelta(minutes=4)),
+        _set("MaxDrawdown", 0.9, set_at=T0 + timedelta(minutes=5)),
+        riskbook.PriceMarked(symbol="BOLT", price=10.0, marked_at=T0 + timedelta(minutes=8)),
+    )
+    chart = viz.equity_chart(riskbook.account_timeline(h), account="ACC-1", limits=h.limits)
+    rows = {r["t"]: r for r in rows_with(chart, "drawdown_over")}
+    four, five, eight = (ms(T0 + timedelta(minutes=m)) for m in (4, 5, 8))
+    assert rows[four]["drawdown_over"] > 0.04 and rows[four]["limit"] == 0.04
+    assert rows[five]["drawdown"] == rows[four]["drawdown"]  # held until the next row
+    assert (rows[five]["drawdown_over"], rows[five]["limit"]) == (0.0, 0.9)
+    assert rows[five]["event_type"] == "LimitSet" and rows[eight]["drawdown_over"] == 0.0
+    assert "red: 1 timeline row over it" in subtitle(chart)  # the rows of the history
+
+
 def test_event_chart_keeps_its_window_when_an_event_was_recorded_late() -> None:
     h = _two_accounts()
     lanes = viz.event_lanes(h, start=T0, end=T0 + timedelta(minutes=30))
