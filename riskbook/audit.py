@@ -693,10 +693,10 @@ def explain(
     Parameters
     ----------
     critical : the processor's critical factor (``riskbook live --critical``), for
-        blocks. None: the factor each limit type's blocks on record state (the engine
-        writes it in a block's reason, "... > 1.5 x limit 40"), else
-        :data:`riskbook.live.DEFAULT_CRITICAL`; the notes say when that differs from
-        the default.
+        blocks. None: for each limit type, the factor the engine's blocks on record
+        state (it writes it in a block's reason, "... > 1.5 x limit 40"; a block being
+        explained: its own), else :data:`riskbook.live.DEFAULT_CRITICAL`; the notes say
+        when that differs from the default.
 
     The replay folds the account alone, so the engine's clock follows its own events
     and the marks of its symbols; another account's later events do not make one of
@@ -708,25 +708,6 @@ def explain(
     >>> incident = riskbook.audit.explain(history, block_id)  # doctest: +SKIP
     >>> print(incident)                                       # doctest: +SKIP
     """
-    from riskbook.live._engine import DEFAULT_CRITICAL
-
-    factor: float | Mapping[str, float | None] | None = critical
-    read: list[str] = []
-    if critical is None:
-        on_record, mixed = _critical_on_record(history)
-        factor = on_record or DEFAULT_CRITICAL
-        if any(v != DEFAULT_CRITICAL for v in on_record.values()):
-            read.append(
-                "the critical factor is the one the engine's blocks on record state: "
-                + _factor_text(on_record)
-                + " (riskbook explain --critical F says otherwise)"
-            )
-        if mixed:
-            read.append(
-                f"the blocks on record state more than one critical factor for {', '.join(mixed)}"
-                f" (processors run with different --critical?): {DEFAULT_CRITICAL:g} is assumed"
-                " for it; riskbook explain --critical F gives the right one"
-            )
     chain = causation_chain(history, event_id)  # checks the id; KeyError when absent
     this = chain.filter(pl.col("relation") == "this").row(0, named=True)
     kind = this["event_type"]
@@ -752,6 +733,7 @@ def explain(
         limits = limits_in_force(
             history.limits, account=account, at=event["occurred_at"], known_at=event["timestamp"]
         )
+    factor, read = (critical, []) if critical is not None else _critical_read(history, event)
     check = _Check(history, event, cause, factor)
     if kind in _ALARMS and account is not None:
         check.alarm()
@@ -1204,23 +1186,53 @@ def _factor_text(critical: float | Mapping[str, float | None] | None) -> str:
 _BLOCK_REASON = re.compile(r"^critical (?P<type>\S+)(?: [^:]*)?: .* > (?P<level>\S+) x limit \S+$")
 
 
-def _critical_on_record(history: History) -> tuple[dict[str, float], list[str]]:
-    """The critical factor of each limit type as the engine's blocks on record state it,
-    and the types whose blocks state more than one (left out of the first)."""
+def _stated_level(reason: str | None) -> tuple[str, float] | None:
+    """(limit type, critical factor) as an engine's block reason states them, or None."""
+    m = _BLOCK_REASON.match(reason or "")
+    if m is None:
+        return None
+    try:
+        level = float(m["level"])
+    except ValueError:
+        return None
+    return (m["type"], level) if math.isfinite(level) and level >= 1.0 else None
+
+
+def _critical_read(
+    history: History, event: dict[str, Any]
+) -> tuple[float | dict[str, float], list[str]]:
+    """The critical factor to replay with when none is given, and the notes saying so.
+
+    For each limit type, the factor the engine's blocks on record state (a block being
+    explained: the one its own reason states); a type whose blocks state two factors,
+    or none, gets the default.
+    """
+    from riskbook.live._engine import DEFAULT_CRITICAL
+
     reasons = history.blocks.filter(pl.col("blocked"))["reason"].drop_nulls().unique()
     levels: dict[str, set[float]] = {}
-    for reason in reasons:
-        m = _BLOCK_REASON.match(reason)
-        if m is None:
-            continue
-        try:
-            level = float(m["level"])
-        except ValueError:
-            continue
-        if math.isfinite(level) and level >= 1.0:
-            levels.setdefault(m["type"], set()).add(level)
+    for stated in filter(None, map(_stated_level, reasons)):
+        levels.setdefault(stated[0], set()).add(stated[1])
+    if event["event_type"] == "AccountBlocked":
+        own = _stated_level(_rows_of(history.blocks, event["event_id"])["reason"])
+        if own is not None:
+            levels[own[0]] = {own[1]}
     found = {t: next(iter(v)) for t, v in sorted(levels.items()) if len(v) == 1}
-    return found, sorted(t for t, v in levels.items() if len(v) > 1)
+    mixed = sorted(t for t, v in levels.items() if len(v) > 1)
+    notes = []
+    if any(v != DEFAULT_CRITICAL for v in found.values()):
+        notes.append(
+            "the critical factor is the one the engine's blocks on record state: "
+            + _factor_text(found)
+            + " (riskbook explain --critical F says otherwise)"
+        )
+    if mixed:
+        notes.append(
+            f"the blocks on record state more than one critical factor for {', '.join(mixed)}"
+            f" (processors run with different --critical?): {DEFAULT_CRITICAL:g} is assumed"
+            " for it; riskbook explain --critical F gives the right one"
+        )
+    return found or DEFAULT_CRITICAL, notes
 
 
 def _unblock(history: History, event: dict[str, Any]) -> dict[str, Any] | None:

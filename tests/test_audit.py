@@ -320,20 +320,43 @@ def test_the_critical_factor_is_the_one_the_blocks_on_record_state() -> None:
     told = audit.explain(e.history(), str(block.event_id), critical=1.2)
     assert len(told.findings) == 1 and "critical factor 1.2" in told.findings[0]
 
-    # two processors' factors on record for one type: the default, and a note saying so
+    # another processor's block at 2x on record: this block's own reason still rules
     other = _Envelopes()
     other.items = list(e.items)
     other.add(
         riskbook.AccountBlocked(
-            account_id="A",
+            account_id="B",
             reason="critical MaxPositionSize ACME: 99 > 2 x limit 40",
             blocked_by="riskbook-live",
             blocked_at=_at(3),
         )
     )
-    mixed = audit.explain(other.history(), str(block.event_id))
-    assert len(mixed.findings) == 1
-    assert any("more than one critical factor for MaxPositionSize" in n for n in mixed.notes)
+    assert audit.explain(other.history(), str(block.event_id)).findings == []
+
+    # a block whose reason states no factor, two factors on record: the default, and a
+    # note saying so (50 > 1.2 x 40 = 48: the default blocks here)
+    mixed = _alarm(50.0, 40.0)
+    own = mixed.add(
+        riskbook.AccountBlocked(
+            account_id="A",
+            reason="over the limit",
+            blocked_by="riskbook-live",
+            blocked_at=_at(1, seconds=2),
+        ),
+        cause=mixed.items[2],
+    )
+    for account, level in (("B", 1.5), ("C", 2.0)):
+        mixed.add(
+            riskbook.AccountBlocked(
+                account_id=account,
+                reason=f"critical MaxPositionSize ACME: 99 > {level:g} x limit 40",
+                blocked_by="riskbook-live",
+                blocked_at=_at(3),
+            )
+        )
+    incident = audit.explain(mixed.history(), str(own.event_id))
+    assert incident.checked and incident.findings == []
+    assert any("more than one critical factor for MaxPositionSize" in n for n in incident.notes)
 
     # the default factor on record: nothing to say
     plain = _Envelopes()
