@@ -504,6 +504,12 @@ def _split_at(rows: pl.DataFrame, times: pl.Series | None, *, x: str) -> pl.Data
     return pl.concat([rows, held.select(rows.columns)]).sort(x, maintain_order=True)
 
 
+def _si_axis() -> alt.Axis:
+    """An axis of SI-prefixed numbers (2M, 500k). Vega gives every tick the prefix of
+    the largest, so zero read "0M": it reads "0"."""
+    return alt.Axis(format="~s", labelExpr="datum.value == 0 ? '0' : datum.label")
+
+
 def _between(lo: datetime | None, hi: datetime | None) -> str:
     """A time range for a subtitle, with its date: a short window's axis shows none."""
     if lo is None or hi is None:
@@ -595,7 +601,11 @@ def exposure_chart(
     data = plot_frame(frame.rename({"occurred_at": "t"}))
     pick = alt.selection_point(fields=["account_id"], bind="legend")
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
-    y_axis = alt.Axis(format={"drawdown": "%", "leverage": ".2~f"}.get(measure, "~s"))
+    y_axis = (
+        alt.Axis(format={"drawdown": "%", "leverage": ".2~f"}[measure])
+        if measure in ("drawdown", "leverage")
+        else _si_axis()
+    )
     lines = (
         alt.Chart(data)
         .mark_line(interpolate="step-after", strokeWidth=1.4)
@@ -681,7 +691,7 @@ def exposure_at_chart(
             x=alt.X(
                 f"sum({value}):Q",
                 title="market value (long + / short -)",
-                axis=alt.Axis(format="~s"),
+                axis=_si_axis(),
             ),
             color=alt.Color("symbol:N", scale=alt.Scale(scheme="tableau10")),
             tooltip=[
@@ -839,7 +849,7 @@ def position_chart(
         .mark_line(interpolate="step-after", strokeWidth=1.4)
         .encode(
             x=_x(),
-            y=alt.Y("quantity:Q", title="position (quantity)", axis=alt.Axis(format="~s")),
+            y=alt.Y("quantity:Q", title="position (quantity)", axis=_si_axis()),
             color=color,
             tooltip=tips,
         )
@@ -1061,9 +1071,7 @@ def equity_chart(
     zoom = alt.selection_interval(encodings=["x"], bind="scales")
     base = alt.Chart(data).encode(x=_x(title=None))
     gap = base.mark_area(interpolate="step-after", color="#d62728", opacity=0.25).encode(
-        y=alt.Y(
-            "equity:Q", title="equity", scale=alt.Scale(zero=False), axis=alt.Axis(format="~s")
-        ),
+        y=alt.Y("equity:Q", title="equity", scale=alt.Scale(zero=False), axis=_si_axis()),
         y2="peak_equity:Q",
     )
     peak = base.mark_line(interpolate="step-after", color="#999", strokeDash=[3, 3]).encode(

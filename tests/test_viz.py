@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -887,6 +888,16 @@ def test_the_red_of_a_drawdown_ends_where_the_limit_is_raised_above_it() -> None
     assert (rows[five]["drawdown_over"], rows[five]["limit"]) == (0.0, 0.9)
     assert rows[five]["event_type"] == "LimitSet" and rows[eight]["drawdown_over"] == 0.0
     assert "red: 1 timeline row over it" in subtitle(chart)  # the rows of the history
+
+
+def test_si_axes_label_zero_as_zero(tmp_path: Path) -> None:
+    # Vega gives every tick the prefix of the largest: the zero of a 0-2k axis read "0k"
+    # (the sample's exposure chart: "0M").
+    chart = viz.exposure_chart(riskbook.account_timeline(_two_accounts()))
+    svg = viz.save_svg(chart, tmp_path / "exposure.svg").read_text()
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert "0" in texts and "0k" not in texts, texts
+    assert {"1k", "2k"} <= set(texts)  # the prefix stays on the others
 
 
 def test_event_chart_keeps_its_window_when_an_event_was_recorded_late() -> None:
