@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import polars as pl
+
+TimeLike = datetime | str | None
+"""A time argument: a datetime with a time zone, RFC 3339 text, or None."""
 
 MAX_ROWS = 4_000
 """Default cap on the rows a chart carries (Altair refuses more than 5,000 per dataset)."""

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 import polars as pl
 
-from riskbook._checks import MAX_ROWS, _cap, _ids
+from riskbook._checks import MAX_ROWS, TimeLike, _cap, _ids
 from riskbook.events import as_time
 
 __all__ = ["event_lanes"]
 
-TimeLike = datetime | str | None
 
 _LANES = [
     "limit",

@@ -63,7 +63,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from riskbook._checks import MAX_ROWS, _cap, _frame, _ids
+from riskbook._checks import MAX_ROWS, TimeLike, _cap, _frame, _ids
 from riskbook.events import as_time
 from riskbook.lanes import _LANES, event_lanes
 
@@ -120,8 +120,6 @@ _LEVEL_RAMP = ((0.5, "#f7e7a6"), *LEVEL_COLORS.items(), (1.5, "#67000d"))
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%L"
 _WIDTH = 720
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-TimeLike = datetime | str | None
 
 
 # ----------------------------------------------------------------------------- setup
