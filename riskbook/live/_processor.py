@@ -47,7 +47,13 @@ from riskbook.errors import RiskbookError, StoreError
 from riskbook.frames import Filters, History, _read
 from riskbook.live._engine import DEFAULT_CRITICAL, Effect, Engine
 from riskbook.store import Store, connect
-from riskbook.store.eventstore import NOTIFY_CHANNEL, TransientStoreError, _read_after
+from riskbook.store.eventstore import (
+    NOTIFY_CHANNEL,
+    Append,
+    TransientStoreError,
+    _JsonBytesLoader,
+    _read_after,
+)
 
 __all__ = ["Commit", "Processor"]
 
@@ -387,6 +393,7 @@ class Processor:
             return
         self.status = "connecting"
         conn = self._db(lambda: psycopg.connect(self.store.dsn, autocommit=True))
+        conn.adapters.register_loader("jsonb", _JsonBytesLoader)  # msgspec decodes them
         deadline = None if wait is None else time.monotonic() + wait
 
         def lock_and_load() -> int | None:
@@ -538,19 +545,16 @@ class Processor:
                 accounts = sorted({e.account_id for e in effects})
                 conn.execute(_LOCK_EFFECT_ACCOUNTS_SQL, (accounts,))
                 effects = self._not_stored(conn, effects)
-            for e in effects:
-                try:
-                    self.store.append_in(
-                        conn,
-                        e.account_id,
-                        [e.event],
-                        correlation_id=e.correlation_id,
-                        causation_id=uuid.UUID(e.causation_id),
-                        metadata={"processor": self.name},
-                    )
-                except StoreError as exc:  # translated by the store: passes, or refused?
-                    retry = isinstance(exc, TransientStoreError) or conn.broken or conn.closed
-                    raise self._failure(str(exc), retry=retry) from None
+            meta = {"processor": self.name}
+            appends = [
+                Append(e.account_id, [e.event], e.correlation_id, uuid.UUID(e.causation_id), meta)
+                for e in effects
+            ]
+            try:
+                self.store.append_each_in(conn, appends)  # one statement for them all
+            except StoreError as exc:  # translated by the store: passes, or refused?
+                retry = isinstance(exc, TransientStoreError) or conn.broken or conn.closed
+                raise self._failure(str(exc), retry=retry) from None
             if self.before_commit is not None:
                 self.before_commit(effects)
         return effects

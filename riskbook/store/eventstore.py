@@ -64,7 +64,7 @@ from riskbook.events import (
 )
 from riskbook.store import migrations
 
-__all__ = ["ImportResult", "Store", "connect", "redact", "scrub"]
+__all__ = ["Append", "ImportResult", "Store", "connect", "redact", "scrub"]
 
 NOTIFY_CHANNEL = "riskbook_events"
 _COLUMNS = (
@@ -475,6 +475,62 @@ class Store:
             conn.execute("SELECT 1")  # open the caller's transaction: attempts are savepoints
         return self._append_retrying(conn, batch, savepoint=True)
 
+    def append_each_in(
+        self, conn: psycopg.Connection, appends: Sequence[Append]
+    ) -> list[list[Envelope]]:
+        """Several :meth:`append_in` at once, each to its own aggregate after whatever
+        is there (no expected version), in one statement: one round trip and one run of
+        the store's insert trigger for them all, where one append each costs three
+        round trips and a trigger run (~1.5 ms an append here). The live processor
+        commits a micro-batch's effects so. Returns each append's envelopes; the
+        positions follow the order of ``appends``. Atomic: all of them or none.
+        """
+        batches = [
+            _AppendBatch(
+                a.aggregate_id, a.events, None, a.correlation_id, a.causation_id, a.metadata
+            )
+            for a in appends
+        ]
+        params: dict[str, list[Any]] = {k: [] for k in _APPEND_EACH_ARRAYS}
+        for b in batches:
+            n = len(b.events)
+            if not n:
+                continue
+            params["aggs"] += [b.aggregate_id] * n
+            params["agg_types"] += [b.aggregate_type] * n
+            params["ids"] += b.ids
+            params["types"] += [type(e).__name__ for e in b.events]
+            params["payloads"] += [encode_event(e).decode() for e in b.events]
+            params["causations"] += [b.causation] * n
+            params["correlations"] += [b.correlation] * n
+            params["metadatas"] += [b.params["metadata"]] * n
+        if not params["ids"]:
+            return [[] for _ in batches]
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("SELECT 1")  # open the caller's transaction: attempts are savepoints
+        for _ in range(50):
+            try:
+                with conn.transaction():
+                    rows = conn.execute(
+                        _APPEND_EACH_SQL, {**params, "n": len(params["ids"])}
+                    ).fetchall()
+            except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == _TRADE_KEY:
+                    raise _trade_id_taken(exc) from None
+                if exc.diag.constraint_name != "events_aggregate_sequence_key":
+                    raise self._translate(exc) from None
+                continue  # another writer appended to one of them first: go after it
+            except psycopg.Error as exc:
+                raise self._translate(exc) from None
+            rows.sort()  # positions in the order of the appends
+            out = []
+            for b in batches:
+                n = len(b.events)
+                out.append(b.envelopes(rows[:n]) if n else [])
+                del rows[:n]
+            return out
+        raise StoreError("too much contention on the aggregates of the appends, gave up")
+
     def _append_retrying(
         self, conn: psycopg.Connection, batch: _AppendBatch, *, savepoint: bool
     ) -> list[Envelope]:
@@ -803,7 +859,7 @@ def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list
         " AND position < riskbook_position_fence() ORDER BY position LIMIT %s",
         (after, limit),
     )
-    return [_envelope(r) for r in cur]
+    return [_envelope(r) for r in cur.fetchall()]  # fetchall: rows made in C, not one by one
 
 
 # The whole append is one statement (arrays are sent in binary: as text, quoting a
@@ -872,6 +928,60 @@ SELECT new.position, %(id)s::uuid, %(type)s, %(agg)s, %(agg_type)s, new.sequence
 RETURNING position, sequence, "timestamp"
 """
 )
+
+
+# Several appends, each to its own aggregate after its head (no expected version), in
+# one statement: every aggregate's head, one reservation of positions for them all (in
+# the order given), each aggregate's sequences and hash chain on from its head.
+_APPEND_EACH_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(%(aggs)s::text[], %(agg_types)s::text[], %(ids)s::uuid[],
+                         %(types)s::text[], %(payloads)s::text[]::jsonb[],
+                         %(causations)s::uuid[], %(correlations)s::text[],
+                         %(metadatas)s::text[]::jsonb[])
+           WITH ORDINALITY AS t(agg, agg_type, event_id, event_type, payload, causation,
+                                correlation, metadata, ord)
+), head AS (
+    SELECT a.agg, coalesce(last.sequence, 0) AS v, coalesce(last.hash, '\\x'::bytea) AS h
+      FROM (SELECT DISTINCT agg FROM input) a
+      LEFT JOIN LATERAL (SELECT sequence, hash FROM events WHERE aggregate_id = a.agg
+                          ORDER BY sequence DESC LIMIT 1) last ON true
+), base AS (
+    SELECT riskbook_reserve_positions(%(n)s) AS b
+), new AS (
+    SELECT i.*, head.v + row_number() OVER (PARTITION BY i.agg ORDER BY i.ord) AS sequence,
+           clock_timestamp() AS recorded, head.h
+      FROM input i JOIN head ON head.agg = i.agg
+)
+INSERT INTO events (position, event_id, event_type, aggregate_id, aggregate_type, sequence,
+                    "timestamp", causation_id, correlation_id, metadata, payload, hash)
+SELECT base.b + new.ord - 1, new.event_id, new.event_type, new.agg, new.agg_type,
+       new.sequence, new.recorded, new.causation, new.correlation, new.metadata, new.payload,
+       riskbook_chain(new.h, riskbook_event_digest(
+           new.event_id, new.event_type, new.agg, new.agg_type, new.sequence, new.recorded,
+           new.causation, new.correlation, new.metadata, new.payload))
+           OVER (PARTITION BY new.agg ORDER BY new.ord)
+  FROM new, base
+ ORDER BY new.ord
+RETURNING position, sequence, "timestamp"
+"""
+
+
+_APPEND_EACH_ARRAYS = (
+    "aggs", "agg_types", "ids", "types", "payloads", "causations", "correlations", "metadatas"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Append:
+    """One append of :meth:`Store.append_each_in`: ``events`` to ``aggregate_id``, with
+    the envelope fields :meth:`Store.append` takes."""
+
+    aggregate_id: str
+    events: Sequence[Event]
+    correlation_id: str | None = None
+    causation_id: uuid.UUID | str | None = None
+    metadata: Mapping[str, Any] | None = None
 
 
 class _AppendBatch:
