@@ -707,6 +707,8 @@ def _intervals(
     """The kernel's interval records as a frame of :data:`BREACH_SCHEMA` (+ ``carried``),
     in order (started_at, account_id, symbol, level); and the record of each row."""
     n = r["key"].shape[0]
+    if n == 0 and name in _NO_INTERVALS:  # most live batches of a type: the same empty frame
+        return _NO_INTERVALS[name], np.empty(0, np.int64)
     level = np.asarray(levels, np.float64)[r["lvl"]]
     rank = k.ranks()[r["key"]] if n > 1 else np.zeros(n, np.int64)
     perm = np.lexsort((level, rank, r["sbt"]))
@@ -771,17 +773,31 @@ def _intervals(
         )
         perm = out["_rec"].to_numpy()
         out = out.drop("_rec")
+    if n == 0:
+        _NO_INTERVALS[name] = out  # frames are never changed in place: shared
     return out, perm
+
+
+_NO_INTERVALS: dict[str, pl.DataFrame] = {}
+"""Per limit type, the empty interval frame (building one costs ~25 polars calls)."""
 
 
 def _open_frame(still: pl.DataFrame) -> pl.DataFrame:
     """The open breaches of a state (:data:`_OPEN_SCHEMA`) from their intervals."""
-    return pl.DataFrame(
+    if still.height == 0 and _NO_OPEN:
+        return _NO_OPEN[0]
+    out = pl.DataFrame(
         [
             still[c].cast(pl.String) if c in ("account_id", "symbol", "set_by") else still[c]
             for c in _OPEN_SCHEMA
         ]
     )
+    if still.height == 0:
+        _NO_OPEN.append(out)
+    return out
+
+
+_NO_OPEN: list[pl.DataFrame] = []
 
 
 def _grow(arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
