@@ -661,7 +661,13 @@ _MICRO = timedelta(microseconds=1)
 
 
 def _micros(times: list[datetime | None]) -> list[int | None]:
-    return [None if t is None else (t - _EPOCH) // _MICRO for t in times]
+    try:
+        return [None if t is None else (t - _EPOCH) // _MICRO for t in times]
+    except TypeError:  # a naive time (an envelope built by hand): UTC, as polars takes it
+        return [
+            None if t is None else ((t if t.tzinfo else t.replace(tzinfo=UTC)) - _EPOCH) // _MICRO
+            for t in times
+        ]
 
 
 def _empty(name: str) -> pl.DataFrame:

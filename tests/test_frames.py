@@ -6,7 +6,7 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -572,3 +572,20 @@ def test_histories_built_in_memory_check_events_as_append_does() -> None:
     assert not isinstance(stored, riskbook.RawEvent)
     read = riskbook.Envelope(uuid.uuid4(), "ACC-1", "Account", 1, T0, stored, "c")
     assert History.from_envelopes([read]).limits["limit_type"].to_list() == ["MaxVaRNotHere"]
+
+
+def test_an_envelopes_recorded_time_without_a_zone_reads_as_utc() -> None:
+    # the frames are built from microseconds since the epoch: a naive recorded time (an
+    # envelope built by hand) is UTC, as it was when Polars took the datetimes itself
+    naive = T0.replace(tzinfo=None)
+    paris = T0.astimezone(timezone(timedelta(hours=1)))
+    built = [
+        History.from_envelopes(
+            [riskbook.Envelope(uuid.UUID(int=1), "ACC-1", "Account", 1, at, _trade_of(), "c")]
+        )
+        for at in (T0, naive, paris)
+    ]
+    for h in built:
+        assert h.events["timestamp"].to_list() == [T0]
+        assert h.trades["timestamp"].to_list() == [T0]
+        assert_same(built[0], h)
