@@ -596,9 +596,9 @@ class Engine:
             state=self.breach.get(name),
             through=through,
         )
-        if intervals.height == 0:  # most batches: nothing opened or closed (no filters)
+        if intervals.height == 0:  # most batches: nothing opened or closed (no polars calls)
             self.open_now[name] = intervals
-            return intervals.with_columns(limit_type=pl.lit(name))
+            return intervals  # (without limit_type: _effects passes over empty frames)
         self.open_now[name] = intervals.filter(pl.col("ended_at").is_null())
         return intervals.filter(~pl.col("carried")).with_columns(limit_type=pl.lit(name))
 
@@ -974,7 +974,8 @@ class Engine:
         :class:`Effect`'s ``value`` keeps ``inf``. ``riskbook.reconcile`` matches
         violations by cause and limit, so the clamped value reconciles as any other.
         """
-        starts = pl.concat(found) if found else pl.DataFrame()
+        found = [f for f in found if f.height]  # the empty ones may lack limit_type
+        starts = (found[0] if len(found) == 1 else pl.concat(found)) if found else pl.DataFrame()
         if starts.height == 0:
             self._note_blocks(blocks)
             return []
