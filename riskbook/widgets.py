@@ -32,6 +32,7 @@ Display a panel by leaving it as a cell's last expression (or ``display(panel)``
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import threading
@@ -240,9 +241,66 @@ def _formatted(v: Any, spec: str | Callable[[Any], str]) -> str:
     return spec(v) if callable(spec) else format(v, spec)
 
 
+# The module of every riskbook chart: small, so that anywidget finds it loaded at once.
+# It imports the chart code (altair's JupyterChart with Vega bundled, ~0.9 MB) once per
+# page, shared by every chart of the page, and renders with it.
+_CHART_ESM = """
+const bundles = (globalThis.__riskbookChartBundles ??= new Map());
+export default {
+  async render({ model, el, experimental }) {
+    const id = model.get("_bundle_id");
+    let loading = bundles.get(id);
+    if (loading === undefined) {
+      const url = URL.createObjectURL(
+        new Blob([model.get("_bundle")], { type: "text/javascript" }));
+      loading = import(url).finally(() => URL.revokeObjectURL(url));
+      bundles.set(id, loading);
+    }
+    const chart = await loading;
+    return chart.default.render({ model, el, experimental });
+  },
+};
+"""
+
+
+class _Chart(alt.JupyterChart):
+    """``altair.JupyterChart`` whose module loads at once, the chart code behind it.
+
+    anywidget 0.11 drops every later message from the kernel to a widget whose module
+    took more than 2 s to load (its runtime's ``ready`` is rejected by a timer, and the
+    model's message handler awaits it): JupyterChart's own module is the 0.9 MB Vega
+    bundle, parsed again for each chart, and on a busy machine a chart drew once and
+    then never redrew. Here the module is a few lines; the bundle comes in a trait of
+    its own and is imported once per page (see ``_CHART_ESM``).
+    """
+
+    _esm = _CHART_ESM
+    _bundle = traitlets.Unicode().tag(sync=True)
+    _bundle_id = traitlets.Unicode().tag(sync=True)
+
+    @traitlets.default("_bundle")
+    def _default_bundle(self) -> str:
+        return _chart_bundle()[0]
+
+    @traitlets.default("_bundle_id")
+    def _default_bundle_id(self) -> str:
+        return _chart_bundle()[1]
+
+
+_BUNDLE: list[tuple[str, str]] = []
+
+
+def _chart_bundle() -> tuple[str, str]:
+    """altair's JupyterChart module with Vega bundled (no CDN), and a hash naming it."""
+    if not _BUNDLE:
+        alt.JupyterChart.enable_offline(offline=True)  # Vega from vl-convert's bundle
+        code = str(alt.JupyterChart._esm)
+        _BUNDLE.append((code, hashlib.sha256(code.encode()).hexdigest()[:16]))
+    return _BUNDLE[0]
+
+
 def _chart_widget(chart: Any) -> alt.JupyterChart:
-    alt.JupyterChart.enable_offline(offline=True)  # Vega from vl-convert's bundle, no CDN
-    return alt.JupyterChart(chart, embed_options={"renderer": "svg", "actions": False})
+    return _Chart(chart, embed_options={"renderer": "svg", "actions": False})
 
 
 def _set_rule(chart: alt.JupyterChart, value: float | None) -> None:

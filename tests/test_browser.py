@@ -94,9 +94,6 @@ def voila(
         log.close()
 
 
-ANYWIDGET_SLOW = "[anywidget] Failed to initialize model."
-
-
 def test_explorer_draws_and_redraws_in_chromium(
     voila: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -154,11 +151,10 @@ def test_explorer_draws_and_redraws_in_chromium(
         finally:
             browser.close()
     assert before != after
-    # anywidget 0.11 reports a model whose module has not loaded within 2 s as failed
-    # (its runtime's AbortSignal.timeout(2e3)), though the module loads and the chart
-    # draws: on a loaded machine (the other test worker) the Vega bundle can take longer.
-    # The charts drew and redrew above; any other page error fails the test.
-    assert [e for e in errors if e != ANYWIDGET_SLOW] == [], errors
+    # No page error, "[anywidget] Failed to initialize model." included: anywidget 0.11
+    # says so of a chart whose module took over 2 s to load, and then drops every update
+    # the kernel sends it (riskbook's charts load a small module: see widgets._Chart).
+    assert errors == [], errors
     assert all("127.0.0.1" not in u for u in refused)  # only outside requests were refused
     assert (tmp_path / "explorer.png").stat().st_size > 10_000
     print(f"first chart after {first_chart:.1f} s; screenshots in {tmp_path}")

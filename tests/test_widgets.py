@@ -906,3 +906,19 @@ def test_limit_lab_and_panels_refuse_values_backtest_refuses() -> None:
         widgets.TimeSlider(T0, _at(10), step=timedelta(0))
     with pytest.raises(TypeError, match=r"^a TimeSlider's step must be a timedelta, got int$"):
         widgets.TimeSlider(T0, _at(10), step=60)  # type: ignore[arg-type]
+
+
+def test_charts_load_a_small_module_and_share_the_vega_bundle() -> None:
+    # anywidget drops the kernel's updates to a widget whose module took over 2 s to
+    # load; JupyterChart's own module is the whole Vega bundle, parsed again per chart.
+    # riskbook's charts load a few lines, which import the bundle once per page.
+    chart = alt.Chart(alt.Data(values=[{"a": 1}])).mark_point().encode(x="a:Q")
+    one, two = widgets._chart_widget(chart), widgets._chart_widget(chart)
+    assert isinstance(one, alt.JupyterChart)
+    state = one.get_state()
+    assert len(state["_esm"]) < 2_000 and "import(" in state["_esm"]
+    assert len(state["_bundle"]) > 500_000 and "esm.sh" not in state["_bundle"]  # offline
+    assert state["_bundle_id"] == two.get_state()["_bundle_id"]  # one import per page
+    assert "as default}" in state["_bundle"][-500:]  # the module _esm renders with
+    one.chart = chart.mark_line()  # updates go through the chart's own traits, as before
+    assert one.get_state()["spec"]["mark"]["type"] == "line"
