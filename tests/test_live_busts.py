@@ -352,3 +352,15 @@ def test_a_rebuild_of_the_sample_decides_and_keeps_the_same() -> None:
     assert got == ref.apply(history, written=False)
     assert len(got) == 7
     assert_same_state(new, ref)
+
+
+def test_a_long_fold_says_how_far_it_is_after_each_bust() -> None:
+    fills = [trade("A", "Buy", 10, i, trade_id=f"T-{i}") for i in range(30)]
+    events: list[riskbook.Event] = [fund("A"), *fills[:20], cancel(fills[3], at(20))]
+    events += [*fills[20:], cancel(fills[25], at(31)), trade("A", "Sell", 5, 32)]
+    history = History.from_envelopes(recorded_when_they_happen(*events))
+    told: list[tuple[int, int]] = []
+    Engine().apply(history, written=False, progress=lambda done, total: told.append((done, total)))
+    n = len(events)
+    # the run before each bust, each bust, the run after the last, and the end
+    assert told == [(21, n), (22, n), (32, n), (33, n), (34, n), (34, n)]

@@ -5,6 +5,7 @@ replay of a history that holds the engine's effects already."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,15 @@ import psycopg
 import pytest
 
 import riskbook
-from riskbook import AccountFunded, Envelope, LimitSet, Side, Store, TradeExecuted
+from riskbook import (
+    AccountFunded,
+    Envelope,
+    LimitSet,
+    Side,
+    Store,
+    TradeCancelled,
+    TradeExecuted,
+)
 from riskbook.cli import main
 from riskbook.errors import RiskbookError
 from riskbook.live import Engine, Processor, check
@@ -406,3 +415,39 @@ def test_critical_none_blocks_no_type(fresh_store: Store) -> None:
         p.stop()
     assert Engine(critical=None).factor("MaxPositionSize") is None
     assert [e.event_type for e in effects_of(s)] == ["LimitViolationDetected"]
+
+
+def test_riskbook_live_says_how_far_its_rebuild_is(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long history's rebuild takes minutes (each bust refolds its account): the
+    command says how far it is, here at every look (each bust made slow)."""
+    from riskbook.live import _cli
+
+    s = fresh_store
+    fills = [trade("A", "Buy", 10, i) for i in range(6)]
+    s.append("A", [fund("A"), limit("A", 1_000.0), *fills])
+    for f in fills[:3]:
+        s.append("A", [TradeCancelled(trade_id=f.trade_id, account_id="A", reason="bust",
+                                      cancelled_at=T0 + timedelta(minutes=10))])  # fmt: skip
+    assert main(["live", "--once", "--name", "p", "--dsn", s.dsn]) == 0  # the checkpoint
+    s.append("A", [trade("A", "Sell", 5, 11)])
+    capsys.readouterr()
+    bust = Engine._bust
+
+    def slow(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return bust(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_bust", slow)
+    monkeypatch.setattr(_cli, "_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(_cli, "_POLL", 0.01)
+    assert main(["live", "--once", "--name", "p", "--dsn", s.dsn]) == 0  # rebuilds, then on
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "rebuilding" in line]
+    assert lines and "rebuilding the state below position" in lines[0], lines
+    folded = [re.search(r"folded (\d+) of (\d+) events", line) for line in lines]
+    counts = [(int(m[1]), int(m[2])) for m in folded if m]
+    assert len(counts) >= 2 and all(total == 11 for _, total in counts), lines
+    assert [done for done, _ in counts] == sorted(done for done, _ in counts)
+    assert len(set(lines)) == len(lines), lines  # a line when it moves on, not at each look

@@ -65,9 +65,20 @@ def cmd_live(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
     )
     if args.once:
+        done = threading.Event()
+
+        def say_rebuild() -> None:  # a long history's rebuild, as the loop below says it
+            said: list[str] = []
+            last: dict[str, Any] = {}
+            while not done.wait(_POLL):
+                if processor.status.startswith("rebuilding"):
+                    _say_status(args.name, processor.status, said, last)
+
+        threading.Thread(target=say_rebuild, daemon=True).start()
         try:
             processor.catch_up()  # refuses at once while another of that name works
         finally:
+            done.set()
             processor.stop()
         held = sum(len(c.already_stored) for c in processor.commits)
         print(f"caught up: {processor.engine.events_seen:,} events, horizon "
@@ -83,8 +94,9 @@ def cmd_live(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     processor.start()
     said: list[str] = []
+    last: dict[str, Any] = {}
     while not stop.wait(0.1):
-        _say_status(args.name, processor.status, said)
+        _say_status(args.name, processor.status, said, last)
         if not processor.running:
             break
     processor.stop()
@@ -93,13 +105,35 @@ def cmd_live(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_status(name: str, status: str, said: list[str]) -> None:
+_PROGRESS_EVERY = 5.0
+"""Seconds between two lines of a rebuild's progress."""
+_POLL = 0.2
+"""Seconds between two looks at the status of ``riskbook live --once``'s processor."""
+
+
+def _say_status(
+    name: str, status: str, said: list[str], last: dict[str, Any] | None = None
+) -> None:
     """Say on stderr what the processor does when that changes: waiting for another
-    processor of its name (it holds the lock), rebuilding its state, following the
-    store. ``said``: what was said so far (the last one last)."""
+    processor of its name (it holds the lock), rebuilding its state (and how far the
+    rebuild is, every few seconds: a long history's takes minutes), following the
+    store. ``said``: what was said so far (the last one last); ``last``: the last line
+    said and when (kept by the caller, for the rebuild's progress)."""
     kind = status.split(":")[0].split(" ")[0]
+    if kind == "rebuilding" and said and said[-1] == kind and last is not None:
+        now = time.monotonic()
+        if (
+            " folded " in status
+            and status != last.get("status")
+            and now - last.get("at", 0.0) >= _PROGRESS_EVERY
+        ):
+            print(f"riskbook live {name!r}: {status}", file=sys.stderr, flush=True)
+            last.update(status=status, at=now)
+        return
     if kind not in ("waiting", "rebuilding", "running") or (said and said[-1] == kind):
         return
+    if last is not None:
+        last.update(status=status, at=time.monotonic())
     if kind == "waiting":
         text = (f"waiting: another processor named {name!r} is working on this store; this"
                 " one takes over when it stops (Ctrl-C stops)")  # fmt: skip

@@ -286,13 +286,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the fold
 
-    def apply(self, batch: History, *, written: bool = True) -> list[Effect]:
+    def apply(
+        self,
+        batch: History,
+        *,
+        written: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Effect]:
         """Fold the next events (positions at or above :attr:`horizon`, in order).
 
         Returns the effects, in the order of their triggers; the states move on.
         ``written``: the effects will be appended to the store (the processor's live
         batches). False when they are thrown away (rebuilding a state, a pre-trade
-        check): the blocks decided then do not block the account.
+        check): the blocks decided then do not block the account. ``progress`` is
+        called with (events folded, events in the batch) after each run of events
+        between busts and after each bust (a long history's rebuild: each bust refolds
+        its account), and at the end.
         """
         if batch.events.height == 0:
             self.horizon = max(self.horizon, batch.horizon)
@@ -307,6 +316,7 @@ class Engine:
         batch = self._in_processing_order(batch)
         effects: list[Effect] = []
         later = None if self._reference else _Deferred()
+        done = 0
         for part, bust in self._split_at_busts(batch) if batch.events.height else ():
             if later is not None and later.rows > _DEFERRED_ROWS:  # memory: evaluate them now
                 effects += self._flush(later, written, final=False)
@@ -320,10 +330,15 @@ class Engine:
                 effects += self._fold(part, written, later)
             else:
                 effects += self._bust(part, bust, written, later)
+            if progress is not None:
+                done += part.events.height
+                progress(done, seen)
         if later is not None and later.events:
             effects += self._flush(later, written)
         self.horizon = max(self.horizon, batch.horizon)
         self.events_seen += seen
+        if progress is not None:
+            progress(seen, seen)
         return effects
 
     def _keep(self, part: History) -> None:

@@ -464,12 +464,18 @@ class Processor:
         decides that the store holds at or after the checkpoint (the commits before
         found them stored and counted them as written: see :meth:`_not_stored`).
         """
-        self.status = f"rebuilding the state below position {checkpoint}"
+        below = f"rebuilding the state below position {checkpoint}"
+        self.status = below
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
         decided: list[Effect] = []
         if checkpoint > 0:
+            self.status = f"{below}: reading the history"
             history = _read(self.store, Filters(), after=0, before=checkpoint, progress=False)
-            decided = engine.apply(history, written=False)
+
+            def folded(done: int, total: int) -> None:
+                self.status = f"{below}: folded {done:,} of {total:,} events"
+
+            decided = engine.apply(history, written=False, progress=folded)
         engine.horizon = checkpoint
         conn = self._conn
         assert conn is not None
