@@ -499,8 +499,9 @@ class Store:
             params["aggs"] += [b.aggregate_id] * n
             params["agg_types"] += [b.aggregate_type] * n
             params["ids"] += b.ids
-            params["types"] += [type(e).__name__ for e in b.events]
-            params["payloads"] += [encode_event(e).decode() for e in b.events]
+            one = n == 1  # the batch's own parameters, encoded once
+            params["types"] += [b.params["type"]] if one else b.params["types"]
+            params["payloads"] += [b.params["payload"]] if one else b.params["payloads"]
             params["causations"] += [b.causation] * n
             params["correlations"] += [b.correlation] * n
             params["metadatas"] += [b.params["metadata"]] * n
