@@ -32,6 +32,7 @@ Display a panel by leaving it as a cell's last expression (or ``display(panel)``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import math
@@ -287,16 +288,12 @@ class _Chart(alt.JupyterChart):
         return _chart_bundle()[1]
 
 
-_BUNDLE: list[tuple[str, str]] = []
-
-
+@functools.cache
 def _chart_bundle() -> tuple[str, str]:
     """altair's JupyterChart module with Vega bundled (no CDN), and a hash naming it."""
-    if not _BUNDLE:
-        alt.JupyterChart.enable_offline(offline=True)  # Vega from vl-convert's bundle
-        code = str(alt.JupyterChart._esm)
-        _BUNDLE.append((code, hashlib.sha256(code.encode()).hexdigest()[:16]))
-    return _BUNDLE[0]
+    alt.JupyterChart.enable_offline(offline=True)  # Vega from vl-convert's bundle
+    code = str(alt.JupyterChart._esm)
+    return code, hashlib.sha256(code.encode()).hexdigest()[:16]
 
 
 def _chart_widget(chart: Any) -> alt.JupyterChart:

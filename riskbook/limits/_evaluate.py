@@ -784,20 +784,17 @@ _NO_INTERVALS: dict[str, pl.DataFrame] = {}
 
 def _open_frame(still: pl.DataFrame) -> pl.DataFrame:
     """The open breaches of a state (:data:`_OPEN_SCHEMA`) from their intervals."""
-    if still.height == 0 and _NO_OPEN:
-        return _NO_OPEN[0]
-    out = pl.DataFrame(
+    if still.height == 0:
+        return _NO_OPEN  # most live batches: no open breach, no frame to build
+    return pl.DataFrame(
         [
             still[c].cast(pl.String) if c in ("account_id", "symbol", "set_by") else still[c]
             for c in _OPEN_SCHEMA
         ]
     )
-    if still.height == 0:
-        _NO_OPEN.append(out)
-    return out
 
 
-_NO_OPEN: list[pl.DataFrame] = []
+_NO_OPEN = pl.DataFrame(schema=_OPEN_SCHEMA)
 
 
 def _grow(arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
