@@ -34,6 +34,16 @@ def _with_dbname(dsn: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The load cache and the live processors' snapshots of this session go to a folder
+    of its own, not the user's ``$RISKBOOK_HOME/cache`` (tests that look at them set
+    their own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RISKBOOK_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def server_dsn() -> str:
     """DSN of the server the tests run against (its own default database)."""

@@ -63,6 +63,7 @@ def cmd_live(args: argparse.Namespace) -> int:
         start=args.start,
         on_commit=report,
         max_batch=args.max_batch,
+        snapshots=not args.no_snapshot,
     )
     if args.once:
         done = threading.Event()
@@ -80,6 +81,8 @@ def cmd_live(args: argparse.Namespace) -> int:
         finally:
             done.set()
             processor.stop()
+        if processor.rebuilt:
+            print(f"riskbook live {args.name!r}: {processor.rebuilt}", file=sys.stderr)
         held = sum(len(c.already_stored) for c in processor.commits)
         print(f"caught up: {processor.engine.events_seen:,} events, horizon "
               f"{processor.engine.horizon}"
@@ -95,7 +98,11 @@ def cmd_live(args: argparse.Namespace) -> int:
     processor.start()
     said: list[str] = []
     last: dict[str, Any] = {}
+    rebuilt = None
     while not stop.wait(0.1):
+        if processor.rebuilt != rebuilt:  # set at the end of a rebuild
+            rebuilt = processor.rebuilt
+            print(f"riskbook live {args.name!r}: {rebuilt}", file=sys.stderr, flush=True)
         _say_status(args.name, processor.status, said, last)
         if not processor.running:
             break
@@ -206,6 +213,12 @@ def add_live_commands(
     )
     lv.add_argument("--once", action="store_true", help="catch up with the store, then exit")
     lv.add_argument("--max-batch", type=int, default=None, help="events per micro-batch at most")
+    lv.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="rebuild the state from the whole history, not from the snapshot an earlier"
+        " start kept, and keep none",
+    )
     dsn_option(lv)
 
     ck = add(

@@ -10,7 +10,8 @@ Exactly once: the checkpoint row is locked and compared in the committing transa
 and only one processor of a name works at a time (a session advisory lock; a second
 one waits, :meth:`Processor.catch_up` refuses). On start the engine's state is rebuilt
 by folding everything below the checkpoint without effects (the same fold, so the same
-state). A crash anywhere leaves either the old checkpoint and no effects, or the new
+state); from the snapshot of the state an earlier long rebuild kept, where one fits, so
+that a restart folds only the events since (:mod:`riskbook.live._snapshot`). A crash anywhere leaves either the old checkpoint and no effects, or the new
 one and all of them. An effect the store already holds -- the same kind, account and
 trigger (causation id), and for a violation the same limit type and symbol, recorded
 after its trigger: a history imported with its alarms, another processor's -- is not
@@ -38,13 +39,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg import sql
 
 from riskbook.errors import RiskbookError, StoreError
-from riskbook.frames import Filters, History, _read
+from riskbook.frames import Filters, History, _cache_root, _read
+from riskbook.live import _snapshot
 from riskbook.live._engine import DEFAULT_CRITICAL, Effect, Engine
 from riskbook.store import Store, connect
 from riskbook.store.eventstore import (
@@ -61,6 +64,8 @@ log = logging.getLogger("riskbook.live")
 
 _T = TypeVar("_T")
 _SMALL = 2_000  # a read this full means a backlog: read the rest in one go (ADBC)
+_KEEP_AFTER = 1.0
+"""A rebuild whose fold takes this many seconds or more keeps a snapshot of its state."""
 
 
 class _Moved(RiskbookError):
@@ -124,6 +129,10 @@ class Processor:
         is; a backlog is read in one go through ADBC).
     before_commit : called inside the committing transaction, after the checkpoint's
         move and the effects are written and before the commit (for crash tests).
+    snapshots : start the rebuild from the snapshot of the state that an earlier
+        rebuild of this name kept (under the load cache's folder), and keep one after a
+        long rebuild (default True): a restart then folds only the events since (see
+        :mod:`riskbook.live._snapshot`). False: always fold the whole history.
 
     Examples
     --------
@@ -146,6 +155,7 @@ class Processor:
         on_commit: Callable[[Commit], None] | None = None,
         max_batch: int | None = None,
         before_commit: Callable[[list[Effect]], None] | None = None,
+        snapshots: bool = True,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -169,12 +179,15 @@ class Processor:
         self.on_commit = on_commit
         self.max_batch = max_batch
         self.before_commit = before_commit
+        self.snapshots = snapshots
         self.commits: deque[Commit] = deque(maxlen=10_000)
         self.effects: deque[Effect] = deque(maxlen=10_000)
         self.status = "stopped"
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()  # the state is current: see wait_ready
+        self.rebuilt: str | None = None
+        """What the last rebuild of the state did, in one line (None: none yet)."""
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -463,24 +476,21 @@ class Processor:
         its pending blocks, as they did before the restart; so do the blocks the fold
         decides that the store holds at or after the checkpoint (the commits before
         found them stored and counted them as written: see :meth:`_not_stored`).
+
+        The fold starts from the snapshot a rebuild before kept, if there is one that
+        can be used (see :mod:`riskbook.live._snapshot`), and a long one keeps its own.
         """
         below = f"rebuilding the state below position {checkpoint}"
         self.status = below
+        started = time.monotonic()
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
-        decided: list[Effect] = []
+        blocks: set[tuple[str, str]] = set()
+        how = "nothing below it"
         if checkpoint > 0:
-            self.status = f"{below}: reading the history"
-            history = _read(self.store, Filters(), after=0, before=checkpoint, progress=False)
-
-            def folded(done: int, total: int) -> None:
-                self.status = f"{below}: folded {done:,} of {total:,} events"
-
-            decided = engine.apply(history, written=False, progress=folded)
+            engine, blocks, how = self._fold_below(checkpoint, engine, below)
         engine.horizon = checkpoint
         conn = self._conn
         assert conn is not None
-        blocks = {(e.account_id, _uuid(e.causation_id)) for e in decided
-                  if e.kind == "AccountBlocked"}  # fmt: skip
         causes = sorted({cause for _, cause in blocks})
         params = {"checkpoint": checkpoint, "name": self.name, "causes": causes}
         ahead = self._db(lambda: conn.execute(_AHEAD_BLOCKS_SQL, params).fetchall())
@@ -488,7 +498,88 @@ class Processor:
             if own or (account, cause) in blocks:
                 engine.expect_block(account, cause)
         self.engine = engine
+        took = time.monotonic() - started
+        self.rebuilt = f"rebuilt the state below position {checkpoint} in {took:.1f} s: {how}"
         gc.freeze()  # what the rebuild left is long-lived: keep it out of every collection
+
+    def _fold_below(
+        self, checkpoint: int, engine: Engine, below: str
+    ) -> tuple[Engine, set[tuple[str, str]], str]:
+        """``engine`` with everything below ``checkpoint`` folded (``written=False``),
+        from a kept snapshot on where one serves; the blocks that fold decided, as
+        (account, causation id); and what it did, in a few words."""
+        blocks: set[tuple[str, str]] = set()
+        since, path, key = 0, None, None
+        if self.snapshots:
+            path, key, kept = self._snapshot(engine, checkpoint)
+            if kept is not None:
+                engine, since, blocks = kept.engine, kept.engine.horizon, set(kept.decided)
+                below += f": from the snapshot at position {since}"
+        self.status = f"{below}: reading the history"
+        history = _read(self.store, Filters(), after=since, before=checkpoint, progress=False)
+
+        def folded(done: int, total: int) -> None:
+            self.status = f"{below}: folded {done:,} of {total:,} events"
+
+        started = time.monotonic()
+        decided = engine.apply(history, written=False, progress=folded)
+        took = time.monotonic() - started
+        blocks |= {(e.account_id, _uuid(e.causation_id)) for e in decided
+                   if e.kind == "AccountBlocked"}  # fmt: skip
+        engine.horizon = checkpoint
+        how = f"{history.events.height:,} events folded"
+        if since:
+            how = f"from its snapshot at position {since}, then {how}"
+        if path is not None and key is not None and history.events.height and took >= _KEEP_AFTER:
+            self.status = f"{below}: keeping a snapshot of the state"
+            last = history.events.select("position", "event_id").row(-1)
+            kept = _snapshot.Snapshot(engine, sorted(blocks), int(last[0]), str(last[1]))
+            try:
+                size = _snapshot.save(path, kept, key)
+            except OSError as exc:  # a cache: the processor goes on without it
+                log.warning("riskbook live %s: could not keep a snapshot of its state in %s:"
+                            " %s", self.name, path, exc)  # fmt: skip
+            else:
+                how += f"; kept a snapshot of it for the next start ({size / 1e6:,.0f} MB)"
+                log.info("riskbook live %s: kept a snapshot of its state at position %d"
+                         " (%d events folded in %.1f s; %.0f MB in %s)", self.name, checkpoint,
+                         history.events.height, took, size / 1e6, path)  # fmt: skip
+        return engine, blocks, how
+
+    def _snapshot(
+        self, engine: Engine, checkpoint: int
+    ) -> tuple[Path | None, dict[str, Any] | None, _snapshot.Snapshot | None]:
+        """Where this processor's snapshot goes, what it must match, and the one kept
+        there if it serves for a rebuild to ``checkpoint``."""
+        conn = self._conn
+        assert conn is not None
+        store_id = self._db(
+            lambda: conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
+        )
+        if store_id is None:  # no identity row: nothing to key a snapshot by
+            return None, None, None
+        path = _snapshot.path_for(_cache_root(), str(store_id[0]), self.name)
+        key = _snapshot.key(engine, str(store_id[0]), self.name)
+        self.status = f"rebuilding the state below position {checkpoint}: reading its snapshot"
+        kept, why = _snapshot.load(path, key)
+        if kept is not None:
+            if kept.engine.horizon > checkpoint:
+                why = f"it is at position {kept.engine.horizon}, past the checkpoint"
+                kept = None
+            else:
+                last = kept.last_position
+                row = self._db(lambda: conn.execute(
+                    "SELECT event_id::text FROM events WHERE position = %s", (last,)
+                ).fetchone())  # fmt: skip
+                if row is None or row[0] != kept.last_event_id:
+                    kept, why = None, "the store no longer holds the event it ended with"
+        if kept is None and why != "none kept":
+            log.info("riskbook live %s: its snapshot (%s) is not used: %s; rebuilding from"
+                     " the beginning", self.name, path, why)  # fmt: skip
+        elif kept is not None:
+            log.info("riskbook live %s: rebuilding from its snapshot at position %d",
+                     self.name, kept.engine.horizon)  # fmt: skip
+        return path, key, kept
 
     def step(self) -> bool:
         """Read, fold and commit one micro-batch; False if there was nothing new."""

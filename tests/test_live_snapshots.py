@@ -1,0 +1,261 @@
+"""A processor's restart from the snapshot of its state that an earlier rebuild kept."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import pickle
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from riskbook import History, Store
+from riskbook.live import Engine, Processor, _processor, _snapshot
+from riskbook.simulate import encode_envelope, generate
+from tests.test_live import streams
+
+
+@pytest.fixture(autouse=True)
+def _every_rebuild_keeps_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(_processor, "_KEEP_AFTER", 0.0)
+    monkeypatch.setenv("RISKBOOK_CACHE", str(tmp_path / "cache"))
+
+
+def _parts(tmp_path: Path, n: int) -> list[Path]:
+    """The sample history (busts, critical breaches) cut into ``n`` files, without
+    its stored violations and blocks (the processors decide and write their own) and
+    without versions (they go on after the effects appended to the accounts)."""
+    envelopes = [e for e in generate(seed=7, events=4_000).envelopes
+                 if e.event_type not in ("LimitViolationDetected", "AccountBlocked")]  # fmt: skip
+    cut = [len(envelopes) * i // n for i in range(n + 1)]
+    files = []
+    for i in range(n):
+        path = tmp_path / f"part{i}.jsonl.gz"
+        with gzip.open(path, "wb") as f:
+            for e in envelopes[cut[i] : cut[i + 1]]:
+                row = json.loads(encode_envelope(e))
+                del row["sequence"]  # after the processors' own effects on the account
+                f.write(json.dumps(row).encode() + b"\n")
+        files.append(path)
+    return files
+
+
+def _effects(processor: Processor) -> Counter[tuple[str, str, str, str | None]]:
+    return Counter(
+        (e.kind, e.account_id, str(e.causation_id), e.limit_type)
+        for c in processor.commits
+        for e in (*c.effects, *c.already_stored)
+    )
+
+
+def _state(engine: Engine) -> dict[str, Any]:
+    """What an engine carries into its next fold, comparable."""
+
+    def rows(frame: pl.DataFrame) -> list[tuple[Any, ...]]:
+        return sorted(frame.rows(), key=repr)
+
+    p = engine.projection
+    return {
+        "projection": [rows(f) for f in (p.positions, p.accounts, p.marks, p.days)],
+        "breach": {
+            n: [rows(f) for f in (b.limits, b.metrics, b.open)]
+            for n, b in sorted(engine.breach.items())
+        },
+        "open_now": {n: rows(f) for n, f in sorted(engine.open_now.items())},
+        "blocked": sorted(a for a, b in engine.blocked.items() if b),
+        "pending": sorted(engine.pending.items()),
+        "scheduled": rows(engine.scheduled),
+        "clocks": (engine.clock, engine.recorded, engine.horizon, engine.events_seen),
+        "mark_times": sorted(engine.mark_times.items()),
+        "kept": pl.concat([s.events for s in engine._segments])["position"].to_list(),
+    }
+
+
+def _run(store: Store, files: list[Path], *, snapshots: bool) -> list[Processor]:
+    """Import the files one at a time, each followed by a fresh processor's catch-up
+    (a restart): the processors, in order."""
+    out = []
+    for path in files:
+        store.import_jsonl(path)
+        p = Processor(store, name="desk", snapshots=snapshots)
+        p.catch_up()
+        out.append(p)
+    return out
+
+
+def test_a_restart_folds_from_the_snapshot_and_decides_the_same(
+    fresh_store: Store,
+    make_database: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    files = _parts(tmp_path, 4)
+    caplog.set_level(logging.INFO, logger="riskbook.live")
+    with_snapshots = _run(fresh_store, files, snapshots=True)
+    used = [
+        r.getMessage() for r in caplog.records if "rebuilding from its snapshot" in r.getMessage()
+    ]
+    assert len(used) == 2  # the third and fourth starts; the second one kept the first
+    kept = list((tmp_path / "cache").rglob("*.snapshot"))
+    assert len(kept) == 1  # one per store and name, replaced
+
+    with Store(make_database()) as control:
+        without = _run(control, files, snapshots=False)
+        assert not list((tmp_path / "cache").glob(f"*/{_store_id(control)}/**/*.snapshot"))
+        for a, b in zip(with_snapshots, without, strict=True):
+            assert _effects(a) == _effects(b)
+        assert sum(sum(_effects(p).values()) for p in without) >= 5
+        assert any(k[0] == "AccountBlocked" for p in without[1:] for k in _effects(p))
+    # a restart now, from the snapshot and from the whole history: the same state, and
+    # the one the processor had when it stopped
+    restarts = [Processor(fresh_store, name="desk", snapshots=s) for s in (True, False)]
+    for p in restarts:
+        p.catch_up()
+    assert _state(restarts[0].engine) == _state(restarts[1].engine)
+    assert _state(restarts[1].engine) == _state(with_snapshots[-1].engine)
+
+
+def _store_id(store: Store) -> str:
+    with store.connection() as conn:
+        return str(conn.execute("SELECT store_id FROM riskbook_store").fetchone()[0])  # type: ignore[index]
+
+
+def _kept(tmp_path: Path) -> Path:
+    (path,) = list((tmp_path / "cache").rglob("*.snapshot"))
+    return path
+
+
+def _rewrite(path: Path, change: Any) -> None:
+    """Change the snapshot at ``path`` (``change(header, snapshot)`` -> new ones)."""
+    with open(path, "rb") as f:
+        magic, header, body = f.readline(), json.loads(f.readline()), f.read()
+    header, body = change(header, body)
+    path.write_bytes(magic + json.dumps(header).encode() + b"\n" + body)
+
+
+def _not_used(store: Store, caplog: pytest.LogCaptureFixture, **kwargs: Any) -> str:
+    caplog.clear()
+    Processor(store, name="desk", **kwargs).catch_up()
+    (why,) = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    return why
+
+
+def test_a_snapshot_that_does_not_fit_is_not_used_and_the_rebuild_is_whole(
+    fresh_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="riskbook.live")
+    _run(fresh_store, _parts(tmp_path, 2), snapshots=True)
+    path = _kept(tmp_path)
+    assert path.stat().st_mode & 0o077 == 0
+
+    assert "made with another critical" in _not_used(fresh_store, caplog, critical=1.5)
+    # each rebuild that could not use it kept its own: now with critical 1.5
+    args: dict[str, Any] = {"critical": 1.5, "types": ["MaxLeverage"]}
+    assert "made with another types" in _not_used(fresh_store, caplog, **args)
+
+    def damage(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        middle = len(body) // 2
+        return header, body[:middle] + bytes([body[middle] ^ 1]) + body[middle + 1 :]
+
+    _rewrite(path, damage)
+    assert "do not match their digest" in _not_used(fresh_store, caplog, **args)
+
+    def torn(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return header, body[: len(body) // 3]
+
+    _rewrite(path, torn)
+    assert "do not match their digest" in _not_used(fresh_store, caplog, **args)
+
+    def other_code(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return dict(header, code="0" * 64), body
+
+    _rewrite(path, other_code)
+    assert "made with another code" in _not_used(fresh_store, caplog, **args)
+
+    snapshot, why = _snapshot.load(path, _key_of(path))
+    assert snapshot is not None, why
+    snapshot.last_event_id = "00000000-0000-0000-0000-000000000000"
+    _snapshot.save(path, snapshot, _key_of(path))
+    assert "no longer holds the event it ended with" in _not_used(fresh_store, caplog, **args)
+    caplog.clear()
+    Processor(fresh_store, name="desk", **args).catch_up()
+    assert any("rebuilding from its snapshot" in r.getMessage() for r in caplog.records)
+
+
+def _key_of(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        f.readline()
+        header = json.loads(f.readline())
+    return {k: v for k, v in header.items() if k != "horizon"}
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("this must never run",))
+
+
+def test_a_snapshot_loads_nothing_but_an_engine(tmp_path: Path, capsys: Any) -> None:
+    """Its digest right, a snapshot that names any other callable is refused, and
+    nothing of it runs."""
+    inside = pickle.dumps(_snapshot.Snapshot(Engine(), [("A", _Boom())], 1, "x"))  # type: ignore[list-item]
+    for payload in (pickle.dumps(_Boom()), inside, pickle.dumps(Path("/etc/passwd"))):
+        key = {"format": 1}
+        path = tmp_path / "x.snapshot"
+        trailer = _snapshot._trailer(hashlib.sha256(payload).hexdigest(), len(payload))
+        path.write_bytes(b"riskbook-engine-snapshot\n" + json.dumps(key).encode() + b"\n"
+                         + payload + trailer)  # fmt: skip
+        snapshot, why = _snapshot.load(path, key)
+        assert snapshot is None
+        assert "does not unpickle" in why
+    assert "must never run" not in capsys.readouterr().out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_an_engine_kept_and_read_back_folds_on_as_the_one_kept(
+    data: st.DataObject, tmp_path: Path
+) -> None:
+    envelopes = data.draw(streams(late=True))
+    cut = data.draw(st.integers(1, len(envelopes) - 1))
+    first, rest = History.from_envelopes(envelopes[:cut]), History.from_envelopes(envelopes[cut:])
+    engine = Engine()
+    decided = engine.apply(first, written=False)
+    path = tmp_path / "e.snapshot"
+    key = _snapshot.key(engine, "store", "name")
+    kept = _snapshot.Snapshot(engine, sorted((e.account_id, e.causation_id) for e in decided
+                                             if e.kind == "AccountBlocked"), 1, "x")  # fmt: skip
+    _snapshot.save(path, kept, key)
+    back, why = _snapshot.load(path, key)
+    assert back is not None, why
+    assert back.decided == kept.decided
+    assert _state(back.engine) == _state(engine)
+
+    def keys(effects: list[Any]) -> list[tuple[Any, ...]]:
+        return [(e.kind, e.causation_id, e.limit_type, e.value) for e in effects]
+
+    assert keys(back.engine.apply(rest)) == keys(engine.apply(rest))
+    assert _state(back.engine) == _state(engine)
+
+
+def test_riskbook_live_says_it_rebuilds_from_its_snapshot(
+    fresh_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from riskbook.cli import main
+
+    files = _parts(tmp_path, 3)
+    for path in files:
+        fresh_store.import_jsonl(path)
+        assert main(["live", "--once", "--name", "desk", "--dsn", fresh_store.dsn]) == 0
+    err = capsys.readouterr().err
+    rebuilt = [line for line in err.splitlines() if "rebuilt the state" in line]
+    assert len(rebuilt) == 2, err  # the first start had nothing to rebuild
+    assert "events folded; kept a snapshot of it for the next start" in rebuilt[0]
+    assert "from its snapshot at position" in rebuilt[1]
