@@ -67,18 +67,16 @@ def _per_bust(engine: Any, batch: Any, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _snapshot_figures(
-    engine: Any, effects: list[Any], history: Any, rebuild_s: float
-) -> dict[str, Any]:
+def _snapshot_figures(engine: Any, history: Any, rebuild_s: float) -> dict[str, Any]:
     """Keep the rebuilt state as a processor does after a long rebuild, read it back
     (as its next start does), and check the copy folds on as the original."""
     import tempfile
 
     from riskbook.live import _snapshot
 
-    blocks = sorted((e.account_id, e.causation_id) for e in effects if e.kind == "AccountBlocked")
-    kept = _snapshot.Snapshot(engine, blocks, int(history.events["position"][-1]),
-                              str(history.events["event_id"][-1]))  # fmt: skip
+    kept = _snapshot.Snapshot(
+        engine, int(history.events["position"][-1]), str(history.events["event_id"][-1])
+    )
     key = _snapshot.key(engine, "bench", "bench")
     with tempfile.TemporaryDirectory(prefix="riskbook-snapshot-") as folder:
         path = Path(folder) / "bench.snapshot"
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if not same:
             raise SystemExit("the engine and the reference decided different effects")
 
-    out["snapshot"] = _snapshot_figures(engine, effects, history, new)
+    out["snapshot"] = _snapshot_figures(engine, history, new)
 
     trades = history.trades.sort("position")
     n = trades.height

@@ -72,8 +72,12 @@ def cmd_live(args: argparse.Namespace) -> int:
             said: list[str] = []
             last: dict[str, Any] = {}
             while not done.wait(_POLL):
-                if processor.status.startswith("rebuilding"):
-                    _say_status(args.name, processor.status, said, last)
+                status = processor.status
+                if status.startswith("rebuilding"):
+                    _say_status(args.name, status, said, last)
+                elif status.startswith("stopping") and "stopping" not in said:
+                    print(f"riskbook live {args.name!r}: {status}", file=sys.stderr, flush=True)
+                    said.append("stopping")
 
         threading.Thread(target=say_rebuild, daemon=True).start()
         try:
@@ -91,6 +95,8 @@ def cmd_live(args: argparse.Namespace) -> int:
         return 0
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: leave now (without the snapshot)
+            raise KeyboardInterrupt
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,10 +112,24 @@ def cmd_live(args: argparse.Namespace) -> int:
         _say_status(args.name, processor.status, said, last)
         if not processor.running:
             break
-    processor.stop()
+    _stop(processor, args.name)
     if processor.error is not None:
         raise processor.error
     return 0
+
+
+def _stop(processor: Any, name: str) -> None:
+    """Stop the processor and wait for it, saying so while it keeps a snapshot of its
+    state for the next start (seconds at a few million events)."""
+    stopper = threading.Thread(target=processor.stop, kwargs={"timeout": None}, daemon=True)
+    stopper.start()
+    said = False
+    while stopper.is_alive():
+        stopper.join(0.2)
+        if not said and processor.status.startswith("stopping"):
+            print(f"riskbook live {name!r}: {processor.status} (Ctrl-C again leaves without"
+                  " it)", file=sys.stderr, flush=True)  # fmt: skip
+            said = True
 
 
 _PROGRESS_EVERY = 5.0

@@ -205,6 +205,12 @@ class Engine:
     """Per account: its TradeCancelled rows so far."""
     _anchor: dict[str, tuple[int, ProjectionState]] = field(default_factory=dict, repr=False)
     """Per account: (position after its last bust, the state then)."""
+    _stored_blocked: dict[str, bool] = field(default_factory=dict, repr=False)
+    """Per account: blocked as its stored block events say -- :attr:`blocked` of a fold
+    of everything so far with ``written=False`` (see :meth:`as_rebuilt`)."""
+    _rebuild_blocks: set[tuple[str, str]] = field(default_factory=set, repr=False)
+    """(account, trigger event id) of the blocks a fold of everything so far with
+    ``written=False`` decides (see :meth:`as_rebuilt`)."""
 
     def __post_init__(self) -> None:
         if self.types is not None:
@@ -254,6 +260,8 @@ class Engine:
         out.pending = dict(self.pending)
         out.mark_times = dict(self.mark_times)
         out.open_now = dict(self.open_now)
+        out._stored_blocked = dict(self._stored_blocked)
+        out._rebuild_blocks = set(self._rebuild_blocks)
         out._segments = list(self._segments)
         out._tiers = list(self._tiers)
         out._starts = list(self._starts)
@@ -261,6 +269,23 @@ class Engine:
                      "_anchor"):  # fmt: skip
             setattr(out, name, dict(getattr(self, name)))  # of values never changed in place
         return out
+
+    def as_rebuilt(self) -> tuple[Engine, list[tuple[str, str]]]:
+        """A copy in the state a fold of everything this engine folded gives with
+        ``written=False`` (the processor's rebuild at its start), and the blocks that
+        fold decides: (account, trigger event id), sorted.
+
+        The two folds differ only in this engine's own blocks: a block it decides with
+        ``written=True`` blocks its account at once (:attr:`pending`, until read back),
+        so a later critical breach of the account decides no block of its own; a fold
+        with ``written=False`` blocks an account only when it reads a block event. The
+        copy's :attr:`blocked` is therefore the stored blocks' and it has nothing
+        pending; everything else is the same (tested).
+        """
+        out = self.copy()
+        out.blocked = dict(self._stored_blocked)
+        out.pending = {}
+        return out, sorted(self._rebuild_blocks)
 
     def as_of(self, when: datetime) -> Engine:
         """A copy with the scheduled limits due by ``when`` in force, as this engine will
@@ -1048,7 +1073,10 @@ class Engine:
                     symbol=symbol,
                 )
                 effects.append(Effect(event, **common))
-            if row["level"] == (self.factor(name) or 0.0) and not self.blocked.get(account):
+            critical = row["level"] == (self.factor(name) or 0.0)
+            if critical and not self._stored_blocked.get(account):  # a rebuild's block
+                self._rebuild_blocks.add((account, str(row["trigger_event_id"])))
+            if critical and not self.blocked.get(account):
                 where = f" {symbol}" if symbol else ""
                 event = AccountBlocked(
                     account_id=account,
@@ -1080,6 +1108,7 @@ class Engine:
         """A stored AccountBlocked (``blocked``) or AccountUnblocked of ``account``."""
         if blocked and cause is not None and self.pending.get(account) == str(cause):
             del self.pending[account]  # this engine's own block, read back
+        self._stored_blocked[account] = bool(blocked)
         self.blocked[account] = bool(blocked) or account in self.pending
 
     def expect_block(self, account: str, causation_id: str) -> None:

@@ -187,6 +187,8 @@ class Processor:
         self._stop = threading.Event()
         self._ready = threading.Event()  # the state is current: see wait_ready
         self.rebuilt: str | None = None
+        self._unkept = 0.0  # seconds of folding since the last snapshot kept (or the start)
+        self._last_folded: tuple[int, str] | None = None  # (position, event id)
         """What the last rebuild of the state did, in one line (None: none yet)."""
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
@@ -292,8 +294,10 @@ class Processor:
                         if idle_timeout is not None and (
                             time.monotonic() - idle_since > idle_timeout
                         ):
+                            self._keep_at_stop()
                             return
                         self._wait(max_wait)
+                    self._keep_at_stop()  # stopped between two batches
                 except _Refused:
                     raise
                 except _Transient as exc:  # rolled back, the connection fine: retry on it
@@ -358,6 +362,7 @@ class Processor:
                     break
                 tries = 0
                 found += decided
+            self._keep_at_stop()
         except BaseException as exc:
             self._ready.clear()
             self.status = f"failed: {_first_line(exc)}"
@@ -477,20 +482,23 @@ class Processor:
         decides that the store holds at or after the checkpoint (the commits before
         found them stored and counted them as written: see :meth:`_not_stored`).
 
-        The fold starts from the snapshot a rebuild before kept, if there is one that
-        can be used (see :mod:`riskbook.live._snapshot`), and a long one keeps its own.
+        The fold starts from the snapshot of this processor's state kept at its last
+        long rebuild or clean stop, if one fits (:mod:`riskbook.live._snapshot`), and a
+        long fold keeps one.
         """
         below = f"rebuilding the state below position {checkpoint}"
         self.status = below
         started = time.monotonic()
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
-        blocks: set[tuple[str, str]] = set()
         how = "nothing below it"
+        self._unkept, self._last_folded = 0.0, None  # of the engine this rebuild makes
         if checkpoint > 0:
-            engine, blocks, how = self._fold_below(checkpoint, engine, below)
+            engine, how = self._fold_below(checkpoint, engine, below)
         engine.horizon = checkpoint
         conn = self._conn
         assert conn is not None
+        _, decided = engine.as_rebuilt()  # the blocks the fold decided, from the start on
+        blocks = {(account, _uuid(cause)) for account, cause in decided}
         causes = sorted({cause for _, cause in blocks})
         params = {"checkpoint": checkpoint, "name": self.name, "causes": causes}
         ahead = self._db(lambda: conn.execute(_AHEAD_BLOCKS_SQL, params).fetchall())
@@ -502,18 +510,15 @@ class Processor:
         self.rebuilt = f"rebuilt the state below position {checkpoint} in {took:.1f} s: {how}"
         gc.freeze()  # what the rebuild left is long-lived: keep it out of every collection
 
-    def _fold_below(
-        self, checkpoint: int, engine: Engine, below: str
-    ) -> tuple[Engine, set[tuple[str, str]], str]:
+    def _fold_below(self, checkpoint: int, engine: Engine, below: str) -> tuple[Engine, str]:
         """``engine`` with everything below ``checkpoint`` folded (``written=False``),
-        from a kept snapshot on where one serves; the blocks that fold decided, as
-        (account, causation id); and what it did, in a few words."""
-        blocks: set[tuple[str, str]] = set()
-        since, path, key = 0, None, None
+        from a kept snapshot on where one fits; and what it did, in a few words."""
+        since = 0
         if self.snapshots:
-            path, key, kept = self._snapshot(engine, checkpoint)
+            kept = self._snapshot_for(engine, checkpoint)
             if kept is not None:
-                engine, since, blocks = kept.engine, kept.engine.horizon, set(kept.decided)
+                engine, since = kept.engine, kept.engine.horizon
+                self._last_folded = (kept.last_position, kept.last_event_id)
                 below += f": from the snapshot at position {since}"
         self.status = f"{below}: reading the history"
         history = _read(self.store, Filters(), after=since, before=checkpoint, progress=False)
@@ -522,44 +527,28 @@ class Processor:
             self.status = f"{below}: folded {done:,} of {total:,} events"
 
         started = time.monotonic()
-        decided = engine.apply(history, written=False, progress=folded)
-        took = time.monotonic() - started
-        blocks |= {(e.account_id, _uuid(e.causation_id)) for e in decided
-                   if e.kind == "AccountBlocked"}  # fmt: skip
+        engine.apply(history, written=False, progress=folded)
+        self._unkept = time.monotonic() - started  # what a start from the snapshot saves
         engine.horizon = checkpoint
         how = f"{history.events.height:,} events folded"
         if since:
             how = f"from its snapshot at position {since}, then {how}"
-        if path is not None and key is not None and history.events.height and took >= _KEEP_AFTER:
-            self.status = f"{below}: keeping a snapshot of the state"
-            last = history.events.select("position", "event_id").row(-1)
-            kept = _snapshot.Snapshot(engine, sorted(blocks), int(last[0]), str(last[1]))
-            try:
-                size = _snapshot.save(path, kept, key)
-            except OSError as exc:  # a cache: the processor goes on without it
-                log.warning("riskbook live %s: could not keep a snapshot of its state in %s:"
-                            " %s", self.name, path, exc)  # fmt: skip
-            else:
-                how += f"; kept a snapshot of it for the next start ({size / 1e6:,.0f} MB)"
-                log.info("riskbook live %s: kept a snapshot of its state at position %d"
-                         " (%d events folded in %.1f s; %.0f MB in %s)", self.name, checkpoint,
-                         history.events.height, took, size / 1e6, path)  # fmt: skip
-        return engine, blocks, how
+        if history.events.height:
+            self._last_folded = _last_event(history)
+            if self.snapshots and self._unkept >= _KEEP_AFTER:
+                self.status = f"{below}: keeping a snapshot of the state"
+                size = self._keep_snapshot(engine)
+                if size is not None:
+                    how += f"; kept a snapshot of it for the next start ({size / 1e6:,.0f} MB)"
+        return engine, how
 
-    def _snapshot(
-        self, engine: Engine, checkpoint: int
-    ) -> tuple[Path | None, dict[str, Any] | None, _snapshot.Snapshot | None]:
-        """Where this processor's snapshot goes, what it must match, and the one kept
-        there if it serves for a rebuild to ``checkpoint``."""
-        conn = self._conn
-        assert conn is not None
-        store_id = self._db(
-            lambda: conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
-        )
-        if store_id is None:  # no identity row: nothing to key a snapshot by
-            return None, None, None
-        path = _snapshot.path_for(_cache_root(), str(store_id[0]), self.name)
-        key = _snapshot.key(engine, str(store_id[0]), self.name)
+    def _snapshot_for(self, engine: Engine, checkpoint: int) -> _snapshot.Snapshot | None:
+        """The snapshot kept for this processor, if it fits a rebuild to ``checkpoint``
+        with ``engine``'s settings (and says in the log why not, if one is kept)."""
+        where = self._snapshot_place(engine)
+        if where is None:
+            return None
+        path, key = where
         self.status = f"rebuilding the state below position {checkpoint}: reading its snapshot"
         kept, why = _snapshot.load(path, key)
         if kept is not None:
@@ -567,7 +556,8 @@ class Processor:
                 why = f"it is at position {kept.engine.horizon}, past the checkpoint"
                 kept = None
             else:
-                last = kept.last_position
+                conn, last = self._conn, kept.last_position
+                assert conn is not None
                 row = self._db(lambda: conn.execute(
                     "SELECT event_id::text FROM events WHERE position = %s", (last,)
                 ).fetchone())  # fmt: skip
@@ -579,7 +569,57 @@ class Processor:
         elif kept is not None:
             log.info("riskbook live %s: rebuilding from its snapshot at position %d",
                      self.name, kept.engine.horizon)  # fmt: skip
-        return path, key, kept
+        return kept
+
+    def _snapshot_place(self, engine: Engine) -> tuple[Path, dict[str, Any]] | None:
+        """Where this processor's snapshot is kept, and what it must match (None: the
+        store has no identity to key it by)."""
+        conn = self._conn
+        assert conn is not None
+        row = self._db(lambda: conn.execute("SELECT store_id::text FROM riskbook_store").fetchone())
+        if row is None:
+            return None
+        store_id = str(row[0])
+        return _snapshot.path_for(_cache_root(), store_id, self.name), _snapshot.key(
+            engine, store_id, self.name
+        )
+
+    def _keep_snapshot(self, engine: Engine) -> int | None:
+        """Keep a snapshot of ``engine`` (as a rebuild would have it) for the next start;
+        its size in bytes (None: not kept, the log says why). Called with the lock held,
+        so no other processor of this name writes it meanwhile."""
+        where = self._snapshot_place(engine) if self._last_folded is not None else None
+        if where is None:
+            return None
+        path, key = where
+        rebuilt, _ = engine.as_rebuilt()
+        position, event_id = self._last_folded  # type: ignore[misc]
+        started = time.monotonic()
+        try:
+            size = _snapshot.save(path, _snapshot.Snapshot(rebuilt, position, event_id), key)
+        except OSError as exc:  # a cache: the processor goes on without it
+            log.warning("riskbook live %s: could not keep a snapshot of its state in %s: %s",
+                        self.name, path, exc)  # fmt: skip
+            return None
+        self._unkept = 0.0
+        log.info("riskbook live %s: kept a snapshot of its state at position %d (%.0f MB in"
+                 " %.1f s, %s)", self.name, engine.horizon, size / 1e6,
+                 time.monotonic() - started, path)  # fmt: skip
+        return size
+
+    def _keep_at_stop(self) -> None:
+        """At a clean stop (the lock still held): keep a snapshot of the state if folding
+        again what was folded since the last one would take :data:`_KEEP_AFTER` or
+        more. Never fails the stop."""
+        conn = self._conn
+        if not self.snapshots or self._unkept < _KEEP_AFTER or conn is None or conn.closed:
+            return
+        self.status = "stopping: keeping a snapshot of the state for the next start"
+        try:
+            self._keep_snapshot(self.engine)
+        except (StoreError, psycopg.Error) as exc:
+            log.warning("riskbook live %s: could not keep a snapshot of its state: %s",
+                        self.name, _first_line(exc))  # fmt: skip
 
     def step(self) -> bool:
         """Read, fold and commit one micro-batch; False if there was nothing new."""
@@ -601,9 +641,14 @@ class Processor:
         else:  # a backlog: everything below the fence in one read
             batch = _read(self.store, Filters(), after=horizon, progress=False)
         engine = self.engine.copy()
+        folding = time.perf_counter()
         effects = engine.apply(batch)
+        folded = time.perf_counter() - folding
         written = self._db(lambda: self._commit(conn, horizon, engine.horizon, effects))
         self.engine = engine
+        self._unkept += folded
+        if batch.events.height:
+            self._last_folded = _last_event(batch)
         appended = {id(e) for e in written}
         held = tuple(e for e in effects if id(e) not in appended)
         done = Commit(time.time(), engine.horizon, batch.events.height, tuple(written),
@@ -742,6 +787,12 @@ SELECT event_type, aggregate_id, causation_id::text,
 """
 """The violations and blocks stored with the causes given (served by the partial index
 ``events_causation_idx``)."""
+
+
+def _last_event(history: History) -> tuple[int, str]:
+    """(position, event id) of the last event of ``history``."""
+    position, event_id = history.events.select("position", "event_id").row(-1)
+    return int(position), str(event_id)
 
 
 def _uuid(text: str) -> str:
