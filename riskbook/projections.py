@@ -116,6 +116,8 @@ import polars as pl
 
 from riskbook._memory import empty as _empty
 from riskbook._memory import with_large_arrays
+from riskbook._time import EPOCH as _EPOCH
+from riskbook._time import us as _us
 from riskbook.errors import RiskbookError
 from riskbook.events import as_time, format_time
 from riskbook.frames import KINDS, WIDE_COLUMNS, History, Kind
@@ -162,7 +164,6 @@ _NEVER = np.iinfo(np.int64).max  # "no bust" / "no bound"
 _ALWAYS = np.iinfo(np.int64).min
 _TIME = pl.Datetime("us", "UTC")
 _CAT = pl.Categorical()
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SNAPSHOT_FORMAT = 1
 
 
@@ -274,10 +275,6 @@ def drawdown(equity: str | pl.Expr = "equity", peak: str | pl.Expr = "peak_equit
 
 
 _as_time = as_time
-
-
-def _us(t: datetime) -> int:
-    return (t - _EPOCH) // timedelta(microseconds=1)
 
 
 def _bound(value: TimeLike, name: str) -> int:

@@ -88,6 +88,8 @@ from typing import Any
 
 import msgspec
 
+from riskbook._time import EPOCH as _EPOCH
+from riskbook._time import us as _us
 from riskbook.errors import ImportFailed, RiskbookError, StoreError
 from riskbook.events import (
     ACCOUNT,
@@ -139,7 +141,6 @@ _OPEN = 14 * _HOUR + 30 * _MIN  # 09:30 New York in winter
 _CLOSE = 21 * _HOUR
 _MARK_EVERY = 5 * _MIN
 _MARKS_PER_DAY = (_CLOSE - _OPEN) // _MARK_EVERY + 1  # 14:30 ... 21:00
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _day_prefix: dict[int, str] = {}
 _hms: list[str] = []
@@ -163,10 +164,6 @@ def _ts(us: int) -> str:
 
 def _dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
-
-
-def _us(t: datetime) -> int:
-    return (t - _EPOCH) // timedelta(microseconds=1)
 
 
 # ------------------------------------------------------------------------ event ids

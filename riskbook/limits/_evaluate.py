@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +26,8 @@ import numpy as np
 import polars as pl
 
 from riskbook._memory import with_large_arrays
+from riskbook._time import EPOCH as _EPOCH
+from riskbook._time import us as _us
 from riskbook.limits._registry import SCOPES, LimitDefinition, get
 from riskbook.projections import _epoch_us
 
@@ -40,7 +42,6 @@ _TIME = pl.Datetime("us", "UTC")
 _CAT = pl.Categorical()
 _MIN = np.iinfo(np.int64).min
 _MAX = np.iinfo(np.int64).max
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_DAY = -(1 << 62)
 _DAY_US = 86_400_000_000
 _DENSE_MAX = 1 << 24  # codes up to this: a lookup table; beyond, a sort
@@ -265,10 +266,6 @@ def _levels(levels: Sequence[float] | float) -> tuple[float, ...]:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, numbers.Real | Decimal) and not isinstance(x, bool)
-
-
-def _us(t: datetime) -> int:
-    return (t - _EPOCH) // timedelta(microseconds=1)
 
 
 def _times(values: np.ndarray) -> pl.Series:

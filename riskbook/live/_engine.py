@@ -57,12 +57,13 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from riskbook._time import us as _us
 from riskbook.events import STORED_INFINITY, AccountBlocked, LimitViolationDetected
 from riskbook.frames import EVENTS_SCHEMA, KINDS, History
 from riskbook.frames import _empty as _empty_frame
@@ -118,13 +119,6 @@ class Effect:
     @property
     def kind(self) -> str:
         return type(self.event).__name__
-
-
-def _us(t: datetime) -> int:
-    return (t - datetime(1970, 1, 1, tzinfo=UTC)) // _ONE_US
-
-
-_ONE_US = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
