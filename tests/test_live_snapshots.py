@@ -10,6 +10,7 @@ import logging
 import pickle
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from riskbook import History, Store
+from riskbook import History, Store, TradeCancelled
 from riskbook.live import Engine, Processor, _processor, _snapshot
 from riskbook.simulate import encode_envelope, generate
-from tests.test_live import streams
+from tests.test_live import T0, streams, trade
 
 
 @pytest.fixture(autouse=True)
@@ -318,3 +319,24 @@ def test_riskbook_live_says_it_rebuilds_from_its_snapshot(
     rebuilt = [line for line in err.splitlines() if "rebuilt the state" in line]
     assert len(rebuilt) == 2, err  # the first start had nothing to rebuild
     assert all("from its snapshot at position" in line for line in rebuilt), err
+
+
+def test_a_stop_keeps_a_snapshot_only_when_a_rebuild_would_take_a_while(
+    fresh_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain events cost a rebuild little, busts much (each refolds its account): a
+    stop after a few hundred plain events keeps nothing; after 25 busts it keeps one."""
+    monkeypatch.setattr(_processor, "_KEEP_AFTER", 1.0)
+    for i in range(200):
+        fresh_store.append("ACC-1", [trade("ACC-1", "Buy", 1.0, i)])
+    Processor(fresh_store, name="desk").catch_up()
+    assert not list((tmp_path / "cache").rglob("*.snapshot"))
+    for i in range(25):
+        t = trade("ACC-1", "Buy", 1.0, 300 + i)
+        cancel = TradeCancelled(trade_id=t.trade_id, account_id="ACC-1", reason="bust",
+                                cancelled_at=T0 + timedelta(minutes=300 + i))  # fmt: skip
+        fresh_store.append("ACC-1", [t, cancel])
+    p = Processor(fresh_store, name="desk")
+    p.catch_up()
+    assert p.rebuilt is not None and "events folded" in p.rebuilt
+    assert len(list((tmp_path / "cache").rglob("*.snapshot"))) == 1
