@@ -236,8 +236,8 @@ def add_live_commands(
     lv.add_argument(
         "--no-snapshot",
         action="store_true",
-        help="rebuild the state from the whole history, not from the snapshot an earlier"
-        " start kept, and keep none",
+        help="rebuild the state from the whole history, not from the snapshot a processor"
+        " of its name kept at a long rebuild or a clean stop, and keep none",
     )
     dsn_option(lv)
 

@@ -10,9 +10,10 @@ Exactly once: the checkpoint row is locked and compared in the committing transa
 and only one processor of a name works at a time (a session advisory lock; a second
 one waits, :meth:`Processor.catch_up` refuses). On start the engine's state is rebuilt
 by folding everything below the checkpoint without effects (the same fold, so the same
-state); from the snapshot of the state an earlier long rebuild kept, where one fits, so
-that a restart folds only the events since (:mod:`riskbook.live._snapshot`). A crash anywhere leaves either the old checkpoint and no effects, or the new
-one and all of them. An effect the store already holds -- the same kind, account and
+state); from the snapshot of the state kept at an earlier long rebuild or clean stop,
+where one fits, so that a restart folds only the events since
+(:mod:`riskbook.live._snapshot`). A crash anywhere leaves either the old checkpoint and
+no effects, or the new one and all of them. An effect the store already holds -- the same kind, account and
 trigger (causation id), and for a violation the same limit type and symbol, recorded
 after its trigger: a history imported with its alarms, another processor's -- is not
 appended again (it counts as written: a block the store holds blocks, as one written).
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import polars as pl
 import psycopg
 from psycopg import sql
 
@@ -136,9 +138,10 @@ class Processor:
     before_commit : called inside the committing transaction, after the checkpoint's
         move and the effects are written and before the commit (for crash tests).
     snapshots : start the rebuild from the snapshot of the state that an earlier
-        rebuild of this name kept (under the load cache's folder), and keep one after a
-        long rebuild (default True): a restart then folds only the events since (see
-        :mod:`riskbook.live._snapshot`). False: always fold the whole history.
+        processor of this name kept (under the load cache's folder), and keep one after
+        a long rebuild and at a clean stop (default True): a restart then folds only the
+        events since (see :mod:`riskbook.live._snapshot`). False: always fold the whole
+        history, and keep none.
 
     Examples
     --------
@@ -193,9 +196,9 @@ class Processor:
         self._stop = threading.Event()
         self._ready = threading.Event()  # the state is current: see wait_ready
         self.rebuilt: str | None = None
+        """What the last rebuild of the state did, in one line (None: none yet)."""
         self._unkept = 0.0  # what a rebuild of the events since the last snapshot takes (s)
         self._last_folded: tuple[int, str] | None = None  # (position, event id)
-        """What the last rebuild of the state did, in one line (None: none yet)."""
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -603,9 +606,9 @@ class Processor:
         started = time.monotonic()
         try:
             size = _snapshot.save(path, _snapshot.Snapshot(rebuilt, position, event_id), key)
-        except OSError as exc:  # a cache: the processor goes on without it
-            log.warning("riskbook live %s: could not keep a snapshot of its state in %s: %s",
-                        self.name, path, exc)  # fmt: skip
+        except Exception as exc:  # a cache: never worth stopping the processor for
+            log.warning("riskbook live %s: could not keep a snapshot of its state in %s: %s:"
+                        " %s", self.name, path, type(exc).__name__, exc)  # fmt: skip
             return None
         self._unkept = 0.0
         log.info("riskbook live %s: kept a snapshot of its state at position %d (%.0f MB in"
@@ -623,7 +626,7 @@ class Processor:
         self.status = "stopping: keeping a snapshot of the state for the next start"
         try:
             self._keep_snapshot(self.engine)
-        except (StoreError, psycopg.Error) as exc:
+        except Exception as exc:  # the store gone meanwhile, say: stop all the same
             log.warning("riskbook live %s: could not keep a snapshot of its state: %s",
                         self.name, _first_line(exc))  # fmt: skip
 
@@ -794,8 +797,9 @@ SELECT event_type, aggregate_id, causation_id::text,
 
 
 def _last_event(history: History) -> tuple[int, str]:
-    """(position, event id) of the last event of ``history``."""
-    position, event_id = history.events.select("position", "event_id").row(-1)
+    """(position, event id) of the event of ``history`` with the highest position."""
+    last = history.events.select(pl.col("position", "event_id").sort_by("position").last())
+    position, event_id = last.row(0)
     return int(position), str(event_id)
 
 
