@@ -48,7 +48,7 @@ import psycopg
 from psycopg import sql
 
 from riskbook.errors import RiskbookError, StoreError
-from riskbook.frames import Filters, History, _cache_root, _read
+from riskbook.frames import _CACHE_CHECK_SQL, Filters, History, _cache_root, _Expect, _read
 from riskbook.live import _snapshot
 from riskbook.live._engine import DEFAULT_CRITICAL, Effect, Engine
 from riskbook.store import Store, connect
@@ -564,13 +564,13 @@ class Processor:
             if kept.engine.horizon > checkpoint:
                 why = f"it is at position {kept.engine.horizon}, past the checkpoint"
                 kept = None
-            else:
-                conn, last = self._conn, kept.last_position
+            else:  # the check of a load cache's refresh: the same store, its last event there
+                conn = self._conn
                 assert conn is not None
-                row = self._db(lambda: conn.execute(
-                    "SELECT event_id::text FROM events WHERE position = %s", (last,)
-                ).fetchone())  # fmt: skip
-                if row is None or row[0] != kept.last_event_id:
+                expect = _Expect(key["store_id"], kept.last_position, kept.last_event_id)
+                params = {"last": expect.last, "horizon": kept.engine.horizon}
+                row = self._db(lambda: conn.execute(_CACHE_CHECK_SQL, params).fetchone())
+                if not expect.holds(row):
                     kept, why = None, "the store no longer holds the event it ended with"
         if kept is None and why != "none kept":
             log.info("riskbook live %s: its snapshot (%s) is not used: %s; rebuilding from"

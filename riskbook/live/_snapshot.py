@@ -272,10 +272,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
 
 
 class _ZoneInfoName:
-    """Stands for the ZoneInfo class in a snapshot: the one attribute a pickle of a
-    ZoneInfo reads of it (``getattr(ZoneInfo, "_unpickle")``)."""
-
-    _unpickle = staticmethod(_zoneinfo_unpickle)
+    """Stands for the ZoneInfo class in a snapshot, whose pickle reads one attribute of
+    it, ``getattr(ZoneInfo, "_unpickle")``: :func:`_getattr` answers that alone."""
 
 
 def _getattr(obj: Any, name: str) -> Any:
