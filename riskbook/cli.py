@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -574,6 +575,111 @@ def _add_trust_commands(
         sp.set_defaults(func=cmd_db_grant)
 
 
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    """``riskbook cache``: each store's entries, the least recently used store first."""
+    from riskbook import cache
+
+    folder = cache.root()
+    listed = cache.entries()
+    if not listed:
+        print(f"the cache is empty ({folder})")
+        return 0
+    stores: dict[str, list[cache.CacheEntry]] = {}
+    for e in listed:  # least recently used first: a store's last entry is its latest
+        stores.setdefault(e.store_id, []).append(e)
+    for store_id, items in sorted(stores.items(), key=lambda kv: kv[1][-1].last_used):
+        where = items[0].database or "where: not noted"
+        print(
+            f"store {store_id}  {where}  {_human_bytes(sum(e.bytes for e in items))},"
+            f" last used {_when(items[-1].last_used)}"
+        )
+        for e in items:
+            print(f"  {e.kind:<4}  {_human_bytes(e.bytes):>8}  {_when(e.last_used)}  {e.what}")
+    total = sum(e.bytes for e in listed)
+    print(
+        f"{len(listed)} entr{'y' if len(listed) == 1 else 'ies'} of {len(stores)}"
+        f" store{'' if len(stores) == 1 else 's'}, {_human_bytes(total)} in {folder}"
+        " (only copies: `riskbook cache prune` removes them)"
+    )
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    """``riskbook cache prune``: remove the entries asked for."""
+    from riskbook import cache
+
+    if not (args.older_than or args.max_size is not None or args.store or args.all):
+        raise RiskbookError(
+            "say what to remove: --older-than AGE, --max-size SIZE, --store ID or --all"
+        )
+    gone = cache.prune(
+        older_than=args.older_than,
+        max_bytes=args.max_size,
+        stores=args.store or None,
+        everything=args.all,
+        dry_run=args.dry_run,
+    )
+    verb = "would remove" if args.dry_run else "removed"
+    for e in gone:
+        print(f"{verb} {e.kind} {e.store_id} {e.what} ({_human_bytes(e.bytes)})")
+    left = sum(e.bytes for e in cache.entries())
+    print(
+        f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'},"
+        f" {_human_bytes(sum(e.bytes for e in gone))};"
+        f" {_human_bytes(left)} left in {cache.root()}"
+    )
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _when(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12}  # fmt: skip
+_AGE_UNITS = {"": 86400, "d": 86400, "h": 3600, "m": 60, "s": 1, "w": 7 * 86400}
+
+
+def _size_arg(text: str) -> int:
+    """A size: bytes, or a number with kB, MB, GB or TB (powers of 1000): ``500MB``."""
+    number, unit = _split_unit(text)
+    if unit.lower() not in _SIZE_UNITS or number is None or number < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (bytes, or a number with kB, MB, GB or TB: 500MB)"
+        )
+    return int(number * _SIZE_UNITS[unit.lower()])
+
+
+def _age_arg(text: str) -> timedelta:
+    """An age: days, or a number with w, d, h, m or s: ``30d``, ``12h``."""
+    number, unit = _split_unit(text)
+    if unit.lower() not in _AGE_UNITS or number is None or number < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an age (days, or a number with w, d, h, m or s: 30d, 12h)"
+        )
+    return timedelta(seconds=number * _AGE_UNITS[unit.lower()])
+
+
+def _split_unit(text: str) -> tuple[float | None, str]:
+    stripped = text.strip()
+    i = len(stripped)
+    while i and not (stripped[i - 1].isdigit() or stripped[i - 1] == "."):
+        i -= 1
+    try:
+        number = float(stripped[:i])
+    except ValueError:
+        return None, ""
+    return (number if number == number and number != float("inf") else None), stripped[i:].strip()
+
+
 def cmd_bench(argv: list[str]) -> int:
     """``riskbook bench …``: benchmarks/run_all.py of a source checkout, arguments as given."""
     here = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -779,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_trust_commands(add, dbsub, dsn_option)
 
+    _add_cache_commands(sub)
+
     bench = add(
         "bench",
         lambda args: cmd_bench(args.rest),
@@ -816,6 +924,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dsn_option(demo)
     return p
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    text = (
+        "what riskbook keeps under its cache folder (copies of loaded histories, live"
+        " processors' snapshots), and removing it"
+    )
+    c = sub.add_parser("cache", help=text, description=text)
+    c.set_defaults(func=cmd_cache_list)
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION")
+    text = "each store's entries: what, how large, when last used (the default action)"
+    csub.add_parser("list", help=text, description=text).set_defaults(func=cmd_cache_list)
+    text = (
+        "remove entries: unused for AGE, the least recently used beyond SIZE, a store's,"
+        " or all (only copies: the next load reads the store, the next processor rebuilds)"
+    )
+    pr = csub.add_parser("prune", help=text, description=text)
+    pr.add_argument(
+        "--older-than",
+        type=_age_arg,
+        default=None,
+        metavar="AGE",
+        help="entries not used for AGE: days, or with w, d, h, m or s (30d, 12h)",
+    )
+    pr.add_argument(
+        "--max-size",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="then the least recently used until the rest fit in SIZE (500MB, 10GB)",
+    )
+    pr.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="every entry of this store (its id as `riskbook cache` lists it; repeatable)",
+    )
+    pr.add_argument("--all", action="store_true", help="every entry")
+    pr.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+    pr.set_defaults(func=cmd_cache_prune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1009,6 +1009,11 @@ def load(
     store_id = _store_id(store)
     cache_dir = _cache_root() / store_id / filters.key() if cache else None
     hit = _read_cache(cache_dir, store, store_id, filters) if cache_dir is not None else None
+    if cache_dir is not None:  # for `riskbook cache`: which store, and when last used
+        from riskbook.cache import note_store, touch
+
+        note_store(cache_dir.parent, store.dsn)
+        touch(cache_dir)
     if hit is None:
         history = _read(store, filters, after=0, progress=progress)
         history.store_id = store_id

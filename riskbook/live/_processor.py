@@ -47,6 +47,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
+from riskbook import cache
 from riskbook.errors import RiskbookError, StoreError
 from riskbook.frames import _CACHE_CHECK_SQL, Filters, History, _cache_root, _Expect, _read
 from riskbook.live import _snapshot
@@ -578,6 +579,7 @@ class Processor:
         elif kept is not None:
             log.info("riskbook live %s: rebuilding from its snapshot at position %d",
                      self.name, kept.engine.horizon)  # fmt: skip
+            cache.touch(path)  # for `riskbook cache`: when last used
         return kept
 
     def _snapshot_place(self, engine: Engine) -> tuple[Path, dict[str, Any]] | None:
@@ -611,6 +613,7 @@ class Processor:
                         " %s", self.name, path, type(exc).__name__, exc)  # fmt: skip
             return None
         self._unkept = 0.0
+        cache.note_store(path.parent.parent, self.store.dsn)
         log.info("riskbook live %s: kept a snapshot of its state at position %d (%.0f MB in"
                  " %.1f s, %s)", self.name, engine.horizon, size / 1e6,
                  time.monotonic() - started, path)  # fmt: skip

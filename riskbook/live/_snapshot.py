@@ -52,7 +52,7 @@ import polars as pl
 
 from riskbook.live._engine import Engine
 
-__all__ = ["Snapshot", "load", "path_for", "save"]
+__all__ = ["Snapshot", "header", "load", "path_for", "save"]
 
 log = logging.getLogger("riskbook.live")
 
@@ -169,6 +169,19 @@ def load(path: Path, key: dict[str, Any]) -> tuple[Snapshot | None, str]:
     if not isinstance(snapshot, Snapshot) or not isinstance(snapshot.engine, Engine):
         return None, "it holds something else"
     return snapshot, ""
+
+
+def header(path: Path) -> dict[str, Any] | None:
+    """The key line of the snapshot at ``path`` (its processor's name, store, horizon),
+    read without the rest; None if it is not a snapshot file."""
+    try:
+        with open(path, "rb") as f:
+            if f.readline() != _MAGIC:
+                return None
+            head = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
 
 
 _TRAILER_SIZE = 1 + 7 + 64 + 1 + 20 + 1
