@@ -175,12 +175,9 @@ def touch(path: Path) -> None:
 
 
 def _where(dsn: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict
+    from riskbook.store.eventstore import where
 
-    params = conninfo_to_dict(dsn)
-    host = str(params.get("host") or "localhost")
-    port = str(params.get("port") or "5432")
-    return f"{params.get('dbname') or params.get('user') or '?'} on {host}:{port}"
+    return where(dsn).removeprefix("database ")
 
 
 def _database(store_dir: Path) -> str | None:

@@ -26,7 +26,8 @@ from typing import Any
 
 from riskbook._home import make_private_dirs, riskbook_home
 from riskbook.events import STORED_INFINITY
-from riskbook.store import ImportResult, Store, connect, redact
+from riskbook.store import ImportResult, Store, connect
+from riskbook.store.eventstore import where
 
 __all__ = ["NOTEBOOKS", "SAMPLE", "lab_command", "lab_env", "open_sample", "run"]
 
@@ -123,7 +124,7 @@ def run(
     """
     started = time.perf_counter()
     store = connect(dsn)
-    _say(f"riskbook store: {redact(store.dsn)}")
+    _say(f"riskbook store: {where(store.dsn)}")
     if sample is not None:
         path: Path | None = sample
         _say(f"importing {sample} ...")

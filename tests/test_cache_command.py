@@ -178,3 +178,22 @@ def test_the_cli_lists_and_prunes(fresh_store: Store, _private_cache: Path) -> N
     assert cache.entries() == []
     out = _cli("list", folder=_private_cache)
     assert out.returncode == 0 and "the cache is empty" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        (
+            "postgresql://alice:s3cret@db.example.com:6543/risk",
+            "database risk on db.example.com:6543 as alice",
+        ),
+        ("postgresql+psycopg://bob:pw@localhost/book", "database book on localhost:5432 as bob"),
+        ("host=/run/pg dbname=r user=u password=s3cret", "database r on /run/pg:5432 as u"),
+        ("dbname=x", "database x on localhost:5432"),
+        ("not a dsn ===", "<unparseable DSN>"),
+    ],
+)
+def test_where_names_the_database_never_the_password(dsn: str, expected: str) -> None:
+    from riskbook.store.eventstore import where
+
+    assert where(dsn) == expected

@@ -243,6 +243,10 @@ def test_demo_summary_names_the_event_that_caused_each_block(
     assert "infinite > 2.00" in lines["ACC-4"], lines["ACC-4"]
     assert "1.797" not in result.stdout and "e+308" not in result.stdout
     assert "`riskbook explain EVENT_ID` reconstructs one" in result.stdout
+    first = result.stdout.splitlines()[0]  # where, in a few words: not the whole conninfo
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    assert first.startswith(f"riskbook store: database {dbname} on "), first
+    assert "sslmode" not in first and "channel_binding" not in first, first
 
 
 def test_the_demo_gives_jupyterlab_an_absolute_home(tmp_path: Path) -> None:

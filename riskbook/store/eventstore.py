@@ -96,6 +96,20 @@ def redact(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**parts)  # type: ignore[arg-type]
 
 
+def where(dsn: str) -> str:
+    """Where a DSN points, in a few words (no password): ``database riskbook on
+    db.example.com:5432 as alice``; a Unix socket's folder stands for the host."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(_libpq_dsn(dsn))
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    host = str(parts.get("host") or parts.get("hostaddr") or "localhost")
+    port = str(parts.get("port") or "5432")
+    user = parts.get("user")
+    dbname = parts.get("dbname") or user or "?"
+    return f"database {dbname} on {host}:{port}" + (f" as {user}" if user else "")
+
+
 # The password in a URL (postgresql://user:PASSWORD@host) or in key=value form.
 _URL_PASSWORD = re.compile(r"^[A-Za-z0-9+.-]*://[^/?#@]*?:([^@/?#]*)@")
 _KV_PASSWORD = re.compile(r"(?:^|\s)(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
