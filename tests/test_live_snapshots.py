@@ -8,6 +8,9 @@ import itertools
 import json
 import logging
 import pickle
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from datetime import timedelta
@@ -347,3 +350,99 @@ def test_a_stop_keeps_a_snapshot_only_when_a_rebuild_would_take_a_while(
     p.catch_up()
     assert p.rebuilt is not None and "events folded" in p.rebuilt
     assert len(list((tmp_path / "cache").rglob("*.snapshot"))) == 1
+
+
+def test_a_killed_processor_restarts_from_the_snapshot_it_kept_while_running(
+    fresh_store: Store, tmp_path: Path
+) -> None:
+    """`riskbook live --snapshot-after 0` keeps snapshots in the background while it
+    runs; killed with SIGKILL (no clean stop, so no snapshot at a stop), the next start
+    folds from the last one it kept, to the state a full rebuild gives."""
+    files = _parts(tmp_path, 3)
+    live = subprocess.Popen(
+        [sys.executable, "-m", "riskbook.cli", "live", "--name", "desk", "--snapshot-after",
+         "0", "--dsn", fresh_store.dsn],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for path in files:
+            fresh_store.import_jsonl(path)
+            time.sleep(0.5)  # batches apart: snapshots kept between them
+
+        def done() -> bool:  # everything processed, its own effects read back, one kept
+            with fresh_store.connection() as conn:
+                head = conn.execute("SELECT max(position) FROM events").fetchone()[0]  # type: ignore[index]
+                row = conn.execute(
+                    "SELECT position FROM processor_checkpoints WHERE name = 'desk'"
+                ).fetchone()
+            kept = list((tmp_path / "cache").rglob("*.snapshot"))
+            header = _snapshot.header(kept[0]) if kept else None
+            return (
+                row is not None
+                and row[0] > head
+                and header is not None
+                and (header["horizon"] > head)
+            )
+
+        deadline = time.monotonic() + 120
+        while not done():
+            assert live.poll() is None, live.stderr.read() if live.stderr else ""
+            assert time.monotonic() < deadline, "the processor did not catch up and keep one"
+            time.sleep(0.1)
+    finally:
+        live.kill()  # SIGKILL: no stop, nothing kept at one
+        live.communicate()
+    kept = _kept(tmp_path)
+    horizon = _snapshot.header(kept)["horizon"]  # type: ignore[index]
+    again = Processor(fresh_store, name="desk")
+    again.catch_up()
+    assert again.rebuilt is not None
+    assert f"from its snapshot at position {horizon}, then 0 events folded" in again.rebuilt
+    whole = Processor(fresh_store, name="desk", snapshots=False)
+    whole.catch_up()
+    assert "from its snapshot" not in (whole.rebuilt or "")
+    assert _state(again.engine) == _state(whole.engine)
+
+
+def test_snapshot_after_must_be_seconds(fresh_store: Store) -> None:
+    with pytest.raises(ValueError, match="snapshot_after must be seconds"):
+        Processor(fresh_store, snapshot_after=-1.0)
+    out = subprocess.run(
+        [sys.executable, "-m", "riskbook.cli", "live", "--snapshot-after", "soon"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "must be seconds >= 0 or 'never'" in out.stderr
+
+
+def test_batches_go_on_while_a_snapshot_is_kept(
+    fresh_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot of a running processor is written in a thread of its own: held up
+    in the middle of writing it, the processor still folds and commits new batches; a
+    stop waits for it, then keeps the state it stopped with."""
+    gate, saving = threading.Event(), threading.Event()
+    save = _snapshot.save
+
+    def held_up(*args: Any, **kwargs: Any) -> int:
+        saving.set()
+        gate.wait(60)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(_snapshot, "save", held_up)
+    p = Processor(fresh_store, name="desk", snapshot_after=0.0).start()
+    try:
+        fresh_store.append("ACC-1", [trade("ACC-1", "Buy", 1.0, 0)])
+        assert saving.wait(30), "no snapshot was started"
+        assert p.running and p._keeper is not None and p._keeper.is_alive()
+        for i in range(1, 6):
+            fresh_store.append("ACC-1", [trade("ACC-1", "Buy", 1.0, i)])
+        deadline = time.monotonic() + 30
+        while p.engine.events_seen < 6:
+            assert time.monotonic() < deadline, "no batch went through while it was kept"
+            time.sleep(0.02)
+        assert p._keeper is not None and p._keeper.is_alive()  # still held up
+    finally:
+        gate.set()
+        p.stop(timeout=60)
+    assert not p.running and p.error is None
+    assert _snapshot.header(_kept(tmp_path))["horizon"] == p.engine.horizon  # type: ignore[index]

@@ -64,6 +64,7 @@ def cmd_live(args: argparse.Namespace) -> int:
         on_commit=report,
         max_batch=args.max_batch,
         snapshots=not args.no_snapshot,
+        **_snapshot_kwargs(args.snapshot_after),
     )
     if args.once:
         done = threading.Event()
@@ -186,6 +187,26 @@ def _critical(text: str) -> float:
     return factor
 
 
+def _snapshot_after(text: str) -> float:
+    """argparse type of --snapshot-after: seconds >= 0, or ``never`` (infinity)."""
+    if text.strip().lower() == "never":
+        return math.inf
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(f"must be seconds >= 0 or 'never', got {text!r}")
+    return seconds
+
+
+def _snapshot_kwargs(after: float | None) -> dict[str, Any]:
+    """The Processor's snapshot_after from --snapshot-after (none given: its default)."""
+    if after is None:
+        return {}
+    return {"snapshot_after": None if math.isinf(after) else after}
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from riskbook.live import check
 
@@ -238,6 +259,16 @@ def add_live_commands(
         action="store_true",
         help="rebuild the state from the whole history, not from the snapshot a processor"
         " of its name kept at a long rebuild or a clean stop, and keep none",
+    )
+    lv.add_argument(
+        "--snapshot-after",
+        type=_snapshot_after,
+        default=None,
+        metavar="SECONDS",
+        help="while running, keep a snapshot in the background whenever a rebuild of what"
+        " was folded since the last one would take this long, so that a processor killed"
+        " restarts in about this long at most (default 60; never: only at a long rebuild"
+        " and a clean stop)",
     )
     dsn_option(lv)
 

@@ -70,6 +70,8 @@ _SMALL = 2_000  # a read this full means a backlog: read the rest in one go (ADB
 _KEEP_AFTER = 1.0
 """Seconds: a rebuild whose fold took this long keeps a snapshot of its state, and so does
 a processor that stops when a rebuild of what it folded since its last one would."""
+_KEEP_RUNNING = 60.0
+"""Seconds: the default ``snapshot_after`` of a running processor (see :class:`Processor`)."""
 _REFOLD_EVENT, _REFOLD_BUST = 5e-6, 0.05
 """What a rebuild's fold costs (s) an event and a bust, about (measured here at 1M events:
 2,258 busts in 111 s; `benchmarks/live_rebuild.py`): the estimate of what a snapshot at
@@ -143,6 +145,12 @@ class Processor:
         a long rebuild and at a clean stop (default True): a restart then folds only the
         events since (see :mod:`riskbook.live._snapshot`). False: always fold the whole
         history, and keep none.
+    snapshot_after : while it runs, keep a snapshot (in a background thread, the
+        batches going on) whenever a rebuild of what it folded since its last one would
+        take this many seconds (default 60; estimated: 5 us an event, 50 ms a bust): a
+        processor killed or crashed, not stopped, then restarts in about this long at
+        most, plus the snapshot's read. None: only at a long rebuild and a clean stop.
+        Each one writes the whole state (about 300 bytes an event folded).
 
     Examples
     --------
@@ -166,9 +174,12 @@ class Processor:
         max_batch: int | None = None,
         before_commit: Callable[[list[Effect]], None] | None = None,
         snapshots: bool = True,
+        snapshot_after: float | None = _KEEP_RUNNING,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if snapshot_after is not None and not snapshot_after >= 0:
+            raise ValueError(f"snapshot_after must be seconds >= 0 or None, got {snapshot_after}")
         if not name or len(name) > 200:
             raise ValueError("a processor's name must have 1 to 200 characters")
         if start not in ("beginning", "head"):
@@ -190,6 +201,7 @@ class Processor:
         self.max_batch = max_batch
         self.before_commit = before_commit
         self.snapshots = snapshots
+        self.snapshot_after = snapshot_after
         self.commits: deque[Commit] = deque(maxlen=10_000)
         self.effects: deque[Effect] = deque(maxlen=10_000)
         self.status = "stopped"
@@ -200,6 +212,10 @@ class Processor:
         """What the last rebuild of the state did, in one line (None: none yet)."""
         self._unkept = 0.0  # what a rebuild of the events since the last snapshot takes (s)
         self._last_folded: tuple[int, str] | None = None  # (position, event id)
+        # a snapshot being kept in the background while running, and the _unkept it covers
+        self._keeper: threading.Thread | None = None
+        self._keeper_covers = 0.0
+        self._keeper_kept = False
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -299,8 +315,10 @@ class Processor:
                         if stepped:
                             backoff = 0.1
                             idle_since = time.monotonic()
+                            self._keep_while_running()
                             continue
                         backoff = 0.1
+                        self._keep_while_running()  # one busy at the last batch finished since
                         if idle_timeout is not None and (
                             time.monotonic() - idle_since > idle_timeout
                         ):
@@ -496,6 +514,7 @@ class Processor:
         long rebuild or clean stop, if one fits (:mod:`riskbook.live._snapshot`), and a
         long fold keeps one.
         """
+        self._reap_keeper(wait=True)  # one writer of the snapshot at a time
         below = f"rebuilding the state below position {checkpoint}"
         self.status = below
         started = time.monotonic()
@@ -602,9 +621,21 @@ class Processor:
         where = self._snapshot_place(engine) if self._last_folded is not None else None
         if where is None:
             return None
+        assert self._last_folded is not None
+        size = self._save(where, engine, self._last_folded)
+        if size is not None:
+            self._unkept = 0.0
+        return size
+
+    def _save(
+        self, where: tuple[Path, dict[str, Any]], engine: Engine, last_folded: tuple[int, str]
+    ) -> int | None:
+        """Write the snapshot of ``engine`` (as a rebuild would have it), whose last event
+        folded is ``last_folded``; its size (None: not kept, the log says why). Touches
+        nothing of the processor's, so it may run in a thread of its own."""
         path, key = where
         rebuilt, _ = engine.as_rebuilt()
-        position, event_id = self._last_folded  # type: ignore[misc]
+        position, event_id = last_folded
         started = time.monotonic()
         try:
             size = _snapshot.save(path, _snapshot.Snapshot(rebuilt, position, event_id), key)
@@ -612,17 +643,62 @@ class Processor:
             log.warning("riskbook live %s: could not keep a snapshot of its state in %s: %s:"
                         " %s", self.name, path, type(exc).__name__, exc)  # fmt: skip
             return None
-        self._unkept = 0.0
         cache.note_store(path.parent.parent, self.store.dsn)
         log.info("riskbook live %s: kept a snapshot of its state at position %d (%.0f MB in"
                  " %.1f s, %s)", self.name, engine.horizon, size / 1e6,
                  time.monotonic() - started, path)  # fmt: skip
         return size
 
+    def _keep_while_running(self) -> None:
+        """Between two batches of :meth:`run`: start keeping a snapshot of the state in
+        a background thread when a rebuild of what was folded since the last one would
+        take :attr:`snapshot_after` or more; the batches go on meanwhile. The engine
+        the thread writes is never changed (each batch folds on a copy), and one thread
+        at a time writes (a batch starts no other while one is busy)."""
+        self._reap_keeper()
+        if (
+            not self.snapshots
+            or self.snapshot_after is None
+            or self._keeper is not None
+            or self._unkept < self.snapshot_after
+            or self._last_folded is None
+        ):
+            return
+        where = self._snapshot_place(self.engine)  # a query: here, on the loop's connection
+        if where is None:
+            return
+        engine, last, self._keeper_covers = self.engine, self._last_folded, self._unkept
+
+        def keep() -> None:
+            self._keeper_kept = self._save(where, engine, last) is not None
+
+        self._keeper_kept = False
+        self._keeper = threading.Thread(
+            target=keep, name=f"riskbook-live-{self.name}-snapshot", daemon=True
+        )
+        self._keeper.start()
+
+    def _reap_keeper(self, *, wait: bool = False) -> None:
+        """Account for a background snapshot that has finished (``wait``: wait for it):
+        what it covers no longer needs a rebuild."""
+        keeper = self._keeper
+        if keeper is None:
+            return
+        if wait:
+            keeper.join()
+        if keeper.is_alive():
+            return
+        self._keeper = None
+        if self._keeper_kept:
+            self._unkept = max(0.0, self._unkept - self._keeper_covers)
+
     def _keep_at_stop(self) -> None:
         """At a clean stop (the lock still held): keep a snapshot of the state if folding
         again what was folded since the last one would take :data:`_KEEP_AFTER` or
         more. Never fails the stop."""
+        if self._keeper is not None:
+            self.status = "stopping: finishing the snapshot of the state being kept"
+            self._reap_keeper(wait=True)
         conn = self._conn
         if not self.snapshots or self._unkept < _KEEP_AFTER or conn is None or conn.closed:
             return
