@@ -139,8 +139,8 @@ def _background_figures(engine: Any, history: Any, size: int = 90) -> dict[str, 
     from riskbook.live import _snapshot
 
     def fold(state: Any, n: int) -> tuple[Any, float]:
+        began = time.perf_counter()  # the batch made too: a processor decodes its batches
         batch = _trade_batch(history, state, size, n)
-        began = time.perf_counter()
         state = state.copy()
         state.apply(batch)
         return state, time.perf_counter() - began
@@ -172,16 +172,16 @@ def _background_figures(engine: Any, history: Any, size: int = 90) -> dict[str, 
         return float(np.percentile(np.array(values) * 1e3, q))
 
     out = {
-        "batch_ms_alone": [ms(alone, 50), ms(alone, 99)],
-        "batch_ms_during": [ms(during, 50), ms(during, 99)] if during else None,
+        "batch_ms_alone": [ms(alone, 50), ms(alone, 100)],
+        "batch_ms_during": [ms(during, 50), ms(during, 100)] if during else None,
         "batches_during": len(during),
         "save_s_in_background": wrote[0],
     }
-    print(f"batches of {size} trades on the rebuilt state: median {out['batch_ms_alone'][0]:.1f}"
-          f" ms, p99 {out['batch_ms_alone'][1]:.1f} alone; while a snapshot of it is kept in the"
-          f" background ({wrote[0]:.2f} s): {len(during)} batches, median"
-          f" {ms(during, 50) if during else float('nan'):.1f} ms, p99"
-          f" {ms(during, 99) if during else float('nan'):.1f}")  # fmt: skip
+    print(f"batches of {size} trades made and folded on the rebuilt state: median"
+          f" {out['batch_ms_alone'][0]:.1f} ms, max {out['batch_ms_alone'][1]:.1f} alone; while a"
+          f" snapshot of it is kept in the background ({wrote[0]:.2f} s): {len(during)} batches,"
+          f" median {ms(during, 50) if during else float('nan'):.1f} ms, max"
+          f" {ms(during, 100) if during else float('nan'):.1f}")  # fmt: skip
     return out
 
 

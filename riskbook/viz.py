@@ -64,6 +64,7 @@ import altair as alt
 import polars as pl
 
 from riskbook._checks import MAX_ROWS, TimeLike, _cap, _frame, _ids
+from riskbook._time import us
 from riskbook.events import as_time
 from riskbook.lanes import _LANES, event_lanes
 
@@ -119,7 +120,6 @@ levels the chart shows."""
 _LEVEL_RAMP = ((0.5, "#f7e7a6"), *LEVEL_COLORS.items(), (1.5, "#67000d"))
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%L"
 _WIDTH = 720
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -168,7 +168,7 @@ def save_svg(chart: alt.TopLevelMixin, path: str | Path) -> Path:
 
 
 def _ms(t: datetime | None) -> int | None:
-    return None if t is None else (t - _EPOCH) // timedelta(milliseconds=1)
+    return None if t is None else us(t) // 1000
 
 
 def plot_frame(frame: pl.DataFrame) -> pl.DataFrame:

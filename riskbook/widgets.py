@@ -50,6 +50,7 @@ import traitlets
 from riskbook import limits as L
 from riskbook import projections as P
 from riskbook import viz
+from riskbook._time import us
 from riskbook.audit import (
     _BUILT_IN_FIGURES,
     Incident,
@@ -92,7 +93,6 @@ __all__ = [
     "limits_in_force",
 ]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ALL = "all accounts"
 
 
@@ -328,7 +328,7 @@ def _pin_param(chart: alt.JupyterChart, name: str, want: Callable[[], float | No
 
 
 def _ms(t: datetime | None) -> float | None:
-    return None if t is None else (t - _EPOCH) / timedelta(milliseconds=1)
+    return None if t is None else us(t) / 1000
 
 
 def _some(names: Sequence[str], noun: str, shown: int = 5) -> str:
