@@ -253,9 +253,17 @@ def test_an_engine_kept_and_read_back_folds_on_as_the_one_kept(
     engine.apply(first, written=False)
     path = tmp_path / "e.snapshot"
     key = _snapshot.key(engine, "store", "name")
-    _snapshot.save(path, _snapshot.Snapshot(engine, 1, "x"), key)
+    pieces = data.draw(st.sampled_from([1, 3, 16, _snapshot._PIECE_ROWS]))
+    with pytest.MonkeyPatch.context() as mp:  # long frames and series go in pieces of this
+        mp.setattr(_snapshot, "_PIECE_ROWS", pieces)
+        _snapshot.save(path, _snapshot.Snapshot(engine, 1, "x"), key)
     back, why = _snapshot.load(path, key)
     assert back is not None, why
+    p = engine.projection
+    if pieces == 1 and any(f.height > 1 for f in (p.positions, p.accounts, p.marks, p.days)):
+        # every frame of more than one row went in pieces: read back whole
+        with path.open("rb") as f:
+            assert b"_frame_of_pieces" in f.read()
     assert _state(back.engine) == _state(engine)
     assert back.engine.as_rebuilt()[1] == engine.as_rebuilt()[1]
 

@@ -33,6 +33,7 @@ one). At 1M events one took 298 MB.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import json
@@ -57,7 +58,7 @@ __all__ = ["Snapshot", "header", "load", "path_for", "save"]
 log = logging.getLogger("riskbook.live")
 
 _MAGIC = b"riskbook-engine-snapshot\n"
-_FORMAT = 1
+_FORMAT = 2  # 2: long frames and series pickled in pieces
 
 
 @dataclass
@@ -119,7 +120,9 @@ def save(path: Path, snapshot: Snapshot, key: dict[str, Any]) -> int:
             f.write(_MAGIC)
             f.write(json.dumps(dict(key, horizon=snapshot.engine.horizon)).encode() + b"\n")
             body = _Hashing(f)
-            pickle.dump(snapshot, body, protocol=5)
+            pickler = pickle.Pickler(body, protocol=5)
+            pickler.dispatch_table = _DISPATCH  # type: ignore[assignment]
+            pickler.dump(snapshot)
             f.write(_trailer(body.digest.hexdigest(), body.size))
             f.flush()
             os.fsync(f.fileno())
@@ -191,6 +194,42 @@ def _trailer(sha256: str, size: int) -> bytes:
     out = f"\nsha256 {sha256} {size:020d}\n".encode()
     assert len(out) == _TRAILER_SIZE
     return out
+
+
+_PIECE_ROWS = 1 << 16
+"""Rows of each piece a long frame or series is pickled in. Serialising one holds the
+GIL throughout, and a running processor writes its snapshot in a thread beside its
+batches: they wait for a piece at most, not a whole frame (at 1M events a whole one
+held them up to 450 ms; `benchmarks/live_rebuild.py`)."""
+
+
+def _reduce_frame(frame: pl.DataFrame) -> Any:
+    if frame.height <= _PIECE_ROWS or frame.width == 0:
+        return frame.__reduce_ex__(5)
+    pieces = tuple(frame.slice(i, _PIECE_ROWS) for i in range(0, frame.height, _PIECE_ROWS))
+    return _frame_of_pieces, (pieces,)
+
+
+def _reduce_series(series: pl.Series) -> Any:
+    if series.len() <= _PIECE_ROWS:
+        return series.__reduce_ex__(5)
+    pieces = tuple(series.slice(i, _PIECE_ROWS) for i in range(0, series.len(), _PIECE_ROWS))
+    return _series_of_pieces, (pieces,)
+
+
+def _frame_of_pieces(pieces: tuple[pl.DataFrame, ...]) -> pl.DataFrame:
+    if not pieces or not all(type(p) is pl.DataFrame for p in pieces):
+        raise pickle.UnpicklingError("a frame's pieces are not frames")
+    return pl.concat(pieces, how="vertical", rechunk=True)
+
+
+def _series_of_pieces(pieces: tuple[pl.Series, ...]) -> pl.Series:
+    if not pieces or not all(type(p) is pl.Series for p in pieces):
+        raise pickle.UnpicklingError("a series' pieces are not series")
+    return pl.concat(pieces, rechunk=True)
+
+
+_DISPATCH = {**copyreg.dispatch_table, pl.DataFrame: _reduce_frame, pl.Series: _reduce_series}
 
 
 class _Hashing:
@@ -270,7 +309,9 @@ def _allowed() -> dict[tuple[str, str], Any]:
     classes = (Snapshot, Engine, frames.History, frames.Filters, projections.ProjectionState,
                _evaluate.BreachState, _evaluate._Derived, pl.DataFrame, pl.Series, np.dtype,
                datetime.datetime, datetime.date, datetime.timedelta, datetime.timezone)  # fmt: skip
-    allowed: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in classes}
+    allowed: dict[tuple[str, str], Any] = {
+        (c.__module__, c.__qualname__): c for c in (*classes, _frame_of_pieces, _series_of_pieces)
+    }
     allowed |= {
         ("zoneinfo", "ZoneInfo"): _ZoneInfoName,
         ("builtins", "set"): set,
