@@ -78,8 +78,10 @@ def entries(folder: Path | None = None) -> list[CacheEntry]:
         database = _database(store)
         for entry in sorted(store.iterdir()):
             if entry.name == "live" and entry.is_dir():
-                for snap in sorted(entry.glob("*.snapshot")):
-                    out.append(_snapshot_entry(store.name, snap, database))
+                # a snapshot with what its writers left (killed midway), or that alone
+                names = {p.name.split(".snapshot", 1)[0] for p in entry.glob("*.snapshot*")}
+                for name in sorted(names):
+                    out.append(_snapshot_entry(store.name, entry / f"{name}.snapshot", database))
             elif entry.is_dir():
                 out.append(_load_entry(store.name, entry, database))
     out.sort(key=lambda e: (e.last_used, str(e.path)))
@@ -251,15 +253,24 @@ def _describe_filters(filters: dict[str, object]) -> str:
 def _snapshot_entry(store_id: str, path: Path, database: str | None) -> CacheEntry:
     from riskbook.live._snapshot import header
 
+    left = sorted(path.parent.glob(f"{path.name}.tmp-*"))  # writers killed midway
     head = header(path)
     name = head.get("name") if head else None
+    if isinstance(name, str):
+        what = f"processor {name}"
+    elif path.exists():
+        what = "unreadable snapshot"
+    else:
+        what = "unfinished snapshot (its writer stopped midway)"
+    if left and path.exists():
+        what += f", and {len(left)} unfinished"
     return CacheEntry(
         store_id=store_id,
         kind="live",
-        what=f"processor {name}" if isinstance(name, str) else "unreadable snapshot",
+        what=what,
         path=path,
-        bytes=_size(path),
-        last_used=_mtime(path),
+        bytes=sum(_file_size(p) for p in (path, *left)),
+        last_used=_mtime(path, *left),
         database=database,
     )
 

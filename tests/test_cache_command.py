@@ -197,3 +197,21 @@ def test_where_names_the_database_never_the_password(dsn: str, expected: str) ->
     from riskbook.store.eventstore import where
 
     assert where(dsn) == expected
+
+
+def test_what_killed_snapshot_writers_left_is_listed_and_pruned(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    random_history(fresh_store, n=40, seed=18)
+    monkeypatch.setattr(_processor, "_KEEP_AFTER", 0.0)
+    Processor(fresh_store, name="desk").catch_up()
+    [snap] = cache.entries()
+    (snap.path.parent / f"{snap.path.name}.tmp-0badf00d").write_bytes(b"x" * 1000)
+    (snap.path.parent / "0123abcd.snapshot.tmp-deadbeef").write_bytes(b"y" * 500)
+    by = {e.path.name: e for e in cache.entries()}
+    assert by[snap.path.name].bytes == snap.bytes + 1000
+    assert by[snap.path.name].what == "processor desk, and 1 unfinished"
+    orphan = by["0123abcd.snapshot"]
+    assert (orphan.bytes, orphan.what) == (500, "unfinished snapshot (its writer stopped midway)")
+    cache.prune(everything=True)
+    assert cache.entries() == [] and not snap.path.parent.exists()
