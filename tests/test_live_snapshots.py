@@ -399,7 +399,8 @@ def test_a_killed_processor_restarts_from_the_snapshot_it_kept_while_running(
             time.sleep(0.1)
     finally:
         live.kill()  # SIGKILL: no stop, nothing kept at one
-        live.communicate()
+        _, err = live.communicate()
+    assert "kept a snapshot of the state at position" in err and "while running" in err, err
     kept = _kept(tmp_path)
     horizon = _snapshot.header(kept)["horizon"]  # type: ignore[index]
     again = Processor(fresh_store, name="desk")

@@ -105,11 +105,14 @@ def cmd_live(args: argparse.Namespace) -> int:
     processor.start()
     said: list[str] = []
     last: dict[str, Any] = {}
-    rebuilt = None
+    rebuilt = kept = None
     while not stop.wait(0.1):
         if processor.rebuilt != rebuilt:  # set at the end of a rebuild
             rebuilt = processor.rebuilt
             print(f"riskbook live {args.name!r}: {rebuilt}", file=sys.stderr, flush=True)
+        if processor.kept != kept:  # a snapshot kept while running
+            kept = processor.kept
+            print(f"riskbook live {args.name!r}: {kept}", file=sys.stderr, flush=True)
         _say_status(args.name, processor.status, said, last)
         if not processor.running:
             break

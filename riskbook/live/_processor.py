@@ -210,6 +210,8 @@ class Processor:
         self._ready = threading.Event()  # the state is current: see wait_ready
         self.rebuilt: str | None = None
         """What the last rebuild of the state did, in one line (None: none yet)."""
+        self.kept: str | None = None
+        """The last snapshot kept while running (``snapshot_after``), in one line."""
         self._unkept = 0.0  # what a rebuild of the events since the last snapshot takes (s)
         self._last_folded: tuple[int, str] | None = None  # (position, event id)
         # a snapshot being kept in the background while running, and the _unkept it covers
@@ -670,7 +672,13 @@ class Processor:
         engine, last, self._keeper_covers = self.engine, self._last_folded, self._unkept
 
         def keep() -> None:
-            self._keeper_kept = self._save(where, engine, last) is not None
+            began = time.monotonic()
+            size = self._save(where, engine, last)
+            self._keeper_kept = size is not None
+            if size is not None:
+                self.kept = (f"kept a snapshot of the state at position {engine.horizon} while"
+                             f" running ({size / 1e6:,.0f} MB in {time.monotonic() - began:.1f}"
+                             " s): a restart folds from there")  # fmt: skip
 
         self._keeper_kept = False
         self._keeper = threading.Thread(
