@@ -6,6 +6,7 @@
 :class:`Engine`          the processor's fold with no I/O: batches in, effects out
 :func:`check`            accept or reject a proposed trade, with every reason
 :func:`unblock`          append AccountUnblocked for a blocked account: who and why
+:func:`processors`       the store's processors: checkpoint, lag, working, snapshot
 =======================  ===========================================================
 
 The processor is the article's stream processor with PostgreSQL as the log: it reads
@@ -19,6 +20,7 @@ transaction.
 from riskbook.live._check import CheckResult, Reason, check, unblock
 from riskbook.live._engine import DEFAULT_CRITICAL, Effect, Engine
 from riskbook.live._processor import Commit, Processor
+from riskbook.live._status import processors
 
 __all__ = [
     "DEFAULT_CRITICAL",
@@ -29,5 +31,6 @@ __all__ = [
     "Processor",
     "Reason",
     "check",
+    "processors",
     "unblock",
 ]

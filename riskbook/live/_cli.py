@@ -230,11 +230,31 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_processors(args: argparse.Namespace) -> int:
+    from riskbook.cli import _emit, _writable_file
+    from riskbook.live import processors
+
+    _writable_file(args.output, "--output")
+    return _emit(processors(args.dsn), args, empty="(no processor has run on this store)")
+
+
 def add_live_commands(
     add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser],
     dsn_option: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Add ``live``, ``check`` and ``unblock`` to the ``riskbook`` parser."""
+    """Add ``live``, ``processors``, ``check`` and ``unblock`` to the ``riskbook`` parser."""
+    from riskbook.cli import _FORMAT_HELP, _FORMATS
+
+    pr = add(
+        "processors",
+        cmd_processors,
+        "the store's live processors: where each has got (checkpoint, events behind, last"
+        " commit), whether one is working now, and the snapshot its next start here folds on"
+        " from",
+    )
+    pr.add_argument("--format", choices=_FORMATS, default="table", help=_FORMAT_HELP)
+    pr.add_argument("--output", "-o", default=None, help="write to FILE (needed for parquet)")
+    dsn_option(pr)
     lv = add(
         "live",
         cmd_live,
