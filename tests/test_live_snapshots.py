@@ -455,3 +455,30 @@ def test_batches_go_on_while_a_snapshot_is_kept(
         p.stop(timeout=60)
     assert not p.running and p.error is None
     assert _snapshot.header(_kept(tmp_path))["horizon"] == p.engine.horizon  # type: ignore[index]
+
+
+def test_a_snapshot_that_cannot_be_kept_while_running_is_not_tried_after_every_batch(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tries: list[int] = []
+
+    def full(*args: Any, **kwargs: Any) -> int:
+        tries.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_snapshot, "save", full)
+    caplog.set_level(logging.WARNING, logger="riskbook.live")
+    p = Processor(fresh_store, name="desk", snapshot_after=0.0).start()
+    try:
+        for i in range(8):  # batches apart
+            fresh_store.append("ACC-1", [trade("ACC-1", "Buy", 1.0, i)])
+            deadline = time.monotonic() + 30
+            while p.engine.events_seen < i + 1:
+                assert time.monotonic() < deadline and p.error is None
+                time.sleep(0.02)
+        running_tries = len(tries)
+    finally:
+        p.stop(timeout=60)  # (a stop tries once more)
+    assert p.error is None and p.engine.events_seen == 8
+    assert running_tries == 1  # then none until a minute's worth of rebuild more
+    assert "No space left on device" in caplog.text

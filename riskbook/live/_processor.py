@@ -218,6 +218,7 @@ class Processor:
         self._keeper: threading.Thread | None = None
         self._keeper_covers = 0.0
         self._keeper_kept = False
+        self._keep_from = 0.0  # after a failed one: no other until _unkept gets here
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -523,6 +524,7 @@ class Processor:
         engine = Engine(**self._engine_args)  # type: ignore[arg-type]
         how = "nothing below it"
         self._unkept, self._last_folded = 0.0, None  # of the engine this rebuild makes
+        self._keep_from = 0.0
         if checkpoint > 0:
             engine, how = self._fold_below(checkpoint, engine, below)
         engine.horizon = checkpoint
@@ -662,7 +664,7 @@ class Processor:
             not self.snapshots
             or self.snapshot_after is None
             or self._keeper is not None
-            or self._unkept < self.snapshot_after
+            or self._unkept < max(self.snapshot_after, self._keep_from)
             or self._last_folded is None
         ):
             return
@@ -673,7 +675,12 @@ class Processor:
 
         def keep() -> None:
             began = time.monotonic()
-            size = self._save(where, engine, last)
+            try:
+                size = self._save(where, engine, last)
+            except Exception as exc:  # never worth more than a line in the log
+                log.warning("riskbook live %s: could not keep a snapshot of its state: %s: %s",
+                            self.name, type(exc).__name__, exc)  # fmt: skip
+                size = None
             self._keeper_kept = size is not None
             if size is not None:
                 self.kept = (f"kept a snapshot of the state at position {engine.horizon} while"
@@ -699,6 +706,9 @@ class Processor:
         self._keeper = None
         if self._keeper_kept:
             self._unkept = max(0.0, self._unkept - self._keeper_covers)
+            self._keep_from = 0.0
+        elif self.snapshot_after is not None:  # (the log says why) not after every batch
+            self._keep_from = self._keeper_covers + max(self.snapshot_after, _KEEP_RUNNING)
 
     def _keep_at_stop(self) -> None:
         """At a clean stop (the lock still held): keep a snapshot of the state if folding
