@@ -361,7 +361,7 @@ def test_a_stop_keeps_a_snapshot_only_when_a_rebuild_would_take_a_while(
 
 
 def test_a_killed_processor_restarts_from_the_snapshot_it_kept_while_running(
-    fresh_store: Store, tmp_path: Path
+    fresh_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`riskbook live --snapshot-after 0` keeps snapshots in the background while it
     runs; killed with SIGKILL (no clean stop, so no snapshot at a stop), the next start
@@ -404,9 +404,12 @@ def test_a_killed_processor_restarts_from_the_snapshot_it_kept_while_running(
     kept = _kept(tmp_path)
     horizon = _snapshot.header(kept)["horizon"]  # type: ignore[index]
     again = Processor(fresh_store, name="desk")
+    caplog.set_level(logging.INFO, logger="riskbook.live")
     again.catch_up()
     assert again.rebuilt is not None
-    assert f"from its snapshot at position {horizon}, then 0 events folded" in again.rebuilt
+    assert f"from its snapshot at position {horizon}, then 0 events folded" in again.rebuilt, (
+        caplog.text  # why it was not used
+    )
     whole = Processor(fresh_store, name="desk", snapshots=False)
     whole.catch_up()
     assert "from its snapshot" not in (whole.rebuilt or "")
