@@ -485,3 +485,36 @@ def test_a_snapshot_that_cannot_be_kept_while_running_is_not_tried_after_every_b
     assert p.error is None and p.engine.events_seen == 8
     assert running_tries == 1  # then none until a minute's worth of rebuild more
     assert "No space left on device" in caplog.text
+
+
+@pytest.mark.parametrize(("share", "most"), [(0.05, 1), (1.0, 99)])
+def test_snapshots_while_running_take_a_small_share_of_the_time(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch, share: float, most: int
+) -> None:
+    """A snapshot that takes 0.2 s to write is followed by the next one no sooner than
+    3.8 s later (5% of the time writing): over 1.5 s of batches, one is kept; with no
+    such share (1.0), one after the other."""
+    save, saves = _snapshot.save, []
+
+    def slow(*args: Any, **kwargs: Any) -> int:
+        time.sleep(0.2)
+        saves.append(time.monotonic())
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(_snapshot, "save", slow)
+    monkeypatch.setattr(_processor, "_KEEP_SHARE", share)
+    p = Processor(fresh_store, name="desk", snapshot_after=0.0).start()
+    try:
+        ends = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < ends:
+            fresh_store.append("ACC-1", [trade("ACC-1", "Buy", 1.0, i)])
+            i += 1
+            time.sleep(0.05)
+        during = len(saves)
+    finally:
+        p.stop(timeout=60)
+    assert p.error is None
+    assert 1 <= during <= most
+    if share == 1.0:
+        assert during >= 3, saves

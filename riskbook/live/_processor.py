@@ -72,6 +72,10 @@ _KEEP_AFTER = 1.0
 a processor that stops when a rebuild of what it folded since its last one would."""
 _KEEP_RUNNING = 60.0
 """Seconds: the default ``snapshot_after`` of a running processor (see :class:`Processor`)."""
+_KEEP_SHARE = 0.05
+"""A running processor's snapshots take this share of its time at most: the next one
+starts no sooner than 19 times the last one's writing time after it (at 5M events one
+is 1.5 GB and takes seconds to write, when busts make a minute's rebuild in 100 s)."""
 _REFOLD_EVENT, _REFOLD_BUST = 5e-6, 0.05
 """What a rebuild's fold costs (s) an event and a bust, about (measured here at 1M events:
 2,258 busts in 111 s; `benchmarks/live_rebuild.py`): the estimate of what a snapshot at
@@ -150,7 +154,8 @@ class Processor:
         take this many seconds (default 60; estimated: 5 us an event, 50 ms a bust): a
         processor killed or crashed, not stopped, then restarts in about this long at
         most, plus the snapshot's read. None: only at a long rebuild and a clean stop.
-        Each one writes the whole state (about 300 bytes an event folded).
+        Each one writes the whole state (about 300 bytes an event folded), so they are
+        kept 19 times their writing time apart at least (5% of the time writing).
 
     Examples
     --------
@@ -219,6 +224,7 @@ class Processor:
         self._keeper_covers = 0.0
         self._keeper_kept = False
         self._keep_from = 0.0  # after a failed one: no other until _unkept gets here
+        self._keep_after_time = 0.0  # monotonic: no other before (see _KEEP_SHARE)
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -666,6 +672,7 @@ class Processor:
             or self._keeper is not None
             or self._unkept < max(self.snapshot_after, self._keep_from)
             or self._last_folded is None
+            or time.monotonic() < self._keep_after_time
         ):
             return
         where = self._snapshot_place(self.engine)  # a query: here, on the loop's connection
@@ -682,9 +689,11 @@ class Processor:
                             self.name, type(exc).__name__, exc)  # fmt: skip
                 size = None
             self._keeper_kept = size is not None
+            took = time.monotonic() - began
+            self._keep_after_time = time.monotonic() + took * (1 / _KEEP_SHARE - 1)
             if size is not None:
                 self.kept = (f"kept a snapshot of the state at position {engine.horizon} while"
-                             f" running ({size / 1e6:,.0f} MB in {time.monotonic() - began:.1f}"
+                             f" running ({size / 1e6:,.0f} MB in {took:.1f}"
                              " s): a restart folds from there")  # fmt: skip
 
         self._keeper_kept = False
