@@ -361,11 +361,19 @@ def test_a_stop_keeps_a_snapshot_only_when_a_rebuild_would_take_a_while(
 
 
 def test_a_killed_processor_restarts_from_the_snapshot_it_kept_while_running(
-    fresh_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fresh_store: Store,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`riskbook live --snapshot-after 0` keeps snapshots in the background while it
     runs; killed with SIGKILL (no clean stop, so no snapshot at a stop), the next start
     folds from the last one it kept, to the state a full rebuild gives."""
+    from riskbook.limits import BUILT_INS, _registry
+
+    # the limit types of the command's process: other tests of this one registered more
+    # (a snapshot of other definitions is not used, rightly)
+    monkeypatch.setattr(_registry, "_registry", {d.name: d for d in BUILT_INS})
     files = _parts(tmp_path, 3)
     live = subprocess.Popen(
         [sys.executable, "-m", "riskbook.cli", "live", "--name", "desk", "--snapshot-after",
