@@ -13,7 +13,8 @@ and times, in this process:
 * the rebuilt state kept as a snapshot and read back (a processor's next start does
   that instead of the rebuild: see ``riskbook.live._snapshot``); and micro-batches of
   90 trades folded on it alone, then while a snapshot is written in a background
-  thread, as a running processor keeps one (``snapshot_after``);
+  thread, as a running processor keeps one (``snapshot_after``); and the longest the
+  snapshot's writer holds up another thread, with frames pickled in pieces and whole;
 * a batch of one bust folded on the rebuilt state (the steady state's cost of a bust):
   of the account's latest trade, of a trade some thousand events back, of one in the
   middle of the history, and of a trade id that is not there.
@@ -188,6 +189,54 @@ def _background_figures(engine: Any, history: Any, size: int = 90) -> dict[str, 
     return out
 
 
+def _gil_figures(engine: Any) -> dict[str, Any]:
+    """The longest the snapshot's writer keeps other threads waiting (a thread that
+    sleeps 1 ms at a time records its longest gap), with long frames and series pickled
+    in pieces (riskbook's way) and whole (the baseline, as pickle does by itself)."""
+    import tempfile
+    import threading
+
+    from riskbook.live import _snapshot
+
+    key = _snapshot.key(engine, "bench", "bench")
+    kept = _snapshot.Snapshot(engine, 1, "x")
+
+    def longest_wait(piece_rows: int) -> tuple[float, float]:
+        gaps: list[float] = []
+        stop = threading.Event()
+
+        def tick() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                time.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        saved, _snapshot._PIECE_ROWS = _snapshot._PIECE_ROWS, piece_rows
+        ticker = threading.Thread(target=tick)
+        try:
+            with tempfile.TemporaryDirectory(prefix="riskbook-snapshot-") as folder:
+                ticker.start()
+                began = time.perf_counter()
+                _snapshot.save(Path(folder) / "gil.snapshot", kept, key)
+                took = time.perf_counter() - began
+        finally:
+            stop.set()
+            if ticker.is_alive():
+                ticker.join()
+            _snapshot._PIECE_ROWS = saved
+        return max(gaps) * 1e3, took
+
+    pieces_ms, pieces_s = longest_wait(_snapshot._PIECE_ROWS)
+    whole_ms, whole_s = longest_wait(2**62)
+    print(f"the snapshot's writer kept another thread waiting {pieces_ms:.0f} ms at most with"
+          f" frames in pieces ({pieces_s:.2f} s to write), {whole_ms:.0f} ms with whole frames"
+          f" ({whole_s:.2f} s): {whole_ms / pieces_ms:.1f}x shorter")  # fmt: skip
+    return {"longest_wait_ms": pieces_ms, "longest_wait_ms_whole_frames": whole_ms,
+            "save_s": pieces_s, "save_s_whole_frames": whole_s}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=200_000)
@@ -246,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the engine and the reference decided different effects")
 
     out["snapshot"] = _snapshot_figures(engine, history, new)
+    out["snapshot"]["gil"] = _gil_figures(engine)
     out["snapshot"]["background"] = _background_figures(engine, history)
 
     trades = history.trades.sort("position")
