@@ -608,7 +608,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     """``riskbook cache prune``: remove the entries asked for."""
     from riskbook import cache
 
-    if not (args.older_than or args.max_size is not None or args.store or args.all):
+    asked = (args.older_than, args.max_size)  # 0 and 0s are asked for too
+    if all(a is None for a in asked) and not (args.store or args.all):
         raise RiskbookError(
             "say what to remove: --older-than AGE, --max-size SIZE, --store ID or --all"
         )

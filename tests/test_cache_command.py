@@ -172,6 +172,8 @@ def test_the_cli_lists_and_prunes(fresh_store: Store, _private_cache: Path) -> N
 
     out = _cli("prune", "--max-size", "10GB", "--dry-run", folder=_private_cache)
     assert out.returncode == 0 and "would remove 0 entries" in out.stdout
+    out = _cli("prune", "--older-than", "0", "--dry-run", folder=_private_cache)  # 0 asks too
+    assert out.returncode == 0 and "would remove 1 entry" in out.stdout, out.stderr
     out = _cli("prune", "--store", str(h.store_id), folder=_private_cache)
     assert out.returncode == 0, out.stderr
     assert "removed 1 entry" in out.stdout and "removed load" in out.stdout
