@@ -112,6 +112,8 @@ def prune(
         Nothing asked for (no criterion given), a negative age or size, or a store
         named in ``stores`` that has no entry (a typo must not pass for "done").
     """
+    if isinstance(stores, str):
+        stores = [stores]  # one id, not its characters
     wanted = set(stores) if stores is not None else set()
     if older_than is None and max_bytes is None and not wanted and not everything:
         raise ValueError("say what to remove: older_than, max_bytes, stores or everything")

@@ -133,7 +133,7 @@ def test_prune_by_age_size_and_store_removes_only_those(
             cache.prune()
 
         # loads still work, and are the same, after their entries went
-        cache.prune(stores=[mine])
+        cache.prune(stores=mine)  # one id, as a string
         assert cache.entries() == [] and not (cache.root() / mine).exists()
         assert_same(load(fresh_store), load(fresh_store, cache=False))
         assert [e.what for e in cache.entries()] == ["whole history"]
