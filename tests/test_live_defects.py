@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import sys
 import threading
@@ -164,6 +165,39 @@ def test_a_processor_started_at_head_blocks_new_critical_breaches(fresh_store: S
 
 
 # ------------------------------------------------------------------ 3. scheduled limits
+
+
+def test_a_running_processor_says_when_a_scheduled_limit_is_due_with_no_event_since(
+    fresh_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A limit change recorded now for 1.5 s from now, and then nothing: when the wall
+    clock passes its set_at, the idle processor says, once, that it is due and not in
+    force yet; the next event brings it in, and its breach is reported then."""
+    caplog.set_level(logging.WARNING, logger="riskbook.live")
+    now = datetime.now(UTC)
+    fresh_store.append("A", [fund("A", 1e4, now), trade("A", "Buy", 70, 10.0, now)])
+    [set_] = fresh_store.append(
+        "A", [limit("A", "MaxPositionSize", 60.0, now + timedelta(seconds=1.5))]
+    )
+    p = Processor(fresh_store, name="due", critical=100.0).start()
+    try:
+        deadline = time.monotonic() + 30
+        while "is due but not in force yet" not in caplog.text:
+            assert time.monotonic() < deadline and p.error is None, caplog.text
+            time.sleep(0.05)
+        time.sleep(2.5)  # idle wakes meanwhile: said once
+        said = [r.getMessage() for r in caplog.records if "is due" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "the MaxPositionSize limit of A (60, set by cro for " in said[0], said[0]
+        assert not [e for e in p.effects if e.kind == "LimitViolationDetected"]
+        fresh_store.append("A", [trade("A", "Buy", 1, 10.0, datetime.now(UTC))])
+        while not [e for e in p.effects if e.kind == "LimitViolationDetected"]:
+            assert time.monotonic() < deadline and p.error is None
+            time.sleep(0.05)
+    finally:
+        p.stop()
+    [violation] = [e for e in p.effects if e.kind == "LimitViolationDetected"]
+    assert violation.causation_id == str(set_.event_id)  # its cause: the limit's change
 
 
 def test_a_scheduled_limit_does_not_move_the_clock(fresh_store: Store) -> None:

@@ -24,7 +24,8 @@ A live engine cannot go back in time, so
   set_at acts like any other event (on arrival). Known limitation: the live engine has
   no clock of its own, so a scheduled limit takes effect only when an event at or
   after its set_at arrives -- a store that goes quiet reports nothing for it until then
-  -- whereas :func:`riskbook.breaches` applies it at its set_at (the breach's time and
+  (a running :class:`~riskbook.live.Processor` warns, once its set_at has passed, that
+  it is due) -- whereas :func:`riskbook.breaches` applies it at its set_at (the breach's time and
   cause are the same once it is reported; :meth:`Engine.as_of` gives the state with it
   in force, as the pre-trade check uses);
 * a block or unblock (a decision about the account, not a market fact) acts at the

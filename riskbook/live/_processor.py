@@ -40,6 +40,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -225,6 +226,7 @@ class Processor:
         self._keeper_kept = False
         self._keep_from = 0.0  # after a failed one: no other until _unkept gets here
         self._keep_after_time = 0.0  # monotonic: no other before (see _KEEP_SHARE)
+        self._said_due: set[str] = set()  # scheduled limits said due (their event ids)
         self.caught_up = False
         """A :meth:`catch_up` has finished (the pre-trade check repeats it before it
         answers from this processor)."""
@@ -328,6 +330,7 @@ class Processor:
                             continue
                         backoff = 0.1
                         self._keep_while_running()  # one busy at the last batch finished since
+                        self._say_due_limits()
                         if idle_timeout is not None and (
                             time.monotonic() - idle_since > idle_timeout
                         ):
@@ -701,6 +704,28 @@ class Processor:
             target=keep, name=f"riskbook-live-{self.name}-snapshot", daemon=True
         )
         self._keeper.start()
+
+    def _say_due_limits(self) -> None:
+        """While idle: say once each (a warning in the log) the scheduled limit changes
+        whose set_at the wall clock has passed and that no event has brought into force
+        yet. The engine has no clock of its own (a tick would make a replay decide
+        otherwise), so one takes effect, and its breaches are reported, with the next
+        event at or after its set_at; the pre-trade check applies it already."""
+        scheduled = self.engine.scheduled
+        if scheduled.height == 0:
+            return
+        due = scheduled.filter(pl.col("set_at") <= datetime.now(UTC))
+        for row in due.iter_rows(named=True):
+            if row["event_id"] in self._said_due:
+                continue
+            self._said_due.add(row["event_id"])
+            symbol = f" on {row['symbol']}" if row["symbol"] else ""
+            log.warning(
+                "riskbook live %s: the %s limit of %s%s (%s, set by %s for %s) is due but not"
+                " in force yet: no event has come since; its breaches are reported with the"
+                " next one", self.name, row["limit_type"], row["account_id"], symbol,
+                f"{row['value']:g}", row["set_by"], row["set_at"].isoformat(),
+            )  # fmt: skip
 
     def _reap_keeper(self, *, wait: bool = False) -> None:
         """Account for a background snapshot that has finished (``wait``: wait for it):
