@@ -735,6 +735,12 @@ def test_an_orphaned_initdb_does_not_undo_the_next_one(servers: Servers) -> None
     assert not server.status().running
 
 
+_HANG = 400
+"""Seconds: a pool that takes longer hangs. Above the server's own bounds (initdb 300 s,
+its start 60 s, the lock 180 s), so that a slow disk on a loaded machine does not pass
+for a hang: with 120 s, one clean-clone CI run on a loaded day timed out here, the
+pool's output lost with it (alone it takes 4-5 s)."""
+
 POOL = textwrap.dedent(
     """
     import multiprocessing, os, sys
@@ -761,7 +767,7 @@ def test_multiprocessing_workers_detach(method: str, servers: Servers, tmp_path:
     script.write_text(POOL)
     run = subprocess.run(
         [sys.executable, str(script), str(server.home), method],
-        capture_output=True, text=True, timeout=120, env=child_env(), check=False,
+        capture_output=True, text=True, timeout=_HANG, env=child_env(), check=False,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip() == "[1, 1, 1, 1]", run.stderr
     status = server.status()
@@ -795,7 +801,7 @@ def test_a_sigterm_during_a_workers_exit_still_detaches(servers: Servers) -> Non
     server = servers.new()
     run = subprocess.run(
         [sys.executable, "-c", EXIT_SIGTERM, str(server.home)],
-        capture_output=True, text=True, timeout=120, env=child_env(), check=False,
+        capture_output=True, text=True, timeout=_HANG, env=child_env(), check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     status = server.status()
