@@ -1009,11 +1009,6 @@ def load(
     store_id = _store_id(store)
     cache_dir = _cache_root() / store_id / filters.key() if cache else None
     hit = _read_cache(cache_dir, store, store_id, filters) if cache_dir is not None else None
-    if cache_dir is not None:  # for `riskbook cache`: which store, and when last used
-        from riskbook.cache import note_store, touch
-
-        note_store(cache_dir.parent, store.dsn)
-        touch(cache_dir)
     if hit is None:
         history = _read(store, filters, after=0, progress=progress)
         history.store_id = store_id
@@ -1027,6 +1022,11 @@ def load(
         history._cache_dir = cache_dir
         if anything_new:  # else the check just made is the empty delta's read
             history._refresh(progress)
+    if cache_dir is not None:  # for `riskbook cache` (the entry written by now, if it can
+        from riskbook.cache import note_store, touch  # be): which store, when last used
+
+        note_store(cache_dir.parent, store.dsn)
+        touch(cache_dir)
     _warn(history._malformed)  # once per load, cached or read: what it left out
     return history
 

@@ -155,6 +155,7 @@ def test_removing_the_entry_of_a_history_in_use_only_costs_a_reload(fresh_store:
 def test_the_cli_lists_and_prunes(fresh_store: Store, _private_cache: Path) -> None:
     random_history(fresh_store, n=60, seed=17)
     h = load(fresh_store)
+    assert cache.entries()[0].database is not None  # noted at the first load already
     out = _cli(folder=_private_cache)
     assert out.returncode == 0, out.stderr
     assert f"store {h.store_id}" in out.stdout and "whole history" in out.stdout

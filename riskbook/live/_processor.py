@@ -68,6 +68,9 @@ log = logging.getLogger("riskbook.live")
 
 _T = TypeVar("_T")
 _SMALL = 2_000  # a read this full means a backlog: read the rest in one go (ADBC)
+LOCK_PREFIX = "riskbook.live:"
+"""A processor of name N works under the session advisory lock of the key
+``hashtextextended(LOCK_PREFIX || N, 0)`` (:func:`riskbook.live.processors` looks for it)."""
 _KEEP_AFTER = 1.0
 """Seconds: a rebuild whose fold took this long keeps a snapshot of its state, and so does
 a processor that stops when a rebuild of what it folded since its last one would."""
@@ -455,7 +458,7 @@ class Processor:
         deadline = None if wait is None else time.monotonic() + wait
 
         def lock_and_load() -> int | None:
-            key = f"riskbook.live:{self.name}"
+            key = f"{LOCK_PREFIX}{self.name}"
             waited = False
             while not conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
@@ -647,10 +650,10 @@ class Processor:
         folded is ``last_folded``; its size (None: not kept, the log says why). Touches
         nothing of the processor's, so it may run in a thread of its own."""
         path, key = where
-        rebuilt, _ = engine.as_rebuilt()
         position, event_id = last_folded
         started = time.monotonic()
         try:
+            rebuilt, _ = engine.as_rebuilt()
             size = _snapshot.save(path, _snapshot.Snapshot(rebuilt, position, event_id), key)
         except Exception as exc:  # a cache: never worth stopping the processor for
             log.warning("riskbook live %s: could not keep a snapshot of its state in %s: %s:"
@@ -685,12 +688,7 @@ class Processor:
 
         def keep() -> None:
             began = time.monotonic()
-            try:
-                size = self._save(where, engine, last)
-            except Exception as exc:  # never worth more than a line in the log
-                log.warning("riskbook live %s: could not keep a snapshot of its state: %s: %s",
-                            self.name, type(exc).__name__, exc)  # fmt: skip
-                size = None
+            size = self._save(where, engine, last)  # a failure is a line in the log
             self._keeper_kept = size is not None
             took = time.monotonic() - began
             self._keep_after_time = time.monotonic() + took * (1 / _KEEP_SHARE - 1)

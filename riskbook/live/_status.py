@@ -22,7 +22,7 @@ PROCESSORS_SCHEMA: dict[str, pl.DataType] = {
     "snapshot_at": pl.Datetime("us", "UTC"),
 }
 
-# A processor of name N holds the session advisory lock hashtextextended('riskbook.live:N',
+# A processor of name N holds the session advisory lock hashtextextended(LOCK_PREFIX || N,
 # 0) while it works (see Processor._attach); pg_locks shows a bigint key as its high and
 # low 32 bits (classid, objid) with objsubid 1.
 _SQL = """
@@ -35,7 +35,7 @@ SELECT c.name, c.position, c.updated_at,
               AND l.classid::bigint = (k.key >> 32) & 4294967295
               AND l.objid::bigint = k.key & 4294967295)
   FROM processor_checkpoints c
- CROSS JOIN LATERAL (SELECT hashtextextended('riskbook.live:' || c.name, 0) AS key) k
+ CROSS JOIN LATERAL (SELECT hashtextextended(%(prefix)s || c.name, 0) AS key) k
  ORDER BY c.name
 """
 
@@ -59,12 +59,13 @@ def processors(store_or_dsn: Store | str | None = None) -> pl.DataFrame:
     """
     from riskbook.frames import _cache_root, _store_id
     from riskbook.live import _snapshot
+    from riskbook.live._processor import LOCK_PREFIX
 
     owned = not isinstance(store_or_dsn, Store)
     store = store_or_dsn if isinstance(store_or_dsn, Store) else connect(store_or_dsn)
     try:
         with store.connection() as conn:  # its errors are StoreErrors, saying what to do
-            rows = conn.execute(_SQL).fetchall()
+            rows = conn.execute(_SQL, {"prefix": LOCK_PREFIX}).fetchall()
         store_id = _store_id(store) if rows else None
     finally:
         if owned:
