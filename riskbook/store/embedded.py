@@ -9,7 +9,7 @@ Layout
 ------
 Server files live in ``<home>/postgres/`` (``data/`` is PGDATA, ``sock/`` the Unix
 socket folder, plus ``holders.json``, ``lock``, ``pinned``, ``server.log``,
-``initdb.log``). The server listens on a Unix socket only (``listen_addresses=''``)
+``initdb.log``, ``reaper.json``, ``reaper.log``). The server listens on a Unix socket only (``listen_addresses=''``)
 in a folder of mode 0700 owned by the server's OS user; that privacy is what makes
 ``trust`` authentication acceptable.
 
@@ -30,8 +30,15 @@ when the server stops.
 A process that uses the server *attaches* to it (its pid and process start time go
 to ``holders.json``) and *detaches* at exit (multiprocessing workers too, which end
 with ``os._exit``); the last holder to detach stops the server unless it was *pinned*
-by :meth:`EmbeddedServer.start`. Dead holders (killed with SIGKILL, for instance) are
-pruned whenever the list is read. An attach or start that fails after starting the
+by :meth:`EmbeddedServer.start`. A holder that dies without detaching (SIGKILL,
+SIGTERM, a crash) is noticed by the server's *reaper*: a small process of its own
+session, started with the server (``reaper.json``, ``reaper.log``), which stops the
+server within a second once no live process holds it and it is not pinned, and ends
+with the server. Dead holders are also pruned whenever the list is read. riskbook
+leaves SIGTERM's handling to the process: a handler of its own (SIGTERM as SystemExit,
+so that the detach at exit ran) could leave a multiprocessing worker that
+``Pool.terminate`` signalled blocked for ever, the signal arriving just before the
+worker blocked on the pool's queue. An attach or start that fails after starting the
 server stops it again, unless it is held or pinned. All decisions are taken under an
 exclusive ``flock`` on ``lock``. The pid in ``postmaster.pid`` counts only if it is
 this cluster's postmaster: after a crash it may name any process, which riskbook then
@@ -64,7 +71,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
@@ -509,37 +515,6 @@ def _is_postmaster_of(pid: int, data: Path, user: _User | None, started: float |
         return True
 
 
-def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM as SystemExit, so that the detach at exit runs.
-
-    A multiprocessing worker leaving its pool runs multiprocessing's exit function, and
-    ``Pool.terminate`` may send it a SIGTERM meanwhile: the SystemExit cuts that function
-    short, before the finalizer that detaches, and the server would run on with nobody
-    to stop it. So a SIGTERM inside that function detaches first.
-    """
-    if _exiting(frame):
-        me = os.getpid()
-        for home, pid in list(_ATTACHED.items()):
-            if pid == me:
-                EmbeddedServer(home)._detach_at_exit()
-    raise SystemExit(128 + signum)
-
-
-def _exiting(frame: FrameType | None) -> bool:
-    """Whether ``frame`` runs inside multiprocessing's exit function (the process leaves)."""
-    util = sys.modules.get("multiprocessing.util")
-    if util is None:
-        return False
-    if getattr(util, "_exiting", False):
-        return True
-    exit_code = getattr(getattr(util, "_exit_function", None), "__code__", None)
-    while frame is not None:
-        if frame.f_code is exit_code:
-            return True
-        frame = frame.f_back
-    return False
-
-
 # ------------------------------------------------------------------------- layout
 
 
@@ -570,6 +545,14 @@ class _Layout:
     @property
     def log(self) -> Path:
         return self.files / "server.log"
+
+    @property
+    def reaper(self) -> Path:
+        return self.files / "reaper.json"
+
+    @property
+    def reaper_log(self) -> Path:
+        return self.files / "reaper.log"
 
     @property
     def socket_record(self) -> Path:
@@ -746,7 +729,6 @@ _STATE_LOCK = threading.RLock()
 _ATTACHED: dict[Path, int] = {}  # home -> pid of the process that attached (fork-safe)
 _ATEXIT_REGISTERED: set[Path] = set()
 _FINALIZER_REGISTERED: dict[Path, int] = {}  # home -> pid that registered a finalizer
-_SIGTERM_INSTALLED = False
 
 
 class EmbeddedServer:
@@ -773,8 +755,7 @@ class EmbeddedServer:
 
         The first call in a process creates the cluster if needed (initdb), starts the
         server if it is not running, creates database ``riskbook`` if missing and
-        registers a detach at exit (plus a SIGTERM handler that exits normally, if
-        SIGTERM had its default handler and this is the main thread). Later calls in the
+        registers a detach at exit; a server it starts gets its reaper. Later calls in the
         same process return at once while the server runs.
 
         Returns
@@ -811,6 +792,7 @@ class EmbeddedServer:
                             layout, [*holders, {"pid": me, "create_time": _create_time(me)}]
                         )
                     _ATTACHED[self.home] = me
+                    self._ensure_reaper(layout)
                 except BaseException as exc:
                     self._write_holders(layout, holders)
                     if attached is None:
@@ -818,7 +800,6 @@ class EmbeddedServer:
                     if not was_running:
                         self._stop_unheld(layout, exc)
                     raise
-            _install_sigterm_handler()
             return self._client_url()
 
     def _register_detach_at_exit(self) -> None:
@@ -872,6 +853,7 @@ class EmbeddedServer:
                 try:
                     self._ensure_running(layout)
                     _write_file(layout.pinned, f"{time.time()}\n")
+                    self._ensure_reaper(layout)
                 except BaseException as exc:
                     if not was_running:
                         self._stop_unheld(layout, exc)
@@ -1386,6 +1368,65 @@ class EmbeddedServer:
         self._remove_private_socket_dir(layout, pm[1])
         return True
 
+    def _ensure_reaper(self, layout: _Layout) -> None:
+        """Start the running server's reaper unless it runs (under the lock).
+
+        A server started by an older riskbook, or whose reaper was killed, gets one at
+        the next attach or start. A reaper that cannot be started is reported on stderr
+        and not retried until then: the server is then stopped as before, by the last
+        holder's detach or once a later attach or status finds no live holder.
+        """
+        if self._reaper_pid(layout) is not None or self._postmaster(layout) is None:
+            return
+        script = Path(__file__).with_name("_reaper.py")
+        try:
+            log = os.open(layout.reaper_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                run = subprocess.run(
+                    [sys.executable, str(script), str(self.home)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    timeout=60, check=False,
+                )  # fmt: skip
+            finally:
+                os.close(log)
+            pid = int(run.stdout) if run.returncode == 0 else None
+            if pid is None:
+                raise EmbeddedServerError(f"exit {run.returncode}, see {layout.reaper_log}")
+            _write_file(layout.reaper, json.dumps({"pid": pid, "create_time": _create_time(pid)}))
+        except (OSError, ValueError, subprocess.SubprocessError, psutil.Error,
+                EmbeddedServerError) as exc:  # fmt: skip
+            print(
+                f"riskbook: could not start the reaper of the server of {self.home}: {exc};"
+                " a holder that dies without detaching leaves it running",
+                file=sys.stderr,
+            )
+
+    def _reaper_pid(self, layout: _Layout) -> int | None:
+        """The pid of the server's live reaper, or None."""
+        try:
+            entry = json.loads(layout.reaper.read_text())
+            pid, ctime = int(entry["pid"]), float(entry["create_time"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return pid if _process_alive(pid, ctime) else None
+
+    def _reap(self, layout: _Layout, postmaster: int) -> bool:
+        """Stop the server whose postmaster is ``postmaster`` if nothing holds or pins it;
+        whether it is gone now (the reaper's work is done)."""
+        with _STATE_LOCK, self._flock(layout):
+            holders = self._read_holders(layout)
+            self._write_holders(layout, holders)
+            pm = self._postmaster(layout)
+            if pm is None or pm[0] != postmaster:
+                return True
+            if holders or layout.pinned.exists():
+                return False
+            self._stop_server(layout)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} reaper {os.getpid()}: no live holder, stopped the server (pid "
+              f"{postmaster})", file=sys.stderr, flush=True)  # fmt: skip
+        return True
+
     def _stop_unheld(self, layout: _Layout, exc: BaseException) -> None:
         """Stop the server that a failed attach or start started (under the lock).
 
@@ -1428,14 +1469,6 @@ class EmbeddedServer:
         return True
 
     def _detach_at_exit(self) -> None:
-        # This process is on its way out: a SIGTERM now (multiprocessing's
-        # Pool.terminate sends one to workers that are already leaving) must not cut the
-        # detach short, leaving a dead holder and a server that nobody stops.
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is _raise_system_exit
-        ):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             self.detach()
         except Exception as exc:  # at exit there is nobody left to raise to
@@ -1504,14 +1537,47 @@ def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
-def _install_sigterm_handler() -> None:
-    """Turn SIGTERM into SystemExit (so atexit detaches) if nobody handles SIGTERM yet."""
-    global _SIGTERM_INSTALLED
-    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_system_exit)
-        _SIGTERM_INSTALLED = True
+_REAP_INTERVAL = 0.25
+"""Seconds between two looks of the reaper at the holders."""
+
+
+def _reap_loop(home: str, interval: float = _REAP_INTERVAL) -> int:
+    """The reaper (``riskbook/store/_reaper.py`` runs it, in a session of its own).
+
+    While the server it found at its start runs, it looks at the holders every
+    ``interval`` seconds, without the lock; when none is alive and the server is not
+    pinned, it takes the lock and looks again, and stops the server if that holds (an
+    attach in between wins). It ends when that server is gone, whoever stopped it, or
+    when another reaper is recorded in its place.
+    """
+    server = EmbeddedServer(home)
+    layout = server._layout(create=False)
+    first = server._postmaster(layout)
+    if first is None:
+        return 0
+    me = os.getpid()
+    failures = 0
+    while True:
+        time.sleep(interval)
+        try:
+            recorded = server._reaper_pid(layout)
+            if recorded is not None and recorded != me:
+                return 0  # replaced
+            pm = server._postmaster(layout)
+            if pm is None or pm[0] != first[0]:
+                return 0
+            if layout.pinned.exists() or server._read_holders(layout):
+                continue
+            if server._reap(layout, first[0]):
+                return 0
+            failures = 0
+        except Exception as exc:  # a reaper reports and keeps watching
+            failures += 1
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{stamp} reaper {me}: {exc}", file=sys.stderr, flush=True)
+            if not layout.files.is_dir() or failures >= 20:
+                return 1
+            time.sleep(min(interval * 2**failures, 30.0))
 
 
 def _remove_outside_files(server: EmbeddedServer) -> None:
