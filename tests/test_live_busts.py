@@ -4,6 +4,7 @@ implementation before it): the same effects, in the same order, and the same sta
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import uuid
@@ -181,19 +182,47 @@ def test_a_symbol_all_busted_before_others_makes_the_next_bust_refold_everything
     assert new._gaps == {"A": frozenset({"Q"})} and new._valid_from["A"] == 11
 
 
-def test_a_trade_recorded_after_its_cancel_is_taken_out_at_the_next_bust() -> None:
-    # The cancel came first (no trade to take out then); the trade folds as live until
-    # the account's next bust, whose refold takes it out with the other.
+def test_a_trade_recorded_after_its_cancel_never_counts() -> None:
+    # DESIGN.md §4: a busted trade is as if never executed as soon as the cancel is
+    # known. The cancel came first here, so the trade never counts: it used to fold as
+    # live until the account's next bust, starting a breach (and a block) over a trade
+    # cancelled before it arrived -- and not when the batch was cut so that its limit
+    # type was activated after it (that fold of the history left it out).
     late = trade("A", "Buy", 150, 2, trade_id="T-LATER")
     other = trade("A", "Buy", 10, 3)
     events = [fund("A"), limit("A", 100.0),
               TradeCancelled(trade_id="T-LATER", account_id="A", reason="bust", cancelled_at=at(1)),
               late, other, cancel(other, at(4)), trade("A", "Buy", 20, 5)]  # fmt: skip
     envelopes = recorded_when_they_happen(*events)
-    for cuts in ([4, 5], list(range(1, len(envelopes)))):
+    for cuts in ([], [3], [4], [4, 5], list(range(1, len(envelopes)))):
         new, effects = both(envelopes, cuts)
         assert new.projection.positions["quantity"].to_list() == [20.0]
-        assert {e.causation_id for e in effects} == {str(envelopes[3].event_id)}  # T-LATER
+        assert effects == []
+    history = History.from_envelopes(envelopes)
+    assert riskbook.breaches(history, levels=1.0).height == 0  # the one-shot fold agrees
+
+
+def test_a_trade_recorded_after_its_cancel_leaves_a_gap_where_its_symbol_sorts() -> None:
+    # Its symbol has a leaf in a fold of the whole history (the trade is there, busted),
+    # none in the live fold: a gap, as for a symbol whose trades were all busted. Prices
+    # in thirds make sums that differ by where the leaves sit.
+    events: list[riskbook.Event] = [fund("A", 1_000.0), limit("A", 5.0, kind="MaxLeverage")]
+    for i, symbol in enumerate(["P", "R", "S", "T"]):
+        events.append(trade("A", "Buy", 3, 1 + i, symbol=symbol, price=10 + i / 3))
+    events += [
+        TradeCancelled(trade_id="T-EARLY", account_id="A", reason="bust", cancelled_at=at(6)),
+        trade("A", "Buy", 7, 7, symbol="B", price=11 / 3, trade_id="T-EARLY"),
+        trade("A", "Sell", 1, 8, symbol="S", price=31 / 3),
+    ]
+    envelopes = recorded_when_they_happen(*events)
+    new, _ = both(envelopes, [len(envelopes) - 2])
+    assert new._gaps == {"A": frozenset({"B"})}
+    assert "B" in new._layout["A"]
+    first = events[2]
+    assert isinstance(first, TradeExecuted)
+    bust = envelopes_of([(cancel(first, at(9)), at(9))])[0]
+    new, _ = both([*envelopes, dataclasses.replace(bust, position=len(envelopes) + 1)])
+    assert new.projection.positions["symbol"].to_list() == ["R", "S", "T"]
 
 
 # ----------------------------------------------------------------------------- properties

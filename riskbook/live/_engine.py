@@ -194,10 +194,12 @@ class Engine:
     _busted: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict, repr=False)
     """Per account: disjoint sorted (lo, hi): kept states at positions in (lo, hi] hold
     a trade busted since (lo: the trade's position; hi: the bust that took it out)."""
-    _unmatched: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict, repr=False)
-    """Per account: (trade id, searched below) of busts whose trade was not found yet."""
     _cancels: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False)
     """Per account: its TradeCancelled rows so far."""
+    _cancelled: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
+    """Per account: the trade ids of every TradeCancelled folded (both implementations).
+    A trade recorded after its cancel never counts (DESIGN.md §4: as if never executed,
+    as soon as the cancel is known): it is kept in the history, not folded."""
     _anchor: dict[str, tuple[int, ProjectionState]] = field(default_factory=dict, repr=False)
     """Per account: (position after its last bust, the state then)."""
     _stored_blocked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -260,8 +262,8 @@ class Engine:
         out._segments = list(self._segments)
         out._tiers = list(self._tiers)
         out._starts = list(self._starts)
-        for name in ("_layout", "_gaps", "_valid_from", "_busted", "_unmatched", "_cancels",
-                     "_anchor"):  # fmt: skip
+        for name in ("_layout", "_gaps", "_valid_from", "_busted", "_cancels",
+                     "_cancelled", "_anchor"):  # fmt: skip
             setattr(out, name, dict(getattr(self, name)))  # of values never changed in place
         return out
 
@@ -345,10 +347,12 @@ class Engine:
                 self._note_start(part)
             self._keep(part)
             if bust is None:
+                live = self._without_cancelled(part)
                 if later is not None:
-                    self._track(part)
-                effects += self._fold(part, written, later)
+                    self._track(part, live)
+                effects += self._fold(live, written, later)
             else:
+                self._note_cancel(part.cancels)
                 effects += self._bust(part, bust, written, later)
             if progress is not None:
                 done += part.events.height
@@ -360,6 +364,36 @@ class Engine:
         if progress is not None:
             progress(seen, seen)
         return effects
+
+    def _note_cancel(self, cancels: pl.DataFrame) -> None:
+        for account, trade_id in cancels.select("account_id", "trade_id").iter_rows():
+            known = self._cancelled.get(account, frozenset())
+            self._cancelled[account] = known | {trade_id}
+
+    def _without_cancelled(self, part: History) -> History:
+        """``part`` without the trades whose cancel was folded before them (recorded
+        after their cancel: they never count); ``part`` itself when there are none.
+
+        Only its trades change: its events keep them, as the history does (a fold of
+        the whole history has the trade and its cancel, and leaves the trade out).
+        """
+        trades = part.trades
+        if not self._cancelled or trades.height == 0:
+            return part
+        gone = [
+            i
+            for i, (account, trade_id) in enumerate(
+                trades.select("account_id", "trade_id").iter_rows()
+            )
+            if trade_id in self._cancelled.get(account, ())
+        ]
+        if not gone:
+            return part
+        keep = np.ones(trades.height, bool)
+        keep[gone] = False
+        out = copy.copy(part)
+        out.trades = trades.filter(pl.Series(keep))
+        return out
 
     def _keep(self, part: History) -> None:
         """Add a folded part to the history kept for busts and new limit types.
@@ -767,8 +801,8 @@ class Engine:
         It folds the account's events from a kept state on (:attr:`_starts`, its
         :attr:`_anchor`, or the empty state before everything): the latest one that
 
-        * holds no trade busted since it was kept (the busted trade itself; a trade
-          whose cancel came before it), and
+        * holds no trade busted since it was kept (a trade recorded after its cancel
+          is never folded: see :meth:`_without_cancelled`), and
         * has the account's figures to the bit as a fold of its whole history: the
           compiled fold sums each account's market values over a segment tree whose
           leaves are its (account, symbol) pairs, and the sum depends on where they sit.
@@ -789,17 +823,8 @@ class Engine:
         mine_cancels = cancels if known is None else pl.concat([known, cancels])
         self._cancels[account] = mine_cancels
         busted = list(self._busted.get(account, ()))
-        unmatched = []
-        for other, searched in self._unmatched.get(account, ()):
-            t = self._find_trade(account, other, searched, position)
-            if t is None:
-                unmatched.append((other, position))
-            else:  # recorded after its cancel: folded live since, until this refold
-                busted = _add_interval(busted, t, position)
         t = self._find_trade(account, trade_id, _MIN, position)
-        if t is None:
-            unmatched.append((trade_id, position))
-        else:
+        if t is not None:  # not found: none yet, and one that comes later is never folded
             busted = _add_interval(busted, t, position)
         since = self._valid_from.get(account, _MIN)
         start_at, start = _MIN, None  # None: the empty state, before everything
@@ -837,10 +862,6 @@ class Engine:
                 figures = (float(lev[0]), float(dd[0]))
         # What the next bust of the account needs.
         self._busted[account] = tuple(busted)
-        if unmatched:
-            self._unmatched[account] = tuple(unmatched)
-        else:
-            self._unmatched.pop(account, None)
         held = set(after.positions["symbol"].to_list())
         gap = frozenset(s for s in symbols if s not in held)
         if gap:
@@ -946,10 +967,12 @@ class Engine:
         if len(out) < len(kept):
             self._starts = out[::-1]
 
-    def _track(self, part: History) -> None:
-        """Before ``part`` is folded: each account's layout (:attr:`_layout`) and whether
-        the states kept from here on still hold its figures as a whole-history fold
-        would (see :meth:`_refold`).
+    def _track(self, part: History, live: History | None = None) -> None:
+        """Before ``part`` is folded (``live``: what of it is, without the trades recorded
+        after their cancel): each account's layout (:attr:`_layout`) and whether the
+        states kept from here on still hold its figures as a whole-history fold would
+        (see :meth:`_refold`). A trade that never counts has its leaf in a fold of the
+        whole history all the same: its symbol joins the layout, as a gap unless held.
 
         The fold of ``part`` sums an account's market values over leaves for its held
         positions and the part's trades: the same sums as over its whole layout while
@@ -959,9 +982,14 @@ class Engine:
         whose trades were all busted sits before one it holds. Unless at most two
         leaves could hold a value: ``a + b`` (and zeros) sums alike in any tree.
         """
+        live = part if live is None else live
         traded: dict[str, set[str]] = {}
         for account, symbol in _pairs(part.trades, part.adjustments):
             traded.setdefault(account, set()).add(symbol)
+        moved: dict[str, set[str]] = {}
+        if live is not part:
+            for account, symbol in _pairs(live.trades, live.adjustments):
+                moved.setdefault(account, set()).add(symbol)
         for account, symbols in traded.items():
             old = self._layout.get(account, ())
             new = symbols.difference(old)
@@ -969,12 +997,16 @@ class Engine:
                 if len(old) > 2 and min(new) < old[-1]:
                     self._valid_from[account] = None
                 self._layout[account] = tuple(sorted(new.union(old)))
-            gap = self._gaps.get(account)
-            if gap is not None and not gap.isdisjoint(symbols):
-                if gap - symbols:
-                    self._gaps[account] = gap - symbols
-                else:
-                    del self._gaps[account]
+            counted = symbols if live is part else moved.get(account, set())
+            gap = self._gaps.get(account, frozenset())
+            if live is not part:  # symbols of trades that never count, and not held
+                seen = self._seen(account)
+                gap = gap | {s for s in symbols - counted if s not in seen}
+            gap = gap - counted
+            if gap:
+                self._gaps[account] = frozenset(gap)
+            else:
+                self._gaps.pop(account, None)
         if not self._gaps:
             return
         movers = {str(a) for f in (part.trades, part.adjustments, part.funding)
@@ -987,6 +1019,15 @@ class Engine:
             moves = account in movers or not marked.isdisjoint(self._layout[account])
             if moves and len(held) > 2 and min(gap) < held[-1]:
                 self._valid_from[account] = None
+
+    def _seen(self, account: str) -> set[str]:
+        """The symbols the account has a position row for now (held, or traded and
+        closed): a symbol without one is a gap of its layout (see :meth:`_refold`)."""
+        positions = self.projection.positions
+        if positions.height == 0:
+            return set()
+        rows = positions.filter(pl.col("account_id") == account)
+        return set(rows["symbol"].cast(pl.String).to_list())
 
     def _effects(
         self,
