@@ -403,10 +403,13 @@ def _latest_event(history: History, known_at: datetime | None) -> datetime | Non
 def _horizon(
     history: History, rows: pl.DataFrame, at: datetime | None, latest: datetime | None
 ) -> datetime | None:
-    """The end of what is known: ``at``; else the latest business time of the events
-    known (``latest``: :func:`_latest_event`) or of the limits (a hypothetical one can be
-    set after the last event, and a stored one scheduled: :func:`breaches` applies it at
-    its set_at), but not past the ``until`` a History was loaded with.
+    """The end of what is known: ``at``; else the ``until`` a History was loaded with (it
+    holds every event that happened by then: its breaches are those at ``at=until``,
+    a daily breach ended at a midnight before it even when no event of the History came
+    after that midnight); else the latest business time of the events known
+    (``latest``: :func:`_latest_event`) or of the limits (a hypothetical one can be set
+    after the last event, and a stored one scheduled: :func:`breaches` applies it at
+    its set_at).
 
     A bust's cancelled_at is no such time: a bust acts as soon as it is known, whatever
     its cancelled_at (DESIGN.md §4), and a History loaded with ``until`` keeps every
@@ -419,7 +422,7 @@ def _horizon(
     if not found:
         return None
     until = history.filters.until
-    return max(found) if until is None else min(max(found), until)
+    return max(found) if until is None else until
 
 
 class _UnregisteredTypes(UserWarning):
