@@ -165,6 +165,8 @@ def cmd_db_status(args: argparse.Namespace) -> int:
         print(f"  url:        {st.dsn}")
         holders = ", ".join(str(p) for p in st.attached_pids) or "none"
         print(f"  held by:    {holders}{' (pinned by riskbook db start)' if st.pinned else ''}")
+        reaper = f"pid {st.reaper_pid}" if st.reaper_pid else "none (the next attach starts one)"
+        print(f"  reaper:     {reaper} (stops the server once nothing holds it, unless pinned)")
     print(f"  data dir:   {st.data_dir}")
     print(f"  socket dir: {st.socket_dir}")
     return 0 if st.running else 3

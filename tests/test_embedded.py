@@ -242,12 +242,14 @@ def test_two_processes_attach_at_once(servers: Servers) -> None:
 
 
 _REAPED = 60
-"""Seconds to wait for the reaper to stop a server nothing holds (it looks every 0.25 s;
+"""Seconds to wait for the reaper to stop a server nothing holds (it looks every 0.5 s;
 a loaded machine may take a while to run pg_ctl stop)."""
 
 
 def reaper_pid(status: ServerStatus) -> int:
-    return int(json.loads((status.data_dir.parent / "reaper.json").read_text())["pid"])
+    recorded = int(json.loads((status.data_dir.parent / "reaper.json").read_text())["pid"])
+    assert status.reaper_pid == recorded  # what `riskbook db status` shows
+    return recorded
 
 
 def test_a_sigkilled_holder_is_reaped(servers: Servers) -> None:
@@ -288,7 +290,7 @@ def test_sigkilled_holder_is_pruned(servers: Servers) -> None:
     reaper.wait(timeout=10)
     child.proc.kill()
     child.finish()
-    time.sleep(1.0)  # four looks of a reaper, had there been one
+    time.sleep(1.5)  # three looks of a reaper, had there been one
     assert raw_holder_pids(before) == [child.pid]
     assert postmaster_gone(before.pid) is False
 
@@ -316,7 +318,7 @@ def test_a_pinned_server_outlives_its_holders_and_its_reaper_ends_with_it(
     reaper = psutil.Process(reaper_pid(status))
     child.proc.kill()
     child.finish()
-    time.sleep(1.0)
+    time.sleep(1.5)  # three looks
     assert server.status().running  # pinned: not reaped
     assert reaper.is_running()
     assert server.stop() is True

