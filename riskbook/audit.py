@@ -31,9 +31,10 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from riskbook import limits as L
@@ -698,9 +699,10 @@ def explain(
         explained: its own), else :data:`riskbook.live.DEFAULT_CRITICAL`; the notes say
         when that differs from the default.
 
-    The replay folds the account alone, so the engine's clock follows its own events
-    and the marks of its symbols; another account's later events do not make one of
-    its events late, as they would for a processor of the whole store.
+    The replay folds the account's events and the marks of its symbols, with the clock
+    a processor of the whole store had at each of them: another account's event can make
+    one of this account's late, or bring a scheduled limit of it into force, as it did
+    for the processor.
 
     Raises KeyError when the history holds no such event (a history loaded for some
     accounts holds only theirs, and the marks).
@@ -818,7 +820,7 @@ class _Check:
                 " the event that triggered it"
             )
             return
-        mine = _account_history(self.history, self.account)
+        mine = _with_store_clock(self.history, _account_history(self.history, self.account))
         if mine.events.filter(pl.col("event_id") == cause["event_id"]).height == 0:
             self.findings.append(
                 f"its cause, {cause['event_type']} {cause['event_id']}, is not an event of"
@@ -885,7 +887,11 @@ class _Check:
         self.before = _metric_of(state_before, self.account, sym, lt)
         self.limit = _applied(state, self.account, sym, lt)
         prefix = _positions(self.history, None, p + 1)
-        self.limits = limits_in_force(prefix.limits, account=self.account)
+        # in force when the engine acted: set_at by its clock then (a limit scheduled
+        # for later, recorded before the cause, is not)
+        self.limits = limits_in_force(
+            prefix.limits, account=self.account, at=_time_of(engine.clock)
+        )
         at = self.cause["occurred_at"]  # type: ignore[index]
         self.corrected = _corrected(self.history, lt, self.account, sym, at)
         known_now = limit_in_force(
@@ -898,8 +904,12 @@ class _Check:
 
     def _trigger(self, mine: History) -> int:
         """The position where the engine acted on the cause: the cause's own, or for a
-        scheduled limit (a LimitSet recorded before its set_at) that of the first event
-        at or after its set_at, which made it take effect."""
+        scheduled limit (a LimitSet recorded before its set_at, with its set_at after
+        the engine's clock when it came) that of the first event at or after its
+        set_at, which made it take effect. A LimitSet whose set_at the clock had passed
+        acts as it comes, however early it was recorded."""
+        from riskbook.live._engine import Engine, _us
+
         cause = self.cause
         assert cause is not None
         p = int(cause["position"])
@@ -908,16 +918,22 @@ class _Check:
         row = mine.limits.filter(pl.col("event_id") == cause["event_id"]).row(0, named=True)
         if not row["set_at"] > row["timestamp"]:
             return p
+        engine = Engine(critical=self.critical)
+        engine.apply(_positions(mine, None, p), written=False)
+        if _us(row["set_at"]) <= engine.clock:
+            return p
         then = mine.events.filter(
             (pl.col("position") > p) & (pl.col("occurred_at") >= row["set_at"])
         ).sort("position")
         if then.height == 0:
             return p
+        first = str(then["event_id"][0])
+        real = self.history.events.filter(pl.col("event_id") == first)  # a clock mark's too
+        what = str(real["event_type"][0]) if real.height else str(then["event_type"][0])
         self.notes.append(
             f"its cause is a scheduled limit (recorded {_when(row['timestamp'])}, in force"
             f" from {_when(row['set_at'])}): the engine applied it when it folded the first"
-            f" event at or after that time, {then['event_type'][0]} {then['event_id'][0]};"
-            " the replay runs to there"
+            f" event at or after that time, {what} {first}; the replay runs to there"
         )
         return int(then["position"][0])
 
@@ -1030,6 +1046,14 @@ def _clock_bound(history: History, position: int) -> datetime:
     return latest
 
 
+def _time_of(clock: int) -> datetime | None:
+    """An engine's clock (microseconds since the epoch) as a time; None before any."""
+    from riskbook._time import EPOCH
+    from riskbook.live._engine import _MIN
+
+    return None if clock == _MIN else EPOCH + timedelta(microseconds=clock)
+
+
 def _rows_of(frame: pl.DataFrame, event_id: str) -> dict[str, Any]:
     """One event's row of a typed frame, ids as text."""
     row = frame.filter(pl.col("event_id") == event_id).row(0, named=True)
@@ -1065,6 +1089,71 @@ def _account_history(history: History, account: str) -> History:
     kept = pl.concat([f["position"] for f in frames.values()]).implode()
     events = history.events.filter(pl.col("position").is_in(kept))
     return History(**frames, events=events, horizon=history.horizon)  # type: ignore[arg-type]
+
+
+_CLOCK_SYMBOL = "riskbook:clock"
+"""The symbol of the marks that stand for other accounts' events in a replay."""
+
+
+def _with_store_clock(history: History, mine: History) -> History:
+    """``mine`` with the clock a processor of the whole store had at each of its events.
+
+    A processor's clock is the latest business time of everything it folded (blocks,
+    unblocks and scheduled LimitSets left out): another account's event can make one of
+    this account's late, or bring a scheduled limit into force. Before each event of
+    ``mine`` whose store clock is ahead of the replay's, a mark of a symbol no account
+    holds (:data:`_CLOCK_SYMBOL`) carries the clock there: it moves nothing else. It
+    takes the id of the event that moved the clock, for the notes to name.
+    """
+    from riskbook.live._engine import _MIN
+    from riskbook.projections import _epoch_us
+
+    ev = history.events.sort("position")
+    if ev.height == 0 or mine.events.height == 0:
+        return mine
+    kind = ev["event_type"].cast(pl.String)
+    bt, ts = _epoch_us(ev["occurred_at"], _MIN), _epoch_us(ev["timestamp"])
+    held = (kind.is_in(["AccountBlocked", "AccountUnblocked"]).to_numpy()) | (
+        (kind == "LimitSet").to_numpy() & (bt > ts)
+    )
+    moved = np.where(held, _MIN, bt)
+    clock = np.maximum.accumulate(moved)
+    recorded = np.maximum.accumulate(ts)
+    pos = ev["position"].to_numpy()
+    mine_pos = np.sort(mine.events["position"].to_numpy())
+    at = np.searchsorted(pos, mine_pos)
+    before = np.where(at > 0, clock[np.maximum(at - 1, 0)], _MIN)
+    after_previous = np.concatenate([[_MIN], clock[at[:-1]]])
+    need = before > after_previous
+    if not need.any():
+        return mine
+    # the event that brought the clock to ``before``: the first one with that time
+    first = np.searchsorted(clock, before[need])  # clock is sorted
+    marks = pl.DataFrame(
+        {
+            "position": mine_pos[need] - 1,
+            "event_id": ev["event_id"].gather(first),
+            "aggregate_id": pl.Series([_CLOCK_SYMBOL] * int(need.sum()), dtype=pl.Categorical),
+            "sequence": pl.Series([0] * int(need.sum()), dtype=pl.Int64),
+            "timestamp": pl.Series(recorded[np.maximum(at[need] - 1, 0)]).cast(
+                pl.Datetime("us", "UTC")
+            ),
+            "causation_id": pl.Series([None] * int(need.sum()), dtype=pl.String),
+            "correlation_id": pl.Series([None] * int(need.sum()), dtype=pl.String),
+            "symbol": pl.Series([_CLOCK_SYMBOL] * int(need.sum()), dtype=pl.Categorical),
+            "price": pl.Series([1.0] * int(need.sum())),
+            "marked_at": pl.Series(before[need]).cast(pl.Datetime("us", "UTC")),
+        }
+    ).cast(dict(mine.marks.schema))  # type: ignore[arg-type]
+    events = marks.select(
+        "position", "event_id", "aggregate_id", "sequence", "timestamp", "causation_id",
+        "correlation_id", event_type=pl.lit("PriceMarked"), aggregate_type=pl.lit("Instrument"),
+        occurred_at="marked_at",
+    ).cast(dict(mine.events.schema))  # type: ignore[arg-type]  # fmt: skip
+    frames = {n: mine.frame(n) for n in KINDS}
+    frames["marks"] = pl.concat([frames["marks"], marks]).sort("position")
+    both = pl.concat([mine.events, events]).sort("position")
+    return History(**frames, events=both, horizon=mine.horizon)  # type: ignore[arg-type]
 
 
 def _metric_of(state: Any, account: str, symbol: str | None, limit_type: str) -> float | None:

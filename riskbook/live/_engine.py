@@ -163,6 +163,10 @@ class Engine:
     """The latest recorded time folded."""
     mark_times: dict[str, int] = field(default_factory=dict)
     """Business time (as recorded) of each symbol's latest mark."""
+    limit_times: dict[tuple[str, str, str | None], int] = field(default_factory=dict)
+    """Per (account, limit type, symbol): the set_at (as recorded) of the latest
+    LimitSet in force. A late LimitSet with an older set_at is stale: the newer one
+    applies from its own set_at on (DESIGN.md §5), so it is not folded."""
     open_now: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False)
     """Per limit type: the breaches open after the last fold (with ``limit_value_at_end``,
     the limit in force now)."""
@@ -256,6 +260,7 @@ class Engine:
         out.blocked = dict(self.blocked)
         out.pending = dict(self.pending)
         out.mark_times = dict(self.mark_times)
+        out.limit_times = dict(self.limit_times)
         out.open_now = dict(self.open_now)
         out._stored_blocked = dict(self._stored_blocked)
         out._rebuild_blocks = set(self._rebuild_blocks)
@@ -459,6 +464,8 @@ class Engine:
             c_bt = np.where(blocks & (c_bt == _MIN), bt, c_bt)
         late = bool((c_bt != bt).any() or (c_ts != ts).any())
         if not late and batch.marks.height == 0:
+            if batch.limits.height:  # in order: none is stale
+                self._fresh_limits(batch.limits.sort("position"))
             return batch  # the common case: in order, nothing to drop
         if held.any():
             gone = ev["position"].filter(pl.Series(held)).implode()
@@ -483,6 +490,8 @@ class Engine:
             frame = batch.frame(name)
             if name == "marks" and frame.height:
                 frame = self._fresh_marks(frame.sort("position"))
+            elif name == "limits" and frame.height:
+                frame = self._fresh_limits(frame.sort("position"))
             if late and frame.height:
                 frame = (
                     frame.join(clocks, on="position", how="left", maintain_order="left")
@@ -506,7 +515,28 @@ class Engine:
         out = self.scheduled.filter(due)
         if out.height:
             self.scheduled = self.scheduled.filter(~due)
+            self._fresh_limits(out)  # in force from their set_at: later ones are stale
         return out
+
+    def _fresh_limits(self, limits: pl.DataFrame) -> pl.DataFrame:
+        """LimitSets (in order) whose set_at is not older than that of the latest one
+        in force for their key (:attr:`limit_times`); remembers theirs. An older one came
+        late: the newer one applies from its set_at on, and it is not folded."""
+        rows = limits.select(
+            pl.col("account_id").cast(pl.String),
+            pl.col("limit_type").cast(pl.String),
+            pl.col("symbol").cast(pl.String),
+            pl.col("set_at").dt.epoch("us"),
+        ).rows()
+        keep = []
+        for account, limit_type, symbol, set_at in rows:
+            key = (account, limit_type, symbol)
+            latest = self.limit_times.get(key)
+            fresh = latest is None or set_at >= latest
+            if fresh:
+                self.limit_times[key] = set_at
+            keep.append(fresh)
+        return limits if all(keep) else limits.filter(pl.Series(keep))
 
     def _fresh_marks(self, marks: pl.DataFrame) -> pl.DataFrame:
         """Marks that are not older than their symbol's latest mark; remembers the latest."""
