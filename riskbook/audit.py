@@ -1178,8 +1178,6 @@ def _applied(
         return None
     rows = state.limits
     for acc, sym in ((account, symbol), (account, None), ("*", symbol), ("*", None)):
-        if sym is None and symbol is not None and limit_type != "MaxPositionSize":
-            continue
         hit = rows.filter(pl.col("account_id") == acc)
         hit = hit.filter(pl.col("symbol").is_null() if sym is None else pl.col("symbol") == sym)
         if hit.height:

@@ -107,11 +107,12 @@ def _engine_for(
                 " state is not current (start it and wait for it, or check from the store)"
             )
         return processor.engine
+    # the account's events, and the limits stored for every account ("*")
     if isinstance(store, Store):
-        history = load(store, accounts=[account], progress=False)
+        history = load(store, accounts=[account, "*"], progress=False)
     else:
         with connect(store) as own:
-            history = load(own, accounts=[account], progress=False)
+            history = load(own, accounts=[account, "*"], progress=False)
     engine = Engine()
     engine.apply(history, written=False)  # blocks it would decide are not stored: none count
     return engine
@@ -206,38 +207,38 @@ def check(
         after = trial.open_now.get(name)
         if after is None or after.height == 0:
             continue
+        # every key of the account: a trade in one symbol can take another over a limit
+        # of the user's (a symbol's share of the account's exposure, say)
         mine = after.filter(
-            (pl.col("account_id").cast(pl.String) == account)
-            & (pl.col("level") == 1.0)
-            & (pl.col("symbol").is_null() | (pl.col("symbol").cast(pl.String) == symbol))
-        )
-        if mine.height == 0:
-            continue
-        row = mine.row(0, named=True)
-        key_symbol = None if row["symbol"] is None else str(row["symbol"])
-        value = _metric(trial, name, account, key_symbol)
-        before = _metric(engine, name, account, key_symbol, day_of=trial)
-        was_open = _is_open(engine, name, account, key_symbol)
-        if value is None or (
-            was_open and before is not None and not _further(value, before, trial, engine, account)
-        ):
-            continue
-        limit = row["limit_value_at_end"]
-        if limit is None:
-            limit = row["limit_value"]
-        where = f" {key_symbol}" if key_symbol else ""
-        reasons.append(
-            Reason(
-                "limit",
-                f"{name}{where}: {describe(value, name)} > limit {limit:g}"
-                f" (by {describe(value - limit)})",
-                name,
-                key_symbol,
-                value,
-                limit,
-                value - limit,
+            (pl.col("account_id").cast(pl.String) == account) & (pl.col("level") == 1.0)
+        ).sort(pl.col("symbol").cast(pl.String) != symbol, pl.col("symbol").cast(pl.String))
+        for row in mine.iter_rows(named=True):
+            key_symbol = None if row["symbol"] is None else str(row["symbol"])
+            value = _metric(trial, name, account, key_symbol)
+            before = _metric(engine, name, account, key_symbol, day_of=trial)
+            was_open = _is_open(engine, name, account, key_symbol)
+            if value is None or (
+                was_open
+                and before is not None
+                and not _further(value, before, trial, engine, account)
+            ):
+                continue
+            limit = row["limit_value_at_end"]
+            if limit is None:
+                limit = row["limit_value"]
+            where = f" {key_symbol}" if key_symbol else ""
+            reasons.append(
+                Reason(
+                    "limit",
+                    f"{name}{where}: {describe(value, name)} > limit {limit:g}"
+                    f" (by {describe(value - limit)})",
+                    name,
+                    key_symbol,
+                    value,
+                    limit,
+                    value - limit,
+                )
             )
-        )
     return CheckResult(not reasons, account, symbol, trade.side.value, trade.quantity,
                        trade.price, when, tuple(reasons))  # fmt: skip
 

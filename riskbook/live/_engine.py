@@ -1416,14 +1416,21 @@ def _latest_per_key(metric: pl.DataFrame, scope: str, account: str, day: int) ->
     """The last metric row of each key of ``account`` (today's, for daily scopes: a key
     with no row today is back to zero)."""
     by_symbol = "symbol" in scope
-    rows = metric.select(
-        pl.col("account_id").cast(pl.String),
-        (pl.col("symbol").cast(pl.String) if by_symbol else pl.lit(None, pl.String)).alias(
-            "symbol"
-        ),
-        pl.col("time").dt.epoch("us").alias("_t"),
-        pl.col("value").cast(pl.Float64),
-    ).filter(pl.col("account_id") == account)
+    # in business order, as the evaluator takes them: a metric of the user's may give
+    # its rows in any order (LimitDefinition: "other orders are sorted")
+    order = ["time", "position"] if "position" in metric.columns else ["time"]
+    rows = (
+        metric.filter(pl.col("account_id").cast(pl.String) == account)
+        .sort(order, maintain_order=True)
+        .select(
+            pl.col("account_id").cast(pl.String),
+            (pl.col("symbol").cast(pl.String) if by_symbol else pl.lit(None, pl.String)).alias(
+                "symbol"
+            ),
+            pl.col("time").dt.epoch("us").alias("_t"),
+            pl.col("value").cast(pl.Float64),
+        )
+    )
     last = rows.group_by("account_id", "symbol", maintain_order=True).last()
     if scope.endswith("_day"):
         last = last.with_columns(
