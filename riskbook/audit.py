@@ -820,7 +820,7 @@ class _Check:
                 " the event that triggered it"
             )
             return
-        mine = _with_store_clock(self.history, _account_history(self.history, self.account))
+        mine = _account_history(self.history, self.account)
         if mine.events.filter(pl.col("event_id") == cause["event_id"]).height == 0:
             self.findings.append(
                 f"its cause, {cause['event_type']} {cause['event_id']}, is not an event of"
@@ -835,7 +835,7 @@ class _Check:
             )
             return
         self.checked = True
-        self._replay(mine)
+        self._replay(_with_store_clock(self.history, mine))
 
     def _replay(self, mine: History) -> None:
         from riskbook.live._engine import Engine, _us

@@ -18,17 +18,18 @@ import types
 
 
 def main(home: str) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(here)
     pid = os.fork()
     if pid:
         print(pid, flush=True)
         os._exit(0)
     os.setsid()
+    os.chdir("/")  # hold no folder of the process that started it
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)  # the starter reads the pid until this end closes
     os.close(devnull)
-    here = os.path.dirname(os.path.abspath(__file__))
-    package = os.path.dirname(here)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     for name, path in (("riskbook", package), ("riskbook.store", here)):
         if name not in sys.modules:  # the package's folder, without running its __init__
