@@ -7,6 +7,7 @@ Every test here builds its history in memory (no database).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ from riskbook import (
     Envelope,
     History,
     LimitSet,
+    LimitViolationDetected,
     Side,
     TradeCancelled,
     TradeExecuted,
@@ -212,3 +214,30 @@ def test_breaches_equal_the_reference_with_scheduled_limits_and_early_busts(
 ) -> None:
     got = limits.breaches(b.history(), at=t, known_at=k, levels=(0.9, 1.0))
     assert rows(got) == reference_breaches(b.envelopes, at=t, known_at=k, levels=(0.9, 1.0))
+
+
+def test_explain_refuses_a_cause_of_another_account_that_moved_the_clock() -> None:
+    # explain's replay carries the store's clock to the account's events with marks
+    # named after the events that moved it (another account's fill here): an alarm of A
+    # naming B's fill as its cause is still "not an event of A".
+    from riskbook import audit
+
+    b_fill = buy("B", "Y", 1, 10, m(30), trade_id="T-B")
+    es = envelopes([
+        (AccountFunded(account_id="A", amount=1000.0, funded_at=m(0)), m(0)),
+        (LimitSet(account_id="A", limit_type="MaxPositionSize", value=5.0, set_by="p",
+                  set_at=m(0)), m(0)),
+        (buy("A", "X", 8, 10, m(1), trade_id="T-A"), m(1)),
+        (b_fill, m(30)),
+        (buy("A", "X", 1, 10, m(31), trade_id="T-A2"), m(31)),
+    ])  # fmt: skip
+    alarm = LimitViolationDetected(
+        account_id="A", limit_type="MaxPositionSize", current_value=9.0, limit_value=5.0,
+        detected_at=m(31), symbol="X",
+    )  # fmt: skip
+    forged = dataclasses.replace(
+        envelopes([(alarm, m(32))])[0], position=len(es) + 1, causation_id=es[3].event_id
+    )
+    x = audit.explain(History.from_envelopes([*es, forged]), str(forged.event_id))
+    assert any("is not an event of A" in f for f in x.findings), x.findings
+    assert not x.checked
