@@ -385,6 +385,9 @@ class Engine:
         trades = part.trades
         if not self._cancelled or trades.height == 0:
             return part
+        ids = set(trades["trade_id"].cast(pl.String).to_list())
+        if not any(not ids.isdisjoint(known) for known in self._cancelled.values()):
+            return part  # the common case, without a pass over the rows in Python
         gone = [
             i
             for i, (account, trade_id) in enumerate(
