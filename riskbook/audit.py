@@ -908,7 +908,7 @@ class _Check:
         the engine's clock when it came) that of the first event at or after its
         set_at, which made it take effect. A LimitSet whose set_at the clock had passed
         acts as it comes, however early it was recorded."""
-        from riskbook.live._engine import Engine, _us
+        from riskbook.live._engine import _us
 
         cause = self.cause
         assert cause is not None
@@ -918,9 +918,9 @@ class _Check:
         row = mine.limits.filter(pl.col("event_id") == cause["event_id"]).row(0, named=True)
         if not row["set_at"] > row["timestamp"]:
             return p
-        engine = Engine(critical=self.critical)
-        engine.apply(_positions(mine, None, p), written=False)
-        if _us(row["set_at"]) <= engine.clock:
+        pos, clock = _clock(mine.events.sort("position"))
+        before = int(np.searchsorted(pos, p))
+        if before and _us(row["set_at"]) <= clock[before - 1]:
             return p
         then = mine.events.filter(
             (pl.col("position") > p) & (pl.col("occurred_at") >= row["set_at"])
@@ -1091,6 +1091,23 @@ def _account_history(history: History, account: str) -> History:
     return History(**frames, events=events, horizon=history.horizon)  # type: ignore[arg-type]
 
 
+def _clock(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, clock after each): a processor's clock over ``events`` (in position
+    order), the latest business time folded. Blocks and unblocks act at the clock
+    without moving it, and a LimitSet recorded before its set_at does not move it
+    either: held if its set_at is past the clock, else at most equal to it (as
+    :meth:`riskbook.live.Engine._in_processing_order` folds them)."""
+    from riskbook.live._engine import _MIN
+    from riskbook.projections import _epoch_us
+
+    kind = events["event_type"].cast(pl.String)
+    bt, ts = _epoch_us(events["occurred_at"], _MIN), _epoch_us(events["timestamp"])
+    still = kind.is_in(["AccountBlocked", "AccountUnblocked"]).to_numpy() | (
+        (kind == "LimitSet").to_numpy() & (bt > ts)
+    )
+    return events["position"].to_numpy(), np.maximum.accumulate(np.where(still, _MIN, bt))
+
+
 _CLOCK_SYMBOL = "riskbook:clock"
 """The symbol of the marks that stand for other accounts' events in a replay."""
 
@@ -1111,21 +1128,15 @@ def _with_store_clock(history: History, mine: History) -> History:
     ev = history.events.sort("position")
     if ev.height == 0 or mine.events.height == 0:
         return mine
-    kind = ev["event_type"].cast(pl.String)
-    bt, ts = _epoch_us(ev["occurred_at"], _MIN), _epoch_us(ev["timestamp"])
-    held = (kind.is_in(["AccountBlocked", "AccountUnblocked"]).to_numpy()) | (
-        (kind == "LimitSet").to_numpy() & (bt > ts)
-    )
-    moved = np.where(held, _MIN, bt)
-    clock = np.maximum.accumulate(moved)
-    recorded = np.maximum.accumulate(ts)
-    pos = ev["position"].to_numpy()
+    pos, clock = _clock(ev)
+    recorded = np.maximum.accumulate(_epoch_us(ev["timestamp"]))
     mine_pos = np.sort(mine.events["position"].to_numpy())
     at = np.searchsorted(pos, mine_pos)
     before = np.where(at > 0, clock[np.maximum(at - 1, 0)], _MIN)
     after_previous = np.concatenate([[_MIN], clock[at[:-1]]])
     need = before > after_previous
-    if not need.any():
+    n = int(need.sum())
+    if n == 0:
         return mine
     # the event that brought the clock to ``before``: the first one with that time
     first = np.searchsorted(clock, before[need])  # clock is sorted
@@ -1133,16 +1144,14 @@ def _with_store_clock(history: History, mine: History) -> History:
         {
             "position": mine_pos[need] - 1,
             "event_id": ev["event_id"].gather(first),
-            "aggregate_id": pl.Series([_CLOCK_SYMBOL] * int(need.sum()), dtype=pl.Categorical),
-            "sequence": pl.Series([0] * int(need.sum()), dtype=pl.Int64),
-            "timestamp": pl.Series(recorded[np.maximum(at[need] - 1, 0)]).cast(
-                pl.Datetime("us", "UTC")
-            ),
-            "causation_id": pl.Series([None] * int(need.sum()), dtype=pl.String),
-            "correlation_id": pl.Series([None] * int(need.sum()), dtype=pl.String),
-            "symbol": pl.Series([_CLOCK_SYMBOL] * int(need.sum()), dtype=pl.Categorical),
-            "price": pl.Series([1.0] * int(need.sum())),
-            "marked_at": pl.Series(before[need]).cast(pl.Datetime("us", "UTC")),
+            "aggregate_id": [_CLOCK_SYMBOL] * n,
+            "sequence": [0] * n,
+            "timestamp": pl.Series(recorded[np.maximum(at[need] - 1, 0)]),
+            "causation_id": pl.Series([None] * n, dtype=pl.String),
+            "correlation_id": pl.Series([None] * n, dtype=pl.String),
+            "symbol": [_CLOCK_SYMBOL] * n,
+            "price": [1.0] * n,
+            "marked_at": pl.Series(before[need]),
         }
     ).cast(dict(mine.marks.schema))  # type: ignore[arg-type]
     events = marks.select(
