@@ -9,9 +9,9 @@ Layout
 ------
 Server files live in ``<home>/postgres/`` (``data/`` is PGDATA, ``sock/`` the Unix
 socket folder, plus ``holders.json``, ``lock``, ``pinned``, ``server.log``,
-``initdb.log``, ``reaper.json``, ``reaper.log``). The server listens on a Unix socket only (``listen_addresses=''``)
-in a folder of mode 0700 owned by the server's OS user; that privacy is what makes
-``trust`` authentication acceptable.
+``initdb.log``, ``reaper.json``, ``reaper.log``). The server listens on a Unix socket
+only (``listen_addresses=''``) in a folder of mode 0700 owned by the server's OS user;
+that privacy is what makes ``trust`` authentication acceptable.
 
 As root, PostgreSQL refuses to run, so the server runs as the system user
 ``riskbook`` (created if missing). No folder's permissions are ever widened: if that
@@ -33,8 +33,8 @@ with ``os._exit``); the last holder to detach stops the server unless it was *pi
 by :meth:`EmbeddedServer.start`. A holder that dies without detaching (SIGKILL,
 SIGTERM, a crash) is noticed by the server's *reaper*: a small process of its own
 session, started with the server (``reaper.json``, ``reaper.log``), which stops the
-server within a second or so once no live process holds it and it is not pinned, and ends
-with the server. Dead holders are also pruned whenever the list is read. riskbook
+server within a second or so once no live process holds it and it is not pinned, and
+ends with the server. Dead holders are also pruned whenever the list is read. riskbook
 leaves SIGTERM's handling to the process: a handler of its own (SIGTERM as SystemExit,
 so that the detach at exit ran) could leave a multiprocessing worker that
 ``Pool.terminate`` signalled blocked for ever, the signal arriving just before the
@@ -1427,9 +1427,7 @@ class EmbeddedServer:
             if holders or layout.pinned.exists():
                 return False
             self._stop_server(layout)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{stamp} reaper {os.getpid()}: no live holder, stopped the server (pid "
-              f"{postmaster})", file=sys.stderr, flush=True)  # fmt: skip
+        _reaper_says(f"no live holder, stopped the server (pid {postmaster})")
         return True
 
     def _stop_unheld(self, layout: _Layout, exc: BaseException) -> None:
@@ -1542,6 +1540,12 @@ def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
+def _reaper_says(what: str) -> None:
+    """A line of the reaper's log (its stderr is ``reaper.log``)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} reaper {os.getpid()}: {what}", file=sys.stderr, flush=True)
+
+
 _REAP_INTERVAL = 0.5
 """Seconds between two looks of the reaper at the holders."""
 
@@ -1582,8 +1586,7 @@ def _reap_loop(home: str, interval: float = _REAP_INTERVAL) -> int:
             failures = 0
         except Exception as exc:  # a reaper reports and keeps watching
             failures += 1
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{stamp} reaper {me}: {exc}", file=sys.stderr, flush=True)
+            _reaper_says(str(exc))
             if not layout.files.is_dir() or failures >= 20:
                 return 1
             time.sleep(min(interval * 2**failures, 30.0))
