@@ -35,6 +35,7 @@ from riskbook import (
 )
 from riskbook.limits import _registry
 from riskbook.live import Engine, Processor, check
+from tests.test_live_busts import envelopes_of
 
 T0 = datetime(2024, 3, 1, 20, 0, tzinfo=UTC)  # four hours before a UTC midnight
 
@@ -58,13 +59,7 @@ def cap(account: str, kind: str, value: float, minute: float, symbol: str | None
 
 def envelopes(events: list[Any]) -> list[Envelope]:
     """Events (or (event, recorded time)) in global order, at positions 1, 2, ..."""
-    out, seq = [], {}
-    for i, item in enumerate(events):
-        e, rec = item if isinstance(item, tuple) else (item, item.business_time)
-        seq[e.aggregate_id] = seq.get(e.aggregate_id, 0) + 1
-        out.append(Envelope(uuid.uuid4(), e.aggregate_id, e.aggregate_type, seq[e.aggregate_id],
-                            rec, e, f"c{i}", position=i + 1))  # fmt: skip
-    return out
+    return envelopes_of([e if isinstance(e, tuple) else (e, e.business_time) for e in events])
 
 
 def live(envs: list[Envelope], cuts: list[int], **kw: Any) -> list[tuple[Any, ...]]:
