@@ -774,8 +774,11 @@ class Processor:
         envelopes = self._db(lambda: _read_after(conn, horizon - 1, limit))
         if not envelopes:
             return None
+        last: tuple[int, str] | None = None
         if self.max_batch is not None or len(envelopes) < _SMALL:
             batch = History._of_envelopes(envelopes, Filters())  # decoded, so checked
+            top = envelopes[-1]  # read in order of position
+            last = (top.position or 0, str(top.event_id))
         else:  # a backlog: everything below the fence in one read
             batch = _read(self.store, Filters(), after=horizon, progress=False)
         engine = self.engine.copy()
@@ -784,7 +787,7 @@ class Processor:
         self.engine = engine
         self._unkept += batch.events.height * _REFOLD_EVENT + batch.cancels.height * _REFOLD_BUST
         if batch.events.height:
-            self._last_folded = _last_event(batch)
+            self._last_folded = last or _last_event(batch)
         appended = {id(e) for e in written}
         held = tuple(e for e in effects if id(e) not in appended)
         done = Commit(time.time(), engine.horizon, batch.events.height, tuple(written),
@@ -800,22 +803,11 @@ class Processor:
     ) -> list[Effect]:
         """Move the checkpoint and append the effects the store does not hold yet, in
         one transaction; return those appended."""
+        if not effects and self.before_commit is None:  # most batches: one statement
+            self._move_checkpoint(conn, expected, horizon)  # (autocommit: one round trip)
+            return effects
         with conn.transaction():
-            # Moves the checkpoint only from where this processor left it (and locks its
-            # row until the commit): the check and the move in one round trip.
-            moved = conn.execute(
-                "UPDATE processor_checkpoints SET position = %s, updated_at = clock_timestamp()"
-                " WHERE name = %s AND position = %s RETURNING 1",
-                (horizon, self.name, expected),
-            ).fetchone()
-            if moved is None:
-                row = conn.execute(
-                    "SELECT position FROM processor_checkpoints WHERE name = %s", (self.name,)
-                ).fetchone()
-                raise _Moved(
-                    f"checkpoint {self.name!r} is at {None if row is None else row[0]}, "
-                    f"expected {expected}: another processor moved it"
-                )
+            self._move_checkpoint(conn, expected, horizon)
             if effects:  # rare: the lock and the lookup cost nothing to the batches without
                 # Processors of other names may decide the same effects: the lookup runs
                 # once any of them holding an effect account's lock has committed (a
@@ -836,6 +828,23 @@ class Processor:
             if self.before_commit is not None:
                 self.before_commit(effects)
         return effects
+
+    def _move_checkpoint(self, conn: psycopg.Connection, expected: int, horizon: int) -> None:
+        """Move the checkpoint only from where this processor left it (and lock its row
+        until the commit): the check and the move in one round trip."""
+        moved = conn.execute(
+            "UPDATE processor_checkpoints SET position = %s, updated_at = clock_timestamp()"
+            " WHERE name = %s AND position = %s RETURNING 1",
+            (horizon, self.name, expected),
+        ).fetchone()
+        if moved is None:
+            row = conn.execute(
+                "SELECT position FROM processor_checkpoints WHERE name = %s", (self.name,)
+            ).fetchone()
+            raise _Moved(
+                f"checkpoint {self.name!r} is at {None if row is None else row[0]}, "
+                f"expected {expected}: another processor moved it"
+            )
 
     def _not_stored(self, conn: psycopg.Connection, effects: list[Effect]) -> list[Effect]:
         """The effects the store does not hold yet: one the store holds (the same kind,
