@@ -86,8 +86,10 @@ def incidents(history: History) -> pl.DataFrame:
 
     Returns ``event_id, event_type, account_id, limit_type, symbol, occurred_at,
     timestamp, causation_id, correlation_id, label``, in global order. A block's limit
-    type and symbol are those of the violation with the same cause (or correlation),
-    when there is one.
+    type and symbol are those its reason states (the live engine's blocks: "critical
+    MaxPositionSize ACME: ..."); for a block of another reason, those of the account's
+    latest violation stored before it with the same cause (else correlation), when
+    there is one.
     """
     v = history.violations.select(
         "event_id",
@@ -117,30 +119,41 @@ def incidents(history: History) -> pl.DataFrame:
         "position",
         pl.col("reason").alias("detail"),
     )
-    # a block's limit: that of the account's violation with the same cause, else with
-    # the same correlation (the latest stored before the block)
-    about = v.select(
-        "account_id", "causation_id", "correlation_id", "limit_type", "symbol", "position"
+    # a block's limit: the one its reason states (the engine's blocks), else that of the
+    # account's latest violation stored before it with the same cause, else with the
+    # same correlation
+    stated = [_stated(r) for r in b["detail"].to_list()]
+    b = b.with_columns(
+        pl.Series("limit_type", [x and x.limit_type for x in stated], pl.String),
+        pl.Series("symbol", [x and x.symbol for x in stated], pl.String),
     )
-
-    def of_the_account(key: str) -> pl.DataFrame:
-        return (
-            about.drop("correlation_id" if key == "causation_id" else "causation_id")
-            .filter(pl.col(key).is_not_null())
-            .sort("position")
-            .unique(["account_id", key], keep="last", maintain_order=True)
-            .drop("position")
+    for key in ("causation_id", "correlation_id"):
+        found = (
+            b.filter(pl.col("limit_type").is_null())
+            .select("event_id", "account_id", key, "position")
+            .join(
+                v.filter(pl.col(key).is_not_null()).select(
+                    "account_id", key, "limit_type", "symbol", pl.col("position").alias("at")
+                ),
+                on=["account_id", key],
+            )
+            .filter(pl.col("at") < pl.col("position"))
+            .sort("at")
+            .unique("event_id", keep="last")
+            .select("event_id", pl.col("limit_type").alias("_type"), pl.col("symbol").alias("_sym"))
         )
-
-    by_cause = b.join(of_the_account("causation_id"), on=["account_id", "causation_id"], how="left")
-    by_corr = (
-        by_cause.filter(pl.col("limit_type").is_null())
-        .drop("limit_type", "symbol")
-        .join(of_the_account("correlation_id"), on=["account_id", "correlation_id"], how="left")
-    )
-    b = pl.concat(
-        [by_cause.filter(pl.col("limit_type").is_not_null()), by_corr], how="diagonal"
-    ).select(v.columns)
+        b = (
+            b.join(found, on="event_id", how="left")
+            .with_columns(
+                pl.coalesce("limit_type", "_type").alias("limit_type"),
+                pl.when(pl.col("limit_type").is_null())
+                .then(pl.col("_sym"))
+                .otherwise(pl.col("symbol"))
+                .alias("symbol"),
+            )
+            .drop("_type", "_sym")
+        )
+    b = b.select(v.columns)
     out = pl.concat([v, b]).sort("position")
     return out.with_columns(
         pl.format(
@@ -862,10 +875,11 @@ class _Check:
         kind = self.event["event_type"]
         if kind == "AccountBlocked":
             blocks = [e for e in self.replayed if e["kind"] == "AccountBlocked"]
-            if blocks:
-                self.limit_type, self.symbol = blocks[0]["limit_type"], blocks[0]["symbol"]
-                self.violation = _breach_start(self.history, self.event, blocks[0])
-                self._check_time("blocked_at", blocks[0]["at"])
+            block = self._block_as_stated(blocks)
+            if block is not None:
+                self.limit_type, self.symbol = block["limit_type"], block["symbol"]
+                self.violation = _breach_start(self.history, self.event, block)
+                self._check_time("blocked_at", block["at"])
             else:
                 self.findings.append(
                     "replayed over what it knew up to the cause, the engine (critical"
@@ -901,6 +915,41 @@ class _Check:
         if kind == "LimitViolationDetected":
             self._check_violation(state_before)
         self._check_today()
+
+    def _block_as_stated(self, blocks: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Of the blocks the replay decides, the one the block on record states (its
+        reason's limit type and symbol), else the first; None if it decides none.
+
+        The replay leaves the account unblocked after a block, so it decides one for
+        every limit type gone critical at the cause, where the engine wrote only its
+        first: a block the replay puts before the one on record says the processor
+        did not block for that type (a critical factor of its own for it)."""
+        if not blocks:
+            return None
+        stated = _stated(_rows_of(self.history.blocks, self.event["event_id"])["reason"])
+        if stated is None:
+            return blocks[0]
+        key = (stated.limit_type, stated.symbol)
+        same = [b for b in blocks if (b["limit_type"], b["symbol"]) == key]
+        if not same:
+            first = blocks[0]
+            self.findings.append(
+                f"the block on record is for {_limit_name(*key)}; replayed over what it"
+                f" knew, the engine (critical factor {_factor_text(self.critical)}) blocks"
+                f" for {_limit_name(first['limit_type'], first['symbol'])} instead"
+            )
+            return first
+        before = blocks[: blocks.index(same[0])]
+        if before:
+            self.notes.append(
+                "replayed, the engine (critical factor "
+                f"{_factor_text(self.critical)}) would have blocked first for "
+                + ", ".join(_limit_name(b["limit_type"], b["symbol"]) for b in before)
+                + ": the processor that wrote this block did not block for it (run with"
+                " a critical factor of its own for that type? riskbook explain"
+                " --critical says which to replay with)"
+            )
+        return same[0]
 
     def _trigger(self, mine: History) -> int:
         """The position where the engine acted on the cause: the cause's own, or for a
@@ -1073,13 +1122,17 @@ def _positions(history: History, lo: int | None, hi: int) -> History:
 
 
 def _account_history(history: History, account: str) -> History:
-    """The account's own events and the marks of the symbols it traded or adjusted (the
-    only marks that move its figures: DESIGN.md §4), in the store's order."""
+    """The account's own events, the limits set for every account (``"*"``), and the
+    marks of the symbols it traded or adjusted (the only marks that move its figures:
+    DESIGN.md §4), in the store's order."""
     mine = pl.col("account_id").cast(pl.String) == account
     frames = {n: history.frame(n) for n in KINDS}
     for n in KINDS:
         if "account_id" in frames[n].columns:
-            frames[n] = frames[n].filter(mine)
+            everyone = n == "limits" and account != "*"
+            frames[n] = frames[n].filter(
+                mine | (pl.col("account_id").cast(pl.String) == "*") if everyone else mine
+            )
     symbols = pl.concat(
         [frames[n]["symbol"].cast(pl.String) for n in ("trades", "adjustments")]
     ).unique()
@@ -1278,12 +1331,27 @@ def _factor_text(critical: float | Mapping[str, float | None] | None) -> str:
 
 
 # The reason the engine writes in a block: "critical MaxPositionSize ACME: 65 > 1.5 x
-# limit 40" (the symbol only for a per-symbol type).
-_BLOCK_REASON = re.compile(r"^critical (?P<type>\S+)(?: [^:]*)?: .* > (?P<level>\S+) x limit \S+$")
+# limit 40" (the symbol only for a per-symbol type; it may hold ": " itself, the metric
+# after it holds no colon).
+_BLOCK_REASON = re.compile(
+    r"^critical (?P<type>\S+)(?: (?P<symbol>.*))?: (?P<value>[^:]*) > (?P<level>\S+)"
+    r" x limit \S+$",
+    re.DOTALL,
+)
 
 
-def _stated_level(reason: str | None) -> tuple[str, float] | None:
-    """(limit type, critical factor) as an engine's block reason states them, or None."""
+@dataclass(frozen=True)
+class _Stated:
+    """What an engine's block reason states: the limit type, symbol and critical factor."""
+
+    limit_type: str
+    symbol: str | None
+    level: float
+
+
+def _stated(reason: str | None) -> _Stated | None:
+    """The limit type, symbol and critical factor an engine's block reason states, or
+    None (a reason of someone else's)."""
     m = _BLOCK_REASON.match(reason or "")
     if m is None:
         return None
@@ -1291,7 +1359,15 @@ def _stated_level(reason: str | None) -> tuple[str, float] | None:
         level = float(m["level"])
     except ValueError:
         return None
-    return (m["type"], level) if math.isfinite(level) and level >= 1.0 else None
+    if not (math.isfinite(level) and level >= 1.0):
+        return None
+    return _Stated(m["type"], m["symbol"], level)
+
+
+def _stated_level(reason: str | None) -> tuple[str, float] | None:
+    """(limit type, critical factor) as an engine's block reason states them, or None."""
+    stated = _stated(reason)
+    return None if stated is None else (stated.limit_type, stated.level)
 
 
 def _critical_read(
@@ -1358,7 +1434,10 @@ def _busts_after(history: History, event: dict[str, Any]) -> int:
         (pl.col("account_id").cast(pl.String) == event["account_id"])
         & (pl.col("executed_at") <= event["occurred_at"])
     )
-    late = history.cancels.filter(pl.col("timestamp") > event["timestamp"])
+    late = history.cancels.filter(
+        (pl.col("account_id").cast(pl.String) == event["account_id"])
+        & (pl.col("timestamp") > event["timestamp"])
+    )  # a trade id is the account's own: another account may use it too
     return late.join(trades.select("trade_id"), on="trade_id", how="semi").height
 
 

@@ -1102,10 +1102,11 @@ class Engine:
         # In the order they happen: by business time, then position. The part's events
         # have times monotone in position (see _in_processing_order), so for them this is
         # the position order; a released scheduled limit was recorded earlier (a smaller
-        # position) but acts at its set_at, among the events of that time.
+        # position) but acts at its set_at, among the events of that time. One trigger's
+        # effects (a mark's, on several accounts) by account, whatever the batches.
         starts = starts.join(corr, on="trigger_event_id", how="left").sort(
-            "started_at", "trigger_position", "limit_type", pl.col("symbol").cast(pl.String),
-            "level", nulls_last=False,
+            "started_at", "trigger_position", pl.col("account_id").cast(pl.String),
+            "limit_type", pl.col("symbol").cast(pl.String), "level", nulls_last=False,
         )  # fmt: skip
         stored = blocks.sort("position").select(
             pl.col("account_id").cast(pl.String), "blocked", "at", "position", "causation_id"
@@ -1150,7 +1151,7 @@ class Engine:
                 event = AccountBlocked(
                     account_id=account,
                     reason=f"critical {name}{where}: {describe(value, name)} > "
-                    f"{row['level']:g} x limit {row['limit_value']:g}",
+                    f"{_g(row['level'])} x limit {_g(row['limit_value'])}",
                     blocked_by=self.actor,
                     blocked_at=row["started_at"],
                 )
@@ -1185,6 +1186,14 @@ class Engine:
         processor's rebuild after a restart: see :attr:`pending`)."""
         self.pending[account] = str(causation_id)
         self.blocked[account] = True
+
+
+def _g(value: float) -> str:
+    """``%g`` where that is exact (1.2, 40, 1e+06), else all the digits it takes
+    (1.2345678): a block's reason states the critical factor ``riskbook explain``
+    replays with."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def describe(value: float, limit_type: str | None = None) -> str:
