@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from riskbook.errors import RiskbookError
 from riskbook.events import STORED_INFINITY
@@ -126,10 +126,15 @@ class _Progress:
         print(f"  {stage} {count:,} events ({elapsed:.1f} s)", file=sys.stderr, flush=True)
 
 
+_opened: list[Any] = []  # the stores a command opened: closed when it ends (_run)
+
+
 def _store(dsn: str | None):  # type: ignore[no-untyped-def]
     from riskbook.store import connect
 
-    return connect(dsn)
+    store = connect(dsn)
+    _opened.append(store)
+    return store
 
 
 # ----------------------------------------------------------------------- db
@@ -989,6 +994,7 @@ def _run(call: Callable[[], int]) -> int:
     # what it cannot encode is escaped (\u8d26, as Python does on stderr) instead of
     # failing once the work is done.
     stdout = sys.stdout
+    opened = len(_opened)  # main() may run in a process that goes on (a test, a notebook)
     strict = getattr(stdout, "errors", None) == "strict" and hasattr(stdout, "reconfigure")
     if strict:
         stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
@@ -1002,6 +1008,9 @@ def _run(call: Callable[[], int]) -> int:
             warnings.showwarning = _show_warning
             return _run_command(call)
     finally:
+        while len(_opened) > opened:
+            with contextlib.suppress(Exception):  # closing: nothing left to say
+                _opened.pop().close()
         if strict and not stdout.closed:
             with contextlib.suppress(OSError):  # a broken pipe flushed: nothing to say
                 stdout.reconfigure(errors="strict")  # type: ignore[union-attr]

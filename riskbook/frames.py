@@ -221,7 +221,8 @@ _FORMAT = 1  # version of the on-disk layout (export and cache)
 class Filters:
     """What a History was loaded with; applied in SQL.
 
-    * ``accounts``: events of these accounts (marks belong to no account and are kept);
+    * ``accounts``: events of these accounts, and the limits set for every account
+      (``"*"``), which apply to them too (marks belong to no account and are kept);
     * ``symbols``: events about these symbols, the busts of their trades (a bust
       recorded before its trade comes in with the trade, on refresh too), and the
       account-level events that apply to every symbol (funding, blocks, account-wide
@@ -237,6 +238,13 @@ class Filters:
     since: datetime | None = None
     until: datetime | None = None
     known_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError(
+                f"since ({format_time(self.since)}) is after until ({format_time(self.until)}):"
+                " no business time is in that window"
+            )
 
     @property
     def payload_filtered(self) -> bool:
@@ -284,7 +292,10 @@ class Filters:
         parts: list[str] = []
         params: list[Any] = []
         if self.accounts is not None:
-            parts.append("(f.account_id = ANY(%s) OR f.event_type = 'PriceMarked')")
+            parts.append(
+                "(f.account_id = ANY(%s) OR f.event_type = 'PriceMarked'"
+                " OR (f.event_type = 'LimitSet' AND f.account_id = '*'))"
+            )
             params.append(list(self.accounts))
         if self.symbols is not None:
             below = "" if fence is None else " AND t.position < %s"
@@ -357,7 +368,12 @@ class Filters:
         account = getattr(p, "account_id", None)
         symbol = getattr(p, "symbol", None)
         kind = env.event_type
-        if self.accounts is not None and kind != "PriceMarked" and account not in self.accounts:
+        if (
+            self.accounts is not None
+            and kind != "PriceMarked"
+            and account not in self.accounts
+            and not (kind == "LimitSet" and account == "*")
+        ):
             return False
         if self.symbols is not None:
             if kind == "TradeCancelled":
@@ -1816,7 +1832,7 @@ def _cache_root() -> Path:
 _MAX_SEGMENTS = 8
 # the cache's own layout (not the export's): older entries are misses. 2: the ranges
 # 3: busts outside since/until kept; 4: events that break the catalogue's rules set aside
-_CACHE_FORMAT = "arrow-ipc-4"
+_CACHE_FORMAT = "arrow-ipc-5"  # 5: an accounts filter keeps "*" limits
 
 
 def _segments(directory: Path) -> list[tuple[Path, int, int]]:

@@ -107,12 +107,13 @@ def _engine_for(
                 " state is not current (start it and wait for it, or check from the store)"
             )
         return processor.engine
-    # the account's events, and the limits stored for every account ("*")
+    # the account's events, and the limits stored for every account ("*"), which an
+    # accounts filter keeps
     if isinstance(store, Store):
-        history = load(store, accounts=[account, "*"], progress=False)
+        history = load(store, accounts=[account], progress=False)
     else:
         with connect(store) as own:
-            history = load(own, accounts=[account, "*"], progress=False)
+            history = load(own, accounts=[account], progress=False)
     engine = Engine()
     engine.apply(history, written=False)  # blocks it would decide are not stored: none count
     return engine
