@@ -808,6 +808,36 @@ def test_one_sequence_given_twice_in_a_file_is_refused_naming_both_lines(
 
 
 @pytest.mark.parametrize("stored", [False, True], ids=["into an empty store", "into a store"])
+def test_given_sequences_going_back_in_file_order_are_refused(
+    fresh_store: Store, tmp_path: Path, stored: bool
+) -> None:
+    # they were taken: the aggregate's version 2 then had a lower position than its 1
+    if stored:
+        fresh_store.import_jsonl(_write(tmp_path / "h.jsonl", _envelope_lines(with_seq=True)))
+    before = fresh_store.count()
+    base = 5 if stored else 0
+    lines = _new_ids(_envelope_lines(n_accounts=1, per_account=3, with_seq=True), "back")
+    lines = [
+        _tweaked(line, sequence=base + msgspec.json.decode(line)["sequence"]) for line in lines
+    ]
+    lines[0], lines[1] = lines[1], lines[0]  # versions base + 2, base + 1, base + 3
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(_write(tmp_path / "back.jsonl", [*lines, lines[0]]))
+    assert str(info.value) == (
+        f"{tmp_path / 'back.jsonl'}: line 2: aggregate 'ACC-0' gets sequence {base + 1} after "
+        f"sequence {base + 2} (line 1): an aggregate's given sequences must rise in line "
+        "order, which its positions follow; nothing was written"
+    )
+    assert fresh_store.count() == before
+    fresh_store.import_jsonl(
+        _write(tmp_path / "ok.jsonl", [lines[1], lines[0], lines[2], lines[0]])
+    )
+    assert [e.sequence for e in fresh_store.read("ACC-0")][-3:] == [base + 1, base + 2, base + 3]
+    positions = [e.position for e in fresh_store.read("ACC-0")]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["into an empty store", "into a store"])
 def test_a_gap_in_given_sequences_is_refused_naming_the_line_that_opens_it(
     fresh_store: Store, tmp_path: Path, stored: bool
 ) -> None:
@@ -821,13 +851,13 @@ def test_a_gap_in_given_sequences_is_refused_naming_the_line_that_opens_it(
         _tweaked(line, sequence=base + msgspec.json.decode(line)["sequence"]) for line in lines
     ]
     # ACC-1 (lines 2, 5, 8, 11) gets base + 1, 2, 4, 5; ACC-2 (line 12) a gap later
-    lines[7] = _tweaked(lines[7], sequence=base + 5)
-    lines[10] = _tweaked(lines[10], sequence=base + 4)
+    lines[7] = _tweaked(lines[7], sequence=base + 4)
+    lines[10] = _tweaked(lines[10], sequence=base + 5)
     lines[11] = _tweaked(lines[11], sequence=base + 9)
     with pytest.raises(riskbook.ImportFailed) as info:
         fresh_store.import_jsonl(_write(tmp_path / "gap.jsonl", lines))
     assert str(info.value) == (
-        f"{tmp_path / 'gap.jsonl'}: line 11: aggregate 'ACC-1' gets sequence {base + 4} where "
+        f"{tmp_path / 'gap.jsonl'}: line 8: aggregate 'ACC-1' gets sequence {base + 4} where "
         f"{base + 3} comes next: sequences must continue the stored ones as 1, 2, 3, ... "
         "(no gaps)"
     ), str(info.value)

@@ -1742,6 +1742,15 @@ def _load_general(
     # nothing added leaves the stored versions as they were (gap-free): a re-import
     # need not scan every aggregate of the file again
     with_seq = [a for a, g in stream.given.items() if g] if added else []
+    # (after the insert, whose unique keys tell a sequence given twice, or taken, first)
+    backwards = conn.execute(_BACKWARDS_SQL).fetchone() if with_seq else None
+    if backwards:
+        line, agg, sequence, before, before_line = backwards
+        raise ImportFailed(
+            f"{source}: {unit} {line}: aggregate {agg!r} gets sequence {sequence} after "
+            f"sequence {before} ({unit} {before_line}): an aggregate's given sequences must "
+            f"rise in {unit} order, which its positions follow; nothing was written"
+        )
     if with_seq:
         bad = conn.execute(_GAP_SQL, (with_seq,)).fetchone()
         if bad:
@@ -1973,6 +1982,23 @@ SELECT coalesce(sum(n - 1), 0)
 # column the import keeps, the sequence where both give one), and the line of the
 # id's first appearance.
 _CONTENT_LIST = ", ".join(f'"{c}"' for c in _CONTENT_COLUMNS)
+
+# The first line whose given sequence is below that of an earlier line of its aggregate
+# (a line repeating an earlier one is left out, as the insert leaves it out): positions
+# follow the file, so such an aggregate's versions would be stored out of their order.
+_BACKWARDS_SQL = """
+SELECT line_no, aggregate_id, sequence, before, before_line
+  FROM (SELECT line_no, aggregate_id, sequence,
+               lag(sequence) OVER w AS before, lag(line_no) OVER w AS before_line
+          FROM (SELECT DISTINCT ON (event_id) line_no, aggregate_id, sequence
+                  FROM riskbook_import
+                 WHERE sequence IS NOT NULL
+                 ORDER BY event_id, line_no) firsts
+        WINDOW w AS (PARTITION BY aggregate_id ORDER BY line_no)) x
+ WHERE sequence < before
+ ORDER BY line_no
+ LIMIT 1
+"""
 
 _TWIN_SQL = f"""
 WITH firsts AS (
