@@ -178,13 +178,18 @@ def limits_in_force(
 ) -> pl.DataFrame:
     """The limits of an account in force at T as known at K, and who set them.
 
-    The latest LimitSet per (limit_type, symbol) with ``set_at <= at`` and recorded
-    (``timestamp``) by ``known_at`` -- latest in the order (business time, recorded
-    time, position). Returns ``limit_type, symbol`` (null: account-wide), ``value,
-    set_by, set_at, recorded_at, event_id``.
+    The latest LimitSet per (limit_type, symbol) of the account or of every account
+    (``"*"``: a later one of either replaces the other, as in
+    :func:`riskbook.breaches`) with ``set_at <= at`` and recorded (``timestamp``) by
+    ``known_at`` -- latest in the order (business time, recorded time, position).
+    Returns ``limit_type, symbol`` (null: account-wide), ``value, set_by, set_at,
+    recorded_at, event_id``, and ``account_id`` (the account, or ``"*"``: set for every
+    account).
     """
     at, known_at = as_time(at, "at"), as_time(known_at, "known_at")
-    rows = _frame(limits, "limits").filter(pl.col("account_id").cast(pl.String) == account)
+    rows = _frame(limits, "limits").filter(
+        pl.col("account_id").cast(pl.String).is_in([account, "*"])
+    )
     if at is not None:
         rows = rows.filter(pl.col("set_at") <= at)
     if known_at is not None:
@@ -202,6 +207,7 @@ def limits_in_force(
             "set_at",
             pl.col("timestamp").alias("recorded_at"),
             "event_id",
+            pl.col("account_id").cast(pl.String),
         )
         .sort("limit_type", "symbol", nulls_last=False)
     )

@@ -89,10 +89,14 @@ def event_lanes(
     head = ["event_id", "timestamp", "position", "causation_id", "correlation_id"]
     f = _fmt
 
-    def window(frame: pl.DataFrame, time: str) -> pl.DataFrame:
+    def window(frame: pl.DataFrame, time: str, *, everyone: bool = False) -> pl.DataFrame:
+        """``frame``'s rows in the window, of the accounts (and, ``everyone``: of every
+        account, ``"*"``: the limits set for every account apply to them too)."""
         out = frame.filter(pl.col(time).is_between(lo, hi))
         if accs is not None and "account_id" in out.columns:
-            out = out.filter(pl.col("account_id").cast(pl.String).is_in(accs))
+            out = out.filter(
+                pl.col("account_id").cast(pl.String).is_in([*accs, "*"] if everyone else accs)
+            )
         return out
 
     parts: list[pl.DataFrame] = []
@@ -175,7 +179,7 @@ def event_lanes(
         text("funding ", num("amount")),
     )
     add(
-        window(history.limits, "set_at"),
+        window(history.limits, "set_at", everyone=True),
         "LimitSet",
         "set_at",
         text(

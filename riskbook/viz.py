@@ -230,12 +230,14 @@ def downsample(
     ys = [y] if isinstance(y, str) else list(y)
     keys = [] if by is None else [by] if isinstance(by, str) else list(by)
     if frame.height <= max_rows:
-        return frame.sort([*keys, x])
+        return frame.sort([*keys, x], maintain_order=True)
     n_series = frame.select(keys).n_unique() if keys else 1
     per_bucket = 2 * len(ys) + 1
     buckets = max(1, max_rows // (n_series * per_bucket))
     # timelines come in time order: rank within each series without sorting the whole
-    data = (frame if frame[x].is_sorted() else frame.sort(x)).with_row_index("__row")
+    data = (frame if frame[x].is_sorted() else frame.sort(x, maintain_order=True)).with_row_index(
+        "__row"
+    )
     within = pl.int_range(pl.len()).over(keys) if keys else pl.int_range(pl.len())
     size = pl.len().over(keys) if keys else pl.len()
     picks: list[pl.Expr] = [pl.col("__row").last().alias("__last")]
@@ -272,8 +274,10 @@ def limit_steps(
 ) -> pl.DataFrame:
     """A limit's value over time, from the LimitSet frame, ready for a step line.
 
-    One row per LimitSet of (account, limit_type, symbol) with ``set_at`` (business
-    time), ``value``, ``set_by``, ``timestamp`` (recorded), in order; as known at
+    One row per LimitSet of (account, limit_type, symbol), the account's own or set for
+    every account (``"*"``: a later one of either replaces the other, as in
+    :func:`riskbook.breaches`), with ``set_at`` (business time), ``value``, ``set_by``,
+    ``timestamp`` (recorded), in order; as known at
     ``known_at`` (LimitSets recorded later are left out). ``end`` appends a last row
     repeating the final value so the step line runs to the chart's right edge.
 
@@ -290,7 +294,7 @@ def limit_steps(
     limits = _frame(limits, "limits")
     k, stop = as_time(known_at, "known_at"), as_time(end, "end")
     rows = limits.filter(
-        (pl.col("account_id").cast(pl.String) == account)
+        pl.col("account_id").cast(pl.String).is_in([account, "*"])
         & (pl.col("limit_type").cast(pl.String) == limit_type)
     )
     if k is not None:
@@ -490,7 +494,7 @@ def _split_at(rows: pl.DataFrame, times: pl.Series | None, *, x: str) -> pl.Data
         .filter(pl.col(x).is_between(rows[x].min(), rows[x].max(), closed="none"))
         .unique()
         .join(rows.select(x), on=x, how="anti")
-        .sort(x)
+        .sort(x, maintain_order=True)
     )
     if at.height == 0:
         return rows
@@ -814,7 +818,7 @@ def position_chart(
                 pl.lit(None, pl.Float64).alias("limit"), pl.lit(False).alias("over")
             )
         return (
-            rows.sort("occurred_at")
+            rows.sort("occurred_at", maintain_order=True)
             .join_asof(
                 applying,
                 left_on="occurred_at",
@@ -950,7 +954,7 @@ def _applying_position_limits(
         return pl.DataFrame(
             schema={"symbol": pl.String, "set_at": limits.schema["set_at"], "limit": pl.Float64}
         )
-    return pl.concat(frames).sort("set_at")
+    return pl.concat(frames).sort("set_at", maintain_order=True)
 
 
 def _position_limit_steps(
@@ -1125,11 +1129,11 @@ def _over_limit(rows: pl.DataFrame, steps: pl.DataFrame | None, column: str) -> 
             pl.lit(None, pl.Float64).alias("limit"), pl.lit(False).alias("over")
         )
     return (
-        rows.sort("occurred_at")
+        rows.sort("occurred_at", maintain_order=True)
         .join_asof(
             steps.select(
                 pl.col("set_at").alias("occurred_at"), pl.col("value").alias("limit")
-            ).sort("occurred_at"),
+            ).sort("occurred_at", maintain_order=True),
             on="occurred_at",
             strategy="backward",
         )
@@ -1188,7 +1192,7 @@ def leverage_chart(
             "equity",
             pl.col("event_type").cast(pl.String),
         )
-        .sort("occurred_at")
+        .sort("occurred_at", maintain_order=True)
     )
     frame = _window(frame, x="occurred_at", start=lo, end=hi)
     steps = limit_steps(limits, account=account, limit_type="MaxLeverage", known_at=known_at)
@@ -2025,7 +2029,7 @@ def live_chart(
             pl.len().alias("batches"),
         )
         .with_columns((pl.col("t") + bucket).alias("t_end"))
-        .sort("t")
+        .sort("t", maintain_order=True)
     )
     rate = (
         alt.Chart(per_bucket)
@@ -2052,7 +2056,7 @@ def live_chart(
     )
     lanes = plot_frame(
         found.filter(pl.col("committed_at") > begin)
-        .sort("committed_at")
+        .sort("committed_at", maintain_order=True)
         .tail(max_rows // 2)  # the latest ones, when they come by the thousand
         .with_columns(
             pl.col("committed_at").alias("t"),

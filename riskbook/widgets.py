@@ -1170,16 +1170,16 @@ class _Backtest:
                 maintain_order="left",
             )
         self.metric = metric
-        events = history.events
-        if known_at is not None:
-            events = events.filter(pl.col("timestamp") <= known_at)
-        last = events["occurred_at"].max()
-        self.horizon: datetime | None = last if isinstance(last, datetime) else None
         # None is every account ("*"); an empty list is no account (not every one)
         scope = ["*"] if accounts is None else accounts
         self.rows = L.hypothetical_limits(
             [{"account_id": a, "limit_type": name, "value": 0.0} for a in scope]
         ).drop("limit_type")
+        from riskbook.limits._api import _horizon, _latest_event
+
+        # backtest's: the History's until, else its latest event known (busts left out)
+        latest = _latest_event(history, known_at)
+        self.horizon: datetime | None = _horizon(history, self.rows, None, latest)
 
     def run(self, value: float) -> pl.DataFrame:
         if self.horizon is None:
