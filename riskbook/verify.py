@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -353,18 +354,42 @@ def read_heads(path: str | Path) -> Heads:
                 raise ValueError(f"taken_at {taken!r} has no time zone")
             when: dict[str, Any] = {}
             if taken_at is not None:
+                running = data["running"]
+                if not isinstance(running, list):
+                    raise ValueError(f"running is {running!r}, not a list of transaction ids")
                 when = {
                     "taken_at": taken_at,
-                    "xmax": int(data["xmax"]),
-                    "next_xid": int(data["next_xid"]),
-                    "running": [int(x) for x in data["running"]],
+                    "xmax": _count(data["xmax"], "xmax", 0),
+                    "next_xid": _count(data["next_xid"], "next_xid", 0),
+                    "running": [_count(x, "a running transaction id", 0) for x in running],
                 }
-            return Heads(
-                ((str(a), (int(h[0]), str(h[1]))) for a, h in data["heads"].items()), **when
-            )
-        return Heads((str(a), (int(h[0]), str(h[1]))) for a, h in data.items())
+            return Heads((_head(a, h) for a, h in data["heads"].items()), **when)
+        if not isinstance(data, dict):
+            raise ValueError("it holds no object of heads")
+        return Heads(_head(a, h) for a, h in data.items())
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ValueError(f"{path}: not a heads file written by riskbook verify ({exc})") from None
+
+
+def _count(value: Any, what: str, least: int) -> int:
+    """``value`` if it is a whole number (a JSON integer) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{what} is {value!r}, not a whole number from {least}")
+    return value
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _head(aggregate: str, head: Any) -> tuple[str, tuple[int, str]]:
+    """One aggregate's head as a heads file holds it: [sequence >= 1, sha256 in hex]."""
+    if not isinstance(head, list) or len(head) != 2:
+        raise ValueError(f"the head of {aggregate!r} is {head!r}, not [sequence, hash]")
+    sequence = _count(head[0], f"the sequence of {aggregate!r}", 1)
+    digest = head[1]
+    if not isinstance(digest, str) or not _HASH.fullmatch(digest):
+        raise ValueError(f"the hash of {aggregate!r} is {digest!r}, not a sha256 in hex")
+    return aggregate, (sequence, digest)
 
 
 def verify(

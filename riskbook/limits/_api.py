@@ -928,14 +928,19 @@ def reconcile(
         matched.append((bi, ri, why))
 
     by_trigger = {(scope(b), b["trigger_event_id"]): i for i, b in enumerate(found_rows)}
+    caused: dict[int, int] = {}  # report -> the breach its cause triggered
     for ri, r in enumerate(report_rows):
         bi = by_trigger.get((scope(r), r["causation_id"]))
-        if r["causation_id"] is not None and bi is not None and bi not in used_b:
-            match(bi, ri, "the report's cause is the breach's trigger")
+        if r["causation_id"] is not None and bi is not None:
+            caused[ri] = bi
+            if bi not in used_b:
+                match(bi, ri, "the report's cause is the breach's trigger")
+    # a report whose cause triggered a breach matched already is a second report of
+    # that breach: it is not matched to another one by its time
     candidates = sorted(
         (abs(r["detected_at"] - b["started_at"]), bi, ri)
         for ri, r in enumerate(report_rows)
-        if ri not in used_r
+        if ri not in used_r and ri not in caused
         for bi, b in enumerate(found_rows)
         if bi not in used_b
         and scope(b) == scope(r)
@@ -955,6 +960,9 @@ def reconcile(
         key=lambda ri: report_rows[ri]["detected_at"],
     ):
         r = report_rows[ri]
+        if ri in caused:
+            inside[ri] = caused[ri]
+            continue
         for bi in by_scope.get(scope(r), []):
             b = found_rows[bi]
             if b["started_at"] <= r["detected_at"] and (
@@ -1084,10 +1092,10 @@ def _no_breach_reason(
         if trade is None and cause not in known:
             return f"trigger {cause} is not in the history (as known)"
     limits = effective_limits(history, at=report["detected_at"], known_at=known_at)
-    mine = limits.filter(
-        (pl.col("account_id").cast(pl.String) == report["account_id"])
+    mine = limits.filter(  # the account's own and those set for every account: the latest
+        pl.col("account_id").cast(pl.String).is_in([report["account_id"], "*"])
         & (pl.col("limit_type").cast(pl.String) == report["limit_type"])
-    )
+    ).sort("set_at", "timestamp")
     per_symbol = "symbol" in get(report["limit_type"]).scope
     specific = (
         mine.filter(pl.col("symbol").cast(pl.String).eq_missing(report["symbol"]))
@@ -1095,13 +1103,14 @@ def _no_breach_reason(
         else mine.clear()
     )
     general = mine.filter(pl.col("symbol").is_null())
-    in_force = (specific if specific.height else general)["value"]
-    if in_force.len() == 0:
+    values = (specific if specific.height else general)["value"]
+    if values.len() == 0:
         return "no limit was in force at the time of the report"
-    if not math.isclose(in_force[0], report["limit_value"], rel_tol=1e-12):
+    in_force = values[-1]
+    if not math.isclose(in_force, report["limit_value"], rel_tol=1e-12):
         return (
             f"no breach recomputed; the engine's limit {report['limit_value']:g} differs "
-            f"from the limit in force {in_force[0]:g}"
+            f"from the limit in force {in_force:g}"
         )
     name = report["limit_type"]
     if name not in metrics:  # each type's timeline once per reconcile
@@ -1113,14 +1122,14 @@ def _no_breach_reason(
     )  # fmt: skip
     if value is None or math.isnan(value):
         return "no breach recomputed: the metric had no value at the time of the report"
-    if value > in_force[0]:
+    if value > in_force:
         return (
             f"no breach recomputed, yet the metric was {value:g} at the report, over the "
-            f"limit in force {in_force[0]:g}"
+            f"limit in force {in_force:g}"
         )
     return (
         f"no breach recomputed near the report: the metric was {value:g} then, within the "
-        f"limit {in_force[0]:g} (the engine reported {report['current_value']:g})"
+        f"limit {in_force:g} (the engine reported {report['current_value']:g})"
     )
 
 
