@@ -424,8 +424,14 @@ class ExposureExplorer:
         self.account = widgets.Dropdown(
             options=[_ALL, *names], value=account or _ALL, description="account"
         )
+        # a T given outside the history's times widens the slider (before the first
+        # event: nothing had happened), rather than being moved to its nearest end
         self.at = TimeSlider(
-            first, last, value=at or last, step=timedelta(minutes=1), description="at (T)"
+            first if at is None else min(first, at),
+            last if at is None else max(last, at),
+            value=at or last,
+            step=timedelta(minutes=1),
+            description="at (T)",
         )
         self.known_at = TimeSlider(
             events["timestamp"].min(),  # type: ignore[arg-type]

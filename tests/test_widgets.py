@@ -114,6 +114,21 @@ def test_exposure_explorer_follows_its_controls(sample: riskbook.History) -> Non
     assert panel.picked is None and panel.details.children == () and panel.equity is None
 
 
+def test_exposure_explorer_at_a_time_outside_the_history_keeps_it(
+    sample: riskbook.History,
+) -> None:
+    # it moved a T before the first event to that event: the state after it, as at T
+    first = sample.events["occurred_at"].min()
+    assert isinstance(first, datetime)
+    before = first - timedelta(days=1)
+    panel = widgets.ExposureExplorer(sample, at=before)
+    assert panel.at.value == before
+    assert panel.accounts_at.equals(riskbook.accounts(sample, at=before))
+    assert panel.accounts_at.height == 0
+    after = sample.events["occurred_at"].max() + timedelta(days=3)  # type: ignore[operator]
+    assert widgets.ExposureExplorer(sample, at=after).at.value == after
+
+
 def test_exposure_explorer_draws_a_held_position_to_the_last_figure() -> None:
     """A position held after its last trade: the line runs on to the history's last
     figure (a mark here), not to the last trade of any account."""
