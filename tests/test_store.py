@@ -486,6 +486,19 @@ def test_import_lines_takes_text_lines_too(fresh_store: Store) -> None:
     assert fresh_store.import_lines(lines[1:]).skipped == 2
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_a_utf16_file_is_refused_saying_so(fresh_store: Store, tmp_path: Path, gz: bool) -> None:
+    # it said "invalid character (byte 0)"
+    text = b"\n".join(_envelope_lines(n_accounts=1, per_account=2)).decode()
+    data = text.encode("utf-16")  # with its byte order mark, as Windows tools write it
+    path = tmp_path / ("u16.jsonl.gz" if gz else "u16.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(riskbook.ImportFailed) as info:
+        fresh_store.import_jsonl(path)
+    assert str(info.value).startswith(f"{path}: line 1: the file is UTF-16 (or UTF-32)")
+    assert fresh_store.count() == 0
+
+
 def test_an_exported_envelope_imports_again_as_already_present(fresh_store: Store) -> None:
     # a whole-second time and metadata holding time-like strings: exported as stored
     meta = {"timestamp": "2024-03-01T09:30:00Z", "nested": {"executed_at": "2024-01-01T00:00:00Z"}}

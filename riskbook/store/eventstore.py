@@ -726,7 +726,9 @@ class Store:
             def open_lines() -> Iterator[_Record]:
                 try:
                     with _open_maybe_gzip(path) as fh:
-                        yield from _records_from_lines(_without_bom(fh), str(given), progress)
+                        yield from _records_from_lines(
+                            _without_bom(fh, str(given)), str(given), progress
+                        )
                 except (OSError, EOFError, zlib.error) as exc:
                     # zlib's own errors are what a damaged deflate stream raises through gzip
                     what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
@@ -740,7 +742,7 @@ class Store:
         """Import envelope lines (see :meth:`import_jsonl`)."""
         kept = list(lines)
         return self._bulk_write(
-            lambda: _records_from_lines(_without_bom(kept), source, progress),
+            lambda: _records_from_lines(_without_bom(kept, source), source, progress),
             source=source,
             progress=progress,
         )
@@ -1190,15 +1192,22 @@ def _envelope_record(n: int, env: Envelope) -> _Record:
     return _record(n, env, seq > 0, metadata)
 
 
-def _without_bom(lines: Iterable[bytes]) -> Iterator[bytes]:
+def _without_bom(lines: Iterable[bytes], source: str) -> Iterator[bytes]:
     """``lines`` with a UTF-8 byte order mark at the start of the first taken off (many
-    Windows tools write one); the other lines are passed on as they are."""
+    Windows tools write one); the other lines are passed on as they are. A UTF-16 (or
+    UTF-32) one is refused, saying so: its lines are no UTF-8 JSON."""
     it = iter(lines)
     first = next(it, None)
     if first is None:
         return it
     if isinstance(first, str):  # text lines (import_lines takes str too): U+FEFF
         return itertools.chain((first.removeprefix("\ufeff"),), it)
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ImportFailed(
+            f"{source}: line 1: the file is UTF-16 (or UTF-32): it starts with that byte "
+            "order mark; riskbook reads JSON Lines in UTF-8 (re-encode it, e.g. iconv -f "
+            "UTF-16 -t UTF-8); nothing was written"
+        )
     return itertools.chain((first.removeprefix(_UTF8_BOM),), it)
 
 
