@@ -229,9 +229,13 @@ def as_time(value: datetime | str | None, name: str) -> datetime | None:
     if value.tzinfo is None:
         raise ValueError(f"{name} has no time zone: give UTC explicitly")
     try:
-        return _in_utc(value)
+        t = _in_utc(value)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+    if type(t) is not datetime:  # a subclass (pandas' Timestamp, say): a plain one, as
+        # the events it may go into take (its nanoseconds floored, as everywhere)
+        t = datetime(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond, UTC)
+    return t
 
 
 # --------------------------------------------------------------------------- types
