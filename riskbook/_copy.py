@@ -390,6 +390,7 @@ class _Pump:
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         self._full: queue.Queue[tuple[np.ndarray, int, np.ndarray] | None] = queue.Queue()
         self._stopping = False
+        self._ended = False  # the thread's last item (None) taken from _full
         for _ in range(2):
             self._free.put(_empty(_CHUNK, np.uint8))
         self._thread = threading.Thread(target=self._run, name="riskbook-copy", daemon=True)
@@ -416,17 +417,23 @@ class _Pump:
     def __iter__(self) -> Any:
         while (item := self._full.get()) is not None:
             yield item
+        self._ended = True
 
     def done(self, buf: np.ndarray) -> None:
         self._free.put(buf)
 
     def stop(self) -> None:
-        """Wait for the thread (after an error here: let it drain the COPY to its end)."""
-        if self._thread.is_alive():
+        """Wait for the thread (after an error here: let it drain the COPY to its end).
+
+        Once its last item is taken, the thread is ending: only joined. (Looking at
+        whether it was alive instead, a thread caught between its last put and its end
+        -- a COPY cut short, say -- had this wait for an item that never came.)"""
+        if not self._ended:
             for _ in range(2):
                 self._free.put(_empty(_CHUNK, np.uint8))  # room for whatever is left
             while self._full.get() is not None:
                 self._free.put(_empty(_CHUNK, np.uint8))
+            self._ended = True
         self._thread.join()
 
 

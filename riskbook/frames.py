@@ -64,7 +64,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store, connect, redact
-from riskbook.store.eventstore import _connect, scrub
+from riskbook.store.eventstore import TransientStoreError, _connect, scrub
 
 if TYPE_CHECKING:
     from riskbook.projections import ProjectionState
@@ -1727,14 +1727,35 @@ def _batches(conn: Any, query: str) -> Iterator[pl.DataFrame]:
     import adbc_driver_manager
 
     stmt = adbc_driver_manager.AdbcStatement(conn)
+    failure = None
     try:
         stmt.set_sql_query(query)
         handle, _ = stmt.execute_query()
-        yield pl.DataFrame(handle)
-    except adbc_driver_manager.Error as exc:
-        raise StoreError(f"query failed: {exc}") from None
+        # the rows stream in as Polars reads them: a server error then (a connection
+        # ended, a statement timeout) comes out of Polars
+        frame = pl.DataFrame(handle)
+    except (adbc_driver_manager.Error, pl.exceptions.ComputeError) as exc:
+        failure = _stream_failure(str(exc))
     finally:
         stmt.close()
+    if failure is not None:  # raised here, so that it carries neither driver's exception
+        raise failure
+    yield frame
+
+
+def _stream_failure(message: str) -> StoreError:
+    """The StoreError of an ADBC read that failed (a TransientStoreError for a connection
+    lost or a statement cancelled, which a retry can get past, as the store says of
+    its own), in one line."""
+    text = " ".join(message.split())
+    passing = (
+        "terminating connection",
+        "server closed the connection",
+        "connection to server",
+        "canceling statement",
+    )
+    kind = TransientStoreError if any(s in text for s in passing) else StoreError
+    return kind(f"query failed: {text}")
 
 
 def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:

@@ -229,3 +229,39 @@ def test_a_load_read_range_by_range_equals_one_read_whole(
         assert len(set(seen)) == len(seen) > 5, route  # every range put in order once
         assert_same(ranged, whole)
         assert ranged.events["event_type"].cast(str).to_list().count("MarginCalled") == 3
+
+
+def test_the_pump_stops_when_its_thread_ends_after_its_last_item() -> None:
+    # stop() waited for an item more once the last one was taken while the thread was
+    # still alive (a COPY cut short by a lost connection: the load hung for good)
+    import queue
+    import threading
+    import time
+
+    class SlowEnd(queue.Queue):  # type: ignore[type-arg]
+        def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+            super().put(item, block, timeout)
+            if item is None:
+                time.sleep(0.3)  # the thread alive a while after its last item
+
+    class Conn:
+        pgconn_ptr = 0
+
+    go = threading.Event()
+
+    def drain(*_: object) -> tuple[int, int]:
+        go.wait()
+        return 0, -2  # the COPY broke off: nothing more, no item
+
+    pump = _copy._Pump(drain, Conn(), np.zeros(1, np.int64))
+    pump._full = SlowEnd()
+    go.set()
+    done = threading.Event()
+
+    def run() -> None:
+        assert list(pump) == []
+        pump.stop()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(5), "stop() waited for good"

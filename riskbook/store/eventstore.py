@@ -1603,11 +1603,19 @@ def _build_indexes(conn: psycopg.Connection, indexes: list[tuple[str, str, bool,
 
 def _lock_if_empty(conn: psycopg.Connection) -> bool:
     """Whether the events table is empty; if so it is locked against every other
-    session until the transaction ends (so that it stays empty but for this one)."""
+    session until the transaction ends (so that it stays empty but for this one).
+
+    Called first in a transaction. The first look ends its transaction before the lock
+    is taken: the read lock it holds, raised to the exclusive one, deadlocked two
+    imports started together (each waiting for the other's read lock to go)."""
     if not _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)"):
         return False
+    conn.rollback()  # nothing done yet but that look
     conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-    return bool(_scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)"))
+    if _scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events)"):
+        return True
+    conn.rollback()  # another session wrote first: no lock held for the general road
+    return False
 
 
 _CHUNK_ROWS = 50_000
