@@ -730,3 +730,26 @@ def test_read_your_writes_while_another_database_is_busy_writing(
     store.append(END, [fund(END)])
     follower.join(timeout=30)
     assert len(followed) == n + 1
+
+
+def test_pooled_connections_killed_while_idle_cost_one_failed_call_not_several(
+    fresh_store: Store,
+) -> None:
+    """Idle pooled connections ended by the server (a restart, an idle timeout, a DBA):
+    the first call on one of them fails (TransientStoreError, it may have written), and
+    the pool lets the others go with it: the next call connects anew. Before, each of
+    the next four calls took a dead connection and failed in turn."""
+    store = fresh_store
+    store.append("ACC-1", [fund("ACC-1")])
+    with store.connection() as a, store.connection() as b, store.connection() as c:
+        for conn in (a, b, c):
+            conn.execute("SELECT 1")  # four idle in the pool after this, with the migrator's
+    _kill(store, _backends(store, "%"))
+    failed = 0
+    for _ in range(3):
+        try:
+            assert store.head() > 0
+        except TransientStoreError:
+            failed += 1
+    assert failed <= 1
+    assert store.read_all()[0].aggregate_id == "ACC-1"

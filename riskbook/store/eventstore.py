@@ -312,6 +312,10 @@ class Store:
         finally:
             if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
                 fairy.invalidate()  # lost (server restarted, say): do not pool it again
+                # and the idle ones pooled with it, most likely lost the same way (a
+                # restart, an idle timeout): let them go, so the next calls connect anew
+                # instead of failing one by one
+                self._engine.dispose()
             fairy.close()
 
     def _translate(self, exc: psycopg.Error) -> StoreError:
