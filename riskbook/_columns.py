@@ -79,10 +79,25 @@ def finish(pgconn: Any) -> None:
 
 
 def query_error(res: Any) -> Exception:
-    """The StoreError for a failed result (``res``: a libpq result, or None)."""
-    from riskbook.errors import StoreError
+    """The StoreError for a failed result (``res``: a libpq result, or None): a
+    TransientStoreError, as the store says of its own, for a connection lost or a
+    failure that passes (a deadlock, a statement timeout), which a retry can get past."""
+    import psycopg.pq
 
-    if res is None:
-        return StoreError("query failed: the server sent no result")
-    message = (res.error_message or b"").decode(errors="replace").strip()
-    return StoreError(f"query failed: {message or res.status.name}")
+    from riskbook.errors import StoreError
+    from riskbook.store.eventstore import _LOST_STATES, _TRANSIENT_STATES, TransientStoreError
+
+    if res is None:  # no answer at all: the connection went
+        return TransientStoreError("query failed: the server sent no result")
+    message = " ".join((res.error_message or b"").decode(errors="replace").split())
+    text = f"query failed: {message or res.status.name}"
+    code = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+    state = code.decode() if code else None
+    if state in _LOST_STATES or state in _TRANSIENT_STATES:
+        return TransientStoreError(text, state)
+    if state is None and any(s in message for s in _LOST_WORDS):  # libpq's own message
+        return TransientStoreError(text)
+    return StoreError(text)
+
+
+_LOST_WORDS = ("server closed the connection", "terminating connection", "connection to server")
