@@ -23,7 +23,7 @@ from riskbook.events import (
 )
 from riskbook.frames import Filters, History, load
 from riskbook.limits._evaluate import _is_number
-from riskbook.live._engine import Engine, describe
+from riskbook.live._engine import Engine, describe, figure
 from riskbook.live._processor import Processor
 from riskbook.store import Store, connect
 
@@ -79,8 +79,8 @@ class CheckResult:
 
     def __str__(self) -> str:
         head = (
-            f"{'ACCEPT' if self.accepted else 'REJECT'} {self.side} {self.quantity:g} "
-            f"{self.symbol} @ {self.price:g} for {self.account_id}"
+            f"{'ACCEPT' if self.accepted else 'REJECT'} {self.side} {figure(self.quantity)} "
+            f"{self.symbol} @ {figure(self.price)} for {self.account_id}"
         )
         return "\n".join([head, *(f"  - {r.message}" for r in self.reasons)])
 
@@ -231,7 +231,7 @@ def check(
             reasons.append(
                 Reason(
                     "limit",
-                    f"{name}{where}: {describe(value, name)} > limit {limit:g}"
+                    f"{name}{where}: {describe(value, name)} > limit {figure(limit)}"
                     f" (by {describe(value - limit)})",
                     name,
                     key_symbol,

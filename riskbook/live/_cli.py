@@ -19,14 +19,14 @@ EXIT_REJECTED = 3
 
 
 def _describe(effect: Any) -> str:
-    from riskbook.live._engine import describe
+    from riskbook.live._engine import describe, figure
 
     where = f" {effect.symbol}" if effect.symbol else ""
     what = "VIOLATION" if effect.kind == "LimitViolationDetected" else "BLOCK"
     return (
         f"{what} {effect.account_id} {effect.limit_type}{where}: "
         f"{describe(effect.value, effect.limit_type)} "
-        f"(limit {effect.limit_value:g}) caused by {effect.causation_id}"
+        f"(limit {figure(effect.limit_value)}) caused by {effect.causation_id}"
     )
 
 

@@ -1151,7 +1151,7 @@ class Engine:
                 event = AccountBlocked(
                     account_id=account,
                     reason=f"critical {name}{where}: {describe(value, name)} > "
-                    f"{_g(row['level'])} x limit {_g(row['limit_value'])}",
+                    f"{figure(row['level'])} x limit {figure(row['limit_value'])}",
                     blocked_by=self.actor,
                     blocked_at=row["started_at"],
                 )
@@ -1188,20 +1188,27 @@ class Engine:
         self.blocked[account] = True
 
 
-def _g(value: float) -> str:
-    """``%g`` where that is exact (1.2, 40, 1e+06), else all the digits it takes
-    (1.2345678): a block's reason states the critical factor ``riskbook explain``
-    replays with."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
+def figure(value: float) -> str:
+    """A number for messages, exact: ``%g`` where that is exact and plain (1.2, 40,
+    10.125), a whole number in full (1000001, not 1e+06), else all the digits it takes
+    (1.2345678). A block's reason states the critical factor ``riskbook explain``
+    replays with, and a metric just over its limit must not read as equal to it."""
+    v = float(value)
+    short = f"{v:g}"
+    if float(short) == v and "e" not in short:
+        return short
+    if v.is_integer() and abs(v) < 1e16:
+        return str(int(v))
+    return repr(v)
 
 
 def describe(value: float, limit_type: str | None = None) -> str:
-    """A metric value for messages: ``infinite`` (with why, for known types) or ``%g``."""
+    """A metric value for messages: ``infinite`` (with why, for known types) or
+    :func:`figure`."""
     if math.isinf(value) and value > 0:
         why = _WHY_INFINITE.get(limit_type or "")
         return f"infinite ({why})" if why else "infinite"
-    return f"{value:g}"
+    return figure(value)
 
 
 # ----------------------------------------------------------------------------- helpers
