@@ -168,6 +168,11 @@ def test_bad_live_flags(fresh_store: Store, capsys: pytest.CaptureFixture[str]) 
     assert "max_batch" in _one_line_error(capsys, main(["live", "--once", "--max-batch", "0",
                                                         *dsn]))  # fmt: skip
     assert "name" in _one_line_error(capsys, main(["live", "--once", "--name", "", *dsn]))
+    # a name of spaces only made a checkpoint of that name
+    assert "not only spaces" in _one_line_error(
+        capsys, main(["live", "--once", "--name", "  ", *dsn])
+    )
+    assert "201" not in _one_line_error(capsys, main(["live", "--once", "--name", "x" * 201, *dsn]))
     for flags in (["--critical", "0.5"], ["--snapshot-after", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main(["live", "--once", *flags, *dsn])

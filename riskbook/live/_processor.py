@@ -189,8 +189,12 @@ class Processor:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if snapshot_after is not None and not snapshot_after >= 0:
             raise ValueError(f"snapshot_after must be seconds >= 0 or None, got {snapshot_after}")
-        if not name or len(name) > 200:
-            raise ValueError("a processor's name must have 1 to 200 characters")
+        if not name.strip() or len(name) > 200:
+            raise ValueError(
+                f"a processor's name must have 1 to 200 characters, not only spaces (got {name!r})"
+                if len(name) <= 200
+                else "a processor's name must have 1 to 200 characters"
+            )
         if start not in ("beginning", "head"):
             raise ValueError(f"start must be 'beginning' or 'head', got {start!r}")
         if isinstance(types, str):
