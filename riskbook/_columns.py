@@ -84,20 +84,33 @@ def query_error(res: Any) -> Exception:
     failure that passes (a deadlock, a statement timeout), which a retry can get past."""
     import psycopg.pq
 
-    from riskbook.errors import StoreError
     from riskbook.store.eventstore import _LOST_STATES, _TRANSIENT_STATES, TransientStoreError
 
     if res is None:  # no answer at all: the connection went
         return TransientStoreError("query failed: the server sent no result")
-    message = " ".join((res.error_message or b"").decode(errors="replace").split())
-    text = f"query failed: {message or res.status.name}"
+    message = (res.error_message or b"").decode(errors="replace")
     code = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
     state = code.decode() if code else None
     if state in _LOST_STATES or state in _TRANSIENT_STATES:
-        return TransientStoreError(text, state)
-    if state is None and any(s in message for s in _LOST_WORDS):  # libpq's own message
-        return TransientStoreError(text)
-    return StoreError(text)
+        return TransientStoreError(f"query failed: {' '.join(message.split())}", state)
+    return failure(message or res.status.name)
 
 
-_LOST_WORDS = ("server closed the connection", "terminating connection", "connection to server")
+def failure(message: str) -> Exception:
+    """The StoreError of a read that failed with this message (no SQLSTATE to go by: a
+    driver's text, libpq's own): a TransientStoreError where it says the connection was
+    lost or the statement cancelled, which a retry can get past; in one line."""
+    from riskbook.errors import StoreError
+    from riskbook.store.eventstore import TransientStoreError
+
+    text = f"query failed: {' '.join(message.split())}"
+    passing = any(s in text for s in _PASSING_WORDS)
+    return TransientStoreError(text) if passing else StoreError(text)
+
+
+_PASSING_WORDS = (
+    "server closed the connection",
+    "terminating connection",
+    "connection to server",
+    "canceling statement",
+)

@@ -1370,12 +1370,6 @@ def _stated(reason: str | None) -> _Stated | None:
     return _Stated(m["type"], m["symbol"], level)
 
 
-def _stated_level(reason: str | None) -> tuple[str, float] | None:
-    """(limit type, critical factor) as an engine's block reason states them, or None."""
-    stated = _stated(reason)
-    return None if stated is None else (stated.limit_type, stated.level)
-
-
 def _critical_read(
     history: History, event: dict[str, Any]
 ) -> tuple[float | dict[str, float], list[str]]:
@@ -1389,12 +1383,12 @@ def _critical_read(
 
     reasons = history.blocks.filter(pl.col("blocked"))["reason"].drop_nulls().unique()
     levels: dict[str, set[float]] = {}
-    for stated in filter(None, map(_stated_level, reasons)):
-        levels.setdefault(stated[0], set()).add(stated[1])
+    for stated in filter(None, map(_stated, reasons)):
+        levels.setdefault(stated.limit_type, set()).add(stated.level)
     if event["event_type"] == "AccountBlocked":
-        own = _stated_level(_rows_of(history.blocks, event["event_id"])["reason"])
+        own = _stated(_rows_of(history.blocks, event["event_id"])["reason"])
         if own is not None:
-            levels[own[0]] = {own[1]}
+            levels[own.limit_type] = {own.level}
     found = {t: next(iter(v)) for t, v in sorted(levels.items()) if len(v) == 1}
     mixed = sorted(t for t, v in levels.items() if len(v) > 1)
     notes = []

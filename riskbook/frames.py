@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from riskbook._columns import Unsupported
+from riskbook._columns import failure as _read_failure
 from riskbook.errors import RiskbookError, StoreError
 from riskbook.events import (
     EVENT_TYPES,
@@ -64,7 +65,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store, connect, redact
-from riskbook.store.eventstore import TransientStoreError, _connect, scrub
+from riskbook.store.eventstore import _connect, scrub
 
 if TYPE_CHECKING:
     from riskbook.projections import ProjectionState
@@ -1735,27 +1736,12 @@ def _batches(conn: Any, query: str) -> Iterator[pl.DataFrame]:
         # ended, a statement timeout) comes out of Polars
         frame = pl.DataFrame(handle)
     except (adbc_driver_manager.Error, pl.exceptions.ComputeError) as exc:
-        failure = _stream_failure(str(exc))
+        failure = _read_failure(str(exc))
     finally:
         stmt.close()
     if failure is not None:  # raised here, so that it carries neither driver's exception
         raise failure
     yield frame
-
-
-def _stream_failure(message: str) -> StoreError:
-    """The StoreError of an ADBC read that failed (a TransientStoreError for a connection
-    lost or a statement cancelled, which a retry can get past, as the store says of
-    its own), in one line."""
-    text = " ".join(message.split())
-    passing = (
-        "terminating connection",
-        "server closed the connection",
-        "connection to server",
-        "canceling statement",
-    )
-    kind = TransientStoreError if any(s in text for s in passing) else StoreError
-    return kind(f"query failed: {text}")
 
 
 def _fetch(store: Store, query: str) -> Iterator[pl.DataFrame]:

@@ -1091,22 +1091,20 @@ def _no_breach_reason(
             )
         if trade is None and cause not in known:
             return f"trigger {cause} is not in the history (as known)"
-    limits = effective_limits(history, at=report["detected_at"], known_at=known_at)
-    mine = limits.filter(  # the account's own and those set for every account: the latest
-        pl.col("account_id").cast(pl.String).is_in([report["account_id"], "*"])
-        & (pl.col("limit_type").cast(pl.String) == report["limit_type"])
-    ).sort("set_at", "timestamp")
+    from riskbook.audit import limit_in_force  # (audit builds on this module)
+
     per_symbol = "symbol" in get(report["limit_type"]).scope
-    specific = (
-        mine.filter(pl.col("symbol").cast(pl.String).eq_missing(report["symbol"]))
-        if per_symbol and report["symbol"] is not None
-        else mine.clear()
+    applied = limit_in_force(  # the account's own or one set for every account ("*")
+        history.limits,
+        account=report["account_id"],
+        limit_type=report["limit_type"],
+        symbol=report["symbol"] if per_symbol else None,
+        at=report["detected_at"],
+        known_at=known_at,
     )
-    general = mine.filter(pl.col("symbol").is_null())
-    values = (specific if specific.height else general)["value"]
-    if values.len() == 0:
+    if applied is None:
         return "no limit was in force at the time of the report"
-    in_force = values[-1]
+    in_force = applied["value"]
     if not math.isclose(in_force, report["limit_value"], rel_tol=1e-12):
         return (
             f"no breach recomputed; the engine's limit {report['limit_value']:g} differs "
