@@ -38,6 +38,7 @@ from riskbook._columns import (
     TIME,
     Unsupported,
     describe,
+    failure,
     finish,
     query_error,
     use_utf8,
@@ -97,11 +98,14 @@ def read(
     # Polars and friends loaded) a list of a row object each would set off
     data = bytearray()
     get = pgconn.get_copy_data
-    while True:
-        n, row = get(0)
-        if n < 0:
-            break
-        data += row
+    try:
+        while True:
+            n, row = get(0)
+            if n < 0:
+                break
+            data += row
+    except psycopg.Error as exc:  # the connection lost mid-stream: psycopg raises here
+        raise failure(str(exc)) from None
     final = pgconn.get_result()
     finish(pgconn)
     if final is None or final.status != psycopg.pq.ExecStatus.COMMAND_OK:
