@@ -65,7 +65,7 @@ from riskbook.events import (
     validate,
 )
 from riskbook.store import Store, connect, redact
-from riskbook.store.eventstore import _connect, scrub
+from riskbook.store.eventstore import _connect, _fence, scrub
 
 if TYPE_CHECKING:
     from riskbook.projections import ProjectionState
@@ -1154,7 +1154,7 @@ def _read(
     """
     with store.connection() as conn:
         if expect is None:
-            fence = conn.execute("SELECT riskbook_position_fence()").fetchone()[0]  # type: ignore[index]
+            fence = _fence(conn)  # for the reads of the next statements
             anything = True
         else:
             row = conn.execute(_CACHE_CHECK_SQL, {"last": expect.last, "horizon": after}).fetchone()
@@ -2036,12 +2036,16 @@ def _cache_segment(history: History, delta: History, after: int, directory: Path
 # (the store is append-only, so a cache is a prefix of it -- unless the history was
 # rewritten: a restored older backup, a superuser), the store's identity, the fence, and
 # whether any event lies past the cached horizon.
+# The fence is the one for reads by later statements (riskbook_settled_fence): rows of
+# a transaction that ended after this statement's snapshot are below it but not seen
+# here, so "nothing new" is said only when the two fences agree.
 _CACHE_CHECK_SQL = """
-WITH fence AS (SELECT riskbook_position_fence() AS fence)
+WITH fence AS (SELECT riskbook_settled_fence() AS fence, riskbook_position_fence() AS seen)
 SELECT (SELECT event_id::text FROM events WHERE position = %(last)s),
        (SELECT store_id::text FROM riskbook_store),
        fence,
-       EXISTS (SELECT 1 FROM event_fields WHERE position >= %(horizon)s AND position < fence)
+       fence > seen
+       OR EXISTS (SELECT 1 FROM event_fields WHERE position >= %(horizon)s AND position < fence)
   FROM fence
 """
 

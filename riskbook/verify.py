@@ -25,7 +25,7 @@ read less than the chains vouch for are reported as altered: an event whose posi
 lies beyond any the server has handed out (positions are ``transaction id << 28`` plus a
 count, so every committed event sits below the snapshot's ``xmax << 28``; one above it
 is past every reader's fence), and riskbook's own SQL functions in the store's schema
-(``riskbook_position_fence()`` bounds what every reader reads) when their source or
+(``riskbook_settled_fence()`` bounds what every reader reads) when their source or
 settings are not what the migrations installed, when one is missing, or when another
 function of one of their names stands on the search path beside them (on a store whose
 schema is behind this riskbook's, that they cannot be checked). A problem with the
@@ -225,6 +225,7 @@ _FUNCTIONS: dict[str, str] = {
     "riskbook_position_fence()": "df5072fdbf06b756f8c2b53a73b4b979",
     "riskbook_refuse_change()": "6c185fb18bed8e4ef2aaa657acfe784d",
     "riskbook_reserve_positions(bigint)": "98fa304b36e62b9461d339db10352e5d",
+    "riskbook_settled_fence()": "223fb77fcaf93baa36666f28933ff856",
     "riskbook_time_field(text)": "0027a2c53f68623efeeea9e4af45f77d",
 }
 

@@ -408,7 +408,7 @@ def test_a_follower_whose_connection_is_killed_while_waiting_fails_clearly(
     while not got and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)  # waiting on LISTEN now
-    pids = _backends(store, "%riskbook_position_fence() ORDER BY position%")
+    pids = _backends(store, "%FROM events WHERE position > $1 AND position < $2 ORDER BY position%")
     assert len(pids) == 1
     killed = time.monotonic()
     _kill(store, pids)

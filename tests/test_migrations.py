@@ -219,7 +219,7 @@ def test_the_functions_the_insert_trigger_runs_see_no_temporary_tables(
     old = Store(dsn, migrate=False)
     old.migrate(target=15)
     old.append("A", [funded("A")])
-    assert old.migrate() == [16]
+    assert old.migrate()[0] == 16  # and any newer ones
     old.close()
     with psycopg.connect(dsn) as conn:
         pinned = conn.execute(

@@ -347,6 +347,74 @@ def test_an_open_transaction_in_another_database_does_not_hold_readers_back(
         assert [e.event_id for e in fresh_store.read_all()] == [env.event_id, later.event_id]
 
 
+def _fences_while(store: Store, elsewhere: psycopg.Connection, end: str) -> tuple[int, int]:
+    """Both fences, computed in a statement whose snapshot was taken while the
+    transaction open on ``elsewhere`` ran, and which looks at pg_stat_activity only
+    after ``end`` ("commit" or "rollback") ended it: the race that a load right after
+    an append ran into, with another database busy, about once in a thousand loads."""
+    timer = threading.Timer(0.3, getattr(elsewhere, end))
+    with store.connection() as conn:
+        timer.start()
+        try:
+            row = conn.execute(
+                "SELECT pg_sleep(1), riskbook_position_fence(), riskbook_settled_fence()"
+            ).fetchone()
+        finally:
+            timer.join()
+    assert row is not None
+    return int(row[1]), int(row[2])
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_load_sees_an_append_though_another_database_s_transaction_ended_meanwhile(
+    fresh_store: Store, make_database: Callable[[], str], end: str
+) -> None:
+    """riskbook_position_fence() keeps a transaction it cannot place in another database,
+    and one that ended after the snapshot is no longer in pg_stat_activity: the fence
+    fell below an event committed before the load began. The fence a load reads with
+    (riskbook_settled_fence) lets a transaction that has ended go; its later statements
+    see whatever it committed."""
+    with psycopg.connect(make_database()) as elsewhere:
+        elsewhere.execute("SELECT pg_current_xact_id()")  # its xid comes before the append's
+        env = fresh_store.append("ACC-1", [funded("ACC-1")])[0]
+        assert env.position is not None
+        seen, settled = _fences_while(fresh_store, elsewhere, end)
+    assert seen <= env.position  # the race, made certain: the old fence holds it back
+    assert settled > env.position
+    assert riskbook.load(fresh_store, cache=False).events["event_id"].to_list() == [
+        str(env.event_id)
+    ]
+
+
+def test_the_settled_fence_still_holds_for_a_transaction_of_this_database(
+    fresh_store: Store, make_database: Callable[[], str]
+) -> None:
+    """Gap safety: an open transaction here may still commit events below a later one,
+    so loads stop below it until it ends -- under any isolation level."""
+    store = fresh_store
+    first = store.append("ACC-0", [funded("ACC-0")])[0]
+    with store.connection() as slow:
+        slow_env = store.append_in(slow, "ACC-slow", [funded("ACC-slow")])[0]
+        fast_env = store.append("ACC-fast", [funded("ACC-fast")])[0]
+        with psycopg.connect(make_database()) as elsewhere:
+            elsewhere.execute("SELECT pg_current_xact_id()")
+            seen, settled = _fences_while(store, elsewhere, "commit")
+        assert seen <= settled <= slow_env.position  # type: ignore[operator]
+        with store.connection() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            row = conn.execute(
+                "SELECT riskbook_settled_fence(), riskbook_position_fence()"
+            ).fetchone()
+            assert row is not None and row[0] == row[1]
+        held = riskbook.load(store, cache=False)
+        assert held.events["event_id"].to_list() == [str(first.event_id)]
+        slow.commit()
+    assert held.refresh() == 2
+    assert held.events["event_id"].to_list() == [
+        str(e.event_id) for e in (first, slow_env, fast_env)
+    ]
+
+
 def test_follower_sees_every_event_exactly_once_under_concurrent_writers(
     fresh_store: Store,
 ) -> None:

@@ -519,17 +519,17 @@ def store_problems(report: VerifyReport) -> list[str]:
 
 
 def test_verify_names_a_replaced_or_shadowed_sql_function(history: Store) -> None:
-    # riskbook_position_fence() bounds what every reader reads: replaced, it hid the
-    # latest events from riskbook.load while verify (which reads without it) said all held
+    # riskbook_settled_fence() bounds what riskbook.load reads: replaced, it hid the
+    # latest events from it while verify (which reads without it) said all held
     as_superuser(
         history,
-        "CREATE OR REPLACE FUNCTION riskbook_position_fence() RETURNS bigint"
+        "CREATE OR REPLACE FUNCTION riskbook_settled_fence() RETURNS bigint"
         " LANGUAGE sql STABLE AS $$ SELECT 0::bigint $$",
     )
     assert riskbook.load(history, cache=False).trades.height == 0
     report = riskbook.verify(history)
     assert not report.ok and broken(report) == {("", 0, "altered")}
-    assert "the store: altered (riskbook's SQL function riskbook_position_fence()" in str(report)
+    assert "the store: altered (riskbook's SQL function riskbook_settled_fence()" in str(report)
     assert "in 0 aggregate(s) and in riskbook's SQL functions" in str(report)
     # a setting counts: without its search_path the insert trigger finds temporary tables
     as_superuser(history, "ALTER FUNCTION riskbook_events_inserted() RESET search_path")
