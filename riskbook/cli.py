@@ -191,6 +191,16 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_renumber(args: argparse.Namespace) -> int:
+    done = _store(args.dsn).renumber()
+    print(
+        f"renumbered {done:,} events: readers and writers can use the store"
+        if done
+        else "nothing to renumber: the store's positions are this server's"
+    )
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from riskbook.store import connect
 
@@ -748,6 +758,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dsn_option(up)
     up.set_defaults(func=cmd_db_upgrade)
+    ren = dbsub.add_parser(
+        "renumber",
+        help="give a store copied from another server (pg_dump, pg_restore) this server's"
+        " positions",
+        description="A store restored on another server holds positions made of the old"
+        " server's transaction ids: riskbook refuses to read or append to it until this has"
+        " given its events positions below every transaction of this server, in the same"
+        " order (one transaction, as the store's owner). Nothing is done to a store that"
+        " needs it not.",
+    )
+    dsn_option(ren)
+    ren.set_defaults(func=cmd_db_renumber)
     ref = dbsub.add_parser(
         "refresh",
         help="refresh the account_positions view (concurrently: readers are not blocked)",

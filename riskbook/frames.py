@@ -718,6 +718,9 @@ class History:
     filters: Filters = field(default_factory=Filters)
     store_id: str | None = None
     """Identity of the store it came from (None if built in memory)."""
+    _database: str | None = field(default=None, repr=False, compare=False)
+    """The database it came from (see :func:`_identity`): a copy of a database keeps
+    its store_id, but holds a history of its own from the copy on."""
     start: ProjectionState | None = field(default=None, repr=False, compare=False)
     """The projection state these events go on from (None: from nothing). The live
     processor folds each batch from the state the previous one left; see
@@ -910,11 +913,11 @@ class History:
         # the store must still be the one these frames came from, its history only
         # grown since: checked with the fence (see _read), or a refresh would chain
         # another history (a restored older backup, a re-created database) onto them
-        expect = _Expect.of(self.events, self.store_id)
+        expect = _Expect.of(self.events, self.store_id, self._database)
         delta = _read(self._store, self.filters, after=after, progress=progress, expect=expect)
         self._extend(delta)
         if self._cache_dir is not None and delta.events.height:
-            delta.store_id = self.store_id
+            delta.store_id, delta._database = self.store_id, self._database
             _cache_segment(self, delta, after, self._cache_dir)
         return delta
 
@@ -982,6 +985,7 @@ def _meta(history: History) -> dict[str, Any]:
         "horizon": history.horizon,
         "filters": history.filters.to_json(),
         "store_id": history.store_id,
+        "database": history._database,
         "rows": {n: f.height for n, f in history.frames().items()},
         "written_at": format_time(datetime.now(UTC)),
         **({} if history._malformed is None else {"malformed": history._malformed.to_json()}),
@@ -1023,12 +1027,16 @@ def load(
         _time(until, "until"),
         _time(known_at, "known_at"),
     )
-    store_id = _store_id(store)
+    store_id, database = _identity(store)
     cache_dir = _cache_root() / store_id / filters.key() if cache else None
-    hit = _read_cache(cache_dir, store, store_id, filters) if cache_dir is not None else None
+    hit = (
+        _read_cache(cache_dir, store, (store_id, database), filters)
+        if cache_dir is not None
+        else None
+    )
     if hit is None:
         history = _read(store, filters, after=0, progress=progress)
-        history.store_id = store_id
+        history.store_id, history._database = store_id, database
         history._store = store
         history._cache_dir = cache_dir
         if cache_dir is not None:
@@ -1048,15 +1056,26 @@ def load(
     return history
 
 
-def _store_id(store: Store) -> str:
+# The database a store lives in: its server's system identifier and its own oid. A
+# copy of a database (CREATE DATABASE ... TEMPLATE, pg_dump and restore) keeps the
+# store_id of riskbook_store, and from the copy on, a history of its own: a load's
+# cache, and a History's refresh, must not take one for the other.
+_DATABASE_SQL = (
+    "(SELECT system_identifier::text FROM pg_control_system()) || '/'"
+    " || (SELECT oid::text FROM pg_database WHERE datname = current_database())"
+)
+
+
+def _identity(store: Store) -> tuple[str, str]:
+    """The store's identity (``riskbook_store.store_id``) and its database's."""
     with store.connection() as conn:
-        row = conn.execute("SELECT store_id::text FROM riskbook_store").fetchone()
+        row = conn.execute(f"SELECT store_id::text, {_DATABASE_SQL} FROM riskbook_store").fetchone()
     if row is None:
         raise StoreError(
             "the store has no identity row (riskbook_store, deleted): run `riskbook db upgrade`"
             " as the store's owner to make a new one"
         )
-    return str(row[0])
+    return str(row[0]), str(row[1])
 
 
 WIDE_COLUMNS = (
@@ -1104,21 +1123,23 @@ class _Expect:
     event at the last position the History holds (None: it holds none)."""
 
     store_id: str | None
+    database: str | None
     last: int | None
     last_id: str | None
 
     @classmethod
-    def of(cls, events: pl.DataFrame, store_id: str | None) -> _Expect:
+    def of(cls, events: pl.DataFrame, store_id: str | None, database: str | None) -> _Expect:
         """What a History of these events, read from that store, expects of it."""
         if not events.height:
-            return cls(store_id, None, None)
-        return cls(store_id, events["position"][-1], events["event_id"][-1])
+            return cls(store_id, database, None, None)
+        return cls(store_id, database, events["position"][-1], events["event_id"][-1])
 
     def holds(self, row: tuple[Any, ...] | None) -> bool:
         """Is the store the one expected, by its :data:`_CACHE_CHECK_SQL` row?"""
         return (
             row is not None
             and (self.store_id is None or row[1] == self.store_id)
+            and (self.database is None or row[4] == self.database)
             and (self.last is None or row[0] == self.last_id)
         )
 
@@ -1970,6 +1991,7 @@ def _read_folder(directory: Path, suffix: str, read: Callable[[Path], pl.DataFra
         horizon=int(meta["horizon"]),
         filters=Filters.from_json(meta["filters"]),
         store_id=meta.get("store_id"),
+        _database=meta.get("database"),
         _malformed=_Malformed.from_json(meta.get("malformed")),
     )
 
@@ -2014,7 +2036,7 @@ def _cache_segment(history: History, delta: History, after: int, directory: Path
                 # merged from the segments on disk, never from ``history``: its frames
                 # are the caller's, who may have changed them (a notebook's
                 # ``h.trades = h.trades.filter(...)``); the cache holds the store's
-                whole = _joined(segments, history.store_id, history.filters)
+                whole = _joined(segments, (history.store_id, history._database), history.filters)
                 if whole is None:  # damaged: the next load reads afresh and rewrites it
                     history._synced = None
                     return
@@ -2039,26 +2061,32 @@ def _cache_segment(history: History, delta: History, after: int, directory: Path
 # The fence is the one for reads by later statements (riskbook_settled_fence): rows of
 # a transaction that ended after this statement's snapshot are below it but not seen
 # here, so "nothing new" is said only when the two fences agree.
-_CACHE_CHECK_SQL = """
+_CACHE_CHECK_SQL = (
+    """
 WITH fence AS (SELECT riskbook_settled_fence() AS fence, riskbook_position_fence() AS seen)
 SELECT (SELECT event_id::text FROM events WHERE position = %(last)s),
        (SELECT store_id::text FROM riskbook_store),
        fence,
        fence > seen
-       OR EXISTS (SELECT 1 FROM event_fields WHERE position >= %(horizon)s AND position < fence)
+       OR EXISTS (SELECT 1 FROM event_fields WHERE position >= %(horizon)s AND position < fence),
+       """
+    + _DATABASE_SQL
+    + """
   FROM fence
 """
+)
 
 
 def _read_cache(
-    directory: Path, store: Store, store_id: str, filters: Filters
+    directory: Path, store: Store, identity: tuple[str, str], filters: Filters
 ) -> tuple[History, bool] | None:
-    """The cached History, if it is whole and still a prefix of this store's history,
-    and whether the store has events past its horizon (None: no usable cache)."""
-    cached = _joined(_segments(directory), store_id, filters)
+    """The cached History, if it is whole and still a prefix of the history of this
+    store (``identity``: its store_id and database, see :func:`_identity`), and whether
+    the store has events past its horizon (None: no usable cache)."""
+    cached = _joined(_segments(directory), identity, filters)
     if cached is None:
         return None
-    expect = _Expect.of(cached.events, store_id)
+    expect = _Expect.of(cached.events, *identity)
     with store.connection() as conn:
         row = conn.execute(
             _CACHE_CHECK_SQL, {"last": expect.last, "horizon": cached.horizon}
@@ -2074,10 +2102,13 @@ def _read_cache(
 
 
 def _joined(
-    segments: list[tuple[Path, int, int]], store_id: str | None, filters: Filters
+    segments: list[tuple[Path, int, int]],
+    identity: tuple[str | None, str | None],
+    filters: Filters,
 ) -> History | None:
     """The History the listed segments hold, if they can all be read, are of this
-    store and filters, and chain (None: the entry is not usable)."""
+    store and database (``identity``) and filters, and chain (None: the entry is not
+    usable; one written before the database was part of it, say)."""
     if not segments:
         return None
     try:
@@ -2088,7 +2119,7 @@ def _joined(
         if type(exc).__module__.startswith("pyarrow"):
             return None
         raise
-    if any(p.store_id != store_id or p.filters != filters for p in parts):
+    if any((p.store_id, p._database) != identity or p.filters != filters for p in parts):
         return None
     if not _chained(parts, segments):
         return None

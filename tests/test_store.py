@@ -415,6 +415,17 @@ def test_the_settled_fence_still_holds_for_a_transaction_of_this_database(
     ]
 
 
+def test_renumber_leaves_a_store_of_this_server_alone(fresh_store: Store) -> None:
+    """`riskbook db renumber` is for a copy from another server (tests/
+    test_hunt_pointintime.py restores one on a second cluster); here it does nothing."""
+    from riskbook.cli import main
+
+    env = fresh_store.append("ACC-1", [funded("ACC-1")])[0]
+    assert fresh_store.renumber() == 0
+    assert main(["db", "renumber", "--dsn", fresh_store.dsn]) == 0
+    assert fresh_store.read_all() == [env]
+
+
 def test_follower_sees_every_event_exactly_once_under_concurrent_writers(
     fresh_store: Store,
 ) -> None:

@@ -607,7 +607,9 @@ class Processor:
             else:  # the check of a load cache's refresh: the same store, its last event there
                 conn = self._conn
                 assert conn is not None
-                expect = _Expect(key["store_id"], kept.last_position, kept.last_event_id)
+                # (any database of the store: the snapshot ends at its last event, so a
+                # copy's own events, appended after it, are read on from there)
+                expect = _Expect(key["store_id"], None, kept.last_position, kept.last_event_id)
                 params = {"last": expect.last, "horizon": kept.engine.horizon}
                 row = self._db(lambda: conn.execute(_CACHE_CHECK_SQL, params).fetchone())
                 if not expect.holds(row):

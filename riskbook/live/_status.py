@@ -57,7 +57,7 @@ def processors(store_or_dsn: Store | str | None = None) -> pl.DataFrame:
     StoreError
         The store cannot be read (a role that may not read the checkpoints, say).
     """
-    from riskbook.frames import _cache_root, _store_id
+    from riskbook.frames import _cache_root, _identity
     from riskbook.live import _snapshot
     from riskbook.live._processor import LOCK_PREFIX
 
@@ -66,7 +66,7 @@ def processors(store_or_dsn: Store | str | None = None) -> pl.DataFrame:
     try:
         with store.connection() as conn:  # its errors are StoreErrors, saying what to do
             rows = conn.execute(_SQL, {"prefix": LOCK_PREFIX}).fetchall()
-        store_id = _store_id(store) if rows else None
+        store_id = _identity(store)[0] if rows else None
     finally:
         if owned:
             store.close()

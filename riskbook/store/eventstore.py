@@ -399,6 +399,53 @@ class Store:
                 notices.append(text)
         return ran
 
+    def renumber(self) -> int:
+        """Give the events of a store copied from another server positions of this one;
+        return how many were renumbered (0: the store needed it not).
+
+        A position is ``(transaction id << 28) + n``, and transaction ids are the
+        server's own: a copy restored on another server (pg_dump and pg_restore) holds
+        positions far ahead of that server's transaction ids, so readers see none of it
+        and appends are refused until it is renumbered (see
+        :data:`COPIED_FROM_ANOTHER_SERVER`). Its events get the positions of two
+        transaction ids no transaction ever has (1 and 2), in their order, below every
+        reader's fence; the processors' checkpoints and the position snapshots move
+        with them. Sequences, hashes and recorded times are untouched.
+
+        One transaction, as the owner of the store (it lifts the append-only triggers
+        of events and their typed copy for its own statements); caches of the copy's
+        history (``riskbook.load``, processor snapshots) are not used after it. At most
+        2 x 268,435,455 events.
+        """
+        conn = _connect(self._dsn)
+        try:
+            with conn, conn.transaction():
+                conn.execute(
+                    "LOCK TABLE events, event_fields, processor_checkpoints, position_snapshots"
+                    " IN ACCESS EXCLUSIVE MODE"
+                )
+                row = conn.execute(_COPIED_SQL).fetchone()
+                assert row is not None
+                copied, count = bool(row[0]), int(row[1])
+                if not copied:
+                    return 0
+                if count > 2 * _PER_TRANSACTION:
+                    raise StoreError(
+                        f"the store holds {count:,} events: renumber gives at most"
+                        f" {2 * _PER_TRANSACTION:,} positions"
+                    )
+                for statement in _RENUMBER_SQL:
+                    conn.execute(statement)
+            return count
+        except psycopg.errors.InsufficientPrivilege:
+            raise StoreError(
+                f"the role {self._role()!r} may not renumber this store: connect as its owner"
+            ) from None
+        except psycopg.Error as exc:
+            raise self._translate(exc) from None
+        finally:
+            conn.close()
+
     def _behind(self, target: int | None) -> str:
         try:
             with _connect(self._dsn) as conn:
@@ -885,10 +932,74 @@ def _fence(conn: psycopg.Connection) -> int:
     before the read: read-your-writes failed about once in a thousand reads with other
     databases of the server busy. A later statement sees whatever such a transaction
     committed, so the fence may let every transaction that has ended go.
+
+    Refuses a store copied from another server (see :meth:`Store.renumber`), checked
+    in the same round trip.
     """
-    row = conn.execute("SELECT riskbook_settled_fence()").fetchone()
+    row = conn.execute(_FENCE_SQL).fetchone()
     assert row is not None
+    if row[1]:
+        raise StoreError(COPIED_FROM_ANOTHER_SERVER)
     return int(row[0])
+
+
+# The fence, and whether the store holds an event of a transaction this server has not
+# begun (one of the snapshot's own, from its xmax on: a copy from another server).
+_FENCE_SQL = """
+SELECT riskbook_settled_fence(),
+       EXISTS (SELECT 1 FROM events
+                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)
+                  AND position >> 28
+                      IS DISTINCT FROM pg_current_xact_id_if_assigned()::text::bigint)
+"""
+
+_PER_TRANSACTION = (1 << 28) - 1  # positions of one transaction id: n = 1 ... 2^28 - 1
+
+# Is the store a copy from another server (an event of a transaction this server has not
+# begun), and how many events it holds.
+_COPIED_SQL = """
+SELECT EXISTS (SELECT 1 FROM events
+                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)),
+       (SELECT count(*) FROM events)
+"""
+
+# Store.renumber's statements, in one transaction holding the tables' locks. Positions
+# are first made negative (all distinct, none positive), so that no new position meets
+# an old one under the unique keys; the k-th event (k = 1, 2, ...) then gets position
+# ((1 + (k - 1) / P) << 28) + (k - 1) % P + 1, P = 2^28 - 1: transaction ids 1 and 2,
+# which PostgreSQL never gives a transaction. A checkpoint c (read on from c) goes to the
+# new position of the first event at or after c, or past the last; a position snapshot
+# of the events up to p, to the new position of the last event at or before p.
+_RENUMBER_SQL = [
+    "ALTER TABLE events DISABLE TRIGGER events_append_only",
+    "ALTER TABLE event_fields DISABLE TRIGGER event_fields_append_only",
+    "CREATE TEMP TABLE riskbook_renumbered ON COMMIT DROP AS"
+    " SELECT position AS old,"
+    f" ((1 + (k - 1) / {_PER_TRANSACTION}) << 28) + (k - 1) % {_PER_TRANSACTION} + 1 AS new"
+    " FROM (SELECT position, row_number() OVER (ORDER BY position) AS k FROM events) e",
+    "CREATE UNIQUE INDEX ON riskbook_renumbered (old)",
+    "ANALYZE riskbook_renumbered",
+    "UPDATE events SET position = -position",
+    "UPDATE event_fields SET position = -position",
+    "UPDATE events e SET position = r.new FROM riskbook_renumbered r WHERE e.position = -r.old",
+    "UPDATE event_fields f SET position = r.new FROM riskbook_renumbered r"
+    " WHERE f.position = -r.old",
+    "UPDATE processor_checkpoints c SET position = coalesce("
+    " (SELECT min(r.new) FROM riskbook_renumbered r WHERE r.old >= c.position),"
+    " (SELECT max(r.new) + 1 FROM riskbook_renumbered r), c.position)",
+    "UPDATE position_snapshots s SET position = coalesce("
+    " (SELECT max(r.new) FROM riskbook_renumbered r WHERE r.old <= s.position), 0)",
+    "ALTER TABLE events ENABLE TRIGGER events_append_only",
+    "ALTER TABLE event_fields ENABLE TRIGGER event_fields_append_only",
+]
+
+COPIED_FROM_ANOTHER_SERVER = (
+    "the store holds events of positions ahead of every transaction this server has begun,"
+    " so no reader here would reach them and nothing appended here would come after them:"
+    " it was copied from another server (pg_dump and pg_restore, say), or positions were"
+    " altered (`riskbook verify` names the events). A copy: run `riskbook db renumber` once,"
+    " as the owner of the store (Store.renumber)"
+)
 
 
 def _read_after(conn: psycopg.Connection, after: int, limit: int | None) -> list[Envelope]:
