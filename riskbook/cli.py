@@ -225,7 +225,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     for path in args.files:
         if not args.quiet:
             print(f"importing {path}", file=sys.stderr)
-        result = store.import_jsonl(path, progress=progress)
+        # "-" is standard input, as for most commands; a file named so is ./-
+        given = sys.stdin.buffer if path == "-" else path
+        result = store.import_jsonl(given, progress=progress)
         print(f"{path}: {result}")
     return 0
 
@@ -779,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=cmd_db_refresh)
 
     imp = add("import", cmd_import, "import JSON Lines files of event envelopes (plain or gzip)")
-    imp.add_argument("files", nargs="+", metavar="FILE")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for standard input")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     dsn_option(imp)
 

@@ -79,7 +79,10 @@ def event_lanes(
     -------
     pl.DataFrame
         ``event_id, event_type, lane, account_id, symbol, occurred_at, timestamp,
-        position, causation_id, correlation_id, summary``, in global order.
+        position, causation_id, correlation_id, summary``, in global order. An event
+        kept raw (of a type this riskbook does not know) has no business time it can
+        read: it is in the window, and in ``occurred_at``, by its recorded time, in the
+        ``other`` lane.
     """
     lo, hi = as_time(start, "start"), as_time(end, "end")
     if lo is None or hi is None:
@@ -102,14 +105,21 @@ def event_lanes(
     parts: list[pl.DataFrame] = []
 
     def add(
-        frame: pl.DataFrame, kind: str, time: str, summary: pl.Expr, sym: pl.Expr | None = None
+        frame: pl.DataFrame,
+        kind: str | pl.Expr,
+        time: str,
+        summary: pl.Expr,
+        sym: pl.Expr | None = None,
     ) -> None:
+        """``frame``'s rows as lane rows; ``kind`` the event type (an expression: of
+        events kept raw, which go to the "other" lane whatever their type says)."""
         if frame.height == 0:
             return
         parts.append(
             frame.select(
                 *head,
-                pl.lit(kind).alias("event_type"),
+                (kind if isinstance(kind, pl.Expr) else pl.lit(kind)).alias("event_type"),
+                pl.lit("other" if isinstance(kind, pl.Expr) else _LANE_OF[kind]).alias("lane"),
                 (
                     pl.col("account_id").cast(pl.String)
                     if "account_id" in frame.columns
@@ -219,6 +229,35 @@ def event_lanes(
                 "at",
                 text(word, " by ", pl.col("by").cast(pl.String), ": ", pl.col("reason")),
             )
+    # An event kept raw (an unknown type, written by a newer riskbook; or one that does
+    # not read as its type) has no business time riskbook can read: it is shown at its
+    # recorded time, in the "other" lane, rather than left out of the window.
+    raw = history.events.filter(
+        pl.col("occurred_at").is_null() & pl.col("timestamp").is_between(lo, hi)
+    ).with_columns(
+        pl.when(pl.col("aggregate_type").cast(pl.String) == "Account")
+        .then(pl.col("aggregate_id").cast(pl.String))
+        .alias("account_id"),
+        pl.when(pl.col("aggregate_type").cast(pl.String) == "Instrument")
+        .then(pl.col("aggregate_id").cast(pl.String))
+        .alias("_symbol"),
+    )
+    if accs is not None:
+        raw = raw.filter(pl.col("account_id").is_null() | pl.col("account_id").is_in(accs))
+    if syms is not None:
+        raw = raw.filter(pl.col("_symbol").is_null() | pl.col("_symbol").is_in(syms))
+    add(
+        raw,
+        pl.col("event_type").cast(pl.String),
+        "timestamp",
+        text(
+            pl.col("event_type").cast(pl.String),
+            " of ",
+            pl.col("aggregate_id").cast(pl.String),
+            " (kept raw: not readable by this riskbook; shown at its recorded time)",
+        ),
+        pl.col("_symbol"),
+    )
     marks = history.marks.filter(pl.col("marked_at").is_between(lo, hi))
     if syms is not None:
         marks = marks.filter(pl.col("symbol").cast(pl.String).is_in(syms))
@@ -240,17 +279,16 @@ def event_lanes(
         "causation_id": pl.String(),
         "correlation_id": pl.String(),
         "event_type": pl.String(),
+        "lane": pl.String(),
         "account_id": pl.String(),
         "symbol": pl.String(),
         "occurred_at": pl.Datetime("us", "UTC"),
         "summary": pl.String(),
     }
-    if not parts:
-        return pl.DataFrame(schema=schema).with_columns(pl.lit(None, pl.String).alias("lane"))
     out = (
-        pl.concat([p.cast(schema) for p in parts])  # type: ignore[arg-type]
-        .sort("position")
-        .with_columns(pl.col("event_type").replace_strict(_LANE_OF, default="other").alias("lane"))
+        pl.concat([p.cast(schema) for p in parts]).sort("position")  # type: ignore[arg-type]
+        if parts
+        else pl.DataFrame(schema=schema)
     )
     if out.height > max_rows:
         protected = pl.col("lane").is_in(["limit", "violation", "block"]) | pl.col(

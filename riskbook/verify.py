@@ -684,7 +684,9 @@ def _explain(conn: Any, scan: _Scan) -> None:
     sequence t of its aggregate (its content hashed with t, after the stored hash of
     the event now at t - 1) was moved there from t. An event that chains, at its own
     sequence, from the event written just before it (which has moved away) was not
-    touched: only its neighbour changed, and that is told once, as that move. Any other
+    touched: only its neighbour changed, and that is told once, as that move. So is one
+    that chains from the hash the content of the event before it gives, when that
+    event's stored hash alone was changed: that event is told, as altered. Any other
     break is an alteration.
     """
     for agg, broken in scan.suspects.items():
@@ -718,6 +720,13 @@ def _explain(conn: Any, scan: _Scan) -> None:
                     moved[seq] = int(t)
         # the stored hash of the event written at each sequence that has moved away
         written_at = {moved[seq]: stored for seq, _, stored, _ in broken if seq in moved}
+        # the hash each broken event's content gives, chained from the stored hash before
+        # it: what it was written with, if only its stored hash was changed since
+        hashed = {
+            seq: hashlib.sha256(stored_hashes.get(seq - 1, b"") + digest).digest()
+            for seq, _, _, digest in broken
+            if seq not in moved
+        }
         for seq, pos, stored, digest in broken:
             written_before = written_at.get(seq - 1)
             if (
@@ -726,6 +735,14 @@ def _explain(conn: Any, scan: _Scan) -> None:
                 and hashlib.sha256(written_before + digest).digest() == stored
             ):
                 continue  # untouched: the event written before it was moved (told above)
+            hashed_before = hashed.get(seq - 1)
+            if (
+                seq not in moved
+                and hashed_before is not None
+                and hashlib.sha256(hashed_before + digest).digest() == stored
+            ):
+                continue  # untouched: it chains from what the event before it hashes to,
+                # whose stored hash alone was changed (that event is told, as altered)
             if seq in moved:
                 detail = f"the event here was written as sequence {moved[seq]}"
                 scan.problems.append(Problem(agg, seq, "reordered", detail, pos))

@@ -655,8 +655,9 @@ def exposure_at_chart(
 
     At most ``max_rows`` bars are drawn: beyond it each account keeps its largest
     positions (by ``|value|``) and the rest of its longs and of its shorts are summed
-    into "other" bars; with more accounts than that allows, the accounts with the
-    largest gross exposure are drawn. The subtitle says so.
+    into "other" bars (labelled "(other)" if a symbol is named "other"); with more
+    accounts than that allows, the accounts with the largest gross exposure are drawn.
+    The subtitle says so.
     """
     when, max_rows = as_time(at, "at"), _cap(max_rows)
     frame = (
@@ -738,24 +739,29 @@ def _cap_positions(frame: pl.DataFrame, value: str, max_rows: int) -> tuple[pl.D
         .over("account_id")
         .alias("_rank")
     )
+    kept = ranked.filter(pl.col("_rank") < k).drop("_rank")
+    # the summed bars are coloured and told by their label: one that a symbol of these
+    # accounts has too would pass the sum off as that symbol ("other" may be a real one)
+    label = "other"
+    while frame["symbol"].eq(label).any():
+        label = f"({label})"
     rest = (
         ranked.filter(pl.col("_rank") >= k)
         .group_by("account_id", (pl.col(value) >= 0).alias("_long"))
         .agg(pl.col(value).sum())
         .select(
             "account_id",
-            pl.lit("other").alias("symbol"),
+            pl.lit(label).alias("symbol"),
             pl.lit(None, pl.Float64).alias("quantity"),
             pl.lit(None, pl.Float64).alias("avg_price"),
             pl.lit(None, pl.Float64).alias("mark_price"),
             pl.col(value),
         )
     )
-    kept = ranked.filter(pl.col("_rank") < k).drop("_rank")
     out = pl.concat([kept, rest.cast(kept.schema)])
     note += (
         f"{total:,} positions drawn as {out.height:,} bars: per account its {k:,} largest,"
-        ' the rest summed as "other"'
+        f' the rest summed as "{label}"'
     )
     return out, note
 

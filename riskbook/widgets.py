@@ -175,6 +175,20 @@ class TimeSlider(widgets.HBox):
         """True when the slider is at its right end (for ``known_at``: "everything")."""
         return bool(self.value >= self.end)
 
+    def set_range(self, start: datetime | str, end: datetime | str) -> None:
+        """Move the ends of the range; the value stays, or goes to the nearer end."""
+        self.start, self.end = _time(start, "start"), _time(end, "end")
+        self._syncing = True
+        try:
+            self.slider.max = max(1, int((self.end - self.start) / self.step))
+        finally:
+            self._syncing = False
+        value = min(max(self.value, self.start), self.end)
+        if value != self.value:
+            self.value = value  # observers see the move
+        else:
+            self._moved({"new": value})  # the same time, at another place on the slider
+
 
 def _quantity(v: float) -> str:
     """A quantity as people write it: 1,500 and 0.25 (BTC), never 0 for a fraction."""
@@ -425,7 +439,8 @@ class ExposureExplorer:
             options=[_ALL, *names], value=account or _ALL, description="account"
         )
         # a T given outside the history's times widens the slider (before the first
-        # event: nothing had happened), rather than being moved to its nearest end
+        # event: nothing had happened), rather than being moved to its nearest end (so
+        # does a K before which T's events were not recorded yet: _fit_controls)
         self.at = TimeSlider(
             first if at is None else min(first, at),
             last if at is None else max(last, at),
@@ -442,6 +457,7 @@ class ExposureExplorer:
         )
         self.table = widgets.HTML()
         self.caption = widgets.HTML()
+        self._fitting = False  # the controls are being fitted to K: no update of their own
         self._compute_timeline()
         self._compute_state()
         self.overview = _chart_widget(self._overview_chart())
@@ -633,8 +649,33 @@ class ExposureExplorer:
     # Each update computes its frames and charts first and takes them as the panel's
     # only once they are drawn: a failure leaves the frames and the caption as they were.
 
+    def _fit_controls(self) -> None:
+        """The accounts to pick from and the range of T, as known at K: the accounts with
+        an event recorded by K, and the business times of those events (widened to keep
+        T where it is, as a T given outside them is). An account picked that was not
+        known at K goes back to all."""
+        k = self.k
+        events = self.history.events
+        if k is not None:
+            events = events.filter(pl.col("timestamp") <= k)
+        names = sorted(P.accounts(self.history, known_at=k)["account_id"].cast(pl.String))
+        first, last = events["occurred_at"].min(), events["occurred_at"].max()
+        self.account_names = names
+        self._fitting = True
+        try:
+            self.account.options = [_ALL, *names]  # keeps the value if it is still there
+            if self.account.value not in self.account.options:
+                self.account.value = _ALL
+            if isinstance(first, datetime) and isinstance(last, datetime):
+                t = self.at.value
+                self.at.set_range(min(first, t), max(last, t))
+        finally:
+            self._fitting = False
+
     def on_at(self) -> None:
         """T moved: the state at T, its table and bars; the rules move in place."""
+        if self._fitting:
+            return
         accounts_at, positions_at = self._state()
         self.snapshot.chart = self._snapshot_chart(positions_at)
         self.accounts_at, self.positions_at = accounts_at, positions_at
@@ -642,7 +683,8 @@ class ExposureExplorer:
         self._move_rules()
 
     def on_known_at(self) -> None:
-        """K moved: everything is recomputed as known at K."""
+        """K moved: everything is recomputed as known at K, the controls too."""
+        self._fit_controls()
         k = self.k
         timeline = P.account_timeline(self.history, known_at=k)
         position_timeline = P.position_timeline(self.history, known_at=k) if self.picked else None
@@ -660,6 +702,8 @@ class ExposureExplorer:
 
     def on_account(self) -> None:
         """Drill into an account (or back to all)."""
+        if self._fitting:
+            return
         accounts_at, positions_at = self._state()
         overview, snapshot = self._overview_chart(), self._snapshot_chart(positions_at)
         self.overview.chart = overview

@@ -23,11 +23,11 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -743,9 +743,13 @@ class Store:
     # ------------------------------------------------------------------ import
 
     def import_jsonl(
-        self, path: str | os.PathLike[str], *, progress: Progress | None = None
+        self, path: str | os.PathLike[str] | IO[bytes], *, progress: Progress | None = None
     ) -> ImportResult:
         """Import a JSON Lines file of envelopes, plain or gzip (told by its first bytes).
+
+        ``path`` may also be a binary stream open for reading, read to its end
+        (``sys.stdin.buffer``: ``riskbook import -``); errors name it by its ``name``
+        (``<stdin>``).
 
         Keeps each envelope's ``event_id`` and ``timestamp``; assigns ``sequence`` per
         aggregate in file order where absent, and ``position`` always (a given one, from
@@ -767,25 +771,29 @@ class Store:
         takes the ``events`` table for itself and builds its indexes once at the end
         (like ``pg_restore``): readers wait until it commits.
         """
-        given = Path(path)
-        if given.is_dir():
-            raise ImportFailed(f"{given}: is a directory, not a file")
-        if not given.exists():
-            raise ImportFailed(f"{given}: no such file")
-        with _regular_file(given) as path:
+        given: Path | IO[bytes]
+        if isinstance(path, str | os.PathLike):
+            given = Path(path)
+            source = str(given)
+            if given.is_dir():
+                raise ImportFailed(f"{given}: is a directory, not a file")
+            if not given.exists():
+                raise ImportFailed(f"{given}: no such file")
+        else:
+            given, name = path, getattr(path, "name", None)
+            source = name if isinstance(name, str) else "input"
+        with _regular_file(given, source) as path:
 
             def open_lines() -> Iterator[_Record]:
                 try:
                     with _open_maybe_gzip(path) as fh:
-                        yield from _records_from_lines(
-                            _without_bom(fh, str(given)), str(given), progress
-                        )
+                        yield from _records_from_lines(_without_bom(fh, source), source, progress)
                 except (OSError, EOFError, zlib.error) as exc:
                     # zlib's own errors are what a damaged deflate stream raises through gzip
                     what = "damaged gzip data" if isinstance(exc, zlib.error) else "cannot read"
-                    raise ImportFailed(f"{given}: {what}: {exc}; nothing was written") from None
+                    raise ImportFailed(f"{source}: {what}: {exc}; nothing was written") from None
 
-            return self._bulk_write(open_lines, source=str(given), progress=progress)
+            return self._bulk_write(open_lines, source=source, progress=progress)
 
     def import_lines(
         self, lines: Iterable[bytes], *, progress: Progress | None = None, source: str = "input"
@@ -1236,21 +1244,22 @@ def _open_maybe_gzip(path: Path) -> Iterator[Iterable[bytes]]:
 
 
 @contextmanager
-def _regular_file(path: Path) -> Iterator[Path]:
-    """``path``, or a pipe's content (``/dev/stdin``, ``<(zcat ...)``) kept in a temporary
-    file for the while: an import may read its input twice (into an empty store, when
-    the input repeats an event id, it starts again on the general road)."""
-    if path.is_file():
+def _regular_file(path: Path | IO[bytes], source: str) -> Iterator[Path]:
+    """``path``, or a pipe's or a stream's content (``/dev/stdin``, ``<(zcat ...)``,
+    ``sys.stdin.buffer``) kept in a temporary file for the while: an import may read its
+    input twice (into an empty store, when the input repeats an event id, it starts again
+    on the general road)."""
+    if isinstance(path, Path) and path.is_file():
         yield path
         return
     try:
         with (
-            open(path, "rb") as pipe,
+            open(path, "rb") if isinstance(path, Path) else nullcontext(path) as pipe,
             tempfile.NamedTemporaryFile(prefix="riskbook-import-", delete=False) as kept,
         ):
             shutil.copyfileobj(pipe, kept, 1 << 20)
     except OSError as exc:
-        raise ImportFailed(f"{path}: cannot read: {exc}; nothing was written") from None
+        raise ImportFailed(f"{source}: cannot read: {exc}; nothing was written") from None
     try:
         yield Path(kept.name)
     finally:
