@@ -7,8 +7,15 @@ of DESIGN.md §4.
 Each account keeps a segment tree over the market values of its positions (leaves
 ``q * mark``, or ``q * a`` before the symbol's first mark), one for net and one for
 gross exposure. A node is always recomputed from its two children, so an account's
-net and gross exposure are a function of its current positions only: exact sums, with
-no drift however many updates, at a cost of log2(positions) additions per update.
+net and gross exposure are a function of its current positions only, with no drift
+however many updates, at a cost of log2(positions) additions per update. Each node
+is a double-double (its high part at 2 x its index, its low part next to it): the sum of the leaves carried to about 106 bits and rounded once, at the root.
+A plain sum of doubles depends on how it is grouped -- ((0.1 + 0.1) + (0.1 + 0.4)) is
+0.7 and (((0.1 + 0.1) + 0.1) + 0.4) is 0.7000000000000001 -- and the tree's grouping on
+which positions the History holds: a trade in another symbol, later, moved an
+account's leverage at T by its last bit, and a limit met exactly was breached or not
+depending on it (and on how the live engine cut its batches). Rounded once, the sum is
+the same however the leaves are laid out.
 (Numba helpers that take arrays cost reference counting on every call, so the hot
 loop below is written out in one function.)
 """
@@ -54,6 +61,20 @@ def settle(x, d):  # type: ignore[no-untyped-def]
     return y
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dd_sum(ah, al, bh, bl):  # type: ignore[no-untyped-def]
+    """(ah + al) + (bh + bl) as a double-double (high, low): Knuth's TwoSum of the high
+    parts, the low parts added to its error, then renormalised (high = the sum rounded
+    once). An infinite or NaN sum has no low part."""
+    s = ah + bh
+    if not abs(s) < np.inf:
+        return s, 0.0
+    bb = s - ah
+    e = ((ah - (s - bb)) + (bh - bb)) + (al + bl)
+    h = s + e
+    return h, e - (h - s)
+
+
 @numba.njit(cache=True, nogil=True)
 def tree_init(q, a, pair_sym, mark, has_mark, acct_ptr, tree_off, tree_size, tree_net, tree_gross):  # type: ignore[no-untyped-def]
     """Build every account's trees from the state (a snapshot's) in place."""
@@ -67,11 +88,17 @@ def tree_init(q, a, pair_sym, mark, has_mark, acct_ptr, tree_off, tree_size, tre
             if q[p] != 0.0:
                 s = pair_sym[p]
                 v = q[p] * (mark[s] if has_mark[s] else a[p])
-            tree_net[off + size + p - acct_ptr[ac]] = v
-            tree_gross[off + size + p - acct_ptr[ac]] = abs(v)
+            leaf = 2 * (off + size + p - acct_ptr[ac])
+            tree_net[leaf] = v
+            tree_gross[leaf] = abs(v)
         for node in range(size - 1, 0, -1):
-            tree_net[off + node] = tree_net[off + 2 * node] + tree_net[off + 2 * node + 1]
-            tree_gross[off + node] = tree_gross[off + 2 * node] + tree_gross[off + 2 * node + 1]
+            i, lt = 2 * (off + node), 2 * (off + 2 * node)
+            tree_net[i], tree_net[i + 1] = _dd_sum(
+                tree_net[lt], tree_net[lt + 1], tree_net[lt + 2], tree_net[lt + 3]
+            )
+            tree_gross[i], tree_gross[i + 1] = _dd_sum(
+                tree_gross[lt], tree_gross[lt + 1], tree_gross[lt + 2], tree_gross[lt + 3]
+            )
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -174,19 +201,22 @@ def fold(  # type: ignore[no-untyped-def]
                     v = q[p] * (mark[ps] if has_mark[ps] else a[p])
                 off = tree_off[ac]
                 node = tree_size[ac] + p - acct_ptr[ac]
-                tree_net[off + node] = v
-                tree_gross[off + node] = abs(v)
+                tree_net[2 * (off + node)] = v  # (its low part stays 0)
+                tree_gross[2 * (off + node)] = abs(v)
                 node >>= 1
                 while node >= 1:
-                    tree_net[off + node] = tree_net[off + 2 * node] + tree_net[off + 2 * node + 1]
-                    tree_gross[off + node] = (
-                        tree_gross[off + 2 * node] + tree_gross[off + 2 * node + 1]
+                    n, lt = 2 * (off + node), 2 * (off + 2 * node)
+                    tree_net[n], tree_net[n + 1] = _dd_sum(
+                        tree_net[lt], tree_net[lt + 1], tree_net[lt + 2], tree_net[lt + 3]
+                    )
+                    tree_gross[n], tree_gross[n + 1] = _dd_sum(
+                        tree_gross[lt], tree_gross[lt + 1], tree_gross[lt + 2], tree_gross[lt + 3]
                     )
                     node >>= 1
             if t <= since[ac]:
                 continue
-            net_ = tree_net[tree_off[ac] + 1]
-            gross_ = tree_gross[tree_off[ac] + 1]
+            net_ = tree_net[2 * (tree_off[ac] + 1)]
+            gross_ = tree_gross[2 * (tree_off[ac] + 1)]
             eq = settle(cash[ac], net_)
             if eq > peak[ac]:
                 peak[ac] = eq

@@ -249,3 +249,31 @@ def test_the_functions_the_insert_trigger_runs_see_no_temporary_tables(
         assert riskbook.load(store, cache=False).funding["amount"].to_list() == [5.0, 5.0]
     finally:
         store.close()
+
+
+def test_account_positions_made_again_keeps_its_grants_and_loses_its_dust(
+    make_database: Callable[[], str],
+) -> None:
+    # 0019 makes the materialized view again (its query changed: quantities summed as
+    # numeric, so Buy 0.1, Buy 0.2, Sell 0.3 closes to 0, not 5.55e-17): a reader granted
+    # before the upgrade still reads it
+    from riskbook.store import roles
+
+    old = Store(make_database(), migrate=False)
+    old.migrate(target=18)
+    for side, quantity, minute in (("Buy", 0.1, 1), ("Buy", 0.2, 2), ("Sell", 0.3, 3)):
+        old.append("A", [riskbook.TradeExecuted(
+            trade_id=f"T-{minute}", account_id="A", symbol="X", side=riskbook.Side(side),
+            quantity=quantity, price=10.0, executed_at=datetime(2024, 3, 1, 14, minute, tzinfo=UTC),
+        )])  # fmt: skip
+    reader = roles.grant_reader(old, f"rk_reader_{time.monotonic_ns()}")
+    assert old.migrate() == [19]
+    old.close()
+    with psycopg.connect(old.dsn) as conn:
+        conn.execute("REFRESH MATERIALIZED VIEW account_positions")
+        conn.commit()
+    with psycopg.connect(reader.dsn) as conn:
+        rows = conn.execute(
+            "SELECT symbol, net_quantity, trade_count FROM account_positions"
+        ).fetchall()
+    assert rows == [("X", 0.0, 3)]
