@@ -462,7 +462,7 @@ def test_breaches_equal_reference_with_adjustments_and_marks(b: Book) -> None:
     assert_state(h, reference_events(h), None, None)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=in_order_books(), data=st.data())
 def test_engine_violations_equal_breach_starts_with_adjustments(b: Book, data: Any) -> None:
     envs = _with_positions(b)
@@ -519,7 +519,7 @@ def test_check_at_the_limit_accepts_and_over_it_rejects(fresh_store: Any) -> Non
     assert short.accepted, short
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=in_order_books(cancel=True), data=st.data())
 def test_engine_projection_equals_batch_state_with_busts(b: Book, data: Any) -> None:
     envs = _with_positions(b)
