@@ -267,7 +267,7 @@ def test_account_positions_made_again_keeps_its_grants_and_loses_its_dust(
             quantity=quantity, price=10.0, executed_at=datetime(2024, 3, 1, 14, minute, tzinfo=UTC),
         )])  # fmt: skip
     reader = roles.grant_reader(old, f"rk_reader_{time.monotonic_ns()}")
-    assert old.migrate() == [19]
+    assert old.migrate()[0] == 19  # and any newer ones
     old.close()
     with psycopg.connect(old.dsn) as conn:
         conn.execute("REFRESH MATERIALIZED VIEW account_positions")

@@ -21,6 +21,7 @@ import pytest
 import riskbook
 from riskbook.events import encode_envelope
 from riskbook.store import Append, Store, migrations
+from riskbook.store.eventstore import TransientStoreError
 
 T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
 
@@ -413,6 +414,26 @@ def test_the_settled_fence_still_holds_for_a_transaction_of_this_database(
     assert held.events["event_id"].to_list() == [
         str(e.event_id) for e in (first, slow_env, fast_env)
     ]
+
+
+def test_an_aggregates_versions_keep_their_order_in_the_global_one(fresh_store: Store) -> None:
+    """A transaction that took its id (its first write) before another appended to an
+    aggregate and committed gave its own next version of that aggregate a position
+    below the previous version's: a follower of the global order read version 2 before
+    version 1. The append is refused as a serialization failure, to be retried."""
+    store = fresh_store
+    with store.connection() as slow:
+        store.append_in(slow, "B", [funded("B")])  # its id is taken here
+        first = store.append("A", [funded("A")])[0]  # a later id, committed
+        with pytest.raises(TransientStoreError, match="retry"):
+            store.append_in(slow, "A", [funded("A", 2.0)])
+        slow.rollback()
+    with store.connection() as again:  # the retry: a new transaction, a later id
+        second = store.append_in(again, "A", [funded("A", 2.0)])[0]
+        again.commit()
+    assert first.position is not None and second.position is not None
+    assert second.position > first.position
+    assert [(e.aggregate_id, e.sequence) for e in store.read_all()] == [("A", 1), ("A", 2)]
 
 
 def test_renumber_leaves_a_store_of_this_server_alone(fresh_store: Store) -> None:

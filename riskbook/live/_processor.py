@@ -813,7 +813,6 @@ class Processor:
             self._move_checkpoint(conn, expected, horizon)  # (autocommit: one round trip)
             return effects
         with conn.transaction():
-            self._move_checkpoint(conn, expected, horizon)
             if effects:  # rare: the lock and the lookup cost nothing to the batches without
                 # Processors of other names may decide the same effects: the lookup runs
                 # once any of them holding an effect account's lock has committed (a
@@ -831,6 +830,10 @@ class Processor:
             except StoreError as exc:  # translated by the store: passes, or refused?
                 retry = isinstance(exc, TransientStoreError) or conn.broken or conn.closed
                 raise self._failure(str(exc), retry=retry) from None
+            # after the append, which so takes the transaction's id (and its events'
+            # positions) with a snapshot that sees every append committed before: an
+            # account's versions keep their order in the global one (migration 0020)
+            self._move_checkpoint(conn, expected, horizon)
             if self.before_commit is not None:
                 self.before_commit(effects)
         return effects

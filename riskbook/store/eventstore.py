@@ -23,7 +23,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -585,6 +585,7 @@ class Store:
                     raise _trade_id_taken(exc) from None
                 if exc.diag.constraint_name != "events_aggregate_sequence_key":
                     raise self._translate(exc) from None
+                _retry_in_place(conn)
                 continue  # another writer appended to one of them first: go after it
             except psycopg.Error as exc:
                 raise self._translate(exc) from None
@@ -615,6 +616,8 @@ class Store:
                 if batch.expected is not None:
                     actual = self._version_in(conn, batch.aggregate_id)
                     raise ConcurrencyConflict(batch.aggregate_id, batch.expected, actual) from None
+                if savepoint:
+                    _retry_in_place(conn)
                 continue  # no expected version: someone appended first, go after them
             except psycopg.Error as exc:
                 raise self._translate(exc) from None
@@ -929,6 +932,20 @@ def _envelope(row: tuple[Any, ...]) -> Envelope:
     )
 
 
+def _retry_in_place(conn: psycopg.Connection) -> None:
+    """Whether an append in the caller's transaction, which another writer overtook on
+    an aggregate, may try again in a savepoint: only under READ COMMITTED, where the
+    next try's statement sees the other's events. Under REPEATABLE READ or SERIALIZABLE
+    (a database's default, say) it never would: a :class:`TransientStoreError`, so that
+    the caller retries the transaction."""
+    level = conn.execute("SELECT current_setting('transaction_isolation')").fetchone()
+    if level is None or level[0] != "read committed":
+        raise TransientStoreError(
+            f"another transaction appended to the same aggregate first, and this one reads"
+            f" a snapshot of before ({level[0] if level else '?'}): roll back and retry it"
+        )
+
+
 def _fence(conn: psycopg.Connection) -> int:
     """The visibility fence for a read by the next statements on ``conn``.
 
@@ -952,13 +969,16 @@ def _fence(conn: psycopg.Connection) -> int:
 
 
 # The fence, and whether the store holds an event of a transaction this server has not
-# begun (one of the snapshot's own, from its xmax on: a copy from another server).
+# begun (one of the snapshot's own, from its xmax on), or a processor's checkpoint past
+# them: a copy from another server.
 _FENCE_SQL = """
 SELECT riskbook_settled_fence(),
        EXISTS (SELECT 1 FROM events
                 WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)
                   AND position >> 28
                       IS DISTINCT FROM pg_current_xact_id_if_assigned()::text::bigint)
+       OR EXISTS (SELECT 1 FROM processor_checkpoints
+                   WHERE position > (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28))
 """
 
 _PER_TRANSACTION = (1 << 28) - 1  # positions of one transaction id: n = 1 ... 2^28 - 1
@@ -967,7 +987,9 @@ _PER_TRANSACTION = (1 << 28) - 1  # positions of one transaction id: n = 1 ... 2
 # begun), and how many events it holds.
 _COPIED_SQL = """
 SELECT EXISTS (SELECT 1 FROM events
-                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)),
+                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28))
+       OR EXISTS (SELECT 1 FROM processor_checkpoints
+                   WHERE position > (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)),
        (SELECT count(*) FROM events)
 """
 
@@ -979,6 +1001,14 @@ SELECT EXISTS (SELECT 1 FROM events
 # new position of the first event at or after c, or past the last; a position snapshot
 # of the events up to p, to the new position of the last event at or before p.
 _RENUMBER_SQL = [
+    # rows older than a rule of the catalogue (NOT VALID constraints: kept, set aside by
+    # load) would fail the rule when updated: the rules are set aside meanwhile
+    "CREATE TEMP TABLE riskbook_set_aside ON COMMIT DROP AS"
+    " SELECT conrelid::regclass::text AS rel, conname, pg_get_constraintdef(oid) AS def"
+    " FROM pg_constraint WHERE conrelid IN ('events'::regclass, 'event_fields'::regclass)"
+    " AND contype = 'c' AND NOT convalidated",
+    "DO $$ DECLARE c record; BEGIN FOR c IN SELECT * FROM riskbook_set_aside LOOP"
+    " EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', c.rel, c.conname); END LOOP; END $$",
     "ALTER TABLE events DISABLE TRIGGER events_append_only",
     "ALTER TABLE event_fields DISABLE TRIGGER event_fields_append_only",
     "CREATE TEMP TABLE riskbook_renumbered ON COMMIT DROP AS"
@@ -994,11 +1024,23 @@ _RENUMBER_SQL = [
     " WHERE f.position = -r.old",
     "UPDATE processor_checkpoints c SET position = coalesce("
     " (SELECT min(r.new) FROM riskbook_renumbered r WHERE r.old >= c.position),"
-    " (SELECT max(r.new) + 1 FROM riskbook_renumbered r), c.position)",
-    "UPDATE position_snapshots s SET position = coalesce("
-    " (SELECT max(r.new) FROM riskbook_renumbered r WHERE r.old <= s.position), 0)",
+    " (SELECT max(r.new) + 1 FROM riskbook_renumbered r), (1::bigint << 28) + 1)",
+    # snapshots taken twice with no event between (at two fences) now name the same
+    # event: one of them is kept (their states are the same)
+    "CREATE TEMP TABLE riskbook_snapshots_moved ON COMMIT DROP AS"
+    " SELECT snapshot_id, row_number() OVER (PARTITION BY account_id, snapshot_at, new"
+    " ORDER BY position DESC, snapshot_id) AS k, new FROM (SELECT s.snapshot_id, s.account_id,"
+    " s.snapshot_at, s.position, coalesce((SELECT max(r.new) FROM riskbook_renumbered r"
+    " WHERE r.old <= s.position), 0) AS new FROM position_snapshots s) m",
+    "DELETE FROM position_snapshots s USING riskbook_snapshots_moved m"
+    " WHERE s.snapshot_id = m.snapshot_id AND m.k > 1",
+    "UPDATE position_snapshots s SET position = m.new FROM riskbook_snapshots_moved m"
+    " WHERE s.snapshot_id = m.snapshot_id",
     "ALTER TABLE events ENABLE TRIGGER events_append_only",
     "ALTER TABLE event_fields ENABLE TRIGGER event_fields_append_only",
+    "DO $$ DECLARE c record; BEGIN FOR c IN SELECT * FROM riskbook_set_aside LOOP"
+    " EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I %s', c.rel, c.conname, c.def);"
+    " END LOOP; END $$",
 ]
 
 COPIED_FROM_ANOTHER_SERVER = (
@@ -1855,9 +1897,36 @@ def _load_general(
     """COPY into a staging table, then insert what is new, in input order.
 
     Returns (read, added, repeated): ``repeated`` counts the records that repeat an
-    earlier record of the same input exactly (kept once).
+    earlier record of the same input exactly (kept once). The insert is left for the
+    caller to commit.
+
+    The staging is committed apart (the table is the session's until the end): the
+    insert's transaction then takes its id, and so its events' positions, in the insert
+    itself, after every append committed to the file's aggregates meanwhile, and each
+    try of it is a transaction of its own. Staged in the insert's transaction, its id
+    came first, and its versions of an aggregate others appended to meanwhile went below
+    theirs in the global order (the store refuses that now: migration 0020).
     """
+    conn.execute(_UNSTAGE_SQL)  # one left by an import of this connection that failed
     conn.execute(_STAGE_SQL)
+    try:
+        return _load_staged(conn, records, source, progress, unit)
+    except BaseException:
+        with suppress(psycopg.Error):  # (a lost connection takes it along)
+            conn.rollback()  # nothing of the file is written...
+            conn.execute(_UNSTAGE_SQL)  # ...and the staged copy goes
+            conn.commit()
+        raise
+
+
+def _load_staged(
+    conn: psycopg.Connection,
+    records: Iterator[_Record],
+    source: str,
+    progress: Progress | None,
+    unit: str,
+) -> tuple[int, int, int]:
+    """:func:`_load_general` once its staging table is made."""
     stream = _Checked(records, source, progress, unit)
     rows = ((lineno, seq, *values) for lineno, _, seq, values in stream)
     _copy_rows(
@@ -1871,6 +1940,7 @@ def _load_general(
             f"{source}: {unit} {line}: event_id {event_id} appears on {unit} {first} with "
             f"different content ({_fields_differing(conn, line, first)})"
         )
+    conn.commit()  # the staged lines (see above)
     for attempt in range(1, _IMPORT_TRIES + 1):
         clash = conn.execute(_CLASH_SQL).fetchone()
         if clash:
@@ -1880,10 +1950,10 @@ def _load_general(
                 f"different content ({_fields_differing(conn, line, None)})"
             )
         try:
-            with conn.transaction():  # a savepoint: on a clash, the staged lines tell which
-                added = conn.execute(_BULK_INSERT_SQL).rowcount
+            added = conn.execute(_BULK_INSERT_SQL).rowcount
             break
         except psycopg.errors.UniqueViolation as exc:
+            conn.rollback()  # the try, whole: the next one is a new transaction
             refused = _sequence_taken(conn, exc, source, unit)
             if refused is not None:
                 raise refused from None
@@ -1893,11 +1963,13 @@ def _load_general(
             # stored some of its events) after the insert began. A fresh statement sees
             # that: it skips the events stored meanwhile (their content checked again
             # above) and numbers the new ones after the heads as they are now.
-        except psycopg.errors.DeadlockDetected:
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # Another session writing to these aggregates in another order (an import
             # of some of the same events, a transaction appending to several): the
-            # savepoint gave back what this one held, so the other goes on; the next
-            # try waits for it and then goes after it (as above).
+            # rollback gave back what this one held, so the other goes on; the next try
+            # waits for it and then goes after it (as above). A serialization failure:
+            # an append of another transaction overtook this try's (migration 0020).
+            conn.rollback()
             if attempt == _IMPORT_TRIES:
                 raise
     # nothing added leaves the stored versions as they were (gap-free): a re-import
@@ -1929,6 +2001,7 @@ def _load_general(
                 f"{expected} comes next: sequences must continue the stored ones as 1, 2, 3, "
                 "... (no gaps)"
             )
+    conn.execute(_UNSTAGE_SQL)  # (in the insert's transaction: committed with it)
     return stream.count, added, repeated
 
 
@@ -2097,8 +2170,9 @@ CREATE TEMP TABLE riskbook_import (
     aggregate_id text NOT NULL, aggregate_type text NOT NULL, "timestamp" timestamptz NOT NULL,
     causation_id uuid, correlation_id text NOT NULL, metadata jsonb NOT NULL,
     payload jsonb NOT NULL
-) ON COMMIT DROP
+) ON COMMIT PRESERVE ROWS
 """
+_UNSTAGE_SQL = "DROP TABLE IF EXISTS pg_temp.riskbook_import"
 
 # Every column an import keeps (the sequence apart: it may be absent and assigned).
 _CONTENT_COLUMNS = (
