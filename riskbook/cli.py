@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -897,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp_.add_argument("event_id", metavar="EVENT_ID", help="the event (see `riskbook incidents`)")
     exp_.add_argument(
         "--critical",
-        type=_critical,
+        type=functools.partial(_critical, hint=""),  # (explain has no --no-block)
         default=None,
         help="the processor's critical factor, for blocks (as `riskbook live --critical`;"
         " default: the factor its blocks on record state, else 1.2)",

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import polars as pl
 
-from riskbook.errors import ConcurrencyConflict, RiskbookError
+from riskbook.errors import ConcurrencyConflict, InvalidEvent, RiskbookError
 from riskbook.events import (
     STORED_INFINITY,
     AccountUnblocked,
@@ -329,10 +329,10 @@ def unblock(
     Raises :class:`~riskbook.RiskbookError` if the account is not blocked (nothing is
     written), and ``InvalidEvent`` for an empty ``by`` or ``reason``.
     """
-    if not by or not by.strip():
-        raise RiskbookError("unblock needs who unblocks (--by)")
+    if not by or not by.strip():  # (the event's own check, said before the store is read)
+        raise InvalidEvent("AccountUnblocked", "unblocked_by", "unblock needs who unblocks (--by)")
     if not reason or not reason.strip():
-        raise RiskbookError("unblock needs a reason (--reason)")
+        raise InvalidEvent("AccountUnblocked", "reason", "unblock needs a reason (--reason)")
     if not isinstance(store, Store):
         with connect(store) as own:
             return unblock(account, by=by, reason=reason, store=own, at=at)

@@ -177,16 +177,15 @@ def _say_status(
     said.append(kind)
 
 
-def _critical(text: str) -> float:
-    """argparse type of --critical: a finite factor >= 1."""
+def _critical(text: str, *, hint: str = " (--no-block: never block)") -> float:
+    """argparse type of --critical: a finite factor >= 1 (``hint``: how to say "never
+    block" to the command that takes it)."""
     try:
         factor = float(text)
     except ValueError:
         factor = math.nan
     if not (math.isfinite(factor) and factor >= 1.0):
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number >= 1, got {text!r} (--no-block: never block)"
-        )
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {text!r}{hint}")
     return factor
 
 
