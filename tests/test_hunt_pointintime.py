@@ -425,7 +425,7 @@ class Gen:
         self.rec.flush(store)
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed", range(1))
 def test_refreshed_warm_and_cold_loads_agree_under_every_filter(
     fresh_store: Store, seed: int
 ) -> None:
@@ -878,7 +878,7 @@ def batches(draw: st.DrawFn) -> list[list[tuple[Any, ...]]]:
     return out
 
 
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(
     plan=batches(),
