@@ -454,7 +454,7 @@ def _batch_starts(h: History) -> list[tuple[str, str, str | None]]:
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=in_order_books())
 def test_breaches_equal_reference_with_adjustments_and_marks(b: Book) -> None:
     h = b.history()
@@ -471,7 +471,7 @@ def test_engine_violations_equal_breach_starts_with_adjustments(b: Book, data: A
     assert _engine_starts(envs, cuts) == sorted(_batch_starts(h), key=str)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=in_order_books(), data=st.data())
 def test_engine_projection_equals_batch_state(b: Book, data: Any) -> None:
     envs = _with_positions(b)
@@ -589,7 +589,7 @@ def exposure_books(draw: st.DrawFn) -> Book:
     return b
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=exposure_books(), data=st.data())
 def test_engine_user_exposure_types_equal_breach_starts(b: Book, data: Any) -> None:
     envs = _with_positions(b)
@@ -810,7 +810,7 @@ def busy_books(draw: st.DrawFn, cancel: bool = True) -> Book:
     return b
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=busy_books(), data=st.data())
 def test_engine_with_busts_equals_a_plain_fold_at_every_event(b: Book, data: Any) -> None:
     envs = _with_positions(b)
@@ -941,7 +941,7 @@ def test_trade_ids_shared_across_accounts_and_reused_busts() -> None:
     assert _engine_starts(envs, []) == _live_reference(b)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=in_order_books(adjust=False, cancel=True), data=st.data())
 def test_equity_is_funding_plus_realized_plus_unrealized(b: Book, data: Any) -> None:
     h = b.history()
