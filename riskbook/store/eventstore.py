@@ -968,11 +968,10 @@ def _fence(conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
-# The fence, and whether the store holds an event of a transaction this server has not
-# begun (one of the snapshot's own, from its xmax on), or a processor's checkpoint past
-# them: a copy from another server.
-_FENCE_SQL = """
-SELECT riskbook_settled_fence(),
+# Whether the store is a copy from another server: it holds an event of a transaction
+# this server has not begun (one of the snapshot's own, from its xmax on; not one of
+# this transaction's own), or a processor's checkpoint past them.
+_COPIED = """
        EXISTS (SELECT 1 FROM events
                 WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)
                   AND position >> 28
@@ -981,17 +980,13 @@ SELECT riskbook_settled_fence(),
                    WHERE position > (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28))
 """
 
+# The fence, and whether the store is a copy (readers refuse one).
+_FENCE_SQL = f"SELECT riskbook_settled_fence(), {_COPIED}"
+
 _PER_TRANSACTION = (1 << 28) - 1  # positions of one transaction id: n = 1 ... 2^28 - 1
 
-# Is the store a copy from another server (an event of a transaction this server has not
-# begun), and how many events it holds.
-_COPIED_SQL = """
-SELECT EXISTS (SELECT 1 FROM events
-                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28))
-       OR EXISTS (SELECT 1 FROM processor_checkpoints
-                   WHERE position > (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)),
-       (SELECT count(*) FROM events)
-"""
+# Whether the store is a copy (renumber has work), and how many events it holds.
+_COPIED_SQL = f"SELECT {_COPIED}, (SELECT count(*) FROM events)"
 
 # Store.renumber's statements, in one transaction holding the tables' locks. Positions
 # are first made negative (all distinct, none positive), so that no new position meets
