@@ -13,7 +13,10 @@ and names each aggregate and sequence where it breaks:
 * **removed** -- sequences are missing from an aggregate (its events must be 1, 2, 3, ...),
   or a head recorded earlier (``heads=``) is gone;
 * **reordered** -- an event sits at a sequence other than the one it was written with
-  (two events swapped, say);
+  (two events swapped, say); or its position puts it before an earlier version of its
+  aggregate in the global order, where followers read it first (positions are not
+  hashed: a store written before migration 0020 may hold such events, or positions
+  were altered);
 * **duplicate** -- two events share a sequence;
 * **back-dated** -- (with ``heads=`` taken by this version) an event the heads do not
   hold, recorded at or before the moment they were taken: written since, with a past
@@ -459,6 +462,7 @@ def verify(
             scan.finish()
             if scan.suspects:
                 _explain(conn, scan)
+            scan.problems += scan.out_of_order()
             scan.problems += _check_functions(conn)
         finally:
             typed.join()
@@ -530,6 +534,10 @@ class _Scan:
         # positions of events whose recorded time riskbook cannot have written: told as
         # such, not again as a content that does not hash (which it may well not)
         self.impossible_times: set[int] = set()
+        # agg -> (sequence, position) of its event furthest on in the global order so far;
+        # and the events found before it though of a later sequence (see out_of_order)
+        self.furthest: dict[str, tuple[int, int]] = {}
+        self.behind: list[tuple[str, int, int, int, int]] = []
         # when the heads were taken, as the scan writes recorded times (None: unknown)
         taken_at = expected_heads.taken_at
         self.since = (
@@ -622,6 +630,11 @@ class _Scan:
         if not after_gap and hashlib.sha256(previous + digest).digest() != stored:
             self.suspects.setdefault(agg, []).append((seq, pos, stored, digest))
         self.chains[agg] = (seq + 1, stored)
+        furthest = self.furthest.get(agg)
+        if furthest is None or pos > furthest[1]:
+            self.furthest[agg] = (seq, pos)
+        else:
+            self.behind.append((agg, seq, pos, *furthest))
         head = self.expected_heads.get(agg)
         if head is not None and head[0] == seq:
             self.seen_heads.add(agg)
@@ -636,6 +649,28 @@ class _Scan:
                         pos,
                     )
                 )
+
+    def out_of_order(self) -> list[Problem]:
+        """The events a reader of the global order meets before an earlier version of
+        their aggregate (position is not hashed: every chain may hold). Written by a
+        transaction that had taken its id before another's, which then appended to the
+        aggregate first -- refused since migration 0020 -- or positions were altered.
+        Not told again when either event is told already (a swap of sequences moves
+        positions with the events)."""
+        told = {(p.aggregate_id, p.sequence) for p in self.problems}
+        return [
+            Problem(
+                agg,
+                seq,
+                "reordered",
+                f"its position ({pos}) comes before that of sequence {ahead} ({ahead_pos}):"
+                f" a reader of the global order (riskbook.read, Store.follow, the live"
+                f" processor) meets it before the version it follows",
+                pos,
+            )
+            for agg, seq, pos, ahead, ahead_pos in self.behind
+            if (agg, seq) not in told and (agg, ahead) not in told
+        ]
 
     def _duplicate(self, agg: str, seq: int, pos: int) -> None:
         self.problems.append(
