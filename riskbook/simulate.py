@@ -88,6 +88,7 @@ from typing import Any
 
 import msgspec
 
+from riskbook._reasons import block_reason, figure
 from riskbook._time import EPOCH as _EPOCH
 from riskbook._time import us as _us
 from riskbook.errors import ImportFailed, RiskbookError, StoreError
@@ -1454,8 +1455,8 @@ class _Generator:
         incident["violation_event_id"] = str(uuid.UUID(int=eid))
         incident["block_event_id"] = None
         incident["_crit"] = False
-        if metric > CRITICAL_RATIO * limit:
-            self._critical(a, incident, ev, metric, limit, detected, None)
+        if metric > CRITICAL_RATIO * limit:  # the block recorded after it, as the engine's
+            self._critical(a, incident, ev, metric, limit, detected, None, after=rec)
 
     def _still_breached(
         self, a: _Account, br: dict[str, Any], metric: float, limit: float, ev: _Ev
@@ -1484,20 +1485,22 @@ class _Generator:
         limit: float,
         detected: int,
         rng: random.Random | None,
+        after: int | None = None,
     ) -> None:
         """A breach at the critical level starts at ``ev``: the live engine blocks the
-        account (unless it is blocked already) with ``ev`` as the cause."""
+        account (unless it is blocked already) with ``ev`` as the cause, recorded after
+        ``after`` (the recorded time of the violation decided with it), in the engine's
+        words (:func:`riskbook._reasons.block_reason`)."""
         incident["critical"] = True
         incident["_crit"] = True
         if a.blocked:
             return
         lt = incident["limit_type"]
         blocked = detected + self._latency(1, 3, rng)
-        reason = (
-            f"critical {lt} breach on {incident['symbol'] or 'the account'}: "
-            f"{metric:g} against a limit of {limit:g}"
-        )
+        reason = block_reason(lt, incident["symbol"], figure(metric), CRITICAL_RATIO, limit)
         rec = blocked + self._latency(1, 3, rng)
+        if after is not None:
+            rec = max(rec, after + 1)
         eid = self._record(
             rec,
             a.id,

@@ -84,6 +84,7 @@ PUBLIC_MODULES = [
     "riskbook.viz",
     "riskbook.widgets",
     "riskbook.simulate",
+    "riskbook._reasons",
 ]
 
 
@@ -106,6 +107,30 @@ def test_explain_names_the_limit_of_the_simulated_block(sim: simulate.Simulation
     incident = audit.explain(h, block["event_id"][0])
     assert (incident.limit_type, incident.symbol) == ("MaxPositionSize", fat["symbol"])
     assert "limit     MaxPositionSize on " + fat["symbol"] in incident.report()
+
+
+def test_simulated_blocks_are_worded_and_ordered_as_the_engines(sim: simulate.Simulation) -> None:
+    # Found by this hunt (fixed in session 19): the simulator wrote "critical
+    # MaxPositionSize breach on ACME: 9230 against a limit of 7100", which audit cannot
+    # read as an engine's block, and could record the block before its violation.
+    h = riskbook.History.from_envelopes(sim.envelopes)
+    events = {str(e.event_id): e for e in sim.envelopes}
+    found = audit.incidents(h).filter(pl.col("event_type") == "AccountBlocked")
+    blocked = [i for i in sim.answer_key["incidents"] if i.get("block_event_id")]
+    assert blocked and found.height == len(blocked)
+    for incident in blocked:
+        block = events[incident["block_event_id"]]
+        stated = audit._stated(block.payload.reason)  # type: ignore[union-attr]
+        assert stated is not None, block.payload
+        assert (stated.limit_type, stated.symbol) == (incident["limit_type"], incident["symbol"])
+        assert stated.level == simulate.CRITICAL_RATIO
+        row = found.filter(pl.col("event_id") == incident["block_event_id"])
+        assert row.select("limit_type", "symbol").row(0) == (
+            incident["limit_type"],
+            incident["symbol"],
+        )
+        violation = events[incident["violation_event_id"]]
+        assert violation.timestamp < block.timestamp  # recorded first, as the engine does
 
 
 RFC3339_US = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from riskbook._reasons import block_reason, figure
 from riskbook._time import us as _us
 from riskbook.events import STORED_INFINITY, AccountBlocked, LimitViolationDetected
 from riskbook.frames import EVENTS_SCHEMA, KINDS, History
@@ -1147,11 +1148,11 @@ class Engine:
             if critical and not self._stored_blocked.get(account):  # a rebuild's block
                 self._rebuild_blocks.add((account, str(row["trigger_event_id"])))
             if critical and not self.blocked.get(account):
-                where = f" {symbol}" if symbol else ""
                 event = AccountBlocked(
                     account_id=account,
-                    reason=f"critical {name}{where}: {describe(value, name)} > "
-                    f"{figure(row['level'])} x limit {figure(row['limit_value'])}",
+                    reason=block_reason(
+                        name, symbol, describe(value, name), row["level"], row["limit_value"]
+                    ),
                     blocked_by=self.actor,
                     blocked_at=row["started_at"],
                 )
@@ -1186,20 +1187,6 @@ class Engine:
         processor's rebuild after a restart: see :attr:`pending`)."""
         self.pending[account] = str(causation_id)
         self.blocked[account] = True
-
-
-def figure(value: float) -> str:
-    """A number for messages, exact: ``%g`` where that is exact and plain (1.2, 40,
-    10.125), a whole number in full (1000001, not 1e+06), else all the digits it takes
-    (1.2345678). A block's reason states the critical factor ``riskbook explain``
-    replays with, and a metric just over its limit must not read as equal to it."""
-    v = float(value)
-    short = f"{v:g}"
-    if float(short) == v and "e" not in short:
-        return short
-    if v.is_integer() and abs(v) < 1e16:
-        return str(int(v))
-    return repr(v)
 
 
 def describe(value: float, limit_type: str | None = None) -> str:
