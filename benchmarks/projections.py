@@ -232,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-loads", type=int, default=3, help="full load + replay runs (default 3)")
     ap.add_argument("--dsn", default=None, help="use this database (kept) instead of a scratch one")
     ap.add_argument("--json", default=None, help="write the report rows here")
+    ap.add_argument(
+        "--no-first-touch",
+        action="store_true",
+        help="skip measuring how fast this machine hands out fresh memory (~17 s)",
+    )
     args = ap.parse_args(argv)
 
-    touch = first_touch()
+    touch = None if args.no_first_touch else first_touch()
     with simulated_store(
         args.dsn, seed=args.seed, accounts=args.accounts, symbols=args.symbols, events=args.events
     ) as store:
@@ -313,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ratio {name} / riskbook: first call {base / first[0]:5.1f}x,"
                   f" sort + fold + frames {base / cold[0]:5.1f}x, book kept {base / warm[0]:5.1f}x,"
                   f" compiled fold alone {base / kernel_s[0]:5.1f}x")  # fmt: skip
-        print(f"  (this VM, seconds per GiB written: fresh memory {touch[True, False]:.2f} with huge pages,"
-              f" {touch[False, False]:.2f} without; memory freed just before {touch[True, True]:.2f} and"
-              f" {touch[False, True]:.2f}; riskbook's huge pages here: {'on' if hugepages() else 'off'};"
-              f" the first call kept {touched:.2f} GiB more)")  # fmt: skip
+        if touch is not None:
+            print(f"  (this VM, seconds per GiB written: fresh memory {touch[True, False]:.2f} with huge pages,"
+                  f" {touch[False, False]:.2f} without; memory freed just before {touch[True, True]:.2f} and"
+                  f" {touch[False, True]:.2f}; riskbook's huge pages here: {'on' if hugepages() else 'off'};"
+                  f" the first call kept {touched:.2f} GiB more)")  # fmt: skip
         print(f"  reference child peak RSS: {ref['peak_rss_mb']:,.0f} MiB")
         timelines_peak = peak_rss_mb()
         del pt, at

@@ -81,7 +81,7 @@ def benches(events: int, *, quick: bool, history_dsn: str) -> list[Bench]:
         "--events": min(events, 1_000_000),
         "--singles": min(2_000, max(200, events // 100)),
         "--batches": min(50, max(3, events // 10_000)),
-        "--writer-events": min(6_000, max(1_000, events // 2)),
+        "--writer-events": 400 if quick else min(6_000, max(1_000, events // 2)),
         "--repeat": 1 if quick else 3,
     }
     return [
@@ -90,7 +90,7 @@ def benches(events: int, *, quick: bool, history_dsn: str) -> list[Bench]:
         Bench(
             "projections",
             ["projections.py", "--events", e, "--dsn", history_dsn]
-            + (["--slider", "3", "--full-loads", "1"] if quick else []),
+            + (["--slider", "3", "--full-loads", "1", "--no-first-touch"] if quick else []),
         ),
         Bench("limits", ["limits.py", "--events", e, "--dsn", history_dsn, *repeat]),
         Bench("notify_floor", ["notify_floor.py", "--n", "100" if quick else "500"]),
