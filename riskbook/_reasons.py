@@ -1,9 +1,13 @@
 """The words riskbook writes in its events: numbers for messages, and the reason of a
-block the live engine decides -- which :func:`riskbook.audit.incidents` and ``riskbook
-explain`` read back (``riskbook.audit._BLOCK_REASON``), and which the simulator writes
-as the engine would."""
+block the live engine decides (:func:`block_reason`, which the simulator writes as the
+engine would), read back by :func:`stated` for :func:`riskbook.audit.incidents` and
+``riskbook explain``."""
 
 from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
 
 
 def figure(value: float) -> str:
@@ -29,6 +33,41 @@ def block_reason(
 
     >>> block_reason("MaxDrawdown", None, "0.148123", 1.2, 0.12)
     'critical MaxDrawdown: 0.148123 > 1.2 x limit 0.12'
+    >>> stated(block_reason("MaxPositionSize", "BRK:A", "65", 1.5, 40))
+    Stated(limit_type='MaxPositionSize', symbol='BRK:A', level=1.5)
     """
     where = f" {symbol}" if symbol else ""
     return f"critical {limit_type}{where}: {value} > {figure(level)} x limit {figure(limit)}"
+
+
+# block_reason's words, read back: the symbol may hold ": " itself, the metric after it
+# holds no colon.
+_BLOCK_REASON = re.compile(
+    r"^critical (?P<type>\S+)(?: (?P<symbol>.*))?: (?P<value>[^:]*) > (?P<level>\S+)"
+    r" x limit \S+$",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class Stated:
+    """What an engine's block reason states: the limit type, symbol and critical factor."""
+
+    limit_type: str
+    symbol: str | None
+    level: float
+
+
+def stated(reason: str | None) -> Stated | None:
+    """The limit type, symbol and critical factor an engine's block reason states
+    (:func:`block_reason`), or None (a reason of someone else's)."""
+    m = _BLOCK_REASON.match(reason or "")
+    if m is None:
+        return None
+    try:
+        level = float(m["level"])
+    except ValueError:
+        return None
+    if not (math.isfinite(level) and level >= 1.0):
+        return None
+    return Stated(m["type"], m["symbol"], level)

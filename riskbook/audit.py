@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import polars as pl
 from riskbook import limits as L
 from riskbook import projections as P
 from riskbook._checks import _frame
+from riskbook._reasons import stated as _stated
 from riskbook.events import STORED_INFINITY, as_time
 from riskbook.frames import KINDS, History
 from riskbook.lanes import event_lanes
@@ -1334,40 +1334,6 @@ def _factor_text(critical: float | Mapping[str, float | None] | None) -> str:
         )
         return f"{named}, any other {DEFAULT_CRITICAL:g}"
     return f"{critical:g}"
-
-
-# The reason the engine writes in a block: "critical MaxPositionSize ACME: 65 > 1.5 x
-# limit 40" (the symbol only for a per-symbol type; it may hold ": " itself, the metric
-# after it holds no colon).
-_BLOCK_REASON = re.compile(
-    r"^critical (?P<type>\S+)(?: (?P<symbol>.*))?: (?P<value>[^:]*) > (?P<level>\S+)"
-    r" x limit \S+$",
-    re.DOTALL,
-)
-
-
-@dataclass(frozen=True)
-class _Stated:
-    """What an engine's block reason states: the limit type, symbol and critical factor."""
-
-    limit_type: str
-    symbol: str | None
-    level: float
-
-
-def _stated(reason: str | None) -> _Stated | None:
-    """The limit type, symbol and critical factor an engine's block reason states, or
-    None (a reason of someone else's)."""
-    m = _BLOCK_REASON.match(reason or "")
-    if m is None:
-        return None
-    try:
-        level = float(m["level"])
-    except ValueError:
-        return None
-    if not (math.isfinite(level) and level >= 1.0):
-        return None
-    return _Stated(m["type"], m["symbol"], level)
 
 
 def _critical_read(

@@ -448,7 +448,7 @@ def test_bug_explain_misreads_the_critical_factor_of_a_block_on_a_symbol_with_a_
     1.2, replays, and reports a finding against a correct block: "the engine (critical
     factor 1.2) decides no block here". Expected (README explain: findings only "where
     the record and the replay disagree"): no finding, limit MaxPositionSize on BRK:A.
-    Cause: riskbook/audit.py _BLOCK_REASON / _stated_level (a symbol may hold ':')."""
+    Cause: riskbook/audit.py _BLOCK_REASON (now riskbook/_reasons.py) / _stated_level (a symbol may hold ':')."""
     rec = Rec()
     rec.fund("A", 1e6, minutes(0))
     rec.limit("A", "MaxPositionSize", 10.0, minutes(0))

@@ -1,9 +1,9 @@
 """A hunt for places where what riskbook documents differs from what it does.
 
 The documentation checked: README.md, DESIGN.md, the CLI's ``--help`` texts and the
-docstrings of the public functions. ``test_bug_*`` tests fail on the code as it is: a
-``# BUG:`` comment quotes the documentation and says what happens instead. The other
-tests are documented promises that held, kept as regressions.
+docstrings of the public functions. The findings (fixed since) are kept as regressions
+("Found by this hunt (fixed)": each quotes the documentation and says what happened
+instead); the other tests are documented promises that held.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import polars as pl
 import pytest
 
 import riskbook
-from riskbook import audit, simulate
+from riskbook import _reasons, audit, simulate
 from riskbook.cli import build_parser, main
 from riskbook.store import Store
 
@@ -120,7 +120,7 @@ def test_simulated_blocks_are_worded_and_ordered_as_the_engines(sim: simulate.Si
     assert blocked and found.height == len(blocked)
     for incident in blocked:
         block = events[incident["block_event_id"]]
-        stated = audit._stated(block.payload.reason)  # type: ignore[union-attr]
+        stated = _reasons.stated(block.payload.reason)  # type: ignore[union-attr]
         assert stated is not None, block.payload
         assert (stated.limit_type, stated.symbol) == (incident["limit_type"], incident["symbol"])
         assert stated.level == simulate.CRITICAL_RATIO

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import polars as pl
 
+from riskbook._reasons import figure
 from riskbook.errors import ConcurrencyConflict, InvalidEvent, RiskbookError
 from riskbook.events import (
     STORED_INFINITY,
@@ -23,7 +24,7 @@ from riskbook.events import (
 )
 from riskbook.frames import Filters, History, load
 from riskbook.limits._evaluate import _is_number
-from riskbook.live._engine import Engine, describe, figure
+from riskbook.live._engine import Engine, describe
 from riskbook.live._processor import Processor
 from riskbook.store import Store, connect
 

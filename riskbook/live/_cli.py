@@ -19,7 +19,8 @@ EXIT_REJECTED = 3
 
 
 def _describe(effect: Any) -> str:
-    from riskbook.live._engine import describe, figure
+    from riskbook._reasons import figure
+    from riskbook.live._engine import describe
 
     where = f" {effect.symbol}" if effect.symbol else ""
     what = "VIOLATION" if effect.kind == "LimitViolationDetected" else "BLOCK"
