@@ -970,7 +970,7 @@ def test_equity_is_funding_plus_realized_plus_unrealized(b: Book, data: Any) -> 
 
 
 def test_account_positions_view_closes_a_position_of_binary_fractions(fresh_store: Any) -> None:
-    # BUG: the account_positions view (migration 0005) says its net_quantity "is the
+    # Found by this hunt (fixed in f025669): the account_positions view (migration 0005) says its net_quantity "is the
     # position riskbook.projections computes"; the projection settles 0.1 + 0.2 - 0.3 to
     # exactly 0 (a closed position, DESIGN.md §4: q reaches 0, a <- 0), the view's plain
     # float sum leaves 5.55e-17: an open position of dust for every SQL consumer
@@ -1034,7 +1034,7 @@ def test_a_leverage_breach_at_the_limit_does_not_depend_on_a_later_trade() -> No
 
 
 def test_the_engine_does_not_depend_on_batching_at_the_limit() -> None:
-    # BUG: same cause, live: the engine folds each batch with a book of the pairs seen so
+    # Found by this hunt (fixed in f025669): same cause, live: the engine folds each batch with a book of the pairs seen so
     # far. Event by event, at at(4) it knows S1, S2, S4, S5 (leverage 0.7: no breach); in
     # one batch it knows S3 too (0.7000000000000001: a breach at at(4)). Engine's own
     # contract (riskbook/live/_engine.py): "Folding the same events in any number of
@@ -1046,7 +1046,7 @@ def test_the_engine_does_not_depend_on_batching_at_the_limit() -> None:
 
 
 def test_state_at_from_the_store_equals_accounts_at_t(fresh_store: Any) -> None:
-    # BUG: same cause. riskbook.state_at (documented: "frames exactly like positions()
+    # Found by this hunt (fixed in f025669): same cause. riskbook.state_at (documented: "frames exactly like positions()
     # and accounts() of the whole history at T") reads only the events up to T, so its
     # sums have the leaves of S1, S2, S4, S5; accounts(load(store), at=T) has S3's leaf
     # too. Expected equal; actual gross 0.7 (state_at) vs 0.7000000000000001 (accounts).
@@ -1059,7 +1059,7 @@ def test_state_at_from_the_store_equals_accounts_at_t(fresh_store: Any) -> None:
 
 
 def test_what_was_known_at_k_does_not_depend_on_what_was_recorded_later() -> None:
-    # BUG: same cause, for known_at (DESIGN.md §6: "known_at=K uses only events recorded
+    # Found by this hunt (fixed in f025669): same cause, for known_at (DESIGN.md §6: "known_at=K uses only events recorded
     # by K"): accounts(h, known_at=K) differs from the accounts of the events recorded
     # by K when a pair first traded after K sits among the account's leaves.
     # Expected gross 0.7 / leverage 0.7 in both; actual 0.7000000000000001 with known_at.

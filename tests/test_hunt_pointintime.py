@@ -1,8 +1,8 @@
 """A correctness hunt in point-in-time reconstruction and the load cache (DESIGN.md §3,
 §4, §6; README "load", "state_at").
 
-Failing tests here are findings (marked ``# BUG:``); each says what is expected, by
-which part of the contract, and what happens instead. Passing ones are what held.
+Findings (marked ``# Found by this hunt (fixed in 6d3bff4):``) say what is expected, by
+which part of the contract, and what happened instead; the other tests are what held.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _buy(store: Store, account: str, tid: str, qty: float, price: float, at: dat
 def test_bug_a_copy_of_a_store_is_served_the_originals_cache(
     make_database: Callable[[], str], copied: Callable[[str], str]
 ) -> None:
-    # BUG: DESIGN §3/README "load": a warm load must equal a cold load of the same store.
+    # Found by this hunt (fixed in 6d3bff4): DESIGN §3/README "load": a warm load must equal a cold load of the same store.
     # A copy of a store (pg_dump/restore or CREATE DATABASE ... TEMPLATE) keeps
     # riskbook_store.store_id, so it shares the original's cache entry; the cache check
     # only compares the event at the cached last position, which both still hold, so
@@ -138,7 +138,7 @@ def test_bug_a_copy_of_a_store_is_served_the_originals_cache(
 def test_bug_refresh_after_the_database_under_its_dsn_is_swapped_for_a_diverged_copy(
     make_database: Callable[[], str], copied: Callable[[str], str]
 ) -> None:
-    # BUG: History._refresh promises "the store must still be the one these frames came
+    # Found by this hunt (fixed in 6d3bff4): History._refresh promises "the store must still be the one these frames came
     # from, its history only grown since ... or a refresh would chain another history"
     # (DESIGN §3 load/refresh). A database of the same name replaced by a copy that
     # diverged (a trade only in the copy, committed before the History's load) passes

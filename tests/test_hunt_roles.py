@@ -2,8 +2,8 @@
 `riskbook db grant-reader` / `grant-processor`, `Store.renumber()`, the settled read
 fence (0017), the refusal of copied stores (0018), and upgrades of stores with roles.
 
-Failing tests here are findings (marked ``# Found by this hunt (fixed):``); each says what is expected, by
-which part of the contract, and what happens instead. Passing ones are what held.
+Findings (marked ``# Found by this hunt (fixed):``) say what is expected, by which part
+of the contract, and what happened instead; the other tests are what held.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_two_processors_of_different_names_append_an_effect_once_at_every_defaul
     # this so runs "in a statement of its own, so that it sees what they wrote": with a
     # database whose default isolation is REPEATABLE READ or SERIALIZABLE, the statement
     # keeps the transaction's first snapshot.
-    # BUG (level = "repeatable read"): expected: beta finds alpha's effects stored (or
+    # Found by this hunt (fixed in d52b663; level = "repeatable read"): expected: beta finds alpha's effects stored (or
     # retries its transaction) and the store holds each effect once; actual: beta's
     # catch_up dies with StoreError "too much contention on the aggregates of the
     # appends, gave up". Store.append_each_in (riskbook/store/eventstore.py) retries a
@@ -546,7 +546,7 @@ def test_a_readers_fence_lets_go_of_other_databases_and_ended_transactions(
 def test_a_processor_commits_its_effects_after_a_concurrent_append_at_every_default_isolation(
     fresh_store: Store, level: str
 ) -> None:
-    # BUG (level = "repeatable read"): the same cause as in the test of two processors
+    # Found by this hunt (fixed in d52b663; level = "repeatable read"): the same cause as in the test of two processors
     # above, without a second processor: an ordinary append to the breaching account that
     # commits while the processor's effect transaction waits for the account's lock (held
     # here by hand, as another processor's commit holds it) makes the processor give up.
