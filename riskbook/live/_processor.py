@@ -60,6 +60,7 @@ from riskbook.store.eventstore import (
     TransientStoreError,
     _JsonBytesLoader,
     _read_after,
+    read_committed,
 )
 
 __all__ = ["Commit", "Processor"]
@@ -457,7 +458,7 @@ class Processor:
         if self._conn is not None and not self._conn.closed:
             return
         self.status = "connecting"
-        conn = self._db(lambda: psycopg.connect(self.store.dsn, autocommit=True))
+        conn = self._db(lambda: read_committed(psycopg.connect(self.store.dsn, autocommit=True)))
         conn.adapters.register_loader("jsonb", _JsonBytesLoader)  # msgspec decodes them
         deadline = None if wait is None else time.monotonic() + wait
 

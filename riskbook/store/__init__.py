@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from riskbook.store.eventstore import Append, ImportResult, Store, connect, redact
+from riskbook.store.eventstore import (
+    Append,
+    ImportResult,
+    Store,
+    TransientStoreError,
+    connect,
+    redact,
+)
 
-__all__ = ["Append", "ImportResult", "Store", "connect", "redact"]
+__all__ = ["Append", "ImportResult", "Store", "TransientStoreError", "connect", "redact"]

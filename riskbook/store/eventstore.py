@@ -168,11 +168,32 @@ def _connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     context: tracebacks, loggers and notebooks cannot show what is not there.
     """
     try:
-        return psycopg.connect(dsn, **kwargs)
+        return read_committed(psycopg.connect(dsn, **kwargs))
     except psycopg.Error as exc:
         text = scrub(_one_line(str(exc)), dsn, fragments=_about_the_dsn(exc))
         message = f"cannot connect to {redact(dsn)}: {text}"
     raise StoreError(message)
+
+
+def read_committed(conn: psycopg.Connection) -> psycopg.Connection:
+    """``conn``, its transactions READ COMMITTED from now on, whatever the default of
+    the database or the role (``ALTER DATABASE ... SET default_transaction_isolation``).
+
+    riskbook's reads compute the visibility fence in a statement of their own and read
+    in the next ones (:func:`_fence`), which holds only if the next statements take a
+    later snapshot; under REPEATABLE READ or SERIALIZABLE the fence falls back to the
+    statement's own snapshot, and a transaction of another database that ended in
+    between held it below events committed well before: a processor's catch-up found
+    nothing new, a reader missed what its caller had just appended. Closed on failure.
+    """
+    try:
+        conn.execute("SET default_transaction_isolation TO 'read committed'")
+        if not conn.autocommit:
+            conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class TransientStoreError(StoreError):
