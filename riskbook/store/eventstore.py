@@ -991,12 +991,21 @@ def _fence(conn: psycopg.Connection) -> int:
 
 # Whether the store is a copy from another server: it holds an event of a transaction
 # this server has not begun (one of the snapshot's own, from its xmax on; not one of
-# this transaction's own), or a processor's checkpoint past them.
+# this transaction's own, if it has an id), or a processor's checkpoint past them. The
+# events are looked up as the first row of two index ranges around this transaction's
+# own positions: "any row at or past a bound" was planned as a scan of the whole table
+# when the statistics were those of a store just grown from empty (as in the insert
+# trigger, migration 0022).
 _COPIED = """
-       EXISTS (SELECT 1 FROM events
-                WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)
-                  AND position >> 28
-                      IS DISTINCT FROM pg_current_xact_id_if_assigned()::text::bigint)
+       (SELECT position FROM events
+         WHERE position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28)
+           AND position < coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) << 28
+         ORDER BY position LIMIT 1) IS NOT NULL
+       OR (SELECT position FROM events
+            WHERE position >= greatest(
+                      pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28,
+                      (coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) + 1) << 28)
+            ORDER BY position LIMIT 1) IS NOT NULL
        OR EXISTS (SELECT 1 FROM processor_checkpoints
                    WHERE position > (pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 28))
 """
