@@ -222,7 +222,7 @@ _FUNCTIONS: dict[str, str] = {
     "riskbook_chain_step(bytea, bytea, bytea)": "40acb6284deded489c077e9923273012",
     "riskbook_event_digest(uuid, text, text, text, bigint, timestamp with time zone, uuid,"
     " text, jsonb, jsonb)": "4a1a146b90a3045d7a5835a5a472e715",
-    "riskbook_events_inserted()": "9fbf31c2dea1ed367d71dfee54875a98",
+    "riskbook_events_inserted()": "26c207d131c1a8438b4d5cef82803ff7",
     "riskbook_fill_event_fields(bigint, bigint)": "58856cd9325faa352d98782a8139c83e",
     "riskbook_next_position()": "f637ab154e52e077210e7cdb2cbd7d45",
     "riskbook_position_fence()": "df5072fdbf06b756f8c2b53a73b4b979",

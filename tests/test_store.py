@@ -426,6 +426,7 @@ def test_an_aggregates_versions_keep_their_order_in_the_global_one(fresh_store: 
     with store.connection() as slow:
         store.append_in(slow, "B", [funded("B")])  # its id is taken here
         first = store.append("A", [funded("A")])[0]  # a later id, committed
+        store.append_in(slow, "D", [funded("D")])  # an aggregate no later one wrote to
         with pytest.raises(TransientStoreError, match="retry"):
             store.append_in(slow, "A", [funded("A", 2.0)])
         slow.rollback()
@@ -1328,6 +1329,8 @@ def test_appends_and_reads_look_events_up_by_index_whatever_the_statistics(
         for name, value in [("log_min_duration", "0"), ("log_nested_statements", "on"),
                             ("log_level", "notice"), ("log_analyze", "off")]:  # fmt: skip
             conn.execute(f"SET auto_explain.{name} = '{value}'")
+        conn.execute("SELECT pg_current_xact_id()")  # its id, then a later one's events:
+        s.append("B", [funded("B")])  # the order check looks up each predecessor
         s.append_in(conn, "A1", [trade("A1", 9_000 + n) for n in range(50)])
         conn.execute(_FENCE_SQL).fetchone()
         conn.rollback()
