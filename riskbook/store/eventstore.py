@@ -313,7 +313,8 @@ class Store:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled psycopg connection (not autocommit); rolled back when returned.
+        """A pooled psycopg connection (not autocommit, READ COMMITTED whatever the
+        database's default: :func:`read_committed`); rolled back when returned.
 
         For riskbook's own layers (frames, live): errors are translated to StoreError.
         """
